@@ -1,0 +1,93 @@
+"""batchhub: run a dataset of prompts through a Chat Completions API as one resumable,
+rate-limited, cost-accounted job.
+
+Library use (the CLI is a thin layer over these)::
+
+    import batchhub
+    spec = batchhub.load_spec("jobs/demo.toml")            # or batchhub.JobSpec(input=..., model=..., ...)
+    summary = batchhub.run_job(spec)                       # blocks; resumes if the job directory has results
+    batchhub.export_job(summary.job_dir, "out.parquet")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import TYPE_CHECKING, Any
+
+from batchhub.errors import (  # noqa: E402
+    APIError,
+    AuthenticationError,
+    BatchhubError,
+    InputError,
+    JobStateError,
+    JobStopped,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitError,
+    UsageError,
+)
+from batchhub.spec import JobSpec, load_spec  # noqa: E402
+
+# The heavier parts (pyarrow, aiohttp, pandas) load on first use, so `batchhub --help`
+# and `import batchhub.errors` stay fast.
+_LAZY = {
+    "export_job": "batchhub.export",
+    "Job": "batchhub.runner",
+    "JobSummary": "batchhub.runner",
+    "prepare_job": "batchhub.runner",
+    "JobStatus": "batchhub.status",
+    "job_status": "batchhub.status",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchhub' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+if TYPE_CHECKING:
+    from batchhub.export import export_job
+    from batchhub.runner import Job, JobSummary, prepare_job
+    from batchhub.status import JobStatus, job_status
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "BatchhubError",
+    "InputError",
+    "Job",
+    "JobSpec",
+    "JobStateError",
+    "JobStatus",
+    "JobStopped",
+    "JobSummary",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "UsageError",
+    "__version__",
+    "arun_job",
+    "export_job",
+    "job_status",
+    "load_spec",
+    "prepare_job",
+    "run_job",
+]
+
+
+async def arun_job(spec: JobSpec, **job_options: Any) -> JobSummary:
+    """Run (or resume) a job inside a running event loop. See `Job` for the options."""
+    from batchhub.runner import Job, prepare_job
+
+    return await Job(prepare_job(spec), **job_options).run()
+
+
+def run_job(spec: JobSpec, **job_options: Any) -> JobSummary:
+    """Run (or resume) a job to its end and return its summary; nothing is written if a check fails."""
+    import asyncio
+
+    return asyncio.run(arun_job(spec, **job_options))

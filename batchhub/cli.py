@@ -1,0 +1,258 @@
+"""The `batchhub` command: parse options into a JobSpec, call the library, print, exit.
+
+Library errors become one line on stderr and the exit code of DESIGN.md:
+0 all rows ok, 1 finished with failed rows, 2 usage or input error, 3 stopped early (resumable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchhub import __version__
+from batchhub.errors import EXIT_STOPPED, EXIT_USAGE, BatchhubError, UsageError
+from batchhub.spec import JobSpec, load_spec
+
+
+def _fail(exc: BatchhubError) -> None:
+    message = str(exc).replace("\n", " ")
+    click.echo(f"error: {message}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise click.BadParameter(f"expected {what}, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchhub")
+def main() -> None:
+    """Run a dataset of prompts through a Chat Completions API as one resumable, rate-limited job."""
+
+
+@main.command()
+@click.argument("input_or_spec", type=click.Path(path_type=Path))
+@click.option("--model", help="Model name sent with every request (a --param-column may set it per row).")
+@click.option("--template", help='Prompt template over columns, e.g. "Classify: {review}".')
+@click.option("--prompt-column", help="Column holding the prompt text (default: prompt).")
+@click.option("--messages-column", help="Column holding a list of chat messages (or its JSON text).")
+@click.option("--system", help="System message put before every prompt.")
+@click.option("--param-column", "param_columns", multiple=True, metavar="PARAM=COLUMN",
+              help="Let a column set model, temperature, max_tokens, stop or user per row. Repeatable.")
+@click.option("--base-url", help="API base URL (default: $BATCHHUB_BASE_URL, $OPENAI_BASE_URL, then https://ai-tokenhub.com/v1).")
+@click.option("--api-key", help="API key (prefer $BATCHHUB_API_KEY: a flag is visible to other users of the machine).")
+@click.option("--job-dir", type=click.Path(path_type=Path), help="Where the job keeps its state (default: jobs/NAME).")
+@click.option("--concurrency", type=int, help="Requests in flight at once (default 32).")
+@click.option("--rpm", type=int, help="Requests-per-minute limit to stay under.")
+@click.option("--tpm", type=int, help="Tokens-per-minute limit to stay under.")
+@click.option("--max-attempts", type=int, help="Attempts per row for 5xx, timeouts and garbled responses (default 5).")
+@click.option("--timeout", type=float, help="Seconds one request may take (default 120).")
+@click.option("--temperature", type=float, help="Sampling temperature, 0 to 2.")
+@click.option("--max-tokens", type=int, help="Most completion tokens per request.")
+@click.option("--stop", multiple=True, help="Stop sequence (repeat for up to 4).")
+@click.option("--user", help="End-user id sent with each request.")
+@click.option("--stream/--no-stream", default=None, help="Use Server-Sent Events streaming.")
+@click.option("--retry-failed", is_flag=True, default=None, help="Send again the rows that failed in earlier runs.")
+@click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed.")
+@click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000).")
+@click.option("--flush-seconds", type=float, help="... or every T seconds (default 30).")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar.")
+@click.option("--mock", is_flag=True, default=False, help="Send to the built-in simulated endpoint (no key, no network).")
+def run(input_or_spec: Path, **options: Any) -> None:
+    """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
+
+    Running the same command again resumes: only rows without a result are sent.
+    Exit codes: 0 all rows ok, 1 some rows failed, 2 bad usage or input, 3 stopped early (resumable).
+    """
+    try:
+        spec = _spec_from_cli(input_or_spec, options)
+        from batchhub.runner import Job, prepare_job
+
+        prepared = prepare_job(spec)
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    verb = "resuming" if prepared.resumed else "starting"
+    if not spec.quiet:
+        click.echo(f"{verb} job {prepared.store.dir} ({prepared.n_rows:,} rows, {prepared.source.format})", err=True)
+    job = Job(prepared)
+
+    async def go() -> Any:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, job.request_stop)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread / platform
+                pass
+        return await job.run()
+
+    try:
+        summary = asyncio.run(go())
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    _print_summary(summary, spec.quiet)
+    if summary.exit_code == EXIT_STOPPED:
+        click.echo(f"resume with: {_resume_command()}", err=True)
+    sys.exit(summary.exit_code)
+
+
+def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
+    overrides = dict(options)
+    if overrides.pop("mock"):
+        overrides["base_url"] = "mock://"
+    stop = overrides.pop("stop")
+    overrides["stop"] = list(stop) if stop else None
+    params = overrides.pop("param_columns")
+    overrides["param_columns"] = _pairs(params, "PARAM=COLUMN") if params else None
+    if target.suffix.lower() == ".toml":
+        spec = load_spec(target)
+    else:
+        if not target.exists():
+            raise UsageError(f"input file not found: {target}")
+        spec = JobSpec(input=target)
+    return spec.merged(overrides)
+
+
+def _resume_command() -> str:
+    """The command that was run, with any --api-key value left out."""
+    args = sys.argv[1:]
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--api-key":
+            skip = True
+            continue
+        if arg.startswith("--api-key="):
+            continue
+        kept.append(arg)
+    return "batchhub " + shlex.join(kept)
+
+
+def _print_summary(s: Any, quiet: bool) -> None:
+    rate = s.results_this_run / s.elapsed_s if s.elapsed_s > 0 else 0.0
+    lines = [
+        f"{s.ok:,} ok, {s.failed:,} failed, {s.pending:,} pending of {s.total_rows:,} rows "
+        f"({s.results_this_run:,} results this run in {s.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
+        f"requests {s.http_requests:,}, retries {s.retries:,}, rate-limited {s.rate_limited:,}; "
+        f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
+    ]
+    if s.stopped:
+        lines.append(f"stopped: {s.message or s.stopped}")
+    elif s.failed:
+        lines.append(f"see failures: batchhub status {shlex.quote(str(s.job_dir))}; re-send them with --retry-failed")
+    for line in lines if not quiet or s.stopped or s.failed else lines[:1]:
+        click.echo(line, err=True)
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(job_dir: Path, as_json: bool) -> None:
+    """Show a job's rows by status, tokens used and time spent."""
+    from batchhub.status import job_status
+
+    try:
+        st = job_status(_job_dir_arg(job_dir))
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=2))
+        return
+    done = st.ok + st.failed
+    pct = 100.0 * done / st.total_rows if st.total_rows else 0.0
+    click.echo(f"job      {st.job_dir}  ({st.state})")
+    click.echo(f"input    {st.input}")
+    click.echo(f"rows     {st.total_rows:,} total: {st.ok:,} ok, {st.failed:,} failed, {st.pending:,} pending ({pct:.1f}% done)")
+    if st.errors_by_type:
+        click.echo("errors   " + ", ".join(f"{k} {v:,}" for k, v in st.errors_by_type.items()))
+    if st.finish_reasons:
+        click.echo("finish   " + ", ".join(f"{k} {v:,}" for k, v in st.finish_reasons.items()))
+    click.echo(
+        f"tokens   {st.prompt_tokens:,} prompt + {st.completion_tokens:,} completion = {st.total_tokens:,} "
+        f"over {st.results_recorded:,} results"
+    )
+    click.echo(f"time     {st.run_seconds:,.1f}s over {st.runs} run(s); last result {st.last_finished_at or '-'}")
+
+
+def _job_dir_arg(path: Path) -> Path:
+    """A job is named by its directory or by its spec file (jobs/demo.toml -> jobs/demo)."""
+    if path.suffix.lower() == ".toml":
+        spec = load_spec(path)
+        return spec.resolved_job_dir()
+    return path
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .parquet, .csv or .jsonl.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), help="Output format (default: from the extension).")
+@click.option("--force", is_flag=True, help="Export even if the input file changed since the job ran.")
+def export(job_dir: Path, output: Path, fmt: str | None, force: bool) -> None:
+    """Write one file in input order: the input columns and the result columns."""
+    from batchhub.export import export_job
+
+    try:
+        n = export_job(_job_dir_arg(job_dir), output, format=fmt, force=force)  # type: ignore[arg-type]
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    click.echo(f"wrote {n:,} rows to {output}", err=True)
+
+
+@main.command("mock-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, type=int, show_default=True, help="Port to listen on (0: any free port).")
+@click.option("--rpm", type=int, help="Requests per minute before answering 429.")
+@click.option("--tpm", type=int, help="Tokens per minute before answering 429.")
+@click.option("--latency-ms", type=float, default=0.0, help="Mean added latency per request.")
+@click.option("--error-rate", "error_rates", multiple=True, metavar="KIND=P",
+              help="Inject a fault with probability P: 500, 502, 503, 504, timeout, reset, truncated, html, "
+                   "no_usage, empty_choices, stream_cut. Repeatable.")
+@click.option("--seed", type=int, default=0, help="Seed for content, latency and faults.")
+@click.option("--api-key", help="Accept only this key (default: any non-empty key).")
+@click.option("--allowed-model", "allowed_models", multiple=True, help="Models the key may use (default: all). Repeatable.")
+@click.option("--hang-seconds", type=float, help="How long a 'timeout' fault hangs.")
+def mock_server(error_rates: tuple[str, ...], allowed_models: tuple[str, ...], host: str, port: int, **options: Any) -> None:
+    """Serve the simulated Chat Completions endpoint (rate limits, faults, streaming) until Ctrl-C."""
+    from batchhub.mock import MockConfig, serve_forever
+
+    settings = {k: v for k, v in options.items() if v is not None}
+    try:
+        faults = {k: float(v) for k, v in _pairs(error_rates, "KIND=PROBABILITY").items()}
+    except ValueError as exc:
+        raise click.BadParameter(f"--error-rate needs KIND=PROBABILITY: {exc}") from exc
+    if faults:
+        settings["faults"] = faults
+    if allowed_models:
+        settings["allowed_models"] = list(allowed_models)
+    try:
+        config = MockConfig.from_dict(settings)
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+    def ready(url: str) -> None:
+        click.echo(f"simulated endpoint listening on {url} (Ctrl-C to stop)", err=True)
+
+    try:
+        asyncio.run(serve_forever(config, host, port, ready=ready))
+    except KeyboardInterrupt:
+        pass

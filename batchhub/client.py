@@ -1,0 +1,248 @@
+"""One HTTP call to a Chat Completions endpoint: send, read, parse, classify.
+
+`ChatClient` takes its `aiohttp.ClientSession` (pass I/O in), so tests hand it a
+session aimed at a local server or one mocked by aioresponses. Every failure
+leaves as an `APIError` subclass; nothing else escapes `complete()` except
+cancellation.
+
+The parsers (`parse_completion`, `SSEAccumulator`) are pure and raise only
+`BadResponseError` on bodies that are not what the API documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from batchhub.errors import APIError, BadResponseError, ServerError, TransportError
+from batchhub.retry import classify, parse_error_body
+
+
+@dataclass(slots=True)
+class Completion:
+    """The parts of a chat completion that go into a result row."""
+
+    content: str | None
+    finish_reason: str | None
+    model: str | None
+    response_id: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    http_status: int = 200
+    request_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    latency_s: float = 0.0
+
+
+def _usage(data: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:
+    usage = data.get("usage")
+    if not isinstance(usage, Mapping):
+        return None, None, None
+
+    def num(key: str) -> int | None:
+        v = usage.get(key)
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    prompt, completion, total = num("prompt_tokens"), num("completion_tokens"), num("total_tokens")
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    return prompt, completion, total
+
+
+def _text(value: Any) -> str | None:
+    """Message content: a string, or the text parts of a list of content parts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p.get("text", "") for p in value if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    return json.dumps(value, ensure_ascii=False)
+
+
+def parse_completion(body: bytes) -> Completion:
+    """A non-streamed `chat.completion` body -> Completion, or BadResponseError."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
+        raise BadResponseError(f"response body is not JSON ({len(body)} bytes, starts {snippet!r})") from exc
+    if not isinstance(data, dict):
+        raise BadResponseError("response body is not a JSON object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        raise BadResponseError("response has no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, Mapping):
+        raise BadResponseError("response choice has no message")
+    content = _text(message.get("content"))
+    if content is None and message.get("tool_calls") is not None:
+        content = json.dumps(message.get("tool_calls"), ensure_ascii=False)
+    prompt, completion, total = _usage(data)
+    finish = choice.get("finish_reason")
+    return Completion(
+        content=content,
+        finish_reason=finish if isinstance(finish, str) else None,
+        model=data.get("model") if isinstance(data.get("model"), str) else None,
+        response_id=data.get("id") if isinstance(data.get("id"), str) else None,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+    )
+
+
+class SSEAccumulator:
+    """Folds a Server-Sent Events chat stream into one Completion.
+
+    Feed it raw bytes as they arrive (`feed`); it returns True once `data: [DONE]`
+    was seen. `result()` then gives the Completion. A stream that ends before
+    `[DONE]` is cut off: `result(require_done=True)` raises BadResponseError.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._parts: list[str] = []
+        self._data_lines: list[str] = []
+        self.done = False
+        self.finish_reason: str | None = None
+        self.model: str | None = None
+        self.response_id: str | None = None
+        self.usage: tuple[int | None, int | None, int | None] = (None, None, None)
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> bool:
+        self._buffer += chunk
+        while not self.done:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                break
+            raw, self._buffer = self._buffer[:newline], self._buffer[newline + 1 :]
+            self._line(raw.rstrip(b"\r"))
+        return self.done
+
+    def _line(self, raw: bytes) -> None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadResponseError("event stream is not UTF-8") from exc
+        if not line:
+            self._dispatch()
+        elif line.startswith(":"):
+            return  # comment / keep-alive
+        elif line.startswith("data:"):
+            self._data_lines.append(line[5:].removeprefix(" "))
+        # other fields (event:, id:, retry:) carry nothing for chat completions
+
+    def _dispatch(self) -> None:
+        if not self._data_lines:
+            return
+        data, self._data_lines = "\n".join(self._data_lines), []
+        if data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            raise BadResponseError(f"event stream holds an event that is not JSON: {data[:80]!r}") from exc
+        if not isinstance(event, dict):
+            raise BadResponseError("event stream holds an event that is not a JSON object")
+        if "error" in event:
+            message, code, _kind = parse_error_body(json.dumps(event))
+            raise ServerError(f"error inside the event stream: {message or 'unknown'}", code=code)
+        self.events += 1
+        if isinstance(event.get("id"), str):
+            self.response_id = event["id"]
+        if isinstance(event.get("model"), str):
+            self.model = event["model"]
+        usage = _usage(event)
+        if usage != (None, None, None):
+            self.usage = usage
+        choices = event.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+            choice = choices[0]
+            delta = choice.get("delta")
+            if isinstance(delta, Mapping):
+                text = _text(delta.get("content"))
+                if text:
+                    self._parts.append(text)
+            if isinstance(choice.get("finish_reason"), str):
+                self.finish_reason = choice["finish_reason"]
+
+    def result(self, *, require_done: bool = True) -> Completion:
+        if not self.done:
+            # a final event without its blank line still counts
+            self._line(self._buffer.rstrip(b"\r"))
+            self._buffer = b""
+            self._dispatch()
+        if require_done and not self.done:
+            raise BadResponseError(f"event stream ended before [DONE] after {self.events} events")
+        prompt, completion, total = self.usage
+        return Completion(
+            content="".join(self._parts),
+            finish_reason=self.finish_reason,
+            model=self.model,
+            response_id=self.response_id,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+        )
+
+
+class ChatClient:
+    """Sends one chat completion request and returns a Completion or raises an APIError."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str | None, timeout: float) -> None:
+        self._session = session
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout_s = timeout
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    async def complete(self, body: bytes, *, stream: bool = False) -> Completion:
+        started = time.monotonic()
+        try:
+            async with self._session.post(self._url, data=body, headers=self._headers, timeout=self._timeout) as resp:
+                headers = resp.headers
+                if resp.status >= 300:
+                    raise classify(resp.status, await resp.read(), headers)
+                if stream and resp.content_type == "text/event-stream":
+                    acc = SSEAccumulator()
+                    async for chunk in resp.content.iter_any():
+                        if acc.feed(chunk):
+                            break
+                    completion = acc.result()
+                else:
+                    completion = parse_completion(await resp.read())
+                completion.http_status = resp.status
+                completion.headers = headers
+                completion.request_id = headers.get("x-request-id")
+        except APIError:
+            raise
+        except asyncio.TimeoutError as exc:
+            raise TransportError(f"no complete response within {self._timeout_s:g}s (timeout)") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise TransportError(f"response body cut off: {type(exc).__name__}") from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise TransportError(f"connection failed: {_describe(exc)}") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"HTTP client error: {_describe(exc)}") from exc
+        completion.latency_s = time.monotonic() - started
+        return completion
+
+
+def _describe(exc: BaseException) -> str:
+    # aiohttp messages name the host and port, never request headers, so they are safe to show
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -1,0 +1,59 @@
+"""Every tunable default of batchhub, in one place, each with the reason for its value."""
+
+from __future__ import annotations
+
+#: The provider batchhub is made for; any OpenAI-compatible base URL works.
+DEFAULT_BASE_URL = "https://ai-tokenhub.com/v1"
+#: `base_url = "mock://"` (or `--mock`) runs the job on the built-in simulated endpoint.
+MOCK_BASE_URL = "mock://"
+#: A key the in-process simulator accepts, used when no key is configured for a mock run.
+MOCK_API_KEY = "mock-key"
+
+#: Requests in flight at once: enough to hide a second of latency at a few thousand RPM.
+CONCURRENCY = 32
+#: Attempts per row for failures worth retrying (5xx, timeouts, garbled bodies).
+MAX_ATTEMPTS = 5
+#: 429s a single row may meet before it is recorded as failed; counted apart from
+#: MAX_ATTEMPTS so that a long rate-limit storm does not use up a row's attempts.
+MAX_RATE_LIMIT_RETRIES = 100
+#: Seconds a single request may take (connect + response), long generations included.
+TIMEOUT_S = 120.0
+
+#: Full-jitter exponential backoff: base * 2**(attempt-1), capped.
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 60.0
+#: Pool-wide cool-down after a 429 without Retry-After (it doubles while 429s keep coming).
+COOLDOWN_BASE_S = 1.0
+COOLDOWN_CAP_S = 60.0
+#: A Retry-After above this is treated as this: a server asking for an hour is better
+#: retried sooner than trusted blindly with a whole job idle.
+RETRY_AFTER_CAP_S = 300.0
+
+#: Compact the journal into a Parquet shard every N results or T seconds, whichever first:
+#: shards of a few thousand rows keep the file count low and each write cheap.
+FLUSH_ROWS = 5000
+FLUSH_SECONDS = 30.0
+#: fsync the journal at most this often: survives power loss within a second, without an
+#: fsync per row.
+JOURNAL_FSYNC_S = 1.0
+
+#: Rows read from the input per batch.
+READ_BATCH_ROWS = 2048
+#: Bounded queue between reader and workers, as a multiple of concurrency: enough to keep
+#: workers fed, small enough that memory does not grow with the dataset.
+QUEUE_FACTOR = 4
+
+#: Seconds to let in-flight requests finish after Ctrl-C/SIGTERM before abandoning them.
+STOP_GRACE_S = 15.0
+
+#: Completion tokens assumed for the token limiter before any response calibrates it,
+#: when max_tokens is not set.
+COMPLETION_TOKENS_GUESS = 256
+#: Chat format overhead per message and per request (OpenAI's published counting rule).
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REQUEST = 3
+#: Characters per token for the prompt estimate (a rough rule for English text).
+CHARS_PER_TOKEN = 4.0
+
+#: Progress line refresh interval.
+PROGRESS_INTERVAL_S = 0.5

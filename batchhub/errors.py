@@ -1,0 +1,152 @@
+"""Every error batchhub raises on purpose.
+
+The tree::
+
+    BatchhubError                      exit_code 2 unless a subclass says otherwise
+    ├── UsageError                     bad flags, spec file or option values (exit 2)
+    │   └── InputError                 the input file cannot be used (exit 2)
+    ├── JobStateError                  the job directory disagrees with the request (exit 2)
+    ├── APIError                       the endpoint answered with an error, or not at all
+    │   ├── RetryableError             worth another attempt
+    │   │   ├── RateLimitError         429 (carries retry_after)
+    │   │   ├── ServerError            500, 502, 503, 504 and other 5xx
+    │   │   ├── TransportError         timeout, connection reset, body cut off in transit
+    │   │   └── BadResponseError       a body that is not what the API documents (HTML, bad JSON, no choices)
+    │   ├── RequestRejected            400 and other 4xx: permanent for this row
+    │   └── FatalAPIError              no point sending the rest of the job (exit 3)
+    │       ├── AuthenticationError    401
+    │       ├── PermissionDeniedError  403
+    │       └── QuotaExceededError     429 with code insufficient_quota
+    └── JobStopped                     the job stopped early and can be resumed (exit 3)
+
+Every error carries its context as attributes (status, retry_after, request_id,
+row_id, code) so that callers decide on types and fields, never on message text.
+Messages never contain the API key: they are built from the server's error body,
+the status and our own words, never from request headers.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED_ROWS = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+
+
+class BatchhubError(Exception):
+    """Base of every error batchhub raises on purpose."""
+
+    exit_code: int = EXIT_USAGE
+
+
+class UsageError(BatchhubError):
+    """A flag, spec file entry or option value is wrong."""
+
+
+class InputError(UsageError):
+    """The input file cannot be used as it is (missing, unreadable, empty, wrong columns)."""
+
+
+class JobStateError(BatchhubError):
+    """The job directory does not match what was asked (changed input or request config)."""
+
+
+class APIError(BatchhubError):
+    """The endpoint answered with an error status, or the call failed in transit."""
+
+    #: short machine-readable kind, stored in the `error_type` result column
+    error_type: str = "api_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        row_id: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.row_id = row_id
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        prefix = f"HTTP {self.status}: " if self.status is not None else ""
+        return f"{prefix}{self.message}"
+
+
+class RetryableError(APIError):
+    """A failure worth another attempt."""
+
+    error_type = "retryable"
+
+
+class RateLimitError(RetryableError):
+    """429: slow down. `retry_after` is the server's hint in seconds, if it gave one."""
+
+    error_type = "rate_limited"
+
+
+class ServerError(RetryableError):
+    """5xx: the server failed; another attempt may succeed."""
+
+    error_type = "server_error"
+
+
+class TransportError(RetryableError):
+    """Timeout, connection reset, or a body cut off in transit."""
+
+    error_type = "transport_error"
+
+
+class BadResponseError(RetryableError):
+    """A 2xx body that is not what the API documents: not JSON, no choices, a broken event stream."""
+
+    error_type = "bad_response"
+
+
+class RequestRejected(APIError):
+    """400 and other 4xx (not 401, 403, 429): this row's request is wrong; do not retry it."""
+
+    error_type = "invalid_request"
+
+
+class FatalAPIError(APIError):
+    """An error that makes every other request pointless: stop the job."""
+
+    exit_code = EXIT_STOPPED
+    error_type = "fatal"
+
+
+class AuthenticationError(FatalAPIError):
+    """401: the API key is missing or wrong."""
+
+    error_type = "authentication"
+
+
+class PermissionDeniedError(FatalAPIError):
+    """403: this key may not use this model."""
+
+    error_type = "permission_denied"
+
+
+class QuotaExceededError(FatalAPIError):
+    """429 with code insufficient_quota: the account is out of credit, not rate limited."""
+
+    error_type = "insufficient_quota"
+
+
+class JobStopped(BatchhubError):
+    """The job stopped before every row was done; running it again resumes it."""
+
+    exit_code = EXIT_STOPPED
+
+    def __init__(self, message: str, *, reason: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.cause = cause

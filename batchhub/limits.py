@@ -1,0 +1,184 @@
+"""Requests-per-minute and tokens-per-minute limits, and the pool-wide 429 cool-down.
+
+Two aiolimiter leaky buckets: one counts requests, one tokens. A request's token
+cost is not known before its response, so it reserves an estimate (prompt
+estimate + expected completion) and `settle()` corrects the bucket with the real
+`usage` once it is known: over-estimates are given back, under-estimates are
+charged as debt that later requests wait out. The expected completion length is
+calibrated from real usage as the job runs.
+
+`x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` response headers tighten the
+limits (a bucket is adopted from them when none was configured), and a 429 pauses
+every worker together until the server's Retry-After has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Mapping
+
+from aiolimiter import AsyncLimiter
+
+from batchhub import defaults
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """OpenAI-style reset durations ("1s", "6m0s", "120ms", "1h2m3.5s", or plain seconds) -> seconds."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            return None
+        value, unit = float(m.group(1)), m.group(2)
+        total += value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+        pos = m.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+class Bucket(AsyncLimiter):
+    """An aiolimiter bucket that can also be corrected after the fact.
+
+    aiolimiter has no public way to return or add capacity, which settling token
+    estimates needs; `adjust` changes the level it keeps and wakes its waiters.
+    """
+
+    def adjust(self, amount: float) -> None:
+        """Add `amount` to the level (negative gives capacity back); the level may exceed max_rate (debt)."""
+        self._leak()
+        self._level = max(0.0, self._level + amount)
+        self._wake_next()
+
+    def set_remaining(self, remaining: float) -> None:
+        """Make the bucket agree with a server that says only `remaining` is left now."""
+        self._leak()
+        self._level = max(self._level, self.max_rate - remaining)
+
+    @property
+    def level(self) -> float:
+        self._leak()
+        return self._level
+
+
+class RateLimits:
+    """The shared limits of one job: RPM, TPM, the 429 cool-down and header calibration."""
+
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        *,
+        completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.requests = Bucket(rpm, 60) if rpm else None
+        self.tokens = Bucket(tpm, 60) if tpm else None
+        self._clock = clock
+        self._resume_at = 0.0
+        self._completion_sum = 0
+        self._completion_count = 0
+        self._completion_guess = completion_guess
+        self._prompt_ratio = 1.0
+        self.cooldowns = 0
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    # -- token estimates ----------------------------------------------------------
+
+    def estimate(self, est_prompt_tokens: int, max_tokens: int | None) -> int:
+        """Tokens to reserve for a request: calibrated prompt estimate + expected completion."""
+        prompt = int(est_prompt_tokens * self._prompt_ratio) + 1
+        if self._completion_count >= 5:
+            expected = int(self._completion_sum / self._completion_count * 1.2) + 1
+        else:
+            expected = self._completion_guess
+        if max_tokens is not None:
+            expected = min(expected, max_tokens)
+        return prompt + expected
+
+    def observe_usage(self, est_prompt_tokens: int, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """Calibrate estimates from a real `usage`."""
+        if completion_tokens is not None:
+            self._completion_sum += completion_tokens
+            self._completion_count += 1
+        if prompt_tokens and est_prompt_tokens > 0:
+            # a slow moving average of real/estimated prompt tokens
+            ratio = prompt_tokens / est_prompt_tokens
+            self._prompt_ratio += (ratio - self._prompt_ratio) * 0.05
+
+    # -- acquire / settle -------------------------------------------------------------
+
+    async def acquire(self, tokens: int) -> int:
+        """Wait for the cool-down and both buckets; return the tokens actually reserved."""
+        await self.wait_cooldown()
+        if self.requests is not None:
+            await self.requests.acquire(1)
+        reserved = 0
+        if self.tokens is not None:
+            # aiolimiter refuses amounts above capacity: such a request takes a whole bucket
+            reserved = min(tokens, int(self.tokens.max_rate))
+            await self.tokens.acquire(reserved)
+        return reserved
+
+    def settle(self, reserved: int, actual: int | None) -> None:
+        """Correct the token bucket once the real total is known."""
+        if self.tokens is not None and actual is not None:
+            self.tokens.adjust(actual - reserved)
+
+    def release(self, reserved: int) -> None:
+        """Give back a reservation for a request the server refused without charging (a 429)."""
+        if self.tokens is not None and reserved:
+            self.tokens.adjust(-reserved)
+
+    # -- cool-down ----------------------------------------------------------------------
+
+    def cooldown(self, seconds: float) -> None:
+        """Pause every worker for `seconds` from now (extends, never shortens, a pause)."""
+        resume = self._now() + max(0.0, seconds)
+        if resume > self._resume_at:
+            self._resume_at = resume
+            self.cooldowns += 1
+
+    @property
+    def cooling_down(self) -> bool:
+        return self._resume_at > self._now()
+
+    async def wait_cooldown(self) -> None:
+        while (delay := self._resume_at - self._now()) > 0:
+            await asyncio.sleep(delay)
+
+    # -- headers --------------------------------------------------------------------------
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None:
+        """Tighten the limits from `x-ratelimit-*` headers; adopt a bucket the job was not told about."""
+        for kind in ("requests", "tokens"):
+            limit = _int(headers.get(f"x-ratelimit-limit-{kind}"))
+            remaining = _int(headers.get(f"x-ratelimit-remaining-{kind}"))
+            bucket = getattr(self, kind)
+            if limit is not None and limit > 0 and (bucket is None or limit < bucket.max_rate):
+                bucket = Bucket(limit, 60)
+                setattr(self, kind, bucket)
+            if bucket is not None and remaining is not None:
+                bucket.set_remaining(remaining)
+            if remaining == 0 and kind == "requests":
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    self.cooldown(min(reset, defaults.RETRY_AFTER_CAP_S))
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None

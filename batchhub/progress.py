@@ -1,0 +1,83 @@
+"""The progress line: done/total, requests/s, tokens/s, retries, errors.
+
+A tqdm bar on a terminal; nothing when output is not a terminal or when asked
+to be quiet. The runner reports every event; this class decides how often the
+screen is touched, so the hot path stays cheap.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from batchhub import defaults
+
+
+class Progress:
+    """Counts a job's events and shows them. `enabled=None` means: only on a terminal."""
+
+    def __init__(self, *, total: int, initial: int = 0, enabled: bool | None = None, file: IO[str] | None = None) -> None:
+        self.file = file or sys.stderr
+        if enabled is None:
+            enabled = bool(getattr(self.file, "isatty", lambda: False)())
+        self.enabled = enabled
+        self.total = total
+        self.done = initial
+        self.ok = 0
+        self.errors = 0
+        self.retries = 0
+        self.rate_limited = 0
+        self.tokens = 0
+        self.started = time.monotonic()
+        self._last_postfix = 0.0
+        self._bar: Any = None
+        if enabled:
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                file=self.file,
+                unit="row",
+                dynamic_ncols=True,
+                mininterval=defaults.PROGRESS_INTERVAL_S,
+                smoothing=0.1,
+            )
+
+    def result(self, ok: bool, tokens: int | None) -> None:
+        self.done += 1
+        if ok:
+            self.ok += 1
+        else:
+            self.errors += 1
+        if tokens:
+            self.tokens += tokens
+        if self._bar is not None:
+            self._bar.update(1)
+            self._refresh()
+
+    def retry(self, rate_limited: bool) -> None:
+        if rate_limited:
+            self.rate_limited += 1
+        else:
+            self.retries += 1
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._last_postfix < defaults.PROGRESS_INTERVAL_S:
+            return
+        self._last_postfix = now
+        elapsed = max(now - self.started, 1e-9)
+        self._bar.set_postfix_str(
+            f"{(self.ok + self.errors) / elapsed:.1f} req/s, {self.tokens / elapsed:,.0f} tok/s, "
+            f"retries {self.retries}, 429s {self.rate_limited}, errors {self.errors}",
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._last_postfix = 0.0
+            self._refresh()
+            self._bar.close()
+            self._bar = None

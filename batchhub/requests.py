@@ -1,0 +1,242 @@
+"""Row -> request body: the prompt source, the system message, per-row parameters, the hash.
+
+The prompt of a row comes from exactly one of:
+
+- a template over columns (`"Classify: {review}"`): every `{name}` is a column, `{{`/`}}` are
+  literal braces, and a format spec (`{price:.2f}`) applies to the value as it is read;
+- a prompt column (default `prompt`);
+- a messages column holding a list of `{"role", "content"}` objects (or its JSON text).
+
+`--system` adds a system message in front. Columns named in `param_columns` set
+`model`, `temperature`, `max_tokens`, `stop` or `user` for their row; an empty
+cell means "use the job's value".
+
+A row that cannot become a valid request (null prompt, bad per-row value) raises
+`RowError`: it is recorded as a failed row without being sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchhub import defaults
+from batchhub.errors import BatchhubError, InputError, UsageError
+from batchhub.spec import JobSpec, check_max_tokens, check_stop, check_temperature
+
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+class RowError(BatchhubError):
+    """This row cannot be turned into a request; it fails without being sent."""
+
+    def __init__(self, message: str, error_type: str = "invalid_row") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltRequest:
+    """One request, ready to send."""
+
+    body: bytes
+    model: str
+    est_prompt_tokens: int
+    max_tokens: int | None
+    request_hash: str
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template refers to, in order, each once."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise UsageError(f"template is not valid: {exc} (write {{{{ and }}}} for literal braces)") from exc
+    names: list[str] = []
+    for _literal, name, _spec, _conversion in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise UsageError("template fields must name a column, like {review}; positional {} is not allowed")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def estimate_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
+    """A quick upper-leaning estimate of prompt tokens (chars/4 plus the chat format overhead)."""
+    total = defaults.TOKENS_PER_REQUEST
+    for message in messages:
+        content = message.get("content")
+        text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+        total += defaults.TOKENS_PER_MESSAGE + math.ceil(len(text) / defaults.CHARS_PER_TOKEN)
+    return total
+
+
+class RequestBuilder:
+    """Builds the request body of each row of a job."""
+
+    def __init__(self, spec: JobSpec, columns: Sequence[str]) -> None:
+        self.spec = spec
+        self._template = spec.template
+        self._parsed = list(string.Formatter().parse(spec.template)) if spec.template else []
+        self._messages_column = spec.messages_column
+        self._prompt_column = None if (spec.template or spec.messages_column) else (spec.prompt_column or "prompt")
+        self._param_columns = dict(spec.param_columns)
+        self._stream = spec.stream
+        base: dict[str, Any] = {}
+        if spec.temperature is not None:
+            base["temperature"] = spec.temperature
+        if spec.max_tokens is not None:
+            base["max_tokens"] = spec.max_tokens
+        if spec.stop:
+            base["stop"] = spec.stop if len(spec.stop) > 1 else spec.stop[0]
+        if spec.user is not None:
+            base["user"] = spec.user
+        if spec.stream:
+            base["stream"] = True
+            # usage arrives in the stream only when asked for; without it a job cannot be priced
+            base["stream_options"] = {"include_usage": True}
+        self._base = base
+        self.needed_columns = self._check_columns(columns)
+
+    def _check_columns(self, columns: Sequence[str]) -> list[str]:
+        available = set(columns)
+        if self._template is not None:
+            needed = template_fields(self._template)
+            missing = [n for n in needed if n not in available]
+            if missing:
+                raise InputError(
+                    f"template field(s) {', '.join('{' + m + '}' for m in missing)} not in the data "
+                    f"(columns: {', '.join(columns)})"
+                )
+        elif self._messages_column is not None:
+            needed = [self._messages_column]
+        else:
+            assert self._prompt_column is not None
+            needed = [self._prompt_column]
+        for n in needed:
+            if n not in available:
+                kind = "messages column" if n == self._messages_column else "prompt column"
+                hint = "" if self._template else " (use --prompt-column, --template or --messages-column)"
+                raise InputError(f"{kind} {n!r} not in the data (columns: {', '.join(columns)}){hint}")
+        for param, column in self._param_columns.items():
+            if column not in available:
+                raise InputError(f"column {column!r} for per-row {param} not in the data (columns: {', '.join(columns)})")
+            if column not in needed:
+                needed.append(column)
+        return needed
+
+    # -- per row ------------------------------------------------------------------
+
+    def messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        if self._template is not None:
+            user = self._render(row)
+            messages = [{"role": "user", "content": user}]
+        elif self._messages_column is not None:
+            messages = _parse_messages(row.get(self._messages_column), self._messages_column)
+        else:
+            assert self._prompt_column is not None
+            prompt = row.get(self._prompt_column)
+            if prompt is None or (isinstance(prompt, float) and math.isnan(prompt)):
+                raise RowError(f"prompt column {self._prompt_column!r} is null", "empty_prompt")
+            prompt = prompt if isinstance(prompt, str) else str(prompt)
+            if not prompt.strip():
+                raise RowError(f"prompt column {self._prompt_column!r} is empty", "empty_prompt")
+            messages = [{"role": "user", "content": prompt}]
+        if self.spec.system:
+            messages.insert(0, {"role": "system", "content": self.spec.system})
+        return messages
+
+    def _render(self, row: dict[str, Any]) -> str:
+        parts: list[str] = []
+        for literal, name, spec, conversion in self._parsed:
+            parts.append(literal)
+            if name is None:
+                continue
+            value = row.get(name)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                raise RowError(f"template field {{{name}}} is null in this row", "empty_prompt")
+            if conversion == "r":
+                value = repr(value)
+            elif conversion in ("s", "a"):
+                value = str(value) if conversion == "s" else ascii(value)
+            try:
+                parts.append(format(value, spec) if spec else str(value))
+            except (ValueError, TypeError) as exc:
+                raise RowError(f"template field {{{name}:{spec}}} cannot format {value!r}: {exc}") from exc
+        return "".join(parts)
+
+    def build(self, row: dict[str, Any]) -> BuiltRequest:
+        """The request for one row, or RowError."""
+        messages = self.messages(row)
+        body: dict[str, Any] = {"model": self.spec.model, "messages": messages, **self._base}
+        for param, column in self._param_columns.items():
+            value = _row_param(param, row.get(column), column)
+            if value is not None:
+                body[param] = value
+        if not body.get("model"):
+            raise RowError("no model for this row (the model column is empty and no --model was given)")
+        encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return BuiltRequest(
+            body=encoded,
+            model=body["model"],
+            est_prompt_tokens=estimate_prompt_tokens(messages),
+            max_tokens=body.get("max_tokens"),
+            request_hash=hashlib.sha256(encoded).hexdigest()[:32],
+        )
+
+
+def _parse_messages(value: Any, column: str) -> list[dict[str, Any]]:
+    if value is None:
+        raise RowError(f"messages column {column!r} is null", "empty_prompt")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"messages column {column!r} is not valid JSON: {exc.msg}") from exc
+    if hasattr(value, "tolist"):  # numpy arrays from Parquet list columns
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise RowError(f"messages column {column!r} must hold a non-empty list of messages")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or "content" not in m:
+            raise RowError(
+                f"messages column {column!r}: item {i} must be an object with a role "
+                f"({', '.join(sorted(ROLES))}) and content"
+            )
+        messages.append({k: v for k, v in m.items() if v is not None})
+    return messages
+
+
+def _row_param(param: str, value: Any, column: str) -> Any:
+    """A per-row parameter value, converted from its cell (CSV cells are text), or None for 'job value'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return None
+    try:
+        if param == "temperature":
+            value = float(value) if isinstance(value, str) else value
+            check_temperature(value)
+        elif param == "max_tokens":
+            if isinstance(value, str):
+                value = int(value)
+            elif isinstance(value, float) and value.is_integer():
+                value = int(value)
+            check_max_tokens(value)
+        elif param == "stop":
+            if isinstance(value, str) and value.startswith("["):
+                value = json.loads(value)
+            if hasattr(value, "tolist"):
+                value = value.tolist()
+            check_stop(value)
+        elif not isinstance(value, str):
+            raise UsageError(f"{param} must be text, not {value!r}")
+    except (ValueError, UsageError) as exc:
+        raise RowError(f"column {column!r} (per-row {param}): {exc}", "invalid_row") from exc
+    return value

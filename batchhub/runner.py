@@ -1,0 +1,517 @@
+"""The job loop: prepare, dispatch, work, record, stop.
+
+    reader ──(bounded queue)──► N workers ──► record(): journal line + counters ──► shard (off the loop)
+
+- `prepare_job` does every check that can fail on bad input or a mismatched job
+  directory *before* anything is written or sent.
+- The reader streams the input in batches, skips rows that already have a result
+  (a uint8 state per row, not a Python set) and builds each request.
+- Each worker takes one row at a time through its attempts: limits, call, classify,
+  retry or record. A result is journalled the moment it exists.
+- A stop (Ctrl-C, SIGTERM, a fatal API error) stops the reader, abandons rows that
+  are only waiting, gives requests in flight `stop_grace` seconds, then abandons
+  them too. Abandoned rows have no result, so the next run sends them again: at
+  most `concurrency` requests can be paid twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from batchhub import __version__, defaults
+from batchhub.client import ChatClient, Completion
+from batchhub.errors import (
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_STOPPED,
+    APIError,
+    FatalAPIError,
+    InputError,
+    JobStateError,
+    RateLimitError,
+    UsageError,
+)
+from batchhub.io import InputSource, fingerprint, open_input
+from batchhub.limits import RateLimits
+from batchhub.progress import Progress
+from batchhub.requests import BuiltRequest, RequestBuilder, RowError
+from batchhub.retry import next_step
+from batchhub.spec import JobSpec
+from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+
+log = logging.getLogger("batchhub")
+
+_END = object()
+
+
+@dataclass
+class PreparedJob:
+    """A job that passed every check; nothing has been written yet."""
+
+    spec: JobSpec
+    source: InputSource
+    builder: RequestBuilder
+    store: JobStore
+    manifest: dict[str, Any]
+    n_rows: int
+    api_key: str | None
+    resumed: bool
+
+
+@dataclass
+class JobSummary:
+    """What a run did, and where the job stands."""
+
+    job_dir: Path
+    total_rows: int
+    ok: int
+    failed: int
+    pending: int
+    sent_this_run: int = 0
+    results_this_run: int = 0
+    http_requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+    stopped: str | None = None
+    message: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped or self.pending:
+            return EXIT_STOPPED
+        return EXIT_FAILED_ROWS if self.failed else EXIT_OK
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Remove a secret from text that may reach a file or a screen."""
+    if secret and len(secret) >= 4 and secret in text:
+        return text.replace(secret, "[redacted]")
+    return text
+
+
+def prepare_job(spec: JobSpec) -> PreparedJob:
+    """Check everything that can be checked before writing or sending anything."""
+    spec.validate()
+    assert spec.input is not None
+    api_key = spec.resolved_api_key()
+    if spec.is_mock:
+        api_key = api_key or defaults.MOCK_API_KEY
+    elif not api_key:
+        raise UsageError("no API key: set BATCHHUB_API_KEY (or OPENAI_API_KEY), or pass --api-key")
+    source = open_input(spec.input)
+    builder = RequestBuilder(spec, source.columns)
+    store = JobStore(spec.resolved_job_dir())
+    input_fp = fingerprint(source.path)
+    if store.exists():
+        manifest = store.read_manifest()
+        known = manifest.get("input", {})
+        if known.get("fingerprint") != input_fp and not spec.force:
+            raise JobStateError(
+                f"the input {source.path} has changed since this job started in {store.dir} "
+                "(its fingerprint differs); resuming would mix rows. Use a new --job-dir, or --force to resume anyway"
+            )
+        old_config = manifest.get("request_config")
+        new_config = spec.request_config()
+        if old_config != new_config and not spec.force:
+            changed = sorted(k for k in new_config if (old_config or {}).get(k) != new_config[k])
+            raise JobStateError(
+                f"the request settings differ from the job in {store.dir} ({', '.join(changed)}); "
+                "resuming would mix results of two jobs. Use a new --job-dir, or --force to resume with the new settings"
+            )
+        n_rows = int(known.get("rows", 0))
+        if known.get("fingerprint") != input_fp:
+            n_rows = source.count_rows()
+        resumed = True
+    else:
+        n_rows = source.count_rows()
+        if n_rows == 0:
+            raise InputError(f"{source.path} has no rows (only a header, or nothing)")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "batchhub_version": __version__,
+            "created_at": _now_iso(),
+            "input": {
+                "path": str(source.path.resolve()),
+                "format": source.format,
+                "fingerprint": input_fp,
+                "rows": n_rows,
+                "columns": list(source.columns),
+            },
+            "runs": [],
+        }
+        resumed = False
+    manifest["spec"] = spec.to_manifest()
+    manifest["request_config"] = spec.request_config()
+    manifest["input"]["rows"] = n_rows
+    manifest["input"]["fingerprint"] = input_fp
+    return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed)
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@contextlib.asynccontextmanager
+async def _endpoint(spec: JobSpec) -> AsyncIterator[str]:
+    """The base URL to send to: the configured one, or an in-process simulator for mock://."""
+    if not spec.is_mock:
+        yield spec.resolved_base_url()
+        return
+    from batchhub.mock import MockConfig, MockServer
+
+    try:
+        config = MockConfig.from_dict(dict(spec.mock))
+    except ValueError as exc:
+        raise UsageError(f"[mock] settings: {exc}") from exc
+    async with MockServer(config) as server:
+        yield server.base_url
+
+
+class Job:
+    """One run of a job. `await Job(prepared).run()`; `request_stop()` from a signal handler."""
+
+    def __init__(
+        self,
+        prepared: PreparedJob,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        progress: bool | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.p = prepared
+        self.spec = prepared.spec
+        self.store = prepared.store
+        self._session = session
+        self._progress_enabled = False if self.spec.quiet else progress
+        self._rng = rng or random.Random()
+        self._stop = asyncio.Event()
+        self._abandon = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._fatal: FatalAPIError | None = None
+        self._write_error: OSError | None = None
+        self._in_request: set[asyncio.Task[Any]] = set()
+        self._workers: list[asyncio.Task[Any]] = []
+        self._compacting: asyncio.Task[Any] | None = None
+        self._pending_rows: list[dict[str, Any]] = []
+        self._segment: Path | None = None
+        self._last_flush = time.monotonic()
+        self.summary: JobSummary | None = None
+
+    # -- control ------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """First call: stop dispatching and let in-flight requests finish. Second: abandon them now."""
+        if self._stop.is_set():
+            self._abandon.set()
+            return
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+
+    # -- run ------------------------------------------------------------------------------
+
+    async def run(self) -> JobSummary:
+        p, spec, store = self.p, self.spec, self.store
+        started = time.monotonic()
+        store.recover()
+        states = store.row_states(p.n_rows)
+        self._states = states
+        todo = (states == STATE_NONE) | ((states == STATE_ERROR) if spec.retry_failed else False)
+        self._todo = todo
+        n_todo = int(np.count_nonzero(todo))
+        run_record: dict[str, Any] = {"started_at": _now_iso(), "to_send": n_todo, "batchhub_version": __version__}
+        p.manifest.setdefault("runs", []).append(run_record)
+        store.write_manifest(p.manifest)
+        self._progress = Progress(
+            total=p.n_rows,
+            initial=p.n_rows - n_todo,
+            enabled=self._progress_enabled,
+        )
+        self._summary = JobSummary(store.dir, p.n_rows, 0, 0, 0)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)
+        self._limits = RateLimits(spec.rpm, spec.tpm)
+        try:
+            if n_todo:
+                self._segment = store.open_segment()
+                async with _endpoint(spec) as base_url, self._client_session() as session:
+                    self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
+                    await self._run_pool()
+        finally:
+            await self._flush(final=True)
+            store.close()
+            self._progress.close()
+            summary = self._finish_summary(started)
+            run_record.update(
+                ended_at=_now_iso(),
+                results=summary.results_this_run,
+                ok=summary.ok,
+                failed=summary.failed,
+                pending=summary.pending,
+                stopped=summary.stopped,
+                elapsed_s=round(summary.elapsed_s, 3),
+                http_requests=summary.http_requests,
+            )
+            with contextlib.suppress(OSError):
+                store.write_manifest(p.manifest)
+        return summary
+
+    @contextlib.asynccontextmanager
+    async def _client_session(self) -> AsyncIterator[aiohttp.ClientSession]:
+        if self._session is not None:
+            yield self._session
+            return
+        connector = aiohttp.TCPConnector(limit=self.spec.concurrency, limit_per_host=self.spec.concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            yield session
+
+    async def _run_pool(self) -> None:
+        watcher = asyncio.create_task(self._watch_stop())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._reader_task = tg.create_task(self._reader())
+                self._workers = [tg.create_task(self._worker()) for _ in range(self.spec.concurrency)]
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch_stop(self) -> None:
+        """After a stop: cancel idle workers now, in-flight ones after the grace period (or a second stop)."""
+        await self._stop.wait()
+        self._reader_task.cancel()
+        for task in self._workers:
+            if task not in self._in_request:
+                task.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._abandon.wait(), timeout=self.spec.stop_grace)
+        for task in self._workers:
+            task.cancel()
+
+    # -- reader -----------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        builder, todo, queue = self.p.builder, self._todo, self._queue
+        rows = self.p.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS)
+        row_id = 0
+        try:
+            while not self._stop.is_set():
+                batch = await asyncio.to_thread(next, rows, None)
+                if batch is None:
+                    break
+                base = row_id
+                row_id += len(batch)
+                wanted = np.flatnonzero(todo[base : base + len(batch)])
+                for offset in wanted:
+                    if self._stop.is_set():
+                        break
+                    rid = base + int(offset)
+                    try:
+                        built = builder.build(batch[offset])
+                    except RowError as exc:
+                        self._record(self._error_row(rid, exc.error_type, str(exc), None, 0, 0, None))
+                        continue
+                    await queue.put((rid, built))
+        finally:
+            if self._stop.is_set():
+                while not queue.empty():  # queued rows were never sent: they stay pending
+                    queue.get_nowait()
+            for _ in range(self.spec.concurrency):
+                try:
+                    queue.put_nowait(_END)
+                except asyncio.QueueFull:  # only after a stop, when workers are being cancelled anyway
+                    break
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is _END or self._stop.is_set():
+                return
+            rid, built = item
+            row = await self._process(rid, built)
+            if row is not None:
+                self._record(row)
+
+    async def _process(self, rid: int, built: BuiltRequest) -> dict[str, Any] | None:
+        spec, limits, task = self.spec, self._limits, asyncio.current_task()
+        assert task is not None
+        failures = rate_limits = attempts = 0
+        while not self._stop.is_set():
+            reserved = await limits.acquire(limits.estimate(built.est_prompt_tokens, built.max_tokens))
+            if self._stop.is_set():
+                return None
+            attempts += 1
+            self._summary.http_requests += 1
+            self._in_request.add(task)
+            try:
+                completion = await self._client.complete(built.body, stream=spec.stream)
+            except APIError as exc:
+                if isinstance(exc, RateLimitError):
+                    limits.release(reserved)
+                    rate_limits += 1
+                else:
+                    failures += 1
+                if isinstance(exc, FatalAPIError):
+                    self._fatal = self._fatal or exc
+                    self.request_stop("fatal")
+                    return None
+                decision = next_step(
+                    exc,
+                    failures=failures,
+                    rate_limits=rate_limits,
+                    max_attempts=spec.max_attempts,
+                    max_rate_limit_retries=spec.max_rate_limit_retries,
+                    rng=self._rng,
+                )
+                if not decision.retry:
+                    return self._error_row(rid, exc.error_type, str(exc), exc.status, attempts, rate_limits, built)
+                self._progress.retry(isinstance(exc, RateLimitError))
+                if isinstance(exc, RateLimitError):
+                    self._summary.rate_limited += 1
+                else:
+                    self._summary.retries += 1
+                if decision.pool_wide:
+                    limits.cooldown(decision.delay)
+                elif decision.delay > 0:
+                    await self._sleep_unless_stopped(decision.delay)
+                continue
+            finally:
+                self._in_request.discard(task)
+            limits.settle(reserved, completion.total_tokens)
+            limits.observe_usage(built.est_prompt_tokens, completion.prompt_tokens, completion.completion_tokens)
+            limits.observe_headers(completion.headers)
+            return self._ok_row(rid, completion, attempts, rate_limits, built)
+        return None
+
+    async def _sleep_unless_stopped(self, delay: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=delay)
+
+    # -- rows -------------------------------------------------------------------------------
+
+    def _ok_row(self, rid: int, c: Completion, attempts: int, rate_limits: int, built: BuiltRequest) -> dict[str, Any]:
+        return {
+            "row_id": rid,
+            "status": "ok",
+            "content": c.content,
+            "finish_reason": c.finish_reason,
+            "model": c.model or built.model,
+            "response_id": c.response_id,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "total_tokens": c.total_tokens,
+            "latency_s": round(c.latency_s, 6),
+            "attempts": attempts,
+            "rate_limit_retries": rate_limits,
+            "http_status": c.http_status,
+            "error_type": None,
+            "error_message": None,
+            "request_hash": built.request_hash,
+        }
+
+    def _error_row(
+        self,
+        rid: int,
+        error_type: str,
+        message: str,
+        status: int | None,
+        attempts: int,
+        rate_limits: int,
+        built: BuiltRequest | None,
+    ) -> dict[str, Any]:
+        return {
+            "row_id": rid,
+            "status": "error",
+            "model": built.model if built else None,
+            "attempts": attempts,
+            "rate_limit_retries": rate_limits,
+            "http_status": status,
+            "error_type": error_type,
+            "error_message": redact(message, self.p.api_key),
+            "request_hash": built.request_hash if built else None,
+        }
+
+    def _record(self, row: dict[str, Any]) -> None:
+        """Make a result durable (one journal line) and count it."""
+        row["finished_at"] = time.time()
+        row["seq"] = self.store.next_seq()
+        try:
+            self.store.append(row)
+        except OSError as exc:
+            # disk full or the directory went away: stop at once; what was written stays readable
+            self._write_error = self._write_error or exc
+            self._abandon.set()
+            self.request_stop("write_error")
+            return
+        self._pending_rows.append(row)
+        ok = row["status"] == "ok"
+        self._states[row["row_id"]] = STATE_OK if ok else STATE_ERROR
+        s = self._summary
+        s.results_this_run += 1
+        s.prompt_tokens += row.get("prompt_tokens") or 0
+        s.completion_tokens += row.get("completion_tokens") or 0
+        self._progress.result(ok, row.get("total_tokens"))
+        if self.store.fsync_due(defaults.JOURNAL_FSYNC_S):
+            self.store.fsync_journal()
+        if len(self._pending_rows) >= self.spec.flush_rows or (
+            time.monotonic() - self._last_flush >= self.spec.flush_seconds
+        ):
+            self._start_flush()
+
+    def _start_flush(self) -> None:
+        if not self._pending_rows or self._segment is None:
+            return
+        if self._compacting is not None and not self._compacting.done():
+            return  # one compaction at a time keeps shards in seq order; the next record retries
+        rows, segment = self._pending_rows, self._segment
+        self._pending_rows = []
+        self._segment = self.store.open_segment()
+        self._last_flush = time.monotonic()
+        self._compacting = asyncio.ensure_future(asyncio.to_thread(self.store.compact, rows, segment))
+
+    async def _flush(self, *, final: bool) -> None:
+        """Wait for the running compaction, then compact what is left (at the end of a run)."""
+        if self._compacting is not None:
+            with contextlib.suppress(Exception):
+                await self._compacting
+        if final and self._pending_rows and self._segment is not None:
+            rows, segment = self._pending_rows, self._segment
+            self._pending_rows = []
+            self.store.close()
+            try:
+                await asyncio.to_thread(self.store.compact, rows, segment)
+            except OSError as exc:  # the journal still holds them: the next run compacts
+                log.warning("could not write the final shard (%s); the journal keeps the results", exc)
+
+    def _finish_summary(self, started: float) -> JobSummary:
+        s = self._summary
+        states = self._states
+        s.ok = int(np.count_nonzero(states == STATE_OK))
+        s.failed = int(np.count_nonzero(states == STATE_ERROR))
+        s.pending = int(np.count_nonzero(states == STATE_NONE))
+        s.elapsed_s = time.monotonic() - started
+        s.sent_this_run = s.http_requests
+        if self._fatal is not None:
+            s.stopped = "fatal"
+            s.message = redact(str(self._fatal), self.p.api_key)
+        elif self._write_error is not None:
+            s.stopped = "write_error"
+            s.message = f"cannot write to the job directory {self.store.dir}: {self._write_error.strerror or self._write_error}"
+        elif self._stop_reason:
+            s.stopped = self._stop_reason
+        return s

@@ -1,0 +1,259 @@
+"""JobSpec: every setting of a job, from a TOML spec file, flags and the environment.
+
+Precedence, highest first: flags (or keyword arguments), the spec file, the
+environment (`BATCHHUB_API_KEY`/`OPENAI_API_KEY`, `BATCHHUB_BASE_URL`/`OPENAI_BASE_URL`),
+then the defaults in `batchhub.defaults`.
+
+A spec file is TOML. Paths in it (`input`, `job_dir`) are relative to the spec
+file's folder. Its job directory defaults to the folder named after the spec,
+beside it: `jobs/demo.toml` keeps its state in `jobs/demo/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchhub import defaults
+from batchhub.errors import UsageError
+
+#: Request parameters a column may set per row (`param_columns = {PARAM = COLUMN}`).
+ROW_PARAMS = ("model", "temperature", "max_tokens", "stop", "user")
+
+#: Settings that shape the requests: changing any of them on resume would mix
+#: results of two different jobs, so it is refused (unless forced).
+REQUEST_FIELDS = (
+    "model",
+    "template",
+    "prompt_column",
+    "messages_column",
+    "system",
+    "temperature",
+    "max_tokens",
+    "stop",
+    "user",
+    "stream",
+    "param_columns",
+)
+
+
+@dataclass
+class JobSpec:
+    """Every setting of a job. Build one with `load_spec` / `JobSpec.from_mapping`, or directly."""
+
+    input: Path | None = None
+    job_dir: Path | None = None
+    name: str | None = None
+
+    model: str | None = None
+    template: str | None = None
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    system: str | None = None
+    param_columns: dict[str, str] = field(default_factory=dict)
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    user: str | None = None
+    stream: bool = False
+
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    concurrency: int = defaults.CONCURRENCY
+    rpm: int | None = None
+    tpm: int | None = None
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    max_rate_limit_retries: int = defaults.MAX_RATE_LIMIT_RETRIES
+    timeout: float = defaults.TIMEOUT_S
+    flush_rows: int = defaults.FLUSH_ROWS
+    flush_seconds: float = defaults.FLUSH_SECONDS
+    stop_grace: float = defaults.STOP_GRACE_S
+
+    retry_failed: bool = False
+    force: bool = False
+    quiet: bool = False
+
+    #: settings of the built-in simulator (a `[mock]` table), used when base_url is mock://
+    mock: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    # -- derived -------------------------------------------------------------
+
+    @property
+    def is_mock(self) -> bool:
+        return self.resolved_base_url() == defaults.MOCK_BASE_URL
+
+    def resolved_base_url(self) -> str:
+        url = (
+            self.base_url
+            or os.environ.get("BATCHHUB_BASE_URL")
+            or os.environ.get("OPENAI_BASE_URL")
+            or defaults.DEFAULT_BASE_URL
+        )
+        return url.rstrip("/") if url != defaults.MOCK_BASE_URL else url
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("BATCHHUB_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+    def resolved_job_dir(self) -> Path:
+        if self.job_dir is not None:
+            return Path(self.job_dir)
+        if self.input is None:
+            raise UsageError("no input file given")
+        return Path("jobs") / Path(self.input).name.split(".")[0]
+
+    def request_config(self) -> dict[str, Any]:
+        """The settings that shape requests, as JSON-ready values (compared on resume)."""
+        return {name: _jsonable(getattr(self, name)) for name in REQUEST_FIELDS}
+
+    def to_manifest(self) -> dict[str, Any]:
+        """Every setting worth recording in job.json. Never the API key."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("api_key", "quiet", "force", "retry_failed"):
+                continue
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    # -- validation -----------------------------------------------------------
+
+    def validate(self) -> None:
+        """Refuse out-of-range or contradictory settings before anything is read or sent."""
+        if self.input is None:
+            raise UsageError("no input file: give INPUT or `input = ...` in the spec")
+        if not self.model and "model" not in self.param_columns:
+            raise UsageError("no model: give --model or `model = ...` in the spec")
+        sources = [s for s in ("template", "messages_column") if getattr(self, s)]
+        if len(sources) > 1 or (sources and self.prompt_column):
+            raise UsageError("give only one of --template, --prompt-column and --messages-column")
+        check_temperature(self.temperature)
+        check_max_tokens(self.max_tokens)
+        check_stop(self.stop)
+        if self.user is not None and not isinstance(self.user, str):
+            raise UsageError("user must be a string")
+        unknown = set(self.param_columns) - set(ROW_PARAMS)
+        if unknown:
+            raise UsageError(
+                f"param_columns: {', '.join(sorted(unknown))} cannot be set per row "
+                f"(allowed: {', '.join(ROW_PARAMS)})"
+            )
+        _positive_int("concurrency", self.concurrency)
+        _positive_int("max_attempts", self.max_attempts)
+        _positive_int("flush_rows", self.flush_rows)
+        if self.max_rate_limit_retries < 0:
+            raise UsageError("max_rate_limit_retries must be 0 or more")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name, value)
+        for name in ("timeout", "flush_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.stop_grace < 0:
+            raise UsageError("stop_grace must be 0 or more seconds")
+        url = self.resolved_base_url()
+        if url != defaults.MOCK_BASE_URL and not url.startswith(("http://", "https://")):
+            raise UsageError(f"base_url must start with http:// or https:// (or be mock://), not {url!r}")
+
+    # -- building ---------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, base_dir: Path | None = None, origin: str = "spec") -> JobSpec:
+        """A spec from a mapping (a parsed TOML file or keyword arguments). Unknown keys are refused."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"api_key"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UsageError(f"{origin}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        data = dict(data)
+        for key in ("input", "job_dir"):
+            if data.get(key) is not None:
+                path = Path(os.path.expanduser(str(data[key])))
+                data[key] = path if path.is_absolute() or base_dir is None else base_dir / path
+        for key, kind in (("param_columns", dict), ("mock", dict)):
+            if key in data and not isinstance(data[key], kind):
+                raise UsageError(f"{origin}: {key} must be a table")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # pragma: no cover - names are checked above
+            raise UsageError(f"{origin}: {exc}") from exc
+
+    def merged(self, overrides: dict[str, Any]) -> JobSpec:
+        """A copy with every override that is not None applied (flags win over the file)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if "template" in changes or "messages_column" in changes or "prompt_column" in changes:
+            # a prompt source given as a flag replaces the file's, whichever kind it was
+            for key in ("template", "messages_column", "prompt_column"):
+                changes.setdefault(key, None)
+        return dataclasses.replace(self, **changes)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a TOML job spec. Its job directory defaults to `<folder>/<stem>/` beside it."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise UsageError(f"spec file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read spec file {path}: {exc.strerror}") from exc
+    spec = JobSpec.from_mapping(data, base_dir=path.parent, origin=str(path))
+    if spec.job_dir is None:
+        spec.job_dir = path.parent / path.stem
+    if spec.name is None:
+        spec.name = path.stem
+    return spec
+
+
+# -- parameter checks shared by the spec and per-row values -------------------------
+
+
+def check_temperature(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        raise UsageError(f"temperature must be a number from 0 to 2, not {value!r}")
+
+
+def check_max_tokens(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"max_tokens must be a whole number of at least 1, not {value!r}")
+
+
+def check_stop(value: Any) -> None:
+    if value is None:
+        return
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise UsageError(f"stop must be a non-empty string or a list of them, not {value!r}")
+    if len(items) > 4:
+        raise UsageError(f"stop takes at most 4 sequences, not {len(items)}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a whole number of at least 1, not {value!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,352 @@
+"""The job directory: manifest, journal, atomic Parquet shards, resume state.
+
+Layout::
+
+    JOB_DIR/
+      job.json                      manifest: spec (never the key), input fingerprint, row count, runs
+      journal-NNNNNN.jsonl          results as they finish, one JSON line each, one write per line
+      results/part-NNNNNN.parquet   checkpoint shards, each written to a temp name, fsynced, renamed
+
+Why both: Parquet cannot be appended row by row, and a shard every few seconds
+alone would lose (and re-pay) every result finished since the last one. A result
+is appended to the active journal segment the moment it arrives (a single
+`os.write`, so a killed process loses nothing it wrote; fsynced at least every
+second for power loss). Every N rows or T seconds the writer starts a new
+segment and compacts the old one into a shard off the event loop, then deletes
+the segment.
+
+Every result carries `seq`, a number that grows across the whole job. Shards are
+written in seq order, so the largest seq in any shard tells which journal lines
+are already compacted: a line with a smaller or equal seq is not counted twice.
+A torn last line (a kill mid-write) is ignored.
+
+Row identity is the row's position in the input (`row_id`). When a row has
+several results (it was retried after a failure) the one with the largest seq wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchhub.errors import JobStateError
+
+FORMAT_VERSION = 1
+
+#: The result columns, in order. Usage columns are nullable integers so any
+#: Parquet reader can price a job from them.
+RESULT_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("status", pa.string()),
+        ("content", pa.string()),
+        ("finish_reason", pa.string()),
+        ("model", pa.string()),
+        ("response_id", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("latency_s", pa.float64()),
+        ("attempts", pa.int32()),
+        ("rate_limit_retries", pa.int32()),
+        ("http_status", pa.int32()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("request_hash", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("seq", pa.int64()),
+    ]
+)
+RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
+
+STATE_NONE, STATE_OK, STATE_ERROR = 0, 1, 2
+
+_SEGMENT = re.compile(r"journal-(\d{6,})\.jsonl$")
+_SHARD = re.compile(r"part-(\d{6,})\.parquet$")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: temp name, fsync, rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Result dicts (as journalled: finished_at in epoch seconds) -> an Arrow table of RESULT_SCHEMA."""
+    columns = {name: [r.get(name) for r in rows] for name in RESULT_COLUMNS}
+    columns["finished_at"] = [None if v is None else int(v * 1_000_000) for v in columns["finished_at"]]
+    arrays = []
+    for f in RESULT_SCHEMA:
+        if f.name == "finished_at":
+            arrays.append(pa.array(columns[f.name], pa.int64()).cast(f.type))
+        else:
+            arrays.append(pa.array(columns[f.name], f.type))
+    return pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
+
+
+@dataclass
+class JournalScan:
+    rows: list[dict[str, Any]]
+    torn_lines: int
+
+
+class JobStore:
+    """One job directory. Reading is safe while a job runs; only the runner writes."""
+
+    def __init__(self, job_dir: str | Path) -> None:
+        self.dir = Path(job_dir)
+        self.manifest_path = self.dir / "job.json"
+        self.results_dir = self.dir / "results"
+        self._fd: int | None = None
+        self._segment: int = 0
+        self._last_fsync = 0.0
+        self._next_shard = 1
+        self._next_seq = 1
+
+    # -- manifest ---------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError as exc:
+            raise JobStateError(f"{self.dir} is not a batchhub job directory (no job.json)") from exc
+        except (OSError, ValueError) as exc:
+            raise JobStateError(f"{self.manifest_path} cannot be read: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+            raise JobStateError(f"{self.manifest_path}: unknown job format (this batchhub reads version {FORMAT_VERSION})")
+        return data
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=2, default=str).encode() + b"\n")
+
+    # -- files ----------------------------------------------------------------------------
+
+    def segments(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _SEGMENT.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def shards(self) -> list[Path]:
+        if not self.results_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.results_dir.iterdir() if (m := _SHARD.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def shard_max_seq(self) -> int:
+        """The largest seq in any shard (read from footers only)."""
+        best = 0
+        for path in self.shards():
+            try:
+                meta = pq.read_metadata(path).metadata or {}
+            except (OSError, pa.ArrowException) as exc:
+                raise JobStateError(f"shard {path} cannot be read: {exc}") from exc
+            value = meta.get(b"batchhub.max_seq")
+            if value is not None:
+                best = max(best, int(value))
+        return best
+
+    def scan_journal(self, after_seq: int) -> JournalScan:
+        """Journal lines with seq > after_seq, in seq order. Torn or unreadable lines are skipped."""
+        rows: list[dict[str, Any]] = []
+        torn = 0
+        for path in self.segments():
+            with open(path, "rb") as fh:
+                for raw in fh:
+                    try:
+                        row = json.loads(raw)
+                        seq = int(row["seq"])
+                    except (ValueError, KeyError, TypeError):
+                        torn += 1
+                        continue
+                    if seq > after_seq:
+                        rows.append(row)
+        rows.sort(key=lambda r: r["seq"])
+        return JournalScan(rows, torn)
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Before a run: drop half-written temp files, compact the journal into a shard. Returns rows compacted."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.results_dir.mkdir(exist_ok=True)
+        for folder in (self.dir, self.results_dir):
+            for p in folder.iterdir():
+                if p.name.startswith(".") and ".tmp-" in p.name:
+                    p.unlink(missing_ok=True)
+        shards = self.shards()
+        self._next_shard = (int(_SHARD.match(shards[-1].name).group(1)) + 1) if shards else 1  # type: ignore[union-attr]
+        max_seq = self.shard_max_seq()
+        scan = self.scan_journal(max_seq)
+        if scan.rows:
+            self.write_shard(scan.rows)
+            max_seq = max(max_seq, scan.rows[-1]["seq"])
+        for path in self.segments():
+            path.unlink()
+        _fsync_dir(self.dir)
+        self._next_seq = max_seq + 1
+        self._segment = 0
+        return len(scan.rows)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def next_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def open_segment(self) -> Path:
+        """Start a new journal segment for appends (closing the previous one); returns its path."""
+        self._segment += 1
+        path = self.dir / f"journal-{self._segment:06d}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.fsync(old)
+            os.close(old)
+        self._last_fsync = time.monotonic()
+        return path
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Journal one finished result: one line, one write, durable against a killed process at once."""
+        assert self._fd is not None, "open_segment() first"
+        line = json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        view = memoryview(line)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def fsync_due(self, interval: float) -> bool:
+        return self._fd is not None and time.monotonic() - self._last_fsync >= interval
+
+    def fsync_journal(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            self._last_fsync = time.monotonic()
+
+    def write_shard(self, rows: list[dict[str, Any]]) -> Path:
+        """Write rows (in seq order) as the next shard, atomically."""
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        table = rows_to_table(rows)
+        max_seq = max(r["seq"] for r in rows)
+        table = table.replace_schema_metadata({b"batchhub.max_seq": str(max_seq).encode()})
+        path = self.results_dir / f"part-{self._next_shard:06d}.parquet"
+        self._next_shard += 1
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(table, fh, compression="zstd")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.results_dir)
+        return path
+
+    def compact(self, rows: list[dict[str, Any]], segment: Path) -> Path:
+        """Turn a closed journal segment (whose lines are `rows`) into a shard, then delete the segment."""
+        path = self.write_shard(rows)
+        segment.unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+        return path
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def iter_result_tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
+        """Every result recorded (shards, then journal lines not yet compacted), oldest first."""
+        cols = list(columns) if columns is not None else list(RESULT_COLUMNS)
+        if "seq" not in cols:
+            cols.append("seq")
+        max_seq = 0
+        for path in self.shards():
+            try:
+                table = pq.read_table(path, columns=cols)
+            except (OSError, pa.ArrowException) as exc:
+                raise JobStateError(f"shard {path} cannot be read: {exc}") from exc
+            if table.num_rows:
+                max_seq = max(max_seq, pc.max(table["seq"]).as_py())
+            yield table
+        scan = self.scan_journal(max_seq)
+        if scan.rows:
+            yield rows_to_table(scan.rows).select(cols)
+
+    def results(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """All recorded results as one table (every attempt-set, not only the latest)."""
+        cols = list(columns) if columns is not None else list(RESULT_COLUMNS)
+        if "seq" not in cols:
+            cols.append("seq")
+        tables = list(self.iter_result_tables(cols))
+        if not tables:
+            return pa.Table.from_batches([], schema=pa.schema([RESULT_SCHEMA.field(c) for c in cols]))
+        return pa.concat_tables(tables)
+
+    def latest_results(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """One result per row that has any, the latest (largest seq), sorted by row_id."""
+        cols = list(columns) if columns is not None else list(RESULT_COLUMNS)
+        table = self.results(cols)
+        if table.num_rows == 0:
+            return table
+        keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
+        return table.take(pa.array(keep))
+
+    def row_states(self, n_rows: int) -> np.ndarray:
+        """uint8 per input row: 0 no result, 1 ok, 2 error (the latest result wins)."""
+        states = np.zeros(n_rows, dtype=np.uint8)
+        table = self.results(["row_id", "status", "seq"])
+        if table.num_rows == 0:
+            return states
+        row_id = table["row_id"].to_numpy()
+        keep = latest_indices(row_id, table["seq"].to_numpy())
+        ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
+        ids = row_id[keep]
+        valid = (ids >= 0) & (ids < n_rows)
+        states[ids[valid]] = np.where(ok[keep][valid], STATE_OK, STATE_ERROR)
+        return states
+
+
+def latest_indices(row_id: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """Indices of the largest-seq entry of each row_id, in row_id order."""
+    order = np.lexsort((seq, row_id))
+    sorted_ids = row_id[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+    return order[last]

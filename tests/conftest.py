@@ -1,0 +1,27 @@
+"""Shared test fixtures.
+
+aioresponses 0.7.9 (its newest release) builds `ClientResponse` without the
+keyword-only `stream_writer` argument that aiohttp 3.14 requires (upstream
+pnuckowski/aioresponses#289, open). aiohttp 3.14 carries a security fix, so we do
+not pin it lower: instead this shim gives aioresponses a response class that
+supplies the argument. aiohttp only reads `stream_writer.output_size`. Remove the
+shim once aioresponses releases a fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import aioresponses.core
+
+if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters:
+
+    class _CompatResponse(aiohttp.ClientResponse):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
+            super().__init__(*args, **kwargs)
+
+    aioresponses.core.ClientResponse = _CompatResponse  # type: ignore[misc]

@@ -1,0 +1,202 @@
+"""The HTTP layer: response and SSE parsing, error classification through a faked transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses
+
+from batchhub.client import ChatClient, SSEAccumulator, parse_completion
+from batchhub.errors import (
+    AuthenticationError,
+    BadResponseError,
+    QuotaExceededError,
+    RateLimitError,
+    RequestRejected,
+    ServerError,
+    TransportError,
+)
+
+URL = "http://api.test/v1"
+ENDPOINT = URL + "/chat/completions"
+KEY = "sk-test-SECRET-0123456789"
+
+
+def completion_body(content: str = "hello", usage: dict[str, int] | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m-2024",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": usage if usage is not None else {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+    body.update(extra)
+    return body
+
+
+def test_parse_completion_fields() -> None:
+    c = parse_completion(json.dumps(completion_body()).encode())
+    assert (c.content, c.finish_reason, c.model, c.response_id) == ("hello", "stop", "m-2024", "chatcmpl-1")
+    assert (c.prompt_tokens, c.completion_tokens, c.total_tokens) == (5, 2, 7)
+
+
+def test_parse_completion_keeps_length_finish_reason_and_missing_usage() -> None:
+    data = completion_body()
+    data["choices"][0]["finish_reason"] = "length"
+    del data["usage"]
+    c = parse_completion(json.dumps(data).encode())
+    assert c.finish_reason == "length"
+    assert c.prompt_tokens is None and c.total_tokens is None
+
+
+def test_parse_completion_total_derived_when_missing() -> None:
+    c = parse_completion(json.dumps(completion_body(usage={"prompt_tokens": 3, "completion_tokens": 4})).encode())
+    assert c.total_tokens == 7
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"<html><body>502 Bad Gateway</body></html>",
+        b'{"id": "x", "choices": [{"message": {"content": "cut',
+        b"[1, 2]",
+        json.dumps(completion_body() | {"choices": []}).encode(),
+        json.dumps({"choices": [{"delta": {}}]}).encode(),
+        b"\xff\xfe\x00garbage",
+    ],
+)
+def test_parse_completion_rejects_garbage(raw: bytes) -> None:
+    with pytest.raises(BadResponseError):
+        parse_completion(raw)
+
+
+def sse(*events: Any, done: bool = True) -> bytes:
+    out = b""
+    for e in events:
+        out += b"data: " + json.dumps(e).encode() + b"\n\n"
+    if done:
+        out += b"data: [DONE]\n\n"
+    return out
+
+
+def chunk(content: str | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    delta = {} if content is None else {"content": content}
+    return {"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+
+STREAM = sse(
+    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+    chunk("Hel"),
+    chunk("lo, wörld"),
+    chunk(None, "stop"),
+    {"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}},
+)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 7, 64, len(STREAM)])
+def test_sse_accumulates_whatever_the_chunking(piece: int) -> None:
+    acc = SSEAccumulator()
+    done = False
+    for i in range(0, len(STREAM), piece):
+        done = acc.feed(STREAM[i : i + piece])
+    assert done
+    c = acc.result()
+    assert c.content == "Hello, wörld"
+    assert c.finish_reason == "stop"
+    assert (c.prompt_tokens, c.completion_tokens, c.total_tokens) == (9, 3, 12)
+    assert c.response_id == "c1"
+
+
+def test_sse_ignores_comments_and_other_fields_and_crlf() -> None:
+    raw = b": keep-alive\r\nevent: message\r\n" + sse(chunk("a"), chunk("b", "length")).replace(b"\n", b"\r\n")
+    acc = SSEAccumulator()
+    acc.feed(raw)
+    c = acc.result()
+    assert c.content == "ab" and c.finish_reason == "length" and c.total_tokens is None
+
+
+def test_sse_cut_before_done_is_an_error() -> None:
+    acc = SSEAccumulator()
+    acc.feed(sse(chunk("partial"), done=False))
+    with pytest.raises(BadResponseError, match="before \\[DONE\\]"):
+        acc.result()
+
+
+def test_sse_bad_event_and_error_event() -> None:
+    with pytest.raises(BadResponseError):
+        SSEAccumulator().feed(b"data: {not json\n\n")
+    with pytest.raises(ServerError):
+        SSEAccumulator().feed(sse({"error": {"message": "overloaded", "code": "server_error"}}))
+
+
+async def call(mock: aioresponses, stream: bool = False, timeout: float = 5.0):
+    async with aiohttp.ClientSession() as session:
+        return await ChatClient(session, URL, KEY, timeout).complete(b'{"model":"m"}', stream=stream)
+
+
+async def test_client_success_sends_key_and_body() -> None:
+    with aioresponses() as m:
+        m.post(ENDPOINT, payload=completion_body("hi"), headers={"x-request-id": "req_9"})
+        c = await call(m)
+        assert c.content == "hi" and c.http_status == 200 and c.request_id == "req_9"
+        (req,) = next(iter(m.requests.values()))
+        assert req.kwargs["headers"]["Authorization"] == f"Bearer {KEY}"
+        assert req.kwargs["data"] == b'{"model":"m"}'
+
+
+async def test_client_stream() -> None:
+    with aioresponses() as m:
+        m.post(ENDPOINT, body=STREAM, content_type="text/event-stream")
+        c = await call(m, stream=True)
+        assert c.content == "Hello, wörld" and c.total_tokens == 12
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "headers", "expected"),
+    [
+        (400, {"error": {"message": "bad", "type": "invalid_request_error", "code": None}}, {}, RequestRejected),
+        (401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}, {}, AuthenticationError),
+        (429, {"error": {"message": "slow", "code": "rate_limit_exceeded"}}, {"Retry-After": "2"}, RateLimitError),
+        (429, {"error": {"message": "no money", "code": "insufficient_quota"}}, {}, QuotaExceededError),
+        (503, {"error": {"message": "overloaded"}}, {}, ServerError),
+    ],
+)
+async def test_client_classifies_status(status, payload, headers, expected) -> None:
+    with aioresponses() as m:
+        m.post(ENDPOINT, status=status, payload=payload, headers=headers)
+        with pytest.raises(expected) as info:
+            await call(m)
+    assert info.value.status == status
+    assert KEY not in str(info.value)
+    if expected is RateLimitError:
+        assert info.value.retry_after == 2.0
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncio.TimeoutError(),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientConnectionError("connection reset by peer"),
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+    ],
+)
+async def test_client_transport_failures(exc: Exception) -> None:
+    with aioresponses() as m:
+        m.post(ENDPOINT, exception=exc)
+        with pytest.raises(TransportError) as info:
+            await call(m)
+    assert KEY not in str(info.value)
+
+
+async def test_client_html_200_is_bad_response() -> None:
+    with aioresponses() as m:
+        m.post(ENDPOINT, status=200, body="<html>oops</html>", content_type="text/html")
+        with pytest.raises(BadResponseError):
+            await call(m)

@@ -1,0 +1,104 @@
+"""Rate limits: token settling, oversized requests, header calibration, the pool-wide cool-down."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from batchhub.limits import RateLimits, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("120ms", 0.12), ("1h2m3.5s", 3723.5), ("2.5", 2.5), ("0s", 0.0), ("abc", None), ("5x", None), ("", None), (None, None)],
+)
+def test_parse_duration(text: str | None, seconds: float | None) -> None:
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+async def test_oversized_request_takes_whole_bucket_instead_of_hanging() -> None:
+    limits = RateLimits(rpm=None, tpm=1000)
+    reserved = await asyncio.wait_for(limits.acquire(50_000), timeout=1)
+    assert reserved == 1000
+    assert limits.tokens is not None and limits.tokens.level == pytest.approx(1000, abs=1)
+
+
+async def test_settle_gives_back_overestimates_and_charges_debt() -> None:
+    limits = RateLimits(rpm=None, tpm=10_000)
+    reserved = await limits.acquire(600)
+    limits.settle(reserved, 100)
+    assert limits.tokens.level == pytest.approx(100, abs=1)
+    reserved = await limits.acquire(100)
+    limits.settle(reserved, 15_000)  # far more than estimated: the bucket goes into debt
+    assert limits.tokens.level > limits.tokens.max_rate
+    assert not limits.tokens.has_capacity(1)
+
+
+async def test_release_returns_reservation_of_refused_request() -> None:
+    limits = RateLimits(rpm=None, tpm=10_000)
+    reserved = await limits.acquire(500)
+    limits.release(reserved)
+    assert limits.tokens.level == pytest.approx(0, abs=1)
+
+
+def test_estimate_calibrates_completion_from_usage() -> None:
+    limits = RateLimits(rpm=None, tpm=None, completion_guess=256)
+    assert limits.estimate(100, None) == 101 + 256
+    assert limits.estimate(100, 20) == 101 + 20  # max_tokens bounds the completion
+    for _ in range(10):
+        limits.observe_usage(100, 100, 10)
+    assert limits.estimate(100, None) == 101 + 13  # 10 tokens on average, plus a 20% margin
+
+
+def test_prompt_ratio_moves_toward_real_counts() -> None:
+    limits = RateLimits(rpm=None, tpm=None)
+    before = limits.estimate(100, 1)
+    for _ in range(100):
+        limits.observe_usage(100, 200, 1)
+    assert limits.estimate(100, 1) > before * 1.5
+
+
+async def test_headers_adopt_and_tighten_limits() -> None:
+    limits = RateLimits(rpm=None, tpm=100_000)
+    limits.observe_headers(
+        {
+            "x-ratelimit-limit-requests": "60",
+            "x-ratelimit-remaining-requests": "50",
+            "x-ratelimit-limit-tokens": "40000",
+            "x-ratelimit-remaining-tokens": "40000",
+        }
+    )
+    assert limits.requests is not None and limits.requests.max_rate == 60
+    assert limits.requests.level == pytest.approx(10, abs=0.1)
+    assert limits.tokens.max_rate == 40_000  # told 100k, the server says 40k: tighten
+    limits.observe_headers({"x-ratelimit-limit-tokens": "90000"})
+    assert limits.tokens.max_rate == 40_000  # never loosened by a header
+
+
+async def test_zero_remaining_requests_cools_the_pool_down_until_reset() -> None:
+    now = [100.0]
+    limits = RateLimits(rpm=None, tpm=None, clock=lambda: now[0])
+    limits.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"})
+    assert limits.cooling_down
+    now[0] = 102.5
+    assert not limits.cooling_down
+
+
+async def test_cooldown_extends_never_shortens() -> None:
+    now = [0.0]
+    limits = RateLimits(rpm=None, tpm=None, clock=lambda: now[0])
+    limits.cooldown(10)
+    limits.cooldown(2)
+    now[0] = 5
+    assert limits.cooling_down
+    assert limits.cooldowns == 1
+
+
+async def test_workers_wait_for_the_cooldown_together() -> None:
+    limits = RateLimits(rpm=None, tpm=None)
+    loop = asyncio.get_running_loop()
+    limits.cooldown(0.05)
+    start = loop.time()
+    await asyncio.gather(*(limits.acquire(1) for _ in range(5)))
+    assert loop.time() - start >= 0.045
