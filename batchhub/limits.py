@@ -169,10 +169,12 @@ class RateLimits:
                 setattr(self, kind, bucket)
             if bucket is not None and remaining is not None:
                 bucket.set_remaining(remaining)
-            if remaining == 0 and kind == "requests":
+            if remaining == 0 and bucket is None:
+                # no limit to pace by: pause briefly. The reset header tells when the bucket is
+                # *full* again, far later than when the next request may go, so it only caps the pause.
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
                 if reset:
-                    self.cooldown(min(reset, defaults.RETRY_AFTER_CAP_S))
+                    self.cooldown(min(reset, 1.0))
 
 
 def _int(value: str | None) -> int | None:

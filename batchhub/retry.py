@@ -147,6 +147,7 @@ def next_step(
     max_attempts: int,
     max_rate_limit_retries: int,
     rng: random.Random | None = None,
+    backoff_base: float = defaults.BACKOFF_BASE_S,
 ) -> Decision:
     """Retry or give up, and how long to wait.
 
@@ -164,7 +165,7 @@ def next_step(
     if isinstance(error, RetryableError):
         if failures >= max_attempts:
             return Decision(retry=False)
-        delay = backoff_delay(failures, rng)
+        delay = backoff_delay(failures, rng, base=backoff_base)
         if error.retry_after is not None:
             delay = max(delay, min(error.retry_after, defaults.RETRY_AFTER_CAP_S))
         return Decision(retry=True, delay=delay)

@@ -327,13 +327,15 @@ class Job:
                     await queue.put((rid, built))
         finally:
             if self._stop.is_set():
-                while not queue.empty():  # queued rows were never sent: they stay pending
+                # queued rows were never sent: they stay pending. Workers are being cancelled, so
+                # the end markers must not wait for room (there is room once the queue is drained).
+                while not queue.empty():
                     queue.get_nowait()
-            for _ in range(self.spec.concurrency):
-                try:
+                for _ in range(self.spec.concurrency):
                     queue.put_nowait(_END)
-                except asyncio.QueueFull:  # only after a stop, when workers are being cancelled anyway
-                    break
+        if not self._stop.is_set():
+            for _ in range(self.spec.concurrency):
+                await queue.put(_END)
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -377,6 +379,7 @@ class Job:
                     max_attempts=spec.max_attempts,
                     max_rate_limit_retries=spec.max_rate_limit_retries,
                     rng=self._rng,
+                    backoff_base=spec.backoff_base,
                 )
                 if not decision.retry:
                     return self._error_row(rid, exc.error_type, str(exc), exc.status, attempts, rate_limits, built)

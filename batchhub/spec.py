@@ -71,6 +71,8 @@ class JobSpec:
     max_attempts: int = defaults.MAX_ATTEMPTS
     max_rate_limit_retries: int = defaults.MAX_RATE_LIMIT_RETRIES
     timeout: float = defaults.TIMEOUT_S
+    #: first backoff ceiling in seconds after a 5xx/timeout (doubles per failure, full jitter)
+    backoff_base: float = defaults.BACKOFF_BASE_S
     flush_rows: int = defaults.FLUSH_ROWS
     flush_seconds: float = defaults.FLUSH_SECONDS
     stop_grace: float = defaults.STOP_GRACE_S
@@ -155,7 +157,7 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name, value)
-        for name in ("timeout", "flush_seconds"):
+        for name in ("timeout", "flush_seconds", "backoff_base"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")

@@ -76,13 +76,26 @@ async def test_headers_adopt_and_tighten_limits() -> None:
     assert limits.tokens.max_rate == 40_000  # never loosened by a header
 
 
-async def test_zero_remaining_requests_cools_the_pool_down_until_reset() -> None:
+async def test_zero_remaining_without_a_limit_pauses_briefly() -> None:
     now = [100.0]
     limits = RateLimits(rpm=None, tpm=None, clock=lambda: now[0])
-    limits.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"})
+    limits.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"})
     assert limits.cooling_down
-    now[0] = 102.5
+    now[0] = 101.01  # not the six minutes until the bucket is full again: one request's worth at most
     assert not limits.cooling_down
+
+
+async def test_zero_remaining_with_a_limit_is_paced_by_the_bucket() -> None:
+    limits = RateLimits(rpm=None, tpm=None)
+    limits.observe_headers(
+        {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s"}
+    )
+    assert not limits.cooling_down
+    assert limits.requests is not None and not limits.requests.has_capacity(1)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await limits.acquire(1)  # one request refills in 0.5 s at 120/min
+    assert 0.3 < loop.time() - start < 1.5
 
 
 async def test_cooldown_extends_never_shortens() -> None:

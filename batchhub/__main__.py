@@ -1,0 +1,5 @@
+"""`python -m batchhub` is the `batchhub` command."""
+
+from batchhub.cli import main
+
+main()

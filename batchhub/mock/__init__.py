@@ -1,0 +1,22 @@
+"""The built-in simulated endpoint: an OpenAI-compatible Chat Completions server.
+
+It answers deterministically (content is a function of the seed and the
+request), enforces requests- and tokens-per-minute limits with OpenAI's
+headers and errors, and injects faults (5xx, hangs, dropped connections,
+truncated or garbled bodies, cut streams) with seeded probabilities. The demo,
+the tests and the benchmarks run against it::
+
+    async with MockServer(MockConfig(rpm=600, faults={"503": 0.05})) as srv:
+        ...  # point a client at srv.base_url; srv.stats counts what it saw
+
+Modules: `config` (settings and counters), `validation` (the request body),
+`tokens` (token counting and the deterministic answers), `ratelimit` (the
+buckets), `state` (what a running endpoint keeps), `app` (the HTTP handlers),
+`server` (listening on a port).
+"""
+
+from batchhub.mock.app import make_app
+from batchhub.mock.config import FAULT_KINDS, MockConfig, MockStats
+from batchhub.mock.server import MockServer, serve_forever
+
+__all__ = ["FAULT_KINDS", "MockConfig", "MockServer", "MockStats", "make_app", "serve_forever"]

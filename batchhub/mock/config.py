@@ -1,0 +1,199 @@
+"""Settings and counters of the simulated endpoint.
+
+`MockConfig` is what a `[mock]` table of a TOML spec (or a test) sets; it is
+checked when built, so a bad value fails at start-up with a message naming it,
+not with an odd behaviour in the middle of a run. `MockStats` is what the
+server counts while it runs; tests read it to assert on what the endpoint saw,
+in particular how many completions were paid for more than once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Every fault the server can inject, in the order used when drawing one.
+#: The order is part of the seeded behaviour: changing it changes which
+#: request gets which fault for a given seed.
+FAULT_KINDS: tuple[str, ...] = (
+    "500",
+    "502",
+    "503",
+    "504",
+    "timeout",
+    "reset",
+    "truncated",
+    "html",
+    "no_usage",
+    "empty_choices",
+    "stream_cut",
+    "429",
+)
+
+#: Models listed by `GET /v1/models` when `allowed_models` is not set.
+DEFAULT_MODELS: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
+
+
+def _is_number(value: object) -> bool:
+    # bool is a subclass of int, but `latency_ms = true` is a mistake, not 1.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _normalize_faults(faults: object) -> dict[str, float]:
+    """Check a fault table and return it with string keys ("503", not 503)."""
+    if not isinstance(faults, Mapping):
+        raise ValueError(f"mock faults must be a table of fault kind -> probability, got {type(faults).__name__}")
+    normalized: dict[str, float] = {}
+    for raw_kind, prob in faults.items():
+        # TOML keys are strings, but a Python caller may well write {503: 0.1}.
+        kind = str(raw_kind) if _is_int(raw_kind) or isinstance(raw_kind, str) else None
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown mock fault kind {raw_kind!r} (known: {', '.join(FAULT_KINDS)})")
+        if not _is_number(prob) or not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"mock fault probability for {kind!r} must be a number in [0, 1], got {prob!r}")
+        normalized[kind] = float(prob)
+    total = sum(normalized.values())
+    # At most one fault is drawn per request, so the probabilities share one draw.
+    if total > 1.0 + 1e-9:
+        raise ValueError(
+            f"mock fault probabilities add up to {total:g}; at most one fault is drawn "
+            "per request, so their sum must be at most 1"
+        )
+    return normalized
+
+
+@dataclass
+class MockConfig:
+    """How the simulated endpoint behaves. Every field has a harmless default.
+
+    `faults` maps a fault kind (see `FAULT_KINDS`) to its probability per
+    request; at most one fault is drawn per request from a generator seeded by
+    `seed`, which also seeds the latency and the generated content.
+    """
+
+    seed: int = 0
+    #: requests per minute; None = unlimited
+    rpm: int | None = None
+    #: tokens per minute (prompt + completion of each request); None = unlimited
+    tpm: int | None = None
+    #: mean added latency; the actual one is uniform in [0.5x, 1.5x]
+    latency_ms: float = 0.0
+    faults: dict[str, float] = field(default_factory=dict)
+    #: how long a "timeout" fault hangs before closing the connection
+    hang_seconds: float = 600.0
+    #: the wait an injected "429" fault asks for (Retry-After, and retry-after-ms exactly)
+    fault_retry_after_ms: int = 1000
+    #: None: any non-empty Bearer key is accepted; else only this exact key
+    api_key: str | None = None
+    #: None: every model is allowed; else the others get 403
+    allowed_models: list[str] | None = None
+    #: prompt_tokens + max_tokens above this is a 400 context_length_exceeded
+    max_context_tokens: int = 16384
+    #: once this many tokens have been served in total, 429 insufficient_quota
+    quota_tokens: int | None = None
+    min_completion_tokens: int = 4
+    max_completion_tokens: int = 48
+    #: send x-ratelimit-* headers for the limits that are set
+    ratelimit_headers: bool = True
+
+    def __post_init__(self) -> None:
+        self.faults = _normalize_faults(self.faults)
+        if not _is_int(self.seed):
+            raise ValueError(f"mock seed must be an integer, got {self.seed!r}")
+        for name in ("rpm", "tpm", "quota_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"mock {name} must be a positive integer, got {value!r}")
+        for name in ("latency_ms", "hang_seconds"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"mock {name} must be a number >= 0, got {value!r}")
+        if not _is_int(self.fault_retry_after_ms) or self.fault_retry_after_ms < 0:
+            raise ValueError(f"mock fault_retry_after_ms must be an integer >= 0, got {self.fault_retry_after_ms!r}")
+        for name in ("max_context_tokens", "min_completion_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"mock {name} must be an integer >= 1, got {value!r}")
+        if self.min_completion_tokens > self.max_completion_tokens:
+            raise ValueError(
+                "mock min_completion_tokens must not exceed max_completion_tokens "
+                f"({self.min_completion_tokens} > {self.max_completion_tokens})"
+            )
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            # Never put the value in the message: it may be a real key.
+            raise ValueError("mock api_key must be a non-empty string or unset")
+        if self.allowed_models is not None and (
+            not isinstance(self.allowed_models, list) or not all(isinstance(m, str) and m for m in self.allowed_models)
+        ):
+            raise ValueError(f"mock allowed_models must be a list of model names, got {self.allowed_models!r}")
+        if not isinstance(self.ratelimit_headers, bool):
+            raise ValueError(f"mock ratelimit_headers must be true or false, got {self.ratelimit_headers!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MockConfig:
+        """Build a config from a `[mock]` TOML table.
+
+        Raises ValueError naming the key for an unknown key, and with a clear
+        message for a bad value (a fault kind that does not exist, a
+        probability outside [0, 1], ...).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"unknown key in [mock]: {key!r} (known: {', '.join(sorted(known))})")
+        return cls(**dict(d))
+
+
+@dataclass
+class MockStats:
+    """What the simulated endpoint has seen and answered so far (live counters).
+
+    `by_status` counts complete HTTP responses by status. Faults that leave no
+    complete response (timeout, reset, stream_cut) are counted only in
+    `faults_injected`, which counts every injected fault by kind. A completion
+    counts in `completions`, the token totals and `completed_keys` once the
+    server has accepted it (past the limits) and means to deliver it in full
+    (no fault, or `no_usage`), even if its client then hangs up; the other
+    faults model an infrastructure failure and are not counted as paid.
+    """
+
+    #: every POST to a chat completions route
+    requests: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    faults_injected: dict[str, int] = field(default_factory=dict)
+    #: successful completions served
+    completions: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: successful completions per request identity (sha256 of model + messages)
+    completed_keys: dict[str, int] = field(default_factory=dict)
+    #: requests being handled right now, and the peak of that number
+    in_flight: int = 0
+    max_in_flight: int = 0
+    #: 429s sent because a rate limit was reached (quota 429s are not included)
+    rate_limited: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens served so far (what the quota counts)."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def duplicates(self) -> int:
+        """Completions paid for more than once: the sum over identities of count - 1."""
+        return sum(max(0, count - 1) for count in self.completed_keys.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy, with `duplicates` and `total_tokens` added."""
+        data = dataclasses.asdict(self)
+        # JSON object keys are strings; say so here rather than let json.dumps do it silently.
+        data["by_status"] = {str(k): v for k, v in sorted(self.by_status.items())}
+        data["duplicates"] = self.duplicates()
+        data["total_tokens"] = self.total_tokens
+        return data

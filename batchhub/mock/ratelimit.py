@@ -1,0 +1,126 @@
+"""The simulated endpoint's rate limits: two token buckets, as OpenAI describes them.
+
+Each limit (requests per minute, tokens per minute) is a bucket holding up to
+`limit` units, starting full and refilling continuously at `limit / 60` per
+second. A request is admitted only if every bucket holds its cost, and is then
+charged to all of them; a refused request is not charged. The clock is passed
+in so that tests can move time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's `x-ratelimit-reset-*` format: "120ms", "1s", "8.64s", "6m0s", "1h2m3s"."""
+    # Work in whole milliseconds, rounded up, so "59.9996s" cannot print as "60s".
+    total_ms = max(0, math.ceil(seconds * 1000 - 1e-9))
+    if total_ms == 0:
+        return "0s"
+    if total_ms < 1000:
+        return f"{total_ms}ms"
+    hours, rest_ms = divmod(total_ms, 3_600_000)
+    minutes, rest_ms = divmod(rest_ms, 60_000)
+    secs = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+class TokenBucket:
+    """A continuously refilling bucket of `limit` units per minute."""
+
+    def __init__(self, limit: int, clock: Clock) -> None:
+        self.limit = limit
+        self._rate = limit / 60.0
+        self._level = float(limit)
+        self._clock = clock
+        self._updated = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(float(self.limit), self._level + (now - self._updated) * self._rate)
+        self._updated = now
+
+    @property
+    def level(self) -> float:
+        """Units available now."""
+        self._refill()
+        return self._level
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` units are available: 0 if they are, inf if never."""
+        if amount > self.limit:
+            return math.inf
+        missing = amount - self.level
+        # Tolerate float dust from continuous refill: 0.9999999999 of 1 is 1.
+        return 0.0 if missing <= 1e-9 else missing / self._rate
+
+    def take(self, amount: float) -> None:
+        """Charge `amount` units (the caller has checked they are there)."""
+        self._refill()
+        self._level -= amount
+
+    def time_to_full(self) -> float:
+        """Seconds until the bucket is full again (the `x-ratelimit-reset-*` value)."""
+        return (self.limit - self.level) / self._rate
+
+
+@dataclass(frozen=True)
+class Denial:
+    """Why a request was refused: which limit, and how long until it would fit."""
+
+    kind: str  # "requests" or "tokens", as in OpenAI's error `type`
+    limit: int
+    used: int
+    requested: int
+    #: seconds until the request fits; inf when it never can (larger than the limit)
+    wait: float
+
+
+class RateLimits:
+    """The requests and tokens buckets of one endpoint; either may be absent."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Clock) -> None:
+        self.requests = TokenBucket(rpm, clock) if rpm is not None else None
+        self.tokens = TokenBucket(tpm, clock) if tpm is not None else None
+
+    def try_acquire(self, tokens: int) -> Denial | None:
+        """Charge one request costing `tokens` tokens, or say why it is refused.
+
+        When both limits refuse, the one with the longer wait is reported, so
+        that its Retry-After is enough for the request to pass.
+        """
+        denials: list[Denial] = []
+        for kind, bucket, cost in (("requests", self.requests, 1), ("tokens", self.tokens, tokens)):
+            if bucket is None:
+                continue
+            wait = bucket.wait_for(cost)
+            if wait > 0:
+                used = round(bucket.limit - bucket.level)
+                denials.append(Denial(kind, bucket.limit, used, cost, wait))
+        if denials:
+            return max(denials, key=lambda d: d.wait)
+        if self.requests is not None:
+            self.requests.take(1)
+        if self.tokens is not None:
+            self.tokens.take(tokens)
+        return None
+
+    def headers(self) -> dict[str, str]:
+        """The `x-ratelimit-*` headers describing the buckets now."""
+        headers: dict[str, str] = {}
+        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            if bucket is None:
+                continue
+            headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
+            headers[f"x-ratelimit-reset-{kind}"] = format_duration(bucket.time_to_full())
+        return headers

@@ -1,0 +1,242 @@
+"""Whole jobs against the simulator on 127.0.0.1: results, resume, failure policy, export, status."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from batchhub import arun_job, export_job, job_status
+from batchhub.errors import JobStateError, UsageError
+from batchhub.mock import MockConfig, MockServer
+from batchhub.spec import JobSpec
+
+
+@pytest.fixture
+async def mock_server():
+    servers: list[MockServer] = []
+
+    async def start(**config) -> MockServer:
+        server = MockServer(MockConfig(**config))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+def write_prompts(path: Path, n: int, **extra_columns) -> Path:
+    df = pd.DataFrame({"id": range(n), "prompt": [f"Tell me fact number {i} about owls." for i in range(n)], **extra_columns})
+    df.to_csv(path, index=False)
+    return path
+
+
+def make_spec(tmp_path: Path, server: MockServer, n: int = 50, **kw) -> JobSpec:
+    data = kw.pop("input", None) or write_prompts(tmp_path / "in.csv", n)
+    kw.setdefault("model", "gpt-test")
+    kw.setdefault("api_key", "sk-test-key")
+    kw.setdefault("concurrency", 8)
+    kw.setdefault("backoff_base", 0.01)  # keep retry waits tiny
+    return JobSpec(input=data, job_dir=tmp_path / "job", base_url=server.base_url, quiet=True, **kw)
+
+
+async def test_whole_job_every_row_once_and_export_in_input_order(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(seed=3, latency_ms=2)
+    spec = make_spec(tmp_path, server, n=120, flush_rows=25, max_tokens=30)
+    summary = await arun_job(spec, progress=False)
+    assert (summary.ok, summary.failed, summary.pending, summary.exit_code) == (120, 0, 0, 0)
+    assert summary.http_requests == 120
+    assert server.stats.completions == 120
+    shards = list((tmp_path / "job" / "results").glob("part-*.parquet"))
+    assert len(shards) >= 4  # flushed every 25 rows, not only at the end
+    assert not list((tmp_path / "job").glob("journal-*.jsonl"))  # all compacted at the end
+    out = tmp_path / "out.parquet"
+    assert export_job(tmp_path / "job", out) == 120
+    df = pd.read_parquet(out)
+    assert df["id"].tolist() == list(range(120))
+    assert df["row_id"].tolist() == list(range(120))
+    assert set(df["status"]) == {"ok"}
+    assert (df["prompt_tokens"] + df["completion_tokens"] == df["total_tokens"]).all()
+    assert df["finish_reason"].isin(["stop", "length"]).all()
+    assert int(df["total_tokens"].sum()) == server.stats.prompt_tokens + server.stats.completion_tokens
+    st = job_status(tmp_path / "job")
+    assert (st.ok, st.failed, st.pending, st.total_rows) == (120, 0, 0, 120)
+    assert st.total_tokens == int(df["total_tokens"].sum())
+
+
+async def test_stream_gives_same_content_as_plain(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(seed=5)
+    plain = await arun_job(make_spec(tmp_path, server, n=20), progress=False)
+    assert plain.ok == 20
+    stream_spec = make_spec(tmp_path, server, n=20, stream=True)
+    stream_spec.job_dir = tmp_path / "job-stream"
+    streamed = await arun_job(stream_spec, progress=False)
+    assert streamed.ok == 20
+    a = pq.read_table(tmp_path / "job" / "results").to_pandas().sort_values("row_id")
+    b = pq.read_table(tmp_path / "job-stream" / "results").to_pandas().sort_values("row_id")
+    assert a["content"].tolist() == b["content"].tolist()
+    assert a["total_tokens"].tolist() == b["total_tokens"].tolist()  # usage asked for in the stream
+
+
+async def test_rerun_resumes_sending_nothing_twice(tmp_path: Path, mock_server) -> None:
+    server = await mock_server()
+    spec = make_spec(tmp_path, server, n=30)
+    await arun_job(spec, progress=False)
+    again = await arun_job(spec, progress=False)
+    assert again.http_requests == 0 and again.ok == 30
+    assert server.stats.completions == 30
+
+
+async def test_400_row_fails_alone_and_retry_failed_resends_only_it(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(max_context_tokens=200)
+    prompts = [f"short prompt {i}" for i in range(10)]
+    prompts[4] = "word " * 500  # over the simulator's context window
+    path = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
+    spec = make_spec(tmp_path, server, input=path)
+    summary = await arun_job(spec, progress=False)
+    assert (summary.ok, summary.failed, summary.exit_code) == (9, 1, 1)
+    assert summary.http_requests == 10  # a 400 is not retried
+    row = pq.read_table(tmp_path / "job" / "results").to_pandas().set_index("row_id").loc[4]
+    assert row["status"] == "error" and row["http_status"] == 400 and row["error_type"] == "invalid_request"
+    assert "context" in row["error_message"]
+    spec.retry_failed = True
+    again = await arun_job(spec, progress=False)
+    assert again.http_requests == 1 and again.failed == 1
+
+
+async def test_5xx_and_garbage_are_retried_until_ok(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(seed=11, faults={"503": 0.2, "500": 0.1, "html": 0.05, "truncated": 0.05, "reset": 0.05})
+    spec = make_spec(tmp_path, server, n=60, max_attempts=12)
+    summary = await arun_job(spec, progress=False, rng=__import__("random").Random(0))
+    assert (summary.ok, summary.failed) == (60, 0)
+    assert summary.retries > 0
+    assert summary.http_requests == 60 + summary.retries
+
+
+async def test_failures_past_max_attempts_are_recorded(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(faults={"503": 1.0})
+    summary = await arun_job(make_spec(tmp_path, server, n=3, max_attempts=2), progress=False)
+    assert (summary.ok, summary.failed, summary.exit_code) == (0, 3, 1)
+    assert server.stats.requests == 6
+    df = pq.read_table(tmp_path / "job" / "results").to_pandas()
+    assert set(df["error_type"]) == {"server_error"} and set(df["attempts"]) == {2}
+
+
+async def test_401_aborts_fast_and_resumable(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(api_key="sk-right-key")
+    spec = make_spec(tmp_path, server, n=500, api_key="sk-wrong-key", concurrency=4)
+    started = time.monotonic()
+    summary = await arun_job(spec, progress=False)
+    assert time.monotonic() - started < 5
+    assert summary.exit_code == 3 and summary.stopped == "fatal"
+    assert "API key" in (summary.message or "")
+    assert summary.pending == 500  # nothing recorded as failed: fix the key and run again
+    assert server.stats.requests <= 8
+    spec.api_key = "sk-right-key"
+    done = await arun_job(spec, progress=False)
+    assert done.ok == 500
+
+
+async def test_403_names_the_model(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(allowed_models=["small-model"])
+    summary = await arun_job(make_spec(tmp_path, server, n=20, model="big-model"), progress=False)
+    assert summary.exit_code == 3 and "big-model" in (summary.message or "")
+
+
+async def test_insufficient_quota_stops_instead_of_retrying(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(quota_tokens=500)
+    summary = await arun_job(make_spec(tmp_path, server, n=200, concurrency=2), progress=False)
+    assert summary.exit_code == 3 and summary.stopped == "fatal"
+    assert "quota" in (summary.message or "")
+    assert summary.rate_limited == 0
+    assert 0 < summary.ok < 200
+
+
+async def test_rate_limit_storm_completes_without_using_up_attempts(tmp_path: Path, mock_server) -> None:
+    # half of all requests are refused with a 429 (retry-after 20 ms); one failure attempt per row
+    server = await mock_server(seed=2, faults={"429": 0.5}, fault_retry_after_ms=20)
+    spec = make_spec(tmp_path, server, n=200, concurrency=16, max_attempts=1)
+    summary = await arun_job(spec, progress=False)
+    assert (summary.ok, summary.failed) == (200, 0)
+    assert server.stats.rate_limited > 100
+    assert summary.rate_limited == server.stats.rate_limited
+    assert summary.http_requests == 200 + summary.rate_limited
+    df = pq.read_table(tmp_path / "job" / "results").to_pandas()
+    assert df["rate_limit_retries"].sum() == summary.rate_limited
+    assert set(df["attempts"] - df["rate_limit_retries"]) == {1}
+
+
+async def test_rate_limit_retries_have_their_own_bound(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(faults={"429": 1.0}, fault_retry_after_ms=1)
+    summary = await arun_job(make_spec(tmp_path, server, n=3, max_rate_limit_retries=4), progress=False)
+    assert (summary.ok, summary.failed) == (0, 3)
+    df = pq.read_table(tmp_path / "job" / "results").to_pandas()
+    assert set(df["error_type"]) == {"rate_limited"} and set(df["attempts"]) == {5}
+
+
+async def test_limit_learned_from_headers_avoids_429s(tmp_path: Path, mock_server) -> None:
+    # the server allows 1,200 requests a minute (a full bucket, then 20/s); the job is not told,
+    # reads x-ratelimit-* headers and paces itself instead of running into 429s
+    server = await mock_server(rpm=1200, latency_ms=1)
+    started = time.monotonic()
+    summary = await arun_job(make_spec(tmp_path, server, n=1230, concurrency=16), progress=False)
+    assert (summary.ok, summary.failed) == (1230, 0)
+    assert server.stats.rate_limited == 0
+    assert time.monotonic() - started >= 1.2  # the last 30 rows waited for the bucket to refill
+
+
+async def test_changed_input_and_changed_settings_are_refused(tmp_path: Path, mock_server) -> None:
+    server = await mock_server()
+    spec = make_spec(tmp_path, server, n=10)
+    await arun_job(spec, progress=False)
+    other = make_spec(tmp_path, server, n=10, model="another-model")
+    with pytest.raises(JobStateError, match="request settings differ.*model"):
+        await arun_job(other, progress=False)
+    write_prompts(tmp_path / "in.csv", 11)
+    with pytest.raises(JobStateError, match="has changed"):
+        await arun_job(spec, progress=False)
+    spec.force = True
+    forced = await arun_job(spec, progress=False)
+    assert forced.total_rows == 11 and forced.ok == 11 and forced.http_requests == 1
+
+
+async def test_null_prompts_fail_without_being_sent(tmp_path: Path, mock_server) -> None:
+    server = await mock_server()
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in ["a", None, "", "b"]) + "\n")
+    summary = await arun_job(make_spec(tmp_path, server, input=path), progress=False)
+    assert (summary.ok, summary.failed) == (2, 2)
+    assert server.stats.requests == 2
+
+
+async def test_no_api_key_for_a_real_endpoint_is_a_usage_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("BATCHHUB_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    spec = JobSpec(input=write_prompts(tmp_path / "in.csv", 3), model="m", job_dir=tmp_path / "job")
+    with pytest.raises(UsageError, match="no API key"):
+        await arun_job(spec)
+    assert not (tmp_path / "job").exists()
+
+
+async def test_key_reaches_no_file(tmp_path: Path, mock_server) -> None:
+    key = "sk-SECRET-canary-7f3a9c1e5b"
+    server = await mock_server(api_key=key, faults={"503": 0.2, "html": 0.1}, max_context_tokens=60)
+    prompts = [f"p {i}" for i in range(30)] + ["long " * 200]
+    path = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
+    spec = make_spec(tmp_path, server, input=path, api_key=key, max_attempts=2, flush_rows=7)
+    await arun_job(spec, progress=False)
+    bad = make_spec(tmp_path, server, input=path, api_key=key + "-wrong")
+    bad.job_dir = tmp_path / "job2"
+    await arun_job(bad, progress=False)
+    export_job(tmp_path / "job", tmp_path / "out.csv")
+    for file in tmp_path.rglob("*"):
+        if file.is_file():
+            assert key.encode() not in file.read_bytes(), file
