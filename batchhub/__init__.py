@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
-from batchhub.errors import (  # noqa: E402
+from batchhub.errors import (
     APIError,
     AuthenticationError,
     BatchhubError,
@@ -27,7 +27,7 @@ from batchhub.errors import (  # noqa: E402
     RateLimitError,
     UsageError,
 )
-from batchhub.spec import JobSpec, load_spec  # noqa: E402
+from batchhub.spec import JobSpec, load_spec
 
 # The heavier parts (pyarrow, aiohttp, pandas) load on first use, so `batchhub --help`
 # and `import batchhub.errors` stay fast.
@@ -48,6 +48,7 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
 
 if TYPE_CHECKING:
     from batchhub.export import export_job

@@ -7,6 +7,7 @@ Library errors become one line on stderr and the exit code of DESIGN.md:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shlex
 import signal
@@ -50,9 +51,16 @@ def main() -> None:
 @click.option("--prompt-column", help="Column holding the prompt text (default: prompt).")
 @click.option("--messages-column", help="Column holding a list of chat messages (or its JSON text).")
 @click.option("--system", help="System message put before every prompt.")
-@click.option("--param-column", "param_columns", multiple=True, metavar="PARAM=COLUMN",
-              help="Let a column set model, temperature, max_tokens, stop or user per row. Repeatable.")
-@click.option("--base-url", help="API base URL (default: $BATCHHUB_BASE_URL, $OPENAI_BASE_URL, then https://ai-tokenhub.com/v1).")
+@click.option(
+    "--param-column",
+    "param_columns",
+    multiple=True,
+    metavar="PARAM=COLUMN",
+    help="Let a column set model, temperature, max_tokens, stop or user per row. Repeatable.",
+)
+@click.option(
+    "--base-url", help="API base URL (default: $BATCHHUB_BASE_URL, $OPENAI_BASE_URL, then https://ai-tokenhub.com/v1)."
+)
 @click.option("--api-key", help="API key (prefer $BATCHHUB_API_KEY: a flag is visible to other users of the machine).")
 @click.option("--job-dir", type=click.Path(path_type=Path), help="Where the job keeps its state (default: jobs/NAME).")
 @click.option("--concurrency", type=int, help="Requests in flight at once (default 32).")
@@ -70,7 +78,9 @@ def main() -> None:
 @click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000).")
 @click.option("--flush-seconds", type=float, help="... or every T seconds (default 30).")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar.")
-@click.option("--mock", is_flag=True, default=False, help="Send to the built-in simulated endpoint (no key, no network).")
+@click.option(
+    "--mock", is_flag=True, default=False, help="Send to the built-in simulated endpoint (no key, no network)."
+)
 def run(input_or_spec: Path, **options: Any) -> None:
     """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
 
@@ -93,10 +103,9 @@ def run(input_or_spec: Path, **options: Any) -> None:
     async def go() -> Any:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # not possible off the main thread or on some platforms: Ctrl-C then simply ends the process
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, job.request_stop)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread / platform
-                pass
         return await job.run()
 
     try:
@@ -180,7 +189,10 @@ def status(job_dir: Path, as_json: bool) -> None:
     pct = 100.0 * done / st.total_rows if st.total_rows else 0.0
     click.echo(f"job      {st.job_dir}  ({st.state})")
     click.echo(f"input    {st.input}")
-    click.echo(f"rows     {st.total_rows:,} total: {st.ok:,} ok, {st.failed:,} failed, {st.pending:,} pending ({pct:.1f}% done)")
+    click.echo(
+        f"rows     {st.total_rows:,} total: {st.ok:,} ok, {st.failed:,} failed, "
+        f"{st.pending:,} pending ({pct:.1f}% done)"
+    )
     if st.errors_by_type:
         click.echo("errors   " + ", ".join(f"{k} {v:,}" for k, v in st.errors_by_type.items()))
     if st.finish_reasons:
@@ -202,8 +214,15 @@ def _job_dir_arg(path: Path) -> Path:
 
 @main.command()
 @click.argument("job_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .parquet, .csv or .jsonl.")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), help="Output format (default: from the extension).")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .parquet, .csv or .jsonl."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["parquet", "csv", "jsonl"]),
+    help="Output format (default: from the extension).",
+)
 @click.option("--force", is_flag=True, help="Export even if the input file changed since the job ran.")
 def export(job_dir: Path, output: Path, fmt: str | None, force: bool) -> None:
     """Write one file in input order: the input columns and the result columns."""
@@ -223,14 +242,23 @@ def export(job_dir: Path, output: Path, fmt: str | None, force: bool) -> None:
 @click.option("--rpm", type=int, help="Requests per minute before answering 429.")
 @click.option("--tpm", type=int, help="Tokens per minute before answering 429.")
 @click.option("--latency-ms", type=float, default=0.0, help="Mean added latency per request.")
-@click.option("--error-rate", "error_rates", multiple=True, metavar="KIND=P",
-              help="Inject a fault with probability P: 500, 502, 503, 504, timeout, reset, truncated, html, "
-                   "no_usage, empty_choices, stream_cut. Repeatable.")
+@click.option(
+    "--error-rate",
+    "error_rates",
+    multiple=True,
+    metavar="KIND=P",
+    help="Inject a fault with probability P: 500, 502, 503, 504, timeout, reset, truncated, html, "
+    "no_usage, empty_choices, stream_cut. Repeatable.",
+)
 @click.option("--seed", type=int, default=0, help="Seed for content, latency and faults.")
 @click.option("--api-key", help="Accept only this key (default: any non-empty key).")
-@click.option("--allowed-model", "allowed_models", multiple=True, help="Models the key may use (default: all). Repeatable.")
+@click.option(
+    "--allowed-model", "allowed_models", multiple=True, help="Models the key may use (default: all). Repeatable."
+)
 @click.option("--hang-seconds", type=float, help="How long a 'timeout' fault hangs.")
-def mock_server(error_rates: tuple[str, ...], allowed_models: tuple[str, ...], host: str, port: int, **options: Any) -> None:
+def mock_server(
+    error_rates: tuple[str, ...], allowed_models: tuple[str, ...], host: str, port: int, **options: Any
+) -> None:
     """Serve the simulated Chat Completions endpoint (rate limits, faults, streaming) until Ctrl-C."""
     from batchhub.mock import MockConfig, serve_forever
 
@@ -252,7 +280,5 @@ def mock_server(error_rates: tuple[str, ...], allowed_models: tuple[str, ...], h
     def ready(url: str) -> None:
         click.echo(f"simulated endpoint listening on {url} (Ctrl-C to stop)", err=True)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(config, host, port, ready=ready))
-    except KeyboardInterrupt:
-        pass

@@ -11,7 +11,6 @@ The parsers (`parse_completion`, `SSEAccumulator`) are pure and raise only
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -230,7 +229,7 @@ class ChatClient:
                 completion.request_id = headers.get("x-request-id")
         except APIError:
             raise
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise TransportError(f"no complete response within {self._timeout_s:g}s (timeout)") from exc
         except aiohttp.ClientPayloadError as exc:
             raise TransportError(f"response body cut off: {type(exc).__name__}") from exc

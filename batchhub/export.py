@@ -51,7 +51,9 @@ def export_job(
             columns = [batch.column(i) for i in range(batch.num_columns)]
             names = [rename[name] for name in batch.schema.names]
             for name in EXPORT_RESULT_COLUMNS:
-                column = results[name].combine_chunks() if results.num_rows else pa.nulls(n, latest.schema.field(name).type)
+                column = (
+                    results[name].combine_chunks() if results.num_rows else pa.nulls(n, latest.schema.field(name).type)
+                )
                 if name == "row_id":
                     column = pa.array(np.arange(written, written + n, dtype=np.int64))
                 columns.append(column)

@@ -19,7 +19,9 @@ from batchhub import defaults
 class Progress:
     """Counts a job's events and shows them. `enabled=None` means: only on a terminal."""
 
-    def __init__(self, *, total: int, initial: int = 0, enabled: bool | None = None, file: IO[str] | None = None) -> None:
+    def __init__(
+        self, *, total: int, initial: int = 0, enabled: bool | None = None, file: IO[str] | None = None
+    ) -> None:
         self.file = file or sys.stderr
         if enabled is None:
             enabled = bool(getattr(self.file, "isatty", lambda: False)())

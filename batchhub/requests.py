@@ -127,7 +127,9 @@ class RequestBuilder:
                 raise InputError(f"{kind} {n!r} not in the data (columns: {', '.join(columns)}){hint}")
         for param, column in self._param_columns.items():
             if column not in available:
-                raise InputError(f"column {column!r} for per-row {param} not in the data (columns: {', '.join(columns)})")
+                raise InputError(
+                    f"column {column!r} for per-row {param} not in the data (columns: {', '.join(columns)})"
+                )
             if column not in needed:
                 needed.append(column)
         return needed
@@ -224,9 +226,7 @@ def _row_param(param: str, value: Any, column: str) -> Any:
             value = float(value) if isinstance(value, str) else value
             check_temperature(value)
         elif param == "max_tokens":
-            if isinstance(value, str):
-                value = int(value)
-            elif isinstance(value, float) and value.is_integer():
+            if isinstance(value, str) or (isinstance(value, float) and value.is_integer()):
                 value = int(value)
             check_max_tokens(value)
         elif param == "stop":

@@ -124,7 +124,7 @@ def backoff_delay(
     base: float = defaults.BACKOFF_BASE_S,
     cap: float = defaults.BACKOFF_CAP_S,
 ) -> float:
-    """Full-jitter exponential backoff for the `attempt`-th failure (1-based): uniform in [0, min(cap, base*2^(n-1))]."""
+    """Full-jitter backoff for the `attempt`-th failure (1-based): uniform in [0, min(cap, base * 2^(n-1))]."""
     ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
     return (rng or random).uniform(0, ceiling)
 

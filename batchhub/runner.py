@@ -131,7 +131,8 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
             changed = sorted(k for k in new_config if (old_config or {}).get(k) != new_config[k])
             raise JobStateError(
                 f"the request settings differ from the job in {store.dir} ({', '.join(changed)}); "
-                "resuming would mix results of two jobs. Use a new --job-dir, or --force to resume with the new settings"
+                "resuming would mix results of two jobs. "
+                "Use a new --job-dir, or --force to resume with the new settings"
             )
         n_rows = int(known.get("rows", 0))
         if known.get("fingerprint") != input_fp:
@@ -514,7 +515,9 @@ class Job:
             s.message = redact(str(self._fatal), self.p.api_key)
         elif self._write_error is not None:
             s.stopped = "write_error"
-            s.message = f"cannot write to the job directory {self.store.dir}: {self._write_error.strerror or self._write_error}"
+            s.message = (
+                f"cannot write to the job directory {self.store.dir}: {self._write_error.strerror or self._write_error}"
+            )
         elif self._stop_reason:
             s.stopped = self._stop_reason
         return s

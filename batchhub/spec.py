@@ -145,8 +145,7 @@ class JobSpec:
         unknown = set(self.param_columns) - set(ROW_PARAMS)
         if unknown:
             raise UsageError(
-                f"param_columns: {', '.join(sorted(unknown))} cannot be set per row "
-                f"(allowed: {', '.join(ROW_PARAMS)})"
+                f"param_columns: {', '.join(sorted(unknown))} cannot be set per row (allowed: {', '.join(ROW_PARAMS)})"
             )
         _positive_int("concurrency", self.concurrency)
         _positive_int("max_attempts", self.max_attempts)

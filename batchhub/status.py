@@ -41,7 +41,19 @@ def job_status(job_dir: str | Path) -> JobStatus:
     store = JobStore(job_dir)
     manifest = store.read_manifest()
     total = int(manifest.get("input", {}).get("rows", 0))
-    table = store.results(["row_id", "status", "error_type", "finish_reason", "model", "prompt_tokens", "completion_tokens", "total_tokens", "finished_at"])
+    table = store.results(
+        [
+            "row_id",
+            "status",
+            "error_type",
+            "finish_reason",
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "finished_at",
+        ]
+    )
     st = JobStatus(
         job_dir=str(store.dir),
         input=str(manifest.get("input", {}).get("path")),

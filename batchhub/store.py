@@ -142,7 +142,9 @@ class JobStore:
         except (OSError, ValueError) as exc:
             raise JobStateError(f"{self.manifest_path} cannot be read: {exc}") from exc
         if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-            raise JobStateError(f"{self.manifest_path}: unknown job format (this batchhub reads version {FORMAT_VERSION})")
+            raise JobStateError(
+                f"{self.manifest_path}: unknown job format (this batchhub reads version {FORMAT_VERSION})"
+            )
         return data
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:

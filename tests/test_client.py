@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -87,7 +86,13 @@ def sse(*events: Any, done: bool = True) -> bytes:
 
 def chunk(content: str | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
     delta = {} if content is None else {"content": content}
-    return {"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
 
 
 STREAM = sse(
@@ -95,7 +100,12 @@ STREAM = sse(
     chunk("Hel"),
     chunk("lo, wörld"),
     chunk(None, "stop"),
-    {"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}},
+    {
+        "id": "c1",
+        "model": "m",
+        "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+    },
 )
 
 
@@ -181,7 +191,7 @@ async def test_client_classifies_status(status, payload, headers, expected) -> N
 @pytest.mark.parametrize(
     "exc",
     [
-        asyncio.TimeoutError(),
+        TimeoutError(),
         aiohttp.ServerDisconnectedError(),
         aiohttp.ClientConnectionError("connection reset by peer"),
         aiohttp.ClientPayloadError("Response payload is not completed"),

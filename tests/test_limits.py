@@ -11,7 +11,18 @@ from batchhub.limits import RateLimits, parse_duration
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("1s", 1.0), ("6m0s", 360.0), ("120ms", 0.12), ("1h2m3.5s", 3723.5), ("2.5", 2.5), ("0s", 0.0), ("abc", None), ("5x", None), ("", None), (None, None)],
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("120ms", 0.12),
+        ("1h2m3.5s", 3723.5),
+        ("2.5", 2.5),
+        ("0s", 0.0),
+        ("abc", None),
+        ("5x", None),
+        ("", None),
+        (None, None),
+    ],
 )
 def test_parse_duration(text: str | None, seconds: float | None) -> None:
     assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
@@ -88,7 +99,11 @@ async def test_zero_remaining_without_a_limit_pauses_briefly() -> None:
 async def test_zero_remaining_with_a_limit_is_paced_by_the_bucket() -> None:
     limits = RateLimits(rpm=None, tpm=None)
     limits.observe_headers(
-        {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s"}
+        {
+            "x-ratelimit-limit-requests": "120",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1m0s",
+        }
     )
     assert not limits.cooling_down
     assert limits.requests is not None and not limits.requests.has_capacity(1)

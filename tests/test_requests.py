@@ -92,7 +92,9 @@ def test_messages_column_json_text_and_list() -> None:
     assert body(b, {"msgs": msgs})["messages"][1:] == msgs
 
 
-@pytest.mark.parametrize("value", ["not json", "[]", '[{"role": "wizard", "content": "x"}]', '[{"content": "x"}]', "{}"])
+@pytest.mark.parametrize(
+    "value", ["not json", "[]", '[{"role": "wizard", "content": "x"}]', '[{"content": "x"}]', "{}"]
+)
 def test_bad_messages_are_row_errors(value: str) -> None:
     with pytest.raises(RowError):
         RequestBuilder(spec(messages_column="m"), ["m"]).build({"m": value})
@@ -107,7 +109,16 @@ def test_per_row_params_override_and_empty_means_job_value() -> None:
     assert got["temperature"] == 0.5 and got["model"] == "m" and "max_tokens" not in got and "stop" not in got
 
 
-@pytest.mark.parametrize(("param", "value"), [("temperature", "3"), ("temperature", "hot"), ("max_tokens", "0"), ("max_tokens", "1.5"), ("stop", '["a","b","c","d","e"]')])
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("temperature", "3"),
+        ("temperature", "hot"),
+        ("max_tokens", "0"),
+        ("max_tokens", "1.5"),
+        ("stop", '["a","b","c","d","e"]'),
+    ],
+)
 def test_bad_per_row_params_are_row_errors(param: str, value: str) -> None:
     b = RequestBuilder(spec(param_columns={param: "c"}), ["prompt", "c"])
     with pytest.raises(RowError, match=param):
@@ -154,7 +165,7 @@ def test_spec_file_paths_relative_to_file_and_unknown_keys(tmp_path: Path) -> No
     assert s.resolved_job_dir() == tmp_path / "j"
     assert s.mock == {"rpm": 5}
     (tmp_path / "bad.toml").write_text('input = "x.csv"\nmodle = "m"\n')
-    with pytest.raises(UsageError, match="unknown setting.*modle"):
+    with pytest.raises(UsageError, match=r"unknown setting.*modle"):
         load_spec(tmp_path / "bad.toml")
     (tmp_path / "broken.toml").write_text("input = \n")
     with pytest.raises(UsageError, match="not valid TOML"):

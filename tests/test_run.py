@@ -32,7 +32,9 @@ async def mock_server():
 
 
 def write_prompts(path: Path, n: int, **extra_columns) -> Path:
-    df = pd.DataFrame({"id": range(n), "prompt": [f"Tell me fact number {i} about owls." for i in range(n)], **extra_columns})
+    df = pd.DataFrame(
+        {"id": range(n), "prompt": [f"Tell me fact number {i} about owls." for i in range(n)], **extra_columns}
+    )
     df.to_csv(path, index=False)
     return path
 
@@ -197,7 +199,7 @@ async def test_changed_input_and_changed_settings_are_refused(tmp_path: Path, mo
     spec = make_spec(tmp_path, server, n=10)
     await arun_job(spec, progress=False)
     other = make_spec(tmp_path, server, n=10, model="another-model")
-    with pytest.raises(JobStateError, match="request settings differ.*model"):
+    with pytest.raises(JobStateError, match=r"request settings differ.*model"):
         await arun_job(other, progress=False)
     write_prompts(tmp_path / "in.csv", 11)
     with pytest.raises(JobStateError, match="has changed"):

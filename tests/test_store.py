@@ -13,8 +13,17 @@ from batchhub.store import FORMAT_VERSION, RESULT_SCHEMA, STATE_ERROR, STATE_NON
 
 
 def result(store: JobStore, row_id: int, status: str = "ok", **kw) -> dict:
-    row = {"row_id": row_id, "status": status, "content": f"c{row_id}", "prompt_tokens": 3, "completion_tokens": 2,
-           "total_tokens": 5, "finished_at": 1_700_000_000.0 + row_id, "seq": store.next_seq(), **kw}
+    row = {
+        "row_id": row_id,
+        "status": status,
+        "content": f"c{row_id}",
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "finished_at": 1_700_000_000.0 + row_id,
+        "seq": store.next_seq(),
+        **kw,
+    }
     store.append(row)
     return row
 

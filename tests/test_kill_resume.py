@@ -1,0 +1,166 @@
+"""A job in a real subprocess, killed hard (SIGKILL) or stopped (SIGINT), then resumed.
+
+The simulator runs in its own process too, so it counts across the job's
+restarts how many completions were paid for more than once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+CONCURRENCY = 8
+ROWS = 600
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("BATCHHUB_API_KEY", None)
+    return env
+
+
+@pytest.fixture
+def simulator() -> Iterator[str]:
+    """`batchhub mock-server` on a free port of 127.0.0.1, with some latency; yields its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", "--latency-ms", "25", "--seed", "4"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # blocks until the server says where it listens
+        assert "listening on" in line, line
+        yield line.split("listening on ")[1].split()[0]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def stats(base_url: str) -> dict:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/mock/stats", timeout=5) as resp:
+        return json.load(resp)
+
+
+def results_on_disk(job: Path) -> int:
+    """Results a reader sees now: journal lines plus shard rows."""
+    n = 0
+    for seg in job.glob("journal-*.jsonl"):
+        n += seg.read_bytes().count(b"\n")
+    for shard in (job / "results").glob("part-*.parquet"):
+        import pyarrow.parquet as pq
+
+        n += pq.read_metadata(shard).num_rows
+    return n
+
+
+def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "batchhub",
+            "run",
+            str(tmp_path / "in.csv"),
+            "--model",
+            "m",
+            "--base-url",
+            base_url,
+            "--api-key",
+            "sk-kill-test",
+            "--job-dir",
+            str(tmp_path / "job"),
+            "--concurrency",
+            str(CONCURRENCY),
+            "--flush-rows",
+            "50",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+
+
+def wait_for_results(job: Path, at_least: int, proc: subprocess.Popen, deadline_s: float = 60) -> None:
+    """Wait until the job has written at least this many results (or ended)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if results_on_disk(job) >= at_least:
+                return
+        except (OSError, ValueError):
+            pass  # a shard being renamed in place; look again
+        time.sleep(0.02)
+    raise AssertionError(f"the job did not reach {at_least} results (exit {proc.poll()})")
+
+
+def write_input(tmp_path: Path) -> None:
+    pd.DataFrame({"prompt": [f"row {i}: say something about the sea" for i in range(ROWS)]}).to_csv(
+        tmp_path / "in.csv", index=False
+    )
+
+
+def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, simulator: str) -> None:
+    write_input(tmp_path)
+    job = tmp_path / "job"
+    kills = 0
+    for target in (60, 210, 380):
+        proc = start_job(tmp_path, simulator)
+        wait_for_results(job, target, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        kills += 1
+    final = start_job(tmp_path, simulator)
+    _, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err
+    export = tmp_path / "out.parquet"
+    subprocess.run([sys.executable, "-m", "batchhub", "export", str(job), "-o", str(export)], check=True, env=_env())
+    df = pd.read_parquet(export)
+    assert df["row_id"].tolist() == list(range(ROWS))
+    assert (df["status"] == "ok").all()
+    s = stats(simulator)
+    # every row was paid for at least once; a kill can re-pay at most the requests in flight
+    assert len(s["completed_keys"]) == ROWS
+    assert s["duplicates"] <= kills * CONCURRENCY, s["duplicates"]
+
+
+def test_sigint_stops_gracefully_prints_resume_and_repays_nothing(tmp_path: Path, simulator: str) -> None:
+    write_input(tmp_path)
+    job = tmp_path / "job"
+    proc = start_job(tmp_path, simulator)
+    wait_for_results(job, 100, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, err
+    assert "resume with: batchhub run" in err
+    assert "sk-kill-test" not in err + out
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "batchhub", "status", str(job), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=_env(),
+        ).stdout
+    )
+    assert status["ok"] >= 100 and status["pending"] > 0 and status["state"] == "stopped"
+    final = start_job(tmp_path, simulator)
+    _, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err
+    s = stats(simulator)
+    assert len(s["completed_keys"]) == ROWS
+    assert s["duplicates"] == 0  # in-flight requests were finished and recorded, queued ones never sent
