@@ -39,7 +39,6 @@ def export_job(
     latest = store.latest_results()
     result_ids = latest["row_id"].to_numpy() if latest.num_rows else np.zeros(0, dtype=np.int64)
     latest = latest.select(list(EXPORT_RESULT_COLUMNS))
-    rename = {c: f"input_{c}" if c in EXPORT_RESULT_COLUMNS else c for c in source.columns}
     written = 0
     with OutputWriter(output, format) as writer:
         for batch in source.iter_batches():
@@ -49,7 +48,7 @@ def export_job(
             take[result_ids[lo:hi] - written] = np.arange(lo, hi)
             results = latest.take(pa.array(take, mask=take < 0))
             columns = [batch.column(i) for i in range(batch.num_columns)]
-            names = [rename[name] for name in batch.schema.names]
+            names = [f"input_{name}" if name in EXPORT_RESULT_COLUMNS else name for name in batch.schema.names]
             for name in EXPORT_RESULT_COLUMNS:
                 column = (
                     results[name].combine_chunks() if results.num_rows else pa.nulls(n, latest.schema.field(name).type)

@@ -1,0 +1,564 @@
+"""Read input files in batches; write export files atomically.
+
+Inputs are CSV/TSV, Parquet and JSON Lines files; CSV, TSV and JSON Lines may be
+gzipped. :func:`open_input` looks only at the start of a file (its format, the
+CSV header, the Parquet footer, a sample of JSON Lines) and returns an
+:class:`InputSource`, whose iterators stream the rest a batch at a time, so a
+file of millions of rows is never held in memory. Every problem with an input
+file is an :class:`~batchhub.errors.InputError` whose one-line message names it.
+
+:class:`OutputWriter` writes an export (Parquet, CSV/TSV, JSON Lines) to a
+temporary file beside the target and renames it into place only once all of it
+is written and on disk, so a failed export never leaves a partial file under
+the target's name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import closing, suppress
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from types import TracebackType
+from typing import Any, get_args
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from batchhub import _formats
+from batchhub._formats import READ_ERRORS, Compression, Format, reason
+from batchhub.errors import InputError, UsageError
+
+__all__ = [
+    "Format",
+    "InputSource",
+    "OutputWriter",
+    "detect_format",
+    "fingerprint",
+    "open_input",
+    "output_format_for",
+]
+
+# The JSON Lines columns open_input reports come from this many rows, so that
+# opening stays instant; iter_batches still sees every key in the file.
+JSONL_SAMPLE_ROWS = 1000
+FINGERPRINT_CHUNK = 1024 * 1024
+# A row group is written once this many rows, or bytes, are buffered: one row
+# group per incoming batch would make files slow to scan, one per file would
+# hold the whole export in memory.
+PARQUET_ROW_GROUP_ROWS = 1_000_000
+PARQUET_ROW_GROUP_BYTES = 64 * 1024 * 1024
+PARQUET_COMPRESSION = "zstd"
+# Level 9 (the zlib default) costs about twice the time of 6 for a few percent.
+GZIP_LEVEL = 6
+_TEXT_OUTPUTS: dict[str, Format] = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_SUPPORTED_OUTPUTS = ".parquet, .csv, .tsv, .jsonl, .ndjson (text formats optionally .gz)"
+
+
+def detect_format(path: str | Path) -> Format:
+    """The format of an input file: by content where it can be told, else by extension.
+
+    A file that starts and ends with the Parquet magic is Parquet whatever its
+    name; a .csv/.tsv file whose first line is a JSON object is JSON Lines. Other
+    files go by extension: .csv and .tsv are CSV, .jsonl, .ndjson and .json are
+    JSON Lines, each optionally gzipped (.gz). Raises InputError for a missing,
+    empty or unreadable file, a .parquet file without the magic, or an unknown
+    extension.
+    """
+    return _formats.sniff(Path(path)).format
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def _show(name: str) -> str:
+    return name if name.strip() else repr(name)
+
+
+def _check_unique(path: Path, names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    duplicates: dict[str, None] = {}
+    for name in names:
+        if name in seen:
+            duplicates[name] = None
+        seen.add(name)
+    if duplicates:
+        shown = ", ".join(_show(name) for name in duplicates)
+        raise InputError(f"{path} has duplicate column names: {shown}")
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """An input file whose format and columns are known, read a batch at a time.
+
+    Made by :func:`open_input`. Every method opens the file afresh, so a source
+    holds no file handle and can be iterated any number of times.
+    """
+
+    path: Path
+    format: Format
+    #: column names in file order (for JSON Lines: the keys of the first 1000 rows)
+    columns: tuple[str, ...]
+    #: "gzip" when the content is gzipped (CSV and JSON Lines only)
+    compression: Compression = None
+    #: the CSV field separator ("\t" for .tsv)
+    delimiter: str = ","
+
+    def iter_rows(self, columns: Sequence[str], batch_size: int = 2048) -> Iterator[list[dict[str, Any]]]:
+        """Yield lists of row dicts holding only `columns`, in input order, `batch_size` rows each.
+
+        Only the last list may be shorter. CSV values are str (every cell is read
+        as text, an empty cell is ""); Parquet and JSON Lines values are their
+        natural Python values (None for null, nested lists and dicts stay nested);
+        a key missing from a JSON Lines row is None. Raises InputError at once for
+        a column the file does not have, and while iterating for damaged content
+        (naming the JSON Lines line, or the CSV row after which it failed).
+        """
+        wanted = list(dict.fromkeys(columns))
+        missing = [name for name in wanted if name not in self.columns]
+        if missing:
+            shown = ", ".join(_show(name) for name in missing)
+            have = ", ".join(_show(name) for name in self.columns[:30])
+            more = ", …" if len(self.columns) > 30 else ""
+            raise InputError(f"{self.path} has no column {shown} (its columns: {have}{more})")
+        _check_batch_size(batch_size)
+        if self.format == "jsonl":
+            return self._jsonl_rows(wanted, batch_size)
+        return (batch.to_pylist() for batch in _formats.rebatch(self._row_batches(wanted, batch_size), batch_size))
+
+    def iter_batches(self, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        """Yield every column as record batches of `batch_size` rows, in input order, all of one schema.
+
+        An input with no rows yields one empty batch, so a caller always learns
+        the schema. CSV types are inferred from the first block (16 MiB); a column
+        that is empty there is read as text. Before yielding anything, a first
+        pass converts the typed columns of the whole file; if any later value does
+        not fit its inferred type, every column is read as text instead, so a
+        caller never sees a half-typed stream. JSON Lines are read twice as well:
+        a first pass unifies the types of all rows (int and float give float;
+        objects with different keys give one struct); a column whose types cannot
+        be unified is text, with non-string values JSON-encoded. Parquet is read
+        once, as stored.
+        """
+        _check_batch_size(batch_size)
+        if self.format == "csv":
+            schema = self._csv_schema()
+            batches = self._csv_batches(dict(zip(schema.names, schema.types, strict=True)))
+        elif self.format == "parquet":
+            schema = self._parquet_schema()
+            batches = self._parquet_batches(None, batch_size)
+        else:
+            return self._jsonl_batches(batch_size)
+        return _with_schema(_formats.rebatch(batches, batch_size), schema)
+
+    def count_rows(self) -> int:
+        """The number of rows: from metadata for Parquet, by a streaming pass for CSV and JSON Lines.
+
+        Blank JSON Lines lines are not rows; the count matches what iter_rows yields.
+        """
+        if self.format == "parquet":
+            try:
+                with pq.ParquetFile(self.path) as parquet:
+                    return int(parquet.metadata.num_rows)
+            except READ_ERRORS as exc:
+                raise InputError(f"could not read {self.path} as Parquet: {reason(exc)}") from exc
+        if self.format == "jsonl":
+            return _formats.count_json_lines(self.path, self.compression)
+        first = self.columns[0]
+        batches = self._csv_batches({first: pa.string()}, include=[first])
+        return sum(batch.num_rows for batch in batches)
+
+    # --- per-format streams ---
+
+    def _row_batches(self, wanted: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+        if self.format == "parquet":
+            return self._parquet_batches(wanted, batch_size)
+        as_text = {name: pa.string() for name in self.columns}
+        if wanted:
+            return self._csv_batches(as_text, include=wanted)
+        # pyarrow reads every column when asked for none; read one for the row count.
+        batches = self._csv_batches(as_text, include=[self.columns[0]])
+        return (batch.select([]) for batch in batches)
+
+    def _csv_batches(
+        self, column_types: dict[str, pa.DataType], include: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        rows = 0
+        try:
+            with _formats.open_csv(self.path, self.compression, self.delimiter, column_types, include) as reader:
+                for batch in reader:
+                    rows += batch.num_rows
+                    yield batch
+        except READ_ERRORS as exc:
+            where = f" after row {rows}" if rows else ""
+            raise InputError(f"could not read {self.path} as CSV{where}: {reason(exc)}") from exc
+
+    def _csv_schema(self) -> pa.Schema:
+        """The CSV schema iter_batches uses: the first block's inferred types if the whole file fits them."""
+        inferred = _csv_header(self.path, self.compression, self.delimiter)
+        text = pa.schema([(name, pa.string()) for name in inferred.names])
+        # A column empty in the first block is inferred as null, which any later
+        # value breaks; text is the honest guess for it.
+        chosen = pa.schema([(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in inferred])
+        if any(pa.types.is_binary(field.type) for field in chosen):
+            # Not valid UTF-8: reading as text reports it as an InputError.
+            return text
+        typed = {f.name: f.type for f in chosen if not pa.types.is_string(f.type)}
+        if not typed:
+            return chosen
+        try:
+            # Only typed columns can fail to convert, so only they are converted.
+            for _ in self._csv_batches(typed, include=list(typed)):
+                pass
+        except InputError:
+            # A later value does not fit (or the file is damaged, which the text pass reports).
+            return text
+        return chosen
+
+    def _parquet_schema(self) -> pa.Schema:
+        try:
+            with pq.ParquetFile(self.path) as parquet:
+                return parquet.schema_arrow
+        except READ_ERRORS as exc:
+            raise InputError(f"could not read {self.path} as Parquet: {reason(exc)}") from exc
+
+    def _parquet_batches(self, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+        rows = 0
+        try:
+            with pq.ParquetFile(self.path) as parquet:
+                for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+                    rows += batch.num_rows
+                    yield batch
+        except READ_ERRORS as exc:
+            where = f" after row {rows}" if rows else ""
+            raise InputError(f"could not read {self.path} as Parquet{where}: {reason(exc)}") from exc
+
+    def _objects(self) -> Iterator[dict[str, Any]]:
+        return (value for _, value in _formats.iter_json_objects(self.path, self.compression))
+
+    def _jsonl_rows(self, wanted: list[str], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        for chunk in _formats.chunked(self._objects(), batch_size):
+            yield [{name: value.get(name) for name in wanted} for value in chunk]
+
+    def _jsonl_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        layout = _formats.infer_jsonl_schema(self._objects(), batch_size)
+        produced = False
+        for chunk in _formats.chunked(self._objects(), batch_size):
+            try:
+                batch = _formats.jsonl_batch(chunk, layout)
+            except _formats.CONVERT_ERRORS as exc:
+                # Only when the file changed between the passes, or holds text
+                # Arrow cannot store (lone surrogates from \\ud800 escapes).
+                raise InputError(f"could not convert {self.path} to Arrow: {reason(exc)}") from exc
+            produced = True
+            yield batch
+        if not produced:
+            yield pa.RecordBatch.from_pylist([], schema=layout.schema)
+
+
+def _with_schema(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """`batches`, or one empty batch of `schema` when there are none."""
+    produced = False
+    for batch in batches:
+        produced = True
+        yield batch
+    if not produced:
+        yield pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+
+
+def _csv_header(path: Path, compression: Compression, delimiter: str) -> pa.Schema:
+    """The schema pyarrow infers from the first block (which holds the header)."""
+    try:
+        with _formats.open_csv(path, compression, delimiter) as reader:
+            schema = reader.schema
+            schema.names  # noqa: B018 - pyarrow decodes the names only when asked
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not valid UTF-8 (in its header row); save it as UTF-8") from exc
+    except READ_ERRORS as exc:
+        raise InputError(f"could not read {path} as CSV: {reason(exc)}") from exc
+    return schema
+
+
+def _open_csv_source(path: Path, sniffed: _formats.Sniffed) -> InputSource:
+    if sniffed.complete and not sniffed.head.strip():
+        raise InputError(f"{path} has no header row (only blank lines)")
+    schema = _csv_header(path, sniffed.compression, sniffed.delimiter)
+    names = tuple(schema.names)
+    if not any(name.strip() for name in names):
+        raise InputError(f"{path} has no header row (its first line names no columns)")
+    _check_unique(path, names)
+    # pyarrow infers binary for a column that is not valid UTF-8.
+    for field in schema:
+        if pa.types.is_binary(field.type):
+            raise InputError(f"{path} is not valid UTF-8 (column {_show(field.name)}, first block); save it as UTF-8")
+    return InputSource(path, "csv", names, sniffed.compression, sniffed.delimiter)
+
+
+def _open_parquet_source(path: Path) -> InputSource:
+    try:
+        with pq.ParquetFile(path) as parquet:
+            names = tuple(parquet.schema_arrow.names)
+    except READ_ERRORS as exc:
+        raise InputError(f"could not read {path} as Parquet: {reason(exc)}") from exc
+    _check_unique(path, names)
+    return InputSource(path, "parquet", names)
+
+
+def _open_jsonl_source(path: Path, sniffed: _formats.Sniffed) -> InputSource:
+    names: dict[str, None] = {}
+    rows = 0
+    with closing(_formats.iter_json_objects(path, sniffed.compression)) as objects:
+        for _, value in islice(objects, JSONL_SAMPLE_ROWS):
+            names.update(dict.fromkeys(value))
+            rows += 1
+    if not rows:
+        raise InputError(f"{path} has no rows (only blank lines)")
+    return InputSource(path, "jsonl", tuple(names), sniffed.compression)
+
+
+def open_input(path: str | Path) -> InputSource:
+    """Open an input file: detect its format and read its columns from the start of the file.
+
+    Raises InputError, with a one-line message naming the file, for a missing
+    file, a directory, a file that cannot be read, an empty file, content that
+    cannot be read in its format, duplicate column names, a CSV without a header
+    row, invalid UTF-8, and a JSON Lines line (among the first 1000) that is not
+    a JSON object. Later lines are checked as they are read.
+    """
+    source = Path(path)
+    sniffed = _formats.sniff(source)
+    if sniffed.format == "parquet":
+        return _open_parquet_source(source)
+    if sniffed.format == "csv":
+        return _open_csv_source(source, sniffed)
+    return _open_jsonl_source(source, sniffed)
+
+
+def fingerprint(path: str | Path) -> str:
+    """The file's identity for resume: "sha256:<hex>" of its bytes, read in 1 MiB chunks."""
+    source = Path(path)
+    digest = hashlib.sha256()
+    buffer = bytearray(FINGERPRINT_CHUNK)
+    view = memoryview(buffer)
+    with _formats.open_for_reading(source) as file:
+        try:
+            while size := file.readinto(buffer):
+                digest.update(view[:size])
+        except OSError as exc:
+            raise InputError(f"cannot read {source}: {reason(exc)}") from exc
+    return f"sha256:{digest.hexdigest()}"
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def output_format_for(path: str | Path) -> Format:
+    """The export format a file name asks for: .parquet, .csv, .tsv, .jsonl or .ndjson.
+
+    Text formats may end in .gz (written gzipped). Raises UsageError for any other
+    name, including .json (an export is JSON Lines, not one JSON document) and
+    .parquet.gz (Parquet is already compressed inside).
+    """
+    target = Path(path)
+    extension, gzipped = _formats.name_extension(target)
+    if extension == ".parquet":
+        if gzipped:
+            raise UsageError(f"{target}: Parquet is compressed inside (zstd); name the file .parquet, not .parquet.gz")
+        return "parquet"
+    if extension == ".json":
+        raise UsageError(f"{target}: exports are JSON Lines (one object per line); name the file .jsonl")
+    if extension not in _TEXT_OUTPUTS:
+        shown = extension or "no extension"
+        raise UsageError(f"{target}: unknown output format ({shown}); use {_SUPPORTED_OUTPUTS}")
+    return _TEXT_OUTPUTS[extension]
+
+
+class OutputWriter:
+    """Write an export file from record batches, atomically.
+
+    Batches go to a temporary file in the target's directory (``.NAME.tmp-PID``);
+    :meth:`close` flushes and fsyncs it and renames it onto `path`. Used as a
+    context manager, an exception inside the ``with`` block deletes the temporary
+    file and leaves any existing `path` untouched. Outside ``with``, call
+    :meth:`close` on success or :meth:`abort` on failure.
+
+    Parquet is zstd-compressed. CSV holds nested values as JSON text and binary
+    as base64. JSON Lines has one object per row, keys in column order, null for
+    null and NaN, ISO 8601 times and base64 bytes. NaN and ±inf are null (an
+    empty cell in CSV) in both text formats. A file name ending in .gz is
+    gzipped; .tsv is tab-separated.
+    """
+
+    def __init__(self, path: str | Path, format: Format | None = None, *, schema: pa.Schema | None = None) -> None:
+        """Open the temporary file; `format` defaults to the one `path`'s name asks for.
+
+        `schema`, when given, is what an export with no batches is written with
+        (otherwise it has no columns); every batch must match it.
+        """
+        self.path = Path(path)
+        if format is None:
+            format = output_format_for(self.path)
+        elif format not in get_args(Format):
+            raise UsageError(f"unknown output format {format!r}; use one of {', '.join(get_args(Format))}")
+        self.format: Format = format
+        extension, gzipped = _formats.name_extension(self.path)
+        if gzipped and format == "parquet":
+            raise UsageError(f"{self.path}: Parquet output cannot be gzipped; drop the .gz")
+        self.rows_written = 0
+        self._delimiter = "\t" if extension == ".tsv" else ","
+        self._schema = schema
+        self._temp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._closed = False
+        self._parquet: pq.ParquetWriter | None = None
+        self._csv: pacsv.CSVWriter | None = None
+        self._csv_layout: _formats.CsvLayout | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        if self.path.is_dir():
+            raise UsageError(f"cannot write {self.path}: it is a directory")
+        try:
+            # Held open until close() or abort().
+            self._raw = open(self._temp, "wb")  # noqa: SIM115
+        except FileNotFoundError as exc:
+            raise UsageError(f"cannot write {self.path}: {self.path.parent} does not exist") from exc
+        except OSError as exc:
+            raise UsageError(f"cannot write {self.path}: {reason(exc)}") from exc
+        self._out: io.BufferedWriter | gzip.GzipFile = self._raw
+        if gzipped:
+            # filename="" keeps the temporary name out of the gzip header.
+            self._out = gzip.GzipFile(filename="", fileobj=self._raw, mode="wb", compresslevel=GZIP_LEVEL)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Append `batch` (a Table is written batch by batch); every batch must have the same schema."""
+        if self._closed:
+            raise ValueError(f"OutputWriter for {self.path} is closed")
+        if isinstance(batch, pa.Table):
+            for part in batch.to_batches():
+                self.write_batch(part)
+            return
+        if self._schema is None:
+            self._schema = batch.schema
+        elif not batch.schema.equals(self._schema):
+            raise ValueError(f"batch schema differs from the export's: {batch.schema.names} vs {self._schema.names}")
+        try:
+            self._start()
+            if self.format == "parquet":
+                self._pending.append(batch)
+                self._pending_rows += batch.num_rows
+                self._pending_bytes += batch.nbytes
+                if self._pending_rows >= PARQUET_ROW_GROUP_ROWS or self._pending_bytes >= PARQUET_ROW_GROUP_BYTES:
+                    self._flush_row_group()
+            elif self.format == "csv":
+                assert self._csv is not None and self._csv_layout is not None
+                self._csv.write_batch(self._csv_layout.convert(batch))
+            else:
+                self._out.write(_formats.jsonl_bytes(batch))
+        except OSError as exc:
+            raise UsageError(f"could not write {self.path}: {reason(exc)}") from exc
+        self.rows_written += batch.num_rows
+
+    def close(self) -> None:
+        """Finish the file, flush and fsync it, and rename it onto `path`. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            # Started here when no batch came, so an empty export is still a valid file.
+            self._start()
+            self._flush_row_group()
+            if self._parquet is not None:
+                self._parquet.close()
+            if self._csv is not None:
+                self._csv.close()
+            if self._out is not self._raw:
+                self._out.close()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self._temp, self.path)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise UsageError(f"could not write {self.path}: {reason(exc)}") from exc
+            raise
+        self._closed = True
+        _fsync_directory(self.path.parent)
+
+    def abort(self) -> None:
+        """Discard what was written: delete the temporary file, leave `path` as it was."""
+        if self._closed:
+            return
+        self._closed = True
+        # Closed in order so no writer's finalizer later writes to a closed file;
+        # their errors would only hide the one that made us abort.
+        for closer in (
+            self._parquet.close if self._parquet is not None else None,
+            self._csv.close if self._csv is not None else None,
+            self._out.close if self._out is not self._raw else None,
+            self._raw.close,
+        ):
+            if closer is not None:
+                with suppress(Exception):
+                    closer()
+        self._temp.unlink(missing_ok=True)
+
+    def _start(self) -> None:
+        """Create the format's writer once the schema is known."""
+        if self._parquet is not None or self._csv is not None or self.format == "jsonl":
+            return
+        schema = self._schema if self._schema is not None else pa.schema([])
+        if self.format == "parquet":
+            self._parquet = pq.ParquetWriter(self._out, schema, compression=PARQUET_COMPRESSION)
+        else:
+            self._csv_layout = _formats.CsvLayout(schema)
+            self._csv = pacsv.CSVWriter(
+                pa.PythonFile(self._out, mode="w"),
+                self._csv_layout.schema,
+                write_options=pacsv.WriteOptions(delimiter=self._delimiter),
+            )
+
+    def _flush_row_group(self) -> None:
+        if self._parquet is None or not self._pending:
+            return
+        table = pa.Table.from_batches(self._pending, schema=self._schema)
+        self._parquet.write_table(table, row_group_size=PARQUET_ROW_GROUP_ROWS)
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable; best effort, since some systems cannot fsync a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
