@@ -252,7 +252,7 @@ class Job:
                     self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
                     await self._run_pool()
         finally:
-            await self._flush(final=True)
+            await self._final_flush()
             store.close()
             self._progress.close()
             summary = self._finish_summary(started)
@@ -470,15 +470,36 @@ class Job:
         s.prompt_tokens += row.get("prompt_tokens") or 0
         s.completion_tokens += row.get("completion_tokens") or 0
         self._progress.result(ok, row.get("total_tokens"))
-        if self.store.fsync_due(defaults.JOURNAL_FSYNC_S):
-            self.store.fsync_journal()
-        if len(self._pending_rows) >= self.spec.flush_rows or (
-            time.monotonic() - self._last_flush >= self.spec.flush_seconds
-        ):
-            self._start_flush()
+        try:
+            if self.store.fsync_due(defaults.JOURNAL_FSYNC_S):
+                self.store.fsync_journal()
+            if len(self._pending_rows) >= self.spec.flush_rows or (
+                time.monotonic() - self._last_flush >= self.spec.flush_seconds
+            ):
+                self._start_flush()
+        except OSError as exc:  # a new journal segment or an fsync failed: stop, keep what is written
+            self._write_error = self._write_error or exc
+            self.request_stop("write_error")
+
+    def _compaction_failed(self) -> bool:
+        """True (and the job stopping) if the last compaction raised.
+
+        Shards must hold a prefix of the seq numbers: recovery skips journal lines whose seq
+        is below the largest seq in any shard. So after a failed compaction no later segment
+        may become a shard; they all stay in the journal for the next run to compact.
+        """
+        task = self._compacting
+        if task is None or not task.done() or task.cancelled() or task.exception() is None:
+            return False
+        error = task.exception()
+        if self._write_error is None:
+            # the journal may still take lines: let requests in flight finish and be recorded
+            self._write_error = error if isinstance(error, OSError) else OSError(str(error))
+            self.request_stop("write_error")
+        return True
 
     def _start_flush(self) -> None:
-        if not self._pending_rows or self._segment is None:
+        if not self._pending_rows or self._segment is None or self._compaction_failed():
             return
         if self._compacting is not None and not self._compacting.done():
             return  # one compaction at a time keeps shards in seq order; the next record retries
@@ -488,12 +509,14 @@ class Job:
         self._last_flush = time.monotonic()
         self._compacting = asyncio.ensure_future(asyncio.to_thread(self.store.compact, rows, segment))
 
-    async def _flush(self, *, final: bool) -> None:
+    async def _final_flush(self) -> None:
         """Wait for the running compaction, then compact what is left (at the end of a run)."""
         if self._compacting is not None:
             with contextlib.suppress(Exception):
                 await self._compacting
-        if final and self._pending_rows and self._segment is not None:
+            if self._compaction_failed():
+                return
+        if self._pending_rows and self._segment is not None:
             rows, segment = self._pending_rows, self._segment
             self._pending_rows = []
             self.store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
@@ -10,10 +11,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from batchhub import arun_job, export_job, job_status
+from batchhub import Job, arun_job, export_job, job_status, prepare_job
 from batchhub.errors import JobStateError, UsageError
 from batchhub.mock import MockConfig, MockServer
 from batchhub.spec import JobSpec
+from batchhub.store import JobStore
 
 
 @pytest.fixture
@@ -242,3 +244,56 @@ async def test_key_reaches_no_file(tmp_path: Path, mock_server) -> None:
     for file in tmp_path.rglob("*"):
         if file.is_file():
             assert key.encode() not in file.read_bytes(), file
+
+
+class DiskFullStore(JobStore):
+    """A real job store whose second shard write fails as on a full disk."""
+
+    compactions = 0
+
+    def compact(self, rows, segment):
+        DiskFullStore.compactions += 1
+        if DiskFullStore.compactions >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().compact(rows, segment)
+
+
+async def test_failed_checkpoint_stops_the_job_and_loses_nothing(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(latency_ms=2)
+    spec = make_spec(tmp_path, server, n=200, flush_rows=10, concurrency=4)
+    prepared = prepare_job(spec)
+    prepared.store = DiskFullStore(prepared.store.dir)
+    summary = await Job(prepared, progress=False).run()
+    assert summary.exit_code == 3 and summary.stopped == "write_error"
+    assert "No space left" in (summary.message or "")
+    assert summary.pending > 0
+    recorded = summary.results_this_run
+    # the shard that failed left its rows in the journal; a resume compacts them and sends the rest
+    resumed = await arun_job(spec, progress=False)
+    assert (resumed.ok, resumed.failed) == (200, 0)
+    assert resumed.http_requests == 200 - recorded
+    assert server.stats.duplicates() == 0
+    table = JobStore(tmp_path / "job").results()
+    assert sorted(table["row_id"].to_pylist()) == list(range(200))
+
+
+class JournalFullStore(JobStore):
+    """A real job store whose journal stops taking lines after 30 results."""
+
+    def append(self, row):
+        if row["seq"] > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().append(row)
+
+
+async def test_journal_write_failure_stops_at_once_and_resume_completes(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(latency_ms=2)
+    spec = make_spec(tmp_path, server, n=100, concurrency=4)
+    prepared = prepare_job(spec)
+    prepared.store = JournalFullStore(prepared.store.dir)
+    summary = await Job(prepared, progress=False).run()
+    assert summary.stopped == "write_error" and summary.exit_code == 3
+    assert summary.ok == 30
+    resumed = await arun_job(spec, progress=False)
+    assert (resumed.ok, resumed.failed) == (100, 0)
+    assert server.stats.duplicates() <= 4  # only what was in flight when the disk filled
