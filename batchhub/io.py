@@ -15,6 +15,7 @@ the target's name.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -507,7 +508,7 @@ class OutputWriter:
                 raise UsageError(f"could not write {self.path}: {reason(exc)}") from exc
             raise
         self._closed = True
-        _fsync_directory(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         """Discard what was written: delete the temporary file, leave `path` as it was."""
@@ -550,15 +551,11 @@ class OutputWriter:
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable; best effort, since some systems cannot fsync a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable; best effort, since some filesystems cannot fsync a directory."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

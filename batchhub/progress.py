@@ -71,8 +71,9 @@ class Progress:
             return
         self._last_postfix = now
         elapsed = max(now - self.started, 1e-9)
+        requests = self.ok + self.errors + self.retries + self.rate_limited
         self._bar.set_postfix_str(
-            f"{(self.ok + self.errors) / elapsed:.1f} req/s, {self.tokens / elapsed:,.0f} tok/s, "
+            f"{requests / elapsed:.1f} req/s, {self.tokens / elapsed:,.0f} tok/s, "
             f"retries {self.retries}, 429s {self.rate_limited}, errors {self.errors}",
             refresh=False,
         )

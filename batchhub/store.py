@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchhub.errors import JobStateError
+from batchhub.io import fsync_dir
 
 FORMAT_VERSION = 1
 
@@ -77,15 +78,6 @@ _SEGMENT = re.compile(r"journal-(\d{6,})\.jsonl$")
 _SHARD = re.compile(r"part-(\d{6,})\.parquet$")
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a whole file or nothing: temp name, fsync, rename, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -94,7 +86,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -215,7 +207,7 @@ class JobStore:
             max_seq = max(max_seq, scan.rows[-1]["seq"])
         for path in self.segments():
             path.unlink()
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._next_seq = max_seq + 1
         self._segment = 0
         return len(scan.rows)
@@ -274,14 +266,14 @@ class JobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.results_dir)
+        fsync_dir(self.results_dir)
         return path
 
     def compact(self, rows: list[dict[str, Any]], segment: Path) -> Path:
         """Turn a closed journal segment (whose lines are `rows`) into a shard, then delete the segment."""
         path = self.write_shard(rows)
         segment.unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return path
 
     def close(self) -> None:
