@@ -12,6 +12,7 @@ import json
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,43 +45,69 @@ def main() -> None:
     """Run a dataset of prompts through a Chat Completions API as one resumable, rate-limited job."""
 
 
+JOB_OPTIONS = [
+    click.option("--model", help="Model name sent with every request (a --param-column may set it per row)."),
+    click.option("--template", help='Prompt template over columns, e.g. "Classify: {review}".'),
+    click.option("--prompt-column", help="Column holding the prompt text (default: prompt)."),
+    click.option("--messages-column", help="Column holding a list of chat messages (or its JSON text)."),
+    click.option("--system", help="System message put before every prompt."),
+    click.option(
+        "--param-column",
+        "param_columns",
+        multiple=True,
+        metavar="PARAM=COLUMN",
+        help="Let a column set model, temperature, max_tokens, stop or user per row. Repeatable.",
+    ),
+    click.option(
+        "--base-url",
+        help="API base URL (default: $BATCHHUB_BASE_URL, $OPENAI_BASE_URL, then https://ai-tokenhub.com/v1).",
+    ),
+    click.option(
+        "--api-key", help="API key (prefer $BATCHHUB_API_KEY: a flag is visible to other users of the machine)."
+    ),
+    click.option(
+        "--job-dir", type=click.Path(path_type=Path), help="Where the job keeps its state (default: jobs/NAME)."
+    ),
+    click.option("--concurrency", type=int, help="Requests in flight at once (default 32)."),
+    click.option("--rpm", type=int, help="Requests-per-minute limit to stay under."),
+    click.option("--tpm", type=int, help="Tokens-per-minute limit to stay under."),
+    click.option(
+        "--max-attempts", type=int, help="Attempts per row for 5xx, timeouts and garbled responses (default 5)."
+    ),
+    click.option("--timeout", type=float, help="Seconds one request may take (default 120)."),
+    click.option("--temperature", type=float, help="Sampling temperature, 0 to 2."),
+    click.option("--max-tokens", type=int, help="Most completion tokens per request."),
+    click.option("--stop", multiple=True, help="Stop sequence (repeat for up to 4)."),
+    click.option("--user", help="End-user id sent with each request."),
+    click.option("--stream/--no-stream", default=None, help="Use Server-Sent Events streaming."),
+    click.option("--retry-failed", is_flag=True, default=None, help="Send again the rows that failed in earlier runs."),
+    click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed."),
+    click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000)."),
+    click.option("--flush-seconds", type=float, help="... or every T seconds (default 30)."),
+    click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),
+    click.option(
+        "--prices",
+        "prices_file",
+        type=click.Path(path_type=Path),
+        help="JSON or TOML file of model prices (USD per million tokens), merged over the bundled ones.",
+    ),
+    click.option(
+        "--mock", is_flag=True, default=False, help="Send to the built-in simulated endpoint (no key, no network)."
+    ),
+]
+
+
+def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that define a job, shared by `run` and `estimate`."""
+    for option in reversed(JOB_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("input_or_spec", type=click.Path(path_type=Path))
-@click.option("--model", help="Model name sent with every request (a --param-column may set it per row).")
-@click.option("--template", help='Prompt template over columns, e.g. "Classify: {review}".')
-@click.option("--prompt-column", help="Column holding the prompt text (default: prompt).")
-@click.option("--messages-column", help="Column holding a list of chat messages (or its JSON text).")
-@click.option("--system", help="System message put before every prompt.")
-@click.option(
-    "--param-column",
-    "param_columns",
-    multiple=True,
-    metavar="PARAM=COLUMN",
-    help="Let a column set model, temperature, max_tokens, stop or user per row. Repeatable.",
-)
-@click.option(
-    "--base-url", help="API base URL (default: $BATCHHUB_BASE_URL, $OPENAI_BASE_URL, then https://ai-tokenhub.com/v1)."
-)
-@click.option("--api-key", help="API key (prefer $BATCHHUB_API_KEY: a flag is visible to other users of the machine).")
-@click.option("--job-dir", type=click.Path(path_type=Path), help="Where the job keeps its state (default: jobs/NAME).")
-@click.option("--concurrency", type=int, help="Requests in flight at once (default 32).")
-@click.option("--rpm", type=int, help="Requests-per-minute limit to stay under.")
-@click.option("--tpm", type=int, help="Tokens-per-minute limit to stay under.")
-@click.option("--max-attempts", type=int, help="Attempts per row for 5xx, timeouts and garbled responses (default 5).")
-@click.option("--timeout", type=float, help="Seconds one request may take (default 120).")
-@click.option("--temperature", type=float, help="Sampling temperature, 0 to 2.")
-@click.option("--max-tokens", type=int, help="Most completion tokens per request.")
-@click.option("--stop", multiple=True, help="Stop sequence (repeat for up to 4).")
-@click.option("--user", help="End-user id sent with each request.")
-@click.option("--stream/--no-stream", default=None, help="Use Server-Sent Events streaming.")
-@click.option("--retry-failed", is_flag=True, default=None, help="Send again the rows that failed in earlier runs.")
-@click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed.")
-@click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000).")
-@click.option("--flush-seconds", type=float, help="... or every T seconds (default 30).")
-@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar.")
-@click.option(
-    "--mock", is_flag=True, default=False, help="Send to the built-in simulated endpoint (no key, no network)."
-)
+@job_options
+@click.option("--max-cost", type=float, help="Stop before the job's total cost could pass this many USD.")
 def run(input_or_spec: Path, **options: Any) -> None:
     """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
 
@@ -99,24 +126,28 @@ def run(input_or_spec: Path, **options: Any) -> None:
     if not spec.quiet:
         click.echo(f"{verb} job {prepared.store.dir} ({prepared.n_rows:,} rows, {prepared.source.format})", err=True)
     job = Job(prepared)
+    summary = _run_until_done(job.run(), job.request_stop)
+    _print_summary(summary, spec.quiet, prepared.prices.label)
+    if summary.exit_code == EXIT_STOPPED:
+        click.echo(f"resume with: {_resume_command()}", err=True)
+    sys.exit(summary.exit_code)
+
+
+def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
+    """Run a job coroutine with Ctrl-C and SIGTERM asking it to stop (not killing it)."""
 
     async def go() -> Any:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # not possible off the main thread or on some platforms: Ctrl-C then simply ends the process
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, job.request_stop)
-        return await job.run()
+                loop.add_signal_handler(sig, on_signal)
+        return await coro
 
     try:
-        summary = asyncio.run(go())
+        return asyncio.run(go())
     except BatchhubError as exc:
         _fail(exc)
-        return
-    _print_summary(summary, spec.quiet)
-    if summary.exit_code == EXIT_STOPPED:
-        click.echo(f"resume with: {_resume_command()}", err=True)
-    sys.exit(summary.exit_code)
 
 
 def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
@@ -154,13 +185,18 @@ def _resume_command() -> str:
     return "batchhub " + shlex.join(kept)
 
 
-def _print_summary(s: Any, quiet: bool) -> None:
+def _print_summary(s: Any, quiet: bool, prices: str) -> None:
     rate = s.results_this_run / s.elapsed_s if s.elapsed_s > 0 else 0.0
+    cost = f"cost ${s.cost_usd:,.4f} this run"
+    if s.unpriced_models:
+        cost += f" + unknown for {', '.join(sorted(s.unpriced_models))} (no price known)"
+    if s.budget_spent_usd is not None:
+        cost += f", ${s.budget_spent_usd:,.4f} in all"
     lines = [
         f"{s.ok:,} ok, {s.failed:,} failed, {s.pending:,} pending of {s.total_rows:,} rows "
         f"({s.results_this_run:,} results this run in {s.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
         f"requests {s.http_requests:,}, retries {s.retries:,}, rate-limited {s.rate_limited:,}; "
-        f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
+        f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion; {cost} (prices: {prices})",
     ]
     if s.stopped:
         lines.append(f"stopped: {s.message or s.stopped}")
@@ -201,6 +237,13 @@ def status(job_dir: Path, as_json: bool) -> None:
         f"tokens   {st.prompt_tokens:,} prompt + {st.completion_tokens:,} completion = {st.total_tokens:,} "
         f"over {st.results_recorded:,} results"
     )
+    if st.spent_usd is not None or st.unpriced_models:
+        line = f"cost     ${st.spent_usd or 0:,.4f} spent"
+        if st.unpriced_models:
+            line += f" + unknown for {', '.join(st.unpriced_models)}"
+        if st.projected_usd is not None:
+            line += f"; projected ${st.projected_usd:,.4f} for all {st.total_rows:,} rows (at the cost per row so far)"
+        click.echo(line + (f"  (prices: {st.prices})" if st.prices else ""))
     click.echo(f"time     {st.run_seconds:,.1f}s over {st.runs} run(s); last result {st.last_finished_at or '-'}")
 
 
@@ -282,3 +325,82 @@ def mock_server(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(config, host, port, ready=ready))
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option(
+    "--prices",
+    "prices_file",
+    type=click.Path(path_type=Path),
+    help="JSON or TOML file of model prices (USD per million tokens), merged over the bundled ones.",
+)
+@click.option("--model", help="Price a Parquet file that has no model column as this model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def cost(target: Path, prices_file: Path | None, model: str | None, as_json: bool) -> None:
+    """What a job cost, by model: TARGET is a job directory, its spec, an export or any Parquet file
+    with prompt_tokens and completion_tokens columns."""
+    from batchhub.cost import render, report, usage_table
+    from batchhub.pricing import PriceBook
+
+    try:
+        spec_prices, spec_file = _job_prices(target)
+        if target.suffix.lower() == ".toml":
+            target = _job_dir_arg(target)
+        book = PriceBook.build(spec_prices, prices_file or spec_file)
+        rep = report(usage_table(target, model), book)
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else render(rep))
+
+
+def _job_prices(target: Path) -> tuple[dict[str, Any], Path | None]:
+    """The [prices] table and prices file a job was defined with, if TARGET is a job or its spec."""
+    from batchhub.store import JobStore
+
+    if target.suffix.lower() == ".toml":
+        spec = load_spec(target)
+        return spec.prices, spec.prices_file
+    store = JobStore(target)
+    if store.exists():
+        saved = store.read_manifest().get("spec", {})
+        file = saved.get("prices_file")
+        return saved.get("prices") or {}, Path(file) if file else None
+    return {}, None
+
+
+@main.command()
+@click.argument("input_or_spec", type=click.Path(path_type=Path))
+@job_options
+@click.option("--sample", type=int, help="Send N rows spread over the input first (they become part of the job).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: Any) -> None:
+    """Estimate a job's tokens and cost before running it, with the same options as `run`.
+
+    Prompt tokens are counted with the model's tokenizer (offline); completion tokens and cost are a range,
+    narrowed by --sample N.
+    """
+    from batchhub.estimate import estimate as make_estimate
+    from batchhub.estimate import render, run_sample
+
+    try:
+        spec = _spec_from_cli(input_or_spec, options)
+        spec.validate()
+        if sample is not None and sample < 1:
+            raise UsageError(f"--sample must be at least 1, not {sample}")
+        book = spec.price_book()
+        stats = None
+        if sample:
+            holder: list[Any] = []
+            stats, summary = _run_until_done(
+                run_sample(spec, sample, on_start=holder.append), lambda: holder[0].request_stop()
+            )
+            if summary.stopped:
+                click.echo(f"error: the sample run stopped: {summary.message or summary.stopped}", err=True)
+                sys.exit(EXIT_STOPPED)
+        result = make_estimate(spec, book, stats)
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))

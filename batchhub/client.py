@@ -34,25 +34,35 @@ class Completion:
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
+    cached_tokens: int | None = None
     http_status: int = 200
     request_id: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     latency_s: float = 0.0
 
 
-def _usage(data: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:
+Usage = tuple[int | None, int | None, int | None, int | None]
+NO_USAGE: Usage = (None, None, None, None)
+
+
+def _num(mapping: Any, key: str) -> int | None:
+    v = mapping.get(key) if isinstance(mapping, Mapping) else None
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _usage(data: Mapping[str, Any]) -> Usage:
+    """(prompt, completion, total, cached prompt) tokens from a `usage` object."""
     usage = data.get("usage")
     if not isinstance(usage, Mapping):
-        return None, None, None
-
-    def num(key: str) -> int | None:
-        v = usage.get(key)
-        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    prompt, completion, total = num("prompt_tokens"), num("completion_tokens"), num("total_tokens")
+        return NO_USAGE
+    prompt, completion, total = (
+        _num(usage, "prompt_tokens"),
+        _num(usage, "completion_tokens"),
+        _num(usage, "total_tokens"),
+    )
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    return prompt, completion, total
+    return prompt, completion, total, _num(usage.get("prompt_tokens_details"), "cached_tokens")
 
 
 def _text(value: Any) -> str | None:
@@ -83,7 +93,7 @@ def parse_completion(body: bytes) -> Completion:
     content = _text(message.get("content"))
     if content is None and message.get("tool_calls") is not None:
         content = json.dumps(message.get("tool_calls"), ensure_ascii=False)
-    prompt, completion, total = _usage(data)
+    prompt, completion, total, cached = _usage(data)
     finish = choice.get("finish_reason")
     return Completion(
         content=content,
@@ -93,6 +103,7 @@ def parse_completion(body: bytes) -> Completion:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
+        cached_tokens=cached,
     )
 
 
@@ -112,7 +123,7 @@ class SSEAccumulator:
         self.finish_reason: str | None = None
         self.model: str | None = None
         self.response_id: str | None = None
-        self.usage: tuple[int | None, int | None, int | None] = (None, None, None)
+        self.usage: Usage = NO_USAGE
         self.events = 0
 
     def feed(self, chunk: bytes) -> bool:
@@ -160,7 +171,7 @@ class SSEAccumulator:
         if isinstance(event.get("model"), str):
             self.model = event["model"]
         usage = _usage(event)
-        if usage != (None, None, None):
+        if usage != NO_USAGE:
             self.usage = usage
         choices = event.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
@@ -181,7 +192,7 @@ class SSEAccumulator:
             self._dispatch()
         if require_done and not self.done:
             raise BadResponseError(f"event stream ended before [DONE] after {self.events} events")
-        prompt, completion, total = self.usage
+        prompt, completion, total, cached = self.usage
         return Completion(
             content="".join(self._parts),
             finish_reason=self.finish_reason,
@@ -190,6 +201,7 @@ class SSEAccumulator:
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=total,
+            cached_tokens=cached,
         )
 
 

@@ -55,5 +55,9 @@ TOKENS_PER_REQUEST = 3
 #: Characters per token for the prompt estimate (a rough rule for English text).
 CHARS_PER_TOKEN = 4.0
 
+#: Completion tokens a request is assumed to reach, at worst, by `--max-cost` when it sets
+#: no max_tokens (set max_tokens for a hard guarantee).
+BUDGET_COMPLETION_CEILING = 4096
+
 #: Progress line refresh interval.
 PROGRESS_INTERVAL_S = 0.5

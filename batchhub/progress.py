@@ -1,4 +1,4 @@
-"""The progress line: done/total, requests/s, tokens/s, retries, errors.
+"""The progress line: done/total, requests/s, tokens/s, retries, errors, cost so far.
 
 A tqdm bar on a terminal; nothing when output is not a terminal or when asked
 to be quiet. The runner reports every event; this class decides how often the
@@ -33,6 +33,7 @@ class Progress:
         self.retries = 0
         self.rate_limited = 0
         self.tokens = 0
+        self.cost = 0.0
         self.started = time.monotonic()
         self._last_postfix = 0.0
         self._bar: Any = None
@@ -47,8 +48,10 @@ class Progress:
                 smoothing=0.1,
             )
 
-    def result(self, ok: bool, tokens: int | None) -> None:
+    def result(self, ok: bool, tokens: int | None, cost: float | None = None) -> None:
         self.done += 1
+        if cost:
+            self.cost += cost
         if ok:
             self.ok += 1
         else:
@@ -74,7 +77,7 @@ class Progress:
         requests = self.ok + self.errors + self.retries + self.rate_limited
         self._bar.set_postfix_str(
             f"{requests / elapsed:.1f} req/s, {self.tokens / elapsed:,.0f} tok/s, "
-            f"retries {self.retries}, 429s {self.rate_limited}, errors {self.errors}",
+            f"retries {self.retries}, 429s {self.rate_limited}, errors {self.errors}, ${self.cost:,.4f}",
             refresh=False,
         )
 

@@ -46,6 +46,7 @@ class BuiltRequest:
 
     body: bytes
     model: str
+    messages: list[dict[str, Any]]
     est_prompt_tokens: int
     max_tokens: int | None
     request_hash: str
@@ -188,6 +189,7 @@ class RequestBuilder:
         return BuiltRequest(
             body=encoded,
             model=body["model"],
+            messages=messages,
             est_prompt_tokens=estimate_prompt_tokens(messages),
             max_tokens=body.get("max_tokens"),
             request_hash=hashlib.sha256(encoded).hexdigest()[:32],

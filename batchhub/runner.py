@@ -30,6 +30,7 @@ import aiohttp
 import numpy as np
 
 from batchhub import __version__, defaults
+from batchhub.budget import Budget
 from batchhub.client import ChatClient, Completion
 from batchhub.errors import (
     EXIT_FAILED_ROWS,
@@ -44,6 +45,7 @@ from batchhub.errors import (
 )
 from batchhub.io import InputSource, fingerprint, open_input
 from batchhub.limits import RateLimits
+from batchhub.pricing import PriceBook
 from batchhub.progress import Progress
 from batchhub.requests import BuiltRequest, RequestBuilder, RowError
 from batchhub.retry import next_step
@@ -67,6 +69,8 @@ class PreparedJob:
     n_rows: int
     api_key: str | None
     resumed: bool
+    prices: PriceBook
+    budget: Budget | None = None
 
 
 @dataclass
@@ -86,6 +90,11 @@ class JobSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0
+    #: cost of this run's responses at known prices; models without a known price are listed apart
+    cost_usd: float = 0.0
+    unpriced_models: set[str] = field(default_factory=set)
+    #: the whole job's spent cost, when it ran under --max-cost
+    budget_spent_usd: float | None = None
     stopped: str | None = None
     message: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -160,7 +169,28 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     manifest["request_config"] = spec.request_config()
     manifest["input"]["rows"] = n_rows
     manifest["input"]["fingerprint"] = input_fp
-    return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed)
+    prices = spec.price_book()
+    budget = _budget(spec, store, prices) if spec.max_cost is not None else None
+    return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed, prices, budget)
+
+
+def _budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
+    """The budget, with what earlier runs of this job already spent."""
+    from batchhub.cost import USAGE_COLUMNS, report
+
+    assert spec.max_cost is not None
+    if spec.model:
+        Budget(spec.max_cost, 0.0, prices).price(spec.model)  # refuse an unknown price before anything is sent
+    spent = 0.0
+    if store.exists():
+        earlier = report(store.results(list(USAGE_COLUMNS)), prices)
+        if earlier.unknown_models:
+            raise UsageError(
+                f"--max-cost: this job has results of {', '.join(earlier.unknown_models)}, whose price is unknown, "
+                "so its spending cannot be known: give the price with --prices FILE"
+            )
+        spent = earlier.total_usd
+    return Budget(float(spec.max_cost), spent, prices)
 
 
 def _now_iso() -> str:
@@ -193,6 +223,7 @@ class Job:
         session: aiohttp.ClientSession | None = None,
         progress: bool | None = None,
         rng: random.Random | None = None,
+        only_rows: np.ndarray | None = None,
     ) -> None:
         self.p = prepared
         self.spec = prepared.spec
@@ -200,6 +231,9 @@ class Job:
         self._session = session
         self._progress_enabled = False if self.spec.quiet else progress
         self._rng = rng or random.Random()
+        #: send only these row ids (a sample), if given
+        self._only_rows = only_rows
+        self._budget = prepared.budget
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
         self._stop_reason: str | None = None
@@ -232,6 +266,10 @@ class Job:
         states = store.row_states(p.n_rows)
         self._states = states
         todo = (states == STATE_NONE) | ((states == STATE_ERROR) if spec.retry_failed else False)
+        if self._only_rows is not None:
+            wanted = np.zeros(p.n_rows, dtype=bool)
+            wanted[self._only_rows[(self._only_rows >= 0) & (self._only_rows < p.n_rows)]] = True
+            todo &= wanted
         self._todo = todo
         n_todo = int(np.count_nonzero(todo))
         run_record: dict[str, Any] = {"started_at": _now_iso(), "to_send": n_todo, "batchhub_version": __version__}
@@ -346,9 +384,26 @@ class Job:
             if item is _END or self._stop.is_set():
                 return
             rid, built = item
-            row = await self._process(rid, built)
+            budget, reserved = self._budget, 0.0
+            if budget is not None:
+                try:
+                    reserved = budget.worst_case(built)
+                except UsageError as exc:  # a per-row model with no known price
+                    self._record(self._error_row(rid, "no_price", str(exc), None, 0, 0, built))
+                    continue
+                if not budget.try_reserve(reserved):
+                    self.request_stop("budget")
+                    return
+            row = None
+            try:
+                row = await self._process(rid, built)
+            finally:
+                if budget is not None and row is None:
+                    budget.release(reserved)
             if row is not None:
-                self._record(row)
+                cost = self._record(row, built.model)
+                if budget is not None:
+                    budget.settle(reserved, cost or 0.0)
 
     async def _process(self, rid: int, built: BuiltRequest) -> dict[str, Any] | None:
         spec, limits, task = self.spec, self._limits, asyncio.current_task()
@@ -419,6 +474,7 @@ class Job:
             "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.completion_tokens,
             "total_tokens": c.total_tokens,
+            "cached_tokens": c.cached_tokens,
             "latency_s": round(c.latency_s, 6),
             "attempts": attempts,
             "rate_limit_retries": rate_limits,
@@ -450,8 +506,20 @@ class Job:
             "request_hash": built.request_hash if built else None,
         }
 
-    def _record(self, row: dict[str, Any]) -> None:
-        """Make a result durable (one journal line) and count it."""
+    def _row_cost(self, row: dict[str, Any], requested_model: str | None) -> float | None:
+        """The cost of one response at known prices (None: no usage, or no price for its model)."""
+        if row.get("prompt_tokens") is None or row.get("completion_tokens") is None:
+            return None
+        price = self.p.prices.lookup(row["model"]) if row.get("model") else None
+        if price is None and requested_model:
+            price = self.p.prices.lookup(requested_model)
+        if price is None:
+            self._summary.unpriced_models.add(str(row.get("model")))
+            return None
+        return price.request_cost(row["prompt_tokens"], row["completion_tokens"], row.get("cached_tokens") or 0)
+
+    def _record(self, row: dict[str, Any], requested_model: str | None = None) -> float | None:
+        """Make a result durable (one journal line) and count it; returns its cost when known."""
         row["finished_at"] = time.time()
         row["seq"] = self.store.next_seq()
         try:
@@ -461,7 +529,7 @@ class Job:
             self._write_error = self._write_error or exc
             self._abandon.set()
             self.request_stop("write_error")
-            return
+            return None
         self._pending_rows.append(row)
         ok = row["status"] == "ok"
         self._states[row["row_id"]] = STATE_OK if ok else STATE_ERROR
@@ -469,7 +537,10 @@ class Job:
         s.results_this_run += 1
         s.prompt_tokens += row.get("prompt_tokens") or 0
         s.completion_tokens += row.get("completion_tokens") or 0
-        self._progress.result(ok, row.get("total_tokens"))
+        cost = self._row_cost(row, requested_model)
+        if cost is not None:
+            s.cost_usd += cost
+        self._progress.result(ok, row.get("total_tokens"), cost)
         try:
             if self.store.fsync_due(defaults.JOURNAL_FSYNC_S):
                 self.store.fsync_journal()
@@ -480,6 +551,7 @@ class Job:
         except OSError as exc:  # a new journal segment or an fsync failed: stop, keep what is written
             self._write_error = self._write_error or exc
             self.request_stop("write_error")
+        return cost
 
     def _compaction_failed(self) -> bool:
         """True (and the job stopping) if the last compaction raised.
@@ -541,6 +613,14 @@ class Job:
             s.message = (
                 f"cannot write to the job directory {self.store.dir}: {self._write_error.strerror or self._write_error}"
             )
+        elif self._stop_reason == "budget" and self._budget is not None:
+            s.stopped = "budget"
+            s.message = (
+                f"budget reached: ${self._budget.spent:,.4f} spent of --max-cost ${self._budget.limit:,.4f}; "
+                f"{s.pending:,} rows not sent. Resume with a larger --max-cost"
+            )
         elif self._stop_reason:
             s.stopped = self._stop_reason
+        if self._budget is not None:
+            s.budget_spent_usd = self._budget.spent
         return s

@@ -17,10 +17,13 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchhub import defaults
 from batchhub.errors import UsageError
+
+if TYPE_CHECKING:
+    from batchhub.pricing import PriceBook
 
 #: Request parameters a column may set per row (`param_columns = {PARAM = COLUMN}`).
 ROW_PARAMS = ("model", "temperature", "max_tokens", "stop", "user")
@@ -77,6 +80,13 @@ class JobSpec:
     flush_seconds: float = defaults.FLUSH_SECONDS
     stop_grace: float = defaults.STOP_GRACE_S
 
+    #: stop before the job's total cost could pass this many USD
+    max_cost: float | None = None
+    #: price overrides (a `[prices]` table): model -> {input_per_million, output_per_million, ...}
+    prices: dict[str, Any] = field(default_factory=dict)
+    #: a JSON or TOML file of price overrides, merged over `prices`
+    prices_file: Path | None = None
+
     retry_failed: bool = False
     force: bool = False
     quiet: bool = False
@@ -116,6 +126,12 @@ class JobSpec:
     def request_config(self) -> dict[str, Any]:
         """The settings that shape requests, as JSON-ready values (compared on resume)."""
         return {name: _jsonable(getattr(self, name)) for name in REQUEST_FIELDS}
+
+    def price_book(self) -> PriceBook:
+        """Prices for this job: `prices_file` over the spec's `[prices]` over the bundled data."""
+        from batchhub.pricing import PriceBook
+
+        return PriceBook.build(self.prices, self.prices_file)
 
     def to_manifest(self) -> dict[str, Any]:
         """Every setting worth recording in job.json. Never the API key."""
@@ -160,6 +176,10 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.max_cost is not None and (
+            isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float)) or not self.max_cost > 0
+        ):
+            raise UsageError(f"max_cost must be a positive number of USD, not {self.max_cost!r}")
         if self.stop_grace < 0:
             raise UsageError("stop_grace must be 0 or more seconds")
         url = self.resolved_base_url()
@@ -176,11 +196,11 @@ class JobSpec:
         if unknown:
             raise UsageError(f"{origin}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         data = dict(data)
-        for key in ("input", "job_dir"):
+        for key in ("input", "job_dir", "prices_file"):
             if data.get(key) is not None:
                 path = Path(os.path.expanduser(str(data[key])))
                 data[key] = path if path.is_absolute() or base_dir is None else base_dir / path
-        for key, kind in (("param_columns", dict), ("mock", dict)):
+        for key, kind in (("param_columns", dict), ("mock", dict), ("prices", dict)):
             if key in data and not isinstance(data[key], kind):
                 raise UsageError(f"{origin}: {key} must be a table")
         try:

@@ -8,6 +8,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from batchhub.cost import USAGE_COLUMNS, report
+from batchhub.pricing import PriceBook
 from batchhub.store import JobStore, latest_indices
 
 
@@ -31,29 +33,24 @@ class JobStatus:
     last_finished_at: str | None = None
     state: str = "new"
     models: dict[str, int] = field(default_factory=dict)
+    #: cost of every response recorded, at known prices (None when no response is priced)
+    spent_usd: float | None = None
+    unpriced_models: list[str] = field(default_factory=list)
+    #: for an unfinished job: spent / rows done * rows in all
+    projected_usd: float | None = None
+    prices: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def job_status(job_dir: str | Path) -> JobStatus:
-    """Counts of the latest result per row, tokens over every result recorded (what was paid for)."""
+def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> JobStatus:
+    """Counts of the latest result per row; tokens and cost over every result recorded (what was paid for)."""
     store = JobStore(job_dir)
     manifest = store.read_manifest()
     total = int(manifest.get("input", {}).get("rows", 0))
-    table = store.results(
-        [
-            "row_id",
-            "status",
-            "error_type",
-            "finish_reason",
-            "model",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "finished_at",
-        ]
-    )
+    columns = ["row_id", "status", "error_type", "finish_reason", "total_tokens", *USAGE_COLUMNS]
+    table = store.results(list(dict.fromkeys(columns)))
     st = JobStatus(
         job_dir=str(store.dir),
         input=str(manifest.get("input", {}).get("path")),
@@ -80,6 +77,16 @@ def job_status(job_dir: str | Path) -> JobStatus:
         st.models = _counts(latest["model"])
         last = pc.max(table["finished_at"]).as_py()
         st.last_finished_at = last.isoformat(timespec="seconds") if last is not None else None
+        saved = manifest.get("spec", {})
+        book = PriceBook.build(saved.get("prices") or {}, prices_file or saved.get("prices_file"))
+        bill = report(table, book)
+        st.prices = "; ".join(bill.sources) or None
+        st.unpriced_models = bill.unknown_models
+        if bill.sources:
+            st.spent_usd = bill.total_usd
+            done = st.ok + st.failed
+            if st.pending and done:
+                st.projected_usd = bill.total_usd / done * total
     if runs and "ended_at" not in runs[-1]:
         st.state = "running (or killed)"
     elif st.pending == 0:

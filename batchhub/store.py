@@ -59,6 +59,7 @@ RESULT_SCHEMA = pa.schema(
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("total_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
         ("latency_s", pa.float64()),
         ("attempts", pa.int32()),
         ("rate_limit_retries", pa.int32()),
@@ -293,7 +294,7 @@ class JobStore:
         max_seq = 0
         for path in self.shards():
             try:
-                table = pq.read_table(path, columns=cols)
+                table = _read_shard(path, cols)
             except (OSError, pa.ArrowException) as exc:
                 raise JobStateError(f"shard {path} cannot be read: {exc}") from exc
             if table.num_rows:
@@ -335,6 +336,18 @@ class JobStore:
         valid = (ids >= 0) & (ids < n_rows)
         states[ids[valid]] = np.where(ok[keep][valid], STATE_OK, STATE_ERROR)
         return states
+
+
+def _read_shard(path: Path, columns: list[str]) -> pa.Table:
+    """The given columns of a shard; a column an older shard lacks comes back as nulls."""
+    present = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[c for c in columns if c in present])
+    for name in columns:
+        if name not in present:
+            table = table.append_column(
+                RESULT_SCHEMA.field(name), pa.nulls(table.num_rows, RESULT_SCHEMA.field(name).type)
+            )
+    return table.select(columns)
 
 
 def latest_indices(row_id: np.ndarray, seq: np.ndarray) -> np.ndarray:

@@ -58,7 +58,9 @@ async def test_whole_job_every_row_once_and_export_in_input_order(tmp_path: Path
     assert summary.http_requests == 120
     assert server.stats.completions == 120
     shards = list((tmp_path / "job" / "results").glob("part-*.parquet"))
-    assert len(shards) >= 4  # flushed every 25 rows, not only at the end
+    # flushed during the run, not only at the end (a flush due while the previous one is still
+    # being written waits for the next result, so the exact count depends on timing)
+    assert len(shards) >= 2
     assert not list((tmp_path / "job").glob("journal-*.jsonl"))  # all compacted at the end
     out = tmp_path / "out.parquet"
     assert export_job(tmp_path / "job", out) == 120

@@ -1,0 +1,65 @@
+"""`--max-cost`: a job never spends past its budget.
+
+Before a row is sent, its worst-case cost is reserved: prompt tokens (counted with
+the model's tokenizer, plus 5% and 16 tokens of margin; for a model without one,
+the request body's UTF-8 byte length, which no byte-level BPE count exceeds) at
+the input price, plus `max_tokens` at the output price (without `max_tokens`,
+`BUDGET_COMPLETION_CEILING` tokens are assumed: set `max_tokens` for a hard
+guarantee). A row is dispatched only if what was already spent, plus every
+reservation in flight, plus its own, stays within the budget. When its usage
+arrives the reservation is replaced by the real cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batchhub import defaults
+from batchhub.errors import UsageError
+from batchhub.pricing import ModelPrice, PriceBook
+from batchhub.requests import BuiltRequest
+from batchhub.tokens import TokenCounter
+
+
+@dataclass
+class Budget:
+    """Spent + reserved <= limit, always."""
+
+    limit: float
+    spent: float
+    book: PriceBook
+    reserved: float = 0.0
+    _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
+
+    def price(self, model: str) -> ModelPrice:
+        price = self.book.lookup(model)
+        if price is None:
+            raise UsageError(
+                f"--max-cost needs a price for model {model!r}, and none is known: give it with --prices FILE"
+            )
+        return price
+
+    def worst_case(self, built: BuiltRequest) -> float:
+        """The most this request can cost."""
+        price = self.price(built.model)
+        counter = self._counters.get(built.model)
+        if counter is None:
+            counter = self._counters[built.model] = TokenCounter.for_model(built.model)
+        # the published counting rule with a margin for a server that counts a little differently;
+        # without a tokenizer, the body's byte length (every token is at least one byte)
+        prompt = counter.messages(built.messages) * 1.05 + 16 if counter.exact else len(built.body)
+        completion = built.max_tokens if built.max_tokens is not None else defaults.BUDGET_COMPLETION_CEILING
+        return price.request_cost(prompt, completion)
+
+    def try_reserve(self, amount: float) -> bool:
+        if self.spent + self.reserved + amount > self.limit:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += actual
+
+    def release(self, reserved: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)

@@ -1,0 +1,136 @@
+"""The bill: cost by model from the usage columns of a job, an export, or any Parquet file.
+
+Every response that reported usage counts, retried rows included (each was paid
+for). Responses without usage cannot be priced and are counted apart. A request
+that was in flight when a job was killed may have been billed without a record of
+it (at most `concurrency` per kill): no tool can see that from the client side.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchhub.errors import UsageError
+from batchhub.pricing import CostReport, PriceBook, cost_of
+from batchhub.store import JobStore
+
+USAGE_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "cached_tokens", "finished_at", "status")
+
+
+def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
+    """The usage columns of a job directory, or of a Parquet file or folder of them."""
+    path = Path(target)
+    if (path / "job.json").exists():
+        return JobStore(path).results(list(USAGE_COLUMNS))
+    if not path.exists():
+        raise UsageError(f"{path} is neither a job directory nor a Parquet file")
+    try:
+        schema = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path} is neither a job directory nor a readable Parquet file: {exc}") from exc
+    names = set(schema.names)
+    missing = {"prompt_tokens", "completion_tokens"} - names
+    if missing:
+        raise UsageError(f"{path} has no {' or '.join(sorted(missing))} column: nothing to price")
+    if "model" not in names and model is None:
+        raise UsageError(f"{path} has no model column: say which model with --model")
+    table = pq.read_table(path, columns=[c for c in USAGE_COLUMNS if c in names])
+    if "model" not in names or model is not None:
+        if "model" in names:
+            table = table.drop(["model"])
+        table = table.append_column("model", pa.array([model] * table.num_rows, pa.string()))
+    return table
+
+
+def report(table: pa.Table, book: PriceBook) -> CostReport:
+    """Price every response of `table` that reported usage."""
+    has_usage = pc.and_(pc.is_valid(table["prompt_tokens"]), pc.is_valid(table["completion_tokens"]))
+    if "status" in table.column_names:
+        ok_without = pc.and_(pc.equal(table["status"], "ok"), pc.invert(has_usage))
+        no_usage = int(pc.sum(ok_without.cast(pa.int64())).as_py() or 0)
+    else:
+        no_usage = int(table.num_rows - pc.sum(has_usage.cast(pa.int64())).as_py())
+    priced = table.filter(has_usage)
+    models = np.array([m if m is not None else "(no model)" for m in priced["model"].to_pylist()], dtype=object)
+    cached = priced["cached_tokens"].fill_null(0).to_numpy() if "cached_tokens" in priced.column_names else None
+    when = _latest(priced)
+    result = cost_of(
+        models,
+        priced["prompt_tokens"].to_numpy(),
+        priced["completion_tokens"].to_numpy(),
+        cached,
+        book,
+        when,
+    )
+    result.responses_without_usage = no_usage
+    return result
+
+
+def _latest(table: pa.Table) -> datetime | None:
+    """When the usage happened (its latest timestamp), so historical prices apply."""
+    if "finished_at" not in table.column_names or table.num_rows == 0:
+        return None
+    value = pc.max(table["finished_at"]).as_py()
+    return value if isinstance(value, datetime) else None
+
+
+def render(rep: CostReport) -> str:
+    """The report as an aligned text table."""
+    header = ("model", "priced as", "requests", "prompt", "cached", "completion", "input $", "output $", "total $")
+    rows: list[tuple[str, ...]] = []
+    for m in rep.models:
+        rows.append(
+            (
+                m.model,
+                m.priced_as or "-",
+                f"{m.requests:,}",
+                f"{m.prompt_tokens:,}",
+                f"{m.cached_tokens:,}",
+                f"{m.completion_tokens:,}",
+                _usd(m.input_usd),
+                _usd(m.output_usd),
+                _usd(m.total_usd),
+            )
+        )
+    total = f"{_usd(rep.total_usd)}" + (" + unknown" if rep.unknown_models else "")
+    rows.append(
+        (
+            "total",
+            "",
+            f"{sum(m.requests for m in rep.models):,}",
+            f"{sum(m.prompt_tokens for m in rep.models):,}",
+            f"{sum(m.cached_tokens for m in rep.models):,}",
+            f"{sum(m.completion_tokens for m in rep.models):,}",
+            "",
+            "",
+            total,
+        )
+    )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for n, r in enumerate([header, *rows]):
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0 or n == len(rows) - 1:
+            lines.append("  ".join("-" * w for w in widths))
+    if rep.unknown_models:
+        lines.append(
+            f"unknown price for: {', '.join(rep.unknown_models)} "
+            "(give them with --prices FILE or a [prices] table; they are not counted as $0)"
+        )
+    if rep.responses_without_usage:
+        lines.append(f"{rep.responses_without_usage:,} ok responses reported no usage and cannot be priced")
+    lines.append("prices: " + ("; ".join(rep.sources) if rep.sources else "none found"))
+    return "\n".join(lines)
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    return f"${value:,.4f}" if value < 100 else f"${value:,.2f}"

@@ -1,0 +1,265 @@
+"""What a job will cost, before it runs.
+
+Prompt tokens are counted row by row with the model's tokenizer (offline,
+`batchhub.tokens`), chat-format overhead included. Completion tokens cannot be
+known before the answers exist, so they are a range: from one token per row up to
+`max_tokens` per row (no ceiling when `max_tokens` is not set). With a sample
+(`--sample N`: N rows spread evenly over the input are really sent, and become part
+of the job) the completion length is extrapolated from the sample's mean, with a 95%
+interval from its spread, and the server's own prompt count calibrates the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchhub.io import open_input
+from batchhub.pricing import PriceBook
+from batchhub.requests import RequestBuilder, RowError
+from batchhub.spec import JobSpec
+from batchhub.tokens import TokenCounter
+
+
+@dataclass
+class SampleStats:
+    """What N really sent rows showed."""
+
+    rows: int
+    completion_mean: float
+    completion_sd: float
+    completion_p50: float
+    completion_p90: float
+    completion_max: int
+    #: the server's prompt tokens / the tokenizer's count, over the sample
+    prompt_ratio: float | None
+    cost_usd: float | None
+
+
+@dataclass
+class ModelEstimate:
+    model: str
+    rows: int
+    prompt_tokens: int
+    tokenizer: str
+    exact: bool
+    completion_low: int
+    completion_expected: int | None
+    completion_high: int | None
+    priced_as: str | None
+    cost_low: float | None
+    cost_expected: float | None
+    cost_high: float | None
+
+
+@dataclass
+class Estimate:
+    rows: int
+    rows_failing: int
+    models: list[ModelEstimate]
+    sample: SampleStats | None
+    prices: list[str] = field(default_factory=list)
+    unknown_prices: list[str] = field(default_factory=list)
+
+    def total(self, key: str) -> float | None:
+        values = [getattr(m, key) for m in self.models]
+        return None if any(v is None for v in values) else float(sum(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "total_cost_low": self.total("cost_low"),
+            "total_cost_expected": self.total("cost_expected"),
+            "total_cost_high": self.total("cost_high"),
+        }
+
+
+@dataclass
+class _Tally:
+    rows: int = 0
+    prompt: int = 0
+    ceiling: int = 0
+    unbounded: bool = False
+
+
+def sample_row_ids(n_rows: int, n: int) -> np.ndarray:
+    """N row ids spread evenly over the input (every row when N >= rows)."""
+    if n >= n_rows:
+        return np.arange(n_rows, dtype=np.int64)
+    return np.unique(np.linspace(0, n_rows - 1, n).round().astype(np.int64))
+
+
+def count_prompts(spec: JobSpec, only: np.ndarray | None = None) -> tuple[dict[str, _Tally], int, int]:
+    """Per model: rows, prompt tokens, completion ceiling; plus rows that would fail, and rows read."""
+    source = open_input(spec.input)  # type: ignore[arg-type]
+    builder = RequestBuilder(spec, source.columns)
+    tallies: dict[str, _Tally] = {}
+    counters: dict[str, TokenCounter] = {}
+    failing = 0
+    row_id = 0
+    wanted = None if only is None else set(only.tolist())
+    for batch in source.iter_rows(builder.needed_columns):
+        for row in batch:
+            rid, row_id = row_id, row_id + 1
+            if wanted is not None and rid not in wanted:
+                continue
+            try:
+                built = builder.build(row)
+            except RowError:
+                failing += 1
+                continue
+            counter = counters.get(built.model) or counters.setdefault(built.model, TokenCounter.for_model(built.model))
+            tally = tallies.setdefault(built.model, _Tally())
+            tally.rows += 1
+            tally.prompt += counter.messages(built.messages)
+            if built.max_tokens is None:
+                tally.unbounded = True
+            else:
+                tally.ceiling += built.max_tokens
+    return tallies, failing, row_id
+
+
+def estimate(spec: JobSpec, book: PriceBook, sample: SampleStats | None = None) -> Estimate:
+    """The estimate of a whole job (prompt tokens counted, completion as a range, cost as a range)."""
+    tallies, failing, _ = count_prompts(spec)
+    models: list[ModelEstimate] = []
+    unknown: list[str] = []
+    sources: set[str] = set()
+    for model, t in sorted(tallies.items()):
+        counter = TokenCounter.for_model(model)
+        prompt = t.prompt
+        if sample is not None and sample.prompt_ratio:
+            prompt = round(prompt * sample.prompt_ratio)
+        high = None if t.unbounded else t.ceiling
+        low = t.rows
+        expected = None
+        if sample is not None and sample.rows:
+            half = 1.96 * sample.completion_sd / math.sqrt(sample.rows)
+            expected = round(sample.completion_mean * t.rows)
+            low = max(low, math.floor(max(0.0, sample.completion_mean - half) * t.rows))
+            upper = math.ceil((sample.completion_mean + half) * t.rows)
+            high = upper if high is None else min(high, upper)
+            expected = min(expected, high)
+        price = book.lookup(model)
+        est = ModelEstimate(
+            model=model,
+            rows=t.rows,
+            prompt_tokens=prompt,
+            tokenizer=counter.label,
+            exact=counter.exact,
+            completion_low=low,
+            completion_expected=expected,
+            completion_high=high,
+            priced_as=price.priced_as if price else None,
+            cost_low=None,
+            cost_expected=None,
+            cost_high=None,
+        )
+        if price is None:
+            unknown.append(model)
+        else:
+            sources.add(price.source)
+            # priced as rows of average size (a tiered price applies by the average prompt)
+            rows_n = max(t.rows, 1)
+            avg_prompt = prompt / rows_n
+            est.cost_low, est.cost_expected, est.cost_high = (
+                None if c is None else float(price.request_cost(avg_prompt, c / rows_n) * rows_n)
+                for c in (low, expected, high)
+            )
+        models.append(est)
+    rows = sum(t.rows for t in tallies.values())
+    return Estimate(rows, failing, models, sample, sorted(sources), unknown)
+
+
+def render(est: Estimate) -> str:
+    """The estimate as text."""
+    lines = [
+        f"{est.rows:,} rows to send"
+        + (f" ({est.rows_failing:,} more would fail before sending)" if est.rows_failing else "")
+    ]
+    header = ("model", "rows", "prompt tokens", "tokenizer", "completion tokens", "cost")
+    rows = [header]
+    for m in est.models:
+        completion = f"{m.completion_low:,} .. " + (
+            f"{m.completion_high:,}" if m.completion_high is not None else "no ceiling"
+        )
+        if m.completion_expected is not None:
+            completion += f" (expected {m.completion_expected:,})"
+        if m.cost_low is None and m.priced_as is None:
+            cost = "unknown price"
+        else:
+            cost = f"${m.cost_low:,.4f} .. " + (f"${m.cost_high:,.4f}" if m.cost_high is not None else "no ceiling")
+            if m.cost_expected is not None:
+                cost += f" (expected ${m.cost_expected:,.4f})"
+        rows.append((m.model, f"{m.rows:,}", f"{m.prompt_tokens:,}", m.tokenizer, completion, cost))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    low, expected, high = est.total("cost_low"), est.total("cost_expected"), est.total("cost_high")
+    if len(est.models) > 1 and low is not None:
+        total = f"total cost ${low:,.4f} .. " + (f"${high:,.4f}" if high is not None else "no ceiling")
+        lines.append(total + (f" (expected ${expected:,.4f})" if expected is not None else ""))
+    s = est.sample
+    if s is None:
+        lines.append("completion: from 1 token per row up to max_tokens per row; --sample N sends N rows to measure it")
+    else:
+        lines.append(
+            f"sample of {s.rows:,} rows: completion tokens mean {s.completion_mean:.1f}, sd {s.completion_sd:.1f}, "
+            f"p50 {s.completion_p50:.0f}, p90 {s.completion_p90:.0f}, max {s.completion_max}; "
+            "range is the 95% interval of the mean"
+            + (f"; server/tokenizer prompt-token ratio {s.prompt_ratio:.3f} applied" if s.prompt_ratio else "")
+            + (f"; the sample cost ${s.cost_usd:,.4f} and is part of the job" if s.cost_usd is not None else "")
+        )
+    if est.unknown_prices:
+        lines.append(f"unknown price for: {', '.join(est.unknown_prices)} (give it with --prices FILE)")
+    lines.append("prices: " + ("; ".join(est.prices) if est.prices else "none found"))
+    return "\n".join(lines)
+
+
+async def run_sample(
+    spec: JobSpec, n: int, *, on_start: Callable[[Any], None] | None = None, **job_options: Any
+) -> tuple[SampleStats, Any]:
+    """Send N rows spread over the input as part of the job; return what they showed, and the run's summary."""
+    from batchhub.cost import USAGE_COLUMNS, report
+    from batchhub.runner import Job, prepare_job
+
+    prepared = prepare_job(spec)
+    ids = sample_row_ids(prepared.n_rows, n)
+    job = Job(prepared, only_rows=ids, **job_options)
+    if on_start is not None:
+        on_start(job)
+    summary = await job.run()
+    latest = prepared.store.latest_results(["row_id", "status", *USAGE_COLUMNS[1:4]])
+    row_ids = latest["row_id"].to_numpy()
+    ok = np.array([s == "ok" for s in latest["status"].to_pylist()], dtype=bool)
+    completion = latest["completion_tokens"].to_numpy(zero_copy_only=False)
+    prompt = latest["prompt_tokens"].to_numpy(zero_copy_only=False)
+    chosen = np.isin(row_ids, ids) & ok & ~np.isnan(completion.astype(np.float64))
+    comp = completion[chosen].astype(np.float64)
+    if comp.size == 0:
+        return SampleStats(0, 0.0, 0.0, 0.0, 0.0, 0, None, None), summary
+    counted, _, _ = count_prompts(spec, only=row_ids[chosen])
+    tokenizer_total = sum(t.prompt for t in counted.values())
+    server_prompt = prompt[chosen].astype(np.float64)
+    ratio = None
+    if tokenizer_total and not np.isnan(server_prompt).any():
+        ratio = float(server_prompt.sum() / tokenizer_total)
+    table = prepared.store.latest_results([*USAGE_COLUMNS, "row_id"])
+    table = table.filter(np.isin(table["row_id"].to_numpy(), ids))
+    cost = report(table, prepared.prices)
+    stats = SampleStats(
+        rows=int(comp.size),
+        completion_mean=float(comp.mean()),
+        completion_sd=float(comp.std(ddof=1)) if comp.size > 1 else 0.0,
+        completion_p50=float(np.percentile(comp, 50)),
+        completion_p90=float(np.percentile(comp, 90)),
+        completion_max=int(comp.max()),
+        prompt_ratio=ratio,
+        cost_usd=cost.total_usd if cost.complete else None,
+    )
+    return stats, summary

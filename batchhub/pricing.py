@@ -1,0 +1,311 @@
+"""Prices, and the cost of usage.
+
+Where prices come from, in order:
+
+1. `--prices FILE` (JSON or TOML), merged over
+2. the job spec's `[prices]` table, merged over
+3. the bundled data of `genai-prices` (a maintained, dated price database that
+   also maps a dated snapshot name such as `gpt-4o-2024-08-06` to its model, and
+   knows cached-input and tiered prices).
+
+An override names a model exactly, or its family: a name that ends in a date
+(`-2024-08-06`, `-20240806`) or a four-digit snapshot (`-0613`) falls back to the
+name without it. genai-prices applies its own published match rules per model
+(snapshot names to their model), and `provider/model` names are looked up at that
+provider. Every price reports what it was priced as. Nothing else is guessed: a model no source knows is *unknown*,
+never $0, and every report says which models those are and where each price came from.
+
+Override shape (per model, USD per million tokens)::
+
+    {"my-model": {"input_per_million": 1.25, "output_per_million": 10.0, "cached_input_per_million": 0.125}}
+
+Tiered prices (a higher rate for every token of a request whose prompt is past a
+threshold, as some providers charge) are applied per request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchhub.errors import UsageError
+
+OVERRIDE_KEYS = {"input_per_million", "output_per_million", "cached_input_per_million"}
+_DATED = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """USD per million tokens; `tiers` are (prompt-token threshold, rate) pairs applied above the threshold."""
+
+    base: float
+    tiers: tuple[tuple[int, float], ...] = ()
+
+    def for_prompts(self, prompt_tokens: np.ndarray) -> np.ndarray:
+        rate = np.full(len(prompt_tokens), self.base, dtype=np.float64)
+        for start, tier_rate in sorted(self.tiers):
+            rate[prompt_tokens > start] = tier_rate
+        return rate
+
+    def describe(self) -> str:
+        text = f"${self.base:g}"
+        return text + (" (+tiers)" if self.tiers else "")
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """The price of one model, and where it came from."""
+
+    model: str
+    priced_as: str
+    provider: str | None
+    input: Rate
+    output: Rate
+    cached_input: Rate | None
+    source: str
+
+    def costs(
+        self, prompt: np.ndarray, completion: np.ndarray, cached: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-request (input USD, output USD) for arrays of token counts (nulls as 0)."""
+        prompt = np.asarray(prompt, dtype=np.float64)
+        completion = np.asarray(completion, dtype=np.float64)
+        cached = np.zeros_like(prompt) if cached is None else np.minimum(np.asarray(cached, dtype=np.float64), prompt)
+        cached_rate = (self.cached_input or self.input).for_prompts(prompt)
+        input_usd = ((prompt - cached) * self.input.for_prompts(prompt) + cached * cached_rate) / 1e6
+        output_usd = completion * self.output.for_prompts(prompt) / 1e6
+        return input_usd, output_usd
+
+    def request_cost(self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0) -> float:
+        i, o = self.costs(np.array([prompt_tokens]), np.array([completion_tokens]), np.array([cached_tokens]))
+        return float(i[0] + o[0])
+
+
+def _rate(value: Any) -> Rate | None:
+    """A genai-prices price (Decimal or TieredPrices) as a Rate."""
+    if value is None:
+        return None
+    tiers = getattr(value, "tiers", None)
+    if tiers is not None:
+        return Rate(float(value.base), tuple((int(t.start), float(t.price)) for t in tiers))
+    return Rate(float(value))
+
+
+def _check_override(model: str, entry: Any, origin: str) -> dict[str, float]:
+    if not isinstance(entry, Mapping):
+        raise UsageError(f"{origin}: prices for {model!r} must be a table of {', '.join(sorted(OVERRIDE_KEYS))}")
+    unknown = set(entry) - OVERRIDE_KEYS
+    if unknown:
+        raise UsageError(
+            f"{origin}: unknown price key(s) {', '.join(sorted(unknown))} for {model!r} "
+            f"(known: {', '.join(sorted(OVERRIDE_KEYS))})"
+        )
+    for key in ("input_per_million", "output_per_million"):
+        if key not in entry:
+            raise UsageError(f"{origin}: prices for {model!r} need {key}")
+    out = {}
+    for key, value in entry.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            raise UsageError(f"{origin}: {key} for {model!r} must be a number >= 0, not {value!r}")
+        out[key] = float(value)
+    return out
+
+
+def load_prices_file(path: str | Path) -> dict[str, dict[str, float]]:
+    """Read a price override file (JSON, or TOML by its .toml extension)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read prices file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode()) if path.suffix.lower() == ".toml" else json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(
+            f"prices file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"prices file {path} must hold a table of model -> prices")
+    return {str(m): _check_override(str(m), e, str(path)) for m, e in data.items()}
+
+
+def _genai_prices_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genai-prices")
+    except PackageNotFoundError:  # pragma: no cover - a declared dependency
+        return "unknown"
+
+
+@dataclass
+class PriceBook:
+    """Looks up model prices: overrides first, then genai-prices' bundled data."""
+
+    overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    override_sources: dict[str, str] = field(default_factory=dict)
+    _cache: dict[str, ModelPrice | None] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, spec_prices: Mapping[str, Any] | None = None, prices_file: str | Path | None = None) -> PriceBook:
+        """Spec `[prices]` merged over the defaults, then `--prices FILE` over both."""
+        book = cls()
+        if spec_prices:
+            for model, entry in spec_prices.items():
+                book.overrides[str(model)] = _check_override(str(model), entry, "spec [prices]")
+                book.override_sources[str(model)] = "spec [prices]"
+        if prices_file is not None:
+            for model, entry in load_prices_file(prices_file).items():
+                book.overrides[model] = entry
+                book.override_sources[model] = f"--prices {prices_file}"
+        return book
+
+    @property
+    def default_source(self) -> str:
+        return f"genai-prices {_genai_prices_version()} (bundled data)"
+
+    @property
+    def label(self) -> str:
+        """Where this book's prices come from, in one line."""
+        if not self.overrides:
+            return self.default_source
+        by_source: dict[str, list[str]] = {}
+        for model, source in self.override_sources.items():
+            by_source.setdefault(source, []).append(model)
+        parts = [f"{source} for {', '.join(sorted(models))}" for source, models in by_source.items()]
+        return "; ".join([*parts, self.default_source])
+
+    def lookup(self, model: str, when: datetime | None = None) -> ModelPrice | None:
+        """The price of `model`, or None when no source knows it."""
+        key = f"{model}@{when.date() if when else ''}"
+        if key not in self._cache:
+            self._cache[key] = self._lookup(model, when)
+        return self._cache[key]
+
+    def _lookup(self, model: str, when: datetime | None) -> ModelPrice | None:
+        for name in (model, _DATED.sub("", model)):
+            entry = self.overrides.get(name)
+            if entry is not None:
+                cached = entry.get("cached_input_per_million")
+                return ModelPrice(
+                    model=model,
+                    priced_as=name,
+                    provider=None,
+                    input=Rate(entry["input_per_million"]),
+                    output=Rate(entry["output_per_million"]),
+                    cached_input=Rate(cached) if cached is not None else None,
+                    source=self.override_sources.get(name, "override"),
+                )
+        return self._from_genai_prices(model, when)
+
+    def _from_genai_prices(self, model: str, when: datetime | None) -> ModelPrice | None:
+        from genai_prices import Usage, calc_price
+
+        usage = Usage(input_tokens=1, output_tokens=1)
+        provider, _, name = model.rpartition("/")
+        try:
+            if provider:  # "openai/gpt-4o": a provider-qualified name, as LiteLLM writes them
+                calc = calc_price(usage, name, provider_id=provider, genai_request_timestamp=when)
+            else:
+                calc = calc_price(usage, model, genai_request_timestamp=when)
+        except (LookupError, ValueError):
+            return None
+        price = calc.model_price
+        input_rate = _rate(getattr(price, "input_mtok", None))
+        output_rate = _rate(getattr(price, "output_mtok", None))
+        if input_rate is None or output_rate is None:
+            return None
+        return ModelPrice(
+            model=model,
+            priced_as=calc.model.id,
+            provider=calc.provider.id,
+            input=input_rate,
+            output=output_rate,
+            cached_input=_rate(getattr(price, "cache_read_mtok", None)),
+            source=self.default_source,
+        )
+
+
+@dataclass
+class ModelCost:
+    model: str
+    priced_as: str | None
+    provider: str | None
+    source: str | None
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    input_usd: float | None
+    output_usd: float | None
+    total_usd: float | None
+
+
+@dataclass
+class CostReport:
+    """Cost by model. `total_usd` covers known prices only; `unknown_models` lists the rest."""
+
+    models: list[ModelCost]
+    total_usd: float
+    unknown_models: list[str]
+    responses_without_usage: int
+    sources: list[str]
+
+    @property
+    def complete(self) -> bool:
+        return not self.unknown_models
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"complete": self.complete}
+
+
+def cost_of(
+    models: np.ndarray,
+    prompt: np.ndarray,
+    completion: np.ndarray,
+    cached: np.ndarray | None,
+    book: PriceBook,
+    when: datetime | None = None,
+) -> CostReport:
+    """Price usage arrays (one entry per response; nulls already dropped) by model."""
+    lines: list[ModelCost] = []
+    unknown: list[str] = []
+    sources: set[str] = set()
+    total = 0.0
+    cached_all = np.zeros(len(prompt), dtype=np.int64) if cached is None else cached
+    for model in sorted({str(m) for m in models}):
+        mask = models == model
+        p, c, k = prompt[mask], completion[mask], cached_all[mask]
+        price = book.lookup(model, when)
+        line = ModelCost(
+            model=model,
+            priced_as=price.priced_as if price else None,
+            provider=price.provider if price else None,
+            source=price.source if price else None,
+            requests=int(mask.sum()),
+            prompt_tokens=int(p.sum()),
+            cached_tokens=int(k.sum()),
+            completion_tokens=int(c.sum()),
+            input_usd=None,
+            output_usd=None,
+            total_usd=None,
+        )
+        if price is None:
+            unknown.append(model)
+        else:
+            i, o = price.costs(p, c, k)
+            line.input_usd, line.output_usd = float(i.sum()), float(o.sum())
+            line.total_usd = line.input_usd + line.output_usd
+            total += line.total_usd
+            sources.add(price.source)
+        lines.append(line)
+    return CostReport(lines, total, unknown, 0, sorted(sources))
