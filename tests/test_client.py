@@ -210,3 +210,15 @@ async def test_client_html_200_is_bad_response() -> None:
         m.post(ENDPOINT, status=200, body="<html>oops</html>", content_type="text/html")
         with pytest.raises(BadResponseError):
             await call(m)
+
+
+def test_cached_prompt_tokens_are_read() -> None:
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 5,
+        "total_tokens": 105,
+        "prompt_tokens_details": {"cached_tokens": 64},
+    }
+    c = parse_completion(json.dumps(completion_body(usage=usage)).encode())
+    assert c.cached_tokens == 64
+    assert parse_completion(json.dumps(completion_body()).encode()).cached_tokens is None
