@@ -12,6 +12,7 @@ The parsers (`parse_completion`, `SSEAccumulator`) are pure and raise only
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,8 +47,13 @@ NO_USAGE: Usage = (None, None, None, None)
 
 
 def _num(mapping: Any, key: str) -> int | None:
+    """A token count, or None when absent or not a sane number (negative, NaN, infinite, absurd)."""
     v = mapping.get(key) if isinstance(mapping, Mapping) else None
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return int(v) if 0 <= v < 2**62 else None
 
 
 def _usage(data: Mapping[str, Any]) -> Usage:
@@ -78,7 +84,7 @@ def parse_completion(body: bytes) -> Completion:
     """A non-streamed `chat.completion` body -> Completion, or BadResponseError."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
         raise BadResponseError(f"response body is not JSON ({len(body)} bytes, starts {snippet!r})") from exc
     if not isinstance(data, dict):
@@ -158,7 +164,7 @@ class SSEAccumulator:
             return
         try:
             event = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadResponseError(f"event stream holds an event that is not JSON: {data[:80]!r}") from exc
         if not isinstance(event, dict):
             raise BadResponseError("event stream holds an event that is not a JSON object")

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from batchhub import _formats
 from batchhub._formats import READ_ERRORS, Compression, Format, reason
 from batchhub.errors import InputError, UsageError
+from batchhub.text import clean_text
 
 __all__ = [
     "Format",
@@ -253,14 +254,27 @@ class InputSource:
         for chunk in _formats.chunked(self._objects(), batch_size):
             try:
                 batch = _formats.jsonl_batch(chunk, layout)
+            except UnicodeEncodeError:
+                # text Arrow cannot store: lone surrogates from \\ud800 escapes become U+FFFD
+                batch = _formats.jsonl_batch([_without_surrogates(obj) for obj in chunk], layout)
             except _formats.CONVERT_ERRORS as exc:
-                # Only when the file changed between the passes, or holds text
-                # Arrow cannot store (lone surrogates from \\ud800 escapes).
+                # Only when the file changed between the passes.
                 raise InputError(f"could not convert {self.path} to Arrow: {reason(exc)}") from exc
             produced = True
             yield batch
         if not produced:
             yield pa.RecordBatch.from_pylist([], schema=layout.schema)
+
+
+def _without_surrogates(value: Any) -> Any:
+    """A parsed JSON value with lone surrogates (valid JSON escapes, invalid UTF-8) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    return value
 
 
 def _with_schema(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.RecordBatch]:

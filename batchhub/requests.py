@@ -85,6 +85,8 @@ class RequestBuilder:
     def __init__(self, spec: JobSpec, columns: Sequence[str]) -> None:
         self.spec = spec
         self._template = spec.template
+        if spec.template is not None:
+            template_fields(spec.template)  # a malformed template is a usage error, before anything else
         self._parsed = list(string.Formatter().parse(spec.template)) if spec.template else []
         self._messages_column = spec.messages_column
         self._prompt_column = None if (spec.template or spec.messages_column) else (spec.prompt_column or "prompt")
@@ -165,6 +167,10 @@ class RequestBuilder:
             value = row.get(name)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 raise RowError(f"template field {{{name}}} is null in this row", "empty_prompt")
+            if hasattr(value, "tolist"):  # numpy arrays from Parquet list columns
+                value = value.tolist()
+            if isinstance(value, (dict, list)) and conversion is None and not spec:
+                value = json.dumps(value, ensure_ascii=False)  # nested data as JSON, not Python's repr
             if conversion == "r":
                 value = repr(value)
             elif conversion in ("s", "a"):
@@ -185,7 +191,12 @@ class RequestBuilder:
                 body[param] = value
         if not body.get("model"):
             raise RowError("no model for this row (the model column is empty and no --model was given)")
-        encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as exc:  # NaN or infinity somewhere in a messages cell: not valid JSON
+            raise RowError(f"this row's messages hold a value JSON cannot carry: {exc}") from exc
+        except UnicodeEncodeError as exc:  # a lone surrogate (e.g. "\ud800" in a JSON Lines file)
+            raise RowError(f"this row's text is not valid Unicode: {exc.reason} at position {exc.start}") from exc
         return BuiltRequest(
             body=encoded,
             model=body["model"],
@@ -236,6 +247,8 @@ def _row_param(param: str, value: Any, column: str) -> Any:
                 value = json.loads(value)
             if hasattr(value, "tolist"):
                 value = value.tolist()
+            if value == []:
+                return None  # an empty list, like an empty cell, means the job's value
             check_stop(value)
         elif not isinstance(value, str):
             raise UsageError(f"{param} must be text, not {value!r}")

@@ -39,7 +39,7 @@ def parse_error_body(body: bytes | str | None) -> tuple[str | None, str | None, 
         return None, None, None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None, None, None
     err: Any = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, str):

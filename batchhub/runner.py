@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from batchhub.errors import (
     EXIT_OK,
     EXIT_STOPPED,
     APIError,
+    BatchhubError,
     FatalAPIError,
     InputError,
     JobStateError,
@@ -51,6 +53,7 @@ from batchhub.requests import BuiltRequest, RequestBuilder, RowError
 from batchhub.retry import next_step
 from batchhub.spec import JobSpec
 from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+from batchhub.text import clean_text
 
 log = logging.getLogger("batchhub")
 
@@ -106,10 +109,28 @@ class JobSummary:
         return EXIT_FAILED_ROWS if self.failed else EXIT_OK
 
 
+#: shortest piece of a key that is still redacted when it appears alone (a cut-off echo)
+_REDACT_MIN = 8
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
+
+
 def redact(text: str, secret: str | None) -> str:
-    """Remove a secret from text that may reach a file or a screen."""
-    if secret and len(secret) >= 4 and secret in text:
-        return text.replace(secret, "[redacted]")
+    """Remove a secret, and any piece of 8 or more of its characters, from text that may reach a file or a screen.
+
+    A server that echoes the Authorization header into an error body may have it cut anywhere
+    by the time it is quoted, so pieces of the key are removed too, and any `Bearer <token>`.
+    """
+    text = _BEARER.sub(r"\1[redacted]", text)
+    if not secret or len(secret) < 4:
+        return text
+    if secret in text:
+        text = text.replace(secret, "[redacted]")
+    n = len(secret)
+    for size in range(n - 1, _REDACT_MIN - 1, -1):
+        for start in range(0, n - size + 1):
+            piece = secret[start : start + size]
+            if piece in text:
+                text = text.replace(piece, "[redacted]")
     return text
 
 
@@ -122,6 +143,11 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         api_key = api_key or defaults.MOCK_API_KEY
     elif not api_key:
         raise UsageError("no API key: set BATCHHUB_API_KEY (or OPENAI_API_KEY), or pass --api-key")
+    if api_key is not None and (not api_key or any(ch.isspace() or ord(ch) < 32 for ch in api_key)):
+        # never quote the key: say only what is wrong with it
+        raise UsageError("the API key contains spaces, line breaks or control characters; check how it was set")
+    if spec.is_mock:
+        _mock_config(spec)  # a bad [mock] table fails here, before anything is written
     source = open_input(spec.input)
     builder = RequestBuilder(spec, source.columns)
     store = JobStore(spec.resolved_job_dir())
@@ -148,7 +174,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
             n_rows = source.count_rows()
         resumed = True
     else:
-        n_rows = source.count_rows()
+        n_rows = _count_and_check(source, builder)
         if n_rows == 0:
             raise InputError(f"{source.path} has no rows (only a header, or nothing)")
         manifest = {
@@ -193,6 +219,28 @@ def _budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
     return Budget(float(spec.max_cost), spent, prices)
 
 
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _count_and_check(source: InputSource, builder: RequestBuilder) -> int:
+    """Rows of a new job's input. Text formats are read through the columns the job uses, so
+    a bad byte deep in the file is refused now, not after half the job was sent."""
+    if source.format == "parquet":
+        return source.count_rows()
+    return sum(len(batch) for batch in source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS))
+
+
+def _mock_config(spec: JobSpec) -> Any:
+    from batchhub.mock import MockConfig
+
+    try:
+        return MockConfig.from_dict(dict(spec.mock))
+    except ValueError as exc:
+        raise UsageError(f"[mock] settings: {exc}") from exc
+
+
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -203,13 +251,9 @@ async def _endpoint(spec: JobSpec) -> AsyncIterator[str]:
     if not spec.is_mock:
         yield spec.resolved_base_url()
         return
-    from batchhub.mock import MockConfig, MockServer
+    from batchhub.mock import MockServer
 
-    try:
-        config = MockConfig.from_dict(dict(spec.mock))
-    except ValueError as exc:
-        raise UsageError(f"[mock] settings: {exc}") from exc
-    async with MockServer(config) as server:
+    async with MockServer(_mock_config(spec)) as server:
         yield server.base_url
 
 
@@ -323,6 +367,13 @@ class Job:
             async with asyncio.TaskGroup() as tg:
                 self._reader_task = tg.create_task(self._reader())
                 self._workers = [tg.create_task(self._worker()) for _ in range(self.spec.concurrency)]
+        except BaseExceptionGroup as group:
+            # a task failed on purpose (say, the input became unreadable mid-way): surface our own
+            # error as itself, so callers see one clear error rather than a group of them
+            ours = group.subgroup(lambda e: isinstance(e, BatchhubError))
+            if ours is not None:
+                raise _first_leaf(ours) from group
+            raise
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -464,13 +515,16 @@ class Job:
     # -- rows -------------------------------------------------------------------------------
 
     def _ok_row(self, rid: int, c: Completion, attempts: int, rate_limits: int, built: BuiltRequest) -> dict[str, Any]:
+        def text(value: str | None) -> str | None:  # what a server sends may not be writable UTF-8
+            return clean_text(value) if value is not None else None
+
         return {
             "row_id": rid,
             "status": "ok",
-            "content": c.content,
-            "finish_reason": c.finish_reason,
-            "model": c.model or built.model,
-            "response_id": c.response_id,
+            "content": text(c.content),
+            "finish_reason": text(c.finish_reason),
+            "model": text(c.model) or built.model,
+            "response_id": text(c.response_id),
             "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.completion_tokens,
             "total_tokens": c.total_tokens,
@@ -502,7 +556,7 @@ class Job:
             "rate_limit_retries": rate_limits,
             "http_status": status,
             "error_type": error_type,
-            "error_message": redact(message, self.p.api_key),
+            "error_message": redact(clean_text(message), self.p.api_key),
             "request_hash": built.request_hash if built else None,
         }
 

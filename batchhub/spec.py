@@ -114,7 +114,9 @@ class JobSpec:
         return url.rstrip("/") if url != defaults.MOCK_BASE_URL else url
 
     def resolved_api_key(self) -> str | None:
-        return self.api_key or os.environ.get("BATCHHUB_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        """The key from the flag, BATCHHUB_API_KEY or OPENAI_API_KEY, without surrounding whitespace."""
+        key = self.api_key or os.environ.get("BATCHHUB_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        return key.strip() if key is not None else None
 
     def resolved_job_dir(self) -> Path:
         if self.job_dir is not None:
