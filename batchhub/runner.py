@@ -151,6 +151,8 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     source = open_input(spec.input)
     builder = RequestBuilder(spec, source.columns)
     store = JobStore(spec.resolved_job_dir())
+    if store.dir.exists() and not store.dir.is_dir():
+        raise UsageError(f"the job directory {store.dir} is a file, not a directory: choose another --job-dir")
     input_fp = fingerprint(source.path)
     if store.exists():
         manifest = store.read_manifest()
@@ -306,7 +308,11 @@ class Job:
     async def run(self) -> JobSummary:
         p, spec, store = self.p, self.spec, self.store
         started = time.monotonic()
-        store.recover()
+        setup_error: OSError | None = None
+        try:
+            store.recover()
+        except OSError as exc:  # no room to compact the journal: it stays, and is still read below
+            setup_error = exc
         states = store.row_states(p.n_rows)
         self._states = states
         todo = (states == STATE_NONE) | ((states == STATE_ERROR) if spec.retry_failed else False)
@@ -318,7 +324,12 @@ class Job:
         n_todo = int(np.count_nonzero(todo))
         run_record: dict[str, Any] = {"started_at": _now_iso(), "to_send": n_todo, "batchhub_version": __version__}
         p.manifest.setdefault("runs", []).append(run_record)
-        store.write_manifest(p.manifest)
+        if setup_error is None:
+            try:
+                store.write_manifest(p.manifest)
+            except OSError as exc:
+                setup_error = exc
+        self._write_error = setup_error
         self._progress = Progress(
             total=p.n_rows,
             initial=p.n_rows - n_todo,
@@ -328,11 +339,15 @@ class Job:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)
         self._limits = RateLimits(spec.rpm, spec.tpm)
         try:
-            if n_todo:
-                self._segment = store.open_segment()
-                async with _endpoint(spec) as base_url, self._client_session() as session:
-                    self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
-                    await self._run_pool()
+            if n_todo and setup_error is None:
+                try:
+                    self._segment = store.open_segment()
+                except OSError as exc:
+                    self._write_error = exc
+                else:
+                    async with _endpoint(spec) as base_url, self._client_session() as session:
+                        self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
+                        await self._run_pool()
         finally:
             await self._final_flush()
             store.close()
