@@ -394,7 +394,7 @@ def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: 
         if sample:
             holder: list[Any] = []
             stats, summary = _run_until_done(
-                run_sample(spec, sample, on_start=holder.append), lambda: holder[0].request_stop()
+                run_sample(spec, sample, on_start=holder.append), lambda: holder[0].request_stop() if holder else None
             )
             if summary.stopped:
                 click.echo(f"error: the sample run stopped: {summary.message or summary.stopped}", err=True)

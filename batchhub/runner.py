@@ -70,7 +70,7 @@ class PreparedJob:
     store: JobStore
     manifest: dict[str, Any]
     n_rows: int
-    api_key: str | None
+    api_key: str
     resumed: bool
     prices: PriceBook
     budget: Budget | None = None
@@ -85,7 +85,6 @@ class JobSummary:
     ok: int
     failed: int
     pending: int
-    sent_this_run: int = 0
     results_this_run: int = 0
     http_requests: int = 0
     retries: int = 0
@@ -100,7 +99,6 @@ class JobSummary:
     budget_spent_usd: float | None = None
     stopped: str | None = None
     message: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -143,7 +141,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         api_key = api_key or defaults.MOCK_API_KEY
     elif not api_key:
         raise UsageError("no API key: set BATCHHUB_API_KEY (or OPENAI_API_KEY), or pass --api-key")
-    if api_key is not None and (not api_key or any(ch.isspace() or ord(ch) < 32 for ch in api_key)):
+    if any(ch.isspace() or ord(ch) < 32 for ch in api_key):
         # never quote the key: say only what is wrong with it
         raise UsageError("the API key contains spaces, line breaks or control characters; check how it was set")
     if spec.is_mock:
@@ -291,7 +289,6 @@ class Job:
         self._pending_rows: list[dict[str, Any]] = []
         self._segment: Path | None = None
         self._last_flush = time.monotonic()
-        self.summary: JobSummary | None = None
 
     # -- control ------------------------------------------------------------------------
 
@@ -673,7 +670,6 @@ class Job:
         s.failed = int(np.count_nonzero(states == STATE_ERROR))
         s.pending = int(np.count_nonzero(states == STATE_NONE))
         s.elapsed_s = time.monotonic() - started
-        s.sent_this_run = s.http_requests
         if self._fatal is not None:
             s.stopped = "fatal"
             s.message = redact(str(self._fatal), self.p.api_key)
