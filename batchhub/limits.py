@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
@@ -68,6 +69,15 @@ class Bucket(AsyncLimiter):
         return self._level
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Tokens a request took from a token bucket, and which bucket: settling must go to the same
+    one, since a bucket adopted from headers mid-job already counts the requests made before it."""
+
+    tokens: int
+    bucket: Bucket | None
+
+
 class RateLimits:
     """The shared limits of one job: RPM, TPM, the 429 cool-down and header calibration."""
 
@@ -117,27 +127,28 @@ class RateLimits:
 
     # -- acquire / settle -------------------------------------------------------------
 
-    async def acquire(self, tokens: int) -> int:
-        """Wait for the cool-down and both buckets; return the tokens actually reserved."""
+    async def acquire(self, tokens: int) -> Reservation:
+        """Wait for the cool-down and both buckets; return what was reserved."""
         await self.wait_cooldown()
         if self.requests is not None:
             await self.requests.acquire(1)
+        bucket = self.tokens
         reserved = 0
-        if self.tokens is not None:
+        if bucket is not None:
             # aiolimiter refuses amounts above capacity: such a request takes a whole bucket
-            reserved = min(tokens, int(self.tokens.max_rate))
-            await self.tokens.acquire(reserved)
-        return reserved
+            reserved = min(tokens, int(bucket.max_rate))
+            await bucket.acquire(reserved)
+        return Reservation(reserved, bucket)
 
-    def settle(self, reserved: int, actual: int | None) -> None:
+    def settle(self, reservation: Reservation, actual: int | None) -> None:
         """Correct the token bucket once the real total is known."""
-        if self.tokens is not None and actual is not None:
-            self.tokens.adjust(actual - reserved)
+        if reservation.bucket is not None and reservation.bucket is self.tokens and actual is not None:
+            reservation.bucket.adjust(actual - reservation.tokens)
 
-    def release(self, reserved: int) -> None:
+    def release(self, reservation: Reservation) -> None:
         """Give back a reservation for a request the server refused without charging (a 429)."""
-        if self.tokens is not None and reserved:
-            self.tokens.adjust(-reserved)
+        if reservation.bucket is not None and reservation.bucket is self.tokens and reservation.tokens:
+            reservation.bucket.adjust(-reservation.tokens)
 
     # -- cool-down ----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ def test_parse_duration(text: str | None, seconds: float | None) -> None:
 async def test_oversized_request_takes_whole_bucket_instead_of_hanging() -> None:
     limits = RateLimits(rpm=None, tpm=1000)
     reserved = await asyncio.wait_for(limits.acquire(50_000), timeout=1)
-    assert reserved == 1000
+    assert reserved.tokens == 1000
     assert limits.tokens is not None and limits.tokens.level == pytest.approx(1000, abs=1)
 
 
@@ -68,6 +68,19 @@ def test_prompt_ratio_moves_toward_real_counts() -> None:
     for _ in range(100):
         limits.observe_usage(100, 200, 1)
     assert limits.estimate(100, 1) > before * 1.5
+
+
+async def test_reservations_made_before_a_bucket_was_adopted_are_not_settled_on_it() -> None:
+    limits = RateLimits(rpm=None, tpm=None)
+    early = await limits.acquire(500)  # no token bucket yet: nothing reserved
+    # the server says 40,000 a minute with 39,000 left: the new bucket already counts that request
+    limits.observe_headers({"x-ratelimit-limit-tokens": "40000", "x-ratelimit-remaining-tokens": "39000"})
+    assert limits.tokens is not None and limits.tokens.level == pytest.approx(1000, abs=1)
+    limits.settle(early, 1000)  # settling it on the new bucket would count it twice
+    assert limits.tokens.level == pytest.approx(1000, abs=1)
+    late = await limits.acquire(300)
+    limits.settle(late, 100)
+    assert limits.tokens.level == pytest.approx(1100, abs=1)
 
 
 async def test_headers_adopt_and_tighten_limits() -> None:
