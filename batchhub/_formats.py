@@ -33,9 +33,10 @@ Format = Literal["csv", "parquet", "jsonl"]
 Compression = Literal["gzip"] | None
 
 # The streaming CSV reader cannot parse a row longer than one block and infers
-# column types from the first block only: a large block keeps long prompts
-# readable and gives inference a broad sample, at a bounded memory cost.
-CSV_BLOCK_SIZE = 16 * 1024 * 1024
+# column types from the first block only: 4 MiB keeps prompts of a million tokens
+# readable and gives inference a broad sample, while the reader's buffers (a few
+# blocks) stay small next to the job's own memory.
+CSV_BLOCK_SIZE = 4 * 1024 * 1024
 # pyarrow error text quotes whole rows, and a row can be a long prompt.
 REASON_LIMIT = 300
 # JSON treats only these as whitespace; a line of them is blank, not a row.

@@ -50,6 +50,14 @@ class Rate:
     base: float
     tiers: tuple[tuple[int, float], ...] = ()
 
+    def for_prompt(self, prompt_tokens: float) -> float:
+        """The rate for one request with this many prompt tokens."""
+        rate = self.base
+        for start, tier_rate in sorted(self.tiers):
+            if prompt_tokens > start:
+                rate = tier_rate
+        return rate
+
     def for_prompts(self, prompt_tokens: np.ndarray) -> np.ndarray:
         rate = np.full(len(prompt_tokens), self.base, dtype=np.float64)
         for start, tier_rate in sorted(self.tiers):
@@ -86,8 +94,14 @@ class ModelPrice:
         return input_usd, output_usd
 
     def request_cost(self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0) -> float:
-        i, o = self.costs(np.array([prompt_tokens]), np.array([completion_tokens]), np.array([cached_tokens]))
-        return float(i[0] + o[0])
+        """The cost of one request (the same arithmetic as `costs`, without arrays: it runs per response)."""
+        cached = min(cached_tokens, prompt_tokens)
+        cached_rate = (self.cached_input or self.input).for_prompt(prompt_tokens)
+        return (
+            (prompt_tokens - cached) * self.input.for_prompt(prompt_tokens)
+            + cached * cached_rate
+            + completion_tokens * self.output.for_prompt(prompt_tokens)
+        ) / 1e6
 
 
 def _rate(value: Any) -> Rate | None:

@@ -196,6 +196,11 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     manifest["input"]["rows"] = n_rows
     manifest["input"]["fingerprint"] = input_fp
     prices = spec.price_book()
+    if spec.model:
+        prices.lookup(spec.model)  # load the price data now, not on the event loop at the first response
+    # pyarrow imports pandas on its first conversion of a Python list: let that happen here, not
+    # in the first compaction, where it would hold the GIL for a fifth of a second mid-run
+    import pandas  # noqa: F401
     budget = _budget(spec, store, prices) if spec.max_cost is not None else None
     return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed, prices, budget)
 

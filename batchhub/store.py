@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -179,7 +180,7 @@ class JobStore:
             with open(path, "rb") as fh:
                 for raw in fh:
                     try:
-                        row = json.loads(raw)
+                        row = orjson.loads(raw)
                         seq = int(row["seq"])
                     except (ValueError, KeyError, TypeError):
                         torn += 1
@@ -235,7 +236,7 @@ class JobStore:
     def append(self, row: dict[str, Any]) -> None:
         """Journal one finished result: one line, one write, durable against a killed process at once."""
         assert self._fd is not None, "open_segment() first"
-        line = json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
         view = memoryview(line)
         while view:
             written = os.write(self._fd, view)
