@@ -1,0 +1,309 @@
+"""Shared helpers of the benchmark scripts: the machine, the simulator, child processes, figures.
+
+Every script runs the things it compares as fresh child processes, interleaved
+(A B, B A, A B, ...), and reports the median, because a shared machine is noisy.
+The simulator (`batchhub mock-server`) always runs in a process of its own, on
+127.0.0.1, with no latency and no limits unless a script says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import http.client
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a clone without installing: the scripts import batchhub too
+    sys.path.insert(0, str(REPO))
+MODEL = "gpt-4o-mini"
+API_KEY = "sk-bench"
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process: this repository first on PYTHONPATH, no real keys or endpoints."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for name in ("BATCHHUB_API_KEY", "OPENAI_API_KEY", "BATCHHUB_BASE_URL", "OPENAI_BASE_URL"):
+        env.pop(name, None)
+    return env
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def batchhub_version() -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", "import batchhub; print(batchhub.__version__)"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def machine_line() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"machine: {cpu_model()}, {cores} cores ({os.cpu_count()} CPUs), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, batchhub {batchhub_version()}"
+    )
+
+
+# -- figures --------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def order(rep: int, names: Sequence[str]) -> list[str]:
+    """The compared runs of repetition `rep`, interleaved: the order flips every repetition."""
+    return list(names) if rep % 2 == 0 else list(reversed(names))
+
+
+def mb(kib: float) -> str:
+    return f"{kib / 1024:,.0f} MB"
+
+
+def print_block(title: str, lines: Sequence[str]) -> None:
+    """The final block of a script: lines that can be pasted into docs as they are."""
+    print()
+    print(f"== {title} ==")
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- input ----------------------------------------------------------------------------------
+
+
+def prompt_text(i: int) -> str:
+    return f"row {i}: write one short sentence about the sea"
+
+
+def write_csv(path: Path, rows: int) -> Path:
+    """A one-column CSV (`prompt`) of `rows` short prompts, the same for every script."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt"])
+        writer.writerows([prompt_text(i)] for i in range(rows))
+    return path
+
+
+@contextlib.contextmanager
+def workdir(prefix: str, keep: str | None = None) -> Iterator[Path]:
+    """A scratch folder (removed afterwards), or `keep` if given (left in place)."""
+    if keep:
+        path = Path(keep)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+# -- the simulator --------------------------------------------------------------------------
+
+
+class Simulator:
+    """`batchhub mock-server` in its own process on a free port of 127.0.0.1."""
+
+    def __init__(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()  # blocks until it says where it listens
+        if "listening on " not in line:
+            self.close()
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        self.base_url = line.split("listening on ")[1].split()[0]
+        root = self.base_url.removesuffix("/v1")
+        self.host, _, port = root.removeprefix("http://").partition(":")
+        self.port = int(port)
+        self._conn: http.client.HTTPConnection | None = None
+
+    def stats(self, timeout: float = 10.0) -> dict:
+        """`GET /mock/stats`, on one kept-alive connection (cheap enough to poll in a tight loop)."""
+        for attempt in range(2):
+            try:
+                if self._conn is None:
+                    self._conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+                self._conn.request("GET", "/mock/stats")
+                resp = self._conn.getresponse()
+                return json.loads(resp.read())
+            except (OSError, http.client.HTTPException):
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self.proc.poll() is None:
+            # SIGTERM, not SIGINT: a benchmark started in the background (`cmd &`) ignores SIGINT,
+            # and so do its children, but the simulator only stops on KeyboardInterrupt
+            self.proc.terminate()
+            try:
+                self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- child processes ------------------------------------------------------------------------
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    wall_s: float
+    #: user + system CPU seconds of the child (and of its threads)
+    cpu_s: float
+    #: the child's peak resident set size, KiB (from wait4's rusage: this child only)
+    maxrss_kib: int
+    stdout: str
+    stderr: str
+    #: what the `while_running` callback returned, if any
+    extra: object = None
+
+
+def run_child(
+    cmd: Sequence[str],
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    while_running: Callable[[subprocess.Popen[bytes], float], object] | None = None,
+) -> ChildResult:
+    """Run a command, measuring its wall time (from just before the fork), CPU time and peak RSS.
+
+    Output goes to temporary files (no pipe can fill up). `while_running(proc, t0)` is
+    called right after the start (t0 = time.perf_counter() just before it) and may wait
+    for something, or stop the child (checking it with `running(proc)`, not `proc.poll()`,
+    which would reap it); its return value is kept in `extra`. A child still
+    running after `timeout` seconds is sent SIGINT, then killed.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=child_env(), cwd=cwd)
+        extra = while_running(proc, t0) if while_running is not None else None
+        status, usage = _wait4(proc, timeout)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return ChildResult(
+            returncode=proc.returncode,
+            wall_s=wall,
+            cpu_s=usage.ru_utime + usage.ru_stime,
+            maxrss_kib=int(usage.ru_maxrss),
+            stdout=out.read().decode("utf-8", "replace"),
+            stderr=err.read().decode("utf-8", "replace"),
+            extra=extra,
+        )
+
+
+def running(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the child still runs, without reaping it (run_child reaps it, to read its rusage).
+
+    Use this, never proc.poll(), inside a `while_running` callback.
+    """
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, resource.struct_rusage]:
+    """Reap the child with its own rusage; SIGINT it after `timeout`, SIGKILL 30 s later."""
+    deadline = time.monotonic() + timeout
+    signalled = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            return status, usage
+        now = time.monotonic()
+        if now > deadline and not signalled:
+            proc.send_signal(signal.SIGINT)
+            signalled = True
+            deadline = now + 30
+        elif now > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            return status, usage
+        time.sleep(0.005)
+
+
+def batchhub_run_cmd(
+    input_path: Path, job_dir: Path, base_url: str, concurrency: int, *extra: str, python: str | None = None
+) -> list[str]:
+    """`python -m batchhub run` as a user would type it, quiet, on the given endpoint."""
+    return [
+        python or sys.executable,
+        "-m",
+        "batchhub",
+        "run",
+        str(input_path),
+        "--model",
+        MODEL,
+        "--base-url",
+        base_url,
+        "--api-key",
+        API_KEY,
+        "--job-dir",
+        str(job_dir),
+        "--concurrency",
+        str(concurrency),
+        "--quiet",
+        *extra,
+    ]
+
+
+def check_ok(result: ChildResult, what: str, allowed: Sequence[int] = (0,)) -> None:
+    if result.returncode not in allowed:
+        raise SystemExit(
+            f"{what} exited {result.returncode}\n"
+            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        )
+
+
+def last_run(job_dir: Path) -> dict:
+    """The record of the job's last run, from its job.json."""
+    manifest = json.loads((job_dir / "job.json").read_text())
+    return manifest["runs"][-1]
