@@ -201,6 +201,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     # pyarrow imports pandas on its first conversion of a Python list: let that happen here, not
     # in the first compaction, where it would hold the GIL for a fifth of a second mid-run
     import pandas  # noqa: F401
+
     budget = _budget(spec, store, prices) if spec.max_cost is not None else None
     return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed, prices, budget)
 
