@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from jobprocs import child_env, mock_stats, wait_for_results
 
 from batchhub.store import JobStore
 
@@ -77,13 +77,6 @@ PLAN = kill_plan()
 # -- helpers (after tests/test_kill_resume.py) ------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("BATCHHUB_API_KEY", None)
-    return env
-
-
 @contextmanager
 def simulator(log_dir: Path, *, latency_ms: float, seed: int) -> Iterator[str]:
     """`batchhub mock-server --port 0` in its own process; yields its base URL."""
@@ -104,7 +97,7 @@ def simulator(log_dir: Path, *, latency_ms: float, seed: int) -> Iterator[str]:
             ],
             stdout=subprocess.DEVNULL,
             stderr=err,
-            env=_env(),
+            env=child_env(),
         )
     try:
         deadline = time.monotonic() + 30
@@ -115,11 +108,6 @@ def simulator(log_dir: Path, *, latency_ms: float, seed: int) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-def stats(base_url: str) -> dict:
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/mock/stats", timeout=5) as resp:
-        return json.load(resp)
 
 
 def write_input(path: Path, rows: int) -> None:
@@ -164,7 +152,7 @@ def file_size_limit(limit: int) -> Callable[[], None]:
 
 
 def run_job(args: list[str], *, preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=180, preexec_fn=preexec_fn)
+    return subprocess.run(args, capture_output=True, text=True, env=child_env(), timeout=180, preexec_fn=preexec_fn)
 
 
 def export_rows(job: Path, out: Path) -> pd.DataFrame:
@@ -172,7 +160,7 @@ def export_rows(job: Path, out: Path) -> pd.DataFrame:
         [sys.executable, "-m", "batchhub", "export", str(job), "-o", str(out)],
         check=True,
         capture_output=True,
-        env=_env(),
+        env=child_env(),
         timeout=60,
     )
     return pd.read_parquet(out)
@@ -183,35 +171,11 @@ def status_json(job: Path) -> dict:
         [sys.executable, "-m", "batchhub", "status", str(job), "--json"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=child_env(),
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def results_on_disk(job: Path) -> int:
-    """Results a reader sees now: journal lines plus shard rows (a rough count, while a job runs)."""
-    n = 0
-    for seg in job.glob("journal-*.jsonl"):
-        n += seg.read_bytes().count(b"\n")
-    for shard in (job / "results").glob("part-*.parquet"):
-        n += pq.read_metadata(shard).num_rows
-    return n
-
-
-def wait_for_results(job: Path, at_least: int, proc: subprocess.Popen, deadline_s: float = 60) -> None:
-    """Wait until the job has written at least this many results, or ended."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if results_on_disk(job) >= at_least:
-                return
-        except (OSError, ValueError):
-            pass  # a shard being renamed in place; look again
-        time.sleep(0.01)
-    if proc.poll() is None:
-        raise AssertionError(f"the job did not reach {at_least} results in {deadline_s}s")
 
 
 def assert_exactly_once(job: Path, out: Path, rows: int) -> None:
@@ -343,7 +307,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(tmp_p
                     run_args(tmp_path, base_url, flush_rows=flush_rows, flush_seconds=flush_seconds),
                     stdout=subprocess.DEVNULL,
                     stderr=err,
-                    env=_env(),
+                    env=child_env(),
                 )
             try:
                 if during_recovery:
@@ -383,7 +347,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(tmp_p
         assert end.temps == set(), end.temps
         assert end.done == plan.rows
         assert_exactly_once(job, tmp_path / "out.parquet", plan.rows)
-        s = stats(base_url)
+        s = mock_stats(base_url)
     duplicates = s["duplicates"]
     print(
         f"\ncrash consistency (seed {seed}): rows {plan.rows}, kills {kills}, duplicates {duplicates} "
@@ -423,7 +387,7 @@ def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Pa
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(),
+            env=child_env(),
             preexec_fn=limit,
         )
         try:
@@ -452,7 +416,7 @@ def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Pa
         assert done.returncode == 0, done.stderr
         assert check_job_dir(job, verified).temps == set()
         assert_exactly_once(job, tmp_path / "out.parquet", DISK_ROWS)
-        s = stats(base_url)
+        s = mock_stats(base_url)
     assert len(s["completed_keys"]) == DISK_ROWS
     # a write error abandons the requests in flight: at most `concurrency` paid twice per such stop
     assert s["duplicates"] <= write_errors * CONCURRENCY, (s["duplicates"], write_errors)
@@ -471,7 +435,7 @@ def test_disk_full_before_the_first_write_is_a_clean_resumable_stop(tmp_path: Pa
         assert done.returncode == 0, done.stderr
         assert check_job_dir(job, {}).temps == set()
         assert_exactly_once(job, tmp_path / "out.parquet", DISK_ROWS)
-        s = stats(base_url)
+        s = mock_stats(base_url)
     assert s["duplicates"] == 0
 
 
@@ -485,7 +449,7 @@ def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_s
             run_args(tmp_path, base_url, flush_rows=100_000),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=_env(),
+            env=child_env(),
         )
         try:
             wait_for_results(job, 150, proc)
@@ -507,7 +471,7 @@ def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_s
         assert done.returncode == 0, done.stderr
         assert check_job_dir(job, verified).temps == set()
         assert_exactly_once(job, tmp_path / "out.parquet", DISK_ROWS)
-        s = stats(base_url)
+        s = mock_stats(base_url)
     assert s["duplicates"] <= CONCURRENCY  # the one kill
 
 
@@ -520,7 +484,7 @@ def test_job_dir_that_is_a_regular_file_is_a_clean_one_line_error(tmp_path: Path
     not_a_dir.write_text("not a directory\n")
     with simulator(tmp_path, latency_ms=0, seed=1) as base_url:
         done = run_job(run_args(tmp_path, base_url, flush_rows=7))
-        s = stats(base_url)
+        s = mock_stats(base_url)
     lines = traceback_free_error_lines(done.stderr)
     assert done.returncode in (2, 3), done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(not_a_dir) in lines[0], done.stderr
@@ -574,10 +538,10 @@ def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest
 
         kept = {r["row_id"]: r["response_id"] for r in rows[:IN_JOURNAL]}
         missing = {r["row_id"] for r in rows[IN_JOURNAL:]}
-        before = stats(base_url)
+        before = mock_stats(base_url)
         again = run_job(run_args(tmp_path, base_url, flush_rows=7))
         assert again.returncode == 0, again.stderr
-        after = stats(base_url)
+        after = mock_stats(base_url)
 
     assert after["requests"] - before["requests"] == len(missing)  # only the rows without a result
     assert after["duplicates"] - before["duplicates"] == len(missing)

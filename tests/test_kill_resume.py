@@ -7,27 +7,18 @@ restarts how many completions were paid for more than once.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from jobprocs import child_env, mock_stats, wait_for_results
 
 CONCURRENCY = 8
 ROWS = 600
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("BATCHHUB_API_KEY", None)
-    return env
 
 
 @pytest.fixture
@@ -37,7 +28,7 @@ def simulator() -> Iterator[str]:
         [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", "--latency-ms", "25", "--seed", "4"],
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=child_env(),
     )
     try:
         assert proc.stderr is not None
@@ -47,23 +38,6 @@ def simulator() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
-
-
-def stats(base_url: str) -> dict:
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/mock/stats", timeout=5) as resp:
-        return json.load(resp)
-
-
-def results_on_disk(job: Path) -> int:
-    """Results a reader sees now: journal lines plus shard rows."""
-    n = 0
-    for seg in job.glob("journal-*.jsonl"):
-        n += seg.read_bytes().count(b"\n")
-    for shard in (job / "results").glob("part-*.parquet"):
-        import pyarrow.parquet as pq
-
-        n += pq.read_metadata(shard).num_rows
-    return n
 
 
 def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
@@ -91,21 +65,8 @@ def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=child_env(),
     )
-
-
-def wait_for_results(job: Path, at_least: int, proc: subprocess.Popen, deadline_s: float = 60) -> None:
-    """Wait until the job has written at least this many results (or ended)."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if results_on_disk(job) >= at_least:
-                return
-        except (OSError, ValueError):
-            pass  # a shard being renamed in place; look again
-        time.sleep(0.02)
-    raise AssertionError(f"the job did not reach {at_least} results (exit {proc.poll()})")
 
 
 def write_input(tmp_path: Path) -> None:
@@ -128,11 +89,13 @@ def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, si
     _, err = final.communicate(timeout=120)
     assert final.returncode == 0, err
     export = tmp_path / "out.parquet"
-    subprocess.run([sys.executable, "-m", "batchhub", "export", str(job), "-o", str(export)], check=True, env=_env())
+    subprocess.run(
+        [sys.executable, "-m", "batchhub", "export", str(job), "-o", str(export)], check=True, env=child_env()
+    )
     df = pd.read_parquet(export)
     assert df["row_id"].tolist() == list(range(ROWS))
     assert (df["status"] == "ok").all()
-    s = stats(simulator)
+    s = mock_stats(simulator)
     # every row was paid for at least once; a kill can re-pay at most the requests in flight
     assert len(s["completed_keys"]) == ROWS
     assert s["duplicates"] <= kills * CONCURRENCY, s["duplicates"]
@@ -154,13 +117,13 @@ def test_sigint_stops_gracefully_prints_resume_and_repays_nothing(tmp_path: Path
             capture_output=True,
             text=True,
             check=True,
-            env=_env(),
+            env=child_env(),
         ).stdout
     )
     assert status["ok"] >= 100 and status["pending"] > 0 and status["state"] == "stopped"
     final = start_job(tmp_path, simulator)
     _, err = final.communicate(timeout=120)
     assert final.returncode == 0, err
-    s = stats(simulator)
+    s = mock_stats(simulator)
     assert len(s["completed_keys"]) == ROWS
     assert s["duplicates"] == 0  # in-flight requests were finished and recorded, queued ones never sent
