@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -148,10 +149,18 @@ class Simulator:
             self.close()
             raise RuntimeError(f"the simulator did not start: {line!r}")
         self.base_url = line.split("listening on ")[1].split()[0]
+        # nothing else is read from stderr: drain it so the server can never block on a full pipe
+        threading.Thread(target=self._drain, daemon=True).start()
         root = self.base_url.removesuffix("/v1")
         self.host, _, port = root.removeprefix("http://").partition(":")
         self.port = int(port)
         self._conn: http.client.HTTPConnection | None = None
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        with contextlib.suppress(ValueError, OSError):
+            for _ in self.proc.stderr:
+                pass
 
     def stats(self, timeout: float = 10.0) -> dict:
         """`GET /mock/stats`, on one kept-alive connection (cheap enough to poll in a tight loop)."""

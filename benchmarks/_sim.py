@@ -7,34 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: how long a simulator may take to say where it listens
-SERVER_START_TIMEOUT_S = 30.0
+from _common import Simulator, child_env  # noqa: E402
+
 #: how long a stopped job may take to exit before it is killed
 JOB_STOP_TIMEOUT_S = 30.0
-
-
-def env() -> dict[str, str]:
-    """The environment of the subprocesses: this checkout first on PYTHONPATH, no real key."""
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    for name in ("BATCHHUB_API_KEY", "OPENAI_API_KEY", "BATCHHUB_BASE_URL", "OPENAI_BASE_URL"):
-        e.pop(name, None)
-    return e
 
 
 @dataclass
@@ -48,65 +36,14 @@ class Sample:
     rate_limited: int
 
 
-class Simulator:
-    """`batchhub mock-server` in a subprocess on a free port of 127.0.0.1."""
-
-    def __init__(self, *, rpm: int | None, tpm: int | None, latency_ms: float, seed: int = 1) -> None:
-        args = [sys.executable, "-m", "batchhub", "mock-server", "--host", "127.0.0.1", "--port", "0"]
-        args += ["--latency-ms", str(latency_ms), "--seed", str(seed)]
-        if rpm:
-            args += ["--rpm", str(rpm)]
-        if tpm:
-            args += ["--tpm", str(tpm)]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT
-        )
-        self.base_url = self._wait_ready()
-        self._stats_url = self.base_url.removesuffix("/v1") + "/mock/stats"
-
-    def _wait_ready(self) -> str:
-        assert self.proc.stderr is not None
-        found: list[str] = []
-
-        def read() -> None:
-            assert self.proc.stderr is not None
-            found.append(self.proc.stderr.readline())
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(SERVER_START_TIMEOUT_S)
-        line = found[0] if found else ""
-        if "listening on " not in line:
-            self.close()
-            raise RuntimeError(f"the simulator did not start: {line!r}")
-        # nothing else is read from stderr: let it drain so the server can never block on it
-        threading.Thread(target=self._drain, daemon=True).start()
-        return line.split("listening on ")[1].split()[0]
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        with contextlib.suppress(ValueError, OSError):
-            for _ in self.proc.stderr:
-                pass
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(self._stats_url, timeout=5) as resp:
-            return json.load(resp)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def __enter__(self) -> Simulator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def simulator(*, rpm: int | None, tpm: int | None, latency_ms: float, seed: int = 1) -> Simulator:
+    """The simulator with these limits and this latency (see `_common.Simulator`)."""
+    extra = ["--latency-ms", str(latency_ms), "--seed", str(seed)]
+    if rpm:
+        extra += ["--rpm", str(rpm)]
+    if tpm:
+        extra += ["--tpm", str(tpm)]
+    return Simulator(*extra)
 
 
 class Sampler:
@@ -208,7 +145,9 @@ class JobRun:
             args += ["--rpm", str(rpm)]
         if tpm:
             args += ["--tpm", str(tpm)]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=ROOT
+        )
         return cls(proc, job_dir)
 
     def running(self) -> bool:
@@ -238,7 +177,7 @@ class JobRun:
 
 @contextlib.contextmanager
 def started(sim_kwargs: dict) -> Iterator[Simulator]:
-    sim = Simulator(**sim_kwargs)
+    sim = simulator(**sim_kwargs)
     try:
         yield sim
     finally:

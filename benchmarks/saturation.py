@@ -34,7 +34,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
-from _sim import JobRun, Sample, Sampler, Simulator, write_prompts  # noqa: E402
+from _sim import JobRun, Sample, Sampler, simulator, write_prompts  # noqa: E402
 
 LATENCY_MS = 200.0
 #: completion tokens the simulator answers with: uniform in 4..48
@@ -148,7 +148,7 @@ def run_case(case: Case, scale: Scale, workdir: Path, keep_series: bool) -> Resu
     input_path = workdir / f"{case.key}.csv"
     write_prompts(input_path, rows_needed(scale, case.kind, limit), 0 if case.kind == "rpm" else scale.words)
     sim_limits = {"rpm": limit, "tpm": None} if case.kind == "rpm" else {"rpm": None, "tpm": limit}
-    with Simulator(**sim_limits, latency_ms=LATENCY_MS) as sim:
+    with simulator(**sim_limits, latency_ms=LATENCY_MS) as sim:
         sampler = Sampler(sim, scale.interval_s)
         job = JobRun.start(
             input_path,
