@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from batchhub.errors import UsageError
 from batchhub.pricing import CostReport, PriceBook, cost_of
 from batchhub.store import JobStore
+from batchhub.text import text_table
 
 USAGE_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "cached_tokens", "finished_at", "status")
 
@@ -112,13 +113,7 @@ def render(rep: CostReport) -> str:
             total,
         )
     )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for n, r in enumerate([header, *rows]):
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0 or n == len(rows) - 1:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = text_table([header, *rows], left=2, rules_after=(0, len(rows) - 1))
     if rep.unknown_models:
         lines.append(
             f"unknown price for: {', '.join(rep.unknown_models)} "

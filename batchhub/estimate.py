@@ -22,6 +22,7 @@ from batchhub.io import open_input
 from batchhub.pricing import PriceBook
 from batchhub.requests import RequestBuilder, RowError
 from batchhub.spec import JobSpec
+from batchhub.text import text_table
 from batchhub.tokens import TokenCounter
 
 
@@ -195,11 +196,7 @@ def render(est: Estimate) -> str:
             if m.cost_expected is not None:
                 cost += f" (expected ${m.cost_expected:,.4f})"
         rows.append((m.model, f"{m.rows:,}", f"{m.prompt_tokens:,}", m.tokenizer, completion, cost))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for n, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += text_table(rows, left=len(header))
     low, expected, high = est.total("cost_low"), est.total("cost_expected"), est.total("cost_high")
     if len(est.models) > 1 and low is not None:
         total = f"total cost ${low:,.4f} .. " + (f"${high:,.4f}" if high is not None else "no ceiling")
