@@ -660,14 +660,19 @@ class Job:
                 await self._compacting
             if self._compaction_failed():
                 return
-        if self._pending_rows and self._segment is not None:
-            rows, segment = self._pending_rows, self._segment
-            self._pending_rows = []
-            self.store.close()
-            try:
+        if self._segment is None:
+            return
+        rows, segment = self._pending_rows, self._segment
+        self._pending_rows = []
+        self._segment = None
+        self.store.close()
+        try:
+            if rows:
                 await asyncio.to_thread(self.store.compact, rows, segment)
-            except OSError as exc:  # the journal still holds them: the next run compacts
-                log.warning("could not write the final shard (%s); the journal keeps the results", exc)
+            else:  # a flush on the last result opened a segment nothing was written to
+                self.store.drop_empty_segment(segment)
+        except OSError as exc:  # the journal still holds them: the next run compacts
+            log.warning("could not write the final shard (%s); the journal keeps the results", exc)
 
     def _finish_summary(self, started: float) -> JobSummary:
         s = self._summary

@@ -278,6 +278,12 @@ class JobStore:
         fsync_dir(self.dir)
         return path
 
+    def drop_empty_segment(self, segment: Path) -> None:
+        """Delete a closed journal segment if nothing was written to it."""
+        if segment.stat().st_size == 0:
+            segment.unlink()
+            fsync_dir(self.dir)
+
     def close(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):

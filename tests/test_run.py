@@ -76,6 +76,20 @@ async def test_whole_job_every_row_once_and_export_in_input_order(tmp_path: Path
     assert st.total_tokens == int(df["total_tokens"].sum())
 
 
+async def test_a_flush_on_the_last_result_leaves_no_empty_journal_segment(tmp_path: Path, mock_server) -> None:
+    # one row with flush_rows=1: its result starts a compaction and opens a fresh segment
+    # that nothing is ever written to; the end of the run must remove it
+    server = await mock_server(seed=3)
+    spec = make_spec(tmp_path, server, n=1, flush_rows=1)
+    summary = await arun_job(spec, progress=False)
+    assert (summary.ok, summary.exit_code) == (1, 0)
+    assert not list((tmp_path / "job").glob("journal-*.jsonl"))
+    assert len(list((tmp_path / "job" / "results").glob("part-*.parquet"))) == 1
+    # and the job resumes cleanly from that state: nothing left to send
+    again = await arun_job(spec, progress=False)
+    assert (again.ok, again.results_this_run, server.stats.completions) == (1, 0, 1)
+
+
 async def test_stream_gives_same_content_as_plain(tmp_path: Path, mock_server) -> None:
     server = await mock_server(seed=5)
     plain = await arun_job(make_spec(tmp_path, server, n=20), progress=False)
