@@ -7,6 +7,7 @@ name is also a result column is kept as `input_<name>`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,18 @@ def export_job(
     force: bool = False,
 ) -> int:
     """Write the job's results joined to its input; returns the number of rows written."""
+    written = 0
+    with OutputWriter(output, format) as writer:
+        for batch in export_batches(job_dir, input_path=input_path, force=force):
+            writer.write_batch(batch)
+            written += batch.num_rows
+    return written
+
+
+def export_batches(
+    job_dir: str | Path, *, input_path: str | Path | None = None, force: bool = False
+) -> Iterator[pa.RecordBatch]:
+    """The job's input batches, in order, each with the result columns of its rows appended."""
     store = JobStore(job_dir)
     manifest = store.read_manifest()
     known = manifest.get("input", {})
@@ -40,23 +53,19 @@ def export_job(
     result_ids = latest["row_id"].to_numpy() if latest.num_rows else np.zeros(0, dtype=np.int64)
     latest = latest.select(list(EXPORT_RESULT_COLUMNS))
     written = 0
-    with OutputWriter(output, format) as writer:
-        for batch in source.iter_batches():
-            n = batch.num_rows
-            lo, hi = np.searchsorted(result_ids, [written, written + n])
-            take = np.full(n, -1, dtype=np.int64)
-            take[result_ids[lo:hi] - written] = np.arange(lo, hi)
-            results = latest.take(pa.array(take, mask=take < 0))
-            columns = [batch.column(i) for i in range(batch.num_columns)]
-            names = [f"input_{name}" if name in EXPORT_RESULT_COLUMNS else name for name in batch.schema.names]
-            for name in EXPORT_RESULT_COLUMNS:
-                column = (
-                    results[name].combine_chunks() if results.num_rows else pa.nulls(n, latest.schema.field(name).type)
-                )
-                if name == "row_id":
-                    column = pa.array(np.arange(written, written + n, dtype=np.int64))
-                columns.append(column)
-                names.append(name)
-            writer.write_batch(pa.RecordBatch.from_arrays(columns, names=names))
-            written += n
-    return written
+    for batch in source.iter_batches():
+        n = batch.num_rows
+        lo, hi = np.searchsorted(result_ids, [written, written + n])
+        take = np.full(n, -1, dtype=np.int64)
+        take[result_ids[lo:hi] - written] = np.arange(lo, hi)
+        results = latest.take(pa.array(take, mask=take < 0))
+        columns = [batch.column(i) for i in range(batch.num_columns)]
+        names = [f"input_{name}" if name in EXPORT_RESULT_COLUMNS else name for name in batch.schema.names]
+        for name in EXPORT_RESULT_COLUMNS:
+            column = results[name].combine_chunks() if results.num_rows else pa.nulls(n, latest.schema.field(name).type)
+            if name == "row_id":
+                column = pa.array(np.arange(written, written + n, dtype=np.int64))
+            columns.append(column)
+            names.append(name)
+        yield pa.RecordBatch.from_arrays(columns, names=names)
+        written += n
