@@ -20,7 +20,7 @@ import click
 
 from batchhub import __version__
 from batchhub.errors import EXIT_STOPPED, EXIT_USAGE, BatchhubError, UsageError
-from batchhub.spec import JobSpec, load_spec
+from batchhub.spec import JobSpec, load_spec, parse_param
 
 
 def _fail(exc: BatchhubError) -> None:
@@ -57,6 +57,25 @@ JOB_OPTIONS = [
         multiple=True,
         metavar="PARAM=COLUMN",
         help="Let a column set model, temperature, max_tokens, stop or user per row. Repeatable.",
+    ),
+    click.option(
+        "--param",
+        "params",
+        multiple=True,
+        metavar="KEY=JSON",
+        help='Any other body field, as JSON: --param seed=7, --param \'response_format={"type":"json_object"}\'. '
+        "Repeatable; merged over the spec's [params].",
+    ),
+    click.option(
+        "--json-schema",
+        type=click.Path(path_type=Path),
+        help="JSON Schema file each reply's content must match (replies that do not: status invalid_output).",
+    ),
+    click.option(
+        "--retry-invalid",
+        type=int,
+        metavar="N",
+        help="Send a row again up to N times when its reply is invalid_output (each reply is paid for).",
     ),
     click.option(
         "--base-url",
@@ -97,6 +116,12 @@ JOB_OPTIONS = [
 ]
 
 
+#: `run --json`; `estimate` keeps `--json` for printing its report as JSON (the reply check changes no estimate)
+EXPECT_JSON = click.option(
+    "--json", "json", is_flag=True, default=None, help="Expect a JSON object in each reply's content."
+)
+
+
 def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options that define a job, shared by `run` and `estimate`."""
     for option in reversed(JOB_OPTIONS):
@@ -107,6 +132,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @click.argument("input_or_spec", type=click.Path(path_type=Path))
 @job_options
+@EXPECT_JSON
 @click.option("--max-cost", type=float, help="Stop before the job's total cost could pass this many USD.")
 def run(input_or_spec: Path, **options: Any) -> None:
     """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
@@ -158,12 +184,15 @@ def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
     overrides["stop"] = list(stop) if stop else None
     params = overrides.pop("param_columns")
     overrides["param_columns"] = _pairs(params, "PARAM=COLUMN") if params else None
+    body_params = dict(parse_param(text) for text in overrides.pop("params"))
     if target.suffix.lower() == ".toml":
         spec = load_spec(target)
     else:
         if not target.exists():
             raise UsageError(f"input file not found: {target}")
         spec = JobSpec(input=target)
+    if body_params:
+        overrides["params"] = {**spec.params, **body_params}
     return spec.merged(overrides)
 
 
@@ -195,7 +224,9 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
     lines = [
         f"{s.ok:,} ok, {s.failed:,} failed, {s.pending:,} pending of {s.total_rows:,} rows "
         f"({s.results_this_run:,} results this run in {s.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
-        f"requests {s.http_requests:,}, retries {s.retries:,}, rate-limited {s.rate_limited:,}; "
+        f"requests {s.http_requests:,}, retries {s.retries:,}, rate-limited {s.rate_limited:,}"
+        + (f", invalid replies re-sent {s.invalid_retries:,}" if s.invalid_retries else "")
+        + "; "
         f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion; {cost} (prices: {prices})",
     ]
     if s.stopped:
@@ -263,16 +294,38 @@ def _job_dir_arg(path: Path) -> Path:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["parquet", "csv", "jsonl"]),
-    help="Output format (default: from the extension).",
+    type=click.Choice(["parquet", "csv", "jsonl", "openai-batch"]),
+    help="Output format (default: from the extension). openai-batch: one OpenAI Batch output line per finished row.",
+)
+@click.option(
+    "--expand-json",
+    is_flag=True,
+    help="Spread the top-level keys of each reply's JSON object into columns (a clashing name gets a json_ prefix).",
+)
+@click.option(
+    "--id-column",
+    help="For openai-batch: the input column to use as custom_id (default: custom_id, else the row number).",
 )
 @click.option("--force", is_flag=True, help="Export even if the input file changed since the job ran.")
-def export(job_dir: Path, output: Path, fmt: str | None, force: bool) -> None:
-    """Write one file in input order: the input columns and the result columns."""
-    from batchhub.export import export_job
+def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_column: str | None, force: bool) -> None:
+    """Write one file in input order: the input columns and the result columns.
+
+    With --format openai-batch, write the OpenAI Batch API's output format instead:
+    one line per finished row, {"id", "custom_id", "response": {"status_code",
+    "request_id", "body"}, "error"}.
+    """
+    from batchhub.export import export_job, export_openai_batch
 
     try:
-        n = export_job(_job_dir_arg(job_dir), output, format=fmt, force=force)  # type: ignore[arg-type]
+        if fmt == "openai-batch":
+            if expand_json:
+                raise UsageError("--expand-json makes columns; it does not apply to --format openai-batch")
+            n = export_openai_batch(_job_dir_arg(job_dir), output, id_column=id_column, force=force)
+        else:
+            if id_column is not None:
+                raise UsageError("--id-column applies only to --format openai-batch")
+            target = _job_dir_arg(job_dir)
+            n = export_job(target, output, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
     except BatchhubError as exc:
         _fail(exc)
         return
@@ -291,7 +344,7 @@ def export(job_dir: Path, output: Path, fmt: str | None, force: bool) -> None:
     multiple=True,
     metavar="KIND=P",
     help="Inject a fault with probability P: 500, 502, 503, 504, timeout, reset, truncated, html, "
-    "no_usage, empty_choices, stream_cut. Repeatable.",
+    "no_usage, empty_choices, stream_cut, 429, bad_json (broken JSON when JSON is asked for). Repeatable.",
 )
 @click.option("--seed", type=int, default=0, help="Seed for content, latency and faults.")
 @click.option("--api-key", help="Accept only this key (default: any non-empty key).")

@@ -36,6 +36,8 @@ class Completion:
     completion_tokens: int | None
     total_tokens: int | None
     cached_tokens: int | None = None
+    #: what else the reply carried (tool_calls, refusal, logprobs, further choices), or None
+    extra: dict[str, Any] | None = None
     http_status: int = 200
     request_id: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -97,11 +99,11 @@ def parse_completion(body: bytes) -> Completion:
     if not isinstance(message, Mapping):
         raise BadResponseError("response choice has no message")
     content = _text(message.get("content"))
-    if content is None and message.get("tool_calls") is not None:
-        content = json.dumps(message.get("tool_calls"), ensure_ascii=False)
     prompt, completion, total, cached = _usage(data)
     finish = choice.get("finish_reason")
+    more = [c for c in choices[1:] if isinstance(c, Mapping)]
     return Completion(
+        extra=_extra(message.get("tool_calls"), message.get("refusal"), choice.get("logprobs"), more),
         content=content,
         finish_reason=finish if isinstance(finish, str) else None,
         model=data.get("model") if isinstance(data.get("model"), str) else None,
@@ -111,6 +113,79 @@ def parse_completion(body: bytes) -> Completion:
         total_tokens=total,
         cached_tokens=cached,
     )
+
+
+def _extra(tool_calls: Any, refusal: Any, logprobs: Any, more_choices: list[Any]) -> dict[str, Any] | None:
+    """The parts of a reply beyond its text, for the `extra` column (None when there are none)."""
+    extra: dict[str, Any] = {}
+    if tool_calls:
+        extra["tool_calls"] = tool_calls
+    if refusal:
+        extra["refusal"] = refusal
+    if logprobs:
+        extra["logprobs"] = logprobs
+    if more_choices:
+        extra["choices"] = more_choices
+    return extra or None
+
+
+class _StreamedChoice:
+    """One choice of a stream, folded from its deltas."""
+
+    __slots__ = ("finish_reason", "logprobs", "parts", "refusal", "tool_calls")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.refusal: list[str] = []
+        self.logprobs: list[Any] = []
+
+    def add(self, choice: Mapping[str, Any]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, Mapping):
+            text = _text(delta.get("content"))
+            if text:
+                self.parts.append(text)
+            if isinstance(delta.get("refusal"), str):
+                self.refusal.append(delta["refusal"])
+            calls = delta.get("tool_calls")
+            if isinstance(calls, list):
+                for position, call in enumerate(calls):
+                    if isinstance(call, Mapping):
+                        self._add_call(call, position)
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
+            self.logprobs.extend(logprobs["content"])
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish_reason = choice["finish_reason"]
+
+    def _add_call(self, call: Mapping[str, Any], position: int) -> None:
+        given = call.get("index")
+        index = given if isinstance(given, int) else position
+        into = self.tool_calls.setdefault(index, {"function": {"name": "", "arguments": ""}})
+        for key in ("id", "type"):
+            if isinstance(call.get(key), str):
+                into[key] = call[key]
+        function = call.get("function")
+        if isinstance(function, Mapping):
+            for key in ("name", "arguments"):
+                if isinstance(function.get(key), str):
+                    into["function"][key] += function[key]
+
+    def extra(self) -> tuple[Any, Any, Any]:
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)] or None
+        logprobs = {"content": self.logprobs} if self.logprobs else None
+        return calls, "".join(self.refusal) or None, logprobs
+
+    def as_choice(self, index: int) -> dict[str, Any]:
+        calls, refusal, logprobs = self.extra()
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.parts)}
+        if calls:
+            message["tool_calls"] = calls
+        if refusal:
+            message["refusal"] = refusal
+        return {"index": index, "message": message, "finish_reason": self.finish_reason, "logprobs": logprobs}
 
 
 class SSEAccumulator:
@@ -123,10 +198,9 @@ class SSEAccumulator:
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._parts: list[str] = []
+        self._choices: dict[int, _StreamedChoice] = {}
         self._data_lines: list[str] = []
         self.done = False
-        self.finish_reason: str | None = None
         self.model: str | None = None
         self.response_id: str | None = None
         self.usage: Usage = NO_USAGE
@@ -180,15 +254,12 @@ class SSEAccumulator:
         if usage != NO_USAGE:
             self.usage = usage
         choices = event.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
-            choice = choices[0]
-            delta = choice.get("delta")
-            if isinstance(delta, Mapping):
-                text = _text(delta.get("content"))
-                if text:
-                    self._parts.append(text)
-            if isinstance(choice.get("finish_reason"), str):
-                self.finish_reason = choice["finish_reason"]
+        if isinstance(choices, list):
+            for position, choice in enumerate(choices):
+                if isinstance(choice, Mapping):
+                    given = choice.get("index")
+                    index = given if isinstance(given, int) else position
+                    self._choices.setdefault(index, _StreamedChoice()).add(choice)
 
     def result(self, *, require_done: bool = True) -> Completion:
         if not self.done:
@@ -199,9 +270,12 @@ class SSEAccumulator:
         if require_done and not self.done:
             raise BadResponseError(f"event stream ended before [DONE] after {self.events} events")
         prompt, completion, total, cached = self.usage
+        first = self._choices.get(min(self._choices, default=0)) or _StreamedChoice()
+        more = [self._choices[i].as_choice(i) for i in sorted(self._choices)[1:]]
         return Completion(
-            content="".join(self._parts),
-            finish_reason=self.finish_reason,
+            extra=_extra(*first.extra(), more),
+            content="".join(first.parts),
+            finish_reason=first.finish_reason,
             model=self.model,
             response_id=self.response_id,
             prompt_tokens=prompt,

@@ -469,6 +469,17 @@ class OutputWriter:
         else:
             self.abort()
 
+    def write_lines(self, data: bytes, rows: int) -> None:
+        """Append pre-encoded JSON Lines (`rows` lines ending in newlines) to a jsonl export."""
+        if self._closed or self.format != "jsonl":
+            raise ValueError(f"OutputWriter for {self.path} takes lines only as an open jsonl export")
+        try:
+            self._start()
+            self._out.write(data)
+        except OSError as exc:
+            raise UsageError(f"could not write {self.path}: {reason(exc)}") from exc
+        self.rows_written += rows
+
     def write_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
         """Append `batch` (a Table is written batch by batch); every batch must have the same schema."""
         if self._closed:

@@ -9,7 +9,12 @@ The prompt of a row comes from exactly one of:
 
 `--system` adds a system message in front. Columns named in `param_columns` set
 `model`, `temperature`, `max_tokens`, `stop` or `user` for their row; an empty
-cell means "use the job's value".
+cell means "use the job's value". `params` adds any other body field as given.
+
+An input in the OpenAI Batch format (a `custom_id` and a `body` column, usually
+with `method` and `url`) is sent body by body, as is: the job's settings only
+fill in fields a body lacks. Streaming always asks for usage in the stream
+(`stream_options.include_usage`), so a streamed job can still be priced.
 
 A row that cannot become a valid request (null prompt, bad per-row value) raises
 `RowError`: it is recorded as a failed row without being sent.
@@ -50,6 +55,7 @@ class BuiltRequest:
     est_prompt_tokens: int
     max_tokens: int | None
     request_hash: str
+    stream: bool = False
 
 
 def template_fields(template: str) -> list[str]:
@@ -92,7 +98,13 @@ class RequestBuilder:
         self._prompt_column = None if (spec.template or spec.messages_column) else (spec.prompt_column or "prompt")
         self._param_columns = dict(spec.param_columns)
         self._stream = spec.stream
-        base: dict[str, Any] = {}
+        #: OpenAI Batch input: each row's `body` is the request
+        self.batch_format = is_batch_input(spec, columns)
+        if self.batch_format and spec.system:
+            raise UsageError("--system cannot apply to an OpenAI Batch input: each body holds its own messages")
+        if not self.batch_format and not spec.model and "model" not in spec.param_columns:
+            raise UsageError("no model: give --model or `model = ...` in the spec")
+        base: dict[str, Any] = dict(spec.params)
         if spec.temperature is not None:
             base["temperature"] = spec.temperature
         if spec.max_tokens is not None:
@@ -104,12 +116,14 @@ class RequestBuilder:
         if spec.stream:
             base["stream"] = True
             # usage arrives in the stream only when asked for; without it a job cannot be priced
-            base["stream_options"] = {"include_usage": True}
+            base["stream_options"] = {**base.get("stream_options", {}), "include_usage": True}
         self._base = base
         self.needed_columns = self._check_columns(columns)
 
     def _check_columns(self, columns: Sequence[str]) -> list[str]:
         available = set(columns)
+        if self.batch_format:
+            return [c for c in BATCH_COLUMNS if c in available]
         if self._template is not None:
             needed = template_fields(self._template)
             missing = [n for n in needed if n not in available]
@@ -183,8 +197,12 @@ class RequestBuilder:
 
     def build(self, row: dict[str, Any]) -> BuiltRequest:
         """The request for one row, or RowError."""
-        messages = self.messages(row)
-        body: dict[str, Any] = {"model": self.spec.model, "messages": messages, **self._base}
+        if self.batch_format:
+            body = self._batch_body(row)
+            messages = body["messages"]
+        else:
+            messages = self.messages(row)
+            body = {"model": self.spec.model, "messages": messages, **self._base}
         for param, column in self._param_columns.items():
             value = _row_param(param, row.get(column), column)
             if value is not None:
@@ -197,14 +215,47 @@ class RequestBuilder:
             raise RowError(f"this row's messages hold a value JSON cannot carry: {exc}") from exc
         except UnicodeEncodeError as exc:  # a lone surrogate (e.g. "\ud800" in a JSON Lines file)
             raise RowError(f"this row's text is not valid Unicode: {exc.reason} at position {exc.start}") from exc
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         return BuiltRequest(
             body=encoded,
             model=body["model"],
             messages=messages,
             est_prompt_tokens=estimate_prompt_tokens(messages),
-            max_tokens=body.get("max_tokens"),
+            max_tokens=max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
             request_hash=hashlib.sha256(encoded).hexdigest()[:32],
+            stream=body.get("stream") is True,
         )
+
+    def _batch_body(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One line of an OpenAI Batch file -> its body, checked; job settings fill in what it lacks."""
+        method, url, body = row.get("method"), row.get("url"), row.get("body")
+        if method is not None and str(method).upper() != "POST":
+            raise RowError(f"method is {method!r}; a chat completion is a POST", "invalid_row")
+        if url is not None and not str(url).rstrip("/").endswith("/chat/completions"):
+            raise RowError(f"url is {url!r}; batchhub sends chat completions (/v1/chat/completions) only")
+        if isinstance(body, str):
+            try:
+                body = json.loads(body)
+            except json.JSONDecodeError as exc:
+                raise RowError(f"body is not valid JSON: {exc.msg}") from exc
+        if not isinstance(body, dict):
+            raise RowError("body must be a JSON object (a chat completion request)", "empty_prompt")
+        body = {**self._base, **({"model": self.spec.model} if self.spec.model else {}), **body}
+        body["messages"] = _parse_messages(body.get("messages"), "body.messages")
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return body
+
+
+#: the columns of an OpenAI Batch input line
+BATCH_COLUMNS = ("custom_id", "method", "url", "body")
+
+
+def is_batch_input(spec: JobSpec, columns: Sequence[str]) -> bool:
+    """An OpenAI Batch file: `custom_id` and `body` columns, and no prompt source chosen."""
+    chosen = spec.template or spec.prompt_column or spec.messages_column
+    return not chosen and "custom_id" in columns and "body" in columns
 
 
 def _parse_messages(value: Any, column: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import re
@@ -53,6 +54,7 @@ from batchhub.requests import BuiltRequest, RequestBuilder, RowError
 from batchhub.retry import next_step
 from batchhub.spec import JobSpec
 from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+from batchhub.structured import INVALID_OUTPUT, OutputCheck
 from batchhub.text import clean_text
 
 log = logging.getLogger("batchhub")
@@ -74,6 +76,8 @@ class PreparedJob:
     resumed: bool
     prices: PriceBook
     budget: Budget | None = None
+    #: what each reply's content must be (--json / --json-schema), or None
+    output_check: OutputCheck | None = None
 
 
 @dataclass
@@ -89,6 +93,8 @@ class JobSummary:
     http_requests: int = 0
     retries: int = 0
     rate_limited: int = 0
+    #: replies sent again because they were invalid_output (--retry-invalid)
+    invalid_retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0
@@ -146,6 +152,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         raise UsageError("the API key contains spaces, line breaks or control characters; check how it was set")
     if spec.is_mock:
         _mock_config(spec)  # a bad [mock] table fails here, before anything is written
+    output_check = OutputCheck.for_spec(spec.json, spec.json_schema)
     source = open_input(spec.input)
     builder = RequestBuilder(spec, source.columns)
     store = JobStore(spec.resolved_job_dir())
@@ -203,7 +210,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     import pandas  # noqa: F401
 
     budget = _budget(spec, store, prices) if spec.max_cost is not None else None
-    return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed, prices, budget)
+    return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed, prices, budget, output_check)
 
 
 def _budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
@@ -233,9 +240,38 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
 def _count_and_check(source: InputSource, builder: RequestBuilder) -> int:
     """Rows of a new job's input. Text formats are read through the columns the job uses, so
     a bad byte deep in the file is refused now, not after half the job was sent."""
+    if builder.batch_format:
+        return _check_custom_ids(source)
     if source.format == "parquet":
         return source.count_rows()
     return sum(len(batch) for batch in source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS))
+
+
+def _check_custom_ids(source: InputSource) -> int:
+    """Rows of an OpenAI Batch input, after checking every line has a custom_id and no two share one."""
+    hashes: list[np.ndarray] = []
+    n = 0
+    for batch in source.iter_rows(["custom_id"], defaults.READ_BATCH_ROWS):
+        ids = [row["custom_id"] for row in batch]
+        for offset, value in enumerate(ids):
+            if value is None or value == "":
+                raise InputError(f"{source.path}: row {n + offset + 1} has no custom_id (each line needs its own)")
+        hashes.append(np.fromiter((hash(str(v)) for v in ids), dtype=np.int64, count=len(ids)))
+        n += len(ids)
+    if not hashes:
+        return 0
+    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
+    suspects = set(values[counts > 1].tolist())
+    if suspects:  # confirm on the text itself (two ids may share a hash)
+        seen: set[str] = set()
+        for batch in source.iter_rows(["custom_id"], defaults.READ_BATCH_ROWS):
+            for row in batch:
+                text = str(row["custom_id"])
+                if hash(text) in suspects:
+                    if text in seen:
+                        raise InputError(f"{source.path}: custom_id {text!r} appears more than once (must be unique)")
+                    seen.add(text)
+    return n
 
 
 def _mock_config(spec: JobSpec) -> Any:
@@ -463,16 +499,43 @@ class Job:
                 if not budget.try_reserve(reserved):
                     self.request_stop("budget")
                     return
-            row = None
-            try:
-                row = await self._process(rid, built)
-            finally:
-                if budget is not None and row is None:
-                    budget.release(reserved)
-            if row is not None:
+            invalid_retries = 0
+            while True:
+                row = None
+                try:
+                    row = await self._process(rid, built)
+                finally:
+                    if budget is not None and row is None:
+                        budget.release(reserved)
+                if row is None:
+                    break
+                retry = self._check_output(row) and invalid_retries < self.spec.retry_invalid
                 cost = self._record(row, built.model)
                 if budget is not None:
                     budget.settle(reserved, cost or 0.0)
+                if not retry or self._stop.is_set():
+                    break
+                # the reply was paid for and is recorded; ask again
+                invalid_retries += 1
+                self._summary.invalid_retries += 1
+                if budget is not None:
+                    reserved = budget.worst_case(built)
+                    if not budget.try_reserve(reserved):
+                        self.request_stop("budget")
+                        return
+
+    def _check_output(self, row: dict[str, Any]) -> bool:
+        """Mark a reply that is not the JSON the job expects as invalid_output; True if it was."""
+        check = self.p.output_check
+        if check is None:
+            return False
+        problem = check.problem(row["content"], row["finish_reason"])
+        if problem is None:
+            return False
+        row["status"] = INVALID_OUTPUT
+        row["error_type"] = INVALID_OUTPUT
+        row["error_message"] = problem
+        return True
 
     async def _process(self, rid: int, built: BuiltRequest) -> dict[str, Any] | None:
         spec, limits, task = self.spec, self._limits, asyncio.current_task()
@@ -486,7 +549,7 @@ class Job:
             self._summary.http_requests += 1
             self._in_request.add(task)
             try:
-                completion = await self._client.complete(built.body, stream=spec.stream)
+                completion = await self._client.complete(built.body, stream=built.stream)
             except APIError as exc:
                 if isinstance(exc, RateLimitError):
                     limits.release(reserved)
@@ -543,6 +606,8 @@ class Job:
             "finish_reason": text(c.finish_reason),
             "model": text(c.model) or built.model,
             "response_id": text(c.response_id),
+            "request_id": text(c.request_id),
+            "extra": text(json.dumps(c.extra, ensure_ascii=False)) if c.extra else None,
             "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.completion_tokens,
             "total_tokens": c.total_tokens,

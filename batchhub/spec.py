@@ -12,6 +12,7 @@ beside it: `jobs/demo.toml` keeps its state in `jobs/demo/`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -42,7 +43,18 @@ REQUEST_FIELDS = (
     "user",
     "stream",
     "param_columns",
+    "params",
 )
+
+#: Body fields `params` may not set: the prompt is the job's, and these have their own setting.
+RESERVED_PARAMS = {
+    "messages": "the prompt comes from --template, --prompt-column or --messages-column",
+    "model": "use --model (or a model column via --param-column)",
+    "stream": "use --stream",
+}
+
+#: Body fields that also have their own setting: either place is fine, not both.
+DEDICATED_PARAMS = ("temperature", "max_tokens", "stop", "user")
 
 
 @dataclass
@@ -65,6 +77,15 @@ class JobSpec:
     stop: list[str] | None = None
     user: str | None = None
     stream: bool = False
+    #: any other body field, sent as given (a `[params]` table, or `--param key=JSON`)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    #: expect a JSON object in each reply's content (else status `invalid_output`)
+    json: bool = False
+    #: a JSON Schema file each reply's content must validate against (implies `json`)
+    json_schema: Path | None = None
+    #: send a row again up to this many times when its reply is `invalid_output`
+    retry_invalid: int = 0
 
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -150,8 +171,6 @@ class JobSpec:
         """Refuse out-of-range or contradictory settings before anything is read or sent."""
         if self.input is None:
             raise UsageError("no input file: give INPUT or `input = ...` in the spec")
-        if not self.model and "model" not in self.param_columns:
-            raise UsageError("no model: give --model or `model = ...` in the spec")
         sources = [s for s in ("template", "messages_column") if getattr(self, s)]
         if len(sources) > 1 or (sources and self.prompt_column):
             raise UsageError("give only one of --template, --prompt-column and --messages-column")
@@ -160,6 +179,11 @@ class JobSpec:
         check_stop(self.stop)
         if self.user is not None and not isinstance(self.user, str):
             raise UsageError("user must be a string")
+        check_params(self.params, self)
+        if isinstance(self.retry_invalid, bool) or not isinstance(self.retry_invalid, int) or self.retry_invalid < 0:
+            raise UsageError(f"retry_invalid must be a whole number, 0 or more, not {self.retry_invalid!r}")
+        if self.retry_invalid and not (self.json or self.json_schema):
+            raise UsageError("retry_invalid needs --json or --json-schema (nothing else makes a reply invalid)")
         unknown = set(self.param_columns) - set(ROW_PARAMS)
         if unknown:
             raise UsageError(
@@ -198,11 +222,11 @@ class JobSpec:
         if unknown:
             raise UsageError(f"{origin}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         data = dict(data)
-        for key in ("input", "job_dir", "prices_file"):
+        for key in ("input", "job_dir", "prices_file", "json_schema"):
             if data.get(key) is not None:
                 path = Path(os.path.expanduser(str(data[key])))
                 data[key] = path if path.is_absolute() or base_dir is None else base_dir / path
-        for key, kind in (("param_columns", dict), ("mock", dict), ("prices", dict)):
+        for key, kind in (("param_columns", dict), ("mock", dict), ("prices", dict), ("params", dict)):
             if key in data and not isinstance(data[key], kind):
                 raise UsageError(f"{origin}: {key} must be a table")
         try:
@@ -265,6 +289,44 @@ def check_stop(value: Any) -> None:
         raise UsageError(f"stop must be a non-empty string or a list of them, not {value!r}")
     if len(items) > 4:
         raise UsageError(f"stop takes at most 4 sequences, not {len(items)}")
+
+
+def check_params(params: Any, spec: JobSpec | None = None) -> None:
+    """Refuse body fields that clash with the job's own settings, and values JSON cannot carry."""
+    if not isinstance(params, dict):
+        raise UsageError(f"params must be a table of body fields, not {params!r}")
+    for key, value in params.items():
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"params: {key!r} is not a field name")
+        if key in RESERVED_PARAMS:
+            raise UsageError(f"params: {key} cannot be set here: {RESERVED_PARAMS[key]}")
+        if key in DEDICATED_PARAMS and spec is not None and getattr(spec, key) is not None:
+            raise UsageError(f"{key} is given twice: as --{key.replace('_', '-')} and in params; keep one")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"params: {key} = {value!r} cannot be sent as JSON ({exc})") from exc
+    check_temperature(params.get("temperature"))
+    check_max_tokens(params.get("max_tokens"))
+    check_max_tokens(params.get("max_completion_tokens"))
+    check_stop(params.get("stop"))
+    options = params.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise UsageError(f"params: stream_options must be an object, not {options!r}")
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`key=JSON` (a `--param` flag) -> (key, value); the value must be valid JSON."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--param {text!r}: write KEY=JSON, like --param seed=7 or --param 'user=\"me\"'")
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        hint = f" (a string needs JSON quotes: --param '{key}=\"{raw}\"')" if raw and raw[0] not in '[{"' else ""
+        raise UsageError(f"--param {key}: {raw!r} is not valid JSON: {exc}{hint}") from exc
+    return key, value
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from batchhub.errors import InputError, UsageError
 from batchhub.requests import RequestBuilder, RowError, estimate_prompt_tokens, template_fields
-from batchhub.spec import JobSpec, load_spec
+from batchhub.spec import JobSpec, load_spec, parse_param
 
 
 def spec(**kw) -> JobSpec:
@@ -147,7 +147,16 @@ def test_estimate_counts_chars_and_overhead() -> None:
         ({"rpm": -5}, "rpm"),
         ({"timeout": 0}, "timeout"),
         ({"max_attempts": 0}, "max_attempts"),
-        ({"model": None}, "no model"),
+        ({"params": {"messages": []}}, "prompt comes from"),
+        ({"params": {"model": "x"}}, "use --model"),
+        ({"params": {"stream": True}}, "use --stream"),
+        ({"params": {"temperature": 0.1}, "temperature": 0.2}, "given twice"),
+        ({"params": {"temperature": 9}}, "temperature"),
+        ({"params": {"max_completion_tokens": 0}}, "max_tokens"),
+        ({"params": {"stream_options": 1}}, "stream_options"),
+        ({"params": {"seed": float("nan")}}, "cannot be sent as JSON"),
+        ({"retry_invalid": 2}, "needs --json"),
+        ({"retry_invalid": -1}, "retry_invalid"),
         ({"template": "{a}", "messages_column": "m"}, "only one"),
         ({"base_url": "ftp://x"}, "base_url"),
         ({"param_columns": {"top_p": "c"}}, "cannot be set per row"),
@@ -156,6 +165,83 @@ def test_estimate_counts_chars_and_overhead() -> None:
 def test_spec_validation(kw: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):
         spec(**kw).validate()
+
+
+def test_no_model_is_refused_unless_a_batch_body_or_a_column_carries_it() -> None:
+    with pytest.raises(UsageError, match="no model"):
+        RequestBuilder(spec(model=None), ["prompt"])
+    RequestBuilder(spec(model=None, param_columns={"model": "m"}), ["prompt", "m"])
+    RequestBuilder(spec(model=None), ["custom_id", "body"])
+
+
+def test_params_are_sent_as_given_and_streaming_always_asks_for_usage() -> None:
+    s = spec(
+        params={"seed": 7, "top_p": 0.5, "response_format": {"type": "json_object"}, "stream_options": {"x": 1}},
+        stream=True,
+    )
+    b = body(RequestBuilder(s, ["prompt"]), {"prompt": "hi"})
+    assert (b["seed"], b["top_p"], b["response_format"]) == (7, 0.5, {"type": "json_object"})
+    assert b["stream"] is True and b["stream_options"] == {"x": 1, "include_usage": True}
+    built = RequestBuilder(s, ["prompt"]).build({"prompt": "hi"})
+    assert built.stream is True
+    # max_completion_tokens sizes the token reservation like max_tokens
+    built = RequestBuilder(spec(params={"max_completion_tokens": 77}), ["prompt"]).build({"prompt": "hi"})
+    assert built.max_tokens == 77 and built.stream is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("seed=7", ("seed", 7)), ('user="me"', ("user", "me")), ("tools=[]", ("tools", [])), ("a=null", ("a", None))],
+)
+def test_param_flag_parses_json(text: str, expected: tuple) -> None:
+    assert parse_param(text) == expected
+
+
+@pytest.mark.parametrize(("text", "match"), [("seed", "KEY=JSON"), ("=1", "KEY=JSON"), ("user=me", "JSON quotes")])
+def test_param_flag_refuses_what_is_not_json(text: str, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        parse_param(text)
+
+
+def test_batch_body_is_sent_as_is_and_job_settings_only_fill_gaps() -> None:
+    s = spec(model="job-model", temperature=0.3, params={"seed": 1})
+    builder = RequestBuilder(s, ["custom_id", "method", "url", "body"])
+    assert builder.batch_format and builder.needed_columns == ["custom_id", "method", "url", "body"]
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "n": 2},
+    }
+    assert body(builder, line) == {**line["body"], "seed": 1}
+    as_text = {**line, "body": json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True})}
+    b = body(builder, as_text)
+    assert b["model"] == "job-model" and b["temperature"] == 0.3
+    assert b["stream_options"] == {"include_usage": True} and builder.build(as_text).stream is True
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ({"method": "GET"}, "POST"),
+        ({"url": "/v1/embeddings"}, "chat completions"),
+        ({"body": "{nope"}, "not valid JSON"),
+        ({"body": [1]}, "JSON object"),
+        ({"body": {"model": "m"}}, "null"),
+    ],
+)
+def test_bad_batch_lines_are_row_errors(line: dict, match: str) -> None:
+    good = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": []}}
+    builder = RequestBuilder(spec(), ["custom_id", "method", "url", "body"])
+    with pytest.raises(RowError, match=match):
+        builder.build({**good, **line})
+
+
+def test_a_chosen_prompt_source_wins_over_batch_detection() -> None:
+    builder = RequestBuilder(spec(prompt_column="body"), ["custom_id", "body"])
+    assert not builder.batch_format
+    with pytest.raises(UsageError, match="--system"):
+        RequestBuilder(spec(system="be brief"), ["custom_id", "body"])
 
 
 def test_spec_file_paths_relative_to_file_and_unknown_keys(tmp_path: Path) -> None:

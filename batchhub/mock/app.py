@@ -38,7 +38,7 @@ from aiohttp import web
 from batchhub.mock.config import DEFAULT_MODELS, MockConfig
 from batchhub.mock.ratelimit import Clock, Denial, format_duration
 from batchhub.mock.state import STATE, MockState
-from batchhub.mock.tokens import Completion, count_prompt_tokens, make_completion, request_identity
+from batchhub.mock.tokens import Completion, count_prompt_tokens, json_completion, make_completion, request_identity
 from batchhub.mock.validation import ChatRequest, InvalidRequest, parse_request
 
 COMPLETION_PATHS: frozenset[str] = frozenset({"/v1/chat/completions", "/chat/completions"})
@@ -303,6 +303,9 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         limit=req.max_tokens,
         stop=req.stop,
     )
+    plain = completion
+    if req.json_mode:
+        completion = json_completion(plain)
     denial = state.limits.try_acquire(prompt_tokens + completion.completion_tokens)
     if denial is not None:
         return _rate_limited(state, req.model, denial)
@@ -313,6 +316,10 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         wait = config.fault_retry_after_ms / 1000
         denial = Denial(kind="requests", wait=wait, limit=config.rpm or 0, used=config.rpm or 0, requested=1)
         return _rate_limited(state, req.model, denial)
+    if fault == "bad_json":
+        # a paid answer that is not the JSON asked for (a plain request drawing it is served normally)
+        completion = json_completion(plain, broken=True) if req.json_mode else completion
+        fault = None
     if fault in (None, "no_usage"):
         # Paid from here on, like a provider that bills an answer it has begun
         # even if the client hangs up before it arrives.

@@ -31,6 +31,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "empty_choices",
     "stream_cut",
     "429",
+    "bad_json",
 )
 
 #: Models listed by `GET /v1/models` when `allowed_models` is not set.

@@ -107,6 +107,20 @@ def _sentiment(text: str) -> str:
     return "neutral"
 
 
+def json_completion(completion: Completion, *, broken: bool = False) -> Completion:
+    """The answer as a JSON object, as a model in JSON mode gives it.
+
+    Cut off by max_tokens (finish_reason "length") the JSON is cut off too; `broken`
+    gives what a model sometimes writes instead: prose around half an object.
+    """
+    text = json.dumps({"answer": completion.content, "words": len(completion.content.split())})
+    if completion.finish_reason == "length":
+        text = text[: len(text) // 2]
+    if broken:
+        text = "Sure! Here is the JSON: " + text[: len(text) // 2]
+    return Completion(text, completion.finish_reason, count_tokens(text))
+
+
 def make_completion(
     *,
     seed: int,

@@ -70,6 +70,8 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     stop: list[str]
+    #: response_format asks for JSON (json_object or json_schema)
+    json_mode: bool = False
 
 
 def _json_type(value: object) -> str:
@@ -306,4 +308,6 @@ def parse_request(raw: bytes) -> ChatRequest:
         stream=bool(stream),
         include_usage=include_usage,
         stop=stop,
+        json_mode=isinstance(body.get("response_format"), dict)
+        and body["response_format"].get("type") in ("json_object", "json_schema"),
     )
