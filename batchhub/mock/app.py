@@ -305,7 +305,7 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
     )
     plain = completion
     if req.json_mode:
-        completion = json_completion(plain)
+        completion = json_completion(plain, identity)
     denial = state.limits.try_acquire(prompt_tokens + completion.completion_tokens)
     if denial is not None:
         return _rate_limited(state, req.model, denial)
@@ -318,7 +318,7 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         return _rate_limited(state, req.model, denial)
     if fault == "bad_json":
         # a paid answer that is not the JSON asked for (a plain request drawing it is served normally)
-        completion = json_completion(plain, broken=True) if req.json_mode else completion
+        completion = json_completion(plain, identity, broken=True) if req.json_mode else completion
         fault = None
     if fault in (None, "no_usage"):
         # Paid from here on, like a provider that bills an answer it has begun

@@ -107,13 +107,18 @@ def _sentiment(text: str) -> str:
     return "neutral"
 
 
-def json_completion(completion: Completion, *, broken: bool = False) -> Completion:
-    """The answer as a JSON object, as a model in JSON mode gives it.
+def json_completion(completion: Completion, identity: str, *, broken: bool = False) -> Completion:
+    """The answer as a JSON object, as a model in JSON mode gives it: `{"sentiment", "confidence"}`
+    for a sentiment question, `{"answer", "words"}` otherwise.
 
     Cut off by max_tokens (finish_reason "length") the JSON is cut off too; `broken`
     gives what a model sometimes writes instead: prose around half an object.
     """
-    text = json.dumps({"answer": completion.content, "words": len(completion.content.split())})
+    if completion.content in ("positive", "negative", "neutral"):  # a sentiment question
+        confidence = 0.55 + (int(hashlib.sha256(identity.encode()).hexdigest()[:4], 16) % 45) / 100
+        text = json.dumps({"sentiment": completion.content, "confidence": confidence})
+    else:
+        text = json.dumps({"answer": completion.content, "words": len(completion.content.split())})
     if completion.finish_reason == "length":
         text = text[: len(text) // 2]
     if broken:
