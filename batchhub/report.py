@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
-from batchhub.pricing import CostReport, PriceBook, cost_of
+from batchhub.pricing import CostReport, ModelCost, PriceBook
 from batchhub.store import JobStore, atomic_write_bytes, latest_indices
 
 #: the result columns the report reads (every other column, present or future, is left unread)
@@ -127,8 +127,7 @@ def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
     rep.prices = book.label
     table = store.results(list(COLUMNS))
     if table.num_rows:
-        _fill(rep, table, book, runs)
-        rep.error_examples = _examples(store, table)
+        _fill(rep, store, table, book, runs)
     if runs and "ended_at" not in runs[-1]:
         rep.state = "running (or killed)"
     elif rep.pending == 0 and total:
@@ -138,7 +137,7 @@ def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
     return rep
 
 
-def _fill(rep: JobReport, table: pa.Table, book: PriceBook, runs: list[dict[str, Any]]) -> None:
+def _fill(rep: JobReport, store: JobStore, table: pa.Table, book: PriceBook, runs: list[dict[str, Any]]) -> None:
     """The counts, sums and per-result arrays of a non-empty results table."""
     rep.results_recorded = table.num_rows
     keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
@@ -146,12 +145,15 @@ def _fill(rep: JobReport, table: pa.Table, book: PriceBook, runs: list[dict[str,
     rep.ok = int(is_ok[keep].sum())
     rep.failed = len(keep) - rep.ok
     rep.pending = max(0, rep.total_rows - len(keep))
-    latest = table.take(pa.array(keep))
+    latest = table.select(["status", "model", "error_type", "prompt_tokens", "completion_tokens", "seq"])
+    latest = latest.take(pa.array(keep))
     rep.statuses = _counts(latest["status"])
     rep.models = _counts(latest["model"])
     failed = latest.filter(pc.invert(pc.equal(latest["status"], "ok").fill_null(False)))
     # a failure without an error type (a status such as invalid_output) is named by its status
-    rep.errors_by_type = _counts(pc.coalesce(failed["error_type"], failed["status"], pa.scalar("(none)")))
+    kinds = pc.coalesce(failed["error_type"], failed["status"], pa.scalar("(none)"))
+    rep.errors_by_type = _counts(kinds)
+    rep.error_examples = _examples(store, kinds, failed["seq"])
     for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
         setattr(rep, name, int(pc.sum(table[name]).as_py() or 0))
     rep.requests = int(pc.sum(table["attempts"]).as_py() or 0)
@@ -186,44 +188,66 @@ def _counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
 
 
 def _bill(table: pa.Table, book: PriceBook) -> CostReport:
-    """What `batchhub cost` says for these results, with the model column dictionary-encoded
-    (a few distinct names, however many results) instead of one Python string per result."""
+    """What `batchhub cost` says for these results (the same prices and arithmetic), grouped
+    by a dictionary-encoded model column: a job's few model names are looked at once each,
+    not once per result."""
     has_usage = pc.and_(pc.is_valid(table["prompt_tokens"]), pc.is_valid(table["completion_tokens"]))
     ok_without = pc.and_(pc.equal(table["status"], "ok").fill_null(False), pc.invert(has_usage))
     priced = table.filter(has_usage)
     encoded = pc.dictionary_encode(priced["model"].fill_null("(no model)").combine_chunks())
-    names = np.array(encoded.dictionary.to_pylist(), dtype=object)
-    models = names[encoded.indices.to_numpy(zero_copy_only=False)]
-    when = pc.max(priced["finished_at"]).as_py() if priced.num_rows else None
-    bill = cost_of(
-        models,
-        priced["prompt_tokens"].to_numpy(),
-        priced["completion_tokens"].to_numpy(),
-        priced["cached_tokens"].fill_null(0).to_numpy(),
-        book,
-        when if isinstance(when, datetime) else None,
-    )
-    bill.responses_without_usage = int(pc.sum(ok_without.cast(pa.int64())).as_py() or 0)
-    return bill
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    last = pc.max(priced["finished_at"]).as_py() if priced.num_rows else None
+    when = last if isinstance(last, datetime) else None
+    prompt = priced["prompt_tokens"].to_numpy()
+    completion = priced["completion_tokens"].to_numpy()
+    cached = priced["cached_tokens"].fill_null(0).to_numpy()
+    lines: list[ModelCost] = []
+    unknown: list[str] = []
+    sources: set[str] = set()
+    for code, model in sorted(enumerate(encoded.dictionary.to_pylist()), key=lambda pair: pair[1]):
+        mask = codes == code
+        p, c, k = prompt[mask], completion[mask], cached[mask]
+        price = book.lookup(model, when)
+        line = ModelCost(
+            model=model,
+            priced_as=price.priced_as if price else None,
+            provider=price.provider if price else None,
+            source=price.source if price else None,
+            requests=int(mask.sum()),
+            prompt_tokens=int(p.sum()),
+            cached_tokens=int(k.sum()),
+            completion_tokens=int(c.sum()),
+            input_usd=None,
+            output_usd=None,
+            total_usd=None,
+        )
+        if price is None:
+            unknown.append(model)
+        else:
+            input_usd, output_usd = price.costs(p, c, k)
+            line.input_usd, line.output_usd = float(input_usd.sum()), float(output_usd.sum())
+            line.total_usd = line.input_usd + line.output_usd
+            sources.add(price.source)
+        lines.append(line)
+    no_usage = int(pc.sum(ok_without.cast(pa.int64())).as_py() or 0)
+    total = sum(m.total_usd for m in lines if m.total_usd is not None)
+    return CostReport(lines, total, unknown, no_usage, sorted(sources))
 
 
-def _examples(store: JobStore, table: pa.Table) -> dict[str, list[str]]:
-    """A few distinct messages per error type, from the latest result of failed rows.
+def _examples(store: JobStore, kinds: pa.ChunkedArray, seqs: pa.ChunkedArray) -> dict[str, list[str]]:
+    """A few distinct messages per error type, from the latest results of failed rows (their
+    `kinds` and `seqs`).
 
     The messages are read in a second pass, only for the chosen results (found by
     their seq), so the message column of a large job is never held in memory.
     """
-    keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
-    latest = table.select(["status", "error_type", "seq"]).take(pa.array(keep))
-    failed = latest.filter(pc.invert(pc.equal(latest["status"], "ok").fill_null(False)))
-    if not failed.num_rows:
+    if not len(kinds):
         return {}
-    kinds = pc.coalesce(failed["error_type"], failed["status"], pa.scalar("(none)"))
     wanted: dict[int, str] = {}
     for kind in _counts(kinds):
-        seqs = failed["seq"].filter(pc.equal(kinds, kind)).to_numpy()
+        chosen = seqs.filter(pc.equal(kinds, kind)).to_numpy()
         # more candidates than shown, so that repeated messages leave room for different ones
-        for seq in seqs[: EXAMPLES_PER_TYPE * 8]:
+        for seq in chosen[: EXAMPLES_PER_TYPE * 8]:
             wanted[int(seq)] = kind
     found: dict[str, list[str]] = {}
     candidates = pa.array(list(wanted), pa.int64())

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 #: bars in the cost and error charts; the rest are summed as "other"
 MAX_BARS = 12
 
+_THOUSANDS = "{x:,.0f}"  # a tick format (matplotlib makes it a StrMethodFormatter)
 _INK, _OK, _BAD, _RATE, _GREY = "#1f2933", "#2f6f9f", "#d1603d", "#b8326a", "#9aa5b1"
 
 _CSS = """
@@ -124,7 +125,7 @@ def _cards(rep: JobReport) -> str:
         ("rows", f"{rep.total_rows:,}", pct),
         ("ok", f'<span class="ok">{rep.ok:,}</span>', f"{rep.pending:,} pending"),
         ("failed", f'<span class="bad">{rep.failed:,}</span>', _top(rep.errors_by_type)),
-        ("cost", _esc(rep.cost_text), f"{rep.results_recorded:,} results recorded"),
+        ("cost", *_cost_card(rep)),
         (
             "tokens",
             f"{rep.prompt_tokens + rep.completion_tokens:,}",
@@ -132,13 +133,24 @@ def _cards(rep: JobReport) -> str:
         ),
         ("requests", f"{rep.requests:,}", f"{retries:,} retries, {rep.rate_limited:,} answered 429"),
         ("running time", _duration(rep.run_seconds), f"{rep.runs} run(s), {rate}"),
-        ("when (UTC)", _esc(rep.last_finished or "-"), _esc(when) or "no result yet"),
+        ("last result (UTC)", _esc(rep.last_finished or "-"), _esc(when) or "no result yet"),
     ]
     items = "".join(
         f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div><div class="n">{n}</div></div>'
         for k, v, n in cards
     )
     return f'<div class="cards">{items}</div>'
+
+
+def _cost_card(rep: JobReport) -> tuple[str, str]:
+    """The cost card's figure and its line beneath: the known total, then what it leaves out."""
+    bill = rep.bill
+    if bill is None or not bill.models:
+        return "$0", "no usage recorded"
+    figure = format_usd(bill.total_usd) if bill.sources else "unknown"
+    if bill.unknown_models:
+        return figure + (" + ?" if bill.sources else ""), _esc(f"no price for {', '.join(bill.unknown_models)}")
+    return figure, f"{sum(m.requests for m in bill.models):,} responses priced"
 
 
 def _top(counts: dict[str, int]) -> str:
@@ -183,6 +195,7 @@ def _throughput(rep: JobReport) -> str:
     ax.bar(x, ok, width=width, align="edge", color=_OK, label="ok", linewidth=0)
     ax.bar(x, failed, width=width, bottom=ok, align="edge", color=_BAD, label="failed", linewidth=0)
     ax.set_ylabel("results per second")
+    ax.yaxis.set_major_formatter(_THOUSANDS)
     ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, frameon=False, fontsize=9)
     # the 429s on their own axis below, on the same time scale: a second y-axis on one plot reads badly
     low.bar(x, t.rate_limited, width=width, align="edge", color=_RATE, linewidth=0)
@@ -227,6 +240,7 @@ def _latency(rep: JobReport) -> str:
     ax.set_xlim(bottom, top)
     ax.set_xlabel("seconds (of the successful attempt)")
     ax.set_ylabel("results")
+    ax.yaxis.set_major_formatter(_THOUSANDS)
     note = (
         f"{len(lat):,} ok results: mean {_seconds(float(lat.mean()))}, p50 {_seconds(p50)}, p90 {_seconds(p90)}, "
         f"p99 {_seconds(p99)}, max {_seconds(float(lat.max()))}."
@@ -246,10 +260,20 @@ def _tokens(rep: JobReport) -> str:
     axes = fig.subplots(1, 2)
     for ax, values, name, color in ((axes[0], prompt, "prompt", _OK), (axes[1], completion, "completion", _BAD)):
         low, high = int(values.min()), int(values.max())
-        bins = np.arange(low, high + 2) - 0.5 if high - low < 60 else 60
-        ax.hist(values, bins=bins, color=color, linewidth=0)
-        ax.axvline(float(np.median(values)), color=_INK, linestyle="--", linewidth=1.2)
-        ax.set_title(f"{name} tokens per row (median {np.median(values):,.0f}, mean {values.mean():,.1f})")
+        # whole-token bins, each as wide as the others: a count never falls between two bars
+        step = -(-(high - low + 1) // 60)
+        ax.hist(values, bins=np.arange(low, high + step + 1, step) - 0.5, color=color, linewidth=0)
+        ax.yaxis.set_major_formatter(_THOUSANDS)
+        median = float(np.median(values))
+        ax.axvline(median, color=_INK, linestyle="--", linewidth=1.2)
+        ax.annotate(
+            f" median {median:,.0f}, mean {values.mean():,.1f}",
+            (median, 0.98),
+            xycoords=("data", "axes fraction"),
+            va="top",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+        )
+        ax.set_title(f"{name} tokens per row")
         ax.set_xlabel("tokens")
         ax.set_ylabel("rows")
     note = f"{len(prompt):,} rows whose latest result is ok and reported usage (retried attempts are in the cost)."
