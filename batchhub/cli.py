@@ -457,3 +457,40 @@ def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: 
         _fail(exc)
         return
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="The HTML file to write (default: report.html in the job directory).",
+)
+@click.option(
+    "--prices",
+    "prices_file",
+    type=click.Path(path_type=Path),
+    help="JSON or TOML file of model prices (USD per million tokens), merged over the job's own.",
+)
+def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None:
+    """Write one self-contained HTML page about a job: rows, cost, tokens and time, with charts of
+    throughput and 429s over time, latency, tokens per row, cost by model and errors by type.
+
+    JOB_DIR is a job directory or its spec file. The page needs no network to open (charts are
+    embedded SVG, no scripts). Safe to run while the job runs.
+    """
+    from batchhub.report import write_report
+
+    try:
+        folder = _job_dir_arg(job_dir)
+        target = output if output is not None else folder / "report.html"
+        rep = write_report(folder, target, prices_file=prices_file)
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    click.echo(
+        f"wrote {target}: {rep.ok:,} ok, {rep.failed:,} failed, {rep.pending:,} pending of {rep.total_rows:,} rows; "
+        f"cost {rep.cost_text}",
+        err=True,
+    )
