@@ -273,3 +273,29 @@ def test_api_key_never_in_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec().resolved_api_key() == "k1"
     monkeypatch.delenv("BATCHHUB_API_KEY")
     assert spec().resolved_api_key() == "k2"
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "expected"),
+    [
+        ("http://flag/v1/", {"BATCHHUB_BASE_URL": "http://bh/v1", "OPENAI_BASE_URL": "http://oa/v1"}, "http://flag/v1"),
+        (None, {"BATCHHUB_BASE_URL": "http://bh/v1", "OPENAI_BASE_URL": "http://oa/v1"}, "http://bh/v1"),
+        (None, {"OPENAI_BASE_URL": "http://oa/v1/"}, "http://oa/v1"),
+        (None, {}, "https://ai-tokenhub.com/v1"),
+    ],
+)
+def test_base_url_precedence(monkeypatch: pytest.MonkeyPatch, flag: str | None, env: dict, expected: str) -> None:
+    for name in ("BATCHHUB_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert spec(base_url=flag).resolved_base_url() == expected
+
+
+def test_api_key_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    monkeypatch.delenv("BATCHHUB_API_KEY", raising=False)
+    assert spec().resolved_api_key() == "sk-openai"
+    monkeypatch.setenv("BATCHHUB_API_KEY", " sk-bh\n")
+    assert spec().resolved_api_key() == "sk-bh"
+    assert spec(api_key="sk-flag").resolved_api_key() == "sk-flag"
