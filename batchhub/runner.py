@@ -167,10 +167,11 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
                 f"the input {source.path} has changed since this job started in {store.dir} "
                 "(its fingerprint differs); resuming would mix rows. Use a new --job-dir, or --force to resume anyway"
             )
-        old_config = manifest.get("request_config")
+        # a setting added since the job started is compared as its default
+        old_config = {**JobSpec().request_config(), **(manifest.get("request_config") or {})}
         new_config = spec.request_config()
         if old_config != new_config and not spec.force:
-            changed = sorted(k for k in new_config if (old_config or {}).get(k) != new_config[k])
+            changed = sorted(k for k in new_config if old_config.get(k) != new_config[k])
             raise JobStateError(
                 f"the request settings differ from the job in {store.dir} ({', '.join(changed)}); "
                 "resuming would mix results of two jobs. "

@@ -227,6 +227,21 @@ async def test_changed_input_and_changed_settings_are_refused(tmp_path: Path, mo
     assert forced.total_rows == 11 and forced.ok == 11 and forced.http_requests == 1
 
 
+async def test_a_job_from_before_a_setting_existed_resumes(tmp_path: Path, mock_server) -> None:
+    server = await mock_server()
+    spec = make_spec(tmp_path, server, n=10)
+    await arun_job(spec, progress=False)
+    manifest_path = tmp_path / "job" / "job.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["request_config"]["params"]  # as written before `params` was a setting
+    manifest_path.write_text(json.dumps(manifest))
+    assert (await arun_job(spec, progress=False)).exit_code == 0
+    manifest_path.write_text(json.dumps(manifest))  # the resume wrote it anew, with params
+    changed = make_spec(tmp_path, server, n=10, params={"seed": 1})
+    with pytest.raises(JobStateError, match=r"request settings differ from .* \(params\)"):
+        await arun_job(changed, progress=False)
+
+
 async def test_null_prompts_fail_without_being_sent(tmp_path: Path, mock_server) -> None:
     server = await mock_server()
     path = tmp_path / "in.jsonl"
