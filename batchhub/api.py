@@ -104,7 +104,9 @@ def run(data: Any, /, *, progress: bool | None = None, **options: Any) -> pd.Dat
     plan = _plan(data, options)
     job = Job(plan.prepared, progress=progress)
     summary = _run_in_thread(job)
-    return _finish(plan, summary)
+    out = _finish(plan, summary)
+    _warn_failed(summary)
+    return out
 
 
 async def arun(data: Any, /, *, progress: bool | None = None, **options: Any) -> pd.DataFrame:
@@ -118,7 +120,9 @@ async def arun(data: Any, /, *, progress: bool | None = None, **options: Any) ->
     plan = await asyncio.to_thread(_plan, data, options)
     job = Job(plan.prepared, progress=progress)
     summary = await _run_shielded(job)
-    return await asyncio.to_thread(_finish, plan, summary)
+    out = await asyncio.to_thread(_finish, plan, summary)
+    _warn_failed(summary)
+    return out
 
 
 # -- the job -----------------------------------------------------------------------------
@@ -251,7 +255,7 @@ async def _run_shielded(job: Job) -> JobSummary:
 
 
 def _finish(plan: _Plan, summary: JobSummary) -> pd.DataFrame:
-    """Raise for a job that stopped early; otherwise the input with its results, in input order."""
+    """Raise for a job that stopped early; otherwise the input with its results, in input order, and a summary."""
     if summary.error is not None:
         raise summary.error
     if summary.stopped or summary.pending:
@@ -264,6 +268,11 @@ def _finish(plan: _Plan, summary: JobSummary) -> pd.DataFrame:
         )
     out = _result_frame(plan)
     out.attrs["batchhub"] = _summary_dict(summary)
+    return out
+
+
+def _warn_failed(summary: JobSummary) -> None:
+    """Say that rows failed, pointing at the caller's line (called from run and arun themselves)."""
     if summary.failed:
         warnings.warn(
             f"{summary.failed:,} of {summary.total_rows:,} rows failed (status 'error'; the reason is in "
@@ -271,7 +280,6 @@ def _finish(plan: _Plan, summary: JobSummary) -> pd.DataFrame:
             FailedRowsWarning,
             stacklevel=3,
         )
-    return out
 
 
 def _result_frame(plan: _Plan) -> pd.DataFrame:

@@ -206,11 +206,22 @@ def test_a_wrong_key_raises_and_the_job_resumes_with_the_right_one(tmp_path: Pat
 def test_failed_rows_come_back_with_a_warning(tmp_path: Path, threaded_mock) -> None:
     server = threaded_mock(seed=10)
     df = reviews(9).assign(temp=["0.5", "0.5", "3"] * 3)  # temperature 3 is out of range: that row fails
-    with pytest.warns(FailedRowsWarning, match="3 of 9 rows failed"):
+    with pytest.warns(FailedRowsWarning, match="3 of 9 rows failed") as caught:
         out = batchhub.run(df, **opts(server, tmp_path / "job", param_column={"temperature": "temp"}))
+    assert caught[0].filename == __file__  # points at the caller's line
     assert out["status"].tolist() == ["ok", "ok", "error"] * 3
     assert out.loc[out["status"] == "error", "error_type"].unique().tolist() == ["invalid_row"]
     assert server.stats.requests == 6
+
+
+async def test_arun_warns_of_failed_rows_at_the_callers_line(tmp_path: Path) -> None:
+    df = reviews(4).assign(temp=["0.5", "3", "0.5", "0.5"])
+    with pytest.warns(FailedRowsWarning, match="1 of 4 rows failed") as caught:
+        out = await batchhub.arun(
+            df, model="m", template=TEMPLATE, mock=True, job_dir=tmp_path / "job", param_column={"temperature": "temp"}
+        )
+    assert caught[0].filename == __file__
+    assert out["status"].tolist() == ["ok", "error", "ok", "ok"]
 
 
 def test_a_reached_budget_raises_job_stopped(tmp_path: Path, threaded_mock) -> None:
