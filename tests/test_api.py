@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import dataclasses
+import importlib.util
 import inspect
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -316,3 +318,23 @@ async def test_the_readme_notebook_example_runs(tmp_path: Path, monkeypatch: pyt
     assert first["sentiment"].tolist() == ["positive", "negative", "neutral"]
     assert namespace["out"].attrs["batchhub"]["http_requests"] == 0
     assert namespace["out"].index.tolist() == ["r-101", "r-102", "r-103"]
+
+
+def test_a_progress_bar_in_a_notebook(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import types
+
+    from batchhub.progress import Progress
+
+    kernel = types.SimpleNamespace(config={"IPKernelApp": {}})  # what get_ipython() returns in Jupyter
+
+    real = importlib.util.find_spec
+    output = io.StringIO()  # not a terminal
+    assert not Progress(total=3, file=output).enabled
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real(name, *a))
+    bar = Progress(total=3, file=output)
+    assert bar.enabled
+    bar.result(True, 10)
+    bar.close()
+    assert "1/3" in output.getvalue()  # the text bar: no ipywidgets here
