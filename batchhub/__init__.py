@@ -4,9 +4,12 @@ rate-limited, cost-accounted job.
 Library use (the CLI is a thin layer over these)::
 
     import batchhub
+    out = batchhub.run(df, model="gpt-4o-mini", template="Classify: {review}")   # a DataFrame (or a path) in,
+    out = await batchhub.arun(df, ...)                                          # a DataFrame out; arun in a loop
     spec = batchhub.load_spec("jobs/demo.toml")            # or batchhub.JobSpec(input=..., model=..., ...)
     summary = batchhub.run_job(spec)                       # blocks; resumes if the job directory has results
     batchhub.export_job(summary.job_dir, "out.parquet")
+    batchhub.write_report(summary.job_dir, "report.html")
 """
 
 from __future__ import annotations
@@ -32,12 +35,19 @@ from batchhub.spec import JobSpec, load_spec
 # The heavier parts (pyarrow, aiohttp, pandas) load on first use, so `batchhub --help`
 # and `import batchhub.errors` stay fast.
 _LAZY = {
+    "run": "batchhub.api",
+    "arun": "batchhub.api",
+    "FailedRowsWarning": "batchhub.api",
+    "list_jobs": "batchhub.jobs",
     "export_job": "batchhub.export",
     "Job": "batchhub.runner",
     "JobSummary": "batchhub.runner",
     "prepare_job": "batchhub.runner",
     "JobStatus": "batchhub.status",
     "job_status": "batchhub.status",
+    "export_openai_batch": "batchhub.export",
+    "write_report": "batchhub.report",
+    "job_report": "batchhub.report",
 }
 
 
@@ -51,7 +61,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from batchhub.export import export_job
+    from batchhub.api import FailedRowsWarning, arun, run
+    from batchhub.export import export_job, export_openai_batch
+    from batchhub.jobs import list_jobs
+    from batchhub.report import job_report, write_report
     from batchhub.runner import Job, JobSummary, prepare_job
     from batchhub.status import JobStatus, job_status
 
@@ -59,6 +72,7 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "BatchhubError",
+    "FailedRowsWarning",
     "InputError",
     "Job",
     "JobSpec",
@@ -71,12 +85,18 @@ __all__ = [
     "RateLimitError",
     "UsageError",
     "__version__",
+    "arun",
     "arun_job",
     "export_job",
+    "export_openai_batch",
+    "job_report",
     "job_status",
+    "list_jobs",
     "load_spec",
     "prepare_job",
+    "run",
     "run_job",
+    "write_report",
 ]
 
 

@@ -102,7 +102,7 @@ JOB_OPTIONS = [
     click.option("--retry-failed", is_flag=True, default=None, help="Send again the rows that failed in earlier runs."),
     click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed."),
     click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000)."),
-    click.option("--flush-seconds", type=float, help="... or every T seconds (default 30)."),
+    click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),
     click.option(
         "--prices",
@@ -241,7 +241,7 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(job_dir: Path, as_json: bool) -> None:
-    """Show a job's rows by status, tokens used and time spent."""
+    """Show a job's rows by status, tokens used, cost and time spent: JOB_DIR is a job directory or its spec."""
     from batchhub.status import job_status
 
     try:
@@ -308,7 +308,8 @@ def _job_dir_arg(path: Path) -> Path:
 )
 @click.option("--force", is_flag=True, help="Export even if the input file changed since the job ran.")
 def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_column: str | None, force: bool) -> None:
-    """Write one file in input order: the input columns and the result columns.
+    """Write one file in input order: the input columns and the result columns. JOB_DIR is a job
+    directory or its spec.
 
     With --format openai-batch, write the OpenAI Batch API's output format instead:
     one line per finished row, {"id", "custom_id", "response": {"status_code",
@@ -429,7 +430,7 @@ def _job_prices(target: Path) -> tuple[dict[str, Any], Path | None]:
 @click.option("--sample", type=int, help="Send N rows spread over the input first (they become part of the job).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: Any) -> None:
-    """Estimate a job's tokens and cost before running it, with the same options as `run`.
+    """Estimate a job's tokens and cost before running it: INPUT_OR_SPEC and options as for `run`.
 
     Prompt tokens are counted with the model's tokenizer (offline); completion tokens and cost are a range,
     narrowed by --sample N.
@@ -494,3 +495,76 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
         f"cost {rep.cost_text}",
         err=True,
     )
+
+
+@main.command()
+@click.argument("directory", metavar="[DIR]", default="jobs", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON (one object per job).")
+def jobs(directory: Path, as_json: bool) -> None:
+    """List the jobs under DIR (default: jobs/) with rows ok/failed/pending, cost and last update.
+
+    A job is a folder holding job.json, at any depth. STATE is finished (or finished, N failed),
+    incomplete (stopped early: run it again to resume), running (its process is alive), running? (it
+    runs on another host and its files changed lately), killed (its run never ended: run it again to
+    resume), or error (the directory cannot be read; the reason is shown).
+    """
+    from batchhub.jobs import list_jobs
+
+    try:
+        listings = list_jobs(directory)
+    except BatchhubError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([item.to_dict() for item in listings], indent=2))
+        return
+    if not listings:
+        click.echo(f"no jobs under {directory} (a job is a folder holding job.json)", err=True)
+        return
+    click.echo("\n".join(_jobs_table(listings)))
+
+
+def _jobs_table(listings: list[Any]) -> list[str]:
+    from datetime import datetime
+
+    from batchhub.text import text_table
+
+    header = ["JOB", "STATE", "OK", "FAILED", "PENDING", "TOTAL", "COST", "UPDATED"]
+    rows = [header]
+    for item in listings:
+        if item.error:
+            rows.append([item.job_dir, "error", "", "", "", "", "", ""])
+            continue
+        cost = "unknown" if item.cost_usd is None else f"${item.cost_usd:,.4f}"
+        updated = datetime.fromisoformat(item.updated_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        counts = [f"{n:,}" for n in (item.ok, item.failed, item.pending, item.total_rows)]
+        rows.append([item.job_dir, item.state, *counts, cost, updated])
+    lines = text_table(rows, left=2)
+    width = max(len(r[0]) for r in rows)
+    for n, item in enumerate(listings):
+        if item.error:  # the reason in the row itself, without widening every column for it
+            lines[n + 2] = f"{item.job_dir.ljust(width)}  error: {item.error}"
+    return lines
+
+
+@main.command()
+@click.argument("shell", metavar="[SHELL]", required=False, type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str | None) -> None:
+    """Print the shell completion script for SHELL (bash, zsh or fish; default: from $SHELL).
+
+    \b
+    bash:  eval "$(batchhub completion bash)"    in ~/.bashrc
+    zsh:   eval "$(batchhub completion zsh)"     in ~/.zshrc
+    fish:  batchhub completion fish > ~/.config/fish/completions/batchhub.fish
+    """
+    import os
+
+    from click.shell_completion import get_completion_class
+
+    if shell is None:
+        shell = Path(os.environ.get("SHELL", "")).name
+        if shell not in ("bash", "zsh", "fish"):
+            raise click.UsageError("cannot tell the shell from $SHELL: name it (bash, zsh or fish)")
+    complete = get_completion_class(shell)
+    assert complete is not None  # the three are built into click
+    click.echo(complete(main, {}, "batchhub", "_BATCHHUB_COMPLETE").source())

@@ -1,12 +1,14 @@
 """The progress line: done/total, requests/s, tokens/s, retries, errors, cost so far.
 
-A tqdm bar on a terminal; nothing when output is not a terminal or when asked
+A tqdm bar on a terminal or in a Jupyter notebook (a widget when ipywidgets is
+installed, text otherwise); nothing when output is not a terminal or when asked
 to be quiet. The runner reports every event; this class decides how often the
 screen is touched, so the hot path stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from typing import IO, Any
@@ -16,15 +18,32 @@ from tqdm import tqdm
 from batchhub import defaults
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (the check tqdm.autonotebook makes)."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _bar_class() -> Any:
+    """tqdm's widget bar in a notebook with a working ipywidgets; the text bar everywhere else."""
+    if in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm import notebook
+
+        if getattr(notebook, "IProgress", None) is not None:
+            return notebook.tqdm
+    return tqdm
+
+
 class Progress:
-    """Counts a job's events and shows them. `enabled=None` means: only on a terminal."""
+    """Counts a job's events and shows them. `enabled=None` means: only on a terminal or in a notebook."""
 
     def __init__(
         self, *, total: int, initial: int = 0, enabled: bool | None = None, file: IO[str] | None = None
     ) -> None:
         self.file = file or sys.stderr
         if enabled is None:
-            enabled = bool(getattr(self.file, "isatty", lambda: False)())
+            enabled = bool(getattr(self.file, "isatty", lambda: False)()) or in_notebook()
         self.enabled = enabled
         self.total = total
         self.done = initial
@@ -38,7 +57,7 @@ class Progress:
         self._last_postfix = 0.0
         self._bar: Any = None
         if enabled:
-            self._bar = tqdm(
+            self._bar = _bar_class()(
                 total=total,
                 initial=initial,
                 file=self.file,

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
+import os
 import random
 import re
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -105,6 +108,8 @@ class JobSummary:
     budget_spent_usd: float | None = None
     stopped: str | None = None
     message: str | None = None
+    #: the API error that stopped the job (401, 403, insufficient quota), its message redacted
+    error: FatalAPIError | None = field(default=None, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -362,7 +367,14 @@ class Job:
             todo &= wanted
         self._todo = todo
         n_todo = int(np.count_nonzero(todo))
-        run_record: dict[str, Any] = {"started_at": _now_iso(), "to_send": n_todo, "batchhub_version": __version__}
+        run_record: dict[str, Any] = {
+            "started_at": _now_iso(),
+            "to_send": n_todo,
+            "batchhub_version": __version__,
+            # who runs it: `batchhub jobs` tells a running job from a killed one by this
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
         p.manifest.setdefault("runs", []).append(run_record)
         if setup_error is None:
             try:
@@ -750,6 +762,9 @@ class Job:
         if self._fatal is not None:
             s.stopped = "fatal"
             s.message = redact(str(self._fatal), self.p.api_key)
+            s.error = copy.copy(self._fatal)
+            s.error.message = redact(self._fatal.message, self.p.api_key)
+            s.error.args = (s.error.message,)
         elif self._write_error is not None:
             s.stopped = "write_error"
             s.message = (

@@ -381,9 +381,10 @@ def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Pa
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
     with simulator(tmp_path, latency_ms=10, seed=3) as base_url:
-        # first shards written under the limit, then Ctrl-C
+        # first shards written under the limit, then Ctrl-C. Two requests in flight: however slow a
+        # compaction on a loaded machine, the next segment cannot fill the file limit meanwhile
         proc = subprocess.Popen(
-            run_args(tmp_path, base_url, flush_rows=7, flush_seconds=0.1),
+            [*run_args(tmp_path, base_url, flush_rows=7, flush_seconds=0.1), "--concurrency", "2"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
