@@ -53,7 +53,7 @@ _DIGEST_KEY = b"batchhub.content_sha256"
 #: keywords that differ from a JobSpec field: the CLI flag's name -> the field
 _FLAG_NAMES = {"param_column": "param_columns"}
 #: keywords of run/arun that are not settings of the job
-_CALL_OPTIONS = ("progress",)
+_CALL_OPTIONS = ("progress", "expand_json")
 
 #: result columns that are whole numbers: nullable in the DataFrame, so a missing value
 #: does not turn a column into floats
@@ -70,7 +70,7 @@ def known_options() -> list[str]:
     return sorted({*fields, *_FLAG_NAMES, *_CALL_OPTIONS})
 
 
-def run(data: Any, /, *, progress: bool | None = None, **options: Any) -> pd.DataFrame:
+def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False, **options: Any) -> pd.DataFrame:
     """Run (or resume) a job on `data` and return the input columns with the result columns, in input order.
 
     `data` is a pandas DataFrame or the path of a CSV, Parquet or JSONL file, or of a
@@ -99,9 +99,11 @@ def run(data: Any, /, *, progress: bool | None = None, **options: Any) -> pd.Dat
     loop in a worker thread. Ctrl-C (interrupting the kernel) stops it gracefully:
     requests in flight finish and are recorded, then KeyboardInterrupt is raised.
     `progress`: True or False forces the progress bar on or off (default: on a
-    terminal or in a notebook, unless `quiet=True`).
+    terminal or in a notebook, unless `quiet=True`). `expand_json=True` adds a
+    column per top-level key of the replies' JSON objects, as `export --expand-json`.
     """
     plan = _plan(data, options)
+    plan.expand_json = expand_json
     job = Job(plan.prepared, progress=progress)
     summary = _run_in_thread(job)
     out = _finish(plan, summary)
@@ -109,7 +111,9 @@ def run(data: Any, /, *, progress: bool | None = None, **options: Any) -> pd.Dat
     return out
 
 
-async def arun(data: Any, /, *, progress: bool | None = None, **options: Any) -> pd.DataFrame:
+async def arun(
+    data: Any, /, *, progress: bool | None = None, expand_json: bool = False, **options: Any
+) -> pd.DataFrame:
     """`run` for code that already runs an event loop: `out = await batchhub.arun(df, ...)`.
 
     The job runs on the caller's loop; reading and writing files happens in threads.
@@ -118,6 +122,7 @@ async def arun(data: Any, /, *, progress: bool | None = None, **options: Any) ->
     raised.
     """
     plan = await asyncio.to_thread(_plan, data, options)
+    plan.expand_json = expand_json
     job = Job(plan.prepared, progress=progress)
     summary = await _run_shielded(job)
     out = await asyncio.to_thread(_finish, plan, summary)
@@ -135,6 +140,8 @@ class _Plan:
     frame: pd.DataFrame | None
     #: the file the job reads (a DataFrame's snapshot)
     input_path: Path
+    #: add a column per key of the replies' JSON objects
+    expand_json: bool = False
 
 
 def _plan(data: Any, options: dict[str, Any]) -> _Plan:
@@ -284,9 +291,9 @@ def _warn_failed(summary: JobSummary) -> None:
 
 def _result_frame(plan: _Plan) -> pd.DataFrame:
     store = plan.prepared.store
-    batches = list(export_batches(store.dir, input_path=plan.input_path))
+    batches = list(export_batches(store.dir, input_path=plan.input_path, expand_json=plan.expand_json))
     table = pa.Table.from_batches(batches)
-    n_inputs = table.num_columns - len(EXPORT_RESULT_COLUMNS)
+    n_inputs = table.schema.names.index("row_id")  # the first result column (an input's is input_row_id)
     results = table.select(list(range(n_inputs, table.num_columns))).to_pandas(types_mapper=_INT_TYPES.get)
     results["row_id"] = results["row_id"].astype("int64")  # every row has one
     if plan.frame is None:

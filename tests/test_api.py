@@ -338,3 +338,22 @@ def test_a_progress_bar_in_a_notebook(monkeypatch: pytest.MonkeyPatch) -> None:
     bar.result(True, 10)
     bar.close()
     assert "1/3" in output.getvalue()  # the text bar: no ipywidgets here
+
+
+async def test_expand_json_adds_the_reply_keys_as_columns(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"row_id": [7, 8], "review": ["love it", "hate it"]}, index=["a", "b"])
+    out = await batchhub.arun(
+        frame,
+        mock=True,
+        model="gpt-4o-mini",
+        template="Give the sentiment of: {review}",
+        params={"response_format": {"type": "json_object"}},
+        json=True,
+        expand_json=True,
+        job_dir=tmp_path / "job",
+        quiet=True,
+    )
+    assert list(out.index) == ["a", "b"] and out["input_row_id"].tolist() == [7, 8]
+    assert out["row_id"].tolist() == [0, 1] and set(out["status"]) == {"ok"}
+    assert out["sentiment"].tolist() == ["positive", "negative"]
+    assert out["confidence"].between(0, 1).all()
