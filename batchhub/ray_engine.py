@@ -200,7 +200,15 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any) -> JobSummary:
         "runs": [],
     }
     prepared = PreparedJob(
-        spec, source, RequestBuilder(spec, source.columns), store, manifest, task.n_rows, api_key, False, spec.price_book()
+        spec,
+        source,
+        RequestBuilder(spec, source.columns),
+        store,
+        manifest,
+        task.n_rows,
+        api_key,
+        False,
+        spec.price_book(),
     )
     limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm)
     return await Job(prepared, progress=False, only_rows=task.rows, limits=limits).run()
@@ -266,7 +274,7 @@ class RayJob:
         try:
             store.recover()
             states = store.row_states(p.n_rows)
-            in_flight = self.max_shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            in_flight = self.max_shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
             run_no = len(p.manifest.setdefault("runs", [])) + 1
             task_spec = _task_spec(spec)
             assert task_spec.input is not None
@@ -315,7 +323,9 @@ class RayJob:
         try:
             ray.init(address=self.address, logging_level=logging.WARNING, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UsageError(f"cannot connect to the Ray cluster at {self.address or 'the default address'}: {exc}") from exc
+            raise UsageError(
+                f"cannot connect to the Ray cluster at {self.address or 'the default address'}: {exc}"
+            ) from exc
         return True
 
     async def _run_tasks(self, tasks: list[ShardTask], in_flight: int) -> _Totals:

@@ -41,8 +41,7 @@ def plan(n_rows: int, shard_rows: int) -> list[Shard]:
     if n_rows < 0:
         raise ValueError(f"n_rows must be 0 or more, not {n_rows}")
     return [
-        Shard(index, start, min(start + shard_rows, n_rows))
-        for index, start in enumerate(range(0, n_rows, shard_rows))
+        Shard(index, start, min(start + shard_rows, n_rows)) for index, start in enumerate(range(0, n_rows, shard_rows))
     ]
 
 

@@ -230,4 +230,3 @@ class SharedLimits(Calibration):
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
                 if reset:
                     self.cooldown(min(reset, 1.0))
-
