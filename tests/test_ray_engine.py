@@ -68,7 +68,7 @@ def processes_titled(title: str) -> set[int]:
 def ray_cluster() -> Iterator[dict[str, Any]]:
     """One local Ray instance for every test here; afterwards, none of its processes may be left."""
     before = ray_processes()
-    context = ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    context = ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield context.address_info
     finally:
