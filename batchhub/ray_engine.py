@@ -26,6 +26,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchhub import __version__, defaults, shards
 from batchhub.errors import JobStateError, UsageError
@@ -163,14 +167,9 @@ def run_shard(task: ShardTask, api_key: Secret, limiter: Any) -> dict[str, Any]:
     """Run one shard with batchhub's own pool; returns its summary's counters."""
     summary = asyncio.run(_shard_job(task, api_key.value, limiter))
     return {
-        "results": summary.results_this_run,
         "http_requests": summary.http_requests,
         "retries": summary.retries,
         "rate_limited": summary.rate_limited,
-        "prompt_tokens": summary.prompt_tokens,
-        "completion_tokens": summary.completion_tokens,
-        "cost_usd": summary.cost_usd,
-        "unpriced_models": sorted(summary.unpriced_models),
         "stopped": summary.stopped,
         "message": summary.message,
     }
@@ -298,7 +297,7 @@ class RayJob:
             p.manifest["runs"].append(record)
             store.write_manifest(p.manifest)
             totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()
-            summary = self._summary(store, started, totals)
+            summary = self._summary(store, started, totals, tasks)
             record.update(
                 ended_at=_now_iso(),
                 results=summary.results_this_run,
@@ -320,12 +319,17 @@ class RayJob:
         """Join (or start) a Ray cluster unless this process already has; True if this call did."""
         if ray.is_initialized():
             return False
+        # ray.init makes SIGTERM exit the process at once: keep ours (stop, then report)
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=self.address, logging_level=logging.WARNING, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UsageError(
                 f"cannot connect to the Ray cluster at {self.address or 'the default address'}: {exc}"
             ) from exc
+        finally:
+            if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+                signal.signal(signal.SIGTERM, on_sigterm)
         return True
 
     async def _run_tasks(self, tasks: list[ShardTask], in_flight: int) -> _Totals:
@@ -373,23 +377,30 @@ class RayJob:
             totals.failure_kind = result["stopped"]
             self.request_stop(result["stopped"])
 
-    def _summary(self, store: JobStore, started: float, totals: _Totals) -> JobSummary:
+    def _summary(self, store: JobStore, started: float, totals: _Totals, tasks: list[ShardTask]) -> JobSummary:
+        """The run's summary. Results, tokens and cost come from this run's stores, so they count the
+        tasks that were cancelled too; requests, retries and 429s only those of tasks that returned."""
+        from batchhub.cost import USAGE_COLUMNS, report
+
         states = store.row_states(self.p.n_rows)
+        written = [JobStore(t.store_dir).results(list(USAGE_COLUMNS)) for t in tasks if Path(t.store_dir).is_dir()]
+        this_run = pa.concat_tables(written) if written else None
+        bill = report(this_run, self.p.prices) if this_run is not None else None
         s = JobSummary(
             store.dir,
             self.p.n_rows,
             int(np.count_nonzero(states == STATE_OK)),
             int(np.count_nonzero(states == STATE_ERROR)),
             int(np.count_nonzero(states == STATE_NONE)),
-            results_this_run=totals.results,
+            results_this_run=this_run.num_rows if this_run is not None else 0,
             http_requests=totals.http_requests,
             retries=totals.retries,
             rate_limited=totals.rate_limited,
-            prompt_tokens=totals.prompt_tokens,
-            completion_tokens=totals.completion_tokens,
+            prompt_tokens=_sum(this_run, "prompt_tokens"),
+            completion_tokens=_sum(this_run, "completion_tokens"),
             elapsed_s=time.monotonic() - started,
-            cost_usd=totals.cost_usd,
-            unpriced_models=totals.unpriced_models,
+            cost_usd=bill.total_usd if bill is not None else 0.0,
+            unpriced_models=set(bill.unknown_models) if bill is not None else set(),
         )
         if totals.failure is not None:
             s.stopped = totals.failure_kind
@@ -401,26 +412,22 @@ class RayJob:
 
 @dataclass
 class _Totals:
-    results: int = 0
+    """What the tasks that returned said about their HTTP requests, and why the run stopped, if it did."""
+
     http_requests: int = 0
     retries: int = 0
     rate_limited: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    unpriced_models: set[str] = dataclasses.field(default_factory=set)
     failure: str | None = None
     failure_kind: str = "task_failed"
 
     def add(self, result: dict[str, Any]) -> None:
-        self.results += result["results"]
         self.http_requests += result["http_requests"]
         self.retries += result["retries"]
         self.rate_limited += result["rate_limited"]
-        self.prompt_tokens += result["prompt_tokens"]
-        self.completion_tokens += result["completion_tokens"]
-        self.cost_usd += result["cost_usd"]
-        self.unpriced_models.update(result["unpriced_models"])
+
+
+def _sum(table: pa.Table | None, column: str) -> int:
+    return int(pc.sum(table[column]).as_py() or 0) if table is not None and table.num_rows else 0
 
 
 def _now_iso() -> str:

@@ -29,7 +29,7 @@ from jobprocs import child_env
 from batchhub import Job, export_job, job_status, prepare_job
 from batchhub.cli import main
 from batchhub.mock import MockConfig, MockServer
-from batchhub.ray_engine import RayJob
+from batchhub.ray_engine import NAMESPACE, LimiterActor, RayJob
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
 
@@ -320,3 +320,14 @@ def test_without_ray_installed_the_engine_names_the_extra(tmp_path: Path) -> Non
     assert proc.returncode == 2, proc.stderr
     assert 'pip install "batchhub[ray]"' in proc.stderr
     assert not (tmp_path / "jobs").exists()
+
+
+async def test_an_idle_limiter_leaves_the_cluster(ray_cluster: dict) -> None:
+    name = "batchhub-limit-idle-test"
+    handle = LimiterActor.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(600, None, 0.5)
+    assert await handle.reserve.remote(1, 0) == 0.0
+    assert await handle.reserve.remote(1, 0) == 0.0  # within the burst of 10
+    deadline = time.monotonic() + 30
+    while name in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}:
+        assert time.monotonic() < deadline, "the idle limiter is still there"
+        await asyncio.sleep(0.2)
