@@ -134,24 +134,51 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @job_options
 @EXPECT_JSON
 @click.option("--max-cost", type=float, help="Stop before the job's total cost could pass this many USD.")
-def run(input_or_spec: Path, **options: Any) -> None:
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help='Where to run: this process, or a Ray cluster (pip install "batchhub[ray]"), one task per input shard.',
+)
+@click.option("--ray-address", help="Ray cluster to join with --engine ray (e.g. auto; default: Ray's own choice).")
+@click.option("--shard-rows", type=int, help="Rows per input shard, one Ray task each (default 10000).")
+@click.option("--max-shards-in-flight", type=int, help="Ray tasks running at once (default: the cluster's CPUs).")
+def run(
+    input_or_spec: Path,
+    engine: str,
+    ray_address: str | None,
+    shard_rows: int | None,
+    max_shards_in_flight: int | None,
+    **options: Any,
+) -> None:
     """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
 
     Running the same command again resumes: only rows without a result are sent.
     Exit codes: 0 all rows ok, 1 some rows failed, 2 bad usage or input, 3 stopped early (resumable).
     """
     try:
+        if engine != "ray" and (ray_address or shard_rows or max_shards_in_flight):
+            raise UsageError("--ray-address, --shard-rows and --max-shards-in-flight go with --engine ray")
         spec = _spec_from_cli(input_or_spec, options)
         from batchhub.runner import Job, prepare_job
 
+        if engine == "ray":
+            from batchhub.ray_engine import RayJob
+
         prepared = prepare_job(spec)
+        if engine == "ray":
+            job: Any = RayJob(
+                prepared, address=ray_address, shard_rows=shard_rows, max_shards_in_flight=max_shards_in_flight
+            )
+        else:
+            job = Job(prepared)
     except BatchhubError as exc:
         _fail(exc)
         return
     verb = "resuming" if prepared.resumed else "starting"
     if not spec.quiet:
         click.echo(f"{verb} job {prepared.store.dir} ({prepared.n_rows:,} rows, {prepared.source.format})", err=True)
-    job = Job(prepared)
     summary = _run_until_done(job.run(), job.request_stop)
     _print_summary(summary, spec.quiet, prepared.prices.label)
     if summary.exit_code == EXIT_STOPPED:

@@ -61,3 +61,13 @@ BUDGET_COMPLETION_CEILING = 4096
 
 #: Progress line refresh interval.
 PROGRESS_INTERVAL_S = 0.5
+
+#: Rows per input shard (one Ray task each) with `--engine ray`: a task spends a second or
+#: two starting, so a shard should keep its pool busy for minutes, and a lost task redoes
+#: at most its unflushed results whatever its size.
+SHARD_ROWS = 10_000
+#: Burst of the limit shared by a Ray job's tasks, in seconds of the limit: small, so the
+#: tasks together stay close to an even rate however many of them start at once.
+SHARED_BURST_S = 1.0
+#: A shared limiter actor no job has asked for this long leaves the cluster.
+SHARED_LIMITER_IDLE_S = 600.0

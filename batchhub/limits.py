@@ -10,6 +10,10 @@ calibrated from real usage as the job runs.
 `x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` response headers tighten the
 limits (a bucket is adopted from them when none was configured), and a 429 pauses
 every worker together until the server's Retry-After has passed.
+
+`Limiter` is what the runner needs of a limiter. `RateLimits` is the one of a
+single process; `batchhub.shared_limits.SharedLimits` is one shared by every
+task of a job on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
@@ -75,34 +80,37 @@ class Reservation:
     one, since a bucket adopted from headers mid-job already counts the requests made before it."""
 
     tokens: int
-    bucket: Bucket | None
+    bucket: Bucket | None = None
 
 
-class RateLimits:
-    """The shared limits of one job: RPM, TPM, the 429 cool-down and header calibration."""
+class Limiter(Protocol):
+    """What the runner asks of a limiter, per request: estimate, acquire, then settle or release."""
 
-    def __init__(
-        self,
-        rpm: int | None,
-        tpm: int | None,
-        *,
-        completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        self.requests = Bucket(rpm, 60) if rpm else None
-        self.tokens = Bucket(tpm, 60) if tpm else None
-        self._clock = clock
-        self._resume_at = 0.0
+    def estimate(self, est_prompt_tokens: int, max_tokens: int | None) -> int: ...
+
+    def observe_usage(
+        self, est_prompt_tokens: int, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None: ...
+
+    async def acquire(self, tokens: int) -> Reservation: ...
+
+    def settle(self, reservation: Reservation, actual: int | None) -> None: ...
+
+    def release(self, reservation: Reservation) -> None: ...
+
+    def cooldown(self, seconds: float) -> None: ...
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None: ...
+
+
+class Calibration:
+    """Token estimates for the token limit, calibrated from real usage as the job runs."""
+
+    def __init__(self, completion_guess: int = defaults.COMPLETION_TOKENS_GUESS) -> None:
         self._completion_sum = 0
         self._completion_count = 0
         self._completion_guess = completion_guess
         self._prompt_ratio = 1.0
-        self.cooldowns = 0
-
-    def _now(self) -> float:
-        return self._clock() if self._clock else asyncio.get_running_loop().time()
-
-    # -- token estimates ----------------------------------------------------------
 
     def estimate(self, est_prompt_tokens: int, max_tokens: int | None) -> int:
         """Tokens to reserve for a request: calibrated prompt estimate + expected completion."""
@@ -124,6 +132,28 @@ class RateLimits:
             # a slow moving average of real/estimated prompt tokens
             ratio = prompt_tokens / est_prompt_tokens
             self._prompt_ratio += (ratio - self._prompt_ratio) * 0.05
+
+
+class RateLimits(Calibration):
+    """The limits of one job in one process: RPM, TPM, the 429 cool-down and header calibration."""
+
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        *,
+        completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(completion_guess)
+        self.requests = Bucket(rpm, 60) if rpm else None
+        self.tokens = Bucket(tpm, 60) if tpm else None
+        self._clock = clock
+        self._resume_at = 0.0
+        self.cooldowns = 0
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
 
     # -- acquire / settle -------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from batchhub.errors import (
     UsageError,
 )
 from batchhub.io import InputSource, fingerprint, open_input
-from batchhub.limits import RateLimits
+from batchhub.limits import Limiter, RateLimits
 from batchhub.pricing import PriceBook
 from batchhub.progress import Progress
 from batchhub.requests import BuiltRequest, RequestBuilder, RowError
@@ -316,6 +316,7 @@ class Job:
         progress: bool | None = None,
         rng: random.Random | None = None,
         only_rows: np.ndarray | None = None,
+        limits: Limiter | None = None,
     ) -> None:
         self.p = prepared
         self.spec = prepared.spec
@@ -325,6 +326,8 @@ class Job:
         self._rng = rng or random.Random()
         #: send only these row ids (a sample), if given
         self._only_rows = only_rows
+        #: a limiter shared with other processes (the Ray engine's), instead of this job's own
+        self._shared_limits = limits
         self._budget = prepared.budget
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
@@ -389,7 +392,7 @@ class Job:
         )
         self._summary = JobSummary(store.dir, p.n_rows, 0, 0, 0)
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)
-        self._limits = RateLimits(spec.rpm, spec.tpm)
+        self._limits: Limiter = self._shared_limits or RateLimits(spec.rpm, spec.tpm)
         try:
             if n_todo and setup_error is None:
                 try:
@@ -464,8 +467,10 @@ class Job:
         builder, todo, queue = self.p.builder, self._todo, self._queue
         rows = self.p.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS)
         row_id = 0
+        # past the last row to send there is nothing to read (a shard of a larger input, a sample)
+        end = len(todo) - int(np.argmax(todo[::-1])) if todo.any() else 0
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and row_id < end:
                 batch = await asyncio.to_thread(next, rows, None)
                 if batch is None:
                     break

@@ -22,6 +22,15 @@ A torn last line (a kill mid-write) is ignored.
 
 Row identity is the row's position in the input (`row_id`). When a row has
 several results (it was retried after a failure) the one with the largest seq wins.
+
+The Ray engine runs several writers on one job at once, one per input shard
+(a fixed row range). Each writes a store of its own, laid out as above, under
+`JOB_DIR/shards/NNNNNN-runRRRR/`: a new one for every run, so a writer never
+shares a file with another (not even with a stray task of an earlier run).
+Readers of the job directory union it with every such store. Their seqs stay
+comparable where it matters, between results of one row: a store of run R
+starts above the largest seq the whole job held when run R began, and within a
+run a row belongs to one shard only.
 """
 
 from __future__ import annotations
@@ -81,6 +90,9 @@ STATE_NONE, STATE_OK, STATE_ERROR = 0, 1, 2
 _SEGMENT = re.compile(r"journal-(\d{6,})\.jsonl$")
 _SHARD = re.compile(r"part-(\d{6,})\.parquet$")
 
+#: the folder of the per-shard stores the Ray engine writes
+TASK_STORES_DIR = "shards"
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a whole file or nothing: temp name, fsync, rename, fsync the folder."""
@@ -115,8 +127,10 @@ class JournalScan:
 class JobStore:
     """One job directory. Reading is safe while a job runs; only the runner writes."""
 
-    def __init__(self, job_dir: str | Path) -> None:
+    def __init__(self, job_dir: str | Path, *, seq_floor: int = 0) -> None:
         self.dir = Path(job_dir)
+        #: seqs written here start above this (a shard store starts above the whole job's largest seq)
+        self.seq_floor = seq_floor
         self.manifest_path = self.dir / "job.json"
         self.results_dir = self.dir / "results"
         self._fd: int | None = None
@@ -160,6 +174,18 @@ class JobStore:
             return []
         found = [(int(m.group(1)), p) for p in self.results_dir.iterdir() if (m := _SHARD.match(p.name))]
         return [p for _, p in sorted(found)]
+
+    def task_stores(self) -> list[JobStore]:
+        """The stores of the Ray engine's shard tasks (`shards/*/`), in name order."""
+        folder = self.dir / TASK_STORES_DIR
+        if not folder.is_dir():
+            return []
+        return [JobStore(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+    @property
+    def last_seq(self) -> int:
+        """The largest seq in this store and its task stores (known after `recover()`)."""
+        return self._next_seq - 1
 
     def shard_max_seq(self) -> int:
         """The largest seq in any shard (read from footers only)."""
@@ -212,9 +238,14 @@ class JobStore:
         for path in self.segments():
             path.unlink()
         fsync_dir(self.dir)
-        self._next_seq = max_seq + 1
+        self._next_seq = max(max_seq, self.seq_floor) + 1
         self._segment = 0
-        return len(scan.rows)
+        compacted = len(scan.rows)
+        for sub in self.task_stores():
+            # a result written here next must be later than every result of the job
+            compacted += sub.recover()
+            self._next_seq = max(self._next_seq, sub._next_seq)
+        return compacted
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -312,6 +343,8 @@ class JobStore:
         scan = self.scan_journal(max_seq)
         if scan.rows:
             yield rows_to_table(scan.rows).select(cols)
+        for sub in self.task_stores():
+            yield from sub.iter_result_tables(cols)
 
     def results(self, columns: Iterable[str] | None = None) -> pa.Table:
         """All recorded results as one table (every attempt-set, not only the latest)."""

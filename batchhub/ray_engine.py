@@ -1,0 +1,434 @@
+"""`--engine ray`: one job on a Ray cluster, one task per input shard, one shared rate limit.
+
+    driver (RayJob) ── plan shards ── one Ray task per unfinished shard ── batchhub's own pool (Job) per task
+                    └─ LimiterActor (named after a hash of base URL + key): reserve / settle / pause
+
+- Each task runs the single-machine runner (`batchhub.runner.Job`) on the rows of
+  its shard the job has no result for, into a store of its own under
+  `JOB_DIR/shards/` (see `batchhub.store`): the same journal and atomic Parquet
+  shards as a local run, so status, cost, export and a local resume read a Ray
+  job as they read any other.
+- Every task draws from one `batchhub.shared_limits.Ledger`, held by a detached,
+  restartable actor that needs no CPU. It is found by name, so every job on the
+  cluster that uses the same key at the same endpoint shares it; it leaves after
+  `SHARED_LIMITER_IDLE_S` without a call.
+- The API key travels to each task as an argument wrapped in `Secret`. Task
+  arguments this small are inlined in the task's spec, which lives in the memory
+  of the driver, the raylet and the worker only: not in the object store (which
+  may spill to disk), not in the GCS (which keeps actor arguments), not in a log.
+  The actor never sees the key; its name holds a hash of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchhub import __version__, defaults, shards
+from batchhub.errors import JobStateError, UsageError
+from batchhub.io import open_input
+from batchhub.requests import RequestBuilder
+from batchhub.runner import Job, JobSummary, PreparedJob, redact
+from batchhub.shared_limits import Ledger, SharedLimits, limiter_name
+from batchhub.spec import JobSpec
+from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+
+try:
+    import ray
+    from ray.exceptions import TaskCancelledError
+except ImportError as exc:  # the core install does not pull Ray in
+    raise UsageError('--engine ray needs Ray, which is not installed: pip install "batchhub[ray]"') from exc
+
+log = logging.getLogger("batchhub")
+
+#: the Ray namespace of batchhub's named actors
+NAMESPACE = "batchhub"
+
+
+class Secret:
+    """A value that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('[redacted]')"
+
+    __str__ = __repr__
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class LimiterActor:
+    """A `Ledger` on the cluster. Its methods never wait, so one actor answers every task."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, idle_s: float) -> None:
+        self._ledger = Ledger(rpm, tpm)
+        self._idle_s = idle_s
+        self._last_call = time.monotonic()
+        self._idle_watch: asyncio.Task[None] | None = None
+
+    async def reserve(self, requests: int, tokens: int) -> float:
+        self._touch()
+        return self._ledger.reserve(requests, tokens)
+
+    async def settle(self, est_tokens: int, actual_tokens: int) -> None:
+        self._touch()
+        self._ledger.settle(est_tokens, actual_tokens)
+
+    async def pause(self, seconds: float) -> None:
+        self._touch()
+        self._ledger.pause(seconds)
+
+    async def tighten(self, kind: str, limit: int) -> None:
+        self._touch()
+        self._ledger.tighten(kind, limit)
+
+    async def configure(self, rpm: int | None, tpm: int | None) -> dict[str, Any]:
+        self._touch()
+        self._ledger.configure(rpm, tpm)
+        return self._ledger.snapshot()
+
+    async def snapshot(self) -> dict[str, Any]:
+        return self._ledger.snapshot()
+
+    def _touch(self) -> None:
+        self._last_call = time.monotonic()
+        if self._idle_watch is None:
+            self._idle_watch = asyncio.get_running_loop().create_task(self._leave_when_idle())
+
+    async def _leave_when_idle(self) -> None:
+        while (left := self._last_call + self._idle_s - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+class ActorBackend:
+    """The limiter actor as a `batchhub.shared_limits.LimitBackend`: one call per reservation."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def reserve(self, requests: int, tokens: int) -> Awaitable[float]:
+        ref: Awaitable[float] = self._handle.reserve.remote(requests, tokens)
+        return ref
+
+    def settle(self, est_tokens: int, actual_tokens: int) -> None:
+        self._handle.settle.remote(est_tokens, actual_tokens)
+
+    def pause(self, seconds: float) -> None:
+        self._handle.pause.remote(seconds)
+
+    def tighten(self, kind: str, limit: int) -> None:
+        self._handle.tighten.remote(kind, limit)
+
+
+def shared_limiter(base_url: str, api_key: str, rpm: int | None, tpm: int | None) -> Any:
+    """The cluster's limiter actor for this endpoint and key, created if none runs yet."""
+    return LimiterActor.options(  # type: ignore[attr-defined]
+        name=limiter_name(base_url, api_key),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(rpm, tpm, defaults.SHARED_LIMITER_IDLE_S)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What one task needs: the job's settings (without the key), its rows and where to write."""
+
+    spec: JobSpec
+    shard: shards.Shard
+    rows: np.ndarray
+    store_dir: str
+    seq_floor: int
+    n_rows: int
+    input_size: int
+    run: int
+
+
+@ray.remote(num_cpus=1)
+def run_shard(task: ShardTask, api_key: Secret, limiter: Any) -> dict[str, Any]:
+    """Run one shard with batchhub's own pool; returns its summary's counters."""
+    summary = asyncio.run(_shard_job(task, api_key.value, limiter))
+    return {
+        "http_requests": summary.http_requests,
+        "retries": summary.retries,
+        "rate_limited": summary.rate_limited,
+        "stopped": summary.stopped,
+        "message": summary.message,
+    }
+
+
+async def _shard_job(task: ShardTask, api_key: str, limiter: Any) -> JobSummary:
+    spec = task.spec
+    assert spec.input is not None
+    try:
+        size = os.stat(spec.input).st_size
+    except OSError as exc:
+        raise JobStateError(
+            f"the input {spec.input} cannot be read on this node ({exc.strerror}): "
+            "with --engine ray the input and the job directory must be on storage every node shares"
+        ) from exc
+    if size != task.input_size:
+        raise JobStateError(
+            f"the input {spec.input} on this node is not the file the job started from (its size differs): "
+            "with --engine ray the input must be on storage every node shares"
+        )
+    source = open_input(spec.input)
+    store = JobStore(task.store_dir, seq_floor=task.seq_floor)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "batchhub_version": __version__,
+        "shard": {"index": task.shard.index, "start": task.shard.start, "stop": task.shard.stop, "run": task.run},
+        "runs": [],
+    }
+    prepared = PreparedJob(
+        spec,
+        source,
+        RequestBuilder(spec, source.columns),
+        store,
+        manifest,
+        task.n_rows,
+        api_key,
+        False,
+        spec.price_book(),
+    )
+    limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm)
+    return await Job(prepared, progress=False, only_rows=task.rows, limits=limits).run()
+
+
+def _task_spec(spec: JobSpec) -> JobSpec:
+    """The spec a task gets: no key, every path absolute, the endpoint resolved here (nodes may differ)."""
+    assert spec.input is not None
+    return dataclasses.replace(
+        spec,
+        api_key=None,
+        input=Path(spec.input).resolve(),
+        job_dir=spec.resolved_job_dir().resolve(),
+        prices_file=Path(spec.prices_file).resolve() if spec.prices_file else None,
+        base_url=spec.resolved_base_url(),
+        quiet=True,
+    )
+
+
+class RayJob:
+    """One run of a job on Ray. `await RayJob(prepared).run()`; `request_stop()` from a signal handler."""
+
+    def __init__(
+        self,
+        prepared: PreparedJob,
+        *,
+        address: str | None = None,
+        shard_rows: int | None = None,
+        max_shards_in_flight: int | None = None,
+    ) -> None:
+        if prepared.spec.max_cost is not None:
+            raise UsageError(
+                "--max-cost is not supported with --engine ray yet: run the job with the local engine to keep a budget"
+            )
+        self.p = prepared
+        self.address = address
+        self.shard_rows = defaults.SHARD_ROWS if shard_rows is None else shard_rows
+        shards.plan(0, self.shard_rows)  # refuse a bad size before anything starts
+        if max_shards_in_flight is not None and max_shards_in_flight < 1:
+            raise UsageError(f"--max-shards-in-flight must be at least 1, not {max_shards_in_flight}")
+        self.max_shards_in_flight = max_shards_in_flight
+        self._stop = asyncio.Event()
+        self._force = False
+        self._stop_reason: str | None = None
+        self._pending: dict[asyncio.Future[Any], Any] = {}
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """First call: start no more shards and ask running ones to stop. Second: end them now."""
+        if self._stop.is_set():
+            self._force = True
+            for ref in self._pending.values():
+                ray.cancel(ref, force=True)
+            return
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+        for ref in self._pending.values():
+            ray.cancel(ref)
+
+    async def run(self) -> JobSummary:
+        p, spec, store = self.p, self.p.spec, self.p.store
+        started = time.monotonic()
+        we_started_ray = self._connect()
+        try:
+            store.recover()
+            states = store.row_states(p.n_rows)
+            in_flight = self.max_shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
+            run_no = len(p.manifest.setdefault("runs", [])) + 1
+            task_spec = _task_spec(spec)
+            assert task_spec.input is not None
+            input_size = os.stat(task_spec.input).st_size
+            tasks = []
+            for shard in shards.plan(p.n_rows, self.shard_rows):
+                rows = shards.rows_to_send(states, shard, retry_failed=spec.retry_failed)
+                if rows.size:
+                    store_dir = shards.store_dir(Path(task_spec.job_dir or store.dir), shard, run_no)
+                    tasks.append(
+                        ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, p.n_rows, input_size, run_no)
+                    )
+            record: dict[str, Any] = {
+                "started_at": _now_iso(),
+                "engine": "ray",
+                "shard_rows": self.shard_rows,
+                "shards": len(tasks),
+                "to_send": int(sum(t.rows.size for t in tasks)),
+                "batchhub_version": __version__,
+            }
+            p.manifest["runs"].append(record)
+            store.write_manifest(p.manifest)
+            totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()
+            summary = self._summary(store, started, totals, tasks)
+            record.update(
+                ended_at=_now_iso(),
+                results=summary.results_this_run,
+                ok=summary.ok,
+                failed=summary.failed,
+                pending=summary.pending,
+                stopped=summary.stopped,
+                elapsed_s=round(summary.elapsed_s, 3),
+                http_requests=summary.http_requests,
+            )
+            with contextlib.suppress(OSError):
+                store.write_manifest(p.manifest)
+            return summary
+        finally:
+            if we_started_ray:
+                ray.shutdown()
+
+    def _connect(self) -> bool:
+        """Join (or start) a Ray cluster unless this process already has; True if this call did."""
+        if ray.is_initialized():
+            return False
+        # ray.init makes SIGTERM exit the process at once: keep ours (stop, then report)
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(address=self.address, logging_level=logging.WARNING, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UsageError(
+                f"cannot connect to the Ray cluster at {self.address or 'the default address'}: {exc}"
+            ) from exc
+        finally:
+            if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+                signal.signal(signal.SIGTERM, on_sigterm)
+        return True
+
+    async def _run_tasks(self, tasks: list[ShardTask], in_flight: int) -> _Totals:
+        spec = self.p.spec
+        limiter = shared_limiter(spec.resolved_base_url(), self.p.api_key, spec.rpm, spec.tpm)
+        await limiter.configure.remote(spec.rpm, spec.tpm)
+        key = Secret(self.p.api_key)
+        totals = _Totals()
+        queue = iter(tasks)
+        stop_waiter = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                while not self._stop.is_set() and len(self._pending) < in_flight:
+                    task = next(queue, None)
+                    if task is None:
+                        break
+                    ref = run_shard.remote(task, key, limiter)
+                    self._pending[asyncio.ensure_future(ref)] = ref
+                if not self._pending:
+                    break
+                waiting = set(self._pending) | ({stop_waiter} if not stop_waiter.done() else set())
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in done - {stop_waiter}:
+                    del self._pending[future]
+                    self._collect(future, totals)
+        finally:
+            stop_waiter.cancel()
+            for ref in self._pending.values():
+                ray.cancel(ref, force=True)
+        return totals
+
+    def _collect(self, future: asyncio.Future[Any], totals: _Totals) -> None:
+        try:
+            result = future.result()
+        except TaskCancelledError:
+            return
+        except Exception as exc:  # a task failed outright: stop the others, say why
+            message = redact(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), self.p.api_key)
+            totals.failure = totals.failure or message
+            self.request_stop("task_failed")
+            return
+        totals.add(result)
+        if result["stopped"] in ("fatal", "write_error") and totals.failure is None:
+            totals.failure = result["message"]
+            totals.failure_kind = result["stopped"]
+            self.request_stop(result["stopped"])
+
+    def _summary(self, store: JobStore, started: float, totals: _Totals, tasks: list[ShardTask]) -> JobSummary:
+        """The run's summary. Results, tokens and cost come from this run's stores, so they count the
+        tasks that were cancelled too; requests, retries and 429s only those of tasks that returned."""
+        from batchhub.cost import USAGE_COLUMNS, report
+
+        states = store.row_states(self.p.n_rows)
+        written = [JobStore(t.store_dir).results(list(USAGE_COLUMNS)) for t in tasks if Path(t.store_dir).is_dir()]
+        this_run = pa.concat_tables(written) if written else None
+        bill = report(this_run, self.p.prices) if this_run is not None else None
+        s = JobSummary(
+            store.dir,
+            self.p.n_rows,
+            int(np.count_nonzero(states == STATE_OK)),
+            int(np.count_nonzero(states == STATE_ERROR)),
+            int(np.count_nonzero(states == STATE_NONE)),
+            results_this_run=this_run.num_rows if this_run is not None else 0,
+            http_requests=totals.http_requests,
+            retries=totals.retries,
+            rate_limited=totals.rate_limited,
+            prompt_tokens=_sum(this_run, "prompt_tokens"),
+            completion_tokens=_sum(this_run, "completion_tokens"),
+            elapsed_s=time.monotonic() - started,
+            cost_usd=bill.total_usd if bill is not None else 0.0,
+            unpriced_models=set(bill.unknown_models) if bill is not None else set(),
+        )
+        if totals.failure is not None:
+            s.stopped = totals.failure_kind
+            s.message = totals.failure
+        elif self._stop_reason:
+            s.stopped = self._stop_reason
+        return s
+
+
+@dataclass
+class _Totals:
+    """What the tasks that returned said about their HTTP requests, and why the run stopped, if it did."""
+
+    http_requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    failure: str | None = None
+    failure_kind: str = "task_failed"
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.http_requests += result["http_requests"]
+        self.retries += result["retries"]
+        self.rate_limited += result["rate_limited"]
+
+
+def _sum(table: pa.Table | None, column: str) -> int:
+    return int(pc.sum(table[column]).as_py() or 0) if table is not None and table.num_rows else 0
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,232 @@
+"""One rate limit shared by many processes: the limit of an API key, not of a machine.
+
+A provider limits a key, so every task of a job on a cluster must draw from one
+limit. `Ledger` is the arithmetic of that limit, kept in one place (on Ray, a
+named actor: see `batchhub.ray_engine`); it never blocks. A caller asks for a
+reservation and is told how long to wait before it may send; it sleeps on its
+own event loop, so the ledger answers thousands of callers a second.
+
+    reserve(requests, est_tokens) -> wait_s   charge the buckets now, go in wait_s seconds
+    settle(est_tokens, actual_tokens)         correct the token bucket once usage is known
+    pause(seconds)                            a 429: nobody sends for `seconds`
+    tighten(kind, limit)                      a server's x-ratelimit-limit-* is lower than ours
+
+Each bucket is a leaky bucket that may run into debt: a reservation adds its
+amount to the level, and may go when the level has drained back to the bucket's
+burst. The waits of successive reservations so grow by one unit's time each,
+and the callers, together, send at the limit's rate after at most one burst.
+
+`SharedLimits` is the runner's side (`batchhub.limits.Limiter`): it estimates
+tokens locally (as the single-process limiter does) and asks a `LimitBackend`
+for reservations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from batchhub import defaults
+from batchhub.limits import Calibration, Reservation, _int, parse_duration
+
+
+class _Level:
+    """A leaky bucket of `limit` units a minute that may be overdrawn."""
+
+    def __init__(self, limit: int, burst_s: float, now: float) -> None:
+        self.limit = limit
+        self.rate = limit / 60.0
+        self.burst = max(1.0, limit * burst_s / 60.0)
+        self.level = 0.0
+        self.updated = now
+
+    def drain(self, now: float) -> None:
+        self.level = max(0.0, self.level - (now - self.updated) * self.rate)
+        self.updated = now
+
+    def charge(self, amount: float, now: float) -> float:
+        """Add `amount`; seconds until the level is back down to the burst."""
+        self.drain(now)
+        self.level += amount
+        return max(0.0, (self.level - self.burst) / self.rate)
+
+    def owe(self, seconds: float, now: float) -> None:
+        """Nothing more goes for `seconds`, and then only at the rate (no burst)."""
+        self.drain(now)
+        self.level = max(self.level, self.burst + seconds * self.rate)
+
+
+class Ledger:
+    """The reservations of one shared limit: requests and tokens per minute, and a pause."""
+
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        *,
+        burst_s: float = defaults.SHARED_BURST_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._burst_s = burst_s
+        self._paused_until = 0.0
+        self.requests: _Level | None = None
+        self.tokens: _Level | None = None
+        self.reservations = 0
+        self.pauses = 0
+        self.configure(rpm, tpm)
+
+    def configure(self, rpm: int | None, tpm: int | None) -> None:
+        """Set the limits (the job started last decides); a bucket whose limit is unchanged keeps its level."""
+        now = self._clock()
+        for kind, limit in (("requests", rpm), ("tokens", tpm)):
+            current: _Level | None = getattr(self, kind)
+            if limit is None:
+                setattr(self, kind, None)
+            elif current is None or current.limit != limit:
+                fresh = _Level(limit, self._burst_s, now)
+                if current is not None:  # keep what is owed, in seconds of the new rate
+                    current.drain(now)
+                    fresh.level = current.level / current.rate * fresh.rate
+                setattr(self, kind, fresh)
+
+    def reserve(self, requests: int, tokens: int) -> float:
+        """Charge one reservation; seconds the caller waits before sending."""
+        now = self._clock()
+        self.reservations += 1
+        wait = max(0.0, self._paused_until - now)
+        if self.requests is not None and requests:
+            wait = max(wait, self.requests.charge(requests, now))
+        if self.tokens is not None and tokens:
+            wait = max(wait, self.tokens.charge(tokens, now))
+        return wait
+
+    def settle(self, est_tokens: int, actual_tokens: int) -> None:
+        """Correct the token bucket by what a request really used (0 for a refused one)."""
+        if self.tokens is not None:
+            now = self._clock()
+            self.tokens.drain(now)
+            self.tokens.level = max(0.0, self.tokens.level + actual_tokens - est_tokens)
+
+    def pause(self, seconds: float) -> None:
+        """Nobody sends for `seconds` from now (extends, never shortens, a pause)."""
+        now = self._clock()
+        seconds = max(0.0, seconds)
+        if now + seconds > self._paused_until:
+            self._paused_until = now + seconds
+            self.pauses += 1
+        for level in (self.requests, self.tokens):
+            if level is not None:
+                level.owe(seconds, now)
+
+    def tighten(self, kind: str, limit: int) -> None:
+        """Adopt a server's lower (or first known) limit for "requests" or "tokens"."""
+        if kind not in ("requests", "tokens") or limit < 1:
+            return
+        current: _Level | None = getattr(self, kind)
+        if current is None or limit < current.limit:
+            rpm = limit if kind == "requests" else (self.requests.limit if self.requests else None)
+            tpm = limit if kind == "tokens" else (self.tokens.limit if self.tokens else None)
+            self.configure(rpm, tpm)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The limits and counters, for status and tests."""
+        return {
+            "rpm": self.requests.limit if self.requests else None,
+            "tpm": self.tokens.limit if self.tokens else None,
+            "reservations": self.reservations,
+            "pauses": self.pauses,
+        }
+
+
+def limiter_name(base_url: str, api_key: str) -> str:
+    """The shared limiter's name: a hash of the endpoint and the key, never the key itself."""
+    digest = hashlib.sha256(f"batchhub-limit\n{base_url}\n{api_key}".encode()).hexdigest()
+    return f"batchhub-limit-{digest[:32]}"
+
+
+class LimitBackend(Protocol):
+    """Where a `SharedLimits` gets its reservations from (a Ray actor, or a `Ledger` in this process)."""
+
+    def reserve(self, requests: int, tokens: int) -> Awaitable[float]: ...
+
+    def settle(self, est_tokens: int, actual_tokens: int) -> None: ...
+
+    def pause(self, seconds: float) -> None: ...
+
+    def tighten(self, kind: str, limit: int) -> None: ...
+
+
+class LedgerBackend:
+    """A `Ledger` in this process as a backend (one process, or tests)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def reserve(self, requests: int, tokens: int) -> float:
+        return self.ledger.reserve(requests, tokens)
+
+    def settle(self, est_tokens: int, actual_tokens: int) -> None:
+        self.ledger.settle(est_tokens, actual_tokens)
+
+    def pause(self, seconds: float) -> None:
+        self.ledger.pause(seconds)
+
+    def tighten(self, kind: str, limit: int) -> None:
+        self.ledger.tighten(kind, limit)
+
+
+class SharedLimits(Calibration):
+    """A `Limiter` whose buckets live in a shared ledger; estimates are calibrated locally."""
+
+    def __init__(
+        self,
+        backend: LimitBackend,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
+    ) -> None:
+        super().__init__(completion_guess)
+        self._backend = backend
+        #: the limits as this process knows them, so a header is passed on only when it says more
+        self._known = {"requests": rpm, "tokens": tpm}
+        self._resume_at = 0.0
+        self.waited_s = 0.0
+
+    async def acquire(self, tokens: int) -> Reservation:
+        loop = asyncio.get_running_loop()
+        if (delay := self._resume_at - loop.time()) > 0:
+            await asyncio.sleep(delay)  # a 429 this process saw, before the ledger has heard of it
+        wait = await self._backend.reserve(1, tokens)
+        if wait > 0:
+            self.waited_s += wait
+            await asyncio.sleep(wait)
+        return Reservation(tokens)
+
+    def settle(self, reservation: Reservation, actual: int | None) -> None:
+        if actual is not None and actual != reservation.tokens:
+            self._backend.settle(reservation.tokens, actual)
+
+    def release(self, reservation: Reservation) -> None:
+        if reservation.tokens:
+            self._backend.settle(reservation.tokens, 0)
+
+    def cooldown(self, seconds: float) -> None:
+        self._resume_at = max(self._resume_at, asyncio.get_running_loop().time() + max(0.0, seconds))
+        self._backend.pause(seconds)
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None:
+        for kind in ("requests", "tokens"):
+            limit = _int(headers.get(f"x-ratelimit-limit-{kind}"))
+            known = self._known[kind]
+            if limit is not None and limit > 0 and (known is None or limit < known):
+                self._known[kind] = limit
+                self._backend.tighten(kind, limit)
+            if _int(headers.get(f"x-ratelimit-remaining-{kind}")) == 0 and self._known[kind] is None:
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    self.cooldown(min(reset, 1.0))

@@ -1,0 +1,333 @@
+"""`--engine ray` on a local Ray cluster, against the simulator enforcing its own limits.
+
+One Ray instance serves the whole session (`ray.init(num_cpus=4)`): starting one
+takes seconds. The simulator runs in the test's own event loop, on 127.0.0.1, and
+records when each request arrives, so the limit is checked on what the server saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+from click.testing import CliRunner
+from jobprocs import child_env
+
+from batchhub import Job, export_job, job_status, prepare_job
+from batchhub.cli import main
+from batchhub.mock import MockConfig, MockServer
+from batchhub.ray_engine import NAMESPACE, LimiterActor, RayJob
+from batchhub.spec import JobSpec
+from batchhub.store import JobStore
+
+KEY = "sk-ray-test-9f8e7d6c5b4a39281706"
+RAY_PROCESS_MARKS = ("raylet", "gcs_server", "default_worker.py", "ray::", "dashboard_agent", "runtime_env_agent")
+
+
+def ray_processes() -> set[int]:
+    """Pids of this machine's processes that belong to a Ray instance."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(mark in cmdline for mark in RAY_PROCESS_MARKS):
+            found.add(int(entry.name))
+    return found
+
+
+def processes_titled(title: str) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(title.encode()):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """One local Ray instance for every test here; afterwards, none of its processes may be left."""
+    before = ray_processes()
+    context = ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield context.address_info
+    finally:
+        ray.shutdown()
+        deadline = time.monotonic() + 30
+        while (left := ray_processes() - before) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"Ray processes left running after shutdown: {sorted(left)}"
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Any]:
+    servers: list[MockServer] = []
+
+    async def start(**config: Any) -> MockServer:
+        server = MockServer(MockConfig(api_key=KEY, **config))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+class Arrivals:
+    """When each request reached the server (the loop's clock), recorded at every change of its stats."""
+
+    def __init__(self, server: MockServer) -> None:
+        self.times: list[float] = []
+        self._seen = server.stats.requests
+        loop = asyncio.get_running_loop()
+
+        def record(stats: Any) -> bool:
+            while self._seen < stats.requests:
+                self._seen += 1
+                self.times.append(loop.time())
+            return False
+
+        self._task = asyncio.ensure_future(server.wait_until(record))
+
+    def stop(self) -> list[float]:
+        self._task.cancel()
+        return self.times
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    pd.DataFrame({"prompt": [f"row {i}: one short line about the sea" for i in range(n)]}).to_csv(path, index=False)
+    return path
+
+
+def make_spec(tmp_path: Path, server: MockServer, n: int, **kw: Any) -> JobSpec:
+    data = tmp_path / "in.csv"
+    if not data.exists():
+        write_prompts(data, n)
+    kw.setdefault("model", "gpt-4o-mini")
+    kw.setdefault("concurrency", 8)
+    kw.setdefault("backoff_base", 0.01)
+    kw.setdefault("job_dir", tmp_path / "job")
+    return JobSpec(input=data, base_url=server.base_url, api_key=KEY, quiet=True, **kw)
+
+
+async def drain(server: MockServer, requests: int) -> None:
+    """Use up `requests` of the server's request bucket, so the job starts against a nearly empty one."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    gate = asyncio.Semaphore(32)
+    async with aiohttp.ClientSession(headers=headers) as session:
+
+        async def one(i: int) -> None:
+            async with gate:
+                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"drain {i}"}]}
+                async with session.post(server.base_url + "/chat/completions", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+
+        await asyncio.gather(*(one(i) for i in range(requests)))
+
+
+def most_in_any_window(times: list[float], seconds: float) -> int:
+    t = np.sort(np.asarray(times))
+    return int((np.searchsorted(t, t + seconds, side="left") - np.arange(len(t))).max())
+
+
+def assert_secret_nowhere(secret: str, *folders: Path) -> None:
+    needle = secret.encode()
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as fh:
+                    assert needle not in fh.read(), f"the key was written to {path}"
+
+
+async def test_one_limit_holds_across_four_tasks(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
+    server = await simulator(rpm=600, latency_ms=20, seed=1)
+    await drain(server, 580)  # 20 of 600 left: a job over the limit, or bursting past it, meets 429s at once
+    arrivals = Arrivals(server)
+    spec = make_spec(tmp_path, server, 200, rpm=570)  # 95% of the server's limit
+    summary = await RayJob(prepare_job(spec), shard_rows=50, max_shards_in_flight=4).run()
+    times = arrivals.stop()
+
+    assert (summary.ok, summary.failed, summary.pending, summary.exit_code) == (200, 0, 0, 0)
+    assert server.stats.rate_limited == 0
+    assert summary.http_requests == 200 and len(times) == 200
+    # no 10-second window holds more than ten seconds of the job's limit plus its one-second burst
+    assert most_in_any_window(times, 10.0) <= 570 / 6 + 570 / 60 + 1
+    # and the tasks together kept close to the limit: 199 gaps in the time the requests took
+    rate_per_min = (len(times) - 1) / (times[-1] - times[0]) * 60
+    assert rate_per_min >= 0.9 * 570, rate_per_min
+
+    # four tasks ran at once, each in a store of its own
+    stores = sorted((tmp_path / "job" / "shards").iterdir())
+    assert [p.name for p in stores] == [f"{i:06d}-run0001" for i in range(4)]
+    spans = [pq.read_table(p / "results", columns=["finished_at"])["finished_at"].to_numpy() for p in stores]
+    assert max(s.min() for s in spans) < min(s.max() for s in spans)
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert any(name.startswith("batchhub-limit-") for name in names)
+    assert not any(KEY in name or KEY[8:20] in name for name in names)
+    assert_secret_nowhere(KEY, tmp_path / "job")
+
+
+def results_on_disk(job: Path) -> int:
+    n = sum(seg.read_bytes().count(b"\n") for seg in job.rglob("journal-*.jsonl"))
+    return n + sum(pq.read_metadata(p).num_rows for p in job.rglob("part-*.parquet"))
+
+
+async def test_a_killed_driver_resumes_and_sends_only_the_rest(
+    tmp_path: Path, simulator: Any, ray_cluster: dict
+) -> None:
+    rows, tasks, concurrency = 800, 4, 4
+    server = await simulator(latency_ms=100, seed=4)
+    write_prompts(tmp_path / "in.csv", rows)
+    job = tmp_path / "job"
+    env = child_env()
+    env["BATCHHUB_API_KEY"] = KEY  # never --api-key: Ray records a driver's command line
+
+    def driver() -> Any:
+        return asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "batchhub", "run", str(tmp_path / "in.csv"), "--model", "gpt-4o-mini"],
+            *["--base-url", server.base_url, "--job-dir", str(job), "--concurrency", str(concurrency)],
+            *["--flush-rows", "20", "--quiet", "--engine", "ray", "--ray-address", ray_cluster["gcs_address"]],
+            *["--shard-rows", str(rows // tasks), "--max-shards-in-flight", str(tasks)],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+
+    first = await driver()
+    deadline = time.monotonic() + 90
+    while results_on_disk(job) < 200:
+        assert first.returncode is None and time.monotonic() < deadline, "the job did not reach 200 results"
+        await asyncio.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    await first.communicate()
+    # Ray ends the tasks of a driver that died; wait for that, so no stray task writes on
+    deadline = time.monotonic() + 60
+    while processes_titled("ray::run_shard"):
+        assert time.monotonic() < deadline, "the killed driver's tasks kept running"
+        await asyncio.sleep(0.1)
+    await server.wait_idle()
+    done_before = int(np.count_nonzero(JobStore(job).row_states(rows)))
+    paid_before = server.stats.completions
+    assert 200 <= done_before < rows
+
+    second = await driver()
+    _, err = await second.communicate()
+    assert second.returncode == 0, err.decode()
+
+    stats = server.stats
+    assert len(stats.completed_keys) == rows  # every row paid for
+    # what the kill cost: at most the requests in flight then (tasks x concurrency)
+    assert stats.duplicates() <= tasks * concurrency, stats.duplicates()
+    manifest_runs = JobStore(job).read_manifest()["runs"]
+    assert [r["engine"] for r in manifest_runs] == ["ray", "ray"]
+    assert manifest_runs[-1]["to_send"] == rows - done_before
+    assert stats.completions - paid_before == rows - done_before  # the resumed run sent only the rest
+    export_job(job, tmp_path / "out.parquet")
+    df = pd.read_parquet(tmp_path / "out.parquet")
+    assert df["row_id"].tolist() == list(range(rows)) and (df["status"] == "ok").all()
+    st = job_status(job)
+    assert (st.ok, st.failed, st.pending, st.runs) == (rows, 0, 0, 2)
+    # a request in flight at the kill may be paid without a record: at most one per worker slot
+    assert 0 <= stats.completions - st.results_recorded <= tasks * concurrency
+    assert_secret_nowhere(KEY, job, Path(ray_cluster["session_dir"]))
+
+
+async def test_a_job_moves_between_the_engines_and_the_latest_result_wins(
+    tmp_path: Path, simulator: Any, ray_cluster: dict
+) -> None:
+    rows = 120
+    server = await simulator(seed=5)
+    spec = make_spec(tmp_path, server, rows)
+    sample = np.arange(0, rows, 3)
+    local = await Job(prepare_job(spec), progress=False, only_rows=sample).run()  # local: a third of the rows
+    assert local.results_this_run == 40
+    on_ray = await RayJob(prepare_job(spec), shard_rows=30).run()  # Ray: the rest
+    assert (on_ray.results_this_run, on_ray.ok, on_ray.pending) == (80, rows, 0)
+    again = await Job(prepare_job(spec), progress=False).run()  # local: nothing left
+    assert again.http_requests == 0
+    assert server.stats.completions == rows and server.stats.duplicates() == 0
+    assert job_status(tmp_path / "job").total_tokens == server.stats.total_tokens
+
+    # a Ray run that leaves failed rows, then a local --retry-failed: the later results win
+    flaky = await simulator(seed=6, faults={"500": 0.3})
+    spec = make_spec(tmp_path, flaky, rows, job_dir=tmp_path / "flaky", max_attempts=1)
+    first = await RayJob(prepare_job(spec), shard_rows=40).run()
+    assert first.failed > 0 and first.exit_code == 1
+    retried = await Job(
+        prepare_job(make_spec(tmp_path, flaky, rows, job_dir=tmp_path / "flaky", max_attempts=20, retry_failed=True)),
+        progress=False,
+    ).run()
+    assert retried.results_this_run == first.failed
+    st = job_status(tmp_path / "flaky")
+    assert (st.ok, st.failed, st.results_recorded) == (rows, 0, rows + first.failed)
+    export_job(tmp_path / "flaky", tmp_path / "flaky.parquet")
+    assert (pd.read_parquet(tmp_path / "flaky.parquet")["status"] == "ok").all()
+
+
+async def test_a_changed_input_or_request_is_refused(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
+    server = await simulator(seed=7)
+    spec = make_spec(tmp_path, server, 40)
+    assert (await RayJob(prepare_job(spec), shard_rows=10).run()).exit_code == 0
+    common = [str(tmp_path / "in.csv"), "--base-url", server.base_url, "--job-dir", str(tmp_path / "job")]
+    common += ["--engine", "ray", "--ray-address", ray_cluster["gcs_address"], "--quiet"]
+    env = {"BATCHHUB_API_KEY": KEY}
+    changed_model = await asyncio.to_thread(CliRunner().invoke, main, ["run", *common, "--model", "gpt-4o"], env=env)
+    assert changed_model.exit_code == 2
+    assert "request settings differ" in changed_model.output and "model" in changed_model.output
+    with open(tmp_path / "in.csv", "a") as fh:
+        fh.write("one more row\n")
+    changed_input = await asyncio.to_thread(
+        CliRunner().invoke, main, ["run", *common, "--model", "gpt-4o-mini"], env=env
+    )
+    assert changed_input.exit_code == 2
+    assert "has changed" in changed_input.output
+    assert server.stats.completions == 40  # nothing sent by the refused runs
+
+
+def test_without_ray_installed_the_engine_names_the_extra(tmp_path: Path) -> None:
+    # a Python that cannot import ray (a None entry in sys.modules makes the import fail)
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from batchhub.cli import main\n"
+        "main(['run', sys.argv[1], '--model', 'm', '--mock', '--engine', 'ray'])\n"
+    )
+    data = write_prompts(tmp_path / "in.csv", 3)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(data)], capture_output=True, text=True, env=child_env(), cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert 'pip install "batchhub[ray]"' in proc.stderr
+    assert not (tmp_path / "jobs").exists()
+
+
+async def test_an_idle_limiter_leaves_the_cluster(ray_cluster: dict) -> None:
+    name = "batchhub-limit-idle-test"
+    handle = LimiterActor.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(600, None, 0.5)
+    assert await handle.reserve.remote(1, 0) == 0.0
+    assert await handle.reserve.remote(1, 0) == 0.0  # within the burst of 10
+    deadline = time.monotonic() + 30
+    while name in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}:
+        assert time.monotonic() < deadline, "the idle limiter is still there"
+        await asyncio.sleep(0.2)
