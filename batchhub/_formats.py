@@ -265,8 +265,13 @@ def open_binary(path: Path, compression: Compression) -> gzip.GzipFile | io.Buff
     return open(path, "rb")
 
 
-def iter_json_objects(path: Path, compression: Compression) -> Generator[tuple[int, dict[str, Any]], None, None]:
-    """(line number, object) for every non-blank line; InputError naming the line otherwise."""
+def iter_json_objects(
+    path: Path, compression: Compression, skip: int = 0
+) -> Generator[tuple[int, dict[str, Any]], None, None]:
+    """(line number, object) for every non-blank line; InputError naming the line otherwise.
+
+    The first `skip` non-blank lines are counted, not decoded or parsed (the rows before a start).
+    """
     try:
         file = open_binary(path, compression)
     except OSError as exc:
@@ -286,6 +291,10 @@ def iter_json_objects(path: Path, compression: Compression) -> Generator[tuple[i
             if lineno == 1 and raw.startswith(UTF8_BOM):
                 raw = raw[len(UTF8_BOM) :]
             if not raw.strip(JSON_WHITESPACE):
+                continue
+            if skip:
+                skip -= 1
+                first = False
                 continue
             try:
                 text = raw.decode("utf-8")

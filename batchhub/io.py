@@ -112,8 +112,15 @@ class InputSource:
     #: the CSV field separator ("\t" for .tsv)
     delimiter: str = ","
 
-    def iter_rows(self, columns: Sequence[str], batch_size: int = 2048) -> Iterator[list[dict[str, Any]]]:
+    def iter_rows(
+        self, columns: Sequence[str], batch_size: int = 2048, start: int = 0
+    ) -> Iterator[list[dict[str, Any]]]:
         """Yield lists of row dicts holding only `columns`, in input order, `batch_size` rows each.
+
+        With `start`, the first list begins at that row: the rows before it are skipped
+        without being converted (Parquet row groups before it are not even read; JSON
+        Lines before it are counted, not parsed), so a shard of a large input or a
+        resumed job does not pay for the rows it does not send.
 
         Only the last list may be shorter. CSV values are str (every cell is read
         as text, an empty cell is ""); Parquet and JSON Lines values are their
@@ -130,9 +137,17 @@ class InputSource:
             more = ", …" if len(self.columns) > 30 else ""
             raise InputError(f"{self.path} has no column {shown} (its columns: {have}{more})")
         _check_batch_size(batch_size)
+        if start < 0:
+            raise ValueError(f"start must be 0 or more, not {start}")
         if self.format == "jsonl":
-            return self._jsonl_rows(wanted, batch_size)
-        return (batch.to_pylist() for batch in _formats.rebatch(self._row_batches(wanted, batch_size), batch_size))
+            return self._jsonl_rows(wanted, batch_size, start)
+        if self.format == "parquet":
+            first_group, first_row = self._parquet_group_of(start)
+            batches = self._parquet_batches(wanted, batch_size, first_group)
+        else:
+            first_row, batches = 0, self._row_batches(wanted, batch_size)
+        batches = _skip_rows(batches, start - first_row)
+        return (batch.to_pylist() for batch in _formats.rebatch(batches, batch_size))
 
     def iter_batches(self, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Yield every column as record batches of `batch_size` rows, in input order, all of one schema.
@@ -230,11 +245,27 @@ class InputSource:
         except READ_ERRORS as exc:
             raise InputError(f"could not read {self.path} as Parquet: {reason(exc)}") from exc
 
-    def _parquet_batches(self, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def _parquet_group_of(self, row: int) -> tuple[int, int]:
+        """(the row group holding `row`, the first row of that group), from the file's metadata."""
+        try:
+            with pq.ParquetFile(self.path) as parquet:
+                meta = parquet.metadata
+                group, first = 0, 0
+                while group < meta.num_row_groups and first + meta.row_group(group).num_rows <= row:
+                    first += meta.row_group(group).num_rows
+                    group += 1
+                return group, first
+        except READ_ERRORS as exc:
+            raise InputError(f"could not read {self.path} as Parquet: {reason(exc)}") from exc
+
+    def _parquet_batches(
+        self, columns: list[str] | None, batch_size: int, first_group: int = 0
+    ) -> Iterator[pa.RecordBatch]:
         rows = 0
         try:
             with pq.ParquetFile(self.path) as parquet:
-                for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+                groups = list(range(first_group, parquet.metadata.num_row_groups)) if first_group else None
+                for batch in parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=groups):
                     rows += batch.num_rows
                     yield batch
         except READ_ERRORS as exc:
@@ -244,8 +275,9 @@ class InputSource:
     def _objects(self) -> Iterator[dict[str, Any]]:
         return (value for _, value in _formats.iter_json_objects(self.path, self.compression))
 
-    def _jsonl_rows(self, wanted: list[str], batch_size: int) -> Iterator[list[dict[str, Any]]]:
-        for chunk in _formats.chunked(self._objects(), batch_size):
+    def _jsonl_rows(self, wanted: list[str], batch_size: int, start: int = 0) -> Iterator[list[dict[str, Any]]]:
+        objects = (value for _, value in _formats.iter_json_objects(self.path, self.compression, skip=start))
+        for chunk in _formats.chunked(objects, batch_size):
             yield [{name: value.get(name) for name in wanted} for value in chunk]
 
     def _jsonl_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -264,6 +296,20 @@ class InputSource:
             yield batch
         if not produced:
             yield pa.RecordBatch.from_pylist([], schema=layout.schema)
+
+
+def _skip_rows(batches: Iterator[pa.RecordBatch], skip: int) -> Iterator[pa.RecordBatch]:
+    """The batches without their first `skip` rows: earlier batches dropped whole, the one holding
+    the first row kept sliced. Nothing is converted."""
+    seen = 0
+    for batch in batches:
+        if seen + batch.num_rows <= skip:
+            seen += batch.num_rows
+            continue
+        if seen < skip:
+            batch = batch.slice(skip - seen)
+            seen = skip
+        yield batch
 
 
 def _without_surrogates(value: Any) -> Any:

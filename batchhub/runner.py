@@ -465,10 +465,11 @@ class Job:
 
     async def _reader(self) -> None:
         builder, todo, queue = self.p.builder, self._todo, self._queue
-        rows = self.p.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS)
-        row_id = 0
-        # past the last row to send there is nothing to read (a shard of a larger input, a sample)
+        # before the first row to send and past the last there is nothing to read (a resumed job,
+        # a shard of a larger input, a sample): the reader skips the rows before without converting them
+        row_id = int(np.argmax(todo)) if todo.any() else 0
         end = len(todo) - int(np.argmax(todo[::-1])) if todo.any() else 0
+        rows = self.p.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS, start=row_id)
         try:
             while not self._stop.is_set() and row_id < end:
                 batch = await asyncio.to_thread(next, rows, None)

@@ -657,3 +657,27 @@ def test_export_from_input_batches(tmp_path: Path) -> None:
     assert table.column("prompt").to_pylist() == [f"p{i}" for i in range(1000)]
     assert table.column("x").to_pylist()[:2] == ["odd", "1"]
     assert table.schema.field("id").type == pa.int64()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "tsv.gz", "jsonl.gz"])
+def test_iter_rows_from_a_start_row_equals_the_full_read_from_there(tmp_path: Path, kind: str) -> None:
+    n = 1_000
+    frame = pd.DataFrame({"id": range(n), "text": [f"row {i}, with a comma" for i in range(n)]})
+    path = tmp_path / f"in.{kind}"
+    if kind == "parquet":
+        frame.to_parquet(path, row_group_size=97)  # row groups that do not line up with batches
+    elif kind == "jsonl.gz":
+        lines = [frame.iloc[i : i + 1].to_json(orient="records", lines=True) for i in range(n)]
+        with gzip.open(path, "wt") as fh:
+            fh.write("\n".join(lines[:500]) + "\n\n   \n" + "\n".join(lines[500:]) + "\n")  # blank lines
+    else:
+        frame.to_csv(path, index=False, sep="\t" if kind.startswith("tsv") else ",")
+    source = open_input(path)
+    full = [row for batch in source.iter_rows(["id", "text"], 64) for row in batch]
+    assert len(full) == n
+    for start in (0, 1, 96, 97, 98, 500, 501, 999, 1_000, 5_000):
+        batches = list(source.iter_rows(["id", "text"], 64, start=start))
+        assert [row for batch in batches for row in batch] == full[start:]
+        assert all(len(batch) == 64 for batch in batches[:-1])
+    with pytest.raises(ValueError, match="start"):
+        source.iter_rows(["id"], 64, start=-1)
