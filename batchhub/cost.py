@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -58,7 +57,7 @@ def report(table: pa.Table, book: PriceBook) -> CostReport:
     else:
         no_usage = int(table.num_rows - pc.sum(has_usage.cast(pa.int64())).as_py())
     priced = table.filter(has_usage)
-    models = np.array([m if m is not None else "(no model)" for m in priced["model"].to_pylist()], dtype=object)
+    models = priced["model"].fill_null("(no model)")
     cached = priced["cached_tokens"].fill_null(0).to_numpy() if "cached_tokens" in priced.column_names else None
     when = _latest(priced)
     result = cost_of(

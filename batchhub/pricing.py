@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
 
@@ -283,21 +285,27 @@ class CostReport:
 
 
 def cost_of(
-    models: np.ndarray,
+    models: pa.Array | pa.ChunkedArray,
     prompt: np.ndarray,
     completion: np.ndarray,
     cached: np.ndarray | None,
     book: PriceBook,
     when: datetime | None = None,
 ) -> CostReport:
-    """Price usage arrays (one entry per response; nulls already dropped) by model."""
+    """Price usage arrays (one entry per response; nulls already dropped) by model.
+
+    `models` is a string column (no nulls); it is dictionary-encoded, so a job's few
+    model names are looked up once each, not once per response.
+    """
+    encoded = pc.dictionary_encode(models.combine_chunks() if isinstance(models, pa.ChunkedArray) else models)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    cached_all = np.zeros(len(prompt), dtype=np.int64) if cached is None else cached
     lines: list[ModelCost] = []
     unknown: list[str] = []
     sources: set[str] = set()
     total = 0.0
-    cached_all = np.zeros(len(prompt), dtype=np.int64) if cached is None else cached
-    for model in sorted({str(m) for m in models}):
-        mask = models == model
+    for code, model in sorted(enumerate(encoded.dictionary.to_pylist()), key=lambda pair: str(pair[1])):
+        mask = codes == code
         p, c, k = prompt[mask], completion[mask], cached_all[mask]
         price = book.lookup(model, when)
         line = ModelCost(

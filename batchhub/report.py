@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
-from batchhub.pricing import CostReport, ModelCost, PriceBook
+from batchhub.pricing import CostReport, PriceBook
 from batchhub.store import JobStore, atomic_write_bytes, latest_indices
 
 #: the result columns the report reads (every other column, present or future, is left unread)
@@ -188,50 +188,10 @@ def _counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
 
 
 def _bill(table: pa.Table, book: PriceBook) -> CostReport:
-    """What `batchhub cost` says for these results (the same prices and arithmetic), grouped
-    by a dictionary-encoded model column: a job's few model names are looked at once each,
-    not once per result."""
-    has_usage = pc.and_(pc.is_valid(table["prompt_tokens"]), pc.is_valid(table["completion_tokens"]))
-    ok_without = pc.and_(pc.equal(table["status"], "ok").fill_null(False), pc.invert(has_usage))
-    priced = table.filter(has_usage)
-    encoded = pc.dictionary_encode(priced["model"].fill_null("(no model)").combine_chunks())
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    last = pc.max(priced["finished_at"]).as_py() if priced.num_rows else None
-    when = last if isinstance(last, datetime) else None
-    prompt = priced["prompt_tokens"].to_numpy()
-    completion = priced["completion_tokens"].to_numpy()
-    cached = priced["cached_tokens"].fill_null(0).to_numpy()
-    lines: list[ModelCost] = []
-    unknown: list[str] = []
-    sources: set[str] = set()
-    for code, model in sorted(enumerate(encoded.dictionary.to_pylist()), key=lambda pair: pair[1]):
-        mask = codes == code
-        p, c, k = prompt[mask], completion[mask], cached[mask]
-        price = book.lookup(model, when)
-        line = ModelCost(
-            model=model,
-            priced_as=price.priced_as if price else None,
-            provider=price.provider if price else None,
-            source=price.source if price else None,
-            requests=int(mask.sum()),
-            prompt_tokens=int(p.sum()),
-            cached_tokens=int(k.sum()),
-            completion_tokens=int(c.sum()),
-            input_usd=None,
-            output_usd=None,
-            total_usd=None,
-        )
-        if price is None:
-            unknown.append(model)
-        else:
-            input_usd, output_usd = price.costs(p, c, k)
-            line.input_usd, line.output_usd = float(input_usd.sum()), float(output_usd.sum())
-            line.total_usd = line.input_usd + line.output_usd
-            sources.add(price.source)
-        lines.append(line)
-    no_usage = int(pc.sum(ok_without.cast(pa.int64())).as_py() or 0)
-    total = sum(m.total_usd for m in lines if m.total_usd is not None)
-    return CostReport(lines, total, unknown, no_usage, sorted(sources))
+    """What `batchhub cost` says for these results: the same prices and arithmetic."""
+    from batchhub.cost import report
+
+    return report(table, book)
 
 
 def _examples(store: JobStore, kinds: pa.ChunkedArray, seqs: pa.ChunkedArray) -> dict[str, list[str]]:
