@@ -42,7 +42,7 @@ from batchhub import __version__, defaults, shards
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
 from batchhub.requests import RequestBuilder
-from batchhub.runner import Job, JobSummary, PreparedJob, redact
+from batchhub.runner import Job, JobSummary, PreparedJob, close_run_record, now_iso, redact
 from batchhub.shared_limits import Ledger, SharedLimits, limiter_name
 from batchhub.spec import JobSpec
 from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
@@ -287,7 +287,7 @@ class RayJob:
                         ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, p.n_rows, input_size, run_no)
                     )
             record: dict[str, Any] = {
-                "started_at": _now_iso(),
+                "started_at": now_iso(),
                 "engine": "ray",
                 "shard_rows": self.shard_rows,
                 "shards": len(tasks),
@@ -298,16 +298,7 @@ class RayJob:
             store.write_manifest(p.manifest)
             totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()
             summary = self._summary(store, started, totals, tasks)
-            record.update(
-                ended_at=_now_iso(),
-                results=summary.results_this_run,
-                ok=summary.ok,
-                failed=summary.failed,
-                pending=summary.pending,
-                stopped=summary.stopped,
-                elapsed_s=round(summary.elapsed_s, 3),
-                http_requests=summary.http_requests,
-            )
+            close_run_record(record, summary)
             with contextlib.suppress(OSError):
                 store.write_manifest(p.manifest)
             return summary
@@ -428,7 +419,3 @@ class _Totals:
 
 def _sum(table: pa.Table | None, column: str) -> int:
     return int(pc.sum(table[column]).as_py() or 0) if table is not None and table.num_rows else 0
-
-
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -193,7 +193,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         manifest = {
             "format_version": FORMAT_VERSION,
             "batchhub_version": __version__,
-            "created_at": _now_iso(),
+            "created_at": now_iso(),
             "input": {
                 "path": str(source.path.resolve()),
                 "format": source.format,
@@ -236,6 +236,20 @@ def _budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
             )
         spent = earlier.total_usd
     return Budget(float(spec.max_cost), spent, prices)
+
+
+def close_run_record(record: dict[str, Any], summary: JobSummary) -> None:
+    """What a run did, into its record in job.json."""
+    record.update(
+        ended_at=now_iso(),
+        results=summary.results_this_run,
+        ok=summary.ok,
+        failed=summary.failed,
+        pending=summary.pending,
+        stopped=summary.stopped,
+        elapsed_s=round(summary.elapsed_s, 3),
+        http_requests=summary.http_requests,
+    )
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -289,7 +303,7 @@ def _mock_config(spec: JobSpec) -> Any:
         raise UsageError(f"[mock] settings: {exc}") from exc
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
@@ -371,7 +385,7 @@ class Job:
         self._todo = todo
         n_todo = int(np.count_nonzero(todo))
         run_record: dict[str, Any] = {
-            "started_at": _now_iso(),
+            "started_at": now_iso(),
             "to_send": n_todo,
             "batchhub_version": __version__,
             # who runs it: `batchhub jobs` tells a running job from a killed one by this
@@ -408,16 +422,7 @@ class Job:
             store.close()
             self._progress.close()
             summary = self._finish_summary(started)
-            run_record.update(
-                ended_at=_now_iso(),
-                results=summary.results_this_run,
-                ok=summary.ok,
-                failed=summary.failed,
-                pending=summary.pending,
-                stopped=summary.stopped,
-                elapsed_s=round(summary.elapsed_s, 3),
-                http_requests=summary.http_requests,
-            )
+            close_run_record(run_record, summary)
             with contextlib.suppress(OSError):
                 store.write_manifest(p.manifest)
         return summary

@@ -1,4 +1,4 @@
-"""Shared test fixtures.
+"""Shared test fixtures: `mock_server` (simulators on 127.0.0.1), and a shim for aioresponses.
 
 aioresponses 0.7.9 (its newest release) builds `ClientResponse` without the
 keyword-only `stream_writer` argument that aiohttp 3.14 requires (upstream
@@ -11,11 +11,32 @@ shim once aioresponses releases a fix.
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import aioresponses.core
+import pytest
+
+from batchhub.mock import MockConfig, MockServer
+
+
+@pytest.fixture
+async def mock_server() -> AsyncIterator[Callable[..., Awaitable[MockServer]]]:
+    """Start simulators on 127.0.0.1: `server = await mock_server(seed=3, rpm=600)`; all closed after the test."""
+    servers: list[MockServer] = []
+
+    async def start(**config: Any) -> MockServer:
+        server = MockServer(MockConfig(**config))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
 
 if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters:
 

@@ -8,12 +8,13 @@ records when each request arrives, so the limit is checked on what the server sa
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from jobprocs import child_env
 
 from batchhub import Job, export_job, job_status, prepare_job
 from batchhub.cli import main
-from batchhub.mock import MockConfig, MockServer
+from batchhub.mock import MockServer
 from batchhub.ray_engine import NAMESPACE, LimiterActor, RayJob
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
@@ -80,18 +81,9 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-async def simulator() -> AsyncIterator[Any]:
-    servers: list[MockServer] = []
-
-    async def start(**config: Any) -> MockServer:
-        server = MockServer(MockConfig(api_key=KEY, **config))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
+def simulator(mock_server: Any) -> Any:
+    """Simulators that accept only the test key."""
+    return functools.partial(mock_server, api_key=KEY)
 
 
 class Arrivals:

@@ -23,7 +23,7 @@ from batchhub.cli import main
 from batchhub.cost import report as cost_report
 from batchhub.cost import usage_table
 from batchhub.errors import JobStateError, UsageError
-from batchhub.mock import MockConfig, MockServer
+from batchhub.mock import MockServer
 from batchhub.pricing import PriceBook
 from batchhub.report import job_report, write_report
 from batchhub.report_html import render_html
@@ -34,21 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "latency", "tokens", "cost", "errors")
 SCRIPT = "<script>alert(1)</script>"
 ODD_MODEL = "<b>local</b>-model"  # no price is known for it, and its name needs escaping
-
-
-@pytest.fixture
-async def mock_server():
-    servers: list[MockServer] = []
-
-    async def start(**config) -> MockServer:
-        server = MockServer(MockConfig(**config))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 def spec_for(tmp_path: Path, server: MockServer, data: Path, **kw) -> JobSpec:

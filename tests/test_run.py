@@ -13,24 +13,9 @@ import pytest
 
 from batchhub import Job, arun_job, export_job, job_status, prepare_job
 from batchhub.errors import JobStateError, UsageError
-from batchhub.mock import MockConfig, MockServer
+from batchhub.mock import MockServer
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
-
-
-@pytest.fixture
-async def mock_server():
-    servers: list[MockServer] = []
-
-    async def start(**config) -> MockServer:
-        server = MockServer(MockConfig(**config))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 def write_prompts(path: Path, n: int, **extra_columns) -> Path:

@@ -12,7 +12,7 @@ from batchhub import arun_job, export_job, job_status
 from batchhub.client import SSEAccumulator, parse_completion
 from batchhub.cost import usage_table
 from batchhub.errors import UsageError
-from batchhub.mock import MockConfig, MockServer
+from batchhub.mock import MockServer
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
 from batchhub.structured import OutputCheck, extract_json, load_schema
@@ -22,21 +22,6 @@ SCHEMA = {
     "properties": {"answer": {"type": "string"}, "words": {"type": "integer", "minimum": 1}},
     "required": ["answer", "words"],
 }
-
-
-@pytest.fixture
-async def server():
-    servers: list[MockServer] = []
-
-    async def start(**config) -> MockServer:
-        s = MockServer(MockConfig(**config))
-        await s.start()
-        servers.append(s)
-        return s
-
-    yield start
-    for s in servers:
-        await s.close()
 
 
 def json_job(tmp_path: Path, server: MockServer, n: int = 60, **kw) -> JobSpec:
@@ -176,8 +161,8 @@ def test_streamed_tool_calls_and_choices_are_folded_together() -> None:
 # -- whole jobs --------------------------------------------------------------------------------
 
 
-async def test_json_job_marks_bad_replies_retries_them_and_bills_every_reply(tmp_path: Path, server) -> None:
-    sim = await server(seed=11, faults={"bad_json": 0.4})
+async def test_json_job_marks_bad_replies_retries_them_and_bills_every_reply(tmp_path: Path, mock_server) -> None:
+    sim = await mock_server(seed=11, faults={"bad_json": 0.4})
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
     spec = json_job(tmp_path, sim, json_schema=schema, retry_invalid=3)
@@ -199,8 +184,8 @@ async def test_json_job_marks_bad_replies_retries_them_and_bills_every_reply(tmp
     assert st.ok == summary.ok and st.errors_by_type.get("invalid_output", 0) == summary.failed
 
 
-async def test_invalid_rows_count_as_failed_and_retry_failed_sends_only_them(tmp_path: Path, server) -> None:
-    sim = await server(seed=5, faults={"bad_json": 0.3})
+async def test_invalid_rows_count_as_failed_and_retry_failed_sends_only_them(tmp_path: Path, mock_server) -> None:
+    sim = await mock_server(seed=5, faults={"bad_json": 0.3})
     spec = json_job(tmp_path, sim, json=True)
     first = await arun_job(spec, progress=False)
     assert first.failed == sim.stats.faults_injected["bad_json"] > 0 and first.exit_code == 1
@@ -210,16 +195,16 @@ async def test_invalid_rows_count_as_failed_and_retry_failed_sends_only_them(tmp
     assert (again.ok, again.failed, again.exit_code) == (60, 0, 0)
 
 
-async def test_without_json_mode_the_check_catches_prose(tmp_path: Path, server) -> None:
-    sim = await server(seed=2)
+async def test_without_json_mode_the_check_catches_prose(tmp_path: Path, mock_server) -> None:
+    sim = await mock_server(seed=2)
     spec = json_job(tmp_path, sim, n=10, json=True, params={})
     summary = await arun_job(spec, progress=False)
     assert (summary.ok, summary.failed) == (0, 10)
     assert job_status(spec.job_dir).errors_by_type == {"invalid_output": 10}
 
 
-async def test_export_expand_json_spreads_keys_into_typed_columns(tmp_path: Path, server) -> None:
-    sim = await server(seed=3)
+async def test_export_expand_json_spreads_keys_into_typed_columns(tmp_path: Path, mock_server) -> None:
+    sim = await mock_server(seed=3)
     spec = json_job(tmp_path, sim, n=20, json=True)
     await arun_job(spec, progress=False)
     out = tmp_path / "out.parquet"
