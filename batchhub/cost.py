@@ -113,15 +113,21 @@ def render(rep: CostReport) -> str:
         )
     )
     lines = text_table([header, *rows], left=2, rules_after=(0, len(rows) - 1))
+    return "\n".join([*lines, *bill_notes(rep)])
+
+
+def bill_notes(rep: CostReport) -> list[str]:
+    """What a bill's total leaves out, and where its prices came from."""
+    notes = []
     if rep.unknown_models:
-        lines.append(
+        notes.append(
             f"unknown price for: {', '.join(rep.unknown_models)} "
             "(give them with --prices FILE or a [prices] table; they are not counted as $0)"
         )
     if rep.responses_without_usage:
-        lines.append(f"{rep.responses_without_usage:,} ok responses reported no usage and cannot be priced")
-    lines.append("prices: " + ("; ".join(rep.sources) if rep.sources else "none found"))
-    return "\n".join(lines)
+        notes.append(f"{rep.responses_without_usage:,} ok responses reported no usage and cannot be priced")
+    notes.append("prices: " + ("; ".join(rep.sources) if rep.sources else "none found"))
+    return notes
 
 
 def _usd(value: float | None) -> str:

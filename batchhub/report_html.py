@@ -313,15 +313,10 @@ def _cost(rep: JobReport) -> str:
         f"{rows}<tr><th>total</th><th></th><th></th><th></th><th></th><th></th>"
         f"<th class=num>{_esc(rep.cost_text)}</th></tr></table>"
     )
+    from batchhub.cost import bill_notes
+
     notes = ["Every response that reported usage counts, retried rows included: each was paid for."]
-    if bill.unknown_models:
-        notes.append(
-            f"No price is known for {', '.join(bill.unknown_models)}: left out of the total, not counted as $0 "
-            "(give prices with --prices FILE or a [prices] table)."
-        )
-    if bill.responses_without_usage:
-        notes.append(f"{bill.responses_without_usage:,} ok responses reported no usage and cannot be priced.")
-    notes.append("Prices: " + ("; ".join(bill.sources) or "none found") + ".")
+    notes += [note[0].upper() + note[1:] + "." for note in bill_notes(bill)]
     text = "".join(f'<p class="note">{_esc(n)}</p>' for n in notes)
     return _img(fig, "cost by model") + table + text
 
