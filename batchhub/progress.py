@@ -4,6 +4,9 @@ A tqdm bar on a terminal or in a Jupyter notebook (a widget when ipywidgets is
 installed, text otherwise); nothing when output is not a terminal or when asked
 to be quiet. The runner reports every event; this class decides how often the
 screen is touched, so the hot path stays cheap.
+
+A `sink` receives the counters' growth about once a second (a Ray task sends its
+own to the driver that way); `absorb` adds such growth to a bar (the driver's).
 """
 
 from __future__ import annotations
@@ -11,11 +14,18 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from tqdm import tqdm
 
 from batchhub import defaults
+
+#: the counters a sink receives (as growth since its last call) and `absorb` adds
+COUNTERS = ("done", "ok", "errors", "retries", "rate_limited", "tokens", "cost")
+
+#: how often a sink is called, at most
+SINK_INTERVAL_S = 1.0
 
 
 def in_notebook() -> bool:
@@ -39,7 +49,13 @@ class Progress:
     """Counts a job's events and shows them. `enabled=None` means: only on a terminal or in a notebook."""
 
     def __init__(
-        self, *, total: int, initial: int = 0, enabled: bool | None = None, file: IO[str] | None = None
+        self,
+        *,
+        total: int,
+        initial: int = 0,
+        enabled: bool | None = None,
+        file: IO[str] | None = None,
+        sink: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.file = file or sys.stderr
         if enabled is None:
@@ -56,6 +72,9 @@ class Progress:
         self.started = time.monotonic()
         self._last_postfix = 0.0
         self._bar: Any = None
+        self._sink = sink
+        self._sent = self._counters()
+        self._last_sink = time.monotonic()
         if enabled:
             self._bar = _bar_class()(
                 total=total,
@@ -80,12 +99,38 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
             self._refresh()
+        if self._sink is not None:
+            self._send()
 
     def retry(self, rate_limited: bool) -> None:
         if rate_limited:
             self.rate_limited += 1
         else:
             self.retries += 1
+        if self._sink is not None:
+            self._send()
+
+    def absorb(self, growth: dict[str, float]) -> None:
+        """Add counters' growth sent by another Progress's sink (a task's, to the driver's bar)."""
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + type(getattr(self, name))(growth.get(name, 0)))
+        if self._bar is not None:
+            self._bar.update(int(growth.get("done", 0)))
+            self._refresh()
+
+    def _counters(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def _send(self, *, now: bool = False) -> None:
+        moment = time.monotonic()
+        if not now and moment - self._last_sink < SINK_INTERVAL_S:
+            return
+        assert self._sink is not None
+        current = self._counters()
+        growth = {name: current[name] - self._sent[name] for name in COUNTERS}
+        self._sent, self._last_sink = current, moment
+        if any(growth.values()):
+            self._sink(growth)
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -101,6 +146,8 @@ class Progress:
         )
 
     def close(self) -> None:
+        if self._sink is not None:
+            self._send(now=True)
         if self._bar is not None:
             self._last_postfix = 0.0
             self._refresh()

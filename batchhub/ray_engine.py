@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from batchhub import __version__, defaults, shards
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
+from batchhub.progress import Progress
 from batchhub.requests import RequestBuilder
 from batchhub.runner import Job, JobSummary, PreparedJob, close_run_record, now_iso, redact
 from batchhub.shared_limits import Ledger, SharedLimits, limiter_name
@@ -118,6 +119,22 @@ class LimiterActor:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
+@ray.remote(num_cpus=0)
+class ProgressActor:
+    """Adds up what the tasks of one run report of their progress; the driver takes it every half second."""
+
+    def __init__(self) -> None:
+        self._growth: dict[str, float] = {}
+
+    def add(self, growth: dict[str, float]) -> None:
+        for name, value in growth.items():
+            self._growth[name] = self._growth.get(name, 0) + value
+
+    def take(self) -> dict[str, float]:
+        growth, self._growth = self._growth, {}
+        return growth
+
+
 class ActorBackend:
     """The limiter actor as a `batchhub.shared_limits.LimitBackend`: one call per reservation."""
 
@@ -163,9 +180,9 @@ class ShardTask:
 
 
 @ray.remote(num_cpus=1)
-def run_shard(task: ShardTask, api_key: Secret, limiter: Any) -> dict[str, Any]:
+def run_shard(task: ShardTask, api_key: Secret, limiter: Any, progress: Any) -> dict[str, Any]:
     """Run one shard with batchhub's own pool; returns its summary's counters."""
-    summary = asyncio.run(_shard_job(task, api_key.value, limiter))
+    summary = asyncio.run(_shard_job(task, api_key.value, limiter, progress))
     return {
         "http_requests": summary.http_requests,
         "retries": summary.retries,
@@ -175,7 +192,7 @@ def run_shard(task: ShardTask, api_key: Secret, limiter: Any) -> dict[str, Any]:
     }
 
 
-async def _shard_job(task: ShardTask, api_key: str, limiter: Any) -> JobSummary:
+async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any) -> JobSummary:
     spec = task.spec
     assert spec.input is not None
     try:
@@ -210,7 +227,14 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any) -> JobSummary:
         spec.price_book(),
     )
     limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm)
-    return await Job(prepared, progress=False, only_rows=task.rows, limits=limits).run()
+    job = Job(
+        prepared,
+        progress=False,
+        only_rows=task.rows,
+        limits=limits,
+        progress_sink=lambda growth: progress.add.remote(growth),  # fire and forget
+    )
+    return await job.run()
 
 
 def _task_spec(spec: JobSpec) -> JobSpec:
@@ -237,6 +261,7 @@ class RayJob:
         address: str | None = None,
         shard_rows: int | None = None,
         max_shards_in_flight: int | None = None,
+        progress: bool | None = None,
     ) -> None:
         if prepared.spec.max_cost is not None:
             raise UsageError(
@@ -253,6 +278,9 @@ class RayJob:
         self._force = False
         self._stop_reason: str | None = None
         self._pending: dict[asyncio.Future[Any], Any] = {}
+        self._progress_enabled = False if prepared.spec.quiet else progress
+        #: the driver's bar, fed by what the tasks report (see ProgressActor)
+        self.progress: Progress | None = None
 
     def request_stop(self, reason: str = "interrupted") -> None:
         """First call: start no more shards and ask running ones to stop. Second: end them now."""
@@ -296,7 +324,12 @@ class RayJob:
             }
             p.manifest["runs"].append(record)
             store.write_manifest(p.manifest)
-            totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()
+            initial = p.n_rows - record["to_send"]
+            self.progress = Progress(total=p.n_rows, initial=initial, enabled=self._progress_enabled)
+            try:
+                totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()
+            finally:
+                self.progress.close()
             summary = self._summary(store, started, totals, tasks)
             close_run_record(record, summary)
             with contextlib.suppress(OSError):
@@ -331,13 +364,15 @@ class RayJob:
         totals = _Totals()
         queue = iter(tasks)
         stop_waiter = asyncio.ensure_future(self._stop.wait())
+        progress = ProgressActor.remote()  # type: ignore[attr-defined]
+        poller = asyncio.ensure_future(self._follow(progress))
         try:
             while True:
                 while not self._stop.is_set() and len(self._pending) < in_flight:
                     task = next(queue, None)
                     if task is None:
                         break
-                    ref = run_shard.remote(task, key, limiter)
+                    ref = run_shard.remote(task, key, limiter, progress)
                     self._pending[asyncio.ensure_future(ref)] = ref
                 if not self._pending:
                     break
@@ -348,9 +383,21 @@ class RayJob:
                     self._collect(future, totals)
         finally:
             stop_waiter.cancel()
+            poller.cancel()
             for ref in self._pending.values():
                 ray.cancel(ref, force=True)
+            with contextlib.suppress(Exception):  # what the tasks sent last
+                assert self.progress is not None
+                self.progress.absorb(await progress.take.remote())
+            ray.kill(progress)
         return totals
+
+    async def _follow(self, progress: Any) -> None:
+        """Move what the tasks report into the driver's bar, every half second."""
+        assert self.progress is not None
+        while True:
+            await asyncio.sleep(defaults.PROGRESS_INTERVAL_S)
+            self.progress.absorb(await progress.take.remote())
 
     def _collect(self, future: asyncio.Future[Any], totals: _Totals) -> None:
         try:

@@ -26,7 +26,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,12 +331,14 @@ class Job:
         rng: random.Random | None = None,
         only_rows: np.ndarray | None = None,
         limits: Limiter | None = None,
+        progress_sink: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.p = prepared
         self.spec = prepared.spec
         self.store = prepared.store
         self._session = session
         self._progress_enabled = False if self.spec.quiet else progress
+        self._progress_sink = progress_sink
         self._rng = rng or random.Random()
         #: send only these row ids (a sample), if given
         self._only_rows = only_rows
@@ -403,6 +405,7 @@ class Job:
             total=p.n_rows,
             initial=p.n_rows - n_todo,
             enabled=self._progress_enabled,
+            sink=self._progress_sink,
         )
         self._summary = JobSummary(store.dir, p.n_rows, 0, 0, 0)
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)

@@ -157,10 +157,15 @@ async def test_one_limit_holds_across_four_tasks(tmp_path: Path, simulator: Any,
     await drain(server, 580)  # 20 of 600 left: a job over the limit, or bursting past it, meets 429s at once
     arrivals = Arrivals(server)
     spec = make_spec(tmp_path, server, 200, rpm=570)  # 95% of the server's limit
-    summary = await RayJob(prepare_job(spec), shard_rows=50, max_shards_in_flight=4).run()
+    job = RayJob(prepare_job(spec), shard_rows=50, max_shards_in_flight=4)
+    summary = await job.run()
     times = arrivals.stop()
 
     assert (summary.ok, summary.failed, summary.pending, summary.exit_code) == (200, 0, 0, 0)
+    # what the tasks reported of their progress reached the driver's bar
+    assert job.progress is not None
+    assert (job.progress.done, job.progress.ok, job.progress.errors) == (200, 200, 0)
+    assert job.progress.tokens == summary.prompt_tokens + summary.completion_tokens
     assert server.stats.rate_limited == 0
     assert summary.http_requests == 200 and len(times) == 200
     # no 10-second window holds more than ten seconds of the job's limit plus its one-second burst
