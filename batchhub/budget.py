@@ -8,11 +8,15 @@ the input price, plus `max_tokens` at the output price (without `max_tokens`,
 guarantee). A row is dispatched only if what was already spent, plus every
 reservation in flight, plus its own, stays within the budget. When its usage
 arrives the reservation is replaced by the real cost.
+
+On Ray every task reserves from one budget held by an actor of the run
+(`SharedBudget`), so the tasks together never pass it either.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchhub import defaults
 from batchhub.errors import UsageError
@@ -51,6 +55,10 @@ class Budget:
         completion = built.max_tokens if built.max_tokens is not None else defaults.BUDGET_COMPLETION_CEILING
         return price.request_cost(prompt, completion)
 
+    async def reserve(self, amount: float) -> bool:
+        """Reserve `amount` if it fits (what the runner calls; a shared budget asks its actor)."""
+        return self.try_reserve(amount)
+
     def try_reserve(self, amount: float) -> bool:
         if self.spent + self.reserved + amount > self.limit:
             return False
@@ -63,3 +71,28 @@ class Budget:
 
     def release(self, reserved: float) -> None:
         self.reserved = max(0.0, self.reserved - reserved)
+
+
+class SharedBudget(Budget):
+    """A task's side of a budget held by an actor (`remote`: try_reserve, settle and release).
+
+    `spent` and `reserved` here count this task's part only; the actor holds the whole.
+    """
+
+    def __init__(self, remote: Any, limit: float, book: PriceBook) -> None:
+        super().__init__(limit, 0.0, book)
+        self._remote = remote
+
+    async def reserve(self, amount: float) -> bool:
+        if not await self._remote.try_reserve.remote(amount):
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        super().settle(reserved, actual)
+        self._remote.settle.remote(reserved, actual)  # fire and forget: the actor keeps call order
+
+    def release(self, reserved: float) -> None:
+        super().release(reserved)
+        self._remote.release.remote(reserved)

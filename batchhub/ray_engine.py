@@ -39,14 +39,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub import __version__, defaults, shards
+from batchhub.budget import SharedBudget
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
 from batchhub.progress import Progress
 from batchhub.requests import RequestBuilder
-from batchhub.runner import Job, JobSummary, PreparedJob, close_run_record, now_iso, redact
+from batchhub.runner import Job, JobSummary, PreparedJob, budget_message, close_run_record, now_iso, redact
 from batchhub.shared_limits import Ledger, SharedLimits, limiter_name
 from batchhub.spec import JobSpec
 from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+from batchhub.structured import OutputCheck
 
 try:
     import ray
@@ -135,6 +137,30 @@ class ProgressActor:
         return growth
 
 
+@ray.remote(num_cpus=0)
+class BudgetActor:
+    """`--max-cost` for a run on Ray: spent + reserved <= limit over every task (see batchhub.budget)."""
+
+    def __init__(self, limit: float, spent: float) -> None:
+        self.limit, self.spent, self.reserved = limit, spent, 0.0
+
+    def try_reserve(self, amount: float) -> bool:
+        if self.spent + self.reserved + amount > self.limit:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += actual
+
+    def release(self, reserved: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+
+    def total_spent(self) -> float:
+        return self.spent
+
+
 class ActorBackend:
     """The limiter actor as a `batchhub.shared_limits.LimitBackend`: one call per reservation."""
 
@@ -180,9 +206,9 @@ class ShardTask:
 
 
 @ray.remote(num_cpus=1)
-def run_shard(task: ShardTask, api_key: Secret, limiter: Any, progress: Any) -> dict[str, Any]:
+def run_shard(task: ShardTask, api_key: Secret, limiter: Any, progress: Any, budget: Any) -> dict[str, Any]:
     """Run one shard with batchhub's own pool; returns its summary's counters."""
-    summary = asyncio.run(_shard_job(task, api_key.value, limiter, progress))
+    summary = asyncio.run(_shard_job(task, api_key.value, limiter, progress, budget))
     return {
         "http_requests": summary.http_requests,
         "retries": summary.retries,
@@ -192,7 +218,7 @@ def run_shard(task: ShardTask, api_key: Secret, limiter: Any, progress: Any) -> 
     }
 
 
-async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any) -> JobSummary:
+async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any, budget: Any) -> JobSummary:
     spec = task.spec
     assert spec.input is not None
     try:
@@ -208,6 +234,7 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any)
             "with --engine ray the input must be on storage every node shares"
         )
     source = open_input(spec.input)
+    book = spec.price_book()
     store = JobStore(task.store_dir, seq_floor=task.seq_floor)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -224,7 +251,9 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any)
         task.n_rows,
         api_key,
         False,
-        spec.price_book(),
+        book,
+        SharedBudget(budget, float(spec.max_cost), book) if budget is not None and spec.max_cost else None,
+        OutputCheck.for_spec(spec.json, spec.json_schema),
     )
     limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm)
     job = Job(
@@ -263,10 +292,6 @@ class RayJob:
         max_shards_in_flight: int | None = None,
         progress: bool | None = None,
     ) -> None:
-        if prepared.spec.max_cost is not None:
-            raise UsageError(
-                "--max-cost is not supported with --engine ray yet: run the job with the local engine to keep a budget"
-            )
         self.p = prepared
         self.address = address
         self.shard_rows = defaults.SHARD_ROWS if shard_rows is None else shard_rows
@@ -278,6 +303,8 @@ class RayJob:
         self._force = False
         self._stop_reason: str | None = None
         self._pending: dict[asyncio.Future[Any], Any] = {}
+        self._budget: Any = None
+        self._budget_reached = False
         self._progress_enabled = False if prepared.spec.quiet else progress
         #: the driver's bar, fed by what the tasks report (see ProgressActor)
         self.progress: Progress | None = None
@@ -365,14 +392,16 @@ class RayJob:
         queue = iter(tasks)
         stop_waiter = asyncio.ensure_future(self._stop.wait())
         progress = ProgressActor.remote()  # type: ignore[attr-defined]
+        budget = self.p.budget
+        self._budget = BudgetActor.remote(budget.limit, budget.spent) if budget is not None else None  # type: ignore[attr-defined]
         poller = asyncio.ensure_future(self._follow(progress))
         try:
             while True:
-                while not self._stop.is_set() and len(self._pending) < in_flight:
+                while not self._stop.is_set() and not self._budget_reached and len(self._pending) < in_flight:
                     task = next(queue, None)
                     if task is None:
                         break
-                    ref = run_shard.remote(task, key, limiter, progress)
+                    ref = run_shard.remote(task, key, limiter, progress, self._budget)
                     self._pending[asyncio.ensure_future(ref)] = ref
                 if not self._pending:
                     break
@@ -390,6 +419,10 @@ class RayJob:
                 assert self.progress is not None
                 self.progress.absorb(await progress.take.remote())
             ray.kill(progress)
+            if self._budget is not None:
+                with contextlib.suppress(Exception):
+                    totals.budget_spent = await self._budget.total_spent.remote()
+                ray.kill(self._budget)
         return totals
 
     async def _follow(self, progress: Any) -> None:
@@ -410,6 +443,10 @@ class RayJob:
             self.request_stop("task_failed")
             return
         totals.add(result)
+        if result["stopped"] == "budget":
+            # start no more shards; running ones stop at the budget themselves, recording what
+            # they have in flight (cancelling them could lose paid replies)
+            self._budget_reached = True
         if result["stopped"] in ("fatal", "write_error") and totals.failure is None:
             totals.failure = result["message"]
             totals.failure_kind = result["stopped"]
@@ -443,8 +480,13 @@ class RayJob:
         if totals.failure is not None:
             s.stopped = totals.failure_kind
             s.message = totals.failure
+        elif self._budget_reached and self.p.budget is not None:
+            s.stopped = "budget"
+            s.message = budget_message(totals.budget_spent, self.p.budget.limit, s.pending)
         elif self._stop_reason:
             s.stopped = self._stop_reason
+        if self.p.budget is not None:
+            s.budget_spent_usd = totals.budget_spent
         return s
 
 
@@ -457,6 +499,8 @@ class _Totals:
     rate_limited: int = 0
     failure: str | None = None
     failure_kind: str = "task_failed"
+    #: what the whole job has spent, by the shared budget (--max-cost)
+    budget_spent: float = 0.0
 
     def add(self, result: dict[str, Any]) -> None:
         self.http_requests += result["http_requests"]

@@ -238,6 +238,13 @@ def _budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
     return Budget(float(spec.max_cost), spent, prices)
 
 
+def budget_message(spent: float, limit: float, pending: int) -> str:
+    return (
+        f"budget reached: ${spent:,.4f} spent of --max-cost ${limit:,.4f}; "
+        f"{pending:,} rows not sent. Resume with a larger --max-cost"
+    )
+
+
 def close_run_record(record: dict[str, Any], summary: JobSummary) -> None:
     """What a run did, into its record in job.json."""
     record.update(
@@ -523,7 +530,7 @@ class Job:
                 except UsageError as exc:  # a per-row model with no known price
                     self._record(self._error_row(rid, "no_price", str(exc), None, 0, 0, built))
                     continue
-                if not budget.try_reserve(reserved):
+                if not await budget.reserve(reserved):
                     self.request_stop("budget")
                     return
             invalid_retries = 0
@@ -547,7 +554,7 @@ class Job:
                 self._summary.invalid_retries += 1
                 if budget is not None:
                     reserved = budget.worst_case(built)
-                    if not budget.try_reserve(reserved):
+                    if not await budget.reserve(reserved):
                         self.request_stop("budget")
                         return
 
@@ -786,10 +793,7 @@ class Job:
             )
         elif self._stop_reason == "budget" and self._budget is not None:
             s.stopped = "budget"
-            s.message = (
-                f"budget reached: ${self._budget.spent:,.4f} spent of --max-cost ${self._budget.limit:,.4f}; "
-                f"{s.pending:,} rows not sent. Resume with a larger --max-cost"
-            )
+            s.message = budget_message(self._budget.spent, self._budget.limit, s.pending)
         elif self._stop_reason:
             s.stopped = self._stop_reason
         if self._budget is not None:

@@ -303,6 +303,39 @@ async def test_a_changed_input_or_request_is_refused(tmp_path: Path, simulator: 
     assert server.stats.completions == 40  # nothing sent by the refused runs
 
 
+async def test_a_budget_holds_across_tasks_and_the_job_resumes_past_it(
+    tmp_path: Path, simulator: Any, ray_cluster: dict
+) -> None:
+    from batchhub.cost import report, usage_table
+
+    server = await simulator(seed=2)
+    spec = make_spec(tmp_path, server, 200, max_tokens=20, max_cost=0.0008)  # about half the job
+    stopped = await RayJob(prepare_job(spec), shard_rows=25, max_shards_in_flight=4).run()
+    assert stopped.stopped == "budget" and stopped.exit_code == 3, stopped.message
+    assert 0 < stopped.ok < 200 and stopped.pending > 0 and "budget reached" in (stopped.message or "")
+    spent = report(usage_table(tmp_path / "job"), prepare_job(spec).prices).total_usd
+    assert spent <= 0.0008 and stopped.budget_spent_usd == pytest.approx(spent)
+    recorded = JobStore(tmp_path / "job").results(["status"]).to_pylist()
+    # every request paid for is recorded, none lost to the stop; a task that Ray retries after a
+    # worker failure may send again what it had in flight, and no more
+    stats = server.stats
+    assert stats.completions - stats.duplicates() == sum(r["status"] == "ok" for r in recorded), stats
+    assert stats.duplicates() <= spec.concurrency
+
+    spec.max_cost = 1.0
+    rest = await RayJob(prepare_job(spec), shard_rows=25).run()
+    assert (rest.ok, rest.pending, rest.exit_code) == (200, 0, 0)
+    assert server.stats.completions - server.stats.duplicates() == 200
+
+
+async def test_replies_are_checked_inside_the_tasks(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
+    server = await simulator(seed=4)
+    spec = make_spec(tmp_path, server, 20, json=True)  # the simulator answers prose without response_format
+    summary = await RayJob(prepare_job(spec), shard_rows=10).run()
+    assert (summary.ok, summary.failed) == (0, 20)
+    assert job_status(tmp_path / "job").errors_by_type == {"invalid_output": 20}
+
+
 def test_without_ray_installed_the_engine_names_the_extra(tmp_path: Path) -> None:
     # a Python that cannot import ray (a None entry in sys.modules makes the import fail)
     code = (
