@@ -13,11 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "peer.py"
-PEER_VENV = Path.home() / ".cache" / "batchhub-bench" / "peer-venv"
 NUMBER = r"[\d,]+(?:\.\d+)?"
 FIGURES = (
     rf"(?:{NUMBER}%|-) of {NUMBER} (rpm|tpm) steady \(.+\), 429s {NUMBER}% in the window / {NUMBER}% of the run "
@@ -55,15 +52,3 @@ def test_smoke_without_the_peer_runs_batchhub_alone_and_installs_nothing(tmp_pat
         assert any(re.match(rf"^peer {case} batchhub: {FIGURES}", line) for line in lines), (case, lines)
         assert any(re.match(rf"^peer {case} curator: skipped \(", line) for line in lines), (case, lines)
     assert "| case | client | steady throughput | 429s (window / run) | failed rows | duplicates paid | wall |" in lines
-
-
-@pytest.mark.skipif(
-    not (PEER_VENV / ".batchhub-peer-ready").exists(),
-    reason="the peer's venv is made by a real run of benchmarks/peer.py",
-)
-def test_smoke_with_the_peer_reports_both_clients(tmp_path: Path) -> None:
-    lines = _run(tmp_path, PEER_VENV)
-    assert any(re.match(r"^peer: bespokelabs-curator \S+$", line) for line in lines), lines
-    for case in ("rpm-right", "tpm-2x"):
-        for client in ("batchhub", "curator"):
-            assert any(re.match(rf"^peer {case} {client}: {FIGURES}", line) for line in lines), (case, client, lines)
