@@ -54,6 +54,8 @@ _DIGEST_KEY = b"batchhub.content_sha256"
 _FLAG_NAMES = {"param_column": "param_columns"}
 #: keywords of run/arun that are not settings of the job
 _CALL_OPTIONS = ("progress", "expand_json")
+#: keywords that choose the engine, as `batchhub run --engine ray ...` does
+_ENGINE_OPTIONS = ("engine", "ray_address", "shard_rows", "max_shards_in_flight")
 
 #: result columns that are whole numbers: nullable in the DataFrame, so a missing value
 #: does not turn a column into floats
@@ -67,7 +69,7 @@ class FailedRowsWarning(UserWarning):
 def known_options() -> list[str]:
     """Every keyword `run` and `arun` accept, besides `data`."""
     fields = [f.name for f in dataclasses.fields(JobSpec) if f.name != "input"]
-    return sorted({*fields, *_FLAG_NAMES, *_CALL_OPTIONS})
+    return sorted({*fields, *_FLAG_NAMES, *_CALL_OPTIONS, *_ENGINE_OPTIONS})
 
 
 def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False, **options: Any) -> pd.DataFrame:
@@ -98,13 +100,17 @@ def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False
     Works inside a running event loop too (a Jupyter cell): the job runs on its own
     loop in a worker thread. Ctrl-C (interrupting the kernel) stops it gracefully:
     requests in flight finish and are recorded, then KeyboardInterrupt is raised.
+    `engine="ray"` (with `ray_address`, `shard_rows`, `max_shards_in_flight`) runs it
+    on a Ray cluster, as `batchhub run --engine ray` does.
+
     `progress`: True or False forces the progress bar on or off (default: on a
     terminal or in a notebook, unless `quiet=True`). `expand_json=True` adds a
     column per top-level key of the replies' JSON objects, as `export --expand-json`.
     """
+    engine = _engine_options(options)
     plan = _plan(data, options)
     plan.expand_json = expand_json
-    job = Job(plan.prepared, progress=progress)
+    job = _make_job(plan.prepared, progress, engine)
     summary = _run_in_thread(job)
     out = _finish(plan, summary)
     _warn_failed(summary)
@@ -121,9 +127,10 @@ async def arun(
     and are recorded; a second cancellation abandons them), then CancelledError is
     raised.
     """
+    engine = _engine_options(options)
     plan = await asyncio.to_thread(_plan, data, options)
     plan.expand_json = expand_json
-    job = Job(plan.prepared, progress=progress)
+    job = _make_job(plan.prepared, progress, engine)
     summary = await _run_shielded(job)
     out = await asyncio.to_thread(_finish, plan, summary)
     _warn_failed(summary)
@@ -195,7 +202,33 @@ def _settings(options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     return settings, api_key
 
 
-def _run_in_thread(job: Job) -> JobSummary:
+def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the engine keywords out of `options`: engine="ray" and its settings, checked."""
+    chosen = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
+    engine = chosen.pop("engine", None) or "local"
+    if engine not in ("local", "ray"):
+        raise UsageError(f"engine must be 'local' or 'ray', not {engine!r}")
+    if engine == "local" and chosen:
+        raise UsageError(f"{', '.join(sorted(chosen))} go with engine='ray'")
+    return {"engine": engine, **chosen}
+
+
+def _make_job(prepared: PreparedJob, progress: bool | None, engine: dict[str, Any]) -> Any:
+    """A Job, or a RayJob (the same run/request_stop) for engine='ray'."""
+    if engine.pop("engine") == "ray":
+        from batchhub.ray_engine import RayJob
+
+        return RayJob(
+            prepared,
+            address=engine.get("ray_address"),
+            shard_rows=engine.get("shard_rows"),
+            max_shards_in_flight=engine.get("max_shards_in_flight"),
+            progress=progress,
+        )
+    return Job(prepared, progress=progress)
+
+
+def _run_in_thread(job: Any) -> JobSummary:
     """Run the job to its end on a new event loop in a worker thread; Ctrl-C asks it to stop."""
     loop = asyncio.new_event_loop()
     done = threading.Event()
@@ -240,13 +273,13 @@ def _run_in_thread(job: Job) -> JobSummary:
     return summary
 
 
-async def _run_shielded(job: Job) -> JobSummary:
+async def _run_shielded(job: Any) -> JobSummary:
     """Await the job; a cancellation asks it to stop and waits for it to save, then propagates."""
     task = asyncio.ensure_future(job.run())
     cancelled = False
     while True:
         try:
-            summary = await asyncio.shield(task)
+            summary: JobSummary = await asyncio.shield(task)
             break
         except asyncio.CancelledError:
             if task.done():
@@ -462,6 +495,10 @@ def _signature(function: Any) -> inspect.Signature:
     """`data`, then every job setting as a keyword: what help() and a notebook's tooltips show."""
     params = [inspect.Parameter("data", inspect.Parameter.POSITIONAL_ONLY)]
     params.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params.append(inspect.Parameter("expand_json", inspect.Parameter.KEYWORD_ONLY, default=False))
+    params.append(inspect.Parameter("engine", inspect.Parameter.KEYWORD_ONLY, default="local"))
+    for name in _ENGINE_OPTIONS[1:]:
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
     for f in dataclasses.fields(JobSpec):
         if f.name == "input":
             continue

@@ -27,8 +27,10 @@ import ray
 from click.testing import CliRunner
 from jobprocs import child_env
 
+import batchhub
 from batchhub import Job, export_job, job_status, prepare_job
 from batchhub.cli import main
+from batchhub.errors import UsageError
 from batchhub.mock import MockServer
 from batchhub.ray_engine import NAMESPACE, LimiterActor, RayJob
 from batchhub.spec import JobSpec
@@ -334,6 +336,19 @@ async def test_replies_are_checked_inside_the_tasks(tmp_path: Path, simulator: A
     summary = await RayJob(prepare_job(spec), shard_rows=10).run()
     assert (summary.ok, summary.failed) == (0, 20)
     assert job_status(tmp_path / "job").errors_by_type == {"invalid_output": 20}
+
+
+async def test_the_notebook_api_runs_on_ray_too(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
+    server = await simulator(seed=6)
+    frame = pd.DataFrame({"prompt": [f"Tell me fact number {i} about owls." for i in range(30)]})
+    settings = dict(model="gpt-4o-mini", base_url=server.base_url, api_key=KEY, job_dir=tmp_path / "job", quiet=True)
+    out = await batchhub.arun(frame, engine="ray", shard_rows=10, **settings)
+    assert out["status"].tolist() == ["ok"] * 30 and out["row_id"].tolist() == list(range(30))
+    assert sorted(p.name for p in (tmp_path / "job" / "shards").iterdir()) == [f"{i:06d}-run0001" for i in range(3)]
+    again = await batchhub.arun(frame, **settings)  # the local engine resumes it: nothing left
+    assert again.attrs["batchhub"]["http_requests"] == 0 and server.stats.completions == 30
+    with pytest.raises(UsageError, match="go with engine='ray'"):
+        await batchhub.arun(frame, shard_rows=10, **settings)
 
 
 def test_without_ray_installed_the_engine_names_the_extra(tmp_path: Path) -> None:
