@@ -206,10 +206,6 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     prices = spec.price_book()
     if spec.model:
         prices.lookup(spec.model)  # load the price data now, not on the event loop at the first response
-    # pyarrow imports pandas on its first conversion of a Python list: let that happen here, not
-    # in the first compaction, where it would hold the GIL for a fifth of a second mid-run
-    import pandas  # noqa: F401
-
     budget = _budget(spec, store, prices) if spec.max_cost is not None else None
     return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed, prices, budget, output_check)
 
@@ -329,7 +325,8 @@ class Job:
         self._in_request: set[asyncio.Task[Any]] = set()
         self._workers: list[asyncio.Task[Any]] = []
         self._compacting: asyncio.Task[Any] | None = None
-        self._pending_rows: list[dict[str, Any]] = []
+        #: results journalled in the current segment (the shard is read back from the segment file)
+        self._pending = 0
         self._segment: Path | None = None
         self._last_flush = time.monotonic()
 
@@ -668,7 +665,7 @@ class Job:
             self._abandon.set()
             self.request_stop("write_error")
             return None
-        self._pending_rows.append(row)
+        self._pending += 1
         ok = row["status"] == "ok"
         self._states[row["row_id"]] = STATE_OK if ok else STATE_ERROR
         s = self._summary
@@ -682,7 +679,7 @@ class Job:
         try:
             if self.store.fsync_due(defaults.JOURNAL_FSYNC_S):
                 self.store.fsync_journal()
-            if len(self._pending_rows) >= self.spec.flush_rows or (
+            if self._pending >= self.spec.flush_rows or (
                 time.monotonic() - self._last_flush >= self.spec.flush_seconds
             ):
                 self._start_flush()
@@ -709,15 +706,15 @@ class Job:
         return True
 
     def _start_flush(self) -> None:
-        if not self._pending_rows or self._segment is None or self._compaction_failed():
+        if not self._pending or self._segment is None or self._compaction_failed():
             return
         if self._compacting is not None and not self._compacting.done():
             return  # one compaction at a time keeps shards in seq order; the next record retries
-        rows, segment = self._pending_rows, self._segment
-        self._pending_rows = []
+        segment = self._segment
+        self._pending = 0
         self._segment = self.store.open_segment()
         self._last_flush = time.monotonic()
-        self._compacting = asyncio.ensure_future(asyncio.to_thread(self.store.compact, rows, segment))
+        self._compacting = asyncio.ensure_future(asyncio.to_thread(self.store.compact, None, segment))
 
     async def _final_flush(self) -> None:
         """Wait for the running compaction, then compact what is left (at the end of a run)."""
@@ -728,13 +725,13 @@ class Job:
                 return
         if self._segment is None:
             return
-        rows, segment = self._pending_rows, self._segment
-        self._pending_rows = []
+        pending, segment = self._pending, self._segment
+        self._pending = 0
         self._segment = None
         self.store.close()
         try:
-            if rows:
-                await asyncio.to_thread(self.store.compact, rows, segment)
+            if pending:
+                await asyncio.to_thread(self.store.compact, None, segment)
             else:  # a flush on the last result opened a segment nothing was written to
                 self.store.drop_empty_segment(segment)
         except OSError as exc:  # the journal still holds them: the next run compacts
