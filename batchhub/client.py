@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,8 +45,10 @@ class Completion:
     latency_s: float = 0.0
 
 
-#: a run of 20 digits: maybe an integer past 64 bits, which orjson reads as a float and json exactly
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+#: a body's digits as "0", everything else as " ": 20 zeros in a row may be an integer past
+#: 64 bits, which orjson reads as a float and json exactly (translate + find: a regex costs 7x)
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_NUMBER = b"0" * 20
 
 
 def loads(body: bytes | str) -> Any:
@@ -58,7 +59,7 @@ def loads(body: bytes | str) -> Any:
     orjson reads differently (as floats), so a body with a 20-digit run goes to json too.
     """
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
-    if _LONG_NUMBER.search(raw) is None:
+    if _LONG_NUMBER not in raw.translate(_DIGITS):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
