@@ -90,6 +90,22 @@ _JOURNAL_PARSE = pj.ParseOptions(explicit_schema=JOURNAL_SCHEMA, unexpected_fiel
 #: a segment is read as one block (one JSON object may not straddle two), up to this size
 _MAX_BLOCK = 1 << 30
 
+#: columns with few distinct values, dictionary-encoded in shards; the rest (content, ids,
+#: hashes) are nearly all distinct, where a dictionary is work for a larger file
+_DICTIONARY_COLUMNS = [
+    "status",
+    "finish_reason",
+    "model",
+    "error_type",
+    "http_status",
+    "attempts",
+    "rate_limit_retries",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+]
+
 STATE_NONE, STATE_OK, STATE_ERROR = 0, 1, 2
 
 _SEGMENT = re.compile(r"journal-(\d{6,})\.jsonl$")
@@ -212,6 +228,9 @@ class JobStore:
         self._fd: int | None = None
         #: the open segment ends in part of a line (a write failed half-way): it takes no more lines
         self._torn = False
+        #: append() leaves lines for write_journal() instead of writing each at once
+        self.defer_writes = False
+        self._waiting: list[bytes] = []
         self._segment: int = 0
         self._last_fsync = 0.0
         self._next_shard = 1
@@ -317,6 +336,8 @@ class JobStore:
 
     def open_segment(self) -> Path:
         """Start a new journal segment for appends (closing the previous one); returns its path."""
+        if self._fd is not None:
+            self.write_journal()
         self._segment += 1
         path = self.dir / f"journal-{self._segment:06d}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -329,18 +350,38 @@ class JobStore:
         return path
 
     def append(self, row: dict[str, Any]) -> None:
-        """Journal one finished result: one line, one write, durable against a killed process at once."""
+        """Journal one finished result as one line, written at once (durable against a killed process).
+
+        With `defer_writes` the line waits for `write_journal()` instead, which writes every
+        waiting line at once: the runner writes the results of one event-loop pass together.
+        """
         assert self._fd is not None, "open_segment() first"
         if self._torn:  # a line after a torn one would be glued to it, and both lost
             raise OSError(errno.EIO, "the journal segment ends in a half-written line")
         line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
-        view = memoryview(line)
+        if self.defer_writes:
+            self._waiting.append(line)
+        else:
+            self._write(line)
+
+    def write_journal(self) -> None:
+        """Write the lines `append()` left waiting, in one write. On failure they are dropped (and it raises)."""
+        if not self._waiting:
+            return
+        lines, self._waiting = self._waiting, []
+        self._write(lines[0] if len(lines) == 1 else b"".join(lines))
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None, "open_segment() first"
+        if self._torn:
+            raise OSError(errno.EIO, "the journal segment ends in a half-written line")
+        view = memoryview(data)
         try:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError:
-            self._torn = len(view) != len(line)
+            self._torn = len(view) != len(data)
             raise
 
     def fsync_due(self, interval: float) -> bool:
@@ -348,6 +389,7 @@ class JobStore:
 
     def fsync_journal(self) -> None:
         if self._fd is not None:
+            self.write_journal()
             os.fsync(self._fd)
             self._last_fsync = time.monotonic()
 
@@ -361,8 +403,12 @@ class JobStore:
         self._next_shard += 1
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            # made in memory, then written at once: pyarrow writing to a Python file object calls
+            # back into Python (taking the GIL from the event loop) for every page it writes
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS)
             with open(tmp, "wb") as fh:
-                pq.write_table(table, fh, compression="zstd")
+                fh.write(sink.getvalue())
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -395,6 +441,9 @@ class JobStore:
 
     def close(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.write_journal()
+            self._waiting = []
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)
             os.close(self._fd)
