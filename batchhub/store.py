@@ -4,16 +4,17 @@ Layout::
 
     JOB_DIR/
       job.json                      manifest: spec (never the key), input fingerprint, row count, runs
-      journal-NNNNNN.jsonl          results as they finish, one JSON line each, one write per line
+      journal-NNNNNN.jsonl          results as they finish, one JSON line each
       results/part-NNNNNN.parquet   checkpoint shards, each written to a temp name, fsynced, renamed
 
 Why both: Parquet cannot be appended row by row, and a shard every few seconds
 alone would lose (and re-pay) every result finished since the last one. A result
-is appended to the active journal segment the moment it arrives (a single
-`os.write`, so a killed process loses nothing it wrote; fsynced at least every
-second for power loss). Every N rows or T seconds the writer starts a new
-segment and compacts the old one into a shard off the event loop, then deletes
-the segment.
+is appended to the active journal segment as soon as it exists: at once (`append`),
+or, as the runner does it (`defer_writes`), with the other results of its event-loop
+pass in one `os.write` at the end of that pass (`write_journal`). Either way a killed
+process loses nothing it wrote; the journal is fsynced at least every second for power
+loss. Every N rows or T seconds the writer starts a new segment and compacts the old
+one into a shard off the event loop, then deletes the segment.
 
 Every result carries `seq`, a number that grows across the whole job. Shards are
 written in seq order, so the largest seq in any shard tells which journal lines
