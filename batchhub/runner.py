@@ -7,7 +7,9 @@
 - The reader streams the input in batches, skips rows that already have a result
   (a uint8 state per row, not a Python set) and builds each request.
 - Each worker takes one row at a time through its attempts: limits, call, classify,
-  retry or record. A result is journalled the moment it exists.
+  retry or record. A result is journalled in the event-loop pass in which it exists:
+  the results of one pass share one write, made at the end of the pass and before the
+  worker that finished any of them sends another request.
 - A stop (Ctrl-C, SIGTERM, a fatal API error) stops the reader, abandons rows that
   are only waiting, gives requests in flight `stop_grace` seconds, then abandons
   them too. Abandoned rows have no result, so the next run sends them again: at
@@ -211,10 +213,6 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     prices = spec.price_book()
     if spec.model:
         prices.lookup(spec.model)  # load the price data now, not on the event loop at the first response
-    # pyarrow imports pandas on its first conversion of a Python list: let that happen here, not
-    # in the first compaction, where it would hold the GIL for a fifth of a second mid-run
-    import pandas  # noqa: F401
-
     budget = _budget(spec, store, prices) if spec.max_cost is not None else None
     return PreparedJob(spec, source, builder, store, manifest, n_rows, api_key, resumed, prices, budget, output_check)
 
@@ -360,7 +358,13 @@ class Job:
         self._in_request: set[asyncio.Task[Any]] = set()
         self._workers: list[asyncio.Task[Any]] = []
         self._compacting: asyncio.Task[Any] | None = None
-        self._pending_rows: list[dict[str, Any]] = []
+        #: results journalled in the current segment (the shard is read back from the segment file)
+        self._pending = 0
+        #: (row_id, state before) of the results recorded in this loop pass, their lines not yet written
+        self._unwritten: list[tuple[int, int]] = []
+        #: workers with a new request, waiting for this pass's lines to be written (one future each,
+        #: so that cancelling one worker cancels no other)
+        self._waiting_for_write: list[asyncio.Future[None]] = []
         self._segment: Path | None = None
         self._last_flush = time.monotonic()
 
@@ -415,6 +419,8 @@ class Job:
             sink=self._progress_sink,
         )
         self._summary = JobSummary(store.dir, p.n_rows, 0, 0, 0)
+        # one write per event-loop pass instead of one per result: _record leaves the line to _write_journal
+        store.defer_writes = True
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)
         self._limits: Limiter = self._shared_limits or RateLimits(spec.rpm, spec.tpm)
         try:
@@ -428,6 +434,7 @@ class Job:
                         self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
                         await self._run_pool()
         finally:
+            self._write_journal()
             await self._final_flush()
             store.close()
             self._progress.close()
@@ -577,6 +584,10 @@ class Job:
         failures = rate_limits = attempts = 0
         while not self._stop.is_set():
             reserved = await limits.acquire(limits.estimate(built.est_prompt_tokens, built.max_tokens))
+            if self._unwritten:
+                # results finished in this pass reach the journal before another request goes out,
+                # so a kill can make us pay again only for requests in flight (at most `concurrency`)
+                await self._journal_written()
             if self._stop.is_set():
                 return None
             attempts += 1
@@ -690,7 +701,7 @@ class Job:
         return price.request_cost(row["prompt_tokens"], row["completion_tokens"], row.get("cached_tokens") or 0)
 
     def _record(self, row: dict[str, Any], requested_model: str | None = None) -> float | None:
-        """Make a result durable (one journal line) and count it; returns its cost when known."""
+        """Journal a result (its line is written at the end of this loop pass), count it; return its cost if known."""
         row["finished_at"] = time.time()
         row["seq"] = self.store.next_seq()
         try:
@@ -701,9 +712,13 @@ class Job:
             self._abandon.set()
             self.request_stop("write_error")
             return None
-        self._pending_rows.append(row)
+        if not self._unwritten:
+            asyncio.get_running_loop().call_soon(self._write_journal)
+        rid = row["row_id"]
+        self._unwritten.append((rid, int(self._states[rid])))
+        self._pending += 1
         ok = row["status"] == "ok"
-        self._states[row["row_id"]] = STATE_OK if ok else STATE_ERROR
+        self._states[rid] = STATE_OK if ok else STATE_ERROR
         s = self._summary
         s.results_this_run += 1
         s.prompt_tokens += row.get("prompt_tokens") or 0
@@ -714,8 +729,9 @@ class Job:
         self._progress.result(ok, row.get("total_tokens"), cost)
         try:
             if self.store.fsync_due(defaults.JOURNAL_FSYNC_S):
+                self._write_journal()
                 self.store.fsync_journal()
-            if len(self._pending_rows) >= self.spec.flush_rows or (
+            if self._pending >= self.spec.flush_rows or (
                 time.monotonic() - self._last_flush >= self.spec.flush_seconds
             ):
                 self._start_flush()
@@ -723,6 +739,35 @@ class Job:
             self._write_error = self._write_error or exc
             self.request_stop("write_error")
         return cost
+
+    def _write_journal(self) -> None:
+        """Write the lines of the results recorded since the last call, in one write.
+
+        Runs at the end of the loop pass in which the first of them was recorded (call_soon),
+        and before anything that needs them on disk: an fsync, a new segment, the end of a run.
+        """
+        unwritten, self._unwritten = self._unwritten, []
+        waiting, self._waiting_for_write = self._waiting_for_write, []
+        try:
+            self.store.write_journal()
+        except OSError as exc:
+            # those results are not on disk: they have no result, and the next run sends them again
+            for rid, before in reversed(unwritten):
+                self._states[rid] = before
+            self._summary.results_this_run -= len(unwritten)
+            self._write_error = self._write_error or exc
+            self._abandon.set()
+            self.request_stop("write_error")
+        finally:
+            for future in waiting:
+                if not future.done():
+                    future.set_result(None)
+
+    def _journal_written(self) -> asyncio.Future[None]:
+        """A future done once the lines recorded in this pass are written."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting_for_write.append(future)
+        return future
 
     def _compaction_failed(self) -> bool:
         """True (and the job stopping) if the last compaction raised.
@@ -742,18 +787,20 @@ class Job:
         return True
 
     def _start_flush(self) -> None:
-        if not self._pending_rows or self._segment is None or self._compaction_failed():
+        if not self._pending or self._segment is None or self._compaction_failed():
             return
         if self._compacting is not None and not self._compacting.done():
             return  # one compaction at a time keeps shards in seq order; the next record retries
-        rows, segment = self._pending_rows, self._segment
-        self._pending_rows = []
+        segment = self._segment
+        self._pending = 0
+        self._write_journal()
         self._segment = self.store.open_segment()
         self._last_flush = time.monotonic()
-        self._compacting = asyncio.ensure_future(asyncio.to_thread(self.store.compact, rows, segment))
+        self._compacting = asyncio.ensure_future(asyncio.to_thread(self.store.compact, None, segment))
 
     async def _final_flush(self) -> None:
         """Wait for the running compaction, then compact what is left (at the end of a run)."""
+        self._write_journal()
         if self._compacting is not None:
             with contextlib.suppress(Exception):
                 await self._compacting
@@ -761,13 +808,13 @@ class Job:
                 return
         if self._segment is None:
             return
-        rows, segment = self._pending_rows, self._segment
-        self._pending_rows = []
+        pending, segment = self._pending, self._segment
+        self._pending = 0
         self._segment = None
         self.store.close()
         try:
-            if rows:
-                await asyncio.to_thread(self.store.compact, rows, segment)
+            if pending:
+                await asyncio.to_thread(self.store.compact, None, segment)
             else:  # a flush on the last result opened a segment nothing was written to
                 self.store.drop_empty_segment(segment)
         except OSError as exc:  # the journal still holds them: the next run compacts

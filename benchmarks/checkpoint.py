@@ -8,11 +8,12 @@ Each repetition runs one job in a fresh process, in-process through
 no limits). Before the job, the JobStore methods that write to the job directory
 are wrapped with timers, each in the thread that calls it:
 
-- journal append: `JobStore.append` (json.dumps of the row + one os.write), on the event loop
+- journal append: `JobStore.append` (orjson.dumps of the row) and `JobStore.write_journal`
+  (one os.write for the lines of all results finished in one event-loop pass), on the event loop
 - journal fsync: `JobStore.fsync_journal` and `JobStore.close`, on the event loop
 - new segment: `JobStore.open_segment` (open, fsync and close the previous one), on the event loop
-- shards: `JobStore.compact` / `JobStore.write_shard` (rows -> Arrow -> zstd Parquet, fsync,
-  rename), in the worker thread the runner hands it to
+- shards: `JobStore.compact` / `JobStore.write_shard` (journal segment -> Arrow by pyarrow's
+  JSON reader -> zstd Parquet, fsync, rename), in the worker thread the runner hands it to
 - manifest and recovery: `JobStore.write_manifest`, `JobStore.recover`
 
 A call nested in another wrapped call counts once, for the outer one. Per call
@@ -45,6 +46,7 @@ import _common as c
 
 CATEGORIES = {
     "append": "journal append",
+    "write_journal": "journal append",
     "fsync_journal": "journal fsync",
     "close": "journal fsync",
     "open_segment": "new segment",
