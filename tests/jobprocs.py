@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -29,13 +30,16 @@ def mock_stats(base_url: str) -> dict:
 
 
 def results_on_disk(job: Path) -> int:
-    """Results a reader sees now: journal lines plus shard rows (a rough count, while a job runs)."""
-    n = 0
-    for seg in job.glob("journal-*.jsonl"):
-        n += seg.read_bytes().count(b"\n")
+    """Results a reader sees now: distinct seqs in journal lines and shards (while a compaction
+    finishes, its rows are in both the new shard and the segment not yet deleted)."""
+    seqs: set[int] = set()
     for shard in (job / "results").glob("part-*.parquet"):
-        n += pq.read_metadata(shard).num_rows
-    return n
+        seqs.update(pq.read_table(shard, columns=["seq"])["seq"].to_pylist())
+    for seg in job.glob("journal-*.jsonl"):
+        for line in seg.read_bytes().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # a line being written
+                seqs.add(int(json.loads(line)["seq"]))
+    return len(seqs)
 
 
 def wait_for_results(job: Path, at_least: int, proc: subprocess.Popen, deadline_s: float = 60) -> None:
