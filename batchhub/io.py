@@ -174,10 +174,12 @@ class InputSource:
             return self._jsonl_batches(batch_size)
         return _with_schema(_formats.rebatch(batches, batch_size), schema)
 
-    def count_rows(self) -> int:
+    def count_rows(self, columns: Sequence[str] = ()) -> int:
         """The number of rows: from metadata for Parquet, by a streaming pass for CSV and JSON Lines.
 
-        Blank JSON Lines lines are not rows; the count matches what iter_rows yields.
+        Blank JSON Lines lines are not rows; the count matches what iter_rows yields. For
+        CSV, `columns` are read as text on the way (no Python objects made), so a cell that
+        is not valid UTF-8 in them raises InputError now, as iter_rows would later.
         """
         if self.format == "parquet":
             try:
@@ -187,8 +189,8 @@ class InputSource:
                 raise InputError(f"could not read {self.path} as Parquet: {reason(exc)}") from exc
         if self.format == "jsonl":
             return _formats.count_json_lines(self.path, self.compression)
-        first = self.columns[0]
-        batches = self._csv_batches({first: pa.string()}, include=[first])
+        names = list(dict.fromkeys(columns)) or [self.columns[0]]
+        batches = self._csv_batches({name: pa.string() for name in names}, include=names)
         return sum(batch.num_rows for batch in batches)
 
     # --- per-format streams ---

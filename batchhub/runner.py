@@ -267,8 +267,8 @@ def _count_and_check(source: InputSource, builder: RequestBuilder) -> int:
     a bad byte deep in the file is refused now, not after half the job was sent."""
     if builder.batch_format:
         return _check_custom_ids(source)
-    if source.format == "parquet":
-        return source.count_rows()
+    if source.format in ("parquet", "csv"):
+        return source.count_rows(builder.needed_columns)  # CSV: the columns read as text, no Python rows
     return sum(len(batch) for batch in source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS))
 
 
