@@ -15,7 +15,6 @@ On Ray every task reserves from one budget held by an actor of the run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from batchhub import defaults
@@ -25,15 +24,33 @@ from batchhub.requests import BuiltRequest
 from batchhub.tokens import TokenCounter
 
 
-@dataclass
-class Budget:
-    """Spent + reserved <= limit, always."""
+class Spending:
+    """Spent + reserved <= limit, always: the arithmetic of a budget (a Ray run's actor holds one)."""
 
-    limit: float
-    spent: float
-    book: PriceBook
-    reserved: float = 0.0
-    _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
+    def __init__(self, limit: float, spent: float) -> None:
+        self.limit, self.spent, self.reserved = limit, spent, 0.0
+
+    def try_reserve(self, amount: float) -> bool:
+        if self.spent + self.reserved + amount > self.limit:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += actual
+
+    def release(self, reserved: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+
+
+class Budget(Spending):
+    """A job's budget: its spending, and the worst case of each request at known prices."""
+
+    def __init__(self, limit: float, spent: float, book: PriceBook) -> None:
+        super().__init__(limit, spent)
+        self.book = book
+        self._counters: dict[str, TokenCounter] = {}
 
     def price(self, model: str) -> ModelPrice:
         price = self.book.lookup(model)
@@ -58,19 +75,6 @@ class Budget:
     async def reserve(self, amount: float) -> bool:
         """Reserve `amount` if it fits (what the runner calls; a shared budget asks its actor)."""
         return self.try_reserve(amount)
-
-    def try_reserve(self, amount: float) -> bool:
-        if self.spent + self.reserved + amount > self.limit:
-            return False
-        self.reserved += amount
-        return True
-
-    def settle(self, reserved: float, actual: float) -> None:
-        self.reserved = max(0.0, self.reserved - reserved)
-        self.spent += actual
-
-    def release(self, reserved: float) -> None:
-        self.reserved = max(0.0, self.reserved - reserved)
 
 
 class SharedBudget(Budget):

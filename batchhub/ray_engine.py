@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub import __version__, defaults, shards
-from batchhub.budget import SharedBudget
+from batchhub.budget import SharedBudget, Spending
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
 from batchhub.progress import Progress
@@ -138,24 +138,8 @@ class ProgressActor:
 
 
 @ray.remote(num_cpus=0)
-class BudgetActor:
+class BudgetActor(Spending):
     """`--max-cost` for a run on Ray: spent + reserved <= limit over every task (see batchhub.budget)."""
-
-    def __init__(self, limit: float, spent: float) -> None:
-        self.limit, self.spent, self.reserved = limit, spent, 0.0
-
-    def try_reserve(self, amount: float) -> bool:
-        if self.spent + self.reserved + amount > self.limit:
-            return False
-        self.reserved += amount
-        return True
-
-    def settle(self, reserved: float, actual: float) -> None:
-        self.reserved = max(0.0, self.reserved - reserved)
-        self.spent += actual
-
-    def release(self, reserved: float) -> None:
-        self.reserved = max(0.0, self.reserved - reserved)
 
     def total_spent(self) -> float:
         return self.spent

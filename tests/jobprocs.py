@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,11 +17,31 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def child_env() -> dict[str, str]:
-    """The environment for a `python -m batchhub` child: this checkout first, no inherited key."""
+    """The environment for a `python -m batchhub` child: this checkout first, no inherited key or endpoint."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("BATCHHUB_API_KEY", None)
+    for name in ("BATCHHUB_API_KEY", "OPENAI_API_KEY", "BATCHHUB_BASE_URL", "OPENAI_BASE_URL"):
+        env.pop(name, None)
     return env
+
+
+def run_benchmark(name: str, *args: str, cwd: Path, timeout: float = 240) -> list[str]:
+    """Run `benchmarks/NAME.py --smoke ARGS...`; the lines of its `== NAME ==` block, which starts
+    with the machine it ran on. The timeout is a bound against a hang, not a speed check."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=cwd,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    block = proc.stdout.split(f"== {name} ==\n", 1)
+    assert len(block) == 2, proc.stdout
+    lines = block[1].splitlines()
+    assert lines[0].startswith("machine: ") and " cores " in lines[0], lines[0]
+    return lines
 
 
 def mock_stats(base_url: str) -> dict:

@@ -7,16 +7,11 @@ not by timed tests.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "benchmarks"
+from jobprocs import run_benchmark
 
 MACHINE = r"^machine: .+, \d+ cores .*Python \d+\.\d+\.\d+, batchhub \S+$"
 NUMBER = r"[\d,]+(?:\.\d+)?"
@@ -47,28 +42,9 @@ EXPECTED = {
 }
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for name in ("BATCHHUB_API_KEY", "OPENAI_API_KEY", "BATCHHUB_BASE_URL", "OPENAI_BASE_URL"):
-        env.pop(name, None)
-    return env
-
-
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_smoke_mode_runs_and_prints_its_figures(script: str, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--smoke", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    block = proc.stdout.split(f"== {script} ==\n", 1)
-    assert len(block) == 2, proc.stdout
-    lines = block[1].splitlines()
+    lines = run_benchmark(script, "--workdir", str(tmp_path), cwd=tmp_path, timeout=120)
     assert re.match(MACHINE, lines[0]), lines[0]
     for pattern in EXPECTED[script]:
-        assert any(re.match(pattern, line) for line in lines), f"no line matches {pattern!r} in:\n{block[1]}"
+        assert any(re.match(pattern, line) for line in lines), f"no line matches {pattern!r} in:\n" + "\n".join(lines)

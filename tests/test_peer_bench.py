@@ -7,14 +7,11 @@ checked, never the figures themselves.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "peer.py"
+from jobprocs import run_benchmark
+
 NUMBER = r"[\d,]+(?:\.\d+)?"
 FIGURES = (
     rf"(?:{NUMBER}%|-) of {NUMBER} (rpm|tpm) steady \(.+\), 429s {NUMBER}% in the window / {NUMBER}% of the run "
@@ -23,24 +20,7 @@ FIGURES = (
 
 
 def _run(tmp_path: Path, venv: Path) -> list[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for name in ("BATCHHUB_API_KEY", "OPENAI_API_KEY", "BATCHHUB_BASE_URL", "OPENAI_BASE_URL"):
-        env.pop(name, None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--peer-venv", str(venv), "--workdir", str(tmp_path / "work")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=240,  # a bound against a hang, not a speed check
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    block = proc.stdout.split("== peer ==\n", 1)
-    assert len(block) == 2, proc.stdout
-    lines = block[1].splitlines()
-    assert lines[0].startswith("machine: ") and " cores " in lines[0], lines[0]
-    return lines
+    return run_benchmark("peer", "--peer-venv", str(venv), "--workdir", str(tmp_path / "work"), cwd=tmp_path)
 
 
 def test_smoke_without_the_peer_runs_batchhub_alone_and_installs_nothing(tmp_path: Path) -> None:
