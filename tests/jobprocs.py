@@ -44,6 +44,25 @@ def run_benchmark(name: str, *args: str, cwd: Path, timeout: float = 240) -> lis
     return lines
 
 
+def run_args(
+    tmp_path: Path,
+    base_url: str,
+    *,
+    api_key: str,
+    concurrency: int,
+    flush_rows: int,
+    flush_seconds: float | None = None,
+    job: str = "job",
+) -> list[str]:
+    """`python -m batchhub run TMP/in.csv` against `base_url`, into TMP/JOB, quiet."""
+    args = [sys.executable, "-m", "batchhub", "run", str(tmp_path / "in.csv"), "--model", "m"]
+    args += ["--base-url", base_url, "--api-key", api_key, "--job-dir", str(tmp_path / job)]
+    args += ["--concurrency", str(concurrency), "--flush-rows", str(flush_rows)]
+    if flush_seconds is not None:
+        args += ["--flush-seconds", str(flush_seconds)]
+    return [*args, "--quiet"]
+
+
 def mock_stats(base_url: str) -> dict:
     """What the simulator served so far (GET /mock/stats)."""
     with urllib.request.urlopen(base_url.removesuffix("/v1") + "/mock/stats", timeout=5) as resp:

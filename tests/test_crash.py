@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jobprocs
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -115,30 +116,23 @@ def write_input(path: Path, rows: int) -> None:
 
 
 def run_args(
-    tmp_path: Path, base_url: str, *, flush_rows: int, flush_seconds: float = 3600.0, job: str = "job"
+    tmp_path: Path,
+    base_url: str,
+    *,
+    flush_rows: int,
+    flush_seconds: float = 3600.0,
+    job: str = "job",
+    concurrency: int = CONCURRENCY,
 ) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "batchhub",
-        "run",
-        str(tmp_path / "in.csv"),
-        "--model",
-        "m",
-        "--base-url",
+    return jobprocs.run_args(
+        tmp_path,
         base_url,
-        "--api-key",
-        "sk-crash-test",
-        "--job-dir",
-        str(tmp_path / job),
-        "--concurrency",
-        str(CONCURRENCY),
-        "--flush-rows",
-        str(flush_rows),
-        "--flush-seconds",
-        str(flush_seconds),
-        "--quiet",
-    ]
+        api_key="sk-crash-test",
+        concurrency=concurrency,
+        flush_rows=flush_rows,
+        flush_seconds=flush_seconds,
+        job=job,
+    )
 
 
 def file_size_limit(limit: int) -> Callable[[], None]:
@@ -384,7 +378,7 @@ def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Pa
         # first shards written under the limit, then Ctrl-C. Two requests in flight: however slow a
         # compaction on a loaded machine, the next segment cannot fill the file limit meanwhile
         proc = subprocess.Popen(
-            [*run_args(tmp_path, base_url, flush_rows=7, flush_seconds=0.1), "--concurrency", "2"],
+            run_args(tmp_path, base_url, flush_rows=7, flush_seconds=0.1, concurrency=2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from jobprocs import child_env, mock_stats, wait_for_results
+from jobprocs import child_env, mock_stats, run_args, wait_for_results
 
 CONCURRENCY = 8
 ROWS = 600
@@ -42,26 +42,7 @@ def simulator() -> Iterator[str]:
 
 def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "batchhub",
-            "run",
-            str(tmp_path / "in.csv"),
-            "--model",
-            "m",
-            "--base-url",
-            base_url,
-            "--api-key",
-            "sk-kill-test",
-            "--job-dir",
-            str(tmp_path / "job"),
-            "--concurrency",
-            str(CONCURRENCY),
-            "--flush-rows",
-            "50",
-            "--quiet",
-        ],
+        run_args(tmp_path, base_url, api_key="sk-kill-test", concurrency=CONCURRENCY, flush_rows=50),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
