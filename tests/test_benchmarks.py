@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from jobprocs import run_benchmark
 
+# end-to-end runs of several seconds each: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 MACHINE = r"^machine: .+, \d+ cores .*Python \d+\.\d+\.\d+, batchhub \S+$"
 NUMBER = r"[\d,]+(?:\.\d+)?"
 

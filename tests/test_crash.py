@@ -275,6 +275,7 @@ def wait_for_recovery(proc: subprocess.Popen, job: Path, before: DiskState, dead
 # -- 1. SIGKILL at random moments --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", PLAN.seeds)
 def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(tmp_path: Path, seed: int) -> None:
     plan = PLAN

@@ -8,7 +8,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from jobprocs import run_benchmark
+
+# end-to-end runs of several seconds each: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
 
 NUMBER = r"[\d,]+(?:\.\d+)?"
 POINT = rf": CPU {NUMBER} ms per 1,000 rows, {NUMBER} rows/s end to end \({NUMBER} in the loop\), peak RSS {NUMBER} MB$"

@@ -10,7 +10,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from jobprocs import run_benchmark
+
+# end-to-end runs of several seconds each: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
 
 NUMBER = r"[\d,]+(?:\.\d+)?"
 FIGURES = (

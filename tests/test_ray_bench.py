@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from jobprocs import REPO, child_env
+
+# end-to-end runs of several seconds each: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
 
 NUMBER = r"[\d,]+(?:\.\d+)?"
 

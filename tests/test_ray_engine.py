@@ -36,6 +36,9 @@ from batchhub.ray_engine import NAMESPACE, LimiterActor, RayJob
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
 
+# end-to-end runs of several seconds each: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 KEY = "sk-ray-test-9f8e7d6c5b4a39281706"
 RAY_PROCESS_MARKS = ("raylet", "gcs_server", "default_worker.py", "ray::", "dashboard_agent", "runtime_env_agent")
 

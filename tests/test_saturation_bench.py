@@ -10,6 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# end-to-end runs of several seconds each: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = (
     "rpm-bound, told limit:",
