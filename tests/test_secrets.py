@@ -238,7 +238,9 @@ FAULTS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
     ),
     "insufficient quota": ({"quota_tokens": 1}, {}, 3),
     "403": ({"allowed_models": ["another-model"]}, {}, 3),
-    "400 context length": ({"max_context_tokens": 5}, {}, 1),
+    # every row over the context window alike: failures of the rows only when the user says so
+    "400 context length": ({"max_context_tokens": 5}, {"fail_fast": False}, 1),
+    "the same 400 on every request": ({"faults": {"400": 1.0}}, {}, 3),
     "mixed, streamed": ({"faults": {"503": 0.3, "reset": 0.2, "truncated": 0.2}, "seed": 5}, {"stream": True}, None),
 }
 
