@@ -92,7 +92,9 @@ def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False
     `attrs["batchhub"]`, a summary of the run. Rows that failed are in it with
     `status == "error"`, and a `FailedRowsWarning` says how many. A job that stops
     early raises: the API error itself for a bad key, a forbidden model or no quota
-    (`AuthenticationError`, `PermissionDeniedError`, `QuotaExceededError`), or
+    (`AuthenticationError`, `PermissionDeniedError`, `QuotaExceededError`), an unknown
+    model or URL (`NotFoundError`), an endpoint that cannot be reached (`UnreachableError`),
+    the same 4xx on the first requests (`RepeatedError`; `fail_fast=False` to record it), or
     `JobStopped` (budget reached, disk full); what was done is kept, and the same
     call resumes. Settings or data that are wrong raise `UsageError`, `InputError`
     or `JobStateError` before anything is sent.

@@ -100,6 +100,12 @@ JOB_OPTIONS = [
     click.option("--user", help="End-user id sent with each request."),
     click.option("--stream/--no-stream", default=None, help="Use Server-Sent Events streaming."),
     click.option("--retry-failed", is_flag=True, default=None, help="Send again the rows that failed in earlier runs."),
+    click.option(
+        "--fail-fast/--no-fail-fast",
+        default=None,
+        help="Stop (exit 3, rows left pending) when a run's first results are all the same 4xx error "
+        "(default); --no-fail-fast when such failures really are per row.",
+    ),
     click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed."),
     click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000)."),
     click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
@@ -372,12 +378,19 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
     multiple=True,
     metavar="KIND=P",
     help="Inject a fault with probability P: 500, 502, 503, 504, timeout, reset, truncated, html, "
-    "no_usage, empty_choices, stream_cut, 429, bad_json (broken JSON when JSON is asked for). Repeatable.",
+    "no_usage, empty_choices, stream_cut, 429, bad_json (broken JSON when JSON is asked for), "
+    "400 (the same refusal for every request). Repeatable.",
 )
 @click.option("--seed", type=int, default=0, help="Seed for content, latency and faults.")
 @click.option("--api-key", help="Accept only this key (default: any non-empty key).")
 @click.option(
     "--allowed-model", "allowed_models", multiple=True, help="Models the key may use (default: all). Repeatable."
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Models that exist, others get 404 model_not_found (default: OpenAI's chat models; * for any). Repeatable.",
 )
 @click.option("--hang-seconds", type=float, help="How long a 'timeout' fault hangs.")
 def mock_server(
@@ -395,6 +408,9 @@ def mock_server(
         settings["faults"] = faults
     if allowed_models:
         settings["allowed_models"] = list(allowed_models)
+    settings["models"] = list(settings["models"])
+    if not settings["models"]:
+        del settings["models"]
     try:
         config = MockConfig.from_dict(settings)
     except ValueError as exc:

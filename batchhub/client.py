@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from batchhub.errors import APIError, BadResponseError, ServerError, TransportError
+from batchhub.errors import APIError, BadResponseError, ConnectError, ServerError, TransportError
 from batchhub.retry import classify, parse_error_body
 
 
@@ -349,6 +349,8 @@ class ChatClient:
             raise TransportError(f"no complete response within {self._timeout_s:g}s (timeout)") from exc
         except aiohttp.ClientPayloadError as exc:
             raise TransportError(f"response body cut off: {type(exc).__name__}") from exc
+        except aiohttp.ClientConnectorError as exc:  # DNS failure, connection refused: nothing was sent
+            raise ConnectError(f"cannot connect to {exc.host}:{exc.port}: {_describe(exc.os_error)}") from exc
         except aiohttp.ClientConnectionError as exc:
             raise TransportError(f"connection failed: {_describe(exc)}") from exc
         except aiohttp.ClientError as exc:

@@ -43,6 +43,16 @@ READ_BATCH_ROWS = 2048
 #: workers fed, small enough that memory does not grow with the dataset.
 QUEUE_FACTOR = 4
 
+#: A run's first request goes out alone; the others wait for its answer, so a wrong key, model
+#: or URL costs one request, not a wave of CONCURRENCY. If it cannot connect this many times
+#: (DNS failure, connection refused) the endpoint is unreachable: the job stops, exit 3.
+FIRST_REQUEST_CONNECT_ATTEMPTS = 3
+#: Fail-fast: when the first this-many results of a run are all the same non-retryable error
+#: (same status, type, code and message), the job is misconfigured, not the rows: it stops
+#: (exit 3) with those rows left pending. Few enough to cost little, enough not to stop a job
+#: whose first rows happen to be bad. `--no-fail-fast` turns it off.
+FAIL_FAST_RESULTS = 5
+
 #: Seconds to let in-flight requests finish after Ctrl-C/SIGTERM before abandoning them.
 STOP_GRACE_S = 15.0
 

@@ -11,12 +11,16 @@ The tree::
     │   │   ├── RateLimitError         429 (carries retry_after)
     │   │   ├── ServerError            500, 502, 503, 504 and other 5xx
     │   │   ├── TransportError         timeout, connection reset, body cut off in transit
+    │   │   │   └── ConnectError       no connection at all (DNS failure, connection refused)
     │   │   └── BadResponseError       a body that is not what the API documents (HTML, bad JSON, no choices)
     │   ├── RequestRejected            400 and other 4xx: permanent for this row
     │   └── FatalAPIError              no point sending the rest of the job (exit 3)
     │       ├── AuthenticationError    401
     │       ├── PermissionDeniedError  403
-    │       └── QuotaExceededError     429 with code insufficient_quota
+    │       ├── QuotaExceededError     429 with code insufficient_quota
+    │       ├── NotFoundError          404: no such model, or no such endpoint (a base URL without /v1)
+    │       ├── UnreachableError       the endpoint cannot be reached: every attempt of a row failed to connect
+    │       └── RepeatedError          the run's first requests all failed with the same 4xx (fail-fast)
     └── JobStopped                     the job stopped early and can be resumed (exit 3)
 
 Every error carries its context as attributes (status, retry_after, request_id,
@@ -104,6 +108,16 @@ class TransportError(RetryableError):
     error_type = "transport_error"
 
 
+class ConnectError(TransportError):
+    """No connection could be made: the host name does not resolve, or nothing listens there.
+
+    Retried like any transport error (a network may be flaky mid-job), but a row whose every
+    attempt failed to connect stops the job (`UnreachableError`) instead of being recorded.
+    """
+
+    error_type = "connect_error"
+
+
 class BadResponseError(RetryableError):
     """A 2xx body that is not what the API documents: not JSON, no choices, a broken event stream."""
 
@@ -139,6 +153,33 @@ class QuotaExceededError(FatalAPIError):
     """429 with code insufficient_quota: the account is out of credit, not rate limited."""
 
     error_type = "insufficient_quota"
+
+
+class NotFoundError(FatalAPIError):
+    """404: the model does not exist (code model_not_found), or the URL is not a chat completions endpoint."""
+
+    error_type = "not_found"
+
+    def explained(self, url: str, model: str | None) -> NotFoundError:
+        """The same error, its message naming the model or the URL the 404 was for."""
+        if self.code == "model_not_found":
+            text = f"model {model!r} not found at {url}: {self.message}"
+        else:
+            hint = "is /v1 missing from the base URL?" if "/v1/" not in url else "check the base URL and the model"
+            text = f"no such endpoint {url} (model {model!r}): {hint} The server said: {self.message}"
+        return NotFoundError(text, status=self.status, code=self.code, request_id=self.request_id)
+
+
+class UnreachableError(FatalAPIError):
+    """The endpoint cannot be reached: every attempt of a row failed to connect (DNS, connection refused)."""
+
+    error_type = "unreachable"
+
+
+class RepeatedError(FatalAPIError):
+    """The run's first requests all failed with the same non-retryable error: the job, not the rows, is wrong."""
+
+    error_type = "repeated_error"
 
 
 class JobStopped(BatchhubError):

@@ -21,6 +21,7 @@ from batchhub import defaults
 from batchhub.errors import (
     APIError,
     AuthenticationError,
+    NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
     RateLimitError,
@@ -97,6 +98,9 @@ def classify(status: int, body: bytes | str | None, headers: Mapping[str, str]) 
         return AuthenticationError(f"the API key was refused: {text}", **common)
     if status == 403:
         return PermissionDeniedError(f"this key may not use the model: {text}", **common)
+    if status == 404:
+        # a model that does not exist or a URL that is not the API: every other request would get it too
+        return NotFoundError(text, **common)
     if status == 429:
         if (code in QUOTA_CODES) or (kind in QUOTA_CODES):
             return QuotaExceededError(f"the account's quota or balance is exhausted: {text}", **common)

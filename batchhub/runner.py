@@ -45,10 +45,15 @@ from batchhub.errors import (
     EXIT_STOPPED,
     APIError,
     BatchhubError,
+    ConnectError,
     FatalAPIError,
     InputError,
     JobStateError,
+    NotFoundError,
     RateLimitError,
+    RepeatedError,
+    RequestRejected,
+    UnreachableError,
     UsageError,
 )
 from batchhub.io import InputSource, fingerprint, open_input
@@ -367,6 +372,16 @@ class Job:
         self._waiting_for_write: list[asyncio.Future[None]] = []
         self._segment: Path | None = None
         self._last_flush = time.monotonic()
+        #: the run's first requests (see `_admit`): once set, rows go out without waiting for a turn
+        self._opened = asyncio.Event()
+        #: set and cleared at once whenever the first requests' limit changes: wakes rows waiting a turn
+        self._turn = asyncio.Event()
+        self._admitted = 0
+        self._admit_limit = 1
+        #: the first results while they are all the same row-level failure: recorded once an answer
+        #: differs, dropped (left pending) if fail-fast stops the job
+        self._held: list[tuple[dict[str, Any], str | None]] = []
+        self._held_key: tuple[Any, ...] | None = None
 
     # -- control ------------------------------------------------------------------------
 
@@ -434,6 +449,8 @@ class Job:
                         self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
                         await self._run_pool()
         finally:
+            if self._held and not isinstance(self._fatal, RepeatedError):
+                self._open_pool()  # fewer rows than the fail-fast count, all failed alike: their results stand
             self._write_journal()
             await self._final_flush()
             store.close()
@@ -465,7 +482,8 @@ class Job:
             ours = group.subgroup(lambda e: isinstance(e, BatchhubError))
             if ours is not None:
                 raise _first_leaf(ours) from group
-            raise
+            # a bug: raised as itself (its traceback intact, the group as its cause), never as a bare group
+            raise _first_leaf(group) from group
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -568,8 +586,8 @@ class Job:
     def _check_output(self, row: dict[str, Any]) -> bool:
         """Mark a reply that is not the JSON the job expects as invalid_output; True if it was."""
         check = self.p.output_check
-        if check is None:
-            return False
+        if check is None or row["status"] != "ok":
+            return False  # an error row has no reply to check
         problem = check.problem(row["content"], row["finish_reason"])
         if problem is None:
             return False
@@ -578,10 +596,64 @@ class Job:
         row["error_message"] = problem
         return True
 
+    async def _admit(self) -> bool:
+        """Wait for this row's turn among the run's first requests; True if it is one of them.
+
+        The first request goes out alone (a wrong key, model or URL then costs one request). Once it
+        has an answer the pool opens, unless that answer is a row-level 4xx: then up to
+        FAIL_FAST_RESULTS requests go out, until one answers differently (see `_first_failed`).
+        """
+        while not self._opened.is_set():
+            if self._admitted < self._admit_limit:
+                self._admitted += 1
+                return True
+            await self._turn.wait()
+        return False
+
+    def _open_pool(self) -> None:
+        """Let every row go out; the first results held back so far are recorded."""
+        self._opened.set()
+        self._turn.set()
+        self._turn.clear()
+        held, self._held = self._held, []
+        for row, model in held:
+            self._record(row, model)
+
+    def _first_failed(self, row: dict[str, Any], exc: APIError, model: str | None) -> dict[str, Any] | None:
+        """A failed row among the run's first results: the row to record now, or None (held, or the job stops)."""
+        if self._opened.is_set():
+            return row
+        key = (exc.status, exc.error_type, exc.code, exc.message)
+        if not (self.spec.fail_fast and isinstance(exc, RequestRejected)) or (self._held and key != self._held_key):
+            self._open_pool()  # a different answer: the failures are the rows', not the job's
+            return row
+        self._held.append((row, model))
+        self._held_key = key
+        if len(self._held) >= defaults.FAIL_FAST_RESULTS:
+            self._fatal = self._fatal or RepeatedError(
+                f"{exc.message} (the first {len(self._held)} requests all failed with this same error: the job "
+                "or the endpoint is misconfigured, so it stopped with those rows left pending; if the failures "
+                "really are per row, run again with --no-fail-fast)",
+                status=exc.status,
+                code=exc.code,
+                request_id=exc.request_id,
+            )
+            self.request_stop("fatal")
+        else:
+            self._admit_limit = defaults.FAIL_FAST_RESULTS
+            self._turn.set()
+            self._turn.clear()
+        return None
+
+    def _stop_fatal(self, exc: FatalAPIError) -> None:
+        self._fatal = self._fatal or exc
+        self.request_stop("fatal")
+
     async def _process(self, rid: int, built: BuiltRequest) -> dict[str, Any] | None:
         spec, limits, task = self.spec, self._limits, asyncio.current_task()
         assert task is not None
-        failures = rate_limits = attempts = 0
+        failures = rate_limits = attempts = connect_failures = 0
+        first = await self._admit()
         while not self._stop.is_set():
             reserved = await limits.acquire(limits.estimate(built.est_prompt_tokens, built.max_tokens))
             if self._unwritten:
@@ -601,9 +673,14 @@ class Job:
                     rate_limits += 1
                 else:
                     failures += 1
+                if isinstance(exc, NotFoundError):
+                    exc = exc.explained(self._client.url, built.model)
                 if isinstance(exc, FatalAPIError):
-                    self._fatal = self._fatal or exc
-                    self.request_stop("fatal")
+                    self._stop_fatal(exc)
+                    return None
+                connect_failures += isinstance(exc, ConnectError)
+                if first and connect_failures >= min(spec.max_attempts, defaults.FIRST_REQUEST_CONNECT_ATTEMPTS):
+                    self._stop_fatal(self._unreachable(exc, connect_failures))
                     return None
                 decision = next_step(
                     exc,
@@ -615,7 +692,11 @@ class Job:
                     backoff_base=spec.backoff_base,
                 )
                 if not decision.retry:
-                    return self._error_row(rid, exc.error_type, str(exc), exc.status, attempts, rate_limits, built)
+                    if connect_failures == attempts:  # not one attempt reached the endpoint: it is down, not the row
+                        self._stop_fatal(self._unreachable(exc, connect_failures))
+                        return None
+                    row = self._error_row(rid, exc.error_type, str(exc), exc.status, attempts, rate_limits, built)
+                    return self._first_failed(row, exc, built.model)
                 self._progress.retry(isinstance(exc, RateLimitError))
                 if isinstance(exc, RateLimitError):
                     self._summary.rate_limited += 1
@@ -631,8 +712,16 @@ class Job:
             limits.settle(reserved, completion.total_tokens)
             limits.observe_usage(built.est_prompt_tokens, completion.prompt_tokens, completion.completion_tokens)
             limits.observe_headers(completion.headers)
+            if not self._opened.is_set():
+                self._open_pool()
             return self._ok_row(rid, completion, attempts, rate_limits, built)
         return None
+
+    def _unreachable(self, exc: APIError, tries: int) -> UnreachableError:
+        return UnreachableError(
+            f"cannot reach the endpoint {self._client.url}: {exc.message} ({tries} attempts); "
+            "check the base URL and the network, then run again"
+        )
 
     async def _sleep_unless_stopped(self, delay: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -109,6 +109,8 @@ class JobSpec:
     prices_file: Path | None = None
 
     retry_failed: bool = False
+    #: stop (exit 3) when the run's first results are all the same non-retryable error
+    fail_fast: bool = True
     force: bool = False
     quiet: bool = False
 
@@ -182,6 +184,8 @@ class JobSpec:
         check_params(self.params, self)
         if isinstance(self.retry_invalid, bool) or not isinstance(self.retry_invalid, int) or self.retry_invalid < 0:
             raise UsageError(f"retry_invalid must be a whole number, 0 or more, not {self.retry_invalid!r}")
+        if not isinstance(self.fail_fast, bool):
+            raise UsageError(f"fail_fast must be true or false, not {self.fail_fast!r}")
         if self.retry_invalid and not (self.json or self.json_schema):
             raise UsageError("retry_invalid needs --json or --json-schema (nothing else makes a reply invalid)")
         unknown = set(self.param_columns) - set(ROW_PARAMS)

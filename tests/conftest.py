@@ -24,10 +24,14 @@ from batchhub.mock import MockConfig, MockServer
 
 @pytest.fixture
 async def mock_server() -> AsyncIterator[Callable[..., Awaitable[MockServer]]]:
-    """Start simulators on 127.0.0.1: `server = await mock_server(seed=3, rpm=600)`; all closed after the test."""
+    """Start simulators on 127.0.0.1: `server = await mock_server(seed=3, rpm=600)`; all closed after the test.
+
+    They know every model name unless the test passes `models=[...]`: tests send made-up names.
+    """
     servers: list[MockServer] = []
 
     async def start(**config: Any) -> MockServer:
+        config.setdefault("models", ["*"])
         server = MockServer(MockConfig(**config))
         await server.start()
         servers.append(server)

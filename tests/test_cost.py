@@ -164,7 +164,7 @@ def test_sample_rows_spread_over_the_input() -> None:
 
 @pytest.fixture
 async def server():
-    async with MockServer(MockConfig(seed=1)) as srv:
+    async with MockServer(MockConfig(seed=1, models=["*"])) as srv:  # a made-up model is sent too
         yield srv
 
 

@@ -76,7 +76,7 @@ def test_openai_batch_example(workdir: Path) -> None:
 
 
 async def test_base_url_example(workdir: Path) -> None:
-    server = MockServer(MockConfig(api_key="local-key"))
+    server = MockServer(MockConfig(api_key="local-key", models=["my-served-model"]))  # as `vllm serve` would
     await server.start()
     try:
         for line in examples()["base-url"]:

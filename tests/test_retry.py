@@ -11,6 +11,7 @@ import pytest
 from batchhub.errors import (
     AuthenticationError,
     BadResponseError,
+    NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
     RateLimitError,
@@ -29,7 +30,8 @@ def body(message: str = "m", code: str | None = None, kind: str | None = None) -
     ("status", "payload", "expected"),
     [
         (400, body("bad temperature"), RequestRejected),
-        (404, body("no such route"), RequestRejected),
+        (404, body("no such route"), NotFoundError),
+        (404, body("The model `x` does not exist", "model_not_found"), NotFoundError),
         (422, b"unprocessable", RequestRejected),
         (401, body("Incorrect API key", "invalid_api_key"), AuthenticationError),
         (403, body("not allowed", "model_not_allowed"), PermissionDeniedError),

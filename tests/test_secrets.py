@@ -238,7 +238,9 @@ FAULTS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
     ),
     "insufficient quota": ({"quota_tokens": 1}, {}, 3),
     "403": ({"allowed_models": ["another-model"]}, {}, 3),
-    "400 context length": ({"max_context_tokens": 5}, {}, 1),
+    # every row over the context window alike: failures of the rows only when the user says so
+    "400 context length": ({"max_context_tokens": 5}, {"fail_fast": False}, 1),
+    "the same 400 on every request": ({"faults": {"400": 1.0}}, {}, 3),
     "mixed, streamed": ({"faults": {"503": 0.3, "reset": 0.2, "truncated": 0.2}, "seed": 5}, {"stream": True}, None),
 }
 
@@ -286,7 +288,8 @@ def test_key_shows_nowhere_with_the_in_job_simulator(
         "faults": {"500": 0.1, "503": 0.1, "reset": 0.1, "truncated": 0.1, "html": 0.1, "empty_choices": 0.1},
         "max_context_tokens": 18,
     }
-    spec = write_spec(tmp_path, "job", write_input(tmp_path, 12), "mock://", mock=mock)
+    # the rows' 400s are alike (each prompt is over the window by as much): per row, as the spec says
+    spec = write_spec(tmp_path, "job", write_input(tmp_path, 12), "mock://", mock=mock, fail_fast=False)
     result = run_cli(monkeypatch, ["run", str(spec), "-q"], key_source)
     assert result.exit_code == 1, result.output  # the longer prompts are over the context window
     printed = {"run": result.output, **inspect_job(tmp_path / "job", tmp_path)}

@@ -5,9 +5,11 @@ Routes:
 * ``POST /v1/chat/completions`` and ``POST /chat/completions``: the API;
 * ``GET /v1/models``: the models a key may use, in OpenAI's list format;
 * ``GET /mock/stats``: what the endpoint has seen so far (`MockStats` as JSON).
+* anything else: 404 (405 for a wrong method) with an OpenAI-style error body.
 
 A chat completion request goes through, in order: auth (401), body
-validation and context length (400), model permission (403), quota (429
+validation and context length (400), unknown model (404 ``model_not_found``),
+model permission (403), quota (429
 ``insufficient_quota``), rate limits (429 ``rate_limit_exceeded``, not
 charged), then at most one injected fault, then the configured latency, then
 the answer. Every response carries ``x-request-id``; completion responses carry
@@ -30,12 +32,13 @@ import json
 import math
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from batchhub.mock.config import DEFAULT_MODELS, MockConfig
+from batchhub.mock.config import ANY_MODEL, FAULT_400_MESSAGE, MockConfig, model_exists
 from batchhub.mock.ratelimit import Clock, Denial, format_duration
 from batchhub.mock.state import STATE, MockState
 from batchhub.mock.tokens import Completion, count_prompt_tokens, json_completion, make_completion, request_identity
@@ -283,6 +286,9 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
             400,
             _error_object(message, "invalid_request_error", "context_length_exceeded", "messages"),
         )
+    if not model_exists(config, req.model):
+        message = f"The model `{req.model}` does not exist or you do not have access to it."
+        return _error(state, 404, _error_object(message, "invalid_request_error", "model_not_found"))
     if config.allowed_models is not None and req.model not in config.allowed_models:
         message = f"You are not allowed to use model {req.model}."
         return _error(state, 403, _error_object(message, "invalid_request_error", "model_not_allowed", "model"))
@@ -316,6 +322,9 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         wait = config.fault_retry_after_ms / 1000
         denial = Denial(kind="requests", wait=wait, limit=config.rpm or 0, used=config.rpm or 0, requested=1)
         return _rate_limited(state, req.model, denial)
+    if fault == "400":
+        # the same refusal for every request, as from a proxy that is not set up (not charged)
+        return _error(state, 400, _error_object(FAULT_400_MESSAGE, "invalid_request_error", None))
     if fault == "bad_json":
         # a paid answer that is not the JSON asked for (a plain request drawing it is served normally)
         completion = json_completion(plain, identity, broken=True) if req.json_mode else completion
@@ -370,13 +379,27 @@ async def _models(request: web.Request) -> web.Response:
     if not _authorized(request, state.config):
         return _unauthorized(None)
     names = state.config.allowed_models
-    models = list(names) if names is not None else list(DEFAULT_MODELS)
+    models = list(names) if names is not None else [m for m in state.config.models if m != ANY_MODEL]
     data = [{"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "batchhub-mock"} for name in models]
     return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 
 
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].stats.to_dict(), dumps=_dumps)
+
+
+@web.middleware
+async def _openai_not_found(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An unknown route or method answers as OpenAI does: a JSON error body, not aiohttp's text page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status not in (404, 405):
+            raise
+        error = _error_object(f"Invalid URL ({request.method} {request.path})", "invalid_request_error", None)
+        return _error(request.app[STATE], exc.status, error)
 
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -400,7 +423,7 @@ def make_app(config: MockConfig, *, clock: Clock | None = None) -> web.Applicati
     `clock` (seconds, monotonic) drives the rate limit buckets; tests pass a
     fake one to move time instead of sleeping. Stats are at `app[STATE].stats`.
     """
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_not_found])
     app[STATE] = MockState(config, clock if clock is not None else time.monotonic)
     for path in sorted(COMPLETION_PATHS):
         app.router.add_post(path, _chat_completions)

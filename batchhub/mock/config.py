@@ -32,10 +32,34 @@ FAULT_KINDS: tuple[str, ...] = (
     "stream_cut",
     "429",
     "bad_json",
+    "400",
 )
 
-#: Models listed by `GET /v1/models` when `allowed_models` is not set.
-DEFAULT_MODELS: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
+#: Models the simulator knows when `models` is not set: OpenAI's chat models, and the short
+#: names this repository's tests and examples send to it. Any other model gets a 404
+#: `model_not_found`, as from OpenAI. Listed by `GET /v1/models` when `allowed_models` is not set.
+DEFAULT_MODELS: tuple[str, ...] = (
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1-mini",
+    "gpt-4.1",
+    "gpt-4.1-nano",
+    "gpt-4-turbo",
+    "gpt-3.5-turbo",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "o1",
+    "o3",
+    "o3-mini",
+    "o4-mini",
+    "gpt-test",
+    "m",
+)
+#: `models = ["*"]`: every model name is known (for tests that send made-up names).
+ANY_MODEL = "*"
+#: The message of the "400" fault: what a LiteLLM proxy without a database answers every request.
+FAULT_400_MESSAGE = "No connected db."
 
 
 def _is_number(value: object) -> bool:
@@ -93,6 +117,8 @@ class MockConfig:
     fault_retry_after_ms: int = 1000
     #: None: any non-empty Bearer key is accepted; else only this exact key
     api_key: str | None = None
+    #: models that exist (others: 404 model_not_found); ["*"]: any name
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     #: None: every model is allowed; else the others get 403
     allowed_models: list[str] | None = None
     #: prompt_tokens + max_tokens above this is a 400 context_length_exceeded
@@ -134,6 +160,12 @@ class MockConfig:
             not isinstance(self.allowed_models, list) or not all(isinstance(m, str) and m for m in self.allowed_models)
         ):
             raise ValueError(f"mock allowed_models must be a list of model names, got {self.allowed_models!r}")
+        if (
+            not isinstance(self.models, list)
+            or not self.models
+            or not all(isinstance(m, str) and m for m in self.models)
+        ):
+            raise ValueError(f'mock models must be a non-empty list of model names (or ["*"]), got {self.models!r}')
         if not isinstance(self.ratelimit_headers, bool):
             raise ValueError(f"mock ratelimit_headers must be true or false, got {self.ratelimit_headers!r}")
 
@@ -198,3 +230,8 @@ class MockStats:
         data["duplicates"] = self.duplicates()
         data["total_tokens"] = self.total_tokens
         return data
+
+
+def model_exists(config: MockConfig, model: str) -> bool:
+    """True if the simulator knows the model (an allowed model is known too: it answers 403, not 404)."""
+    return ANY_MODEL in config.models or model in config.models or model in (config.allowed_models or ())
