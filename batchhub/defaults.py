@@ -4,6 +4,8 @@ from __future__ import annotations
 
 #: The provider batchhub is made for; any OpenAI-compatible base URL works.
 DEFAULT_BASE_URL = "https://ai-tokenhub.com/v1"
+#: OpenAI's endpoint: the one `OPENAI_API_KEY` is sent to (besides `$OPENAI_BASE_URL`, when the job's).
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: `base_url = "mock://"` (or `--mock`) runs the job on the built-in simulated endpoint.
 MOCK_BASE_URL = "mock://"
 #: A key the in-process simulator accepts, used when no key is configured for a mock run.

@@ -149,11 +149,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     """Check everything that can be checked before writing or sending anything."""
     spec.validate()
     assert spec.input is not None
-    api_key = spec.resolved_api_key()
-    if spec.is_mock:
-        api_key = api_key or defaults.MOCK_API_KEY
-    elif not api_key:
-        raise UsageError("no API key: set BATCHHUB_API_KEY (or OPENAI_API_KEY), or pass --api-key")
+    api_key = spec.require_api_key()  # only a key meant for this endpoint; else exit 2, before anything is sent
     if any(ch.isspace() or ord(ch) < 32 for ch in api_key):
         # never quote the key: say only what is wrong with it
         raise UsageError("the API key contains spaces, line breaks or control characters; check how it was set")
