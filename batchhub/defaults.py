@@ -21,6 +21,10 @@ MAX_RATE_LIMIT_RETRIES = 100
 #: Seconds a single request may take (connect + response), long generations included.
 TIMEOUT_S = 120.0
 
+#: Bytes read of one response at most (a streamed one's events counted together): a chat reply is
+#: kilobytes, a 100 MB one is a broken or hostile server, and 8 of them in flight were 2.5 GB of memory.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
 #: Full-jitter exponential backoff: base * 2**(attempt-1), capped.
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0

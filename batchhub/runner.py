@@ -427,7 +427,9 @@ class Job:
                     self._write_error = exc
                 else:
                     async with _endpoint(spec) as base_url, self._client_session() as session:
-                        self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
+                        self._client = ChatClient(
+                            session, base_url, p.api_key, spec.timeout, max_response_bytes=spec.max_response_bytes
+                        )
                         await self._run_pool()
         finally:
             self._write_journal()

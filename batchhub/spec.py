@@ -98,6 +98,8 @@ class JobSpec:
     max_attempts: int = defaults.MAX_ATTEMPTS
     max_rate_limit_retries: int = defaults.MAX_RATE_LIMIT_RETRIES
     timeout: float = defaults.TIMEOUT_S
+    #: most bytes read of one reply (a stream's events together); a larger reply fails its row
+    max_response_bytes: int = defaults.MAX_RESPONSE_BYTES
     #: first backoff ceiling in seconds after a 5xx/timeout (doubles per failure, full jitter)
     backoff_base: float = defaults.BACKOFF_BASE_S
     flush_rows: int = defaults.FLUSH_ROWS
@@ -226,6 +228,7 @@ class JobSpec:
         _positive_int("concurrency", self.concurrency)
         _positive_int("max_attempts", self.max_attempts)
         _positive_int("flush_rows", self.flush_rows)
+        _positive_int("max_response_bytes", self.max_response_bytes)
         if self.max_rate_limit_retries < 0:
             raise UsageError("max_rate_limit_retries must be 0 or more")
         for name in ("rpm", "tpm"):

@@ -6,6 +6,7 @@
   message naming the key to set and never quoting one.
 - A base URL with a user name or password in it is refused, and stored nowhere.
 - A `[mock]` table's `api_key` is not written to job.json.
+- A reply past `max_response_bytes` fails its row, and is not asked for again.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def write_input(folder: Path, n: int = 3) -> Path:
     return path
 
 
-def counting_app(seen: list[dict[str, str]]) -> web.Application:
+def counting_app(seen: list[dict[str, str]], content: str = "hi") -> web.Application:
     """An endpoint that records every request's headers and answers each with a tiny completion."""
 
     async def answer(request: web.Request) -> web.Response:
@@ -136,7 +137,7 @@ def counting_app(seen: list[dict[str, str]]) -> web.Application:
         body = {
             "id": "chatcmpl-1",
             "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
         }
         return web.json_response(body)
@@ -215,3 +216,23 @@ def test_a_mock_api_key_is_not_stored_in_job_json(tmp_path: Path) -> None:
     assert "hunter2" not in manifest
     assert json.loads(manifest)["spec"]["mock"] == {"seed": 3}
     assert "hunter2" not in json.dumps(JobSpec(mock={"api_key": "hunter2", "seed": 1}).to_manifest())
+
+
+# -- what a server sends is bounded ------------------------------------------------------------
+
+
+def test_a_reply_past_max_response_bytes_fails_its_row_once(tmp_path: Path, servers: ServerThread) -> None:  # noqa: F811
+    seen: list[dict[str, str]] = []
+    url = servers.app(counting_app(seen, content="x" * 2000))
+    job = tmp_path / "job"
+    args = ["run", str(write_input(tmp_path)), "--model", "m", "--base-url", url, "--job-dir", str(job), "-q"]
+    result = cli([*args, "--max-response-bytes", "1000"], {"BATCHHUB_API_KEY": BH})
+    assert result.exit_code == 1, result.output
+    assert len(seen) == 3  # not sent again: the same reply would come again
+    out = tmp_path / "out.csv"
+    assert cli(["export", str(job), "-o", str(out)], {}).exit_code == 0
+    rows = pd.read_csv(out)
+    assert rows["error_type"].tolist() == ["response_too_large"] * 3
+    assert rows["error_message"].str.contains("larger than 1000 bytes").all()
+    result = cli([*args, "--retry-failed"], {"BATCHHUB_API_KEY": BH})  # the default cap is 16 MiB
+    assert result.exit_code == 0, result.output
