@@ -94,6 +94,11 @@ JOB_OPTIONS = [
         "--max-attempts", type=int, help="Attempts per row for 5xx, timeouts and garbled responses (default 5)."
     ),
     click.option("--timeout", type=float, help="Seconds one request may take (default 120)."),
+    click.option(
+        "--max-response-bytes",
+        type=int,
+        help="Most bytes read of one reply; a larger one fails its row (default 16 MiB).",
+    ),
     click.option("--temperature", type=float, help="Sampling temperature, 0 to 2."),
     click.option("--max-tokens", type=int, help="Most completion tokens per request."),
     click.option("--stop", multiple=True, help="Stop sequence (repeat for up to 4)."),

@@ -21,7 +21,16 @@ from typing import Any
 import aiohttp
 import orjson
 
-from batchhub.errors import APIError, BadResponseError, ConnectError, ServerError, TransportError
+from batchhub import defaults
+from batchhub.errors import (
+    APIError,
+    BadResponseError,
+    ConnectError,
+    FatalAPIError,
+    ResponseTooLargeError,
+    ServerError,
+    TransportError,
+)
 from batchhub.retry import classify, parse_error_body
 
 
@@ -312,7 +321,15 @@ class SSEAccumulator:
 class ChatClient:
     """Sends one chat completion request and returns a Completion or raises an APIError."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        *,
+        max_response_bytes: int = defaults.MAX_RESPONSE_BYTES,
+    ) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
@@ -320,6 +337,7 @@ class ChatClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._timeout_s = timeout
+        self._max_bytes = max_response_bytes
 
     @property
     def url(self) -> str:
@@ -328,18 +346,28 @@ class ChatClient:
     async def complete(self, body: bytes, *, stream: bool = False) -> Completion:
         started = time.monotonic()
         try:
-            async with self._session.post(self._url, data=body, headers=self._headers, timeout=self._timeout) as resp:
+            # a redirect is not followed: the key is for this address (aiohttp would drop it on another
+            # host, yet still send the request there, a 301/302 as a GET)
+            async with self._session.post(
+                self._url, data=body, headers=self._headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
                 headers = resp.headers
+                if 300 <= resp.status < 400:
+                    raise _redirected(resp.status, headers)
                 if resp.status >= 300:
-                    raise classify(resp.status, await resp.read(), headers)
+                    raise classify(resp.status, await self._read(resp, cut=True), headers)
                 if stream and resp.content_type == "text/event-stream":
                     acc = SSEAccumulator()
+                    size = 0
                     async for chunk in resp.content.iter_any():
+                        size += len(chunk)
+                        if size > self._max_bytes:
+                            raise self._too_large(resp.status, headers)
                         if acc.feed(chunk):
                             break
                     completion = acc.result()
                 else:
-                    completion = parse_completion(await resp.read())
+                    completion = parse_completion(await self._read(resp))
                 completion.http_status = resp.status
                 completion.headers = headers
                 completion.request_id = headers.get("x-request-id")
@@ -357,6 +385,47 @@ class ChatClient:
             raise TransportError(f"HTTP client error: {_describe(exc)}") from exc
         completion.latency_s = time.monotonic() - started
         return completion
+
+    async def _read(self, resp: aiohttp.ClientResponse, *, cut: bool = False) -> bytes:
+        """The body, at most `max_response_bytes` of it: past that, the first part (`cut`, for an
+        error body, which is only quoted) or ResponseTooLargeError, before the rest is read."""
+        limit = self._max_bytes
+        if not cut and resp.content_length is not None and resp.content_length > limit:
+            raise self._too_large(resp.status, resp.headers)
+        parts, size = [], 0
+        async for chunk in resp.content.iter_any():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                if cut:
+                    break
+                raise self._too_large(resp.status, resp.headers)
+        return b"".join(parts)[:limit]
+
+    def _too_large(self, status: int, headers: Mapping[str, str]) -> ResponseTooLargeError:
+        return ResponseTooLargeError(
+            f"response larger than {self._max_bytes} bytes (max_response_bytes); not kept",
+            status=status,
+            request_id=headers.get("x-request-id"),
+        )
+
+
+def _redirected(status: int, headers: Mapping[str, str]) -> FatalAPIError:
+    """A 3xx: every request would get it, so the job stops, naming where the server points."""
+    location = headers.get("Location")
+    if location:
+        scheme, sep, rest = location.partition("://")
+        host, slash, path = rest.partition("/")
+        location = f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}" if sep else location
+        where = f"redirects to {location[:300]}"
+    else:
+        where = "answered with a redirect without a Location"
+    return FatalAPIError(
+        f"the endpoint {where}; batchhub does not follow redirects (the key is sent only to the base URL): "
+        "set --base-url to the address meant",
+        status=status,
+        request_id=headers.get("x-request-id"),
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 #: The provider batchhub is made for; any OpenAI-compatible base URL works.
 DEFAULT_BASE_URL = "https://ai-tokenhub.com/v1"
+#: OpenAI's endpoint: the one `OPENAI_API_KEY` is sent to (besides `$OPENAI_BASE_URL`, when the job's).
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: `base_url = "mock://"` (or `--mock`) runs the job on the built-in simulated endpoint.
 MOCK_BASE_URL = "mock://"
 #: A key the in-process simulator accepts, used when no key is configured for a mock run.
@@ -18,6 +20,10 @@ MAX_ATTEMPTS = 5
 MAX_RATE_LIMIT_RETRIES = 100
 #: Seconds a single request may take (connect + response), long generations included.
 TIMEOUT_S = 120.0
+
+#: Bytes read of one response at most (a streamed one's events counted together): a chat reply is
+#: kilobytes, a 100 MB one is a broken or hostile server, and 8 of them in flight were 2.5 GB of memory.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 #: Full-jitter exponential backoff: base * 2**(attempt-1), capped.
 BACKOFF_BASE_S = 1.0

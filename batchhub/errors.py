@@ -14,6 +14,7 @@ The tree::
     │   │   │   └── ConnectError       no connection at all (DNS failure, connection refused)
     │   │   └── BadResponseError       a body that is not what the API documents (HTML, bad JSON, no choices)
     │   ├── RequestRejected            400 and other 4xx: permanent for this row
+    │   ├── ResponseTooLargeError      a reply past max_response_bytes: permanent for this row
     │   └── FatalAPIError              no point sending the rest of the job (exit 3)
     │       ├── AuthenticationError    401
     │       ├── PermissionDeniedError  403
@@ -128,6 +129,12 @@ class RequestRejected(APIError):
     """400 and other 4xx (not 401, 403, 429): this row's request is wrong; do not retry it."""
 
     error_type = "invalid_request"
+
+
+class ResponseTooLargeError(APIError):
+    """A reply larger than `max_response_bytes`: not kept, and not asked for again (it would come again)."""
+
+    error_type = "response_too_large"
 
 
 class FatalAPIError(APIError):

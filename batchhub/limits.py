@@ -19,6 +19,7 @@ task of a job on a Ray cluster.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from aiolimiter import AsyncLimiter
 from batchhub import defaults
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+#: Counts past this in a header are not a real limit (no provider counts to 10**15 a minute).
+MAX_COUNT = 10**15
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -37,9 +40,11 @@ def parse_duration(text: str | None) -> float | None:
         return None
     text = text.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:  # inf, nan or negative: not a duration, ignore it
+        return seconds if 0 <= seconds < math.inf else None
     total, pos = 0.0, 0
     for m in _DURATION.finditer(text):
         if m.start() != pos:
@@ -47,7 +52,49 @@ def parse_duration(text: str | None) -> float | None:
         value, unit = float(m.group(1)), m.group(2)
         total += value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
         pos = m.end()
-    return total if pos == len(text) and pos > 0 else None
+    return total if pos == len(text) and pos > 0 and total < math.inf else None
+
+
+def parse_count(value: str | None) -> int | None:
+    """A header's count ("100", "99.9", "1e3") as a whole number, or None when it is not usable.
+
+    A server may send anything: `inf`, `1e400`, `nan`, negative or absurd numbers are ignored,
+    never trusted and never an error (an `inf` once crashed the job after a paid reply).
+    """
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return int(number) if 0 <= number <= MAX_COUNT else None  # False for nan and inf
+
+
+@dataclass(frozen=True, slots=True)
+class LimitHeaders:
+    """What one reply's `x-ratelimit-*` headers say of one kind ("requests" or "tokens"); None where
+    a header is absent or unusable. The one reading of these headers, for every limiter."""
+
+    kind: str
+    limit: int | None
+    remaining: int | None
+    reset_s: float | None
+
+
+def read_limit_headers(headers: Mapping[str, str]) -> list[LimitHeaders]:
+    """The `x-ratelimit-limit-*`, `-remaining-*` and `-reset-*` headers, for requests and tokens."""
+    out = []
+    for kind in ("requests", "tokens"):
+        limit = parse_count(headers.get(f"x-ratelimit-limit-{kind}"))
+        out.append(
+            LimitHeaders(
+                kind,
+                limit if limit else None,  # a limit of 0 paces nothing
+                parse_count(headers.get(f"x-ratelimit-remaining-{kind}")),
+                parse_duration(headers.get(f"x-ratelimit-reset-{kind}")),
+            )
+        )
+    return out
 
 
 class Bucket(AsyncLimiter):
@@ -201,27 +248,14 @@ class RateLimits(Calibration):
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Tighten the limits from `x-ratelimit-*` headers; adopt a bucket the job was not told about."""
-        for kind in ("requests", "tokens"):
-            limit = _int(headers.get(f"x-ratelimit-limit-{kind}"))
-            remaining = _int(headers.get(f"x-ratelimit-remaining-{kind}"))
-            bucket = getattr(self, kind)
-            if limit is not None and limit > 0 and (bucket is None or limit < bucket.max_rate):
-                bucket = Bucket(limit, 60)
-                setattr(self, kind, bucket)
-            if bucket is not None and remaining is not None:
-                bucket.set_remaining(remaining)
-            if remaining == 0 and bucket is None:
+        for said in read_limit_headers(headers):
+            bucket = getattr(self, said.kind)
+            if said.limit is not None and (bucket is None or said.limit < bucket.max_rate):
+                bucket = Bucket(said.limit, 60)
+                setattr(self, said.kind, bucket)
+            if bucket is not None and said.remaining is not None:
+                bucket.set_remaining(said.remaining)
+            if said.remaining == 0 and bucket is None and said.reset_s:
                 # no limit to pace by: pause briefly. The reset header tells when the bucket is
                 # *full* again, far later than when the next request may go, so it only caps the pause.
-                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-                if reset:
-                    self.cooldown(min(reset, 1.0))
-
-
-def _int(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(float(value))
-    except ValueError:
-        return None
+                self.cooldown(min(said.reset_s, 1.0))

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -60,6 +59,8 @@ from batchhub.io import InputSource, fingerprint, open_input
 from batchhub.limits import Limiter, RateLimits
 from batchhub.pricing import PriceBook
 from batchhub.progress import Progress
+from batchhub.redaction import Redactor
+from batchhub.redaction import redact as redact  # also imported from here by ray_engine
 from batchhub.requests import BuiltRequest, RequestBuilder, RowError
 from batchhub.retry import next_step
 from batchhub.spec import JobSpec
@@ -125,40 +126,11 @@ class JobSummary:
         return EXIT_FAILED_ROWS if self.failed else EXIT_OK
 
 
-#: shortest piece of a key that is still redacted when it appears alone (a cut-off echo)
-_REDACT_MIN = 8
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Remove a secret, and any piece of 8 or more of its characters, from text that may reach a file or a screen.
-
-    A server that echoes the Authorization header into an error body may have it cut anywhere
-    by the time it is quoted, so pieces of the key are removed too, and any `Bearer <token>`.
-    """
-    text = _BEARER.sub(r"\1[redacted]", text)
-    if not secret or len(secret) < 4:
-        return text
-    if secret in text:
-        text = text.replace(secret, "[redacted]")
-    n = len(secret)
-    for size in range(n - 1, _REDACT_MIN - 1, -1):
-        for start in range(0, n - size + 1):
-            piece = secret[start : start + size]
-            if piece in text:
-                text = text.replace(piece, "[redacted]")
-    return text
-
-
 def prepare_job(spec: JobSpec) -> PreparedJob:
     """Check everything that can be checked before writing or sending anything."""
     spec.validate()
     assert spec.input is not None
-    api_key = spec.resolved_api_key()
-    if spec.is_mock:
-        api_key = api_key or defaults.MOCK_API_KEY
-    elif not api_key:
-        raise UsageError("no API key: set BATCHHUB_API_KEY (or OPENAI_API_KEY), or pass --api-key")
+    api_key = spec.require_api_key()  # only a key meant for this endpoint; else exit 2, before anything is sent
     if any(ch.isspace() or ord(ch) < 32 for ch in api_key):
         # never quote the key: say only what is wrong with it
         raise UsageError("the API key contains spaces, line breaks or control characters; check how it was set")
@@ -345,6 +317,8 @@ class Job:
     ) -> None:
         self.p = prepared
         self.spec = prepared.spec
+        #: what a server sends back is stored without the key, even in a successful reply
+        self._redactor = Redactor(prepared.api_key)
         self.store = prepared.store
         self._session = session
         self._progress_enabled = False if self.spec.quiet else progress
@@ -446,7 +420,9 @@ class Job:
                     self._write_error = exc
                 else:
                     async with _endpoint(spec) as base_url, self._client_session() as session:
-                        self._client = ChatClient(session, base_url, p.api_key, spec.timeout)
+                        self._client = ChatClient(
+                            session, base_url, p.api_key, spec.timeout, max_response_bytes=spec.max_response_bytes
+                        )
                         await self._run_pool()
         finally:
             if self._held and not isinstance(self._fatal, RepeatedError):
@@ -732,6 +708,15 @@ class Job:
     def _ok_row(self, rid: int, c: Completion, attempts: int, rate_limits: int, built: BuiltRequest) -> dict[str, Any]:
         def text(value: str | None) -> str | None:  # what a server sends may not be writable UTF-8
             return clean_text(value) if value is not None else None
+
+        if self._redactor.may_hold(
+            f"{c.content}\0{c.model}\0{c.response_id}\0{c.request_id}\0{c.finish_reason}\0{c.extra}"
+        ):
+            # a server echoed (a piece of) the key: store none of it (`extra` is scrubbed as its JSON text)
+            c.content, c.model, c.response_id, c.request_id, c.finish_reason = map(
+                self._redactor.scrub, (c.content, c.model, c.response_id, c.request_id, c.finish_reason)
+            )
+            c.extra = json.loads(self._redactor.scrub(json.dumps(c.extra)) or "null")
 
         return {
             "row_id": rid,

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from batchhub import defaults
-from batchhub.limits import Calibration, Reservation, _int, parse_duration
+from batchhub.limits import Calibration, Reservation, read_limit_headers
 
 
 class _Level:
@@ -220,13 +220,10 @@ class SharedLimits(Calibration):
         self._backend.pause(seconds)
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
-        for kind in ("requests", "tokens"):
-            limit = _int(headers.get(f"x-ratelimit-limit-{kind}"))
-            known = self._known[kind]
-            if limit is not None and limit > 0 and (known is None or limit < known):
-                self._known[kind] = limit
-                self._backend.tighten(kind, limit)
-            if _int(headers.get(f"x-ratelimit-remaining-{kind}")) == 0 and self._known[kind] is None:
-                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-                if reset:
-                    self.cooldown(min(reset, 1.0))
+        for said in read_limit_headers(headers):
+            known = self._known[said.kind]
+            if said.limit is not None and (known is None or said.limit < known):
+                self._known[said.kind] = said.limit
+                self._backend.tighten(said.kind, said.limit)
+            if said.remaining == 0 and self._known[said.kind] is None and said.reset_s:
+                self.cooldown(min(said.reset_s, 1.0))

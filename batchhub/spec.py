@@ -2,7 +2,8 @@
 
 Precedence, highest first: flags (or keyword arguments), the spec file, the
 environment (`BATCHHUB_API_KEY`/`OPENAI_API_KEY`, `BATCHHUB_BASE_URL`/`OPENAI_BASE_URL`),
-then the defaults in `batchhub.defaults`.
+then the defaults in `batchhub.defaults`. `OPENAI_API_KEY` is used only for OpenAI's endpoint
+or `$OPENAI_BASE_URL` (see `JobSpec.resolved_api_key`).
 
 A spec file is TOML. Paths in it (`input`, `job_dir`) are relative to the spec
 file's folder. Its job directory defaults to the folder named after the spec,
@@ -15,10 +16,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from batchhub import defaults
 from batchhub.errors import UsageError
@@ -95,6 +98,8 @@ class JobSpec:
     max_attempts: int = defaults.MAX_ATTEMPTS
     max_rate_limit_retries: int = defaults.MAX_RATE_LIMIT_RETRIES
     timeout: float = defaults.TIMEOUT_S
+    #: most bytes read of one reply (a stream's events together); a larger reply fails its row
+    max_response_bytes: int = defaults.MAX_RESPONSE_BYTES
     #: first backoff ceiling in seconds after a 5xx/timeout (doubles per failure, full jitter)
     backoff_base: float = defaults.BACKOFF_BASE_S
     flush_rows: int = defaults.FLUSH_ROWS
@@ -137,9 +142,38 @@ class JobSpec:
         return url.rstrip("/") if url != defaults.MOCK_BASE_URL else url
 
     def resolved_api_key(self) -> str | None:
-        """The key from the flag, BATCHHUB_API_KEY or OPENAI_API_KEY, without surrounding whitespace."""
-        key = self.api_key or os.environ.get("BATCHHUB_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        return key.strip() if key is not None else None
+        """The key for this job's endpoint, without surrounding whitespace; None when it has none.
+
+        `--api-key` (`api_key=`), then BATCHHUB_API_KEY, go to whatever endpoint the job names;
+        OPENAI_API_KEY only to OpenAI's, or to $OPENAI_BASE_URL when that is the job's base URL.
+        The simulator gets an explicit key or `defaults.MOCK_API_KEY`, never OPENAI_API_KEY.
+        """
+        key = self.api_key or os.environ.get("BATCHHUB_API_KEY")
+        if not key and not self.is_mock and self._openai_key_fits():
+            key = os.environ.get("OPENAI_API_KEY")
+        if not key:
+            return defaults.MOCK_API_KEY if self.is_mock else None
+        return key.strip()
+
+    def require_api_key(self) -> str:
+        """`resolved_api_key()`, or a UsageError that says which key to set (and never quotes one)."""
+        key = self.resolved_api_key()
+        if key:
+            return key
+        url = _without_credentials(self.resolved_base_url())
+        if os.environ.get("OPENAI_API_KEY") and not self._openai_key_fits():
+            raise UsageError(
+                f"OPENAI_API_KEY is sent only to OpenAI ({defaults.OPENAI_BASE_URL}) or to $OPENAI_BASE_URL, "
+                f"and this job sends to {url}: set BATCHHUB_API_KEY, or pass --api-key, with the key for it"
+            )
+        which = "OPENAI_API_KEY (or BATCHHUB_API_KEY)" if self._openai_key_fits() else "BATCHHUB_API_KEY"
+        raise UsageError(f"no API key for {url}: set {which}, or pass --api-key")
+
+    def _openai_key_fits(self) -> bool:
+        """Whether this job's endpoint is one OPENAI_API_KEY is meant for."""
+        url = _endpoint(self.resolved_base_url())
+        meant = [defaults.OPENAI_BASE_URL, os.environ.get("OPENAI_BASE_URL") or defaults.OPENAI_BASE_URL]
+        return url is not None and url in [_endpoint(m) for m in meant]
 
     def resolved_job_dir(self) -> Path:
         if self.job_dir is not None:
@@ -165,6 +199,8 @@ class JobSpec:
             if f.name in ("api_key", "quiet", "force", "retry_failed"):
                 continue
             out[f.name] = _jsonable(getattr(self, f.name))
+        # the simulator's accepted key (or any setting named like a secret) is not recorded either
+        out["mock"] = {k: v for k, v in out["mock"].items() if not _SECRET_NAME.search(str(k))}
         return out
 
     # -- validation -----------------------------------------------------------
@@ -196,6 +232,7 @@ class JobSpec:
         _positive_int("concurrency", self.concurrency)
         _positive_int("max_attempts", self.max_attempts)
         _positive_int("flush_rows", self.flush_rows)
+        _positive_int("max_response_bytes", self.max_response_bytes)
         if self.max_rate_limit_retries < 0:
             raise UsageError("max_rate_limit_retries must be 0 or more")
         for name in ("rpm", "tpm"):
@@ -213,6 +250,12 @@ class JobSpec:
         if self.stop_grace < 0:
             raise UsageError("stop_grace must be 0 or more seconds")
         url = self.resolved_base_url()
+        if _has_credentials(url):
+            # aiohttp refuses them beside a key, and job.json would keep them: never quote them
+            raise UsageError(
+                "the base URL contains a user name or password (user:password@host), which batchhub "
+                "neither sends nor stores: remove it and give the key with --api-key or BATCHHUB_API_KEY"
+            )
         if url != defaults.MOCK_BASE_URL and not url.startswith(("http://", "https://")):
             raise UsageError(f"base_url must start with http:// or https:// (or be mock://), not {url!r}")
 
@@ -331,6 +374,37 @@ def parse_param(text: str) -> tuple[str, Any]:
         hint = f" (a string needs JSON quotes: --param '{key}=\"{raw}\"')" if raw and raw[0] not in '[{"' else ""
         raise UsageError(f"--param {key}: {raw!r} is not valid JSON: {exc}{hint}") from exc
     return key, value
+
+
+#: `[mock]` settings never written to job.json: the key the simulator accepts, and anything named like a secret
+_SECRET_NAME = re.compile(r"(?i)(key|secret|password|passwd|token)$")
+
+
+def _has_credentials(url: str) -> bool:
+    """Whether a URL carries a user name or password (`scheme://user:pass@host/...`)."""
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return "@" in url.partition("://")[2].partition("/")[0]
+
+
+def _without_credentials(url: str) -> str:
+    """The URL for a message: anything before an `@` in its host part left out."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}" if sep else url
+
+
+def _endpoint(url: str) -> tuple[str, str, int | None, str, str] | None:
+    """A URL as (scheme, host, port, path, query), as equal as spellings of one endpoint are."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    port = port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, parts.hostname or "", port, parts.path.rstrip("/"), parts.query
 
 
 def _positive_int(name: str, value: Any) -> None:

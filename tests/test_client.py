@@ -7,15 +7,19 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aioresponses import aioresponses
 
 from batchhub.client import ChatClient, SSEAccumulator, parse_completion
 from batchhub.errors import (
     AuthenticationError,
     BadResponseError,
+    FatalAPIError,
     QuotaExceededError,
     RateLimitError,
     RequestRejected,
+    ResponseTooLargeError,
+    RetryableError,
     ServerError,
     TransportError,
 )
@@ -222,3 +226,109 @@ def test_cached_prompt_tokens_are_read() -> None:
     c = parse_completion(json.dumps(completion_body(usage=usage)).encode())
     assert c.cached_tokens == 64
     assert parse_completion(json.dumps(completion_body()).encode()).cached_tokens is None
+
+
+# -- real local servers: redirects and response size ------------------------------------------
+
+
+@pytest.fixture
+async def serve() -> Any:
+    """Start an aiohttp app on 127.0.0.1: `url = await serve(handler)` gives its base URL; closed after."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Any) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def local_call(url: str, *, stream: bool = False, max_response_bytes: int = 1000) -> Any:
+    async with aiohttp.ClientSession() as session:
+        client = ChatClient(session, url, KEY, 5.0, max_response_bytes=max_response_bytes)
+        return await client.complete(b'{"model":"m"}', stream=stream)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_not_followed_and_names_where_it_points(serve: Any, status: int) -> None:
+    """aiohttp 3.14 drops Authorization on a redirect to another origin, but the request still goes
+    there (a 301/302 as a GET): a redirect stops the job instead, naming the address to use."""
+    elsewhere: list[str | None] = []
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(request.headers.get("Authorization"))
+        return web.json_response(completion_body())
+
+    other_url = await serve(other)
+
+    async def moved(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, headers={"Location": other_url + "/chat/completions"})
+
+    with pytest.raises(FatalAPIError) as info:
+        await local_call(await serve(moved))
+    assert elsewhere == []
+    assert info.value.status == status
+    assert other_url + "/chat/completions" in str(info.value) and KEY not in str(info.value)
+
+
+def big_completion(n: int) -> bytes:
+    return json.dumps(completion_body("x" * n)).encode()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_reply_larger_than_the_cap_fails_without_being_kept(serve: Any, chunked: bool) -> None:
+    async def big(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if not chunked:
+            return web.Response(body=big_completion(5000), content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        body = big_completion(5000)
+        for start in range(0, len(body), 500):
+            await response.write(body[start : start + 500])
+        await response.write_eof()
+        return response
+
+    url = await serve(big)
+    with pytest.raises(ResponseTooLargeError) as info:
+        await local_call(url, max_response_bytes=1000)
+    assert "larger than 1000 bytes" in str(info.value)
+    assert not isinstance(info.value, RetryableError)  # the same reply would come again
+    completion = await local_call(url, max_response_bytes=10_000)
+    assert completion.content == "x" * 5000
+
+
+async def test_a_stream_larger_than_the_cap_fails(serve: Any) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(200):
+            await response.write(sse({"choices": [{"index": 0, "delta": {"content": "y" * 100}}]}, done=False))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    url = await serve(endless)
+    with pytest.raises(ResponseTooLargeError):
+        await local_call(url, stream=True, max_response_bytes=2000)
+    assert (await local_call(url, stream=True, max_response_bytes=100_000)).content == "y" * 20_000
+
+
+async def test_a_large_error_body_is_cut_not_a_different_error(serve: Any) -> None:
+    async def failing(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=503, text="<html>" + "z" * 50_000 + "</html>", content_type="text/html")
+
+    with pytest.raises(ServerError) as info:
+        await local_call(await serve(failing), max_response_bytes=1000)
+    assert info.value.status == 503

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from batchhub.limits import RateLimits, parse_duration
+from batchhub.limits import LimitHeaders, RateLimits, parse_count, parse_duration, read_limit_headers
+from batchhub.shared_limits import Ledger, LedgerBackend, SharedLimits
 
 
 @pytest.mark.parametrize(
@@ -143,3 +144,72 @@ async def test_workers_wait_for_the_cooldown_together() -> None:
     start = loop.time()
     await asyncio.gather(*(limits.acquire(1) for _ in range(5)))
     assert loop.time() - start >= 0.045
+
+
+# -- x-ratelimit-* headers a server may send: any value, parsed once for both limiters ------------
+
+#: (header value, the count it gives): anything not a finite whole number of a sane size is ignored
+COUNTS = [
+    ("100", 100),
+    (" 100 ", 100),
+    ("0", 0),
+    ("99.9", 99),
+    ("1e3", 1000),
+    ("inf", None),
+    ("-inf", None),
+    ("Infinity", None),
+    ("1e400", None),
+    ("nan", None),
+    ("-5", None),
+    ("-0.5", None),
+    ("1e300", None),
+    ("123456789012345678901234567890", None),
+    ("abc", None),
+    ("", None),
+    (None, None),
+]
+
+
+@pytest.mark.parametrize(("value", "count"), COUNTS)
+def test_parse_count(value: str | None, count: int | None) -> None:
+    assert parse_count(value) == count
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e400", "nan", "-5", "1e300", "abc", "NaN"])
+@pytest.mark.parametrize("header", ["limit", "remaining", "reset"])
+async def test_unusable_header_values_are_ignored_by_both_limiters(header: str, value: str) -> None:
+    """An `inf` limit once crashed the job with OverflowError after a paid reply, on every resume."""
+    headers = {f"x-ratelimit-{header}-{kind}": value for kind in ("requests", "tokens")}
+    if header == "reset":
+        headers |= {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"}
+    now = [100.0]
+    local = RateLimits(rpm=600, tpm=None, clock=lambda: now[0])
+    local.observe_headers(headers)
+    assert local.requests is not None and local.requests.max_rate == 600
+    if header != "reset":
+        assert local.requests.level == 0 and local.tokens is None
+    ledger = Ledger(rpm=600, tpm=None)
+    shared = SharedLimits(LedgerBackend(ledger), rpm=600)
+    shared.observe_headers(headers)
+    assert ledger.snapshot()["rpm"] == 600 and ledger.snapshot()["tpm"] is None
+    assert ledger.pauses == 0 or header == "reset"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("inf", None), ("1e400", None), ("nan", None), ("-5", None), ("-1s", None), ("1e400s", None)]
+)
+def test_parse_duration_refuses_unusable_values(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_both_limiters_read_headers_through_one_function() -> None:
+    got = read_limit_headers(
+        {
+            "x-ratelimit-limit-requests": "60",
+            "x-ratelimit-remaining-requests": "inf",
+            "x-ratelimit-limit-tokens": "1e400",
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+    )
+    assert got == [LimitHeaders("requests", 60, None, None), LimitHeaders("tokens", None, 0, 360.0)]

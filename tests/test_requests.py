@@ -272,7 +272,7 @@ def test_api_key_never_in_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "k2")
     assert spec().resolved_api_key() == "k1"
     monkeypatch.delenv("BATCHHUB_API_KEY")
-    assert spec().resolved_api_key() == "k2"
+    assert spec(base_url="https://api.openai.com/v1").resolved_api_key() == "k2"
 
 
 @pytest.mark.parametrize(
@@ -295,7 +295,9 @@ def test_base_url_precedence(monkeypatch: pytest.MonkeyPatch, flag: str | None, 
 def test_api_key_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
     monkeypatch.delenv("BATCHHUB_API_KEY", raising=False)
-    assert spec().resolved_api_key() == "sk-openai"
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert spec(base_url="https://api.openai.com/v1").resolved_api_key() == "sk-openai"
+    assert spec().resolved_api_key() is None  # not for the default endpoint: see tests/test_keys.py
     monkeypatch.setenv("BATCHHUB_API_KEY", " sk-bh\n")
     assert spec().resolved_api_key() == "sk-bh"
     assert spec(api_key="sk-flag").resolved_api_key() == "sk-flag"

@@ -34,6 +34,7 @@ from click.testing import CliRunner, Result
 
 from batchhub.cli import main
 from batchhub.mock import MockConfig, MockServer
+from batchhub.redaction import Redactor, redact
 
 SECRET = secrets.token_hex(16)
 CANARY = f"sk-CANARY-{SECRET}"
@@ -449,3 +450,73 @@ def test_key_shows_nowhere_after_ctrl_c_and_resume(tmp_path: Path) -> None:
     }
     assert pd.read_parquet(tmp_path / "export.parquet")["status"].eq("ok").all()
     assert_no_leak([tmp_path], printed)
+
+
+# -- a server that echoes the key inside successful replies ----------------------------------------
+
+
+def echo_ok_app(stream: bool) -> web.Application:
+    """A 200 that carries the key it was sent, whole and in pieces, in every field a result keeps."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        secret = key.removeprefix("sk-CANARY-")
+        headers = {"x-request-id": f"req_{key}"}
+        content = f"You sent {key}; its middle is {secret[5:21]}, its end {key[-9:]}. " + "Some more words. " * 25
+        call = {"id": f"call_{secret[:12]}", "type": "function", "function": {"name": "f", "arguments": key}}
+        if stream:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
+            await response.prepare(request)
+            first = {"id": f"chatcmpl-{key}", "model": f"m-{secret[3:15]}", "choices": [{"index": 0, "delta": {}}]}
+            await response.write(f"data: {json.dumps(first)}\n\n".encode())
+            for piece in (content[:40], content[40:]):
+                event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+            last = {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": "stop"}]}
+            await response.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+            return response
+        message = {"role": "assistant", "content": content, "tool_calls": [call], "refusal": secret[2:30]}
+        body = {
+            "id": f"chatcmpl-{key}",
+            "model": f"m-{secret[3:15]}",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
+        }
+        return web.json_response(body, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    return app
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_key_echoed_in_a_successful_reply_is_redacted_everywhere(
+    tmp_path: Path, servers: ServerThread, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    url = servers.app(echo_ok_app(stream))
+    spec = write_spec(tmp_path, "job", write_input(tmp_path, 3), url, stream=stream)
+    result = run_cli(monkeypatch, ["run", str(spec), "-q"], "flag")
+    assert result.exit_code == 0, result.output
+    printed = {"run": result.output, **inspect_job(tmp_path / "job", tmp_path)}
+    rows = pd.read_parquet(tmp_path / "export.parquet")
+    assert rows["content"].str.contains("Some more words.").all()  # the rest of the reply is kept
+    assert rows["content"].str.contains(r"\[redacted\]").all()
+    assert_no_leak([tmp_path], printed)
+
+
+def test_the_cheap_check_misses_no_piece_of_the_key() -> None:
+    """Every piece of 8 or more characters, at every offset, is found by the few probes and removed."""
+    key = CANARY
+    scrub = Redactor(key).scrub
+    for size in range(8, len(key) + 1):
+        for start in range(len(key) - size + 1):
+            text = f"before {key[start : start + size]} after"
+            cleaned = scrub(text)
+            assert cleaned is not None and "[redacted]" in cleaned, (start, size)
+            assert not any(key[i : i + 8] in cleaned for i in range(len(key) - 7)), (start, size)
+    plain = "A reply about Bearer tokens and sk- prefixes, with no key in it. " * 8
+    assert scrub(plain) is plain  # unchanged, not even copied
+    assert Redactor("abcd").scrub("x abcd y") == "x [redacted] y"
+    assert Redactor(None).scrub("anything") == "anything"
+    assert redact(f"Bearer {key[:30]} and {key[-8:]}", key) == "Bearer [redacted] and [redacted]"
