@@ -3,6 +3,11 @@
 `parse_request` either returns a `ChatRequest` or raises `InvalidRequest`,
 which carries the `error` object of the 400 body (message, type, param, code),
 worded as the OpenAI API words it, so that clients see realistic messages.
+It is as strict as OpenAI on what the simulator acts on: `n` (1..128),
+`logprobs`/`top_logprobs` (0..20, only with logprobs true), `tools` and
+`tool_choice` (function definitions, their parameters a valid JSON Schema, a named
+choice among them), `response_format` (its type, a json_schema's name and schema),
+and `max_tokens` not together with `max_completion_tokens`.
 """
 
 from __future__ import annotations
