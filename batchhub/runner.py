@@ -691,7 +691,8 @@ class Job:
 
     def _kept_error(self, row: dict[str, Any], exc: APIError) -> dict[str, Any]:
         """An error row with the server's request id and error object (in `extra`, secrets redacted)."""
-        row["request_id"] = exc.request_id
+        if exc.request_id is not None:
+            row["request_id"] = redact(clean_text(exc.request_id), self.p.api_key)
         if exc.error_object:
             kept = {
                 k: redact(clean_text(v), self.p.api_key) if isinstance(v, str) else v

@@ -121,7 +121,7 @@ class _Answer:
         if completion.tool_call is not None:
             message["content"] = None
             message["tool_calls"] = [completion.tool_call]
-        else:
+        elif self.logprobs:
             logprobs = self._logprobs(index, content_tokens(completion.content))
         message["annotations"] = []
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": completion.finish_reason}
