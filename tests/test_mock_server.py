@@ -12,7 +12,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import BaseModel
 
 from batchhub.mock import MockConfig, MockServer, MockStats, make_app
 from batchhub.mock.ratelimit import format_duration
@@ -780,7 +783,6 @@ SCHEMA = {
 
 def no_extra_fields(model: Any, where: str = "reply") -> None:
     """No field the openai types do not know, at any depth (their models allow extras)."""
-    from pydantic import BaseModel
 
     if isinstance(model, BaseModel):
         assert not model.model_extra, f"{where}: fields unknown to the openai types: {sorted(model.model_extra)}"
@@ -849,7 +851,6 @@ async def stream_and_plain(body: dict[str, Any], config: MockConfig | None = Non
 
 
 async def test_replies_parse_as_the_openai_types_with_the_fields_openai_sends() -> None:
-    from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
     plain, chunks = await stream_and_plain(chat("Write a long paragraph"))
     reply = openai_parse(ChatCompletion, plain)
@@ -866,7 +867,6 @@ async def test_replies_parse_as_the_openai_types_with_the_fields_openai_sends() 
 
 
 async def test_n_choices_are_all_answered_and_counted() -> None:
-    from openai.types.chat import ChatCompletion
 
     config = MockConfig(min_completion_tokens=5, max_completion_tokens=30)
     async with running(config) as client:
@@ -886,7 +886,6 @@ async def test_n_choices_are_all_answered_and_counted() -> None:
 
 @pytest.mark.parametrize("top", [None, 0, 3])
 async def test_logprobs_cover_the_content_token_by_token(top: int | None) -> None:
-    from openai.types.chat import ChatCompletion
 
     options: dict[str, Any] = {"logprobs": True} if top is None else {"logprobs": True, "top_logprobs": top}
     async with running(MockConfig(min_completion_tokens=8, max_completion_tokens=8)) as client:
@@ -916,8 +915,6 @@ async def test_logprobs_cover_the_content_token_by_token(top: int | None) -> Non
     ids=["required", "named"],
 )
 async def test_a_forced_tool_choice_gives_a_tool_call_matching_the_schema(tool_choice: Any) -> None:
-    import jsonschema
-    from openai.types.chat import ChatCompletion
 
     tools = [TOOL, OTHER_TOOL] if tool_choice == "required" else [OTHER_TOOL, TOOL]
     async with running() as client:
@@ -945,8 +942,6 @@ async def test_a_tool_without_parameters_gets_empty_arguments() -> None:
 
 
 async def test_json_schema_replies_are_valid_against_the_schema() -> None:
-    import jsonschema
-    from openai.types.chat import ChatCompletion
 
     response_format = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA, "strict": False}}
     async with running() as client:
@@ -1044,7 +1039,6 @@ async def test_malformed_tools_and_response_formats_are_400(
 
 
 async def test_a_stream_carries_what_the_plain_reply_carries() -> None:
-    from openai.types.chat import ChatCompletionChunk
 
     cases = [
         chat("Write a few words", n=2, logprobs=True, top_logprobs=2),

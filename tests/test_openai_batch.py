@@ -11,6 +11,8 @@ import aiohttp
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from openai.types.chat import ChatCompletion
+from openai.types.shared import ErrorObject
 from pydantic import BaseModel
 
 from batchhub import arun_job, export_job
@@ -269,7 +271,6 @@ def row_from(completion, **fields) -> dict:
 
 
 def test_an_openai_reply_comes_back_out_of_the_export_as_it_was_sent() -> None:
-    from openai.types.chat import ChatCompletion
 
     completion = parse_completion(json.dumps(OPENAI_REPLY).encode())
     line = batch_line(row_from(completion), "c-1")
@@ -280,7 +281,6 @@ def test_an_openai_reply_comes_back_out_of_the_export_as_it_was_sent() -> None:
 
 def test_a_row_of_an_older_job_exports_as_before() -> None:
     """Rows written before the reply's envelope was kept: the time recorded and the usage columns."""
-    from openai.types.chat import ChatCompletion
 
     plain = {k: v for k, v in OPENAI_REPLY.items() if k not in ("service_tier", "system_fingerprint")}
     plain["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}]
@@ -298,7 +298,6 @@ def test_a_row_of_an_older_job_exports_as_before() -> None:
 
 
 async def test_an_http_error_keeps_the_servers_error_object_and_request_id(tmp_path: Path, sim: MockServer) -> None:
-    from openai.types.shared import ErrorObject
 
     data = write_lines(tmp_path / "b.jsonl", [line("no", "hi", temperature=5)])
     await arun_job(spec_for(tmp_path, sim, data), progress=False)
@@ -322,7 +321,6 @@ async def test_tools_logprobs_choices_and_schemas_go_through_a_job_and_out_of_th
     tmp_path: Path, sim: MockServer
 ) -> None:
     """The paths built for tool calls, logprobs and n > 1 choices, end to end against the simulator."""
-    from openai.types.chat import ChatCompletion
 
     tool = {
         "type": "function",
