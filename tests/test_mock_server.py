@@ -783,7 +783,6 @@ SCHEMA = {
 
 def no_extra_fields(model: Any, where: str = "reply") -> None:
     """No field the openai types do not know, at any depth (their models allow extras)."""
-
     if isinstance(model, BaseModel):
         assert not model.model_extra, f"{where}: fields unknown to the openai types: {sorted(model.model_extra)}"
         for name in type(model).model_fields:
@@ -851,7 +850,6 @@ async def stream_and_plain(body: dict[str, Any], config: MockConfig | None = Non
 
 
 async def test_replies_parse_as_the_openai_types_with_the_fields_openai_sends() -> None:
-
     plain, chunks = await stream_and_plain(chat("Write a long paragraph"))
     reply = openai_parse(ChatCompletion, plain)
     assert reply.system_fingerprint and reply.system_fingerprint.startswith("fp_")
@@ -867,7 +865,6 @@ async def test_replies_parse_as_the_openai_types_with_the_fields_openai_sends() 
 
 
 async def test_n_choices_are_all_answered_and_counted() -> None:
-
     config = MockConfig(min_completion_tokens=5, max_completion_tokens=30)
     async with running(config) as client:
         _, _, one = await client.json(chat("Tell me a story"))
@@ -886,7 +883,6 @@ async def test_n_choices_are_all_answered_and_counted() -> None:
 
 @pytest.mark.parametrize("top", [None, 0, 3])
 async def test_logprobs_cover_the_content_token_by_token(top: int | None) -> None:
-
     options: dict[str, Any] = {"logprobs": True} if top is None else {"logprobs": True, "top_logprobs": top}
     async with running(MockConfig(min_completion_tokens=8, max_completion_tokens=8)) as client:
         _, _, plain = await client.json(chat("Say something, please"))
@@ -915,7 +911,6 @@ async def test_logprobs_cover_the_content_token_by_token(top: int | None) -> Non
     ids=["required", "named"],
 )
 async def test_a_forced_tool_choice_gives_a_tool_call_matching_the_schema(tool_choice: Any) -> None:
-
     tools = [TOOL, OTHER_TOOL] if tool_choice == "required" else [OTHER_TOOL, TOOL]
     async with running() as client:
         status, _, data = await client.json(chat("Weather in Paris?", tools=tools, tool_choice=tool_choice))
@@ -942,7 +937,6 @@ async def test_a_tool_without_parameters_gets_empty_arguments() -> None:
 
 
 async def test_json_schema_replies_are_valid_against_the_schema() -> None:
-
     response_format = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA, "strict": False}}
     async with running() as client:
         _, _, data = await client.json(chat("What is the sentiment? I love it", response_format=response_format))
@@ -1039,7 +1033,6 @@ async def test_malformed_tools_and_response_formats_are_400(
 
 
 async def test_a_stream_carries_what_the_plain_reply_carries() -> None:
-
     cases = [
         chat("Write a few words", n=2, logprobs=True, top_logprobs=2),
         chat("Weather?", n=2, tools=[TOOL], tool_choice="required"),

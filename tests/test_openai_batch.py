@@ -271,7 +271,6 @@ def row_from(completion, **fields) -> dict:
 
 
 def test_an_openai_reply_comes_back_out_of_the_export_as_it_was_sent() -> None:
-
     completion = parse_completion(json.dumps(OPENAI_REPLY).encode())
     line = batch_line(row_from(completion), "c-1")
     BatchLine.model_validate(line)
@@ -281,7 +280,6 @@ def test_an_openai_reply_comes_back_out_of_the_export_as_it_was_sent() -> None:
 
 def test_a_row_of_an_older_job_exports_as_before() -> None:
     """Rows written before the reply's envelope was kept: the time recorded and the usage columns."""
-
     plain = {k: v for k, v in OPENAI_REPLY.items() if k not in ("service_tier", "system_fingerprint")}
     plain["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}]
     plain["usage"] = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
@@ -298,7 +296,6 @@ def test_a_row_of_an_older_job_exports_as_before() -> None:
 
 
 async def test_an_http_error_keeps_the_servers_error_object_and_request_id(tmp_path: Path, sim: MockServer) -> None:
-
     data = write_lines(tmp_path / "b.jsonl", [line("no", "hi", temperature=5)])
     await arun_job(spec_for(tmp_path, sim, data), progress=False)
     out = tmp_path / "o.jsonl"
