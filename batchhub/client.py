@@ -135,8 +135,9 @@ def parse_completion(body: bytes) -> Completion:
     prompt, completion, total, cached = _usage(data)
     finish = choice.get("finish_reason")
     more = [c for c in choices[1:] if isinstance(c, dict)] if len(choices) > 1 else []
+    extra = _extra(message.get("tool_calls"), message.get("refusal"), choice.get("logprobs"), more)
     return Completion(
-        extra=_extra(message.get("tool_calls"), message.get("refusal"), choice.get("logprobs"), more),
+        extra=_kept(extra, data, message),
         content=content,
         finish_reason=finish if isinstance(finish, str) else None,
         model=data.get("model") if isinstance(data.get("model"), str) else None,
@@ -160,6 +161,29 @@ def _extra(tool_calls: Any, refusal: Any, logprobs: Any, more_choices: list[Any]
     if more_choices:
         extra["choices"] = more_choices
     return extra or None
+
+
+#: top-level reply fields kept as sent (in `extra`) so that an export gives them back
+_KEPT_FIELDS = ("created", "service_tier", "system_fingerprint")
+#: usage fields the result columns hold; a usage object with more (details) is kept whole
+_USAGE_COUNTS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+
+
+def _kept(extra: dict[str, Any] | None, data: Mapping[str, Any], message: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`extra` with what else the reply sent that the result columns do not hold: its `created`,
+    `service_tier`, `system_fingerprint`, a usage object with details, choice 0's `refusal` and
+    `annotations` even when empty."""
+    kept = dict(extra or {})
+    for key in _KEPT_FIELDS:
+        if key in data:
+            kept[key] = data[key]
+    usage = data.get("usage")
+    if isinstance(usage, dict) and not usage.keys() <= _USAGE_COUNTS:
+        kept["usage"] = usage
+    for key in ("refusal", "annotations"):
+        if key in message:
+            kept[key] = message[key]
+    return kept or None
 
 
 class _StreamedChoice:
@@ -238,6 +262,8 @@ class SSEAccumulator:
         self.response_id: str | None = None
         self.usage: Usage = NO_USAGE
         self.events = 0
+        #: the top-level fields kept as sent, and the usage object as sent
+        self._envelope: dict[str, Any] = {}
 
     def feed(self, chunk: bytes) -> bool:
         self._buffer += chunk
@@ -286,6 +312,10 @@ class SSEAccumulator:
         usage = _usage(event)
         if usage != NO_USAGE:
             self.usage = usage
+            self._envelope["usage"] = event["usage"]
+        for key in _KEPT_FIELDS:
+            if key in event and key not in self._envelope:
+                self._envelope[key] = event[key]
         choices = event.get("choices")
         if isinstance(choices, list):
             for position, choice in enumerate(choices):
@@ -306,7 +336,7 @@ class SSEAccumulator:
         first = self._choices.get(min(self._choices, default=0)) or _StreamedChoice()
         more = [self._choices[i].as_choice(i) for i in sorted(self._choices)[1:]]
         return Completion(
-            extra=_extra(*first.extra(), more),
+            extra=_kept(_extra(*first.extra(), more), self._envelope, {}),
             content="".join(first.parts),
             finish_reason=first.finish_reason,
             model=self.model,

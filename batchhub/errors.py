@@ -32,6 +32,8 @@ the status and our own words, never from request headers.
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
@@ -71,6 +73,7 @@ class APIError(BatchhubError):
         request_id: str | None = None,
         row_id: int | None = None,
         retry_after: float | None = None,
+        error_object: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -79,6 +82,8 @@ class APIError(BatchhubError):
         self.request_id = request_id
         self.row_id = row_id
         self.retry_after = retry_after
+        #: the server's `error` object (message, type, param, code) as it sent it, if it sent one
+        self.error_object = error_object
 
     def __str__(self) -> str:
         prefix = f"HTTP {self.status}: " if self.status is not None else ""

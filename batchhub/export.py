@@ -211,7 +211,9 @@ def batch_line(row: dict[str, Any], custom_id: str) -> dict[str, Any]:
         if row["status"] == INVALID_OUTPUT:
             line["error"] = {"code": INVALID_OUTPUT, "message": row["error_message"]}
     elif row["http_status"] is not None:
-        error = {"message": row["error_message"], "type": row["error_type"], "code": None}
+        kept = json.loads(row["extra"]).get("error") if row["extra"] else None
+        # the error object the server sent; rows of older jobs kept none: rebuilt from the columns
+        error = kept or {"message": row["error_message"], "type": row["error_type"], "code": None}
         status_code, request_id = row["http_status"], row["request_id"]
         line["response"] = {"status_code": status_code, "request_id": request_id, "body": {"error": error}}
     else:
@@ -220,10 +222,16 @@ def batch_line(row: dict[str, Any], custom_id: str) -> dict[str, Any]:
 
 
 def completion_body(row: dict[str, Any]) -> dict[str, Any]:
-    """The chat.completion object a result row was read from, put back together."""
+    """The chat.completion object a result row was read from, put back together.
+
+    What the result columns do not hold comes from `extra` as the server sent it (created,
+    service_tier, system_fingerprint, the usage object with its details, choice 0's refusal,
+    annotations, tool_calls and logprobs, the other choices). A row of an older job that kept
+    none of it gets the time it was recorded as `created` and its usage from the columns.
+    """
     extra = json.loads(row["extra"]) if row["extra"] else {}
     message: dict[str, Any] = {"role": "assistant", "content": row["content"]}
-    for key in ("tool_calls", "refusal"):
+    for key in ("refusal", "annotations", "tool_calls"):
         if key in extra:
             message[key] = extra[key]
     first = {"index": 0, "message": message, "logprobs": extra.get("logprobs"), "finish_reason": row["finish_reason"]}
@@ -235,11 +243,15 @@ def completion_body(row: dict[str, Any]) -> dict[str, Any]:
     if row["cached_tokens"] is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": row["cached_tokens"]}
     finished = row["finished_at"]
-    return {
+    body = {
         "id": row["response_id"],
         "object": "chat.completion",
-        "created": int(finished.timestamp()) if finished is not None else None,
+        "created": extra["created"] if "created" in extra else int(finished.timestamp()) if finished else None,
         "model": row["model"],
         "choices": [first, *extra.get("choices", [])],
-        "usage": usage,
+        "usage": extra.get("usage", usage),
     }
+    for key in ("service_tier", "system_fingerprint"):
+        if key in extra:
+            body[key] = extra[key]
+    return body

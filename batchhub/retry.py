@@ -58,6 +58,23 @@ def parse_error_body(body: bytes | str | None) -> tuple[str | None, str | None, 
     )
 
 
+#: the fields of an OpenAI error object, kept as the server sent them
+_ERROR_FIELDS = ("message", "type", "param", "code")
+
+
+def error_object(body: bytes | str | None) -> dict[str, Any] | None:
+    """The OpenAI-style `error` object of a body (its message, type, param, code as sent), or None."""
+    try:
+        data = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        return None
+    kept = {k: err[k] for k in _ERROR_FIELDS if k in err and (err[k] is None or isinstance(err[k], str | int))}
+    return kept or None
+
+
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the server asks us to wait, from `retry-after-ms` or `Retry-After`, or None."""
     lowered = {k.lower(): v for k, v in headers.items()}
@@ -94,6 +111,7 @@ def classify(status: int, body: bytes | str | None, headers: Mapping[str, str]) 
     request_id = next((v for k, v in headers.items() if k.lower() == "x-request-id"), None)
     text = message or _default_message(status)
     common: dict[str, Any] = {"status": status, "code": code, "request_id": request_id}
+    common["error_object"] = error_object(body)
     if status == 401:
         return AuthenticationError(f"the API key was refused: {text}", **common)
     if status == 403:

@@ -672,7 +672,7 @@ class Job:
                         self._stop_fatal(self._unreachable(exc, connect_failures))
                         return None
                     row = self._error_row(rid, exc.error_type, str(exc), exc.status, attempts, rate_limits, built)
-                    return self._first_failed(row, exc, built.model)
+                    return self._first_failed(self._kept_error(row, exc), exc, built.model)
                 self._progress.retry(isinstance(exc, RateLimitError))
                 if isinstance(exc, RateLimitError):
                     self._summary.rate_limited += 1
@@ -761,6 +761,18 @@ class Job:
             "error_message": redact(clean_text(message), self.p.api_key),
             "request_hash": built.request_hash if built else None,
         }
+
+    def _kept_error(self, row: dict[str, Any], exc: APIError) -> dict[str, Any]:
+        """An error row with the server's request id and error object (in `extra`, secrets redacted)."""
+        if exc.request_id is not None:
+            row["request_id"] = redact(clean_text(exc.request_id), self.p.api_key)
+        if exc.error_object:
+            kept = {
+                k: redact(clean_text(v), self.p.api_key) if isinstance(v, str) else v
+                for k, v in exc.error_object.items()
+            }
+            row["extra"] = json.dumps({"error": kept}, ensure_ascii=False)
+        return row
 
     def _row_cost(self, row: dict[str, Any], requested_model: str | None) -> float | None:
         """The cost of one response at known prices (None: no usage, or no price for its model)."""

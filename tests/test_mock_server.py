@@ -12,7 +12,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import BaseModel
 
 from batchhub.mock import MockConfig, MockServer, MockStats, make_app
 from batchhub.mock.ratelimit import format_duration
@@ -241,7 +244,21 @@ INVALID: list[tuple[str, Any, str | None, str | None]] = [
     ("max_tokens decimal", chat(max_tokens=1.5), "max_tokens", "invalid_type"),
     ("max_tokens string", chat(max_tokens="10"), "max_tokens", "invalid_type"),
     ("max_completion_tokens zero", chat(max_completion_tokens=0), "max_completion_tokens", "integer_below_min_value"),
-    ("n = 2", chat(n=2), "n", "invalid_value"),
+    ("n = 0", chat(n=0), "n", "integer_below_min_value"),
+    ("n = 129", chat(n=129), "n", "integer_above_max_value"),
+    ("n decimal", chat(n=1.5), "n", "invalid_type"),
+    (
+        "max_tokens with max_completion_tokens",
+        chat(max_tokens=5, max_completion_tokens=5),
+        "max_tokens",
+        "invalid_value",
+    ),
+    ("top_logprobs without logprobs", chat(top_logprobs=2), "top_logprobs", "invalid_value"),
+    ("top_logprobs with logprobs false", chat(logprobs=False, top_logprobs=0), "top_logprobs", "invalid_value"),
+    ("top_logprobs 21", chat(logprobs=True, top_logprobs=21), "top_logprobs", "integer_above_max_value"),
+    ("top_logprobs -1", chat(logprobs=True, top_logprobs=-1), "top_logprobs", "integer_below_min_value"),
+    ("top_logprobs string", chat(logprobs=True, top_logprobs="2"), "top_logprobs", "invalid_type"),
+    ("logprobs string", chat(logprobs="yes"), "logprobs", "invalid_type"),
     ("stream string", chat(stream="yes"), "stream", "invalid_type"),
     ("stream_options without stream", chat(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
     ("stream_options not object", chat(stream=True, stream_options=[1]), "stream_options", "invalid_type"),
@@ -270,9 +287,9 @@ async def test_invalid_request_is_400(body: Any, param: str | None, code: str | 
 async def test_400_messages_match_openai_wording() -> None:
     async with running() as client:
         _, _, unknown = await client.json(chat(frobnicate=True))
-        _, _, n = await client.json(chat(n=3))
+        _, _, both = await client.json(chat(max_tokens=3, max_completion_tokens=3))
     assert unknown["error"]["message"] == "Unrecognized request argument supplied: frobnicate"
-    assert "n=1" in n["error"]["message"]
+    assert "'max_tokens'" in both["error"]["message"] and "'max_completion_tokens'" in both["error"]["message"]
 
 
 async def test_context_length_exceeded() -> None:
@@ -715,3 +732,340 @@ async def test_serve_forever_until_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --- the reply's shape, checked against the official openai types ----------------------------
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+OTHER_TOOL = {"type": "function", "function": {"name": "noop"}}
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "sarcastic": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "minLength": 2}, "minItems": 2},
+        "aspects": {"type": "array", "items": {"$ref": "#/$defs/aspect"}},
+        "note": {"type": ["string", "null"], "maxLength": 5},
+        "kind": {"const": "review"},
+        "either": {"anyOf": [{"type": "integer", "exclusiveMinimum": 10}, {"type": "string"}]},
+    },
+    "required": ["sentiment", "confidence", "stars", "sarcastic", "tags", "aspects", "note", "kind", "either"],
+    "additionalProperties": False,
+    "$defs": {
+        "aspect": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "score": {"type": "number", "exclusiveMaximum": 0}},
+            "required": ["name", "score"],
+            "additionalProperties": False,
+        }
+    },
+}
+
+
+def no_extra_fields(model: Any, where: str = "reply") -> None:
+    """No field the openai types do not know, at any depth (their models allow extras)."""
+    if isinstance(model, BaseModel):
+        assert not model.model_extra, f"{where}: fields unknown to the openai types: {sorted(model.model_extra)}"
+        for name in type(model).model_fields:
+            no_extra_fields(getattr(model, name), f"{where}.{name}")
+    elif isinstance(model, list):
+        for i, item in enumerate(model):
+            no_extra_fields(item, f"{where}[{i}]")
+
+
+def openai_parse(cls: Any, data: dict[str, Any]) -> Any:
+    """Parse with the official type; fail on unknown fields and on anything it had to coerce."""
+    parsed = cls.model_validate(data)
+    no_extra_fields(parsed)
+    assert parsed.model_dump(mode="json", exclude_unset=True) == data
+    return parsed
+
+
+def fold(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A stream's chunks folded per choice index: content, tool calls, logprobs, finish_reason."""
+    out: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            into = out.setdefault(
+                choice["index"], {"content": None, "tool_calls": {}, "logprobs": None, "finish_reason": None}
+            )
+            delta = choice["delta"]
+            if delta.get("content") is not None:
+                into["content"] = (into["content"] or "") + delta["content"]
+            for call in delta.get("tool_calls") or []:
+                got = into["tool_calls"].setdefault(call["index"], {"function": {"arguments": ""}})
+                for key in ("id", "type"):
+                    if key in call:
+                        got[key] = call[key]
+                if "name" in call.get("function", {}):
+                    got["function"]["name"] = call["function"]["name"]
+                got["function"]["arguments"] += call.get("function", {}).get("arguments", "")
+            if choice["logprobs"] is not None:
+                into["logprobs"] = (into["logprobs"] or []) + choice["logprobs"]["content"]
+            if choice["finish_reason"] is not None:
+                into["finish_reason"] = choice["finish_reason"]
+    return out
+
+
+def as_folded(choice: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed choice in fold()'s shape."""
+    message = choice["message"]
+    calls = {i: {**c, "function": dict(c["function"])} for i, c in enumerate(message.get("tool_calls") or [])}
+    for i, c in calls.items():
+        c.pop("index", None)
+        calls[i] = {key: c[key] for key in ("id", "type", "function")}
+    return {
+        "content": message["content"],
+        "tool_calls": calls,
+        "logprobs": choice["logprobs"]["content"] if choice["logprobs"] else None,
+        "finish_reason": choice["finish_reason"],
+    }
+
+
+async def stream_and_plain(body: dict[str, Any], config: MockConfig | None = None) -> tuple[dict, list[dict]]:
+    async with running(config) as client:
+        status, _, plain = await client.json(body)
+        assert status == 200, plain
+        lines = await client.stream_lines({**body, "stream": True, "stream_options": {"include_usage": True}})
+    return plain, sse_chunks(lines)
+
+
+async def test_replies_parse_as_the_openai_types_with_the_fields_openai_sends() -> None:
+    plain, chunks = await stream_and_plain(chat("Write a long paragraph"))
+    reply = openai_parse(ChatCompletion, plain)
+    assert reply.system_fingerprint and reply.system_fingerprint.startswith("fp_")
+    assert reply.service_tier == "default"
+    assert reply.choices[0].message.refusal is None and reply.choices[0].message.annotations == []
+    assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+    assert reply.usage.completion_tokens_details is not None
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 0
+    for chunk in chunks:
+        parsed = openai_parse(ChatCompletionChunk, chunk)
+        assert parsed.system_fingerprint == reply.system_fingerprint
+    assert chunks[-1]["usage"] == plain["usage"]
+
+
+async def test_n_choices_are_all_answered_and_counted() -> None:
+    config = MockConfig(min_completion_tokens=5, max_completion_tokens=30)
+    async with running(config) as client:
+        _, _, one = await client.json(chat("Tell me a story"))
+        status, _, three = await client.json(chat("Tell me a story", n=3))
+        stats = client.server.stats
+    assert status == 200
+    openai_parse(ChatCompletion, three)
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in three["choices"]]
+    assert texts[0] == one["choices"][0]["message"]["content"]  # choice 0 is the n=1 answer
+    assert len(set(texts)) == 3
+    assert three["usage"]["completion_tokens"] == sum(count_tokens(t) for t in texts)
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    assert stats.completion_tokens == one["usage"]["completion_tokens"] + three["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("top", [None, 0, 3])
+async def test_logprobs_cover_the_content_token_by_token(top: int | None) -> None:
+    options: dict[str, Any] = {"logprobs": True} if top is None else {"logprobs": True, "top_logprobs": top}
+    async with running(MockConfig(min_completion_tokens=8, max_completion_tokens=8)) as client:
+        _, _, plain = await client.json(chat("Say something, please"))
+        _, _, data = await client.json(chat("Say something, please", **options))
+    openai_parse(ChatCompletion, data)
+    (choice,) = data["choices"]
+    assert plain["choices"][0]["logprobs"] is None
+    assert choice["message"]["content"] == plain["choices"][0]["message"]["content"]
+    entries = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in entries) == choice["message"]["content"]
+    assert len(entries) == data["usage"]["completion_tokens"]
+    for e in entries:
+        assert e["logprob"] <= 0 and e["bytes"] == list(e["token"].encode())
+        assert len(e["top_logprobs"]) == (top or 0)
+        if top:
+            assert e["top_logprobs"][0]["token"] == e["token"]
+            assert len({t["token"] for t in e["top_logprobs"]}) == top
+            assert [t["logprob"] for t in e["top_logprobs"]] == sorted(
+                (t["logprob"] for t in e["top_logprobs"]), reverse=True
+            )
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["required", "named"],
+)
+async def test_a_forced_tool_choice_gives_a_tool_call_matching_the_schema(tool_choice: Any) -> None:
+    tools = [TOOL, OTHER_TOOL] if tool_choice == "required" else [OTHER_TOOL, TOOL]
+    async with running() as client:
+        status, _, data = await client.json(chat("Weather in Paris?", tools=tools, tool_choice=tool_choice))
+        _, _, auto = await client.json(chat("Weather in Paris?", tools=tools))
+    assert status == 200
+    openai_parse(ChatCompletion, data)
+    (choice,) = data["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and re.fullmatch(r"call_[0-9A-Za-z]+", call["id"])
+    assert call["function"]["name"] == "get_weather"
+    arguments = json.loads(call["function"]["arguments"])
+    jsonschema.validate(arguments, TOOL["function"]["parameters"])
+    assert set(arguments) >= {"city", "unit"}
+    assert data["usage"]["completion_tokens"] == count_tokens(call["function"]["arguments"])
+    # "auto" (the default) answers in text, as a model that chose no tool
+    assert auto["choices"][0]["finish_reason"] == "stop" and auto["choices"][0]["message"]["content"]
+
+
+async def test_a_tool_without_parameters_gets_empty_arguments() -> None:
+    async with running() as client:
+        _, _, data = await client.json(chat("x", tools=[OTHER_TOOL], tool_choice="required"))
+    assert data["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+async def test_json_schema_replies_are_valid_against_the_schema() -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA, "strict": False}}
+    async with running() as client:
+        _, _, data = await client.json(chat("What is the sentiment? I love it", response_format=response_format))
+        _, _, other = await client.json(chat("Tell me about owls", response_format=response_format))
+    openai_parse(ChatCompletion, data)
+    for reply in (data, other):
+        content = reply["choices"][0]["message"]["content"]
+        jsonschema.validate(json.loads(content), SCHEMA)
+        assert reply["usage"]["completion_tokens"] == count_tokens(content)
+    assert json.loads(data["choices"][0]["message"]["content"])["sentiment"] == "positive"
+
+
+BAD_TOOLS: list[tuple[str, dict[str, Any], str, str | None]] = [
+    ("tools empty", {"tools": []}, "tools", "empty_array"),
+    ("tool not object", {"tools": ["f"]}, "tools[0]", "invalid_type"),
+    ("tool without type", {"tools": [{"function": {"name": "f"}}]}, "tools[0].type", "missing_required_parameter"),
+    ("tool type unknown", {"tools": [{"type": "fn", "function": {"name": "f"}}]}, "tools[0].type", "invalid_value"),
+    ("tool without function", {"tools": [{"type": "function"}]}, "tools[0].function", "missing_required_parameter"),
+    (
+        "function without name",
+        {"tools": [{"type": "function", "function": {}}]},
+        "tools[0].function.name",
+        "missing_required_parameter",
+    ),
+    (
+        "function name with spaces",
+        {"tools": [OTHER_TOOL, {"type": "function", "function": {"name": "get weather"}}]},
+        "tools[1].function.name",
+        "invalid_value",
+    ),
+    (
+        "function parameters not an object",
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+        "tools[0].function.parameters",
+        "invalid_type",
+    ),
+    (
+        "function parameters not a schema",
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
+        "tools[0].function.parameters",
+        "invalid_function_parameters",
+    ),
+    ("tool_choice unknown word", {"tools": [TOOL], "tool_choice": "always"}, "tool_choice", "invalid_value"),
+    (
+        "tool_choice names no tool",
+        {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+        "tool_choice",
+        "invalid_value",
+    ),
+    ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice", "invalid_value"),
+    ("parallel_tool_calls without tools", {"parallel_tool_calls": True}, "parallel_tool_calls", "invalid_value"),
+    ("response_format without type", {"response_format": {}}, "response_format.type", "missing_required_parameter"),
+    ("response_format type unknown", {"response_format": {"type": "yaml"}}, "response_format.type", "invalid_value"),
+    (
+        "json_schema missing",
+        {"response_format": {"type": "json_schema"}},
+        "response_format.json_schema",
+        "missing_required_parameter",
+    ),
+    (
+        "json_schema without name",
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+        "response_format.json_schema.name",
+        "missing_required_parameter",
+    ),
+    (
+        "json_schema schema not an object",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}},
+        "response_format.json_schema.schema",
+        "invalid_type",
+    ),
+    (
+        "json_schema schema invalid",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+        "response_format.json_schema.schema",
+        "invalid_json_schema",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), [c[1:] for c in BAD_TOOLS], ids=[c[0] for c in BAD_TOOLS])
+async def test_malformed_tools_and_response_formats_are_400(
+    extra: dict[str, Any], param: str, code: str | None
+) -> None:
+    async with running() as client:
+        status, headers, data = await client.json(chat(**extra))
+    assert status == 400 and re.fullmatch(r"req_[0-9a-f]+", headers["X-Request-ID"])
+    assert set(data) == {"error"} and set(data["error"]) == {"message", "type", "param", "code"}
+    assert (data["error"]["type"], data["error"]["param"], data["error"]["code"]) == (
+        "invalid_request_error",
+        param,
+        code,
+    )
+
+
+async def test_a_stream_carries_what_the_plain_reply_carries() -> None:
+    cases = [
+        chat("Write a few words", n=2, logprobs=True, top_logprobs=2),
+        chat("Weather?", n=2, tools=[TOOL], tool_choice="required"),
+        chat(
+            "What is the sentiment? awful",
+            response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}},
+        ),
+    ]
+    for body in cases:
+        plain, chunks = await stream_and_plain(body, MockConfig(min_completion_tokens=10, max_completion_tokens=20))
+        for chunk in chunks:
+            openai_parse(ChatCompletionChunk, chunk)
+        folded = fold(chunks)
+        assert sorted(folded) == [c["index"] for c in plain["choices"]]
+        for choice in plain["choices"]:
+            assert folded[choice["index"]] == as_folded(choice), body
+        assert chunks[-1]["usage"] == plain["usage"]
+    # the choices of n > 1 arrive interleaved, each chunk one choice
+    assert all(len(c["choices"]) <= 1 for c in chunks)
+
+
+async def test_every_reply_has_a_request_id_and_openai_shaped_errors() -> None:
+    config = MockConfig(api_key=KEY, allowed_models=[MODEL], quota_tokens=10_000)
+    async with running(config) as client:
+        replies = [
+            await client.json(chat(), headers={}),  # 401
+            await client.json(chat(temperature=9)),  # 400
+            await client.json({**chat(), "model": "gpt-4o"}),  # 403
+            await client.json(chat()),  # 200
+        ]
+    for status, headers, data in replies:
+        assert re.fullmatch(r"req_[0-9a-f]+", headers["X-Request-ID"])
+        if status != 200:
+            assert set(data) == {"error"} and set(data["error"]) == {"message", "type", "param", "code"}
+    assert replies[1][2]["error"]["param"] == "temperature"
+    assert replies[2][2]["error"]["param"] == "model"

@@ -122,6 +122,7 @@ def test_tool_calls_refusal_logprobs_and_more_choices_are_kept_in_extra() -> Non
     assert c.content is None and c.finish_reason == "tool_calls"
     assert c.extra == {
         "tool_calls": [call],
+        "refusal": None,  # kept as sent, so that an export gives it back
         "logprobs": {"content": [{"token": "a", "logprob": -0.1}]},
         "choices": [body["choices"][1]],
     }

@@ -10,7 +10,8 @@ the tests and the benchmarks run against it::
         ...  # point a client at srv.base_url; srv.stats counts what it saw
 
 Modules: `config` (settings and counters), `validation` (the request body),
-`tokens` (token counting and the deterministic answers), `ratelimit` (the
+`tokens` (token counting and the deterministic answers), `replies` (schema
+instances, tool calls and logprobs of an answer), `ratelimit` (the
 buckets), `state` (what a running endpoint keeps), `app` (the HTTP handlers),
 `server` (listening on a port).
 """

@@ -27,6 +27,7 @@ once (aiohttp's handler cancellation), so in-flight counts are the clients'.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import math
@@ -40,13 +41,22 @@ from aiohttp import web
 
 from batchhub.mock.config import ANY_MODEL, FAULT_400_MESSAGE, MockConfig, model_exists
 from batchhub.mock.ratelimit import Clock, Denial, format_duration
+from batchhub.mock.replies import content_logprobs, content_tokens, schema_completion, tool_call
 from batchhub.mock.state import STATE, MockState
-from batchhub.mock.tokens import Completion, count_prompt_tokens, json_completion, make_completion, request_identity
+from batchhub.mock.tokens import (
+    Completion,
+    choice_identity,
+    count_prompt_tokens,
+    count_tokens,
+    json_completion,
+    make_completion,
+    request_identity,
+)
 from batchhub.mock.validation import ChatRequest, InvalidRequest, parse_request
 
 COMPLETION_PATHS: frozenset[str] = frozenset({"/v1/chat/completions", "/chat/completions"})
-#: Words per content chunk of a streamed answer.
-WORDS_PER_CHUNK = 3
+#: Tokens per content (or tool call arguments) chunk of a streamed answer.
+TOKENS_PER_CHUNK = 3
 #: Request bodies up to this size are read (aiohttp's default of 1 MiB is
 #: below a long context's worth of text).
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -72,22 +82,52 @@ def _dumps(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class _Answer:
-    """One request's answer, with what its response bodies need."""
+    """One request's answer (its n choices), with what its response bodies need."""
 
     id: str
     created: int
     model: str
     identity: str
     prompt_tokens: int
-    completion: Completion
+    completions: list[Completion]
+    system_fingerprint: str
+    #: logprobs asked for, with this many alternatives per token
+    logprobs: bool = False
+    top_logprobs: int = 0
 
-    def usage(self) -> dict[str, int]:
-        completion_tokens = self.completion.completion_tokens
+    def usage(self) -> dict[str, Any]:
+        completion_tokens = sum(c.completion_tokens for c in self.completions)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": self.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
         }
+
+    def _key(self, index: int) -> str:
+        return choice_identity(self.identity, index)
+
+    def _logprobs(self, index: int, tokens: list[str]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        return {"content": content_logprobs(tokens, self._key(index), self.top_logprobs), "refusal": None}
+
+    def _choice(self, index: int, completion: Completion) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": completion.content, "refusal": None}
+        logprobs = None
+        if completion.tool_call is not None:
+            message["content"] = None
+            message["tool_calls"] = [completion.tool_call]
+        elif self.logprobs:
+            logprobs = self._logprobs(index, content_tokens(completion.content))
+        message["annotations"] = []
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": completion.finish_reason}
 
     def body(self, *, usage: bool = True, choices: bool = True) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -95,33 +135,55 @@ class _Answer:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": self.completion.content},
-                    "logprobs": None,
-                    "finish_reason": self.completion.finish_reason,
-                }
-            ]
-            if choices
-            else [],
+            "choices": [self._choice(i, c) for i, c in enumerate(self.completions)] if choices else [],
+            "service_tier": "default",
+            "system_fingerprint": self.system_fingerprint,
         }
         if usage:
             body["usage"] = self.usage()
         return body
 
-    def chunk(self, delta: dict[str, str] | None, finish_reason: str | None = None) -> dict[str, Any]:
-        """A `chat.completion.chunk`; `delta=None` gives the usage-only shape (no choices)."""
-        choices = (
-            [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        )
+    def chunk(self, choice: dict[str, Any] | None) -> dict[str, Any]:
+        """A `chat.completion.chunk` with one choice; `choice=None` gives the usage-only shape (no choices)."""
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": choices,
+            "service_tier": "default",
+            "system_fingerprint": self.system_fingerprint,
+            "choices": [] if choice is None else [choice],
         }
+
+    def stream_choices(self, index: int, completion: Completion) -> list[dict[str, Any]]:
+        """The streamed choice objects of one choice: its role, its pieces, its finish."""
+
+        def choice(delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+        out = []
+        call = completion.tool_call
+        if call is not None:
+            function = call["function"]
+            head = {**call, "index": 0, "function": {"name": function["name"], "arguments": ""}}
+            out.append(choice({"role": "assistant", "content": None, "tool_calls": [head]}))
+            for piece in _pieces(content_tokens(function["arguments"])):
+                out.append(choice({"tool_calls": [{"index": 0, "function": {"arguments": "".join(piece)}}]}))
+        else:
+            tokens = content_tokens(completion.content)
+            entries = self._logprobs(index, tokens)
+            out.append(
+                choice({"role": "assistant", "content": ""}, {"content": [], "refusal": None} if entries else None)
+            )
+            at = 0
+            for piece in _pieces(tokens):
+                logprobs = None
+                if entries is not None:
+                    logprobs = {"content": entries["content"][at : at + len(piece)], "refusal": None}
+                at += len(piece)
+                out.append(choice({"content": "".join(piece)}, logprobs))
+        out.append(choice({}, None, completion.finish_reason))
+        return out
 
 
 def _error(
@@ -193,14 +255,9 @@ def _sse(obj: Any) -> bytes:
     return f"data: {_dumps(obj)}\n\n".encode()
 
 
-def _pieces(content: str) -> list[str]:
-    """The content split in chunks of a few words; joining them gives it back exactly."""
-    words = content.split(" ")
-    pieces = [
-        ("" if i == 0 else " ") + " ".join(words[i : i + WORDS_PER_CHUNK])
-        for i in range(0, len(words), WORDS_PER_CHUNK)
-    ]
-    return [p for p in pieces if p]
+def _pieces(tokens: list[str]) -> list[list[str]]:
+    """The tokens in groups of a few, as a stream sends them."""
+    return [tokens[i : i + TOKENS_PER_CHUNK] for i in range(0, len(tokens), TOKENS_PER_CHUNK)]
 
 
 async def _stream(
@@ -214,9 +271,14 @@ async def _stream(
     if fault == "empty_choices":
         events = [_sse(answer.chunk(None)), b"data: [DONE]\n\n"]
     else:
-        chunks = [answer.chunk({"role": "assistant", "content": ""})]
-        chunks += [answer.chunk({"content": p}) for p in _pieces(answer.completion.content)]
-        chunks.append(answer.chunk({}, answer.completion.finish_reason))
+        # the choices of n > 1 interleaved, one choice per chunk, as OpenAI sends them
+        per_choice = [answer.stream_choices(i, c) for i, c in enumerate(answer.completions)]
+        chunks = [
+            answer.chunk(choices[step])
+            for step in range(max(len(choices) for choices in per_choice))
+            for choices in per_choice
+            if step < len(choices)
+        ]
         if include_usage:
             # OpenAI sends "usage": null on every chunk but the last, which has no choices.
             for chunk in chunks:
@@ -300,19 +362,9 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         )
         return _error(state, 429, _error_object(message, "insufficient_quota", "insufficient_quota"))
     identity = request_identity(req.model, req.messages)
-    completion = make_completion(
-        seed=config.seed,
-        identity=identity,
-        last_user_text=req.last_user_text,
-        min_tokens=config.min_completion_tokens,
-        max_tokens=config.max_completion_tokens,
-        limit=req.max_tokens,
-        stop=req.stop,
-    )
-    plain = completion
-    if req.json_mode:
-        completion = json_completion(plain, identity)
-    denial = state.limits.try_acquire(prompt_tokens + completion.completion_tokens)
+    completions = _completions(req, config, identity)
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    denial = state.limits.try_acquire(prompt_tokens + completion_tokens)
     if denial is not None:
         return _rate_limited(state, req.model, denial)
 
@@ -327,12 +379,14 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         return _error(state, 400, _error_object(FAULT_400_MESSAGE, "invalid_request_error", None))
     if fault == "bad_json":
         # a paid answer that is not the JSON asked for (a plain request drawing it is served normally)
-        completion = json_completion(plain, identity, broken=True) if req.json_mode else completion
+        if req.json_mode:
+            completions = _completions(req, config, identity, broken=True)
+            completion_tokens = sum(c.completion_tokens for c in completions)
         fault = None
     if fault in (None, "no_usage"):
         # Paid from here on, like a provider that bills an answer it has begun
         # even if the client hangs up before it arrives.
-        state.count_completion(identity, prompt_tokens, completion.completion_tokens)
+        state.count_completion(identity, prompt_tokens, completion_tokens)
     if fault == "timeout":
         await state.pause(config.hang_seconds)
         return _drop(request)
@@ -344,7 +398,10 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         model=req.model,
         identity=identity,
         prompt_tokens=prompt_tokens,
-        completion=completion,
+        completions=completions,
+        system_fingerprint=_fingerprint(config.seed),
+        logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs,
     )
     if fault is not None and fault in _SERVER_ERRORS:
         error = _error_object(_SERVER_ERRORS[fault], "server_error", None)
@@ -363,6 +420,39 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         # Correct headers for what is sent; the JSON itself stops halfway.
         data = data[: len(data) // 2]
     return web.Response(status=200, body=data, content_type="application/json")
+
+
+def _fingerprint(seed: int) -> str:
+    """The simulator's system_fingerprint: a function of its seed, as a backend configuration would be."""
+    return "fp_" + hashlib.sha256(f"batchhub-mock:{seed}".encode()).hexdigest()[:10]
+
+
+def _completions(req: ChatRequest, config: MockConfig, identity: str, *, broken: bool = False) -> list[Completion]:
+    """The answer of each of the request's n choices (`broken`: JSON asked for, prose given)."""
+    out = []
+    for index in range(req.n):
+        key = choice_identity(identity, index)
+        plain = make_completion(
+            seed=config.seed,
+            identity=key,
+            last_user_text=req.last_user_text,
+            min_tokens=config.min_completion_tokens,
+            max_tokens=config.max_completion_tokens,
+            limit=req.max_tokens,
+            stop=req.stop,
+        )
+        if req.forced_tool is not None:
+            words = " ".join(plain.content.split()[:3])
+            call = tool_call(req.forced_tool, req.tool_parameters, key, words)
+            arguments = call["function"]["arguments"]
+            out.append(Completion("", "tool_calls", count_tokens(arguments), tool_call=call))
+        elif req.json_schema is not None:
+            out.append(schema_completion(plain, req.json_schema, broken=broken))
+        elif req.json_mode:
+            out.append(json_completion(plain, key, broken=broken))
+        else:
+            out.append(plain)
+    return out
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:

@@ -34,7 +34,7 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REPLY = 3
 
 # fmt: off
-_VOCABULARY: tuple[str, ...] = (
+VOCABULARY: tuple[str, ...] = (
     "the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "this",
     "by", "be", "are", "from", "at", "or", "data", "model", "result", "value", "batch", "prompt",
     "answer", "token", "request", "response", "rate", "limit", "order", "shard", "queue", "worker",
@@ -67,6 +67,8 @@ class Completion:
     content: str
     finish_reason: str
     completion_tokens: int
+    #: the function call the answer is instead of content (a forced tool_choice), or None
+    tool_call: dict[str, Any] | None = None
 
 
 def count_tokens(text: str) -> int:
@@ -88,6 +90,11 @@ def request_identity(model: str, messages: Any) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def choice_identity(identity: str, index: int) -> str:
+    """The identity that seeds choice `index` of a request (choice 0: the request's own)."""
+    return identity if index == 0 else f"{identity}:{index}"
 
 
 def _rng_for(seed: int, identity: str) -> random.Random:
@@ -149,7 +156,7 @@ def make_completion(
     else:
         rng = _rng_for(seed, identity)
         length = rng.randint(min_tokens, max_tokens)
-        words = [rng.choice(_VOCABULARY) for _ in range(length)]
+        words = [rng.choice(VOCABULARY) for _ in range(length)]
     finish_reason = "stop"
     if limit is not None and len(words) > limit:
         words = words[:limit]

@@ -3,14 +3,22 @@
 `parse_request` either returns a `ChatRequest` or raises `InvalidRequest`,
 which carries the `error` object of the 400 body (message, type, param, code),
 worded as the OpenAI API words it, so that clients see realistic messages.
+It is as strict as OpenAI on what the simulator acts on: `n` (1..128),
+`logprobs`/`top_logprobs` (0..20, only with logprobs true), `tools` and
+`tool_choice` (function definitions, their parameters a valid JSON Schema, a named
+choice among them), `response_format` (its type, a json_schema's name and schema),
+and `max_tokens` not together with `max_completion_tokens`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
+
+import jsonschema
 
 # fmt: off
 KNOWN_FIELDS: frozenset[str] = frozenset({
@@ -22,8 +30,15 @@ KNOWN_FIELDS: frozenset[str] = frozenset({
 # fmt: on
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
 MAX_STOP_SEQUENCES = 4
+#: OpenAI's bounds on n (choices per request) and top_logprobs
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+#: function and json_schema names: OpenAI's pattern and length
+_NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+TOOL_CHOICES = ("none", "auto", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
-# Fields the mock accepts but ignores, with the JSON type each must have.
+# Fields checked here only for their JSON type (those acted on are checked further below).
 _PASSTHROUGH_TYPES: dict[str, tuple[type, ...]] = {
     "response_format": (dict,),
     "logit_bias": (dict,),
@@ -72,6 +87,16 @@ class ChatRequest:
     stop: list[str]
     #: response_format asks for JSON (json_object or json_schema)
     json_mode: bool = False
+    #: choices to answer (n)
+    n: int = 1
+    #: logprobs asked for, and how many alternatives per token (top_logprobs)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    #: the function a tool_choice of "required" or a named function forces, with its parameters schema
+    forced_tool: str | None = None
+    tool_parameters: dict[str, Any] = field(default_factory=dict)
+    #: the schema of a json_schema response_format (None: none given)
+    json_schema: dict[str, Any] | None = None
 
 
 def _json_type(value: object) -> str:
@@ -127,19 +152,171 @@ def _check_number(body: dict[str, Any], name: str, low: float, high: float) -> N
         )
 
 
-def _check_positive_int(body: dict[str, Any], name: str) -> int | None:
+def _check_int(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if not _is_int(value):
         raise _bad_type(name, "an integer", value)
-    if value < 1:
+    if value < low:
         raise InvalidRequest(
-            f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
+            f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got {value} instead.",
             name,
             "integer_below_min_value",
         )
+    if high is not None and value > high:
+        raise InvalidRequest(
+            f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, but got {value} instead.",
+            name,
+            "integer_above_max_value",
+        )
     return int(value)
+
+
+def _check_positive_int(body: dict[str, Any], name: str) -> int | None:
+    return _check_int(body, name, 1)
+
+
+def _missing(param: str) -> InvalidRequest:
+    return InvalidRequest(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
+def _check_name(value: object, param: str) -> str:
+    if value is None:
+        raise _missing(param)
+    if not isinstance(value, str):
+        raise _bad_type(param, "a string", value)
+    if not _NAME_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
+            f"'^[a-zA-Z0-9_-]{{1,64}}$'.",
+            param,
+            "invalid_value",
+        )
+    return value
+
+
+def _check_schema(schema: object, param: str, code: str, what: str) -> dict[str, Any]:
+    if not isinstance(schema, dict):
+        raise _bad_type(param, "an object", schema)
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidRequest(f"Invalid schema for {what}: {exc.message}.", param, code) from None
+    return schema
+
+
+def _parse_tools(tools: object) -> dict[str, dict[str, Any]]:
+    """The functions of a valid `tools` array, by name (their parameters schema, {} when none)."""
+    if not isinstance(tools, list):
+        raise _bad_type("tools", "an array", tools)
+    if not tools:
+        raise InvalidRequest(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            "tools",
+            "empty_array",
+        )
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad_type(param, "an object", tool)
+        kind = tool.get("type")
+        if kind is None:
+            raise _missing(f"{param}.type")
+        if kind != "function":
+            raise InvalidRequest(
+                f"Invalid value: {kind!r}. Supported values are: 'function'.", f"{param}.type", "invalid_value"
+            )
+        function = tool.get("function")
+        if function is None:
+            raise _missing(f"{param}.function")
+        if not isinstance(function, dict):
+            raise _bad_type(f"{param}.function", "an object", function)
+        name = _check_name(function.get("name"), f"{param}.function.name")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _bad_type(f"{param}.function.description", "a string", description)
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _bad_type(f"{param}.function.strict", "a boolean", strict)
+        parameters = function.get("parameters")
+        functions[name] = (
+            {}
+            if parameters is None
+            else _check_schema(
+                parameters, f"{param}.function.parameters", "invalid_function_parameters", f"function '{name}'"
+            )
+        )
+    return functions
+
+
+def _forced_tool(body: dict[str, Any], functions: dict[str, dict[str, Any]]) -> str | None:
+    """The function a tool_choice forces ("required": the first one), or None."""
+    choice = body.get("tool_choice")
+    for name in ("tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None and not functions:
+            raise InvalidRequest(
+                f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are specified.",
+                name,
+                "invalid_value",
+            )
+    if choice is None or choice in ("none", "auto"):
+        return None
+    if choice == "required":
+        return next(iter(functions))
+    if isinstance(choice, str):
+        supported = ", ".join(f"'{c}'" for c in TOOL_CHOICES)
+        raise InvalidRequest(
+            f"Invalid value: {choice!r}. Supported values are: {supported}.", "tool_choice", "invalid_value"
+        )
+    function = choice.get("function")
+    if choice.get("type") != "function" or not isinstance(function, dict):
+        raise InvalidRequest(
+            'Invalid value for \'tool_choice\': expected {"type": "function", "function": {"name": ...}}.',
+            "tool_choice",
+            "invalid_value",
+        )
+    wanted = function.get("name")
+    if not isinstance(wanted, str) or wanted not in functions:
+        raise InvalidRequest(
+            f"Invalid value for 'tool_choice': tool choice {wanted!r} not found in 'tools' parameter.",
+            "tool_choice",
+            "invalid_value",
+        )
+    return wanted
+
+
+def _parse_response_format(value: object) -> tuple[bool, dict[str, Any] | None]:
+    """(JSON asked for, the json_schema's schema or None) of a valid response_format."""
+    if value is None:
+        return False, None
+    if not isinstance(value, dict):
+        raise _bad_type("response_format", "an object", value)
+    kind = value.get("type")
+    if kind is None:
+        raise _missing("response_format.type")
+    if kind not in RESPONSE_FORMATS:
+        supported = ", ".join(f"'{c}'" for c in RESPONSE_FORMATS)
+        raise InvalidRequest(
+            f"Invalid value: {kind!r}. Supported values are: {supported}.", "response_format.type", "invalid_value"
+        )
+    if kind != "json_schema":
+        return kind == "json_object", None
+    spec = value.get("json_schema")
+    param = "response_format.json_schema"
+    if spec is None:
+        raise _missing(param)
+    if not isinstance(spec, dict):
+        raise _bad_type(param, "an object", spec)
+    name = _check_name(spec.get("name"), f"{param}.name")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _bad_type(f"{param}.strict", "a boolean", strict)
+    schema = spec.get("schema")
+    if schema is None:
+        return True, None
+    return True, _check_schema(schema, f"{param}.schema", "invalid_json_schema", f"response_format '{name}'")
 
 
 def _content_text(content: object, param: str, role: str) -> str:
@@ -256,12 +433,14 @@ def parse_request(raw: bytes) -> ChatRequest:
     _check_number(body, "frequency_penalty", -2.0, 2.0)
     max_tokens = _check_positive_int(body, "max_tokens")
     max_completion_tokens = _check_positive_int(body, "max_completion_tokens")
-    n = body.get("n")
-    if n is not None:
-        if not _is_int(n):
-            raise _bad_type("n", "an integer", n)
-        if n != 1:
-            raise InvalidRequest(f"Invalid 'n': only n=1 is supported by this endpoint, got {n}.", "n", "invalid_value")
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise InvalidRequest(
+            "Setting both 'max_tokens' and 'max_completion_tokens' is not supported. "
+            "Please use only 'max_completion_tokens'.",
+            "max_tokens",
+            "invalid_value",
+        )
+    n = _check_int(body, "n", 1, MAX_N)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad_type("stream", "a boolean", stream)
@@ -287,18 +466,21 @@ def parse_request(raw: bytes) -> ChatRequest:
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise _bad_type("seed", "an integer", seed)
-    top_logprobs = body.get("top_logprobs")
-    if top_logprobs is not None and (not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20):
-        raise InvalidRequest(
-            "Invalid 'top_logprobs': expected an integer between 0 and 20.",
-            "top_logprobs",
-            "invalid_value",
-        )
     for name, types in _PASSTHROUGH_TYPES.items():
         value = body.get(name)
         if value is not None and not isinstance(value, types):
             expected = " or ".join(_json_type(t()) for t in types)
             raise _bad_type(name, expected, value)
+    top_logprobs = _check_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and body.get("logprobs") is not True:
+        raise InvalidRequest(
+            "Invalid value for 'top_logprobs': 'logprobs' must be set to true when 'top_logprobs' is used.",
+            "top_logprobs",
+            "invalid_value",
+        )
+    functions = _parse_tools(body["tools"]) if body.get("tools") is not None else {}
+    forced = _forced_tool(body, functions)
+    json_mode, json_schema = _parse_response_format(body.get("response_format"))
     return ChatRequest(
         model=model,
         messages=body["messages"],
@@ -308,6 +490,11 @@ def parse_request(raw: bytes) -> ChatRequest:
         stream=bool(stream),
         include_usage=include_usage,
         stop=stop,
-        json_mode=isinstance(body.get("response_format"), dict)
-        and body["response_format"].get("type") in ("json_object", "json_schema"),
+        json_mode=json_mode,
+        n=n or 1,
+        logprobs=body.get("logprobs") is True,
+        top_logprobs=top_logprobs or 0,
+        forced_tool=forced,
+        tool_parameters=functions[forced] if forced is not None else {},
+        json_schema=json_schema,
     )
