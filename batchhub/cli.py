@@ -129,7 +129,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-@main.command()
+@main.command(short_help="Run a job, or resume it: send the rows without a result.")
 @click.argument("input_or_spec", type=click.Path(path_type=Path))
 @job_options
 @EXPECT_JSON
@@ -156,6 +156,15 @@ def run(
 
     Running the same command again resumes: only rows without a result are sent.
     Exit codes: 0 all rows ok, 1 some rows failed, 2 bad usage or input, 3 stopped early (resumable).
+
+    \b
+    Examples:
+      # a CSV, a model and a prompt template over its columns (run it again to resume)
+      batchhub run reviews.csv --model gpt-4o-mini --template 'Classify: {review}'
+      # the demo job on the built-in simulator (no key, no network)
+      batchhub run jobs/demo.toml --mock
+      # stay under rate limits and a budget; send the failed rows again
+      batchhub run jobs/demo.toml --rpm 500 --tpm 200000 --max-cost 5 --retry-failed
     """
     try:
         if engine != "ray" and (ray_address or shard_rows or max_shards_in_flight):
@@ -183,6 +192,8 @@ def run(
     _print_summary(summary, spec.quiet, prepared.prices.label)
     if summary.exit_code == EXIT_STOPPED:
         click.echo(f"resume with: {_resume_command()}", err=True)
+        if _key_flag_given():
+            click.echo("  (--api-key was left out: pass --api-key again, or set BATCHHUB_API_KEY)", err=True)
     sys.exit(summary.exit_code)
 
 
@@ -241,6 +252,11 @@ def _resume_command() -> str:
     return "batchhub " + shlex.join(kept)
 
 
+def _key_flag_given() -> bool:
+    """Whether the command line carried --api-key (the resume command leaves it out)."""
+    return any(arg == "--api-key" or arg.startswith("--api-key=") for arg in sys.argv[1:])
+
+
 def _print_summary(s: Any, quiet: bool, prices: str) -> None:
     rate = s.results_this_run / s.elapsed_s if s.elapsed_s > 0 else 0.0
     cost = f"cost ${s.cost_usd:,.4f} this run"
@@ -251,9 +267,10 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
     lines = [
         f"{s.ok:,} ok, {s.failed:,} failed, {s.pending:,} pending of {s.total_rows:,} rows "
         f"({s.results_this_run:,} results this run in {s.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
-        f"requests {s.http_requests:,}, retries {s.retries:,}, rate-limited {s.rate_limited:,}"
-        + (f", invalid replies re-sent {s.invalid_retries:,}" if s.invalid_retries else "")
-        + "; "
+        # every HTTP request sent, retries included (the cost table counts the replies billed)
+        f"HTTP requests {s.http_requests:,} ({s.retries:,} retries, {s.rate_limited:,} rate-limited"
+        + (f", {s.invalid_retries:,} invalid replies re-sent" if s.invalid_retries else "")
+        + "); "
         f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion; {cost} (prices: {prices})",
     ]
     if s.stopped:
@@ -264,7 +281,7 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
         click.echo(line, err=True)
 
 
-@main.command()
+@main.command(short_help="Show a job's rows by status, errors, tokens, cost and time.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(job_dir: Path, as_json: bool) -> None:
@@ -313,7 +330,7 @@ def _job_dir_arg(path: Path) -> Path:
     return path
 
 
-@main.command()
+@main.command(short_help="Write input and results to one file, in input order.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .parquet, .csv or .jsonl."
@@ -360,7 +377,7 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
     click.echo(f"wrote {n:,} rows to {output}", err=True)
 
 
-@main.command("mock-server")
+@main.command("mock-server", short_help="Serve the simulated Chat Completions endpoint.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, type=int, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--rpm", type=int, help="Requests per minute before answering 429.")
@@ -408,7 +425,7 @@ def mock_server(
         asyncio.run(serve_forever(config, host, port, ready=ready))
 
 
-@main.command()
+@main.command(short_help="What a job, an export or a Parquet file cost, by model.")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option(
     "--prices",
@@ -451,7 +468,7 @@ def _job_prices(target: Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
-@main.command()
+@main.command(short_help="Estimate a job's tokens and cost before running it.")
 @click.argument("input_or_spec", type=click.Path(path_type=Path))
 @job_options
 @click.option("--sample", type=int, help="Send N rows spread over the input first (they become part of the job).")
@@ -487,7 +504,7 @@ def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: 
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
 
 
-@main.command()
+@main.command(short_help="Write a self-contained HTML report about a job.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -524,7 +541,7 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     )
 
 
-@main.command()
+@main.command(short_help="List the jobs under a folder, with their state and cost.")
 @click.argument("directory", metavar="[DIR]", default="jobs", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON (one object per job).")
 def jobs(directory: Path, as_json: bool) -> None:
@@ -574,7 +591,7 @@ def _jobs_table(listings: list[Any]) -> list[str]:
     return lines
 
 
-@main.command()
+@main.command(short_help="Print the shell completion script (bash, zsh or fish).")
 @click.argument("shell", metavar="[SHELL]", required=False, type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str | None) -> None:
     """Print the shell completion script for SHELL (bash, zsh or fish; default: from $SHELL).
