@@ -306,6 +306,9 @@ def status(job_dir: Path, as_json: bool) -> None:
     )
     if st.errors_by_type:
         click.echo("errors   " + ", ".join(f"{k} {v:,}" for k, v in st.errors_by_type.items()))
+        for kind, examples in st.error_examples.items():
+            for example in examples:
+                click.echo(f"         {kind}, row {example['row_id']}: {_example_message(example)}")
     if st.finish_reasons:
         click.echo("finish   " + ", ".join(f"{k} {v:,}" for k, v in st.finish_reasons.items()))
     click.echo(
@@ -320,6 +323,15 @@ def status(job_dir: Path, as_json: bool) -> None:
             line += f"; projected ${st.projected_usd:,.4f} for all {st.total_rows:,} rows (at the cost per row so far)"
         click.echo(line + (f"  (prices: {st.prices})" if st.prices else ""))
     click.echo(f"time     {st.run_seconds:,.1f}s over {st.runs} run(s); last result {st.last_finished_at or '-'}")
+
+
+def _example_message(example: dict[str, Any], limit: int = 150) -> str:
+    """One line of an error example: its message, cut short, with the HTTP status unless it says it."""
+    message = " ".join(str(example.get("message") or "(no message)").split())
+    status = example.get("http_status")
+    if status is not None and f"HTTP {status}" not in message:
+        message = f"(HTTP {status}) {message}"
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 def _job_dir_arg(path: Path) -> Path:
