@@ -451,13 +451,11 @@ def cost(target: Path, prices_file: Path | None, model: str | None, as_json: boo
     """What a job cost, by model: TARGET is a job directory, its spec, an export or any Parquet file
     with prompt_tokens and completion_tokens columns."""
     from batchhub.cost import render, report, usage_table
-    from batchhub.pricing import PriceBook
 
     try:
-        spec_prices, spec_file = _job_prices(target)
+        book = _job_prices(target, prices_file)
         if target.suffix.lower() == ".toml":
             target = _job_dir_arg(target)
-        book = PriceBook.build(spec_prices, prices_file or spec_file)
         rep = report(usage_table(target, model), book)
     except BatchhubError as exc:
         _fail(exc)
@@ -465,19 +463,21 @@ def cost(target: Path, prices_file: Path | None, model: str | None, as_json: boo
     click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else render(rep))
 
 
-def _job_prices(target: Path) -> tuple[dict[str, Any], Path | None]:
-    """The [prices] table and prices file a job was defined with, if TARGET is a job or its spec."""
+def _job_prices(target: Path, prices_file: Path | None) -> Any:
+    """The prices to use for TARGET: a job's own (recorded in its job.json), with --prices FILE over them."""
+    from batchhub.pricing import PriceBook
     from batchhub.store import JobStore
 
     if target.suffix.lower() == ".toml":
         spec = load_spec(target)
-        return spec.prices, spec.prices_file
-    store = JobStore(target)
+        store = JobStore(spec.resolved_job_dir())
+        if not store.exists():
+            return PriceBook.build(spec.prices, prices_file or spec.prices_file)
+    else:
+        store = JobStore(target)
     if store.exists():
-        saved = store.read_manifest().get("spec", {})
-        file = saved.get("prices_file")
-        return saved.get("prices") or {}, Path(file) if file else None
-    return {}, None
+        return PriceBook.for_job(store.read_manifest(), prices_file)
+    return PriceBook.build({}, prices_file)
 
 
 @main.command(short_help="Estimate a job's tokens and cost before running it.")

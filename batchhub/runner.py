@@ -211,6 +211,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     manifest["input"]["rows"] = n_rows
     manifest["input"]["fingerprint"] = input_fp
     prices = spec.price_book()
+    manifest["prices"] = prices.to_record()  # what status, report and cost price the job with later
     if spec.model:
         prices.lookup(spec.model)  # load the price data now, not on the event loop at the first response
     budget = _budget(spec, store, prices) if spec.max_cost is not None else None

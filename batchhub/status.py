@@ -83,8 +83,7 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
         st.models = _counts(latest["model"])
         last = pc.max(table["finished_at"]).as_py()
         st.last_finished_at = last.isoformat(timespec="seconds") if last is not None else None
-        saved = manifest.get("spec", {})
-        book = PriceBook.build(saved.get("prices") or {}, prices_file or saved.get("prices_file"))
+        book = PriceBook.for_job(manifest, prices_file)
         bill = report(table, book)
         st.prices = "; ".join(bill.sources) or None
         st.unpriced_models = bill.unknown_models
