@@ -273,11 +273,17 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
         + "); "
         f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion; {cost} (prices: {prices})",
     ]
+    if s.mismatched_results:
+        lines.insert(
+            1,
+            f"{s.mismatched_results:,} results did not match the requests their rows would send now "
+            "and were sent again",
+        )
     if s.stopped:
         lines.append(f"stopped: {s.message or s.stopped}")
     elif s.failed:
         lines.append(f"see failures: batchhub status {shlex.quote(str(s.job_dir))}; re-send them with --retry-failed")
-    for line in lines if not quiet or s.stopped or s.failed else lines[:1]:
+    for line in lines if not quiet or s.stopped or s.failed or s.mismatched_results else lines[:1]:
         click.echo(line, err=True)
 
 

@@ -522,6 +522,24 @@ class JobStore:
         keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
         return table.take(pa.array(keep))
 
+    def has_results(self) -> bool:
+        """Whether anything here holds results (shards, journal segments, the Ray engine's stores)."""
+        return bool(self.shards() or self.segments() or self.task_stores())
+
+    def row_request_hashes(self, n_rows: int) -> np.ndarray:
+        """The request_hash of each input row's latest result, fixed-width bytes (b"": no result, or none)."""
+        hashes = np.zeros(n_rows, dtype="S32")
+        table = self.results(["row_id", "request_hash", "seq"])
+        if table.num_rows == 0:
+            return hashes
+        row_id = table["row_id"].to_numpy()
+        keep = latest_indices(row_id, table["seq"].to_numpy())
+        ids = row_id[keep]
+        values = table["request_hash"].take(pa.array(keep)).cast(pa.binary()).fill_null(b"")
+        valid = (ids >= 0) & (ids < n_rows)
+        hashes[ids[valid]] = np.array(values.to_pylist(), dtype="S32")[valid]
+        return hashes
+
     def row_states(self, n_rows: int) -> np.ndarray:
         """uint8 per input row: 0 no result, 1 ok, 2 error (the latest result wins)."""
         states = np.zeros(n_rows, dtype=np.uint8)
