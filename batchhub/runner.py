@@ -567,7 +567,7 @@ class Job:
                     f"more than {defaults.MAX_MISMATCHED_RESULTS} results in {self.store.dir} do not match the "
                     "requests their rows would send now (the input, the request settings or how batchhub builds "
                     "requests changed, or results were copied from another job; first: row "
-                    f"{self._first_mismatch}); none was sent again. "
+                    f"{self._first_mismatch}); the run stopped rather than send them all again. "
                     "Use a new --job-dir, or --force to keep the results as they are"
                 )
                 self.request_stop("mismatched_results")

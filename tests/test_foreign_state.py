@@ -87,8 +87,8 @@ def test_many_foreign_results_are_refused_before_anything_is_sent(tmp_path: Path
     assert result.output == (
         f"error: more than 10 results in {job} do not match the requests their rows would send now "
         "(the input, the request settings or how batchhub builds requests changed, or results were copied "
-        "from another job; first: row 0); none was sent again. Use a new --job-dir, or --force to keep "
-        "the results as they are\n"
+        "from another job; first: row 0); the run stopped rather than send them all again. "
+        "Use a new --job-dir, or --force to keep the results as they are\n"
     )
     assert files(job / "results") == parts
     assert not list(job.glob("journal-*.jsonl")) or all(p.stat().st_size == 0 for p in job.glob("journal-*.jsonl"))
