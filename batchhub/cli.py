@@ -140,7 +140,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-@main.command()
+@main.command(short_help="Run a job, or resume it: send the rows without a result.")
 @click.argument("input_or_spec", type=click.Path(path_type=Path))
 @job_options
 @EXPECT_JSON
@@ -167,6 +167,15 @@ def run(
 
     Running the same command again resumes: only rows without a result are sent.
     Exit codes: 0 all rows ok, 1 some rows failed, 2 bad usage or input, 3 stopped early (resumable).
+
+    \b
+    Examples:
+      # a CSV, a model and a prompt template over its columns (run it again to resume)
+      batchhub run reviews.csv --model gpt-4o-mini --template 'Classify: {review}'
+      # the demo job on the built-in simulator (no key, no network)
+      batchhub run jobs/demo.toml --mock
+      # stay under rate limits and a budget; send the failed rows again
+      batchhub run jobs/demo.toml --rpm 500 --tpm 200000 --max-cost 5 --retry-failed
     """
     try:
         if engine != "ray" and (ray_address or shard_rows or max_shards_in_flight):
@@ -194,6 +203,8 @@ def run(
     _print_summary(summary, spec.quiet, prepared.prices.label)
     if summary.exit_code == EXIT_STOPPED:
         click.echo(f"resume with: {_resume_command()}", err=True)
+        if _key_flag_given():
+            click.echo("  (--api-key was left out: pass --api-key again, or set BATCHHUB_API_KEY)", err=True)
     sys.exit(summary.exit_code)
 
 
@@ -252,6 +263,11 @@ def _resume_command() -> str:
     return "batchhub " + shlex.join(kept)
 
 
+def _key_flag_given() -> bool:
+    """Whether the command line carried --api-key (the resume command leaves it out)."""
+    return any(arg == "--api-key" or arg.startswith("--api-key=") for arg in sys.argv[1:])
+
+
 def _print_summary(s: Any, quiet: bool, prices: str) -> None:
     rate = s.results_this_run / s.elapsed_s if s.elapsed_s > 0 else 0.0
     cost = f"cost ${s.cost_usd:,.4f} this run"
@@ -262,20 +278,27 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
     lines = [
         f"{s.ok:,} ok, {s.failed:,} failed, {s.pending:,} pending of {s.total_rows:,} rows "
         f"({s.results_this_run:,} results this run in {s.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
-        f"requests {s.http_requests:,}, retries {s.retries:,}, rate-limited {s.rate_limited:,}"
-        + (f", invalid replies re-sent {s.invalid_retries:,}" if s.invalid_retries else "")
-        + "; "
+        # every HTTP request sent, retries included (the cost table counts the replies billed)
+        f"HTTP requests {s.http_requests:,} ({s.retries:,} retries, {s.rate_limited:,} rate-limited"
+        + (f", {s.invalid_retries:,} invalid replies re-sent" if s.invalid_retries else "")
+        + "); "
         f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion; {cost} (prices: {prices})",
     ]
+    if s.mismatched_results:
+        lines.insert(
+            1,
+            f"{s.mismatched_results:,} results did not match the requests their rows would send now "
+            "and were sent again",
+        )
     if s.stopped:
         lines.append(f"stopped: {s.message or s.stopped}")
     elif s.failed:
         lines.append(f"see failures: batchhub status {shlex.quote(str(s.job_dir))}; re-send them with --retry-failed")
-    for line in lines if not quiet or s.stopped or s.failed else lines[:1]:
+    for line in lines if not quiet or s.stopped or s.failed or s.mismatched_results else lines[:1]:
         click.echo(line, err=True)
 
 
-@main.command()
+@main.command(short_help="Show a job's rows by status, errors, tokens, cost and time.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(job_dir: Path, as_json: bool) -> None:
@@ -300,6 +323,9 @@ def status(job_dir: Path, as_json: bool) -> None:
     )
     if st.errors_by_type:
         click.echo("errors   " + ", ".join(f"{k} {v:,}" for k, v in st.errors_by_type.items()))
+        for kind, examples in st.error_examples.items():
+            for example in examples:
+                click.echo(f"         {kind}, row {example['row_id']}: {_example_message(example)}")
     if st.finish_reasons:
         click.echo("finish   " + ", ".join(f"{k} {v:,}" for k, v in st.finish_reasons.items()))
     click.echo(
@@ -316,6 +342,15 @@ def status(job_dir: Path, as_json: bool) -> None:
     click.echo(f"time     {st.run_seconds:,.1f}s over {st.runs} run(s); last result {st.last_finished_at or '-'}")
 
 
+def _example_message(example: dict[str, Any], limit: int = 150) -> str:
+    """One line of an error example: its message, cut short, with the HTTP status unless it says it."""
+    message = " ".join(str(example.get("message") or "(no message)").split())
+    status = example.get("http_status")
+    if status is not None and f"HTTP {status}" not in message:
+        message = f"(HTTP {status}) {message}"
+    return message if len(message) <= limit else message[:limit] + "..."
+
+
 def _job_dir_arg(path: Path) -> Path:
     """A job is named by its directory or by its spec file (jobs/demo.toml -> jobs/demo)."""
     if path.suffix.lower() == ".toml":
@@ -324,7 +359,7 @@ def _job_dir_arg(path: Path) -> Path:
     return path
 
 
-@main.command()
+@main.command(short_help="Write input and results to one file, in input order.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .parquet, .csv or .jsonl."
@@ -371,7 +406,7 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
     click.echo(f"wrote {n:,} rows to {output}", err=True)
 
 
-@main.command("mock-server")
+@main.command("mock-server", short_help="Serve the simulated Chat Completions endpoint.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, type=int, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--rpm", type=int, help="Requests per minute before answering 429.")
@@ -429,7 +464,7 @@ def mock_server(
         asyncio.run(serve_forever(config, host, port, ready=ready))
 
 
-@main.command()
+@main.command(short_help="What a job, an export or a Parquet file cost, by model.")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option(
     "--prices",
@@ -443,13 +478,11 @@ def cost(target: Path, prices_file: Path | None, model: str | None, as_json: boo
     """What a job cost, by model: TARGET is a job directory, its spec, an export or any Parquet file
     with prompt_tokens and completion_tokens columns."""
     from batchhub.cost import render, report, usage_table
-    from batchhub.pricing import PriceBook
 
     try:
-        spec_prices, spec_file = _job_prices(target)
+        book = _job_prices(target, prices_file)
         if target.suffix.lower() == ".toml":
             target = _job_dir_arg(target)
-        book = PriceBook.build(spec_prices, prices_file or spec_file)
         rep = report(usage_table(target, model), book)
     except BatchhubError as exc:
         _fail(exc)
@@ -457,22 +490,24 @@ def cost(target: Path, prices_file: Path | None, model: str | None, as_json: boo
     click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else render(rep))
 
 
-def _job_prices(target: Path) -> tuple[dict[str, Any], Path | None]:
-    """The [prices] table and prices file a job was defined with, if TARGET is a job or its spec."""
+def _job_prices(target: Path, prices_file: Path | None) -> Any:
+    """The prices to use for TARGET: a job's own (recorded in its job.json), with --prices FILE over them."""
+    from batchhub.pricing import PriceBook
     from batchhub.store import JobStore
 
     if target.suffix.lower() == ".toml":
         spec = load_spec(target)
-        return spec.prices, spec.prices_file
-    store = JobStore(target)
+        store = JobStore(spec.resolved_job_dir())
+        if not store.exists():
+            return PriceBook.build(spec.prices, prices_file or spec.prices_file)
+    else:
+        store = JobStore(target)
     if store.exists():
-        saved = store.read_manifest().get("spec", {})
-        file = saved.get("prices_file")
-        return saved.get("prices") or {}, Path(file) if file else None
-    return {}, None
+        return PriceBook.for_job(store.read_manifest(), prices_file)
+    return PriceBook.build({}, prices_file)
 
 
-@main.command()
+@main.command(short_help="Estimate a job's tokens and cost before running it.")
 @click.argument("input_or_spec", type=click.Path(path_type=Path))
 @job_options
 @click.option("--sample", type=int, help="Send N rows spread over the input first (they become part of the job).")
@@ -508,7 +543,7 @@ def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: 
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
 
 
-@main.command()
+@main.command(short_help="Write a self-contained HTML report about a job.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -545,7 +580,7 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     )
 
 
-@main.command()
+@main.command(short_help="List the jobs under a folder, with their state and cost.")
 @click.argument("directory", metavar="[DIR]", default="jobs", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON (one object per job).")
 def jobs(directory: Path, as_json: bool) -> None:
@@ -595,7 +630,7 @@ def _jobs_table(listings: list[Any]) -> list[str]:
     return lines
 
 
-@main.command()
+@main.command(short_help="Print the shell completion script (bash, zsh or fish).")
 @click.argument("shell", metavar="[SHELL]", required=False, type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str | None) -> None:
     """Print the shell completion script for SHELL (bash, zsh or fish; default: from $SHELL).

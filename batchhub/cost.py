@@ -82,7 +82,17 @@ def _latest(table: pa.Table) -> datetime | None:
 
 def render(rep: CostReport) -> str:
     """The report as an aligned text table."""
-    header = ("model", "priced as", "requests", "prompt", "cached", "completion", "input $", "output $", "total $")
+    header = (
+        "model",
+        "priced as",
+        "replies billed",
+        "prompt",
+        "cached",
+        "completion",
+        "input $",
+        "output $",
+        "total $",
+    )
     rows: list[tuple[str, ...]] = []
     for m in rep.models:
         rows.append(

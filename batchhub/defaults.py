@@ -43,6 +43,11 @@ FLUSH_SECONDS = 30.0
 #: fsync per row.
 JOURNAL_FSYNC_S = 1.0
 
+#: Results a resume re-sends because their request_hash is not the request their row would
+#: send now (a damaged or copied part): past this many, the job (its settings, its input or
+#: how requests are built) has changed as a whole, and re-sending everything would pay twice.
+MAX_MISMATCHED_RESULTS = 10
+
 #: Rows read from the input per batch.
 READ_BATCH_ROWS = 2048
 #: Bounded queue between reader and workers, as a multiple of concurrency: enough to keep

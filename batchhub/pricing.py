@@ -185,6 +185,34 @@ class PriceBook:
                 book.override_sources[model] = f"--prices {prices_file}"
         return book
 
+    def to_record(self) -> dict[str, Any]:
+        """The override table and where each entry came from, as recorded in job.json."""
+        return {"overrides": self.overrides, "sources": self.override_sources}
+
+    @classmethod
+    def for_job(cls, manifest: Mapping[str, Any], prices_file: str | Path | None = None) -> PriceBook:
+        """The prices a job ran with, from its job.json, with a reader's `--prices FILE` over them.
+
+        The override table is recorded at run time, so a relative or since-moved prices file is
+        never read again. A job recorded before that is priced from its spec as it was saved.
+        """
+        recorded = manifest.get("prices")
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("overrides"), dict):
+            saved = manifest.get("spec") or {}
+            return cls.build(saved.get("prices") or {}, prices_file or saved.get("prices_file"))
+        book = cls()
+        sources = recorded.get("sources")
+        if not isinstance(sources, dict):
+            sources = {}
+        for model, entry in recorded["overrides"].items():
+            book.overrides[str(model)] = _check_override(str(model), entry, "job.json prices")
+            book.override_sources[str(model)] = f"{sources.get(model, 'prices')} (recorded in job.json)"
+        if prices_file is not None:
+            for model, entry in load_prices_file(prices_file).items():
+                book.overrides[model] = entry
+                book.override_sources[model] = f"--prices {prices_file}"
+        return book
+
     @property
     def default_source(self) -> str:
         return f"genai-prices {_genai_prices_version()} (bundled data)"

@@ -123,7 +123,7 @@ def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
         run_seconds=sum(float(r.get("elapsed_s") or 0) for r in runs),
         first_started=runs[0].get("started_at") if runs else None,
     )
-    book = PriceBook.build(spec.get("prices") or {}, prices_file or spec.get("prices_file"))
+    book = PriceBook.for_job(manifest, prices_file)
     rep.prices = book.label
     table = store.results(list(COLUMNS))
     if table.num_rows:

@@ -116,6 +116,8 @@ class JobSummary:
     budget_spent_usd: float | None = None
     stopped: str | None = None
     message: str | None = None
+    #: results whose request_hash did not match their row's request now: sent again
+    mismatched_results: int = 0
     #: the API error that stopped the job (401, 403, insufficient quota), its message redacted
     error: FatalAPIError | None = field(default=None, repr=False)
 
@@ -143,6 +145,11 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     if store.dir.exists() and not store.dir.is_dir():
         raise UsageError(f"the job directory {store.dir} is a file, not a directory: choose another --job-dir")
     input_fp = fingerprint(source.path)
+    if not store.exists() and store.has_results():
+        raise JobStateError(
+            f"results without job.json: {store.dir} holds results but no job.json, so nothing tells which input "
+            "and settings they belong to; use a new --job-dir, or restore job.json"
+        )
     if store.exists():
         manifest = store.read_manifest()
         known = manifest.get("input", {})
@@ -188,6 +195,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     manifest["input"]["rows"] = n_rows
     manifest["input"]["fingerprint"] = input_fp
     prices = spec.price_book()
+    manifest["prices"] = prices.to_record()  # what status, report and cost price the job with later
     if spec.model:
         prices.lookup(spec.model)  # load the price data now, not on the event loop at the first response
     budget = _budget(spec, store, prices) if spec.max_cost is not None else None
@@ -356,6 +364,9 @@ class Job:
         #: differs, dropped (left pending) if fail-fast stops the job
         self._held: list[tuple[dict[str, Any], str | None]] = []
         self._held_key: tuple[Any, ...] | None = None
+        #: the job's own results disagree with its rows (too many request hashes do not match)
+        self._refusal: JobStateError | None = None
+        self._first_mismatch: int | None = None
 
     # -- control ------------------------------------------------------------------------
 
@@ -385,6 +396,11 @@ class Job:
             wanted[self._only_rows[(self._only_rows >= 0) & (self._only_rows < p.n_rows)]] = True
             todo &= wanted
         self._todo = todo
+        # a resume trusts a result only if its request_hash is the request its row would send now:
+        # the reader checks each done row as it passes (--force keeps results as they are)
+        self._hashes: np.ndarray | None = None
+        if not spec.force and self._only_rows is None and bool(np.any(states != STATE_NONE)):
+            self._hashes = store.row_request_hashes(p.n_rows)
         n_todo = int(np.count_nonzero(todo))
         run_record: dict[str, Any] = {
             "started_at": now_iso(),
@@ -413,7 +429,7 @@ class Job:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)
         self._limits: Limiter = self._shared_limits or RateLimits(spec.rpm, spec.tpm)
         try:
-            if n_todo and setup_error is None:
+            if (n_todo or self._hashes is not None) and setup_error is None:
                 try:
                     self._segment = store.open_segment()
                 except OSError as exc:
@@ -435,6 +451,8 @@ class Job:
             close_run_record(run_record, summary)
             with contextlib.suppress(OSError):
                 store.write_manifest(p.manifest)
+        if self._refusal is not None:
+            raise self._refusal
         return summary
 
     @contextlib.asynccontextmanager
@@ -480,11 +498,13 @@ class Job:
     # -- reader -----------------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        builder, todo, queue = self.p.builder, self._todo, self._queue
-        # before the first row to send and past the last there is nothing to read (a resumed job,
-        # a shard of a larger input, a sample): the reader skips the rows before without converting them
-        row_id = int(np.argmax(todo)) if todo.any() else 0
-        end = len(todo) - int(np.argmax(todo[::-1])) if todo.any() else 0
+        builder, todo, queue, hashes = self.p.builder, self._todo, self._queue, self._hashes
+        checked = (hashes != b"") & ~todo if hashes is not None else np.zeros(len(todo), dtype=bool)
+        span = todo | checked
+        # before the first row to send or check and past the last there is nothing to read (a resumed
+        # job, a shard of a larger input, a sample): the reader skips the rows before without converting them
+        row_id = int(np.argmax(span)) if span.any() else 0
+        end = len(span) - int(np.argmax(span[::-1])) if span.any() else 0
         rows = self.p.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS, start=row_id)
         try:
             while not self._stop.is_set() and row_id < end:
@@ -493,6 +513,9 @@ class Job:
                     break
                 base = row_id
                 row_id += len(batch)
+                # done rows first: a batch's rows are queued only once its results are known good
+                if hashes is not None and not self._check_results(batch, base, checked, hashes):
+                    break
                 wanted = np.flatnonzero(todo[base : base + len(batch)])
                 for offset in wanted:
                     if self._stop.is_set():
@@ -515,6 +538,37 @@ class Job:
         if not self._stop.is_set():
             for _ in range(self.spec.concurrency):
                 await queue.put(_END)
+
+    def _check_results(self, batch: list[Any], base: int, checked: np.ndarray, hashes: np.ndarray) -> bool:
+        """Build the requests of the done rows of a batch and compare them with their results' hashes.
+
+        A result that does not match is not trusted: its row becomes pending (and is sent again as
+        this batch is queued). Past MAX_MISMATCHED_RESULTS the job stops (exit 2), returning False.
+        """
+        for offset in np.flatnonzero(checked[base : base + len(batch)]):
+            rid = base + int(offset)
+            try:
+                now = self.p.builder.build(batch[offset]).request_hash.encode()
+            except RowError:
+                now = b""  # the row cannot be sent now: its stored result is not its request's either
+            if now == hashes[rid]:
+                continue
+            self._summary.mismatched_results += 1
+            if self._first_mismatch is None:
+                self._first_mismatch = rid
+            if self._summary.mismatched_results > defaults.MAX_MISMATCHED_RESULTS:
+                self._refusal = JobStateError(
+                    f"more than {defaults.MAX_MISMATCHED_RESULTS} results in {self.store.dir} do not match the "
+                    "requests their rows would send now (the input, the request settings or how batchhub builds "
+                    "requests changed, or results were copied from another job; first: row "
+                    f"{self._first_mismatch}); the run stopped rather than send them all again. "
+                    "Use a new --job-dir, or --force to keep the results as they are"
+                )
+                self.request_stop("mismatched_results")
+                return False
+            self._todo[rid] = True
+            self._states[rid] = STATE_NONE
+        return True
 
     # -- workers ----------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub.cost import USAGE_COLUMNS, report
@@ -22,6 +24,8 @@ class JobStatus:
     failed: int
     pending: int
     errors_by_type: dict[str, int] = field(default_factory=dict)
+    #: error type -> up to EXAMPLES_PER_TYPE failed rows (the first by row_id): row_id, http_status, message
+    error_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     finish_reasons: dict[str, int] = field(default_factory=dict)
     results_recorded: int = 0
     prompt_tokens: int = 0
@@ -72,13 +76,14 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
         st.ok = int(pc.sum(pc.equal(latest["status"], "ok")).as_py() or 0)
         st.failed = latest.num_rows - st.ok
         st.pending = max(0, total - latest.num_rows)
-        st.errors_by_type = _counts(latest.filter(pc.not_equal(latest["status"], "ok"))["error_type"])
+        failed = latest.filter(pc.not_equal(latest["status"], "ok"))
+        st.errors_by_type = _counts(failed["error_type"])
+        st.error_examples = _error_examples(store, failed)
         st.finish_reasons = _counts(latest["finish_reason"])
         st.models = _counts(latest["model"])
         last = pc.max(table["finished_at"]).as_py()
         st.last_finished_at = last.isoformat(timespec="seconds") if last is not None else None
-        saved = manifest.get("spec", {})
-        book = PriceBook.build(saved.get("prices") or {}, prices_file or saved.get("prices_file"))
+        book = PriceBook.for_job(manifest, prices_file)
         bill = report(table, book)
         st.prices = "; ".join(bill.sources) or None
         st.unpriced_models = bill.unknown_models
@@ -94,6 +99,42 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
     elif runs:
         st.state = "stopped"
     return st
+
+
+#: example messages `status` shows per error type
+EXAMPLES_PER_TYPE = 2
+#: longest example message kept (a server may send a whole HTML page as its error)
+EXAMPLE_MESSAGE_CHARS = 1000
+
+
+def _error_examples(store: JobStore, failed: pa.Table) -> dict[str, list[dict[str, Any]]]:
+    """The first failed rows of each error type, with their messages.
+
+    `failed` holds the latest result of each failed row, without messages. Messages are then
+    read one results table at a time and only for the chosen results (by seq), so a job with
+    millions of failed rows never has its messages in memory at once.
+    """
+    if failed.num_rows == 0:
+        return {}
+    types = failed["error_type"].fill_null("(unknown)")
+    chosen: dict[int, tuple[str, int]] = {}  # seq -> (error type, row_id)
+    for name in _counts(types):
+        rows = failed.filter(pc.equal(types, name)).sort_by("row_id").slice(0, EXAMPLES_PER_TYPE)
+        for rid, seq in zip(rows["row_id"].to_pylist(), rows["seq"].to_pylist(), strict=True):
+            chosen[int(seq)] = (name, int(rid))
+    wanted = pa.array(np.fromiter(chosen, dtype=np.int64, count=len(chosen)))
+    found: dict[int, dict[str, Any]] = {}
+    for table in store.iter_result_tables(["seq", "http_status", "error_message"]):
+        for row in table.filter(pc.is_in(table["seq"], value_set=wanted)).to_pylist():
+            message = row["error_message"]
+            found[int(row["seq"])] = {
+                "http_status": row["http_status"],
+                "message": message[:EXAMPLE_MESSAGE_CHARS] if message is not None else None,
+            }
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for seq, (name, rid) in chosen.items():
+        examples.setdefault(name, []).append({"row_id": rid, **found.get(seq, {"http_status": None, "message": None})})
+    return examples
 
 
 def _counts(column: Any) -> dict[str, int]:

@@ -522,6 +522,23 @@ class JobStore:
         keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
         return table.take(pa.array(keep))
 
+    def has_results(self) -> bool:
+        """Whether anything here holds results (shards, journal segments, the Ray engine's stores)."""
+        return bool(self.shards() or self.segments() or self.task_stores())
+
+    def row_request_hashes(self, n_rows: int) -> np.ndarray:
+        """The request_hash of each input row's latest result, fixed-width bytes (b"": no result, or none)."""
+        hashes = np.zeros(n_rows, dtype="S32")
+        table = self.results(["row_id", "request_hash", "seq"])
+        if table.num_rows == 0:
+            return hashes
+        row_id = table["row_id"].to_numpy()
+        keep = latest_indices(row_id, table["seq"].to_numpy())
+        ids = row_id[keep]
+        valid = (ids >= 0) & (ids < n_rows)
+        hashes[ids[valid]] = _fixed_width(table["request_hash"], 32)[keep][valid]
+        return hashes
+
     def row_states(self, n_rows: int) -> np.ndarray:
         """uint8 per input row: 0 no result, 1 ok, 2 error (the latest result wins)."""
         states = np.zeros(n_rows, dtype=np.uint8)
@@ -535,6 +552,18 @@ class JobStore:
         valid = (ids >= 0) & (ids < n_rows)
         states[ids[valid]] = np.where(ok[keep][valid], STATE_OK, STATE_ERROR)
         return states
+
+
+def _fixed_width(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A string column as numpy bytes of `width` (b"" for null); straight from the buffers when every
+    value is that long (the request hashes a run writes), value by value otherwise."""
+    values = column.combine_chunks().cast(pa.binary())
+    if len(values) and values.null_count == 0:
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + len(values) + 1]
+        if np.all(np.diff(offsets) == width):
+            data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+            return data.view(f"S{width}")
+    return np.array(values.fill_null(b"").to_pylist(), dtype=f"S{width}")
 
 
 def _read_shard(path: Path, columns: list[str]) -> pa.Table:

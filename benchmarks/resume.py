@@ -8,7 +8,9 @@ from `prepare_job` (the input's real fingerprint and row count, one run record),
 an ok result for every even row_id written with `JobStore.write_shard` in shards of
 5,000 rows (the default flush_rows), numbered by seq like a real run, except the
 last 5,000 results, left in a journal segment as a SIGKILL leaves them (so the
-resume also has to compact them). Each repetition resumes a fresh copy of it.
+resume also has to compact them). Each result carries the request_hash of the request
+its row sends, as a real run's does: the resume checks each done row's request against
+it as its reader passes. Each repetition resumes a fresh copy of it.
 
 Measured: from just before the `batchhub run` process is started to the moment
 the simulator (its own process, no latency) has seen the first POST, by polling
@@ -17,7 +19,8 @@ figure is late by at most one poll). The job is then stopped with SIGINT.
 Target: the first request within 2 s.
 
 Then, in one more fresh process, the phases of a resume are timed one by one
-(imports, prepare_job, JobStore.recover, JobStore.row_states, the first input batch).
+(imports, prepare_job, JobStore.recover, JobStore.row_states, JobStore.row_request_hashes,
+the first input batch).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ SHARD_ROWS = 5_000
 POLL_S = 0.003
 
 
-def synthetic_result(row_id: int, seq: int, now: float) -> dict:
+def synthetic_result(row_id: int, seq: int, now: float, request_hash: str) -> dict:
     """An ok result as the runner records it (see Job._ok_row / Job._record)."""
     return {
         "row_id": row_id,
@@ -57,7 +60,7 @@ def synthetic_result(row_id: int, seq: int, now: float) -> dict:
         "http_status": 200,
         "error_type": None,
         "error_message": None,
-        "request_hash": f"{row_id:032x}",
+        "request_hash": request_hash,
         "finished_at": now,
         "seq": seq,
     }
@@ -76,15 +79,22 @@ def build_half_done(input_path: Path, job_dir: Path, base_url: str, concurrency:
     store.recover()  # creates the folders
     n = prepared.n_rows
     done = list(range(0, n, 2))
+    # the hash of the request each done row sends: a resume trusts only results that match it
+    hashes: list[str] = []
+    offset = 0
+    for batch in prepared.source.iter_rows(prepared.builder.needed_columns, 8192):
+        hashes.extend(prepared.builder.build(row).request_hash for row in batch[offset % 2 :: 2])
+        offset += len(batch)
     in_journal = min(SHARD_ROWS, len(done) // 10)
     cut = len(done) - in_journal
     now = time.time()
     for start in range(0, cut, SHARD_ROWS):
         ids = done[start : min(start + SHARD_ROWS, cut)]
-        store.write_shard([synthetic_result(rid, start + i + 1, now) for i, rid in enumerate(ids)])
+        store.write_shard([synthetic_result(rid, start + i + 1, now, hashes[rid // 2]) for i, rid in enumerate(ids)])
     with open(job_dir / "journal-000001.jsonl", "w", encoding="utf-8") as fh:
         for i, rid in enumerate(done[cut:]):
-            fh.write(json.dumps(synthetic_result(rid, cut + i + 1, now), separators=(",", ":")) + "\n")
+            row = synthetic_result(rid, cut + i + 1, now, hashes[rid // 2])
+            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
     prepared.manifest["runs"] = [
         {
             "started_at": "2025-01-01T00:00:00Z",
@@ -139,6 +149,9 @@ def phases(input_path: Path, job_dir: Path, base_url: str) -> None:
     t = time.perf_counter()
     states = store.row_states(prepared.n_rows)
     out["JobStore.row_states (read every shard)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    store.row_request_hashes(prepared.n_rows)
+    out["JobStore.row_request_hashes (read every shard)"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = prepared.source.iter_rows(prepared.builder.needed_columns, 2048)
     batch = next(rows)

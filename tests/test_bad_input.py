@@ -262,7 +262,7 @@ def test_empty_prompts_in_a_csv_fail_alone_without_being_sent(tmp_path: Path) ->
     job = tmp_path / "job"
     result = run(data, job)
     assert result.exit_code == 1, result.output
-    assert "requests 2," in result.output  # only the two good rows were sent
+    assert "HTTP requests 2 (" in result.output  # only the two good rows were sent
     df = export(job, tmp_path / "out.parquet")
     assert df["status"].tolist() == ["ok", "error", "error", "ok", "error"]
     bad = df[df["status"] == "error"]
@@ -279,7 +279,7 @@ def test_null_missing_and_empty_prompts_in_jsonl_and_parquet_fail_alone(tmp_path
         job = tmp_path / f"job-{data.suffix[1:]}"
         result = run(data, job)
         assert result.exit_code == 1, result.output
-        assert "requests 2," in result.output
+        assert "HTTP requests 2 (" in result.output
         df = export(job, tmp_path / f"out-{data.suffix[1:]}.parquet")
         assert df["status"].tolist() == ["ok", "error", "error", "error", "ok"], data
         assert set(df.loc[1:3, "error_type"]) == {"empty_prompt"}
@@ -328,7 +328,7 @@ def test_out_of_range_per_row_values_fail_their_rows_only(tmp_path: Path) -> Non
     params = ("--param-column", "temperature=temp", "--param-column", "max_tokens=mt", "--param-column", "stop=stops")
     result = run(data, job, *params)
     assert result.exit_code == 1, result.output
-    assert "requests 2," in result.output  # the bad rows were not sent
+    assert "HTTP requests 2 (" in result.output  # the bad rows were not sent
     df = export(job, tmp_path / "out.parquet")
     assert df["status"].tolist() == ["ok", "ok", "error", "error", "error", "error", "error", "error"]
     bad = df[df["status"] == "error"]

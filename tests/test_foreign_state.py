@@ -1,0 +1,104 @@
+"""Damaged or foreign state is never adopted silently: results without job.json are refused,
+and a result whose request_hash is not the request its row would send now is not trusted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+
+from batchhub.cli import main
+from batchhub.store import JobStore
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def write_input(path: Path, word: str, n: int) -> Path:
+    pd.DataFrame({"prompt": [f"{word} {i}" for i in range(n)]}).to_csv(path, index=False)
+    return path
+
+
+def run(data: Path, job: Path, *extra: str):
+    return invoke("run", str(data), "--mock", "--model", "m", "--job-dir", str(job), "-q", *extra)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def latest(job: Path) -> pd.DataFrame:
+    return JobStore(job).latest_results(["row_id", "request_hash", "status"]).to_pandas()
+
+
+def foreign_job(tmp_path: Path, n: int) -> tuple[Path, Path, list[str]]:
+    """Job b, whose own results were replaced by a part copied from job a (another input).
+
+    Returns b's job directory, its input, and the request hashes of b's own requests.
+    """
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(write_input(tmp_path / "a.csv", "apples", n), a).exit_code == 0
+    b_input = write_input(tmp_path / "b.csv", "pears", n)
+    assert run(b_input, b).exit_code == 0
+    own = latest(b)["request_hash"].tolist()
+    for part in (b / "results").iterdir():
+        part.unlink()
+    shutil.copy(next((a / "results").iterdir()), b / "results" / "part-000001.parquet")
+    assert set(latest(b)["request_hash"]).isdisjoint(own)
+    return b, b_input, own
+
+
+def test_results_without_job_json_are_refused(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    assert run(write_input(tmp_path / "first.csv", "apples", 6), job).exit_code == 0
+    (job / "job.json").unlink()
+    before = files(job)
+    result = run(write_input(tmp_path / "second.csv", "pears", 6), job)
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: results without job.json: {job} holds results but no job.json, so nothing tells which input "
+        "and settings they belong to; use a new --job-dir, or restore job.json\n"
+    )
+    assert files(job) == before
+
+
+def test_a_few_foreign_results_are_sent_again_and_counted(tmp_path: Path) -> None:
+    job, data, own = foreign_job(tmp_path, 6)
+    result = run(data, job)
+    assert result.exit_code == 0, result.output
+    assert "6 results did not match the requests their rows would send now and were sent again" in result.output
+    assert latest(job)["request_hash"].tolist() == own
+    assert len(JobStore(job).results(["row_id"])) == 12  # the 6 copied and the 6 sent again
+    again = run(data, job)  # checked again on the next resume: all match now, nothing sent
+    assert again.exit_code == 0 and "did not match" not in again.output
+    assert len(JobStore(job).results(["row_id"])) == 12
+
+
+def test_many_foreign_results_are_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    job, data, _own = foreign_job(tmp_path, 30)
+    parts = files(job / "results")
+    result = run(data, job)
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"error: more than 10 results in {job} do not match the requests their rows would send now "
+        "(the input, the request settings or how batchhub builds requests changed, or results were copied "
+        "from another job; first: row 0); the run stopped rather than send them all again. "
+        "Use a new --job-dir, or --force to keep the results as they are\n"
+    )
+    assert files(job / "results") == parts
+    assert not list(job.glob("journal-*.jsonl")) or all(p.stat().st_size == 0 for p in job.glob("journal-*.jsonl"))
+    manifest = json.loads((job / "job.json").read_text())
+    assert manifest["runs"][-1]["results"] == 0
+
+
+def test_force_keeps_results_that_do_not_match(tmp_path: Path) -> None:
+    job, data, own = foreign_job(tmp_path, 30)
+    result = run(data, job, "--force")
+    assert result.exit_code == 0, result.output
+    assert set(latest(job)["request_hash"]).isdisjoint(own)
+    assert len(pq.read_table(job / "results")) == 30
