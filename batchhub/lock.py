@@ -142,11 +142,11 @@ def _last_change(folder: Path) -> float:
     return newest
 
 
-def remove_stale_temps(folder: Path, *, prefix: str = "") -> int:
-    """Delete temp files of atomic writes (`.NAME.tmp-PID`) left in `folder` by a process that is gone.
+def remove_stale_temps(folder: Path, *, target: str | None = None) -> int:
+    """Delete temp files of atomic writes (`.NAME.tmp-PID`) left in `folder` by processes that are gone.
 
-    Only names starting with `.PREFIX`; a temp file whose process is alive (a write under way)
-    stays. Returns how many were deleted.
+    Only those of the file `target` when given. A temp file whose process is alive (a write
+    under way) stays. Returns how many were deleted.
     """
     removed = 0
     try:
@@ -155,7 +155,9 @@ def remove_stale_temps(folder: Path, *, prefix: str = "") -> int:
         return 0
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if match is None or not entry.name.startswith(f".{prefix}") or _alive(int(match.group(1))):
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if target is not None and entry.name != f".{target}.tmp-{match.group(1)}":
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.path)

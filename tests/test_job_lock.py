@@ -113,10 +113,10 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
     dead.wait()
     stale = tmp_path / f".out.csv.tmp-{dead.pid}"
     live = tmp_path / f".out.csv.tmp-{os.getpid()}"
-    other = tmp_path / f".other.csv.tmp-{dead.pid}"
+    other = tmp_path / f".out.csv.gz.tmp-{dead.pid}"
     for path in (stale, live, other):
         path.write_bytes(b"half")
-    assert remove_stale_temps(tmp_path, prefix="out.csv") == 1
+    assert remove_stale_temps(tmp_path, target="out.csv") == 1
     assert not stale.exists() and live.exists() and other.exists()
 
 
@@ -133,3 +133,23 @@ def test_the_lock_file_is_released_when_the_holder_is_killed(tmp_path: Path) -> 
     holder.communicate(timeout=10)
     with lock_job_dir(job):  # the kernel dropped the dead holder's lock
         assert json.loads((job / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_an_export_removes_the_temp_file_a_killed_export_left(tmp_path: Path) -> None:
+    _job(tmp_path)
+    job = tmp_path / "job"
+    run = ["run", str(tmp_path / "in.csv"), "--mock", "--model", "m", "--job-dir", str(job), "--quiet"]
+    assert CliRunner().invoke(main, run, catch_exceptions=False).exit_code == 0
+    out = tmp_path / "out.csv"
+    code = (
+        "import os, signal, pyarrow as pa; from batchhub.io import OutputWriter; "
+        f"w = OutputWriter({str(out)!r}); w.write_batch(pa.record_batch({{'a': [1]}})); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], env=child_env(), timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.glob(".out.csv.tmp-*")
+    result = CliRunner().invoke(main, ["export", str(job), "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not left.exists() and out.exists()
+    assert list(tmp_path.glob(".*tmp*")) == []
