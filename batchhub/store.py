@@ -641,12 +641,13 @@ class JobStore:
         cols = list(columns) if columns is not None else list(RESULT_COLUMNS)
         if "seq" not in cols:
             cols.append("seq")
+        read_cols = cols if "row_id" in cols else [*cols, "row_id"]  # to skip rows outside the input
         reads = self._read_segments(self.segments(), reader=True)
         rows = self._row_count()
         max_seq = 0
         for path in self.shards():
             try:
-                table = _read_shard(path, cols)
+                table = _read_shard(path, read_cols)
             except FileNotFoundError:
                 continue  # set aside as damaged by a run since it was listed
             except DamagedPart as exc:
@@ -654,10 +655,10 @@ class JobStore:
                 continue
             if table.num_rows:
                 max_seq = max(max_seq, pc.max(table["seq"]).as_py())
-                yield self._in_range(table, rows, path)
+                yield self._in_range(table, rows, path).select(cols)
         scan = _journal_after([read for _, read in reads], max_seq)
         if scan.table.num_rows:
-            yield self._in_range(scan.table.select(cols), rows, self.dir)
+            yield self._in_range(scan.table, rows, self.dir).select(cols)
         for sub in self.task_stores():
             yield from sub.iter_result_tables(cols)
 
