@@ -735,9 +735,17 @@ def _read_shard(path: Path, columns: list[str]) -> pa.Table:
             meta = schema.metadata or {}
             present = set(schema.names)
             table = file.read(columns=[c for c in columns if c in present], use_threads=False)
-    except (FileNotFoundError, MemoryError):
+    except FileNotFoundError:
         raise
     except Exception as exc:  # whatever a damaged file makes the reader raise (even UnicodeDecodeError)
+        if isinstance(exc, MemoryError) or not _parts_readable():
+            # the machine, not the file: short of memory or threads (ulimit -v); nothing is set aside
+            raise JobStopped(
+                f"the part {path} could not be read ({type(exc).__name__}: {exc}), nor could a sound test "
+                "part: the process is short of memory; nothing was changed, run again with more memory",
+                reason="read_error",
+                cause=exc,
+            ) from exc
         raise DamagedPart(f"the part {path} is damaged ({type(exc).__name__}: {exc})") from exc
     if _CHECKED in meta:
         # this part was written whole: a column, type or count that differs is damage to its footer
@@ -755,6 +763,22 @@ def _read_shard(path: Path, columns: list[str]) -> pa.Table:
                 RESULT_SCHEMA.field(name), pa.nulls(table.num_rows, RESULT_SCHEMA.field(name).type)
             )
     return table.select(columns)
+
+
+def _parts_readable() -> bool:
+    """Whether a sound part, written as write_shard writes one, reads back here and now.
+
+    A part that fails to read is damaged only if this works: under memory pressure the
+    decompressor cannot start either, and no sound part is then mistaken for a damaged one.
+    """
+    try:
+        sink = pa.BufferOutputStream()
+        table = rows_to_table([{"row_id": 0, "status": "ok", "content": "probe", "seq": 1}])
+        pq.write_table(table, sink, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS, write_page_checksum=True)
+        back = pq.read_table(pa.BufferReader(sink.getvalue()), page_checksum_verification=True, use_threads=False)
+        return bool(back["content"].to_pylist() == ["probe"])
+    except Exception:  # any failure here is the environment's
+        return False
 
 
 def _journal_after(reads: list[SegmentRead], after_seq: int) -> JournalScan:

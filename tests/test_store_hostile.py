@@ -6,6 +6,9 @@ import itertools
 import json
 import logging
 import random
+import shlex
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from jobprocs import child_env
 
 from batchhub import store as store_module
 from batchhub.cli import main
@@ -281,3 +285,46 @@ def test_a_part_is_written_with_page_checksums(tmp_path: Path) -> None:
     assert table.num_rows == 5 and table.column_names == list(RESULT_COLUMNS)
     meta = pq.read_metadata(part)
     assert meta.metadata[b"batchhub.checked"] == b"1"
+
+
+def test_a_part_unreadable_for_want_of_memory_is_not_taken_for_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, part = _part(tmp_path, rows=10)
+    good = part.read_bytes()
+
+    def no_decompressor(*args: object, **kwargs: object) -> object:
+        raise OSError("ZSTD_DCtx create failed")  # what pyarrow says under ulimit -v
+
+    monkeypatch.setattr(store_module.pq, "ParquetFile", no_decompressor)
+    monkeypatch.setattr(store_module.pq, "read_table", no_decompressor)  # the sound test part fails too
+    with pytest.raises(JobStopped, match="nor could a sound test part") as info:
+        JobStore(store.dir, rows=10).recover()
+    assert info.value.exit_code == 3
+    with pytest.raises(JobStopped):
+        JobStore(store.dir, rows=10).results()
+    assert part.read_bytes() == good and not part.with_name(part.name + ".damaged").exists()
+
+
+@pytest.mark.parametrize("limit_kb", [400_000, 500_000, 1_000_000])
+def test_a_resume_under_ulimit_v_loses_nothing_and_sets_nothing_aside(tmp_path: Path, limit_kb: int) -> None:
+    """Whatever fails under the address-space limit (import, journal read, shard read), nothing is lost."""
+    pd.DataFrame({"prompt": [f"p{i}" for i in range(8)]}).to_csv(tmp_path / "in.csv", index=False)
+    job = tmp_path / "job"
+    args = ["run", str(tmp_path / "in.csv"), "--mock", "--model", "m", "--job-dir", str(job), "--quiet"]
+    assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == 0
+    (part,) = (job / "results").glob("part-*.parquet")
+    rows = pq.read_table(part).to_pylist()
+    part.unlink()
+    (job / "journal-000001.jsonl").write_bytes(
+        b"".join(
+            orjson.dumps({**r, "finished_at": r["finished_at"].timestamp()}, option=orjson.OPT_APPEND_NEWLINE)
+            for r in rows
+        )
+    )
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "batchhub", *args])
+    subprocess.run(
+        ["bash", "-c", f"ulimit -v {limit_kb}; exec {command}"], capture_output=True, env=child_env(), timeout=60
+    )
+    assert job_status(job).ok == 8
+    assert not list(job.rglob("*.damaged"))
