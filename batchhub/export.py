@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import Format, OutputWriter, fingerprint, open_input
+from batchhub.lock import remove_stale_temps
 from batchhub.store import RESULT_COLUMNS, JobStore
 from batchhub.structured import INVALID_OUTPUT, parse_json_object
 
@@ -43,6 +44,7 @@ def export_job(
 ) -> int:
     """Write the job's results joined to its input; returns the number of rows written."""
     written = 0
+    remove_stale_temps(Path(output).parent, target=Path(output).name)  # left by a killed export
     with OutputWriter(output, format) as writer:
         for batch in export_batches(job_dir, input_path=input_path, force=force, expand_json=expand_json):
             writer.write_batch(batch)
@@ -172,6 +174,7 @@ def export_openai_batch(
     status (a timeout, a row that could not become a request) has `response` null and `error` set.
     """
     written = 0
+    remove_stale_temps(Path(output).parent, target=Path(output).name)  # left by a killed export
     with OutputWriter(output, "jsonl") as writer:
         for batch in export_batches(job_dir, input_path=input_path, force=force):
             names = batch.schema.names

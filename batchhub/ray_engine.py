@@ -42,6 +42,7 @@ from batchhub import __version__, defaults, shards
 from batchhub.budget import SharedBudget, Spending
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
+from batchhub.lock import lock_job_dir
 from batchhub.progress import Progress
 from batchhub.requests import RequestBuilder
 from batchhub.runner import Job, JobSummary, PreparedJob, budget_message, close_run_record, now_iso, redact
@@ -306,6 +307,11 @@ class RayJob:
             ray.cancel(ref)
 
     async def run(self) -> JobSummary:
+        """Run under the job directory's lock; each task locks only its own store under shards/."""
+        with lock_job_dir(self.p.store.dir):
+            return await self._run()
+
+    async def _run(self) -> JobSummary:
         p, spec, store = self.p, self.p.spec, self.p.store
         started = time.monotonic()
         we_started_ray = self._connect()

@@ -57,6 +57,7 @@ from batchhub.errors import (
 )
 from batchhub.io import InputSource, fingerprint, open_input
 from batchhub.limits import Limiter, RateLimits
+from batchhub.lock import lock_job_dir
 from batchhub.pricing import PriceBook
 from batchhub.progress import Progress
 from batchhub.redaction import Redactor
@@ -381,6 +382,11 @@ class Job:
     # -- run ------------------------------------------------------------------------------
 
     async def run(self) -> JobSummary:
+        """Run under the job directory's lock (one writer at a time, from recovery to the end)."""
+        with lock_job_dir(self.store.dir):
+            return await self._run()
+
+    async def _run(self) -> JobSummary:
         p, spec, store = self.p, self.spec, self.store
         started = time.monotonic()
         setup_error: OSError | None = None

@@ -44,6 +44,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
+import math
 import os
 import re
 import time
@@ -59,8 +61,11 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from batchhub.errors import JobStateError
+from batchhub.errors import JobStateError, JobStopped
 from batchhub.io import fsync_dir
+from batchhub.lock import remove_stale_temps
+
+log = logging.getLogger("batchhub")
 
 FORMAT_VERSION = 1
 
@@ -149,40 +154,128 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
 
 
+@dataclass
+class SegmentRead:
+    """One journal segment as read: its results, and what in it was not a result."""
+
+    #: the results, as RESULT_SCHEMA, in file order
+    table: pa.Table
+    #: 1 when the last line has no newline (a kill mid-write): it is no result and no damage
+    torn: int = 0
+    #: complete lines that are not results (not JSON, or a value of the wrong type or range)
+    bad: int = 0
+    #: the line number of the first of them
+    first_bad: int | None = None
+
+
 def read_segment(path: Path) -> tuple[pa.Table, int]:
-    """One journal segment as a table of RESULT_SCHEMA, in file order, and how many lines were torn.
+    """One journal segment as a table of RESULT_SCHEMA, in file order, and how many lines were skipped.
 
-    Lines without a readable seq are torn (a kill mid-write) and skipped. Unknown keys are ignored.
+    A torn last line (a kill mid-write) and complete lines that are not results are skipped.
+    Unknown keys are ignored. A read that fails for want of memory raises JobStopped.
     """
-    size = path.stat().st_size
-    if size == 0:
-        return _empty(), 0
+    read = read_segment_checked(path)
+    return read.table, read.torn + read.bad
+
+
+def read_segment_checked(path: Path) -> SegmentRead:
+    """`read_segment`, saying apart a torn last line from complete lines that are not results."""
     try:
-        table = pj.read_json(
-            path,
-            read_options=pj.ReadOptions(use_threads=False, block_size=min(max(size + 1, 1 << 20), _MAX_BLOCK)),
-            parse_options=_JOURNAL_PARSE,
-        )
-    except (OSError, pa.ArrowException):
-        table = None  # a torn line, or something the reader does not take: read it line by line
-    if table is None or table["seq"].null_count:
-        return _read_segment_lines(path)
-    return table.set_column(_FINISHED_AT, RESULT_SCHEMA.field(_FINISHED_AT), _micros(table["finished_at"])), 0
+        size = path.stat().st_size
+        if size == 0:
+            return SegmentRead(_empty())
+        try:
+            table = pj.read_json(
+                path,
+                read_options=pj.ReadOptions(use_threads=False, block_size=min(max(size + 1, 1 << 20), _MAX_BLOCK)),
+                parse_options=_JOURNAL_PARSE,
+            )
+        except (OSError, pa.ArrowException):
+            table = None  # a torn line, or something the reader does not take: read it line by line
+        if table is None or table["seq"].null_count or table["row_id"].null_count:
+            return _read_segment_lines(path)
+        micros = _micros(table["finished_at"])
+        return SegmentRead(table.set_column(_FINISHED_AT, RESULT_SCHEMA.field(_FINISHED_AT), micros))
+    except MemoryError as exc:
+        # never taken for a torn line: the segment stays, with every result in it, for the next run
+        raise JobStopped(
+            f"the journal segment {path} could not be read (out of memory); it is kept: "
+            "run again with more memory to resume",
+            reason="read_error",
+            cause=exc,
+        ) from exc
 
 
-def _read_segment_lines(path: Path) -> tuple[pa.Table, int]:
+def _read_segment_lines(path: Path) -> SegmentRead:
     rows: list[dict[str, Any]] = []
-    torn = 0
+    read = SegmentRead(_empty())
     with open(path, "rb") as fh:
-        for raw in fh:
-            try:
-                row = orjson.loads(raw)
-                row["seq"] = int(row["seq"])
-            except (ValueError, KeyError, TypeError):
-                torn += 1
+        for number, raw in enumerate(fh, start=1):
+            if not raw.endswith(b"\n"):
+                read.torn = 1  # only the last line can lack its newline
+                break
+            if not raw.strip():
+                continue
+            row = _parse_line(raw)
+            if row is None:
+                read.bad += 1
+                read.first_bad = read.first_bad or number
                 continue
             rows.append(row)
-    return rows_to_table(rows), torn
+    read.table = rows_to_table(rows)
+    return read
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    """A complete journal line as a result dict, or None when it is not one. MemoryError propagates."""
+    try:
+        row = _parse_json(raw)
+    except (ValueError, RecursionError):
+        return None
+    return row if _is_result(row) else None
+
+
+def _parse_json(raw: bytes) -> Any:
+    """One JSON value; ValueError when it is not JSON, MemoryError when it cannot be parsed for want of memory."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # orjson raises this too when it cannot allocate ("Not enough memory"): the standard
+        # parser tells a line that is not JSON (ValueError) from a want of memory (MemoryError)
+        return json.loads(raw)
+
+
+_INT_RANGE = {pa.int64(): (-(2**63), 2**63 - 1), pa.int32(): (-(2**31), 2**31 - 1)}
+#: epoch seconds whose microseconds fit in int64
+_MAX_SECONDS = 9.2e12
+
+
+def _is_result(row: Any) -> bool:
+    """Whether a parsed journal line can be a row of RESULT_SCHEMA: row_id >= 0, seq >= 1, each value typed."""
+    if not isinstance(row, dict):
+        return False
+    for field in RESULT_SCHEMA:
+        value = row.get(field.name)
+        if value is None:
+            if field.name in ("row_id", "seq"):
+                return False
+        elif field.type in _INT_RANGE:
+            low, high = _INT_RANGE[field.type]
+            if type(value) is not int or not low <= value <= high:
+                return False
+        elif field.name == "finished_at" or field.type == pa.float64():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return False
+            if field.name == "finished_at" and not (math.isfinite(value) and abs(value) < _MAX_SECONDS):
+                return False
+        elif not isinstance(value, str):
+            return False
+        else:
+            try:
+                value.encode()
+            except UnicodeEncodeError:  # a lone surrogate (valid JSON, not UTF-8)
+                return False
+    return bool(row["row_id"] >= 0 and row["seq"] >= 1)
 
 
 def _empty() -> pa.Table:
@@ -234,10 +327,12 @@ class JournalScan:
 class JobStore:
     """One job directory. Reading is safe while a job runs; only the runner writes."""
 
-    def __init__(self, job_dir: str | Path, *, seq_floor: int = 0) -> None:
+    def __init__(self, job_dir: str | Path, *, seq_floor: int = 0, rows: int | None = None) -> None:
         self.dir = Path(job_dir)
         #: seqs written here start above this (a shard store starts above the whole job's largest seq)
         self.seq_floor = seq_floor
+        #: the input's row count: results naming another row are skipped (None: job.json says, if any)
+        self.rows = rows
         self.manifest_path = self.dir / "job.json"
         self.results_dir = self.dir / "results"
         self._fd: int | None = None
@@ -292,7 +387,8 @@ class JobStore:
         folder = self.dir / TASK_STORES_DIR
         if not folder.is_dir():
             return []
-        return [JobStore(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        rows = self._row_count()
+        return [JobStore(p, rows=rows) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
     @property
     def last_seq(self) -> int:
@@ -313,42 +409,62 @@ class JobStore:
         return best
 
     def scan_journal(self, after_seq: int) -> JournalScan:
-        """Journal lines with seq > after_seq, in seq order. Torn or unreadable lines are skipped."""
-        tables: list[pa.Table] = []
-        torn = 0
-        for path in self.segments():
-            table, torn_here = read_segment(path)
-            tables.append(table)
-            torn += torn_here
-        if not tables:
-            return JournalScan(_empty(), torn)
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        seq = _seqs(table)
-        keep = np.flatnonzero(seq > after_seq)
-        order = keep[np.argsort(seq[keep], kind="stable")]
-        if len(order) != len(seq) or np.any(order != np.arange(len(seq))):
-            table = _take(table, order)
-        return JournalScan(table, torn)
+        """Journal lines with seq > after_seq, in seq order. Torn lines and lines that are not results are skipped."""
+        reads = self._read_segments(self.segments(), reader=True)
+        return _journal_after([read for _, read in reads], after_seq)
+
+    def _read_segments(self, paths: list[Path], *, reader: bool) -> list[tuple[Path, SegmentRead]]:
+        """Each segment read; a reader skips one that vanished (compacted: its rows are in a part by now)."""
+        reads = []
+        for path in paths:
+            try:
+                read = read_segment_checked(path)
+            except FileNotFoundError:
+                if not reader:
+                    raise
+                continue
+            if read.bad:
+                log.warning(
+                    "%s: %d line(s) are not results (the first is line %d); skipped",
+                    path,
+                    read.bad,
+                    read.first_bad,
+                )
+            reads.append((path, read))
+        return reads
+
+    def _retire_segment(self, path: Path, read: SegmentRead | None) -> None:
+        """Delete a segment whose every result is in a part; one holding lines that are not results is kept aside."""
+        if read is not None and read.bad:
+            aside = path.with_name(path.name + ".bad")
+            os.replace(path, aside)
+            log.warning("%s: its results are in a part; the file is kept as %s for its unreadable lines", path, aside)
+        else:
+            path.unlink(missing_ok=True)
 
     # -- recovery ---------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Before a run: drop half-written temp files, compact the journal into a shard. Returns rows compacted."""
+        """Before a run (under the job's lock): drop temp files of dead writers, set damaged parts aside,
+        compact the journal into a part. Returns rows compacted.
+
+        A segment is deleted only once every result in it is in a part; a segment that cannot be
+        read (for want of memory) stops the run with JobStopped and is kept.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         self.results_dir.mkdir(exist_ok=True)
         for folder in (self.dir, self.results_dir):
-            for p in folder.iterdir():
-                if p.name.startswith(".") and ".tmp-" in p.name:
-                    p.unlink(missing_ok=True)
-        shards = self.shards()
-        self._next_shard = (int(_SHARD.match(shards[-1].name).group(1)) + 1) if shards else 1  # type: ignore[union-attr]
+            remove_stale_temps(folder)
+        self._set_damaged_parts_aside()
+        self._next_shard = self._next_part_number()
         max_seq = self.shard_max_seq()
-        scan = self.scan_journal(max_seq)
+        reads = self._read_segments(self.segments(), reader=False)
+        scan = _journal_after([read for _, read in reads], max_seq)
         if scan.table.num_rows:
             self.write_shard(scan.table)
             max_seq = max(max_seq, int(_seqs(scan.table)[-1]))
-        for path in self.segments():
-            path.unlink()
+        for path, read in reads:
+            self._retire_segment(path, read)
         fsync_dir(self.dir)
         self._next_seq = max(max_seq, self.seq_floor) + 1
         self._segment = 0
@@ -358,6 +474,34 @@ class JobStore:
             compacted += sub.recover()
             self._next_seq = max(self._next_seq, sub._next_seq)
         return compacted
+
+    def _next_part_number(self) -> int:
+        """One more than the largest part number, counting parts set aside as damaged."""
+        numbers = [0]
+        if self.results_dir.is_dir():
+            for p in self.results_dir.iterdir():
+                m = _SHARD.match(p.name) or _DAMAGED.match(p.name)
+                if m:
+                    numbers.append(int(m.group(1)))
+        return max(numbers) + 1
+
+    def _set_damaged_parts_aside(self) -> list[Path]:
+        """Check every part whole (page checksums, schema, footer); rename a damaged one `*.damaged`.
+
+        Its rows then have no result and are sent again; the file is kept, never deleted.
+        """
+        moved = []
+        for path in self.shards():
+            try:
+                _read_shard(path, list(RESULT_COLUMNS))
+            except DamagedPart as exc:
+                aside = path.with_name(path.name + ".damaged")
+                os.replace(path, aside)
+                log.warning("%s; set aside as %s, its rows will be sent again", exc, aside.name)
+                moved.append(aside)
+        if moved:
+            fsync_dir(self.results_dir)
+        return moved
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -430,7 +574,7 @@ class JobStore:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
         max_seq = int(_seqs(table).max())
-        table = table.replace_schema_metadata({b"batchhub.max_seq": str(max_seq).encode()})
+        table = table.replace_schema_metadata({b"batchhub.max_seq": str(max_seq).encode(), _CHECKED: b"1"})
         path = self.results_dir / f"part-{self._next_shard:06d}.parquet"
         self._next_shard += 1
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -438,7 +582,9 @@ class JobStore:
             # made in memory, then written at once: pyarrow writing to a Python file object calls
             # back into Python (taking the GIL from the event loop) for every page it writes
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS)
+            pq.write_table(
+                table, sink, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS, write_page_checksum=True
+            )
             with open(tmp, "wb") as fh:
                 fh.write(sink.getvalue())
                 fh.flush()
@@ -456,12 +602,13 @@ class JobStore:
         `rows`: the segment's results, if the caller holds them; None (the runner's way) reads
         them from the segment. Returns the shard, or None when the segment held no whole line.
         """
+        read = None
         if rows is None:
-            table, _torn = read_segment(segment)
-            path = self.write_shard(table) if table.num_rows else None
+            ((_, read),) = self._read_segments([segment], reader=False)  # raises, and keeps it, if it cannot be read
+            path = self.write_shard(read.table) if read.table.num_rows else None
         else:
             path = self.write_shard(rows)
-        segment.unlink(missing_ok=True)
+        self._retire_segment(segment, read)
         fsync_dir(self.dir)
         return path
 
@@ -484,24 +631,55 @@ class JobStore:
     # -- reading ----------------------------------------------------------------------------------
 
     def iter_result_tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
-        """Every result recorded (shards, then journal lines not yet compacted), oldest first."""
+        """Every result recorded (parts, then journal lines not yet compacted), oldest first.
+
+        Safe while a job runs, and never fewer results than an earlier read: the journal is read
+        first and the parts after, so a segment compacted in between has its rows in a part read
+        here (a line also in a part is counted once, by seq). A damaged part is reported and
+        skipped (its rows have no result); results naming a row outside the input are skipped.
+        """
         cols = list(columns) if columns is not None else list(RESULT_COLUMNS)
         if "seq" not in cols:
             cols.append("seq")
+        read_cols = cols if "row_id" in cols else [*cols, "row_id"]  # to skip rows outside the input
+        reads = self._read_segments(self.segments(), reader=True)
+        rows = self._row_count()
         max_seq = 0
         for path in self.shards():
             try:
-                table = _read_shard(path, cols)
-            except (OSError, pa.ArrowException) as exc:
-                raise JobStateError(f"shard {path} cannot be read: {exc}") from exc
+                table = _read_shard(path, read_cols)
+            except FileNotFoundError:
+                continue  # set aside as damaged by a run since it was listed
+            except DamagedPart as exc:
+                log.warning("%s; its rows count as without a result (a run sets it aside and sends them again)", exc)
+                continue
             if table.num_rows:
                 max_seq = max(max_seq, pc.max(table["seq"]).as_py())
-            yield table
-        scan = self.scan_journal(max_seq)
+                yield self._in_range(table, rows, path).select(cols)
+        scan = _journal_after([read for _, read in reads], max_seq)
         if scan.table.num_rows:
-            yield scan.table.select(cols)
+            yield self._in_range(scan.table, rows, self.dir).select(cols)
         for sub in self.task_stores():
             yield from sub.iter_result_tables(cols)
+
+    def _row_count(self) -> int | None:
+        if self.rows is None and self.manifest_path.exists():
+            with contextlib.suppress(JobStateError, TypeError, ValueError):
+                self.rows = int(self.read_manifest().get("input", {}).get("rows"))
+        return self.rows
+
+    def _in_range(self, table: pa.Table, rows: int | None, where: Path) -> pa.Table:
+        """The results naming a row of the input (0 <= row_id < rows); the others reported and dropped."""
+        row_id = table["row_id"]
+        inside = pc.greater_equal(row_id, 0)
+        if rows is not None:
+            inside = pc.and_(inside, pc.less(row_id, rows))
+        kept = int(pc.sum(inside).as_py() or 0)
+        if kept == table.num_rows:
+            return table
+        bound = f"0 to {rows - 1:,}" if rows is not None else "0 or more"
+        log.warning("%s: %d result(s) name a row outside the input (%s); skipped", where, table.num_rows - kept, bound)
+        return table.filter(inside)
 
     def results(self, columns: Iterable[str] | None = None) -> pa.Table:
         """All recorded results as one table (every attempt-set, not only the latest)."""
@@ -566,16 +744,85 @@ def _fixed_width(column: pa.ChunkedArray, width: int) -> np.ndarray:
     return np.array(values.fill_null(b"").to_pylist(), dtype=f"S{width}")
 
 
+class DamagedPart(JobStateError):
+    """A part whose bytes are not what was written (a page checksum, its schema or its footer disagrees)."""
+
+
+#: footer key of parts written with page checksums and every column (a part without it is older)
+_CHECKED = b"batchhub.checked"
+_DAMAGED = re.compile(r"part-(\d{6,})\.parquet\.damaged$")
+
+
 def _read_shard(path: Path, columns: list[str]) -> pa.Table:
-    """The given columns of a shard; a column an older shard lacks comes back as nulls."""
-    present = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in columns if c in present])
+    """The given columns of a part, its page checksums verified; a column an older part lacks comes back as nulls.
+
+    Raises DamagedPart for any sign of damage; FileNotFoundError and MemoryError pass through.
+    """
+    try:
+        with pq.ParquetFile(path, page_checksum_verification=True) as file:
+            schema = file.schema_arrow
+            meta = schema.metadata or {}
+            present = set(schema.names)
+            table = file.read(columns=[c for c in columns if c in present], use_threads=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # whatever a damaged file makes the reader raise (even UnicodeDecodeError)
+        if isinstance(exc, MemoryError) or not _parts_readable():
+            # the machine, not the file: short of memory or threads (ulimit -v); nothing is set aside
+            raise JobStopped(
+                f"the part {path} could not be read ({type(exc).__name__}: {exc}), nor could a sound test "
+                "part: the process is short of memory; nothing was changed, run again with more memory",
+                reason="read_error",
+                cause=exc,
+            ) from exc
+        raise DamagedPart(f"the part {path} is damaged ({type(exc).__name__}: {exc})") from exc
+    if _CHECKED in meta:
+        # this part was written whole: a column, type or count that differs is damage to its footer
+        wrong = [
+            name for name in columns if name not in present or schema.field(name).type != RESULT_SCHEMA.field(name).type
+        ]
+        if wrong:
+            raise DamagedPart(f"the part {path} is damaged (its footer changed column(s) {', '.join(wrong)})")
+        largest = str(pc.max(table["seq"]).as_py()).encode() if "seq" in columns and table.num_rows else None
+        if largest is not None and meta.get(b"batchhub.max_seq") != largest:
+            raise DamagedPart(f"the part {path} is damaged (its largest seq disagrees with its footer)")
     for name in columns:
         if name not in present:
             table = table.append_column(
                 RESULT_SCHEMA.field(name), pa.nulls(table.num_rows, RESULT_SCHEMA.field(name).type)
             )
     return table.select(columns)
+
+
+def _parts_readable() -> bool:
+    """Whether a sound part, written as write_shard writes one, reads back here and now.
+
+    A part that fails to read is damaged only if this works: under memory pressure the
+    decompressor cannot start either, and no sound part is then mistaken for a damaged one.
+    """
+    try:
+        sink = pa.BufferOutputStream()
+        table = rows_to_table([{"row_id": 0, "status": "ok", "content": "probe", "seq": 1}])
+        pq.write_table(table, sink, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS, write_page_checksum=True)
+        back = pq.read_table(pa.BufferReader(sink.getvalue()), page_checksum_verification=True, use_threads=False)
+        return bool(back["content"].to_pylist() == ["probe"])
+    except Exception:  # any failure here is the environment's
+        return False
+
+
+def _journal_after(reads: list[SegmentRead], after_seq: int) -> JournalScan:
+    """The results of these segment reads with seq > after_seq, in seq order."""
+    tables = [read.table for read in reads]
+    skipped = sum(read.torn + read.bad for read in reads)
+    if not tables:
+        return JournalScan(_empty(), skipped)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    seq = _seqs(table)
+    keep = np.flatnonzero(seq > after_seq)
+    order = keep[np.argsort(seq[keep], kind="stable")]
+    if len(order) != len(seq) or np.any(order != np.arange(len(seq))):
+        table = _take(table, order)
+    return JournalScan(table, skipped)
 
 
 def latest_indices(row_id: np.ndarray, seq: np.ndarray) -> np.ndarray:

@@ -214,7 +214,7 @@ def check_job_dir(job: Path, verified: dict[tuple[str, int, int], int]) -> DiskS
     if not job.exists():
         return state
     for entry in job.iterdir():
-        if entry.name in ("job.json", "results") or SEGMENT_NAME.fullmatch(entry.name):
+        if entry.name in ("job.json", "job.lock", "results") or SEGMENT_NAME.fullmatch(entry.name):
             continue
         assert MANIFEST_TEMP.fullmatch(entry.name), f"unexpected file in the job directory: {entry.name}"
         state.temps.add(entry.name)

@@ -125,9 +125,13 @@ def test_manifest_roundtrip_and_errors(tmp_path: Path) -> None:
         store.read_manifest()
 
 
-def test_corrupt_shard_is_a_clear_error(tmp_path: Path) -> None:
+def test_corrupt_shard_is_reported_and_its_rows_count_as_pending(tmp_path: Path, caplog) -> None:
     store = JobStore(tmp_path)
     store.recover()
-    (store.results_dir / "part-000001.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(JobStateError, match="cannot be read"):
-        store.results()
+    store.open_segment()
+    result(store, 0)
+    store.close()
+    broken = store.results_dir / "part-000001.parquet"
+    broken.write_bytes(b"not parquet at all")
+    assert store.results()["row_id"].to_pylist() == [0]  # the journal's result; no traceback
+    assert f"the part {broken} is damaged" in caplog.text
