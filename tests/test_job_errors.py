@@ -191,7 +191,7 @@ def test_an_endpoint_nothing_listens_on_stops_the_job(tmp_path: Path) -> None:
     result = cli(tmp_path, base, 50, "--model", "gpt-4o-mini", "--max-attempts", "5")
     assert result.exit_code == 3, result.output
     assert f"cannot reach the endpoint {base}/chat/completions" in result.output
-    assert "requests 3," in result.output  # the first request's connection attempts, nothing more
+    assert "HTTP requests 3 (" in result.output  # the first request's connection attempts, nothing more
     st = job_status(tmp_path / "job")
     assert (st.pending, st.failed) == (50, 0)
 

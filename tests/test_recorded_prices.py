@@ -26,8 +26,12 @@ def priced_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     work.mkdir()
     pd.DataFrame({"prompt": [f"question {i}" for i in range(6)]}).to_csv(work / "in.csv", index=False)
     (work / "prices.json").write_text(json.dumps(PRICES))
+    # the simulator answers only models it knows: this one it is told of
+    (work / "job.toml").write_text('input = "in.csv"\nbase_url = "mock://"\n\n[mock]\nmodels = ["house-model"]\n')
     monkeypatch.chdir(work)
-    result = invoke("run", "in.csv", "--mock", "--model", "house-model", "--prices", "prices.json", "-q")
+    result = invoke(
+        "run", "job.toml", "--model", "house-model", "--prices", "prices.json", "--job-dir", "jobs/in", "-q"
+    )
     assert result.exit_code == 0, result.output
     (work / "prices.json").unlink()
     monkeypatch.chdir(tmp_path)

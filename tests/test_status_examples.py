@@ -23,7 +23,7 @@ def invoke(*args: str):
 
 
 def failing_job(tmp_path: Path) -> Path:
-    """12 rows: rows 3, 7, 11 are over the context window (400), rows 0, 4, 10 meet a 503 (seed 1)."""
+    """12 rows: rows 3, 7, 11 are over the context window (400); with seed 1 about a third meet a 503."""
     data = tmp_path / "in.csv"
     pd.DataFrame({"prompt": [("word " * (i % 4 * 10)) + f"q{i}" for i in range(12)]}).to_csv(data, index=False)
     spec = tmp_path / "job.toml"
@@ -36,15 +36,24 @@ def failing_job(tmp_path: Path) -> Path:
     return tmp_path / "job"
 
 
+def failed_rows(job: Path, tmp_path: Path, error_type: str) -> list[int]:
+    """The rows that ended with this error type, read from the export (which 503s hit depends on send order)."""
+    out = tmp_path / "out.parquet"
+    assert invoke("export", str(job), "-o", str(out)).exit_code == 0
+    frame = pd.read_parquet(out)
+    return sorted(frame.index[frame["error_type"] == error_type].tolist())
+
+
 def test_status_shows_example_messages_per_error_type(tmp_path: Path) -> None:
     job = failing_job(tmp_path)
+    busy = failed_rows(job, tmp_path, "server_error")
     result = invoke("status", str(job))
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    at = lines.index("errors   server_error 3, invalid_request 3")
+    at = lines.index(f"errors   server_error {len(busy)}, invalid_request 3")
     assert lines[at + 1 : at + 5] == [
-        f"         server_error, row 0: {OVERLOADED}",
-        f"         server_error, row 4: {OVERLOADED}",
+        f"         server_error, row {busy[0]}: {OVERLOADED}",
+        f"         server_error, row {busy[1]}: {OVERLOADED}",
         f"         invalid_request, row 3: {CONTEXT_MESSAGE[:150]}...",
         f"         invalid_request, row 7: {CONTEXT_MESSAGE[:150]}...",
     ]
@@ -53,11 +62,12 @@ def test_status_shows_example_messages_per_error_type(tmp_path: Path) -> None:
 
 def test_status_json_has_the_examples_with_their_http_status(tmp_path: Path) -> None:
     job = failing_job(tmp_path)
+    busy = failed_rows(job, tmp_path, "server_error")
     doc = json.loads(invoke("status", str(job), "--json").output)
     assert doc["error_examples"] == {
         "server_error": [
-            {"row_id": 0, "http_status": 503, "message": OVERLOADED},
-            {"row_id": 4, "http_status": 503, "message": OVERLOADED},
+            {"row_id": busy[0], "http_status": 503, "message": OVERLOADED},
+            {"row_id": busy[1], "http_status": 503, "message": OVERLOADED},
         ],
         "invalid_request": [
             {"row_id": 3, "http_status": 400, "message": CONTEXT_MESSAGE},
