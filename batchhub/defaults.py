@@ -49,6 +49,13 @@ STOP_GRACE_S = 15.0
 #: Completion tokens assumed for the token limiter before any response calibrates it,
 #: when max_tokens is not set.
 COMPLETION_TOKENS_GUESS = 256
+#: Largest width or precision a template's format spec may ask for (`{name:>N}`, `{name:.N}`):
+#: wider pads no prompt usefully, and a huge one makes every row a body of that many characters.
+TEMPLATE_MAX_WIDTH = 10_000
+#: Largest request body sent: a row whose body is bigger fails alone, unsent. Far above any
+#: context window of text (1M tokens is about 4 MB), room left for inline images.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
 #: Chat format overhead per message and per request (OpenAI's published counting rule).
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REQUEST = 3
