@@ -59,6 +59,10 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 #: Chat format overhead per message and per request (OpenAI's published counting rule).
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REQUEST = 3
+#: Longest piece of text handed to the tokenizer at once: it refuses a million characters, or
+#: over 200,000 tokens, in one call; 40,000 characters make at most 160,000 tokens (4 per
+#: character, one per UTF-8 byte) and keep a count's error to a token per 40,000 characters.
+TOKENIZER_PIECE_CHARS = 40_000
 #: Characters per token for the prompt estimate (a rough rule for English text).
 CHARS_PER_TOKEN = 4.0
 
