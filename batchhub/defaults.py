@@ -11,6 +11,9 @@ MOCK_API_KEY = "mock-key"
 
 #: Requests in flight at once: enough to hide a second of latency at a few thousand RPM.
 CONCURRENCY = 32
+#: The most requests in flight a job may ask for: each is an open connection and a worker,
+#: and no endpoint serves more from one client usefully; far more exhausts file descriptors.
+MAX_CONCURRENCY = 1000
 #: Attempts per row for failures worth retrying (5xx, timeouts, garbled bodies).
 MAX_ATTEMPTS = 5
 #: 429s a single row may meet before it is recorded as failed; counted apart from

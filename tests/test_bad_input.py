@@ -144,6 +144,7 @@ CASES: dict[str, Case] = {
     "--max-tokens 0": Case(extra=("--max-tokens", "0"), fragments=("max_tokens",)),
     "--max-tokens -3": Case(extra=("--max-tokens", "-3"), fragments=("max_tokens",)),
     "--concurrency 0": Case(extra=("--concurrency", "0"), fragments=("concurrency",)),
+    "--concurrency 10000000": Case(extra=("--concurrency", "10000000"), fragments=("concurrency", "1,000")),
     "--rpm -1": Case(extra=("--rpm", "-1"), fragments=("rpm",)),
     "--tpm 0": Case(extra=("--tpm", "0"), fragments=("tpm",)),
     "--timeout 0": Case(extra=("--timeout", "0"), fragments=("timeout",)),
