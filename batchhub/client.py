@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from batchhub import defaults
 from batchhub.errors import APIError, BadResponseError, ServerError, TransportError
 from batchhub.retry import classify, parse_error_body
 
@@ -78,7 +79,7 @@ def _num(mapping: Any, key: str) -> int | None:
         return None
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    return int(v) if 0 <= v < 2**62 else None
+    return int(v) if 0 <= v <= defaults.MAX_USAGE_TOKENS else None
 
 
 def _usage(data: Mapping[str, Any]) -> Usage:

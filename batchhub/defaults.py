@@ -49,6 +49,10 @@ QUEUE_FACTOR = 4
 #: Seconds to let in-flight requests finish after Ctrl-C/SIGTERM before abandoning them.
 STOP_GRACE_S = 15.0
 
+#: A usage count above this is not real (no reply is a trillion tokens): the reply's usage is
+#: unusable, not trusted; bounded so that millions of results still sum inside int64.
+MAX_USAGE_TOKENS = 2**40
+
 #: Completion tokens assumed for the token limiter before any response calibrates it,
 #: when max_tokens is not set.
 COMPLETION_TOKENS_GUESS = 256
