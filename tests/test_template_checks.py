@@ -94,3 +94,10 @@ def test_a_request_body_over_the_bound_fails_alone_unsent() -> None:
     assert info.value.error_type == "request_too_large"
     assert defaults.MAX_REQUEST_BYTES == 32 * 1024 * 1024
     assert RequestBuilder(spec(), ["prompt"]).max_body_bytes == defaults.MAX_REQUEST_BYTES
+
+
+def test_a_messages_column_sends_nested_content_as_json_values() -> None:
+    b = RequestBuilder(spec(messages_column="m"), ["m"])
+    parts = [{"type": "text", "text": "hi"}]
+    raw = b.build({"m": [{"role": "user", "content": parts, "name": None}]}).body
+    assert b'"content":[{"type":"text","text":"hi"}]' in raw and b"'type'" not in raw
