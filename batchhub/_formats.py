@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -332,6 +333,35 @@ def count_json_lines(path: Path, compression: Compression) -> int:
     except READ_ERRORS as exc:
         raise InputError(f"could not read {path}: {reason(exc)}") from exc
     return count
+
+
+def json_keys(path: Path, compression: Compression, skip: int) -> dict[str, None]:
+    """The top-level keys of every object after the first `skip` non-blank lines, in first-seen order.
+
+    One streaming pass with orjson (a few hundred ms per million short lines), nothing kept but the
+    keys. A line that does not parse, or is not an object, adds nothing: reading reports it.
+    """
+    keys: dict[str, None] = {}
+    try:
+        with open_binary(path, compression) as file:
+            for raw in file:
+                if not raw.strip(JSON_WHITESPACE):
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                try:
+                    value = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    try:  # what orjson refuses but json reads: lone surrogate escapes
+                        value = json.loads(raw)
+                    except (ValueError, RecursionError):
+                        continue
+                if isinstance(value, dict) and not value.keys() <= keys.keys():
+                    keys.update(dict.fromkeys(value))
+    except READ_ERRORS as exc:
+        raise InputError(f"could not read {path}: {reason(exc)}") from exc
+    return keys
 
 
 # --- JSON Lines schema ---------------------------------------------------------------

@@ -87,7 +87,7 @@ def _num(mapping: Any, key: str) -> int | None:
         return None
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    return int(v) if 0 <= v < 2**62 else None
+    return int(v) if 0 <= v <= defaults.MAX_USAGE_TOKENS else None
 
 
 def _usage(data: Mapping[str, Any]) -> Usage:

@@ -13,6 +13,9 @@ MOCK_API_KEY = "mock-key"
 
 #: Requests in flight at once: enough to hide a second of latency at a few thousand RPM.
 CONCURRENCY = 32
+#: The most requests in flight a job may ask for: each is an open connection and a worker,
+#: and no endpoint serves more from one client usefully; far more exhausts file descriptors.
+MAX_CONCURRENCY = 1000
 #: Attempts per row for failures worth retrying (5xx, timeouts, garbled bodies).
 MAX_ATTEMPTS = 5
 #: 429s a single row may meet before it is recorded as failed; counted apart from
@@ -67,12 +70,27 @@ FAIL_FAST_RESULTS = 5
 #: Seconds to let in-flight requests finish after Ctrl-C/SIGTERM before abandoning them.
 STOP_GRACE_S = 15.0
 
+#: A usage count above this is not real (no reply is a trillion tokens): the reply's usage is
+#: unusable, not trusted; bounded so that millions of results still sum inside int64.
+MAX_USAGE_TOKENS = 2**40
+
 #: Completion tokens assumed for the token limiter before any response calibrates it,
 #: when max_tokens is not set.
 COMPLETION_TOKENS_GUESS = 256
+#: Largest width or precision a template's format spec may ask for (`{name:>N}`, `{name:.N}`):
+#: wider pads no prompt usefully, and a huge one makes every row a body of that many characters.
+TEMPLATE_MAX_WIDTH = 10_000
+#: Largest request body sent: a row whose body is bigger fails alone, unsent. Far above any
+#: context window of text (1M tokens is about 4 MB), room left for inline images.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
 #: Chat format overhead per message and per request (OpenAI's published counting rule).
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REQUEST = 3
+#: Longest piece of text handed to the tokenizer at once: it refuses a million characters, or
+#: over 200,000 tokens, in one call; 40,000 characters make at most 160,000 tokens (4 per
+#: character, one per UTF-8 byte) and keep a count's error to a token per 40,000 characters.
+TOKENIZER_PIECE_CHARS = 40_000
 #: Characters per token for the prompt estimate (a rough rule for English text).
 CHARS_PER_TOKEN = 4.0
 

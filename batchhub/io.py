@@ -1,8 +1,9 @@
 """Read input files in batches; write export files atomically.
 
 Inputs are CSV/TSV, Parquet and JSON Lines files; CSV, TSV and JSON Lines may be
-gzipped. :func:`open_input` looks only at the start of a file (its format, the
-CSV header, the Parquet footer, a sample of JSON Lines) and returns an
+gzipped. :func:`open_input` reads the start of a file (its format, the CSV
+header, the Parquet footer, the first 1000 JSON Lines rows; of a longer JSON
+Lines file, only the keys of the rest, in one streaming pass) and returns an
 :class:`InputSource`, whose iterators stream the rest a batch at a time, so a
 file of millions of rows is never held in memory. Every problem with an input
 file is an :class:`~batchhub.errors.InputError` whose one-line message names it.
@@ -47,8 +48,9 @@ __all__ = [
     "output_format_for",
 ]
 
-# The JSON Lines columns open_input reports come from this many rows, so that
-# opening stays instant; iter_batches still sees every key in the file.
+# open_input checks the first this many JSON Lines rows in full (a bad line among them
+# is an error at once) and scans the rest only for their keys (later lines are checked
+# as they are read).
 JSONL_SAMPLE_ROWS = 1000
 FINGERPRINT_CHUNK = 1024 * 1024
 # A row group is written once this many rows, or bytes, are buffered: one row
@@ -105,7 +107,7 @@ class InputSource:
 
     path: Path
     format: Format
-    #: column names in file order (for JSON Lines: the keys of the first 1000 rows)
+    #: column names in file order (for JSON Lines: every key of every row, in first-seen order)
     columns: tuple[str, ...]
     #: "gzip" when the content is gzipped (CSV and JSON Lines only)
     compression: Compression = None
@@ -387,6 +389,9 @@ def _open_jsonl_source(path: Path, sniffed: _formats.Sniffed) -> InputSource:
             rows += 1
     if not rows:
         raise InputError(f"{path} has no rows (only blank lines)")
+    if rows == JSONL_SAMPLE_ROWS:
+        # a key may first appear on any line: the rest is scanned for keys only, as it streams by
+        names.update(_formats.json_keys(path, sniffed.compression, skip=JSONL_SAMPLE_ROWS))
     return InputSource(path, "jsonl", tuple(names), sniffed.compression)
 
 
@@ -397,7 +402,8 @@ def open_input(path: str | Path) -> InputSource:
     file, a directory, a file that cannot be read, an empty file, content that
     cannot be read in its format, duplicate column names, a CSV without a header
     row, invalid UTF-8, and a JSON Lines line (among the first 1000) that is not
-    a JSON object. Later lines are checked as they are read.
+    a JSON object. Later lines are checked as they are read; their keys are
+    columns too (found by a streaming scan of the rest of the file).
     """
     source = Path(path)
     sniffed = _formats.sniff(source)

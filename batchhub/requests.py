@@ -22,15 +22,18 @@ A row that cannot become a valid request (null prompt, bad per-row value) raises
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
+import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from batchhub import defaults
+from batchhub._formats import json_default
 from batchhub.errors import BatchhubError, InputError, UsageError
 from batchhub.spec import JobSpec, check_max_tokens, check_stop, check_temperature
 
@@ -59,17 +62,23 @@ class BuiltRequest:
 
 
 def template_fields(template: str) -> list[str]:
-    """The column names a template refers to, in order, each once."""
+    """The column names a template refers to, in order, each once.
+
+    The whole template is checked here, before any row is read: a conversion other than
+    `!r`, `!s` or `!a`, a replacement field nested in a format spec (`{name:{width}}`) and
+    a width or precision above `defaults.TEMPLATE_MAX_WIDTH` are usage errors.
+    """
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise UsageError(f"template is not valid: {exc} (write {{{{ and }}}} for literal braces)") from exc
     names: list[str] = []
-    for _literal, name, _spec, _conversion in parsed:
+    for _literal, name, spec, conversion in parsed:
         if name is None:
             continue
         if name == "" or name.isdigit():
             raise UsageError("template fields must name a column, like {review}; positional {} is not allowed")
+        _check_field(name, spec or "", conversion)
         if name not in names:
             names.append(name)
     return names
@@ -85,11 +94,61 @@ def estimate_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
     return total
 
 
+#: the conversions a template field may ask for, as Python's str.format knows them
+_CONVERSIONS: dict[str, Callable[[object], str]] = {"r": repr, "s": str, "a": ascii}
+_NUMBERS = re.compile(r"\d+")
+
+
+def _check_field(name: str, spec: str, conversion: str | None) -> None:
+    shown = "{" + name + (f"!{conversion}" if conversion is not None else "") + (f":{spec}" if spec else "") + "}"
+    if conversion is not None and conversion not in _CONVERSIONS:
+        raise UsageError(f"template field {shown}: unknown conversion !{conversion} (use !r, !s or !a, or none)")
+    if "{" in spec or "}" in spec:
+        raise UsageError(
+            f"template field {shown}: a nested field in a format spec is not supported; "
+            "write the width or precision as a number (use {{ and }} for literal braces)"
+        )
+    # Every number in a spec is a fill digit, a width or a precision (or literal text of a
+    # date format): bounding them all bounds the rendered size, whatever the value's type.
+    if any(int(digits) > defaults.TEMPLATE_MAX_WIDTH for digits in _NUMBERS.findall(spec)):
+        raise UsageError(f"template field {shown}: width or precision over {defaults.TEMPLATE_MAX_WIDTH:,} characters")
+
+
+def _as_json_text(value: Any) -> Any:
+    """Objects, arrays and booleans (JSON Lines and Parquet cells) as JSON text, not Python's repr."""
+    if isinstance(value, (dict, list, tuple, bool)):
+        return json.dumps(value, ensure_ascii=False, default=_json_default)
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    """Dates, bytes and decimals nested in a Parquet cell, as export writes them; else their text."""
+    try:
+        return json_default(value)
+    except TypeError:
+        return str(value)
+
+
+def _looks_like_text(name: str) -> bool:
+    """A field "name" that is really JSON or quoted text between single braces."""
+    return name.strip().startswith(('"', "'", "{", "["))
+
+
+def _did_you_mean(missing: Sequence[str], columns: Sequence[str], brace: bool = False) -> str:
+    """ "; did you mean ...?" naming the columns closest to the missing names, or "" when none is close."""
+    close = [match for name in missing for match in difflib.get_close_matches(name, columns, n=1)]
+    if not close:
+        return ""
+    return "; did you mean " + ", ".join("{" + c + "}" if brace else repr(c) for c in close) + "?"
+
+
 class RequestBuilder:
     """Builds the request body of each row of a job."""
 
-    def __init__(self, spec: JobSpec, columns: Sequence[str]) -> None:
+    def __init__(self, spec: JobSpec, columns: Sequence[str], max_body_bytes: int = defaults.MAX_REQUEST_BYTES) -> None:
         self.spec = spec
+        #: a row whose body is larger fails alone, unsent (`request_too_large`)
+        self.max_body_bytes = max_body_bytes
         self._template = spec.template
         if spec.template is not None:
             template_fields(spec.template)  # a malformed template is a usage error, before anything else
@@ -128,9 +187,10 @@ class RequestBuilder:
             needed = template_fields(self._template)
             missing = [n for n in needed if n not in available]
             if missing:
+                hint = "; use {{ and }} for literal braces" if any(_looks_like_text(m) for m in missing) else ""
                 raise InputError(
                     f"template field(s) {', '.join('{' + m + '}' for m in missing)} not in the data "
-                    f"(columns: {', '.join(columns)})"
+                    f"(columns: {', '.join(columns)}){hint or _did_you_mean(missing, columns, brace=True)}"
                 )
         elif self._messages_column is not None:
             needed = [self._messages_column]
@@ -141,11 +201,13 @@ class RequestBuilder:
             if n not in available:
                 kind = "messages column" if n == self._messages_column else "prompt column"
                 hint = "" if self._template else " (use --prompt-column, --template or --messages-column)"
+                hint = _did_you_mean([n], columns) or hint
                 raise InputError(f"{kind} {n!r} not in the data (columns: {', '.join(columns)}){hint}")
         for param, column in self._param_columns.items():
             if column not in available:
                 raise InputError(
-                    f"column {column!r} for per-row {param} not in the data (columns: {', '.join(columns)})"
+                    f"column {column!r} for per-row {param} not in the data "
+                    f"(columns: {', '.join(columns)}){_did_you_mean([column], columns)}"
                 )
             if column not in needed:
                 needed.append(column)
@@ -164,6 +226,9 @@ class RequestBuilder:
             prompt = row.get(self._prompt_column)
             if prompt is None or (isinstance(prompt, float) and math.isnan(prompt)):
                 raise RowError(f"prompt column {self._prompt_column!r} is null", "empty_prompt")
+            if hasattr(prompt, "tolist"):
+                prompt = prompt.tolist()
+            prompt = _as_json_text(prompt)
             prompt = prompt if isinstance(prompt, str) else str(prompt)
             if not prompt.strip():
                 raise RowError(f"prompt column {self._prompt_column!r} is empty", "empty_prompt")
@@ -183,12 +248,8 @@ class RequestBuilder:
                 raise RowError(f"template field {{{name}}} is null in this row", "empty_prompt")
             if hasattr(value, "tolist"):  # numpy arrays from Parquet list columns
                 value = value.tolist()
-            if isinstance(value, (dict, list)) and conversion is None and not spec:
-                value = json.dumps(value, ensure_ascii=False)  # nested data as JSON, not Python's repr
-            if conversion == "r":
-                value = repr(value)
-            elif conversion in ("s", "a"):
-                value = str(value) if conversion == "s" else ascii(value)
+            # conversions are checked up front (r, s or a); without one, nested values are JSON
+            value = _CONVERSIONS[conversion](value) if conversion is not None else _as_json_text(value)
             try:
                 parts.append(format(value, spec) if spec else str(value))
             except (ValueError, TypeError) as exc:
@@ -215,6 +276,12 @@ class RequestBuilder:
             raise RowError(f"this row's messages hold a value JSON cannot carry: {exc}") from exc
         except UnicodeEncodeError as exc:  # a lone surrogate (e.g. "\ud800" in a JSON Lines file)
             raise RowError(f"this row's text is not valid Unicode: {exc.reason} at position {exc.start}") from exc
+        if len(encoded) > self.max_body_bytes:
+            raise RowError(
+                f"request body is {len(encoded):,} bytes, over the limit of {self.max_body_bytes:,} bytes; "
+                "shorten this row's text",
+                "request_too_large",
+            )
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         return BuiltRequest(
             body=encoded,

@@ -343,6 +343,8 @@ class Job:
         self._stop_reason: str | None = None
         self._fatal: FatalAPIError | None = None
         self._write_error: OSError | None = None
+        #: (rows counted, rows read) when the input ended early: it changed while the job ran
+        self._input_short: tuple[int, int] | None = None
         self._in_request: set[asyncio.Task[Any]] = set()
         self._workers: list[asyncio.Task[Any]] = []
         self._compacting: asyncio.Task[Any] | None = None
@@ -515,7 +517,8 @@ class Job:
         try:
             while not self._stop.is_set() and row_id < end:
                 batch = await asyncio.to_thread(next, rows, None)
-                if batch is None:
+                if batch is None:  # fewer rows than counted when the job began
+                    self._input_short = (self.p.n_rows, row_id)
                     break
                 base = row_id
                 row_id += len(batch)
@@ -989,6 +992,13 @@ class Job:
             s.message = budget_message(self._budget.spent, self._budget.limit, s.pending)
         elif self._stop_reason:
             s.stopped = self._stop_reason
+        elif self._input_short is not None:
+            s.stopped = "input_changed"
+            s.message = (
+                f"the input {self.p.source.path} changed while the job ran: "
+                f"expected {self._input_short[0]:,} rows, read {self._input_short[1]:,}; the results so far "
+                "are kept (run again with --force to go on with the input as it is now)"
+            )
         if self._budget is not None:
             s.budget_spent_usd = self._budget.spent
         return s

@@ -180,7 +180,8 @@ class JobSpec:
             return Path(self.job_dir)
         if self.input is None:
             raise UsageError("no input file given")
-        return Path("jobs") / Path(self.input).name.split(".")[0]
+        # "reviews.csv.gz" -> reviews; leading dots dropped, so ".hidden.csv" is not "" (jobs/ itself)
+        return Path("jobs") / (Path(self.input).name.lstrip(".").split(".")[0] or "job")
 
     def request_config(self) -> dict[str, Any]:
         """The settings that shape requests, as JSON-ready values (compared on resume)."""
@@ -230,6 +231,8 @@ class JobSpec:
                 f"param_columns: {', '.join(sorted(unknown))} cannot be set per row (allowed: {', '.join(ROW_PARAMS)})"
             )
         _positive_int("concurrency", self.concurrency)
+        if self.concurrency > defaults.MAX_CONCURRENCY:
+            raise UsageError(f"concurrency must be at most {defaults.MAX_CONCURRENCY:,}, not {self.concurrency:,}")
         _positive_int("max_attempts", self.max_attempts)
         _positive_int("flush_rows", self.flush_rows)
         _positive_int("max_response_bytes", self.max_response_bytes)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +65,29 @@ def _encoding(name: str) -> _Encoding:
     return encoding
 
 
+_WHITESPACE = (" ", "\n", "\t", "\r")
+
+
+def pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters, each cut before a whitespace.
+
+    The tokenizer refuses a text of a million characters (or one making over 200,000 tokens)
+    in one call. A token never spans a cut placed before a space, so the sum of the pieces'
+    counts is the whole's count, give or take a token at a cut that finds no whitespace in
+    the second half of its piece (a long run without spaces is cut at `size`).
+    """
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = max(text.rfind(space, start + size // 2, end) for space in _WHITESPACE)
+        if cut <= start:
+            cut = end
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
+
+
 @dataclass(frozen=True)
 class TokenCounter:
     """Counts the prompt tokens of chat messages for one model."""
@@ -85,9 +108,13 @@ class TokenCounter:
         return self.encoding is not None
 
     def text(self, text: str) -> int:
+        """Tokens of `text`; a long text is counted in pieces cut at whitespace (see `pieces`)."""
         if self.encoding is None:
             return math.ceil(len(text) / defaults.CHARS_PER_TOKEN)
-        return len(_encoding(self.encoding).encode_ordinary(text))
+        encode = _encoding(self.encoding).encode_ordinary
+        if len(text) <= defaults.TOKENIZER_PIECE_CHARS:
+            return len(encode(text))
+        return sum(len(encode(piece)) for piece in pieces(text, defaults.TOKENIZER_PIECE_CHARS))
 
     def messages(self, messages: Sequence[dict[str, Any]]) -> int:
         total = defaults.TOKENS_PER_REQUEST

@@ -120,6 +120,13 @@ CASES: dict[str, Case] = {
     "template field not in the data": Case(extra=("--template", "About {topic}: {nope}"), fragments=("{nope}",)),
     "template with an unmatched brace": Case(extra=("--template", "Say {prompt"), fragments=("template",)),
     "positional template field": Case(extra=("--template", "Say {}"), fragments=("template",)),
+    "template width too large": Case(extra=("--template", "{prompt:>9223372036854775807}"), fragments=("10,000",)),
+    "template unknown conversion": Case(extra=("--template", "{prompt!x}"), fragments=("!x",)),
+    "template nested field in a format spec": Case(extra=("--template", "{prompt:{topic}}"), fragments=("nested",)),
+    "template with JSON braces": Case(
+        extra=("--template", 'As {"label": "x"}: {prompt}'), fragments=("use {{ and }} for literal braces",)
+    ),
+    "template field typo": Case(extra=("--template", "About {topc}"), fragments=("did you mean {topic}?",)),
     "non-UTF-8 bytes in a cell": Case(b"prompt,topic\nhello \xff\xfe world,owls\nfine,owls\n", fragments=("bad.csv",)),
     "non-UTF-8 bytes in the header": Case(b"pr\xe9mpt,topic\nhello,owls\n", fragments=("bad.csv",)),
     "duplicate column names": Case(b"prompt,topic,prompt\na,b,c\n", fragments=("bad.csv", "duplicate")),
@@ -137,6 +144,7 @@ CASES: dict[str, Case] = {
     "--max-tokens 0": Case(extra=("--max-tokens", "0"), fragments=("max_tokens",)),
     "--max-tokens -3": Case(extra=("--max-tokens", "-3"), fragments=("max_tokens",)),
     "--concurrency 0": Case(extra=("--concurrency", "0"), fragments=("concurrency",)),
+    "--concurrency 10000000": Case(extra=("--concurrency", "10000000"), fragments=("concurrency", "1,000")),
     "--rpm -1": Case(extra=("--rpm", "-1"), fragments=("rpm",)),
     "--tpm 0": Case(extra=("--tpm", "0"), fragments=("tpm",)),
     "--timeout 0": Case(extra=("--timeout", "0"), fragments=("timeout",)),

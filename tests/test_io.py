@@ -24,6 +24,8 @@ from batchhub.io import (
     open_input,
     output_format_for,
 )
+from batchhub.requests import RequestBuilder
+from batchhub.spec import JobSpec
 
 # Larger than the CSV reader's 16 MiB block: 100k rows of about 200 bytes.
 BIG_ROWS = 100_000
@@ -308,13 +310,25 @@ def test_heterogeneous_jsonl(tmp_path: Path) -> None:
         assert table.column("meta").to_pylist()[1] == {"lang": None, "src": "web"}
 
 
-def test_jsonl_columns_come_from_the_first_1000_rows(tmp_path: Path) -> None:
+def test_jsonl_columns_include_keys_first_seen_after_the_first_1000_rows(tmp_path: Path) -> None:
     rows: list = [{"prompt": f"p{i}"} for i in range(1000)] + [{"prompt": "last", "extra": True}]
+    rows += ['{"prompt": "p", "late": "\\ud800 lone surrogate"}', "", {"prompt": "p", "later": {"x": 1}}]
     source = open_input(write_jsonl(tmp_path / "late_key.jsonl", rows))
-    assert source.columns == ("prompt",)
+    assert source.columns == ("prompt", "extra", "late", "later")
     table = all_batches(source)
-    assert table.schema.names == ["prompt", "extra"]
-    assert table.column("extra").to_pylist()[-2:] == [None, True]
+    assert table.schema.names == ["prompt", "extra", "late", "later"]
+    assert table.column("extra").to_pylist()[-4:] == [None, True, None, None]
+    assert all_rows(source, ["later"])[-1] == {"later": {"x": 1}}
+    # a template over a late key is a job like any other, not "not in the data"
+    builder = RequestBuilder(JobSpec(input=source.path, model="m", template="{prompt} {extra}"), source.columns)
+    assert builder.needed_columns == ["prompt", "extra"]
+
+
+def test_jsonl_columns_of_a_gzipped_file_with_a_late_key(tmp_path: Path) -> None:
+    rows = [{"prompt": f"p{i}"} for i in range(1200)] + [{"prompt": "x", "tail": 1}]
+    path = tmp_path / "late.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert open_input(path).columns == ("prompt", "tail")
 
 
 def test_jsonl_bad_line_after_the_sample_surfaces_while_reading(tmp_path: Path) -> None:
