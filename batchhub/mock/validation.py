@@ -26,6 +26,9 @@ KNOWN_FIELDS: frozenset[str] = frozenset({
     "stream", "stream_options", "stop", "user", "seed", "response_format", "presence_penalty",
     "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "metadata", "store",
+    # accepted by OpenAI too, without effect on a simulated answer (only their JSON type is checked)
+    "service_tier", "reasoning_effort", "modalities", "prediction", "audio", "safety_identifier",
+    "prompt_cache_key", "verbosity", "web_search_options", "function_call", "functions",
 })
 # fmt: on
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
@@ -48,6 +51,17 @@ _PASSTHROUGH_TYPES: dict[str, tuple[type, ...]] = {
     "parallel_tool_calls": (bool,),
     "metadata": (dict,),
     "store": (bool,),
+    "service_tier": (str,),
+    "reasoning_effort": (str,),
+    "modalities": (list,),
+    "prediction": (dict,),
+    "audio": (dict,),
+    "safety_identifier": (str,),
+    "prompt_cache_key": (str,),
+    "verbosity": (str,),
+    "web_search_options": (dict,),
+    "function_call": (str, dict),
+    "functions": (list,),
 }
 
 
