@@ -407,8 +407,12 @@ class Job:
         # a resume trusts a result only if its request_hash is the request its row would send now:
         # the reader checks each done row as it passes (--force keeps results as they are)
         self._hashes: np.ndarray | None = None
-        if not spec.force and self._only_rows is None and bool(np.any(states != STATE_NONE)):
-            self._hashes = store.row_request_hashes(p.n_rows)
+        forced = p.manifest.get("forced_seq")
+        forced = forced if isinstance(forced, int) and not isinstance(forced, bool) else 0
+        if spec.force:  # the results so far are kept as they are, by this run and the resumes after it
+            p.manifest["forced_seq"] = max(forced, store.last_seq)
+        elif self._only_rows is None and bool(np.any(states != STATE_NONE)):
+            self._hashes = store.row_request_hashes(p.n_rows, trusted_seq=forced)
         n_todo = int(np.count_nonzero(todo))
         run_record: dict[str, Any] = {
             "started_at": now_iso(),

@@ -704,16 +704,20 @@ class JobStore:
         """Whether anything here holds results (shards, journal segments, the Ray engine's stores)."""
         return bool(self.shards() or self.segments() or self.task_stores())
 
-    def row_request_hashes(self, n_rows: int) -> np.ndarray:
-        """The request_hash of each input row's latest result, fixed-width bytes (b"": no result, or none)."""
+    def row_request_hashes(self, n_rows: int, *, trusted_seq: int = 0) -> np.ndarray:
+        """The request_hash of each input row's latest result, fixed-width bytes (b"": no result, or none).
+
+        A latest result with seq <= `trusted_seq` (kept as it was by a `--force` run) gives b"" too.
+        """
         hashes = np.zeros(n_rows, dtype="S32")
         table = self.results(["row_id", "request_hash", "seq"])
         if table.num_rows == 0:
             return hashes
         row_id = table["row_id"].to_numpy()
-        keep = latest_indices(row_id, table["seq"].to_numpy())
+        seq = table["seq"].to_numpy()
+        keep = latest_indices(row_id, seq)
         ids = row_id[keep]
-        valid = (ids >= 0) & (ids < n_rows)
+        valid = (ids >= 0) & (ids < n_rows) & (seq[keep] > trusted_seq)
         hashes[ids[valid]] = _fixed_width(table["request_hash"], 32)[keep][valid]
         return hashes
 
