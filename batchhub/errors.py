@@ -14,6 +14,7 @@ The tree::
     │   │   │   └── ConnectError       no connection at all (DNS failure, connection refused)
     │   │   └── BadResponseError       a body that is not what the API documents (HTML, bad JSON, no choices)
     │   ├── RequestRejected            400 and other 4xx: permanent for this row
+    │   │   └── RowModelNotFound       404 model_not_found for a model the row names (a model column, a Batch line)
     │   ├── ResponseTooLargeError      a reply past max_response_bytes: permanent for this row
     │   └── FatalAPIError              no point sending the rest of the job (exit 3)
     │       ├── AuthenticationError    401
@@ -134,6 +135,12 @@ class RequestRejected(APIError):
     """400 and other 4xx (not 401, 403, 429): this row's request is wrong; do not retry it."""
 
     error_type = "invalid_request"
+
+
+class RowModelNotFound(RequestRejected):
+    """404 model_not_found for a model the row itself names (a model column, a Batch line): that row fails."""
+
+    error_type = "not_found"
 
 
 class ResponseTooLargeError(APIError):

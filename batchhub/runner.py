@@ -52,6 +52,7 @@ from batchhub.errors import (
     RateLimitError,
     RepeatedError,
     RequestRejected,
+    RowModelNotFound,
     UnreachableError,
     UsageError,
 )
@@ -717,7 +718,19 @@ class Job:
                 else:
                     failures += 1
                 if isinstance(exc, NotFoundError):
-                    exc = exc.explained(self._client.url, built.model)
+                    explained = exc.explained(self._client.url, built.model)
+                    if exc.code == "model_not_found" and ("model" in spec.param_columns or self.p.builder.batch_format):
+                        # the row names its model: only its own rows fail (the same one on the first
+                        # results still stops the job, see `_first_failed`)
+                        exc = RowModelNotFound(
+                            explained.message,
+                            status=exc.status,
+                            code=exc.code,
+                            request_id=exc.request_id,
+                            error_object=exc.error_object,
+                        )
+                    else:
+                        exc = explained
                 if isinstance(exc, FatalAPIError):
                     self._stop_fatal(exc)
                     return None
