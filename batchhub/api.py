@@ -90,7 +90,7 @@ def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False
 
     The returned DataFrame has the caller's index (for a DataFrame) and
     `attrs["batchhub"]`, a summary of the run. Rows that failed are in it with
-    `status == "error"`, and a `FailedRowsWarning` says how many. A job that stops
+    `status` `"error"` (or `"invalid_output"`), and a `FailedRowsWarning` says how many. A job that stops
     early raises: the API error itself for a bad key, a forbidden model or no quota
     (`AuthenticationError`, `PermissionDeniedError`, `QuotaExceededError`), an unknown
     model or URL (`NotFoundError`), an endpoint that cannot be reached (`UnreachableError`),
@@ -317,7 +317,8 @@ def _warn_failed(summary: JobSummary) -> None:
     """Say that rows failed, pointing at the caller's line (called from run and arun themselves)."""
     if summary.failed:
         warnings.warn(
-            f"{summary.failed:,} of {summary.total_rows:,} rows failed (status 'error'; the reason is in "
+            f"{summary.failed:,} of {summary.total_rows:,} rows failed (status 'error', or 'invalid_output' for a "
+            "reply that is not the JSON asked for; the reason is in "
             "error_type and error_message). Run again with retry_failed=True to send them again",
             FailedRowsWarning,
             stacklevel=3,
