@@ -295,6 +295,22 @@ def _mock_config(spec: JobSpec) -> Any:
         raise UsageError(f"[mock] settings: {exc}") from exc
 
 
+def _adopt_runs_since_prepared(manifest: dict[str, Any], store: JobStore) -> None:
+    """Take what runs that ended after this job was prepared wrote to job.json (their records, a
+    --force's seq), so that this run's manifest, written under the lock, does not drop them."""
+    if not store.exists():
+        return
+    try:
+        on_disk = store.read_manifest()
+    except (OSError, JobStateError):
+        return
+    runs = on_disk.get("runs")
+    if isinstance(runs, list) and len(runs) > len(manifest.get("runs") or []):
+        manifest["runs"] = runs
+    if "forced_seq" in on_disk:
+        manifest["forced_seq"] = on_disk["forced_seq"]
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -393,6 +409,7 @@ class Job:
         p, spec, store = self.p, self.spec, self.store
         started = time.monotonic()
         setup_error: OSError | None = None
+        _adopt_runs_since_prepared(p.manifest, store)
         try:
             store.recover()
         except OSError as exc:  # no room to compact the journal: it stays, and is still read below

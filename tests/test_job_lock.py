@@ -153,3 +153,22 @@ def test_an_export_removes_the_temp_file_a_killed_export_left(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     assert not left.exists() and out.exists()
     assert list(tmp_path.glob(".*tmp*")) == []
+
+
+async def test_a_run_prepared_while_another_ran_keeps_that_runs_record(tmp_path: Path) -> None:
+    """A run prepared before another run of the job ended writes job.json under the lock
+    afterwards: the other run's record must still be in it."""
+    from batchhub import Job, prepare_job
+    from batchhub.spec import JobSpec
+
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": [f"q{i}" for i in range(6)]}).to_csv(data, index=False)
+    spec = JobSpec(input=data, base_url="mock://", model="gpt-4o-mini", job_dir=tmp_path / "job", quiet=True)
+    first = await Job(prepare_job(spec)).run()  # creates the job
+    assert first.exit_code == 0
+    later = prepare_job(spec)  # prepared now, run after the next one
+    between = await Job(prepare_job(spec)).run()
+    assert between.exit_code == 0
+    assert (await Job(later).run()).exit_code == 0
+    runs = json.loads((tmp_path / "job" / "job.json").read_text())["runs"]
+    assert len(runs) == 3
