@@ -359,6 +359,8 @@ def _summary_dict(s: JobSummary) -> dict[str, Any]:
         "cost_usd": s.cost_usd,
         "unpriced_models": sorted(s.unpriced_models),
         "elapsed_s": s.elapsed_s,
+        # results that did not match their rows' requests, sent again this run
+        "mismatched_results": s.mismatched_results,
     }
 
 

@@ -116,6 +116,7 @@ def test_the_same_call_again_resumes_and_sends_nothing(tmp_path: Path, threaded_
     second = batchhub.run(df.copy(), **opts(server, tmp_path / "job", concurrency=2))  # limits may change
     assert server.stats.requests == 40
     assert second.attrs["batchhub"]["http_requests"] == 0
+    assert second.attrs["batchhub"]["mismatched_results"] == 0  # every result checked against its row's request
     pd.testing.assert_frame_equal(first, second, check_like=False)
 
 
