@@ -295,11 +295,19 @@ class RayJob:
         self.progress: Progress | None = None
 
     def request_stop(self, reason: str = "interrupted") -> None:
-        """First call: start no more shards and ask running ones to stop. Second: end them now."""
+        """From outside (a signal). First call: start no more shards and ask running ones to stop.
+        Second: end them now."""
         if self._stop.is_set():
             self._force = True
             for ref in self._pending.values():
                 ray.cancel(ref, force=True)
+            return
+        self._halt(reason)
+
+    def _halt(self, reason: str) -> None:
+        """Stop for a reason found inside the run (a task failed, a fatal API error): never escalates
+        to ending tasks by force, however many tasks report it."""
+        if self._stop.is_set():
             return
         self._stop_reason = self._stop_reason or reason
         self._stop.set()
@@ -430,7 +438,7 @@ class RayJob:
         except Exception as exc:  # a task failed outright: stop the others, say why
             message = redact(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), self.p.api_key)
             totals.failure = totals.failure or message
-            self.request_stop("task_failed")
+            self._halt("task_failed")
             return
         totals.add(result)
         if result["stopped"] == "budget":
@@ -440,7 +448,7 @@ class RayJob:
         if result["stopped"] in ("fatal", "write_error") and totals.failure is None:
             totals.failure = result["message"]
             totals.failure_kind = result["stopped"]
-            self.request_stop(result["stopped"])
+            self._halt(result["stopped"])
 
     def _summary(self, store: JobStore, started: float, totals: _Totals, tasks: list[ShardTask]) -> JobSummary:
         """The run's summary. Results, tokens and cost come from this run's stores, so they count the

@@ -391,10 +391,17 @@ class Job:
     # -- control ------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "interrupted") -> None:
-        """First call: stop dispatching and let in-flight requests finish. Second: abandon them now."""
+        """From outside (a signal, a notebook interrupt). First call: stop dispatching and let in-flight
+        requests finish. Second: abandon them now."""
         if self._stop.is_set():
             self._abandon.set()
             return
+        self._halt(reason)
+
+    def _halt(self, reason: str) -> None:
+        """Stop dispatching for a reason found inside the run. Never abandons requests in flight, however
+        often it is called (several workers meet the budget or a fatal error at once): their replies are
+        paid for, and are recorded when they come."""
         self._stop_reason = self._stop_reason or reason
         self._stop.set()
 
@@ -595,7 +602,7 @@ class Job:
                     f"{self._first_mismatch}); the run stopped rather than send them all again. "
                     "Use a new --job-dir, or --force to keep the results as they are"
                 )
-                self.request_stop("mismatched_results")
+                self._halt("mismatched_results")
                 return False
             self._todo[rid] = True
             self._states[rid] = STATE_NONE
@@ -617,7 +624,7 @@ class Job:
                     self._record(self._error_row(rid, "no_price", str(exc), None, 0, 0, built))
                     continue
                 if not await budget.reserve(reserved):
-                    self.request_stop("budget")
+                    self._halt("budget")
                     return
             invalid_retries = 0
             while True:
@@ -641,7 +648,7 @@ class Job:
                 if budget is not None:
                     reserved = budget.worst_case(built)
                     if not await budget.reserve(reserved):
-                        self.request_stop("budget")
+                        self._halt("budget")
                         return
 
     def _check_output(self, row: dict[str, Any]) -> bool:
@@ -699,7 +706,7 @@ class Job:
                 code=exc.code,
                 request_id=exc.request_id,
             )
-            self.request_stop("fatal")
+            self._halt("fatal")
         else:
             self._admit_limit = defaults.FAIL_FAST_RESULTS
             self._turn.set()
@@ -708,7 +715,7 @@ class Job:
 
     def _stop_fatal(self, exc: FatalAPIError) -> None:
         self._fatal = self._fatal or exc
-        self.request_stop("fatal")
+        self._halt("fatal")
 
     async def _process(self, rid: int, built: BuiltRequest) -> dict[str, Any] | None:
         spec, limits, task = self.spec, self._limits, asyncio.current_task()
@@ -893,7 +900,7 @@ class Job:
             # disk full or the directory went away: stop at once; what was written stays readable
             self._write_error = self._write_error or exc
             self._abandon.set()
-            self.request_stop("write_error")
+            self._halt("write_error")
             return None
         if not self._unwritten:
             asyncio.get_running_loop().call_soon(self._write_journal)
@@ -920,7 +927,7 @@ class Job:
                 self._start_flush()
         except OSError as exc:  # a new journal segment or an fsync failed: stop, keep what is written
             self._write_error = self._write_error or exc
-            self.request_stop("write_error")
+            self._halt("write_error")
         return cost
 
     def _write_journal(self) -> None:
@@ -940,7 +947,7 @@ class Job:
             self._summary.results_this_run -= len(unwritten)
             self._write_error = self._write_error or exc
             self._abandon.set()
-            self.request_stop("write_error")
+            self._halt("write_error")
         finally:
             for future in waiting:
                 if not future.done():
@@ -966,7 +973,7 @@ class Job:
         if self._write_error is None:
             # the journal may still take lines: let requests in flight finish and be recorded
             self._write_error = error if isinstance(error, OSError) else OSError(str(error))
-            self.request_stop("write_error")
+            self._halt("write_error")
         return True
 
     def _start_flush(self) -> None:
