@@ -275,6 +275,8 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
         cost += f" + unknown for {', '.join(sorted(s.unpriced_models))} (no price known)"
     if s.budget_spent_usd is not None:
         cost += f", ${s.budget_spent_usd:,.4f} in all"
+    if s.assumed_results:
+        cost += f" (${s.assumed_usd:,.4f} of it assumed: {s.assumed_results:,} results charged at their worst case)"
     lines = [
         f"{s.ok:,} ok, {s.failed:,} failed, {s.pending:,} pending of {s.total_rows:,} rows "
         f"({s.results_this_run:,} results this run in {s.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
@@ -339,6 +341,10 @@ def status(job_dir: Path, as_json: bool) -> None:
         if st.projected_usd is not None:
             line += f"; projected ${st.projected_usd:,.4f} for all {st.total_rows:,} rows (at the cost per row so far)"
         click.echo(line + (f"  (prices: {st.prices})" if st.prices else ""))
+        if st.assumed_results:
+            from batchhub.cost import assumed_note
+
+            click.echo(f"         {assumed_note(st.spent_usd or 0.0, st.assumed_usd, st.assumed_results)}")
     click.echo(f"time     {st.run_seconds:,.1f}s over {st.runs} run(s); last result {st.last_finished_at or '-'}")
 
 

@@ -12,7 +12,6 @@ The parsers (`parse_completion`, `SSEAccumulator`) are pure and raise only
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,11 +80,11 @@ NO_USAGE: Usage = (None, None, None, None)
 
 
 def _num(mapping: Any, key: str) -> int | None:
-    """A token count, or None when absent or not a sane number (negative, NaN, infinite, absurd)."""
+    """A token count, or None when absent or not a sane number (negative, fractional, NaN, infinite, absurd)."""
     v = mapping.get(key) if isinstance(mapping, dict) else None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    if isinstance(v, float) and not math.isfinite(v):
+    if isinstance(v, float) and not v.is_integer():  # NaN, infinite or fractional: not a count
         return None
     return int(v) if 0 <= v <= defaults.MAX_USAGE_TOKENS else None
 

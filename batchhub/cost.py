@@ -1,7 +1,10 @@
 """The bill: cost by model from the usage columns of a job, an export, or any Parquet file.
 
 Every response that reported usage counts, retried rows included (each was paid
-for). Responses without usage cannot be priced and are counted apart. A request
+for). What a result was charged at its worst case instead (a reply without usable
+usage, attempts that may have been billed without a reply: the
+`assumed_prompt_tokens` / `assumed_completion_tokens` columns) is priced too and
+counted apart as *assumed*. A request
 that was in flight when a job was killed may have been billed without a record of
 it (at most `concurrency` per kill): no tool can see that from the client side.
 """
@@ -20,7 +23,16 @@ from batchhub.pricing import CostReport, PriceBook, cost_of
 from batchhub.store import JobStore
 from batchhub.text import text_table
 
-USAGE_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "cached_tokens", "finished_at", "status")
+USAGE_COLUMNS = (
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "finished_at",
+    "status",
+    "assumed_prompt_tokens",
+    "assumed_completion_tokens",
+)
 
 
 def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
@@ -53,6 +65,8 @@ def report(table: pa.Table, book: PriceBook) -> CostReport:
     has_usage = pc.and_(pc.is_valid(table["prompt_tokens"]), pc.is_valid(table["completion_tokens"]))
     if "status" in table.column_names:
         ok_without = pc.and_(pc.equal(table["status"], "ok"), pc.invert(has_usage))
+        if "assumed_completion_tokens" in table.column_names:  # charged at worst case: priced, as assumed
+            ok_without = pc.and_(ok_without, pc.is_null(table["assumed_completion_tokens"]))
         no_usage = int(pc.sum(ok_without.cast(pa.int64())).as_py() or 0)
     else:
         no_usage = int(table.num_rows - pc.sum(has_usage.cast(pa.int64())).as_py())
@@ -69,7 +83,30 @@ def report(table: pa.Table, book: PriceBook) -> CostReport:
         when,
     )
     result.responses_without_usage = no_usage
+    if "assumed_prompt_tokens" in table.column_names and "assumed_completion_tokens" in table.column_names:
+        _add_assumed(result, table, book, when)
     return result
+
+
+def _add_assumed(result: CostReport, table: pa.Table, book: PriceBook, when: datetime | None) -> None:
+    """Price the tokens charged at worst case, into the total and apart as assumed."""
+    ap, ac = table["assumed_prompt_tokens"], table["assumed_completion_tokens"]
+    rows = table.filter(pc.or_(pc.is_valid(ap), pc.is_valid(ac)))
+    if rows.num_rows == 0:
+        return
+    assumed = cost_of(
+        rows["model"].fill_null("(no model)"),
+        rows["assumed_prompt_tokens"].fill_null(0).to_numpy(),
+        rows["assumed_completion_tokens"].fill_null(0).to_numpy(),
+        None,
+        book,
+        when,
+    )
+    result.assumed_usd = assumed.total_usd
+    result.assumed_results = rows.num_rows
+    result.total_usd += assumed.total_usd
+    result.unknown_models = sorted(set(result.unknown_models) | set(assumed.unknown_models))
+    result.sources = sorted(set(result.sources) | set(assumed.sources))
 
 
 def _latest(table: pa.Table) -> datetime | None:
@@ -136,8 +173,18 @@ def bill_notes(rep: CostReport) -> list[str]:
         )
     if rep.responses_without_usage:
         notes.append(f"{rep.responses_without_usage:,} ok responses reported no usage and cannot be priced")
+    if rep.assumed_results:
+        notes.append(assumed_note(rep.total_usd, rep.assumed_usd, rep.assumed_results))
     notes.append("prices: " + ("; ".join(rep.sources) if rep.sources else "none found"))
     return notes
+
+
+def assumed_note(total: float, assumed: float, results: int) -> str:
+    """How much of a bill is assumed rather than reported."""
+    return (
+        f"${total:,.4f} of which ${assumed:,.4f} assumed: {results:,} results charged at their worst case "
+        "(a reply without usable usage, or an attempt that may have been billed without a reply)"
+    )
 
 
 def _usd(value: float | None) -> str:

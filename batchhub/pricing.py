@@ -303,6 +303,9 @@ class CostReport:
     unknown_models: list[str]
     responses_without_usage: int
     sources: list[str]
+    #: the part of total_usd charged at worst case rather than reported, and over how many results
+    assumed_usd: float = 0.0
+    assumed_results: int = 0
 
     @property
     def complete(self) -> bool:

@@ -59,6 +59,10 @@ class BuiltRequest:
     max_tokens: int | None
     request_hash: str
     stream: bool = False
+    #: the JSON text of the body's fields besides `messages` that are billed as input (tools, ...)
+    extra_input: str = ""
+    #: replies asked for (`n`): each may be as long as max_tokens
+    choices: int = 1
 
 
 def template_fields(template: str) -> list[str]:
@@ -82,6 +86,24 @@ def template_fields(template: str) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+#: body fields that are settings, not input: every other field besides `messages` (tools, functions,
+#: tool_choice, response_format, prediction, ...) is counted as input, by the tokens of its JSON text
+UNBILLED_FIELDS = frozenset(
+    {
+        "model", "messages", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "stream",
+        "stream_options", "stop", "user", "seed", "presence_penalty", "frequency_penalty", "logprobs",
+        "top_logprobs", "logit_bias", "parallel_tool_calls", "store", "metadata", "service_tier",
+        "reasoning_effort",
+    }
+)  # fmt: skip
+
+
+def extra_input(body: dict[str, Any]) -> str:
+    """The JSON text of the body's fields that are billed as input besides the messages ("" if none)."""
+    extra = {k: v for k, v in body.items() if k not in UNBILLED_FIELDS}
+    return json.dumps(extra, ensure_ascii=False, separators=(",", ":")) if extra else ""
 
 
 def estimate_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
@@ -177,6 +199,8 @@ class RequestBuilder:
             # usage arrives in the stream only when asked for; without it a job cannot be priced
             base["stream_options"] = {**base.get("stream_options", {}), "include_usage": True}
         self._base = base
+        # per-row columns set only unbilled fields: the billed extras of a prompt job are the job's
+        self._extra_input = extra_input(base)
         self.needed_columns = self._check_columns(columns)
 
     def _check_columns(self, columns: Sequence[str]) -> list[str]:
@@ -283,14 +307,18 @@ class RequestBuilder:
                 "request_too_large",
             )
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        extra = extra_input(body) if self.batch_format else self._extra_input
+        n = body.get("n")
         return BuiltRequest(
             body=encoded,
             model=body["model"],
             messages=messages,
-            est_prompt_tokens=estimate_prompt_tokens(messages),
+            est_prompt_tokens=estimate_prompt_tokens(messages) + math.ceil(len(extra) / defaults.CHARS_PER_TOKEN),
             max_tokens=max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
             request_hash=hashlib.sha256(encoded).hexdigest()[:32],
             stream=body.get("stream") is True,
+            extra_input=extra,
+            choices=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1,
         )
 
     def _batch_body(self, row: dict[str, Any]) -> dict[str, Any]:

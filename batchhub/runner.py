@@ -36,7 +36,7 @@ import aiohttp
 import numpy as np
 
 from batchhub import __version__, defaults
-from batchhub.budget import Budget
+from batchhub.budget import Budget, Charge, RequestBounds, may_have_been_billed, one_reply_check, usable_usage
 from batchhub.client import ChatClient, Completion
 from batchhub.errors import (
     EXIT_FAILED_ROWS,
@@ -116,6 +116,9 @@ class JobSummary:
     unpriced_models: set[str] = field(default_factory=set)
     #: the whole job's spent cost, when it ran under --max-cost
     budget_spent_usd: float | None = None
+    #: the part of cost_usd charged at worst case (no usable usage, attempts that may have been billed)
+    assumed_usd: float = 0.0
+    assumed_results: int = 0
     stopped: str | None = None
     message: str | None = None
     #: results whose request_hash did not match their row's request now: sent again
@@ -220,12 +223,23 @@ def _budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
                 "so its spending cannot be known: give the price with --prices FILE"
             )
         spent = earlier.total_usd
-    return Budget(float(spec.max_cost), spent, prices)
+    budget = Budget(float(spec.max_cost), spent, prices)
+    if spec.model:
+        n = spec.params.get("n")
+        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+        one_reply_check(budget, spec.model, choices, spec.max_tokens)
+    return budget
 
 
-def budget_message(spent: float, limit: float, pending: int) -> str:
+def budget_message(spent: float, limit: float, pending: int, refused: float | None = None) -> str:
+    if refused is not None and refused > limit:
+        return (
+            f"stopped: one reply's worst case (${refused:,.4f}) is more than the whole --max-cost ${limit:,.4f} "
+            f"(${spent:,.4f} spent; {pending:,} rows not sent). Set a smaller --max-tokens or a larger --max-cost"
+        )
+    nxt = f" (the next reply's worst case, ${refused:,.4f}, does not fit)" if refused is not None else ""
     return (
-        f"budget reached: ${spent:,.4f} spent of --max-cost ${limit:,.4f}; "
+        f"budget reached: ${spent:,.4f} spent of --max-cost ${limit:,.4f}{nxt}; "
         f"{pending:,} rows not sent. Resume with a larger --max-cost"
     )
 
@@ -355,6 +369,10 @@ class Job:
         #: a limiter shared with other processes (the Ray engine's), instead of this job's own
         self._shared_limits = limits
         self._budget = prepared.budget
+        #: each request's worst case in tokens (the budget's, which counts with the tokenizer)
+        self._bounds = prepared.budget.bounds if prepared.budget is not None else RequestBounds()
+        #: the budget part of each row being worked on, by row id
+        self._charges: dict[int, Charge] = {}
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
         self._stop_reason: str | None = None
@@ -616,15 +634,17 @@ class Job:
             if item is _END or self._stop.is_set():
                 return
             rid, built = item
-            budget, reserved = self._budget, 0.0
+            budget = self._budget
+            charge = self._charges[rid] = Charge()
             if budget is not None:
                 try:
-                    reserved = budget.worst_case(built)
+                    charge.reserved = budget.worst_case(built)
                 except UsageError as exc:  # a per-row model with no known price
+                    del self._charges[rid]
                     self._record(self._error_row(rid, "no_price", str(exc), None, 0, 0, built))
                     continue
-                if not await budget.reserve(reserved):
-                    self._halt("budget")
+                if not await self._reserve(charge, built):
+                    del self._charges[rid]
                     return
             invalid_retries = 0
             while True:
@@ -632,24 +652,77 @@ class Job:
                 try:
                     row = await self._process(rid, built)
                 finally:
-                    if budget is not None and row is None:
-                        budget.release(reserved)
+                    if row is None:
+                        del self._charges[rid]
+                        if budget is not None and charge.held:
+                            budget.release(charge.reserved)
                 if row is None:
                     break
+                self._assume(row, built, charge)
                 retry = self._check_output(row) and invalid_retries < self.spec.retry_invalid
                 cost = self._record(row, built.model)
-                if budget is not None:
-                    budget.settle(reserved, cost or 0.0)
+                if budget is not None and charge.held:
+                    budget.settle(charge.reserved, max(0.0, (cost or 0.0) - charge.charged))
+                charge = self._charges[rid] = Charge()
                 if not retry or self._stop.is_set():
+                    del self._charges[rid]
                     break
                 # the reply was paid for and is recorded; ask again
                 invalid_retries += 1
                 self._summary.invalid_retries += 1
                 if budget is not None:
-                    reserved = budget.worst_case(built)
-                    if not await budget.reserve(reserved):
-                        self._halt("budget")
+                    charge.reserved = budget.worst_case(built)
+                    if not await self._reserve(charge, built):
+                        del self._charges[rid]
                         return
+
+    async def _reserve(self, charge: Charge, built: BuiltRequest) -> bool:
+        """Hold the next attempt's worst case, waiting for replies in flight; False (job stopping) if it cannot fit."""
+        assert self._budget is not None
+        if charge.bound is None:
+            charge.bound = self._bounds.of(built)
+        if not await self._budget.reserve(charge.reserved):
+            self._halt("budget")
+            return False
+        charge.held = True
+        return True
+
+    def _bound(self, charge: Charge, built: BuiltRequest) -> Any:
+        if charge.bound is None:
+            charge.bound = self._bounds.by_bytes(built) if self._budget is None else self._bounds.of(built)
+        return charge.bound
+
+    def _assume(self, row: dict[str, Any], built: BuiltRequest, charge: Charge) -> None:
+        """A reply without usable usage is charged its worst case; the tokens assumed go with the row."""
+        if row["status"] == "ok":
+            bound = self._bound(charge, built)
+            if not usable_usage(row["prompt_tokens"], row["completion_tokens"], bound):
+                # missing, or more than the request can cost: not stored as if it were true
+                row.update(prompt_tokens=None, completion_tokens=None, total_tokens=None, cached_tokens=None)
+                charge.prompt += bound.prompt
+                charge.completion += bound.completion
+        row["assumed_prompt_tokens"] = charge.prompt or None
+        row["assumed_completion_tokens"] = charge.completion or None
+
+    def _attempt_failed(self, rid: int, built: BuiltRequest, exc: APIError) -> None:
+        """An attempt that may have been billed keeps its reservation: charged now at its worst case."""
+        charge = self._charges.get(rid)
+        if charge is None or not may_have_been_billed(exc):
+            return
+        bound = self._bound(charge, built)
+        charge.prompt += bound.prompt
+        charge.completion += bound.completion
+        if self._budget is not None and charge.held:
+            self._budget.settle(charge.reserved, charge.reserved)
+            charge.charged += charge.reserved
+            charge.held = False
+
+    async def _reserve_again(self, rid: int, built: BuiltRequest) -> bool:
+        """Before another attempt: a new reservation if the last attempt's was charged; False if it cannot fit."""
+        charge = self._charges.get(rid)
+        if self._budget is None or charge is None or charge.held:
+            return True
+        return await self._reserve(charge, built)
 
     def _check_output(self, row: dict[str, Any]) -> bool:
         """Mark a reply that is not the JSON the job expects as invalid_output; True if it was."""
@@ -736,6 +809,7 @@ class Job:
             try:
                 completion = await self._client.complete(built.body, stream=built.stream)
             except APIError as exc:
+                self._attempt_failed(rid, built, exc)
                 if isinstance(exc, RateLimitError):
                     limits.release(reserved)
                     rate_limits += 1
@@ -777,6 +851,9 @@ class Job:
                         return None
                     row = self._error_row(rid, exc.error_type, str(exc), exc.status, attempts, rate_limits, built)
                     return self._first_failed(self._kept_error(row, exc), exc, built.model)
+                if not await self._reserve_again(rid, built):
+                    message = f"{exc} (not sent again: its worst case does not fit --max-cost)"
+                    return self._error_row(rid, exc.error_type, message, exc.status, attempts, rate_limits, built)
                 self._progress.retry(isinstance(exc, RateLimitError))
                 if isinstance(exc, RateLimitError):
                     self._summary.rate_limited += 1
@@ -879,8 +956,10 @@ class Job:
         return row
 
     def _row_cost(self, row: dict[str, Any], requested_model: str | None) -> float | None:
-        """The cost of one response at known prices (None: no usage, or no price for its model)."""
-        if row.get("prompt_tokens") is None or row.get("completion_tokens") is None:
+        """The cost of one result at known prices, reported and assumed (None: none, or no price for its model)."""
+        reported = row.get("prompt_tokens") is not None and row.get("completion_tokens") is not None
+        assumed = bool(row.get("assumed_prompt_tokens") or row.get("assumed_completion_tokens"))
+        if not reported and not assumed:
             return None
         price = self.p.prices.lookup(row["model"]) if row.get("model") else None
         if price is None and requested_model:
@@ -888,7 +967,15 @@ class Job:
         if price is None:
             self._summary.unpriced_models.add(str(row.get("model")))
             return None
-        return price.request_cost(row["prompt_tokens"], row["completion_tokens"], row.get("cached_tokens") or 0)
+        cost = 0.0
+        if reported:
+            cost += price.request_cost(row["prompt_tokens"], row["completion_tokens"], row.get("cached_tokens") or 0)
+        if assumed:
+            worst = price.request_cost(row.get("assumed_prompt_tokens") or 0, row.get("assumed_completion_tokens") or 0)
+            self._summary.assumed_usd += worst
+            self._summary.assumed_results += 1
+            cost += worst
+        return cost
 
     def _record(self, row: dict[str, Any], requested_model: str | None = None) -> float | None:
         """Journal a result (its line is written at the end of this loop pass), count it; return its cost if known."""
@@ -1030,7 +1117,7 @@ class Job:
             )
         elif self._stop_reason == "budget" and self._budget is not None:
             s.stopped = "budget"
-            s.message = budget_message(self._budget.spent, self._budget.limit, s.pending)
+            s.message = budget_message(self._budget.spent, self._budget.limit, s.pending, self._budget.refused)
         elif self._stop_reason:
             s.stopped = self._stop_reason
         elif self._input_short is not None:

@@ -43,6 +43,9 @@ class JobStatus:
     #: for an unfinished job: spent / rows done * rows in all
     projected_usd: float | None = None
     prices: str | None = None
+    #: the part of spent_usd charged at worst case, not reported, and over how many results
+    assumed_usd: float = 0.0
+    assumed_results: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +92,7 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
         st.unpriced_models = bill.unknown_models
         if bill.sources:
             st.spent_usd = bill.total_usd
+            st.assumed_usd, st.assumed_results = bill.assumed_usd, bill.assumed_results
             done = st.ok + st.failed
             if st.pending and done:
                 st.projected_usd = bill.total_usd / done * total

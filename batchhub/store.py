@@ -85,6 +85,10 @@ RESULT_SCHEMA = pa.schema(
         ("completion_tokens", pa.int64()),
         ("total_tokens", pa.int64()),
         ("cached_tokens", pa.int64()),
+        #: tokens charged at the request's worst case, not reported (no usable usage, or attempts
+        #: that may have been billed without a reply); null when the whole cost was reported
+        ("assumed_prompt_tokens", pa.int64()),
+        ("assumed_completion_tokens", pa.int64()),
         ("latency_s", pa.float64()),
         ("attempts", pa.int32()),
         ("rate_limit_retries", pa.int32()),

@@ -230,7 +230,7 @@ async def test_arun_warns_of_failed_rows_at_the_callers_line(tmp_path: Path) -> 
 def test_a_reached_budget_raises_job_stopped(tmp_path: Path, threaded_mock) -> None:
     server = threaded_mock(seed=11)
     with pytest.raises(JobStopped, match="budget") as caught:
-        batchhub.run(reviews(10), **opts(server, tmp_path / "job", max_cost=1e-9, max_tokens=8))
+        batchhub.run(reviews(10), **opts(server, tmp_path / "job", max_cost=3e-5, max_tokens=8))  # about 2 of 10
     assert caught.value.reason == "budget"
 
 

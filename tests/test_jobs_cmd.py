@@ -58,7 +58,7 @@ def jobs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ws") / "jobs"
     make_job(root, "done")
     make_job(root, "some-failed", temps=["0.5", "3"] * 3, param_columns={"temperature": "temp"})
-    make_job(root, "over-budget", n=20, max_cost=0.0000005, max_tokens=4)
+    make_job(root, "over-budget", n=20, max_cost=0.00002, max_tokens=4)  # pays for a few of the 20 rows
     make_job(root, "team/priceless", model="my-local-model", mock={"models": ["*"]})
     edit_last_run(make_job(root, "killed"), pid=dead_pid(), host=socket.gethostname())
     edit_last_run(make_job(root, "live"), pid=os.getpid(), host=socket.gethostname())
