@@ -634,6 +634,9 @@ class Job:
             if item is _END or self._stop.is_set():
                 return
             rid, built = item
+            # a row's turn among the run's first requests comes before its budget hold: a row
+            # waiting for the first answer must not hold what the first row needs to retry
+            first = await self._admit()
             budget = self._budget
             charge = self._charges[rid] = Charge()
             if budget is not None:
@@ -650,7 +653,8 @@ class Job:
             while True:
                 row = None
                 try:
-                    row = await self._process(rid, built)
+                    row = await self._process(rid, built, first)
+                    first = False
                 finally:
                     if row is None:
                         del self._charges[rid]
@@ -790,11 +794,10 @@ class Job:
         self._fatal = self._fatal or exc
         self._halt("fatal")
 
-    async def _process(self, rid: int, built: BuiltRequest) -> dict[str, Any] | None:
+    async def _process(self, rid: int, built: BuiltRequest, first: bool) -> dict[str, Any] | None:
         spec, limits, task = self.spec, self._limits, asyncio.current_task()
         assert task is not None
         failures = rate_limits = attempts = connect_failures = 0
-        first = await self._admit()
         while not self._stop.is_set():
             reserved = await limits.acquire(limits.estimate(built.est_prompt_tokens, built.max_tokens))
             if self._unwritten:

@@ -194,7 +194,7 @@ async def test_a_timed_out_attempt_keeps_its_reservation(tmp_path: Path, mock_se
 
 async def test_refused_and_rate_limited_attempts_are_not_charged(tmp_path: Path, mock_server) -> None:
     server = await mock_server(seed=4, faults={"503": 0.5}, fault_retry_after_ms=0)
-    spec = spec_for(tmp_path, server.base_url, 20, max_cost=1.0, backoff_base=0.001)
+    spec = spec_for(tmp_path, server.base_url, 20, max_cost=1.0, backoff_base=0.001, max_attempts=20)
     summary = await arun_job(spec, progress=False)
     assert summary.ok == 20 and summary.retries > 0
     bill = report(usage_table(tmp_path / "job"), PriceBook())
