@@ -161,22 +161,28 @@ class SharedLimits(Calibration):
         rpm: int | None = None,
         tpm: int | None = None,
         completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(completion_guess)
         self._backend = backend
+        self._clock = clock
+        self._sleep = sleep
         #: the limits as this process knows them, so a header is passed on only when it says more
         self._known = {"requests": rpm, "tokens": tpm}
         self._resume_at = 0.0
         self.waited_s = 0.0
 
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
     async def acquire(self, tokens: int) -> Reservation:
-        loop = asyncio.get_running_loop()
-        if (delay := self._resume_at - loop.time()) > 0:
-            await asyncio.sleep(delay)  # a 429 this process saw, before the ledger has heard of it
+        if (delay := self._resume_at - self._now()) > 0:
+            await self._sleep(delay)  # a 429 this process saw, before the ledger has heard of it
         wait = await self._backend.reserve(1, tokens)
         if wait > 0:
             self.waited_s += wait
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
         return Reservation(tokens)
 
     def settle(self, reservation: Reservation, actual: int | None) -> None:
@@ -188,7 +194,7 @@ class SharedLimits(Calibration):
             self._backend.settle(reservation.tokens, 0)
 
     def cooldown(self, seconds: float) -> None:
-        self._resume_at = max(self._resume_at, asyncio.get_running_loop().time() + max(0.0, seconds))
+        self._resume_at = max(self._resume_at, self._now() + max(0.0, seconds))
         self._backend.pause(seconds)
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
