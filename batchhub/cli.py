@@ -1,6 +1,6 @@
 """The `batchhub` command: parse options into a JobSpec, call the library, print, exit.
 
-Library errors become one line on stderr and the exit code of DESIGN.md:
+Library errors become one line on stderr and the exit code of `batchhub.errors`:
 0 all rows ok, 1 finished with failed rows, 2 usage or input error, 3 stopped early (resumable).
 """
 

@@ -2,8 +2,8 @@
 
 `ChatClient` takes its `aiohttp.ClientSession` (pass I/O in), so tests hand it a
 session aimed at a local server or one mocked by aioresponses. Every failure
-leaves as an `APIError` subclass; nothing else escapes `complete()` except
-cancellation.
+leaves as an `APIError` subclass, mapped by the tables of `batchhub.http_errors`;
+nothing else escapes `complete()` except cancellation.
 
 The parsers (`parse_completion`, `SSEAccumulator`) are pure and raise only
 `BadResponseError` on bodies that are not what the API documents.
@@ -21,16 +21,8 @@ import aiohttp
 import orjson
 
 from batchhub import defaults
-from batchhub.errors import (
-    APIError,
-    BadResponseError,
-    ConnectError,
-    FatalAPIError,
-    ResponseTooLargeError,
-    ServerError,
-    TransportError,
-)
-from batchhub.retry import classify, parse_error_body
+from batchhub.errors import BadResponseError, ResponseTooLargeError, ServerError
+from batchhub.http_errors import classify, mapped_errors, parse_error_body
 
 
 @dataclass(slots=True)
@@ -374,17 +366,16 @@ class ChatClient:
 
     async def complete(self, body: bytes, *, stream: bool = False) -> Completion:
         started = time.monotonic()
-        try:
+        with mapped_errors(self._timeout_s):  # aiohttp's and asyncio's exceptions -> ours
             # a redirect is not followed: the key is for this address (aiohttp would drop it on another
             # host, yet still send the request there, a 301/302 as a GET)
             async with self._session.post(
                 self._url, data=body, headers=self._headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
                 headers = resp.headers
-                if 300 <= resp.status < 400:
-                    raise _redirected(resp.status, headers)
-                if resp.status >= 300:
-                    raise classify(resp.status, await self._read(resp, cut=True), headers)
+                if resp.status >= 300:  # a redirect's body is not read: only where it points matters
+                    error_body = await self._read(resp, cut=True) if resp.status >= 400 else None
+                    raise classify(resp.status, error_body, headers)
                 if stream and resp.content_type == "text/event-stream":
                     acc = SSEAccumulator()
                     size = 0
@@ -400,18 +391,6 @@ class ChatClient:
                 completion.http_status = resp.status
                 completion.headers = headers
                 completion.request_id = headers.get("x-request-id")
-        except APIError:
-            raise
-        except TimeoutError as exc:
-            raise TransportError(f"no complete response within {self._timeout_s:g}s (timeout)") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise TransportError(f"response body cut off: {type(exc).__name__}") from exc
-        except aiohttp.ClientConnectorError as exc:  # DNS failure, connection refused: nothing was sent
-            raise ConnectError(f"cannot connect to {exc.host}:{exc.port}: {_describe(exc.os_error)}") from exc
-        except aiohttp.ClientConnectionError as exc:
-            raise TransportError(f"connection failed: {_describe(exc)}") from exc
-        except aiohttp.ClientError as exc:
-            raise TransportError(f"HTTP client error: {_describe(exc)}") from exc
         completion.latency_s = time.monotonic() - started
         return completion
 
@@ -437,27 +416,3 @@ class ChatClient:
             status=status,
             request_id=headers.get("x-request-id"),
         )
-
-
-def _redirected(status: int, headers: Mapping[str, str]) -> FatalAPIError:
-    """A 3xx: every request would get it, so the job stops, naming where the server points."""
-    location = headers.get("Location")
-    if location:
-        scheme, sep, rest = location.partition("://")
-        host, slash, path = rest.partition("/")
-        location = f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}" if sep else location
-        where = f"redirects to {location[:300]}"
-    else:
-        where = "answered with a redirect without a Location"
-    return FatalAPIError(
-        f"the endpoint {where}; batchhub does not follow redirects (the key is sent only to the base URL): "
-        "set --base-url to the address meant",
-        status=status,
-        request_id=headers.get("x-request-id"),
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    # aiohttp messages name the host and port, never request headers, so they are safe to show
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

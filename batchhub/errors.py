@@ -6,17 +6,19 @@ The tree::
     ├── UsageError                     bad flags, spec file or option values (exit 2)
     │   └── InputError                 the input file cannot be used (exit 2)
     ├── JobStateError                  the job directory disagrees with the request (exit 2)
+    ├── RowError                       one row cannot become a request: it fails unsent (never leaves a job)
     ├── APIError                       the endpoint answered with an error, or not at all
     │   ├── RetryableError             worth another attempt
     │   │   ├── RateLimitError         429 (carries retry_after)
-    │   │   ├── ServerError            500, 502, 503, 504 and other 5xx
-    │   │   ├── TransportError         timeout, connection reset, body cut off in transit
+    │   │   ├── ServerError            500, 502, 503, 504 and other 5xx, an error inside an event stream
+    │   │   ├── ConflictError          409: a conflict (a lock timeout), not this row's fault
+    │   │   ├── TransportError         timeout, 408, connection reset, body cut off in transit
     │   │   │   └── ConnectError       no connection at all (DNS failure, connection refused)
     │   │   └── BadResponseError       a body that is not what the API documents (HTML, bad JSON, no choices)
     │   ├── RequestRejected            400 and other 4xx: permanent for this row
     │   │   └── RowModelNotFound       404 model_not_found for a model the row names (a model column, a Batch line)
     │   ├── ResponseTooLargeError      a reply past max_response_bytes: permanent for this row
-    │   └── FatalAPIError              no point sending the rest of the job (exit 3)
+    │   └── FatalAPIError              no point sending the rest of the job (exit 3); also a 3xx redirect
     │       ├── AuthenticationError    401
     │       ├── PermissionDeniedError  403
     │       ├── QuotaExceededError     429 with code insufficient_quota
@@ -25,8 +27,14 @@ The tree::
     │       └── RepeatedError          the run's first requests all failed with the same 4xx (fail-fast)
     └── JobStopped                     the job stopped early and can be resumed (exit 3)
 
-Every error carries its context as attributes (status, retry_after, request_id,
-row_id, code) so that callers decide on types and fields, never on message text.
+Which status and which client exception become which `APIError` is one table, in
+`batchhub.http_errors`; whether and when to retry is `batchhub.retry`.
+
+Every `APIError` carries its context as attributes (status, code, request_id, retry_after,
+error_object), each None when the reply did not say, so that callers decide on types and
+fields, never on message text; a `RowError` carries its `error_type`, a `JobStopped` its
+`reason` and, when an exception stopped it, that `cause`. The row an error belongs to is
+the caller's to record: the runner records each result under its `row_id`.
 Messages never contain the API key: they are built from the server's error body,
 the status and our own words, never from request headers.
 """
@@ -59,6 +67,17 @@ class JobStateError(BatchhubError):
     """The job directory does not match what was asked (changed input or request config)."""
 
 
+class RowError(BatchhubError):
+    """This row cannot be turned into a request; it fails without being sent.
+
+    `error_type` is what its result records (`invalid_row`, `empty_prompt`).
+    """
+
+    def __init__(self, message: str, error_type: str = "invalid_row") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
 class APIError(BatchhubError):
     """The endpoint answered with an error status, or the call failed in transit."""
 
@@ -72,7 +91,6 @@ class APIError(BatchhubError):
         status: int | None = None,
         code: str | None = None,
         request_id: str | None = None,
-        row_id: int | None = None,
         retry_after: float | None = None,
         error_object: dict[str, Any] | None = None,
     ) -> None:
@@ -81,7 +99,6 @@ class APIError(BatchhubError):
         self.status = status
         self.code = code
         self.request_id = request_id
-        self.row_id = row_id
         self.retry_after = retry_after
         #: the server's `error` object (message, type, param, code) as it sent it, if it sent one
         self.error_object = error_object
@@ -109,8 +126,14 @@ class ServerError(RetryableError):
     error_type = "server_error"
 
 
+class ConflictError(RetryableError):
+    """409: the request conflicted with another (a lock timeout); retried, as openai-python does."""
+
+    error_type = "conflict"
+
+
 class TransportError(RetryableError):
-    """Timeout, connection reset, or a body cut off in transit."""
+    """Timeout (ours, or the server's 408), connection reset, or a body cut off in transit."""
 
     error_type = "transport_error"
 
@@ -132,7 +155,7 @@ class BadResponseError(RetryableError):
 
 
 class RequestRejected(APIError):
-    """400 and other 4xx (not 401, 403, 429): this row's request is wrong; do not retry it."""
+    """400 and other 4xx (not 401, 403, 404, 408, 409, 429): this row's request is wrong; do not retry it."""
 
     error_type = "invalid_request"
 
@@ -202,7 +225,11 @@ class RepeatedError(FatalAPIError):
 
 
 class JobStopped(BatchhubError):
-    """The job stopped before every row was done; running it again resumes it."""
+    """The job stopped before every row was done; running it again resumes it.
+
+    `reason` is a short word for why (`read_error`, `interrupted`...); `cause` the exception
+    that stopped it, when one did (also its `__cause__`).
+    """
 
     exit_code = EXIT_STOPPED
 

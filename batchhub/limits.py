@@ -1,15 +1,23 @@
 """Requests-per-minute and tokens-per-minute limits, and the pool-wide 429 cool-down.
 
-Two aiolimiter leaky buckets: one counts requests, one tokens. A request's token
-cost is not known before its response, so it reserves an estimate (prompt
-estimate + expected completion) and `settle()` corrects the bucket with the real
-`usage` once it is known: over-estimates are given back, under-estimates are
-charged as debt that later requests wait out. The expected completion length is
-calibrated from real usage as the job runs.
+Two leaky buckets (`batchhub.bucket.Bucket`, the arithmetic the shared limiter uses
+too): one counts requests, one tokens, each a minute's worth deep. A request's token
+cost is not known before its reply, so it reserves an estimate (prompt estimate +
+expected completion) and `settle()` corrects the bucket with the real `usage` once it
+is known: over-estimates are given back, under-estimates are charged as debt that
+later requests wait out. The expected completion length is calibrated from real
+usage as the job runs.
 
 `x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` response headers tighten the
 limits (a bucket is adopted from them when none was configured), and a 429 pauses
 every worker together until the server's Retry-After has passed.
+
+Why not aiolimiter: its public API (`acquire`, `has_capacity`) can only take
+capacity, and only up to the bucket's size. Settling an estimate must give capacity
+back or add a debt, and a `remaining` header must raise the level; aiolimiter has no
+public way to do either (we once wrote its private `_level`, `_leak`, `_wake_next`).
+So a worker reserves on the bucket and sleeps the wait it is told, as aiolimiter's
+waiters do on `call_at`: nothing polls.
 
 `Limiter` is what the runner needs of a limiter. `RateLimits` is the one of a
 single process; `batchhub.shared_limits.SharedLimits` is one shared by every
@@ -21,13 +29,12 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiolimiter import AsyncLimiter
-
 from batchhub import defaults
+from batchhub.bucket import MINUTE, Bucket
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 #: Counts past this in a header are not a real limit (no provider counts to 10**15 a minute).
@@ -95,30 +102,6 @@ def read_limit_headers(headers: Mapping[str, str]) -> list[LimitHeaders]:
             )
         )
     return out
-
-
-class Bucket(AsyncLimiter):
-    """An aiolimiter bucket that can also be corrected after the fact.
-
-    aiolimiter has no public way to return or add capacity, which settling token
-    estimates needs; `adjust` changes the level it keeps and wakes its waiters.
-    """
-
-    def adjust(self, amount: float) -> None:
-        """Add `amount` to the level (negative gives capacity back); the level may exceed max_rate (debt)."""
-        self._leak()
-        self._level = max(0.0, self._level + amount)
-        self._wake_next()
-
-    def set_remaining(self, remaining: float) -> None:
-        """Make the bucket agree with a server that says only `remaining` is left now."""
-        self._leak()
-        self._level = max(self._level, self.max_rate - remaining)
-
-    @property
-    def level(self) -> float:
-        self._leak()
-        return self._level
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,41 +174,56 @@ class RateLimits(Calibration):
         *,
         completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
         clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(completion_guess)
-        self.requests = Bucket(rpm, 60) if rpm else None
-        self.tokens = Bucket(tpm, 60) if tpm else None
         self._clock = clock
+        self._sleep = sleep
+        self.requests = Bucket.per_minute(rpm, MINUTE, self._now()) if rpm else None
+        self.tokens = Bucket.per_minute(tpm, MINUTE, self._now()) if tpm else None
         self._resume_at = 0.0
         self.cooldowns = 0
 
     def _now(self) -> float:
-        return self._clock() if self._clock else asyncio.get_running_loop().time()
+        if self._clock is not None:
+            return self._clock()
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # built outside a loop: any origin will do, the buckets start empty
+            return 0.0
 
     # -- acquire / settle -------------------------------------------------------------
 
     async def acquire(self, tokens: int) -> Reservation:
-        """Wait for the cool-down and both buckets; return what was reserved."""
+        """Wait for the cool-down, then reserve one request and `tokens` and wait their turn."""
         await self.wait_cooldown()
-        if self.requests is not None:
-            await self.requests.acquire(1)
-        bucket = self.tokens
-        reserved = 0
+        requests, bucket = self.requests, self.tokens
+        # a request larger than the whole token bucket takes a whole bucket instead of a debt of minutes
+        reserved = min(tokens, int(bucket.capacity)) if bucket is not None else 0
+        now = self._now()
+        wait = requests.reserve(1, now) if requests is not None else 0.0
         if bucket is not None:
-            # aiolimiter refuses amounts above capacity: such a request takes a whole bucket
-            reserved = min(tokens, int(bucket.max_rate))
-            await bucket.acquire(reserved)
+            wait = max(wait, bucket.reserve(reserved, now))
+        if wait > 0:
+            try:
+                await self._sleep(wait)
+            except asyncio.CancelledError:  # it never went: its turn goes to the next
+                if requests is not None:
+                    requests.give_back(1, self._now())
+                if bucket is not None:
+                    bucket.give_back(reserved, self._now())
+                raise
         return Reservation(reserved, bucket)
 
     def settle(self, reservation: Reservation, actual: int | None) -> None:
         """Correct the token bucket once the real total is known."""
         if reservation.bucket is not None and reservation.bucket is self.tokens and actual is not None:
-            reservation.bucket.adjust(actual - reservation.tokens)
+            reservation.bucket.settle(reservation.tokens, actual, self._now())
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation for a request the server refused without charging (a 429)."""
         if reservation.bucket is not None and reservation.bucket is self.tokens and reservation.tokens:
-            reservation.bucket.adjust(-reservation.tokens)
+            reservation.bucket.give_back(reservation.tokens, self._now())
 
     # -- cool-down ----------------------------------------------------------------------
 
@@ -242,19 +240,21 @@ class RateLimits(Calibration):
 
     async def wait_cooldown(self) -> None:
         while (delay := self._resume_at - self._now()) > 0:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     # -- headers --------------------------------------------------------------------------
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Tighten the limits from `x-ratelimit-*` headers; adopt a bucket the job was not told about."""
+        now = self._now()
         for said in read_limit_headers(headers):
-            bucket = getattr(self, said.kind)
-            if said.limit is not None and (bucket is None or said.limit < bucket.max_rate):
-                bucket = Bucket(said.limit, 60)
+            bucket: Bucket | None = getattr(self, said.kind)
+            if said.limit is not None and (bucket is None or said.limit < bucket.limit):
+                # a fresh bucket: the reservations made on the old one are settled there, not here
+                bucket = Bucket.per_minute(said.limit, MINUTE, now)
                 setattr(self, said.kind, bucket)
             if bucket is not None and said.remaining is not None:
-                bucket.set_remaining(said.remaining)
+                bucket.fill(said.remaining, now)
             if said.remaining == 0 and bucket is None and said.reset_s:
                 # no limit to pace by: pause briefly. The reset header tells when the bucket is
                 # *full* again, far later than when the next request may go, so it only caps the pause.

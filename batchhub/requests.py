@@ -17,7 +17,7 @@ fill in fields a body lacks. Streaming always asks for usage in the stream
 (`stream_options.include_usage`), so a streamed job can still be priced.
 
 A row that cannot become a valid request (null prompt, bad per-row value) raises
-`RowError`: it is recorded as a failed row without being sent.
+`RowError` (of `batchhub.errors`): it is recorded as a failed row without being sent.
 """
 
 from __future__ import annotations
@@ -34,18 +34,11 @@ from typing import Any
 
 from batchhub import defaults
 from batchhub._formats import json_default
-from batchhub.errors import BatchhubError, InputError, UsageError
+from batchhub.errors import InputError, UsageError
+from batchhub.errors import RowError as RowError  # raised here; its home is the error tree
 from batchhub.spec import JobSpec, check_max_tokens, check_stop, check_temperature
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-
-
-class RowError(BatchhubError):
-    """This row cannot be turned into a request; it fails without being sent."""
-
-    def __init__(self, message: str, error_type: str = "invalid_row") -> None:
-        super().__init__(message)
-        self.error_type = error_type
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
-"""Retry policy as pure functions of (status, error body, headers, attempt).
+"""Retry policy as pure functions of (error, headers, attempt).
 
-- `classify(status, body, headers)` turns an error response into the right `APIError`.
+Which error a reply or a client exception is, is decided once, in `batchhub.http_errors`.
+
 - `parse_retry_after(headers, now)` reads `retry-after-ms`, `Retry-After` (seconds or an
   HTTP date) and returns seconds, or None.
 - `backoff_delay(attempt, rng)` is exponential backoff with full jitter.
@@ -10,69 +11,13 @@
 from __future__ import annotations
 
 import email.utils
-import json
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from batchhub import defaults
-from batchhub.errors import (
-    APIError,
-    AuthenticationError,
-    NotFoundError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    RateLimitError,
-    RequestRejected,
-    RetryableError,
-    ServerError,
-)
-
-#: error codes of a 429 that mean "out of money", not "slow down"
-QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "quota_exceeded"})
-
-
-def parse_error_body(body: bytes | str | None) -> tuple[str | None, str | None, str | None]:
-    """(message, code, type) from an OpenAI-style `{"error": {...}}` body, None where absent."""
-    if not body:
-        return None, None, None
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, None, None
-    err: Any = data.get("error") if isinstance(data, dict) else None
-    if isinstance(err, str):
-        return err, None, None
-    if not isinstance(err, dict):
-        message = data.get("message") if isinstance(data, dict) else None
-        return (message if isinstance(message, str) else None), None, None
-    message = err.get("message")
-    code = err.get("code")
-    kind = err.get("type")
-    return (
-        message if isinstance(message, str) else None,
-        str(code) if code is not None else None,
-        kind if isinstance(kind, str) else None,
-    )
-
-
-#: the fields of an OpenAI error object, kept as the server sent them
-_ERROR_FIELDS = ("message", "type", "param", "code")
-
-
-def error_object(body: bytes | str | None) -> dict[str, Any] | None:
-    """The OpenAI-style `error` object of a body (its message, type, param, code as sent), or None."""
-    try:
-        data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    err = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(err, dict):
-        return None
-    kept = {k: err[k] for k in _ERROR_FIELDS if k in err and (err[k] is None or isinstance(err[k], str | int))}
-    return kept or None
+from batchhub.errors import APIError, RateLimitError, RetryableError
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -103,41 +48,6 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
-
-
-def classify(status: int, body: bytes | str | None, headers: Mapping[str, str]) -> APIError:
-    """The error for a non-2xx response (the failure policy table of DESIGN.md)."""
-    message, code, kind = parse_error_body(body)
-    request_id = next((v for k, v in headers.items() if k.lower() == "x-request-id"), None)
-    text = message or _default_message(status)
-    common: dict[str, Any] = {"status": status, "code": code, "request_id": request_id}
-    common["error_object"] = error_object(body)
-    if status == 401:
-        return AuthenticationError(f"the API key was refused: {text}", **common)
-    if status == 403:
-        return PermissionDeniedError(f"this key may not use the model: {text}", **common)
-    if status == 404:
-        # a model that does not exist or a URL that is not the API: every other request would get it too
-        return NotFoundError(text, **common)
-    if status == 429:
-        if (code in QUOTA_CODES) or (kind in QUOTA_CODES):
-            return QuotaExceededError(f"the account's quota or balance is exhausted: {text}", **common)
-        return RateLimitError(text, retry_after=parse_retry_after(headers), **common)
-    if status >= 500:
-        return ServerError(text, retry_after=parse_retry_after(headers), **common)
-    if status == 408 or status == 409:
-        # request timeout and conflict are transient by definition
-        return ServerError(text, **common)
-    return RequestRejected(text, **common)
-
-
-def _default_message(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return f"status {status}"
 
 
 def backoff_delay(

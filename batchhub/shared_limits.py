@@ -11,10 +11,11 @@ own event loop, so the ledger answers thousands of callers a second.
     pause(seconds)                            a 429: nobody sends for `seconds`
     tighten(kind, limit)                      a server's x-ratelimit-limit-* is lower than ours
 
-Each bucket is a leaky bucket that may run into debt: a reservation adds its
-amount to the level, and may go when the level has drained back to the bucket's
-burst. The waits of successive reservations so grow by one unit's time each,
-and the callers, together, send at the limit's rate after at most one burst.
+Each bucket is a `batchhub.bucket.Bucket` (the arithmetic the local limiter uses
+too), whose burst is `burst_s` seconds of its limit: a reservation adds its amount
+to the level, and may go when the level has drained back to the burst. The waits
+of successive reservations so grow by one unit's time each, and the callers,
+together, send at the limit's rate after at most one burst.
 
 `SharedLimits` is the runner's side (`batchhub.limits.Limiter`): it estimates
 tokens locally (as the single-process limiter does) and asks a `LimitBackend`
@@ -30,33 +31,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from batchhub import defaults
+from batchhub.bucket import Bucket
 from batchhub.limits import Calibration, Reservation, read_limit_headers
-
-
-class _Level:
-    """A leaky bucket of `limit` units a minute that may be overdrawn."""
-
-    def __init__(self, limit: int, burst_s: float, now: float) -> None:
-        self.limit = limit
-        self.rate = limit / 60.0
-        self.burst = max(1.0, limit * burst_s / 60.0)
-        self.level = 0.0
-        self.updated = now
-
-    def drain(self, now: float) -> None:
-        self.level = max(0.0, self.level - (now - self.updated) * self.rate)
-        self.updated = now
-
-    def charge(self, amount: float, now: float) -> float:
-        """Add `amount`; seconds until the level is back down to the burst."""
-        self.drain(now)
-        self.level += amount
-        return max(0.0, (self.level - self.burst) / self.rate)
-
-    def owe(self, seconds: float, now: float) -> None:
-        """Nothing more goes for `seconds`, and then only at the rate (no burst)."""
-        self.drain(now)
-        self.level = max(self.level, self.burst + seconds * self.rate)
 
 
 class Ledger:
@@ -73,8 +49,8 @@ class Ledger:
         self._clock = clock
         self._burst_s = burst_s
         self._paused_until = 0.0
-        self.requests: _Level | None = None
-        self.tokens: _Level | None = None
+        self.requests: Bucket | None = None
+        self.tokens: Bucket | None = None
         self.reservations = 0
         self.pauses = 0
         self.configure(rpm, tpm)
@@ -83,15 +59,13 @@ class Ledger:
         """Set the limits (the job started last decides); a bucket whose limit is unchanged keeps its level."""
         now = self._clock()
         for kind, limit in (("requests", rpm), ("tokens", tpm)):
-            current: _Level | None = getattr(self, kind)
+            current: Bucket | None = getattr(self, kind)
             if limit is None:
                 setattr(self, kind, None)
-            elif current is None or current.limit != limit:
-                fresh = _Level(limit, self._burst_s, now)
-                if current is not None:  # keep what is owed, in seconds of the new rate
-                    current.drain(now)
-                    fresh.level = current.level / current.rate * fresh.rate
-                setattr(self, kind, fresh)
+            elif current is None:
+                setattr(self, kind, Bucket.per_minute(limit, self._burst_s, now))
+            elif current.limit != limit:  # keep what is owed, in seconds of the new rate
+                setattr(self, kind, current.retuned(limit, self._burst_s, now))
 
     def reserve(self, requests: int, tokens: int) -> float:
         """Charge one reservation; seconds the caller waits before sending."""
@@ -99,17 +73,15 @@ class Ledger:
         self.reservations += 1
         wait = max(0.0, self._paused_until - now)
         if self.requests is not None and requests:
-            wait = max(wait, self.requests.charge(requests, now))
+            wait = max(wait, self.requests.reserve(requests, now))
         if self.tokens is not None and tokens:
-            wait = max(wait, self.tokens.charge(tokens, now))
+            wait = max(wait, self.tokens.reserve(tokens, now))
         return wait
 
     def settle(self, est_tokens: int, actual_tokens: int) -> None:
         """Correct the token bucket by what a request really used (0 for a refused one)."""
         if self.tokens is not None:
-            now = self._clock()
-            self.tokens.drain(now)
-            self.tokens.level = max(0.0, self.tokens.level + actual_tokens - est_tokens)
+            self.tokens.settle(est_tokens, actual_tokens, self._clock())
 
     def pause(self, seconds: float) -> None:
         """Nobody sends for `seconds` from now (extends, never shortens, a pause)."""
@@ -118,15 +90,15 @@ class Ledger:
         if now + seconds > self._paused_until:
             self._paused_until = now + seconds
             self.pauses += 1
-        for level in (self.requests, self.tokens):
-            if level is not None:
-                level.owe(seconds, now)
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.pause(now + seconds, now)
 
     def tighten(self, kind: str, limit: int) -> None:
         """Adopt a server's lower (or first known) limit for "requests" or "tokens"."""
         if kind not in ("requests", "tokens") or limit < 1:
             return
-        current: _Level | None = getattr(self, kind)
+        current: Bucket | None = getattr(self, kind)
         if current is None or limit < current.limit:
             rpm = limit if kind == "requests" else (self.requests.limit if self.requests else None)
             tpm = limit if kind == "tokens" else (self.tokens.limit if self.tokens else None)
@@ -189,22 +161,28 @@ class SharedLimits(Calibration):
         rpm: int | None = None,
         tpm: int | None = None,
         completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(completion_guess)
         self._backend = backend
+        self._clock = clock
+        self._sleep = sleep
         #: the limits as this process knows them, so a header is passed on only when it says more
         self._known = {"requests": rpm, "tokens": tpm}
         self._resume_at = 0.0
         self.waited_s = 0.0
 
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
     async def acquire(self, tokens: int) -> Reservation:
-        loop = asyncio.get_running_loop()
-        if (delay := self._resume_at - loop.time()) > 0:
-            await asyncio.sleep(delay)  # a 429 this process saw, before the ledger has heard of it
+        if (delay := self._resume_at - self._now()) > 0:
+            await self._sleep(delay)  # a 429 this process saw, before the ledger has heard of it
         wait = await self._backend.reserve(1, tokens)
         if wait > 0:
             self.waited_s += wait
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
         return Reservation(tokens)
 
     def settle(self, reservation: Reservation, actual: int | None) -> None:
@@ -216,7 +194,7 @@ class SharedLimits(Calibration):
             self._backend.settle(reservation.tokens, 0)
 
     def cooldown(self, seconds: float) -> None:
-        self._resume_at = max(self._resume_at, asyncio.get_running_loop().time() + max(0.0, seconds))
+        self._resume_at = max(self._resume_at, self._now() + max(0.0, seconds))
         self._backend.pause(seconds)
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:

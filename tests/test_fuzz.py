@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 from batchhub.client import Completion, SSEAccumulator, parse_completion
 from batchhub.errors import APIError, BadResponseError, BatchhubError, UsageError
+from batchhub.http_errors import classify, parse_error_body
 from batchhub.limits import parse_duration
 from batchhub.requests import BuiltRequest, RequestBuilder, RowError, template_fields
-from batchhub.retry import classify, parse_error_body, parse_retry_after
+from batchhub.retry import parse_retry_after
 from batchhub.spec import JobSpec
 
 FUZZ = settings(

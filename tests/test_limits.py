@@ -43,8 +43,8 @@ async def test_settle_gives_back_overestimates_and_charges_debt() -> None:
     assert limits.tokens.level == pytest.approx(100, abs=1)
     reserved = await limits.acquire(100)
     limits.settle(reserved, 15_000)  # far more than estimated: the bucket goes into debt
-    assert limits.tokens.level > limits.tokens.max_rate
-    assert not limits.tokens.has_capacity(1)
+    assert limits.tokens.level > limits.tokens.capacity
+    assert limits.tokens.wait_for(1, asyncio.get_running_loop().time()) > 0  # no capacity for even one
 
 
 async def test_release_returns_reservation_of_refused_request() -> None:
@@ -94,11 +94,11 @@ async def test_headers_adopt_and_tighten_limits() -> None:
             "x-ratelimit-remaining-tokens": "40000",
         }
     )
-    assert limits.requests is not None and limits.requests.max_rate == 60
+    assert limits.requests is not None and limits.requests.limit == 60
     assert limits.requests.level == pytest.approx(10, abs=0.1)
-    assert limits.tokens.max_rate == 40_000  # told 100k, the server says 40k: tighten
+    assert limits.tokens.limit == 40_000  # told 100k, the server says 40k: tighten
     limits.observe_headers({"x-ratelimit-limit-tokens": "90000"})
-    assert limits.tokens.max_rate == 40_000  # never loosened by a header
+    assert limits.tokens.limit == 40_000  # never loosened by a header
 
 
 async def test_zero_remaining_without_a_limit_pauses_briefly() -> None:
@@ -120,7 +120,7 @@ async def test_zero_remaining_with_a_limit_is_paced_by_the_bucket() -> None:
         }
     )
     assert not limits.cooling_down
-    assert limits.requests is not None and not limits.requests.has_capacity(1)
+    assert limits.requests is not None and limits.requests.wait_for(1, asyncio.get_running_loop().time()) > 0
     loop = asyncio.get_running_loop()
     start = loop.time()
     await limits.acquire(1)  # one request refills in 0.5 s at 120/min
@@ -185,7 +185,7 @@ async def test_unusable_header_values_are_ignored_by_both_limiters(header: str, 
     now = [100.0]
     local = RateLimits(rpm=600, tpm=None, clock=lambda: now[0])
     local.observe_headers(headers)
-    assert local.requests is not None and local.requests.max_rate == 600
+    assert local.requests is not None and local.requests.limit == 600
     if header != "reset":
         assert local.requests.level == 0 and local.tokens is None
     ledger = Ledger(rpm=600, tpm=None)

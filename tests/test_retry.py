@@ -11,6 +11,7 @@ import pytest
 from batchhub.errors import (
     AuthenticationError,
     BadResponseError,
+    ConflictError,
     NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
@@ -19,7 +20,8 @@ from batchhub.errors import (
     ServerError,
     TransportError,
 )
-from batchhub.retry import backoff_delay, classify, next_step, parse_retry_after
+from batchhub.http_errors import classify
+from batchhub.retry import backoff_delay, next_step, parse_retry_after
 
 
 def body(message: str = "m", code: str | None = None, kind: str | None = None) -> bytes:
@@ -43,7 +45,8 @@ def body(message: str = "m", code: str | None = None, kind: str | None = None) -
         (502, b"<html>bad gateway</html>", ServerError),
         (503, b"", ServerError),
         (504, body("timeout"), ServerError),
-        (408, b"", ServerError),
+        (408, b"", TransportError),  # not a server error: the server timed out waiting for the request
+        (409, body("conflict"), ConflictError),
     ],
 )
 def test_classify(status: int, payload: bytes, expected: type) -> None:

@@ -135,3 +135,21 @@ async def test_shared_limits_pass_on_settlements_pauses_and_lower_header_limits(
     start = loop.time()
     await limits.acquire(1)
     assert loop.time() - start >= 0.19
+
+
+async def test_shared_limits_tell_each_caller_its_turn_on_one_clock() -> None:
+    """The wall-clock test above, counted: 20 go at once, the last 4 wait 0.05 .. 0.2 s."""
+    clock = Clock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    ledger = Ledger(rpm=1200, tpm=None, burst_s=1.0, clock=clock)  # 20/s, a burst of 20
+    limits = SharedLimits(LedgerBackend(ledger), rpm=1200, clock=clock, sleep=sleep)
+    await asyncio.gather(*(limits.acquire(10) for _ in range(24)))
+    assert slept == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    assert limits.waited_s == pytest.approx(0.5) and ledger.reservations == 24
+    limits.cooldown(3.0)  # a 429 seen here waits before the ledger is asked
+    await limits.acquire(1)
+    assert slept[4] == pytest.approx(3.0) and ledger.pauses == 1
