@@ -142,7 +142,7 @@ def test_an_export_removes_the_temp_file_a_killed_export_left(tmp_path: Path) ->
     assert CliRunner().invoke(main, run, catch_exceptions=False).exit_code == 0
     out = tmp_path / "out.csv"
     code = (
-        "import os, signal, pyarrow as pa; from batchhub.io import OutputWriter; "
+        "import os, signal, pyarrow as pa; from batchhub.output import OutputWriter; "
         f"w = OutputWriter({str(out)!r}); w.write_batch(pa.record_batch({{'a': [1]}})); "
         "os.kill(os.getpid(), signal.SIGKILL)"
     )
