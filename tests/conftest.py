@@ -1,4 +1,5 @@
-"""Shared test fixtures: `mock_server` (simulators on 127.0.0.1), and a shim for aioresponses.
+"""Shared test fixtures: `mock_server` (simulators in the test's event loop), `simulator_process`
+(a simulator in a process of its own), and a shim for aioresponses.
 
 aioresponses 0.7.9 (its newest release) builds `ClientResponse` without the
 keyword-only `stream_writer` argument that aiohttp 3.14 requires (upstream
@@ -11,7 +12,7 @@ shim once aioresponses releases a fix.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,7 @@ import aiohttp
 import aioresponses.core
 import pytest
 
-from batchhub.mock import MockConfig, MockServer
+from batchhub.mock import MockConfig, MockServer, SimulatorProcess
 
 
 @pytest.fixture
@@ -40,6 +41,25 @@ async def mock_server() -> AsyncIterator[Callable[..., Awaitable[MockServer]]]:
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+def simulator_process() -> Iterator[Callable[..., SimulatorProcess]]:
+    """Start `batchhub mock-server` in processes of their own: `sim = simulator_process("--seed", "4")`.
+
+    Arguments are mock-server options; `env=` sets the child's environment. All are stopped
+    after the test. The benchmarks start theirs with the same launcher.
+    """
+    started: list[SimulatorProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> SimulatorProcess:
+        sim = SimulatorProcess(*args, env=env)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.close()
 
 
 if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters:

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -25,22 +24,9 @@ ROWS = 600
 
 
 @pytest.fixture
-def simulator() -> Iterator[str]:
+def simulator(simulator_process) -> str:
     """`batchhub mock-server` in its own process on 127.0.0.1 (it counts requests across job processes)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", "--latency-ms", "20", "--seed", "5"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "listening on" in line, line
-        yield line.split("listening on ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
+    return simulator_process("--latency-ms", "20", "--seed", "5").base_url
 
 
 def test_a_second_run_is_refused_and_a_killed_run_frees_the_job(tmp_path: Path, simulator: str) -> None:

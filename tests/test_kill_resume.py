@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -22,22 +21,9 @@ ROWS = 600
 
 
 @pytest.fixture
-def simulator() -> Iterator[str]:
+def simulator(simulator_process) -> str:
     """`batchhub mock-server` on a free port of 127.0.0.1, with some latency; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", "--latency-ms", "25", "--seed", "4"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()  # blocks until the server says where it listens
-        assert "listening on" in line, line
-        yield line.split("listening on ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
+    return simulator_process("--latency-ms", "25", "--seed", "4").base_url
 
 
 def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
