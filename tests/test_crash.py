@@ -86,10 +86,6 @@ def simulator(*, latency_ms: float, seed: int) -> Iterator[str]:
         yield sim.base_url
 
 
-def write_input(path: Path, rows: int) -> None:
-    pd.DataFrame({"prompt": [f"row {i}: say something about the sea" for i in range(rows)]}).to_csv(path, index=False)
-
-
 def run_args(
     tmp_path: Path,
     base_url: str,
@@ -252,10 +248,12 @@ def wait_for_recovery(proc: subprocess.Popen, job: Path, before: DiskState, dead
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", PLAN.seeds)
-def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(tmp_path: Path, seed: int) -> None:
+def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(
+    tmp_path: Path, seed: int, prompts_csv
+) -> None:
     plan = PLAN
     rng = random.Random(seed)
-    write_input(tmp_path / "in.csv", plan.rows)
+    prompts_csv(tmp_path / "in.csv", plan.rows)
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
     state = check_job_dir(job, verified)
@@ -343,11 +341,11 @@ def write_error_line(stderr: str, job: Path) -> None:
     assert str(job) in said[0], said[0]
 
 
-def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Path) -> None:
+def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Path, prompts_csv) -> None:
     # no file may pass 60,000 bytes: room for shards of a few rows and their journal segments,
     # not for the journal segment of a run that writes no shard (about 170 results)
     limit = file_size_limit(60_000)
-    write_input(tmp_path / "in.csv", DISK_ROWS)
+    prompts_csv(tmp_path / "in.csv", DISK_ROWS)
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
     with simulator(latency_ms=10, seed=3) as base_url:
@@ -393,9 +391,9 @@ def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Pa
     assert s["duplicates"] <= write_errors * CONCURRENCY, (s["duplicates"], write_errors)
 
 
-def test_disk_full_before_the_first_write_is_a_clean_resumable_stop(tmp_path: Path) -> None:
+def test_disk_full_before_the_first_write_is_a_clean_resumable_stop(tmp_path: Path, prompts_csv) -> None:
     """Not even job.json (about 1.5 kB) fits: the README promises a clear message and exit 3."""
-    write_input(tmp_path / "in.csv", DISK_ROWS)
+    prompts_csv(tmp_path / "in.csv", DISK_ROWS)
     job = tmp_path / "job"
     with simulator(latency_ms=5, seed=5) as base_url:
         full = run_job(run_args(tmp_path, base_url, flush_rows=7), preexec_fn=file_size_limit(1_000))
@@ -410,9 +408,11 @@ def test_disk_full_before_the_first_write_is_a_clean_resumable_stop(tmp_path: Pa
     assert s["duplicates"] == 0
 
 
-def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_stop(tmp_path: Path) -> None:
+def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_stop(
+    tmp_path: Path, prompts_csv
+) -> None:
     """A killed run left a big journal; the disk is full when the next run compacts it."""
-    write_input(tmp_path / "in.csv", DISK_ROWS)
+    prompts_csv(tmp_path / "in.csv", DISK_ROWS)
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
     with simulator(latency_ms=10, seed=6) as base_url:
@@ -449,8 +449,8 @@ def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_s
 # -- 3. an unusable job directory ----------------------------------------------------------------
 
 
-def test_job_dir_that_is_a_regular_file_is_a_clean_one_line_error(tmp_path: Path) -> None:
-    write_input(tmp_path / "in.csv", 20)
+def test_job_dir_that_is_a_regular_file_is_a_clean_one_line_error(tmp_path: Path, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", 20)
     not_a_dir = tmp_path / "job"
     not_a_dir.write_text("not a directory\n")
     with simulator(latency_ms=0, seed=1) as base_url:
@@ -476,8 +476,8 @@ def _journal_line(row: dict) -> bytes:
     return json.dumps(row, separators=(",", ":")).encode() + b"\n"
 
 
-def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest(tmp_path: Path) -> None:
-    write_input(tmp_path / "in.csv", HAND_ROWS)
+def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest(tmp_path: Path, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", HAND_ROWS)
     job = tmp_path / "job"
     results = job / "results"
     with simulator(latency_ms=0, seed=9) as base_url:

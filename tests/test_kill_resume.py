@@ -36,14 +36,8 @@ def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
     )
 
 
-def write_input(tmp_path: Path) -> None:
-    pd.DataFrame({"prompt": [f"row {i}: say something about the sea" for i in range(ROWS)]}).to_csv(
-        tmp_path / "in.csv", index=False
-    )
-
-
-def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, simulator: str) -> None:
-    write_input(tmp_path)
+def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, simulator: str, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", ROWS)
     job = tmp_path / "job"
     kills = 0
     for target in (60, 210, 380):
@@ -68,8 +62,8 @@ def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, si
     assert s["duplicates"] <= kills * CONCURRENCY, s["duplicates"]
 
 
-def test_sigint_stops_gracefully_prints_resume_and_repays_nothing(tmp_path: Path, simulator: str) -> None:
-    write_input(tmp_path)
+def test_sigint_stops_gracefully_prints_resume_and_repays_nothing(tmp_path: Path, simulator: str, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", ROWS)
     job = tmp_path / "job"
     proc = start_job(tmp_path, simulator)
     wait_for_results(job, 100, proc)
