@@ -24,8 +24,9 @@ import orjson
 import pyarrow as pa
 
 from batchhub.errors import JobStateError, UsageError
-from batchhub.io import Format, OutputWriter, fingerprint, open_input
+from batchhub.io import Format, fingerprint, open_input
 from batchhub.lock import remove_stale_temps
+from batchhub.output import OutputWriter
 from batchhub.store import RESULT_COLUMNS, JobStore
 from batchhub.structured import INVALID_OUTPUT, parse_json_object
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchhub import defaults
-from batchhub._formats import json_default
+from batchhub._encode import json_default
 from batchhub.errors import InputError, UsageError
 from batchhub.errors import RowError as RowError  # raised here; its home is the error tree
 from batchhub.spec import JobSpec, check_max_tokens, check_stop, check_temperature

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import http.client
 import json
 import os
 import platform
@@ -20,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a clone without installing: the scripts import batchhub too
     sys.path.insert(0, str(REPO))
+from batchhub.mock.process import SimulatorProcess  # noqa: E402
+
 MODEL = "gpt-4o-mini"
 API_KEY = "sk-bench"
 
@@ -132,71 +132,14 @@ def workdir(prefix: str, keep: str | None = None) -> Iterator[Path]:
 # -- the simulator --------------------------------------------------------------------------
 
 
-class Simulator:
-    """`batchhub mock-server` in its own process on a free port of 127.0.0.1."""
+class Simulator(SimulatorProcess):
+    """`batchhub mock-server` in its own process on a free port of 127.0.0.1, in the benchmarks' child environment.
+
+    The launcher is `batchhub.mock.SimulatorProcess`, the one the tests use too.
+    """
 
     def __init__(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()  # blocks until it says where it listens
-        if "listening on " not in line:
-            self.close()
-            raise RuntimeError(f"the simulator did not start: {line!r}")
-        self.base_url = line.split("listening on ")[1].split()[0]
-        # nothing else is read from stderr: drain it so the server can never block on a full pipe
-        threading.Thread(target=self._drain, daemon=True).start()
-        root = self.base_url.removesuffix("/v1")
-        self.host, _, port = root.removeprefix("http://").partition(":")
-        self.port = int(port)
-        self._conn: http.client.HTTPConnection | None = None
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        with contextlib.suppress(ValueError, OSError):
-            for _ in self.proc.stderr:
-                pass
-
-    def stats(self, timeout: float = 10.0) -> dict:
-        """`GET /mock/stats`, on one kept-alive connection (cheap enough to poll in a tight loop)."""
-        for attempt in range(2):
-            try:
-                if self._conn is None:
-                    self._conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-                self._conn.request("GET", "/mock/stats")
-                resp = self._conn.getresponse()
-                return json.loads(resp.read())
-            except (OSError, http.client.HTTPException):
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        if self.proc.poll() is None:
-            # SIGTERM, not SIGINT: a benchmark started in the background (`cmd &`) ignores SIGINT,
-            # and so do its children, but the simulator only stops on KeyboardInterrupt
-            self.proc.terminate()
-            try:
-                self.proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
-
-    def __enter__(self) -> Simulator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(*extra, env=child_env())
 
 
 # -- child processes ------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Shared test fixtures: `mock_server` (simulators on 127.0.0.1), and a shim for aioresponses.
+"""Shared test fixtures: `prompts_csv` (an input file), `job_spec` (a JobSpec with test-friendly
+settings), `mock_server` (simulators in the test's event loop), `simulator_process` (a
+simulator in a process of its own), and a shim for aioresponses.
 
 aioresponses 0.7.9 (its newest release) builds `ClientResponse` without the
 keyword-only `stream_writer` argument that aiohttp 3.14 requires (upstream
@@ -11,15 +13,45 @@ shim once aioresponses releases a fix.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import aioresponses.core
+import pandas as pd
 import pytest
 
-from batchhub.mock import MockConfig, MockServer
+from batchhub.mock import MockConfig, MockServer, SimulatorProcess
+from batchhub.spec import JobSpec
+
+#: the prompt of row i in `prompts_csv` unless a test asks for other text
+SEA_PROMPT = "row {i}: say something about the sea"
+
+
+def write_prompts(path: Path, n: int, text: str = SEA_PROMPT, **columns: Any) -> Path:
+    """A CSV at `path` with a `prompt` column of `n` rows (`text` formatted with the row's `i`) and `columns`."""
+    pd.DataFrame({"prompt": [text.format(i=i) for i in range(n)], **columns}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def prompts_csv() -> Callable[..., Path]:
+    """Write an input CSV: `prompts_csv(tmp_path / "in.csv", 50, text="fact {i}", id=range(50))`."""
+    return write_prompts
+
+
+@pytest.fixture
+def job_spec(tmp_path: Path) -> Callable[..., JobSpec]:
+    """A JobSpec into TMP/job, quiet, with a made-up model and key and retry waits kept tiny:
+    `job_spec(server.base_url, input_path, concurrency=4)`; keywords override the defaults."""
+
+    def make(base_url: str, data: Path, **settings: Any) -> JobSpec:
+        settings = {"model": "m", "api_key": "k", "job_dir": tmp_path / "job", "backoff_base": 0.005, **settings}
+        return JobSpec(input=data, base_url=base_url, quiet=True, **settings)
+
+    return make
 
 
 @pytest.fixture
@@ -40,6 +72,25 @@ async def mock_server() -> AsyncIterator[Callable[..., Awaitable[MockServer]]]:
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+def simulator_process() -> Iterator[Callable[..., SimulatorProcess]]:
+    """Start `batchhub mock-server` in processes of their own: `sim = simulator_process("--seed", "4")`.
+
+    Arguments are mock-server options; `env=` sets the child's environment. All are stopped
+    after the test. The benchmarks start theirs with the same launcher.
+    """
+    started: list[SimulatorProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> SimulatorProcess:
+        sim = SimulatorProcess(*args, env=env)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.close()
 
 
 if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters:

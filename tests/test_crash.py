@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 from jobprocs import child_env, mock_stats, wait_for_results
 
+from batchhub.mock import SimulatorProcess
 from batchhub.store import JobStore
 
 CONCURRENCY = 8
@@ -79,40 +80,10 @@ PLAN = kill_plan()
 
 
 @contextmanager
-def simulator(log_dir: Path, *, latency_ms: float, seed: int) -> Iterator[str]:
+def simulator(*, latency_ms: float, seed: int) -> Iterator[str]:
     """`batchhub mock-server --port 0` in its own process; yields its base URL."""
-    log = log_dir / "simulator.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batchhub",
-                "mock-server",
-                "--port",
-                "0",
-                "--latency-ms",
-                str(latency_ms),
-                "--seed",
-                str(seed),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=child_env(),
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "listening on " not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.02)
-        yield log.read_text().split("listening on ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def write_input(path: Path, rows: int) -> None:
-    pd.DataFrame({"prompt": [f"row {i}: say something about the sea" for i in range(rows)]}).to_csv(path, index=False)
+    with SimulatorProcess("--latency-ms", str(latency_ms), "--seed", str(seed), env=child_env()) as sim:
+        yield sim.base_url
 
 
 def run_args(
@@ -277,16 +248,18 @@ def wait_for_recovery(proc: subprocess.Popen, job: Path, before: DiskState, dead
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", PLAN.seeds)
-def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(tmp_path: Path, seed: int) -> None:
+def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(
+    tmp_path: Path, seed: int, prompts_csv
+) -> None:
     plan = PLAN
     rng = random.Random(seed)
-    write_input(tmp_path / "in.csv", plan.rows)
+    prompts_csv(tmp_path / "in.csv", plan.rows)
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
     state = check_job_dir(job, verified)
     kills = 0
     landed: Counter[str] = Counter()
-    with simulator(tmp_path, latency_ms=plan.latency_ms, seed=seed) as base_url:
+    with simulator(latency_ms=plan.latency_ms, seed=seed) as base_url:
         for run in range(plan.kills * 3):
             if kills >= plan.kills:
                 break
@@ -368,14 +341,14 @@ def write_error_line(stderr: str, job: Path) -> None:
     assert str(job) in said[0], said[0]
 
 
-def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Path) -> None:
+def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Path, prompts_csv) -> None:
     # no file may pass 60,000 bytes: room for shards of a few rows and their journal segments,
     # not for the journal segment of a run that writes no shard (about 170 results)
     limit = file_size_limit(60_000)
-    write_input(tmp_path / "in.csv", DISK_ROWS)
+    prompts_csv(tmp_path / "in.csv", DISK_ROWS)
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
-    with simulator(tmp_path, latency_ms=10, seed=3) as base_url:
+    with simulator(latency_ms=10, seed=3) as base_url:
         # first shards written under the limit, then Ctrl-C. Two requests in flight: however slow a
         # compaction on a loaded machine, the next segment cannot fill the file limit meanwhile
         proc = subprocess.Popen(
@@ -418,11 +391,11 @@ def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Pa
     assert s["duplicates"] <= write_errors * CONCURRENCY, (s["duplicates"], write_errors)
 
 
-def test_disk_full_before_the_first_write_is_a_clean_resumable_stop(tmp_path: Path) -> None:
+def test_disk_full_before_the_first_write_is_a_clean_resumable_stop(tmp_path: Path, prompts_csv) -> None:
     """Not even job.json (about 1.5 kB) fits: the README promises a clear message and exit 3."""
-    write_input(tmp_path / "in.csv", DISK_ROWS)
+    prompts_csv(tmp_path / "in.csv", DISK_ROWS)
     job = tmp_path / "job"
-    with simulator(tmp_path, latency_ms=5, seed=5) as base_url:
+    with simulator(latency_ms=5, seed=5) as base_url:
         full = run_job(run_args(tmp_path, base_url, flush_rows=7), preexec_fn=file_size_limit(1_000))
         assert full.returncode == 3, full.stderr
         write_error_line(full.stderr, job)
@@ -435,12 +408,14 @@ def test_disk_full_before_the_first_write_is_a_clean_resumable_stop(tmp_path: Pa
     assert s["duplicates"] == 0
 
 
-def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_stop(tmp_path: Path) -> None:
+def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_stop(
+    tmp_path: Path, prompts_csv
+) -> None:
     """A killed run left a big journal; the disk is full when the next run compacts it."""
-    write_input(tmp_path / "in.csv", DISK_ROWS)
+    prompts_csv(tmp_path / "in.csv", DISK_ROWS)
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
-    with simulator(tmp_path, latency_ms=10, seed=6) as base_url:
+    with simulator(latency_ms=10, seed=6) as base_url:
         proc = subprocess.Popen(
             run_args(tmp_path, base_url, flush_rows=100_000),
             stdout=subprocess.DEVNULL,
@@ -474,11 +449,11 @@ def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_s
 # -- 3. an unusable job directory ----------------------------------------------------------------
 
 
-def test_job_dir_that_is_a_regular_file_is_a_clean_one_line_error(tmp_path: Path) -> None:
-    write_input(tmp_path / "in.csv", 20)
+def test_job_dir_that_is_a_regular_file_is_a_clean_one_line_error(tmp_path: Path, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", 20)
     not_a_dir = tmp_path / "job"
     not_a_dir.write_text("not a directory\n")
-    with simulator(tmp_path, latency_ms=0, seed=1) as base_url:
+    with simulator(latency_ms=0, seed=1) as base_url:
         done = run_job(run_args(tmp_path, base_url, flush_rows=7))
         s = mock_stats(base_url)
     lines = traceback_free_error_lines(done.stderr)
@@ -501,11 +476,11 @@ def _journal_line(row: dict) -> bytes:
     return json.dumps(row, separators=(",", ":")).encode() + b"\n"
 
 
-def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest(tmp_path: Path) -> None:
-    write_input(tmp_path / "in.csv", HAND_ROWS)
+def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest(tmp_path: Path, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", HAND_ROWS)
     job = tmp_path / "job"
     results = job / "results"
-    with simulator(tmp_path, latency_ms=0, seed=9) as base_url:
+    with simulator(latency_ms=0, seed=9) as base_url:
         first = run_job(run_args(tmp_path, base_url, flush_rows=100_000))
         assert first.returncode == 0, first.stderr
         (shard,) = JobStore(job).shards()

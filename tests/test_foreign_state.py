@@ -19,11 +19,6 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def write_input(path: Path, word: str, n: int) -> Path:
-    pd.DataFrame({"prompt": [f"{word} {i}" for i in range(n)]}).to_csv(path, index=False)
-    return path
-
-
 def run(data: Path, job: Path, *extra: str):
     return invoke("run", str(data), "--mock", "--model", "m", "--job-dir", str(job), "-q", *extra)
 
@@ -36,14 +31,14 @@ def latest(job: Path) -> pd.DataFrame:
     return JobStore(job).latest_results(["row_id", "request_hash", "status"]).to_pandas()
 
 
-def foreign_job(tmp_path: Path, n: int) -> tuple[Path, Path, list[str]]:
+def foreign_job(tmp_path: Path, n: int, prompts_csv) -> tuple[Path, Path, list[str]]:
     """Job b, whose own results were replaced by a part copied from job a (another input).
 
     Returns b's job directory, its input, and the request hashes of b's own requests.
     """
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run(write_input(tmp_path / "a.csv", "apples", n), a).exit_code == 0
-    b_input = write_input(tmp_path / "b.csv", "pears", n)
+    assert run(prompts_csv(tmp_path / "a.csv", n, text="apples {i}"), a).exit_code == 0
+    b_input = prompts_csv(tmp_path / "b.csv", n, text="pears {i}")
     assert run(b_input, b).exit_code == 0
     own = latest(b)["request_hash"].tolist()
     for part in (b / "results").iterdir():
@@ -53,12 +48,12 @@ def foreign_job(tmp_path: Path, n: int) -> tuple[Path, Path, list[str]]:
     return b, b_input, own
 
 
-def test_results_without_job_json_are_refused(tmp_path: Path) -> None:
+def test_results_without_job_json_are_refused(tmp_path: Path, prompts_csv) -> None:
     job = tmp_path / "job"
-    assert run(write_input(tmp_path / "first.csv", "apples", 6), job).exit_code == 0
+    assert run(prompts_csv(tmp_path / "first.csv", 6, text="apples {i}"), job).exit_code == 0
     (job / "job.json").unlink()
     before = files(job)
-    result = run(write_input(tmp_path / "second.csv", "pears", 6), job)
+    result = run(prompts_csv(tmp_path / "second.csv", 6, text="pears {i}"), job)
     assert result.exit_code == 2
     assert result.output == (
         f"error: results without job.json: {job} holds results but no job.json, so nothing tells which input "
@@ -67,8 +62,8 @@ def test_results_without_job_json_are_refused(tmp_path: Path) -> None:
     assert files(job) == before
 
 
-def test_a_few_foreign_results_are_sent_again_and_counted(tmp_path: Path) -> None:
-    job, data, own = foreign_job(tmp_path, 6)
+def test_a_few_foreign_results_are_sent_again_and_counted(tmp_path: Path, prompts_csv) -> None:
+    job, data, own = foreign_job(tmp_path, 6, prompts_csv)
     result = run(data, job)
     assert result.exit_code == 0, result.output
     assert "6 results did not match the requests their rows would send now and were sent again" in result.output
@@ -79,8 +74,8 @@ def test_a_few_foreign_results_are_sent_again_and_counted(tmp_path: Path) -> Non
     assert len(JobStore(job).results(["row_id"])) == 12
 
 
-def test_many_foreign_results_are_refused_before_anything_is_sent(tmp_path: Path) -> None:
-    job, data, _own = foreign_job(tmp_path, 30)
+def test_many_foreign_results_are_refused_before_anything_is_sent(tmp_path: Path, prompts_csv) -> None:
+    job, data, _own = foreign_job(tmp_path, 30, prompts_csv)
     parts = files(job / "results")
     result = run(data, job)
     assert result.exit_code == 2, result.output
@@ -96,8 +91,8 @@ def test_many_foreign_results_are_refused_before_anything_is_sent(tmp_path: Path
     assert manifest["runs"][-1]["results"] == 0
 
 
-def test_force_keeps_results_that_do_not_match(tmp_path: Path) -> None:
-    job, data, own = foreign_job(tmp_path, 30)
+def test_force_keeps_results_that_do_not_match(tmp_path: Path, prompts_csv) -> None:
+    job, data, own = foreign_job(tmp_path, 30, prompts_csv)
     result = run(data, job, "--force")
     assert result.exit_code == 0, result.output
     assert set(latest(job)["request_hash"]).isdisjoint(own)

@@ -16,14 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchhub.errors import InputError, UsageError
-from batchhub.io import (
-    InputSource,
-    OutputWriter,
-    detect_format,
-    fingerprint,
-    open_input,
-    output_format_for,
-)
+from batchhub.io import InputSource, detect_format, fingerprint, open_input
+from batchhub.output import OutputWriter, output_format_for
 from batchhub.requests import RequestBuilder
 from batchhub.spec import JobSpec
 

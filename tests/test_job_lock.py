@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -25,22 +24,9 @@ ROWS = 600
 
 
 @pytest.fixture
-def simulator() -> Iterator[str]:
+def simulator(simulator_process) -> str:
     """`batchhub mock-server` in its own process on 127.0.0.1 (it counts requests across job processes)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", "--latency-ms", "20", "--seed", "5"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "listening on" in line, line
-        yield line.split("listening on ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
+    return simulator_process("--latency-ms", "20", "--seed", "5").base_url
 
 
 def test_a_second_run_is_refused_and_a_killed_run_frees_the_job(tmp_path: Path, simulator: str) -> None:
@@ -142,7 +128,7 @@ def test_an_export_removes_the_temp_file_a_killed_export_left(tmp_path: Path) ->
     assert CliRunner().invoke(main, run, catch_exceptions=False).exit_code == 0
     out = tmp_path / "out.csv"
     code = (
-        "import os, signal, pyarrow as pa; from batchhub.io import OutputWriter; "
+        "import os, signal, pyarrow as pa; from batchhub.output import OutputWriter; "
         f"w = OutputWriter({str(out)!r}); w.write_batch(pa.record_batch({{'a': [1]}})); "
         "os.kill(os.getpid(), signal.SIGKILL)"
     )

@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -22,22 +21,9 @@ ROWS = 600
 
 
 @pytest.fixture
-def simulator() -> Iterator[str]:
+def simulator(simulator_process) -> str:
     """`batchhub mock-server` on a free port of 127.0.0.1, with some latency; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", "--latency-ms", "25", "--seed", "4"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()  # blocks until the server says where it listens
-        assert "listening on" in line, line
-        yield line.split("listening on ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
+    return simulator_process("--latency-ms", "25", "--seed", "4").base_url
 
 
 def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
@@ -50,14 +36,8 @@ def start_job(tmp_path: Path, base_url: str) -> subprocess.Popen:
     )
 
 
-def write_input(tmp_path: Path) -> None:
-    pd.DataFrame({"prompt": [f"row {i}: say something about the sea" for i in range(ROWS)]}).to_csv(
-        tmp_path / "in.csv", index=False
-    )
-
-
-def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, simulator: str) -> None:
-    write_input(tmp_path)
+def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, simulator: str, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", ROWS)
     job = tmp_path / "job"
     kills = 0
     for target in (60, 210, 380):
@@ -82,8 +62,8 @@ def test_sigkill_at_several_moments_then_resume_loses_nothing(tmp_path: Path, si
     assert s["duplicates"] <= kills * CONCURRENCY, s["duplicates"]
 
 
-def test_sigint_stops_gracefully_prints_resume_and_repays_nothing(tmp_path: Path, simulator: str) -> None:
-    write_input(tmp_path)
+def test_sigint_stops_gracefully_prints_resume_and_repays_nothing(tmp_path: Path, simulator: str, prompts_csv) -> None:
+    prompts_csv(tmp_path / "in.csv", ROWS)
     job = tmp_path / "job"
     proc = start_job(tmp_path, simulator)
     wait_for_results(job, 100, proc)

@@ -403,44 +403,31 @@ def _results_on_disk(job: Path) -> int:
     return n + sum(pq.read_metadata(s).num_rows for s in (job / "results").glob("part-*.parquet"))
 
 
-def test_key_shows_nowhere_after_ctrl_c_and_resume(tmp_path: Path) -> None:
-    sim_cmd = [sys.executable, "-m", "batchhub", "mock-server", "--port", "0", "--latency-ms", "20", "--seed", "2"]
-    sim = subprocess.Popen(
-        [*sim_cmd, "--api-key", CANARY, "--error-rate", "503=0.1"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
+def test_key_shows_nowhere_after_ctrl_c_and_resume(tmp_path: Path, simulator_process) -> None:
+    sim_args = ("--latency-ms", "20", "--seed", "2", "--api-key", CANARY, "--error-rate", "503=0.1")
+    url = simulator_process(*sim_args, env=_env()).base_url
+    data = write_input(tmp_path, 120)
+    spec = write_spec(tmp_path, "job", data, url, concurrency=4, max_attempts=5)
+    job = tmp_path / "job"
+    cmd = [sys.executable, "-m", "batchhub", "run", str(spec), "-q"]
+    proc = subprocess.Popen(
+        [*cmd, "--api-key", CANARY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
     )
-    try:
-        assert sim.stderr is not None
-        line = sim.stderr.readline()
-        assert "listening on" in line, line
-        url = line.split("listening on ")[1].split()[0]
-        data = write_input(tmp_path, 120)
-        spec = write_spec(tmp_path, "job", data, url, concurrency=4, max_attempts=5)
-        job = tmp_path / "job"
-        cmd = [sys.executable, "-m", "batchhub", "run", str(spec), "-q"]
-        proc = subprocess.Popen(
-            [*cmd, "--api-key", CANARY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
-        )
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if _results_on_disk(job) >= 20:
-                    break
-            except (OSError, ValueError):
-                pass  # a shard being renamed into place
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 3, err
-        assert "resume with: batchhub run" in err
-        # resume to the end with the key in the environment this time
-        final = subprocess.run(cmd, capture_output=True, text=True, env=_env(BATCHHUB_API_KEY=CANARY), timeout=120)
-        assert final.returncode == 0, final.stderr
-    finally:
-        sim.send_signal(signal.SIGINT)
-        sim.communicate(timeout=10)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if _results_on_disk(job) >= 20:
+                break
+        except (OSError, ValueError):
+            pass  # a shard being renamed into place
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, err
+    assert "resume with: batchhub run" in err
+    # resume to the end with the key in the environment this time
+    final = subprocess.run(cmd, capture_output=True, text=True, env=_env(BATCHHUB_API_KEY=CANARY), timeout=120)
+    assert final.returncode == 0, final.stderr
     printed = {
         "interrupted run (stdout)": out,
         "interrupted run (stderr)": err,

@@ -7,18 +7,20 @@ It is as strict as OpenAI on what the simulator acts on: `n` (1..128),
 `logprobs`/`top_logprobs` (0..20, only with logprobs true), `tools` and
 `tool_choice` (function definitions, their parameters a valid JSON Schema, a named
 choice among them), `response_format` (its type, a json_schema's name and schema),
-and `max_tokens` not together with `max_completion_tokens`.
+and `max_tokens` not together with `max_completion_tokens`. The checks of `tools`,
+`tool_choice` and `response_format` are :mod:`batchhub.mock.schemas`; the error and
+its wording, :mod:`batchhub.mock.invalid`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
+from batchhub.mock.invalid import InvalidRequest, bad_type, json_type
+from batchhub.mock.schemas import forced_tool, parse_response_format, parse_tools
 
 # fmt: off
 KNOWN_FIELDS: frozenset[str] = frozenset({
@@ -36,10 +38,6 @@ MAX_STOP_SEQUENCES = 4
 #: OpenAI's bounds on n (choices per request) and top_logprobs
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
-#: function and json_schema names: OpenAI's pattern and length
-_NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-TOOL_CHOICES = ("none", "auto", "required")
-RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 # Fields checked here only for their JSON type (those acted on are checked further below).
 _PASSTHROUGH_TYPES: dict[str, tuple[type, ...]] = {
@@ -63,25 +61,6 @@ _PASSTHROUGH_TYPES: dict[str, tuple[type, ...]] = {
     "function_call": (str, dict),
     "functions": (list,),
 }
-
-
-class InvalidRequest(ValueError):
-    """The request body is not a valid Chat Completions request (answered with 400)."""
-
-    def __init__(self, message: str, param: str | None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def error(self) -> dict[str, Any]:
-        """The `error` object of the 400 body."""
-        return {
-            "message": self.message,
-            "type": "invalid_request_error",
-            "param": self.param,
-            "code": self.code,
-        }
 
 
 @dataclass(frozen=True)
@@ -113,31 +92,6 @@ class ChatRequest:
     json_schema: dict[str, Any] | None = None
 
 
-def _json_type(value: object) -> str:
-    """How OpenAI names a JSON value's type in its messages ("an integer")."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _bad_type(param: str, expected: str, value: object) -> InvalidRequest:
-    return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
-        param,
-        "invalid_type",
-    )
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -151,7 +105,7 @@ def _check_number(body: dict[str, Any], name: str, low: float, high: float) -> N
     if value is None:
         return
     if not _is_number(value) or not math.isfinite(value):
-        raise _bad_type(name, "a decimal", value)
+        raise bad_type(name, "a decimal", value)
     if value < low:
         raise InvalidRequest(
             f"Invalid '{name}': decimal below minimum value. Expected a value >= {low:g}, but got {value} instead.",
@@ -171,7 +125,7 @@ def _check_int(body: dict[str, Any], name: str, low: int, high: int | None = Non
     if value is None:
         return None
     if not _is_int(value):
-        raise _bad_type(name, "an integer", value)
+        raise bad_type(name, "an integer", value)
     if value < low:
         raise InvalidRequest(
             f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got {value} instead.",
@@ -191,148 +145,6 @@ def _check_positive_int(body: dict[str, Any], name: str) -> int | None:
     return _check_int(body, name, 1)
 
 
-def _missing(param: str) -> InvalidRequest:
-    return InvalidRequest(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
-
-
-def _check_name(value: object, param: str) -> str:
-    if value is None:
-        raise _missing(param)
-    if not isinstance(value, str):
-        raise _bad_type(param, "a string", value)
-    if not _NAME_RE.fullmatch(value):
-        raise InvalidRequest(
-            f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
-            f"'^[a-zA-Z0-9_-]{{1,64}}$'.",
-            param,
-            "invalid_value",
-        )
-    return value
-
-
-def _check_schema(schema: object, param: str, code: str, what: str) -> dict[str, Any]:
-    if not isinstance(schema, dict):
-        raise _bad_type(param, "an object", schema)
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise InvalidRequest(f"Invalid schema for {what}: {exc.message}.", param, code) from None
-    return schema
-
-
-def _parse_tools(tools: object) -> dict[str, dict[str, Any]]:
-    """The functions of a valid `tools` array, by name (their parameters schema, {} when none)."""
-    if not isinstance(tools, list):
-        raise _bad_type("tools", "an array", tools)
-    if not tools:
-        raise InvalidRequest(
-            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty array instead.",
-            "tools",
-            "empty_array",
-        )
-    functions: dict[str, dict[str, Any]] = {}
-    for i, tool in enumerate(tools):
-        param = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise _bad_type(param, "an object", tool)
-        kind = tool.get("type")
-        if kind is None:
-            raise _missing(f"{param}.type")
-        if kind != "function":
-            raise InvalidRequest(
-                f"Invalid value: {kind!r}. Supported values are: 'function'.", f"{param}.type", "invalid_value"
-            )
-        function = tool.get("function")
-        if function is None:
-            raise _missing(f"{param}.function")
-        if not isinstance(function, dict):
-            raise _bad_type(f"{param}.function", "an object", function)
-        name = _check_name(function.get("name"), f"{param}.function.name")
-        description = function.get("description")
-        if description is not None and not isinstance(description, str):
-            raise _bad_type(f"{param}.function.description", "a string", description)
-        strict = function.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise _bad_type(f"{param}.function.strict", "a boolean", strict)
-        parameters = function.get("parameters")
-        functions[name] = (
-            {}
-            if parameters is None
-            else _check_schema(
-                parameters, f"{param}.function.parameters", "invalid_function_parameters", f"function '{name}'"
-            )
-        )
-    return functions
-
-
-def _forced_tool(body: dict[str, Any], functions: dict[str, dict[str, Any]]) -> str | None:
-    """The function a tool_choice forces ("required": the first one), or None."""
-    choice = body.get("tool_choice")
-    for name in ("tool_choice", "parallel_tool_calls"):
-        if body.get(name) is not None and not functions:
-            raise InvalidRequest(
-                f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are specified.",
-                name,
-                "invalid_value",
-            )
-    if choice is None or choice in ("none", "auto"):
-        return None
-    if choice == "required":
-        return next(iter(functions))
-    if isinstance(choice, str):
-        supported = ", ".join(f"'{c}'" for c in TOOL_CHOICES)
-        raise InvalidRequest(
-            f"Invalid value: {choice!r}. Supported values are: {supported}.", "tool_choice", "invalid_value"
-        )
-    function = choice.get("function")
-    if choice.get("type") != "function" or not isinstance(function, dict):
-        raise InvalidRequest(
-            'Invalid value for \'tool_choice\': expected {"type": "function", "function": {"name": ...}}.',
-            "tool_choice",
-            "invalid_value",
-        )
-    wanted = function.get("name")
-    if not isinstance(wanted, str) or wanted not in functions:
-        raise InvalidRequest(
-            f"Invalid value for 'tool_choice': tool choice {wanted!r} not found in 'tools' parameter.",
-            "tool_choice",
-            "invalid_value",
-        )
-    return wanted
-
-
-def _parse_response_format(value: object) -> tuple[bool, dict[str, Any] | None]:
-    """(JSON asked for, the json_schema's schema or None) of a valid response_format."""
-    if value is None:
-        return False, None
-    if not isinstance(value, dict):
-        raise _bad_type("response_format", "an object", value)
-    kind = value.get("type")
-    if kind is None:
-        raise _missing("response_format.type")
-    if kind not in RESPONSE_FORMATS:
-        supported = ", ".join(f"'{c}'" for c in RESPONSE_FORMATS)
-        raise InvalidRequest(
-            f"Invalid value: {kind!r}. Supported values are: {supported}.", "response_format.type", "invalid_value"
-        )
-    if kind != "json_schema":
-        return kind == "json_object", None
-    spec = value.get("json_schema")
-    param = "response_format.json_schema"
-    if spec is None:
-        raise _missing(param)
-    if not isinstance(spec, dict):
-        raise _bad_type(param, "an object", spec)
-    name = _check_name(spec.get("name"), f"{param}.name")
-    strict = spec.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise _bad_type(f"{param}.strict", "a boolean", strict)
-    schema = spec.get("schema")
-    if schema is None:
-        return True, None
-    return True, _check_schema(schema, f"{param}.schema", "invalid_json_schema", f"response_format '{name}'")
-
-
 def _content_text(content: object, param: str, role: str) -> str:
     """The text of a message content: a string, or a list of text parts."""
     if isinstance(content, str):
@@ -341,12 +153,12 @@ def _content_text(content: object, param: str, role: str) -> str:
         # An assistant turn that only made tool calls has no content.
         return ""
     if not isinstance(content, list):
-        raise _bad_type(param, "one of a string or array of objects", content)
+        raise bad_type(param, "one of a string or array of objects", content)
     texts: list[str] = []
     for j, part in enumerate(content):
         part_param = f"{param}[{j}]"
         if not isinstance(part, dict):
-            raise _bad_type(part_param, "an object", part)
+            raise bad_type(part_param, "an object", part)
         if part.get("type") != "text":
             raise InvalidRequest(
                 f"Invalid value: {part.get('type')!r}. This endpoint supports only content parts of type 'text'.",
@@ -354,7 +166,7 @@ def _content_text(content: object, param: str, role: str) -> str:
                 "invalid_value",
             )
         if not isinstance(part.get("text"), str):
-            raise _bad_type(f"{part_param}.text", "a string", part.get("text"))
+            raise bad_type(f"{part_param}.text", "a string", part.get("text"))
         texts.append(part["text"])
     return " ".join(texts)
 
@@ -363,7 +175,7 @@ def _parse_messages(messages: object) -> tuple[list[str], str | None]:
     if messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     if not isinstance(messages, list):
-        raise _bad_type("messages", "an array", messages)
+        raise bad_type("messages", "an array", messages)
     if not messages:
         raise InvalidRequest(
             "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
@@ -375,7 +187,7 @@ def _parse_messages(messages: object) -> tuple[list[str], str | None]:
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad_type(param, "an object", message)
+            raise bad_type(param, "an object", message)
         role = message.get("role")
         if role is None:
             raise InvalidRequest(
@@ -403,7 +215,7 @@ def _parse_stop(stop: object) -> list[str]:
     if isinstance(stop, str):
         return [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _bad_type("stop", "one of a string or array of strings", stop)
+        raise bad_type("stop", "one of a string or array of strings", stop)
     if len(stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(
             f"Invalid 'stop': array too long. Expected an array with maximum length "
@@ -437,7 +249,7 @@ def parse_request(raw: bytes) -> ChatRequest:
             raise InvalidRequest(f"Unrecognized request argument supplied: {name}", name)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad_type("model", "a string", model)
+        raise bad_type("model", "a string", model)
     if not model:
         raise InvalidRequest("you must provide a model parameter", "model")
     texts, last_user = _parse_messages(body.get("messages"))
@@ -445,46 +257,11 @@ def parse_request(raw: bytes) -> ChatRequest:
     _check_number(body, "top_p", 0.0, 1.0)
     _check_number(body, "presence_penalty", -2.0, 2.0)
     _check_number(body, "frequency_penalty", -2.0, 2.0)
-    max_tokens = _check_positive_int(body, "max_tokens")
-    max_completion_tokens = _check_positive_int(body, "max_completion_tokens")
-    if max_tokens is not None and max_completion_tokens is not None:
-        raise InvalidRequest(
-            "Setting both 'max_tokens' and 'max_completion_tokens' is not supported. "
-            "Please use only 'max_completion_tokens'.",
-            "max_tokens",
-            "invalid_value",
-        )
+    max_tokens = _parse_max_tokens(body)
     n = _check_int(body, "n", 1, MAX_N)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _bad_type("stream", "a boolean", stream)
-    include_usage = False
-    stream_options = body.get("stream_options")
-    if stream_options is not None:
-        if not isinstance(stream_options, dict):
-            raise _bad_type("stream_options", "an object", stream_options)
-        if not stream:
-            raise InvalidRequest(
-                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                "stream_options",
-                "invalid_value",
-            )
-        flag = stream_options.get("include_usage")
-        if flag is not None and not isinstance(flag, bool):
-            raise _bad_type("stream_options.include_usage", "a boolean", flag)
-        include_usage = bool(flag)
+    stream, include_usage = _parse_stream(body)
     stop = _parse_stop(body.get("stop"))
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad_type("user", "a string", user)
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad_type("seed", "an integer", seed)
-    for name, types in _PASSTHROUGH_TYPES.items():
-        value = body.get(name)
-        if value is not None and not isinstance(value, types):
-            expected = " or ".join(_json_type(t()) for t in types)
-            raise _bad_type(name, expected, value)
+    _check_types(body)
     top_logprobs = _check_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and body.get("logprobs") is not True:
         raise InvalidRequest(
@@ -492,16 +269,16 @@ def parse_request(raw: bytes) -> ChatRequest:
             "top_logprobs",
             "invalid_value",
         )
-    functions = _parse_tools(body["tools"]) if body.get("tools") is not None else {}
-    forced = _forced_tool(body, functions)
-    json_mode, json_schema = _parse_response_format(body.get("response_format"))
+    functions = parse_tools(body["tools"]) if body.get("tools") is not None else {}
+    forced = forced_tool(body, functions)
+    json_mode, json_schema = parse_response_format(body.get("response_format"))
     return ChatRequest(
         model=model,
         messages=body["messages"],
         texts=texts,
         last_user_text=last_user,
-        max_tokens=max_completion_tokens if max_completion_tokens is not None else max_tokens,
-        stream=bool(stream),
+        max_tokens=max_tokens,
+        stream=stream,
         include_usage=include_usage,
         stop=stop,
         json_mode=json_mode,
@@ -512,3 +289,55 @@ def parse_request(raw: bytes) -> ChatRequest:
         tool_parameters=functions[forced] if forced is not None else {},
         json_schema=json_schema,
     )
+
+
+def _parse_max_tokens(body: dict[str, Any]) -> int | None:
+    """max_completion_tokens, else max_tokens, else None; not both."""
+    max_tokens = _check_positive_int(body, "max_tokens")
+    max_completion_tokens = _check_positive_int(body, "max_completion_tokens")
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise InvalidRequest(
+            "Setting both 'max_tokens' and 'max_completion_tokens' is not supported. "
+            "Please use only 'max_completion_tokens'.",
+            "max_tokens",
+            "invalid_value",
+        )
+    return max_completion_tokens if max_completion_tokens is not None else max_tokens
+
+
+def _parse_stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) of a valid `stream` and `stream_options`."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_type("stream", "a boolean", stream)
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise bad_type("stream_options", "an object", stream_options)
+        if not stream:
+            raise InvalidRequest(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "stream_options",
+                "invalid_value",
+            )
+        flag = stream_options.get("include_usage")
+        if flag is not None and not isinstance(flag, bool):
+            raise bad_type("stream_options.include_usage", "a boolean", flag)
+        include_usage = bool(flag)
+    return bool(stream), include_usage
+
+
+def _check_types(body: dict[str, Any]) -> None:
+    """The JSON types of the fields the simulator does not act on (user, seed, the passthrough fields)."""
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_type("user", "a string", user)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise bad_type("seed", "an integer", seed)
+    for name, types in _PASSTHROUGH_TYPES.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, types):
+            expected = " or ".join(json_type(t()) for t in types)
+            raise bad_type(name, expected, value)
