@@ -27,7 +27,8 @@ from batchhub.errors import JobStateError, UsageError
 from batchhub.io import Format, fingerprint, open_input
 from batchhub.lock import remove_stale_temps
 from batchhub.output import OutputWriter
-from batchhub.store import RESULT_COLUMNS, JobStore
+from batchhub.result_schema import RESULT_COLUMNS
+from batchhub.store import JobStore
 from batchhub.structured import INVALID_OUTPUT, parse_json_object
 
 #: result columns in an export (seq is internal bookkeeping)

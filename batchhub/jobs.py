@@ -129,7 +129,7 @@ def _last_update(path: Path, manifest: dict[str, Any]) -> float:
     """Newest of: job.json, shards, journal segments (mtimes), and the last run's ended_at."""
     store = JobStore(path)
     times = [store.manifest_path.stat().st_mtime]
-    for file in (*store.shards(), *store.segments()):
+    for file in (*store.parts(), *store.segments()):
         try:
             times.append(file.stat().st_mtime)
         except FileNotFoundError:  # compacted away while we looked

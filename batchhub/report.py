@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
 from batchhub.pricing import CostReport, PriceBook
-from batchhub.store import JobStore, atomic_write_bytes, latest_indices
+from batchhub.result_schema import latest_indices
+from batchhub.store import JobStore, atomic_write_bytes
 
 #: the result columns the report reads (every other column, present or future, is left unread)
 COLUMNS = (

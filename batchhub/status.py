@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 
 from batchhub.cost import USAGE_COLUMNS, report
 from batchhub.pricing import PriceBook
-from batchhub.store import JobStore, latest_indices
+from batchhub.result_schema import latest_indices
+from batchhub.store import JobStore
 
 
 @dataclass

@@ -12,7 +12,7 @@ are wrapped with timers, each in the thread that calls it:
   (one os.write for the lines of all results finished in one event-loop pass), on the event loop
 - journal fsync: `JobStore.fsync_journal` and `JobStore.close`, on the event loop
 - new segment: `JobStore.open_segment` (open, fsync and close the previous one), on the event loop
-- shards: `JobStore.compact` / `JobStore.write_shard` (journal segment -> Arrow by pyarrow's
+- shards: `JobStore.compact` / `JobStore.write_part` (journal segment -> Arrow by pyarrow's
   JSON reader -> zstd Parquet, fsync, rename), in the worker thread the runner hands it to
 - manifest and recovery: `JobStore.write_manifest`, `JobStore.recover`
 
@@ -51,7 +51,7 @@ CATEGORIES = {
     "close": "journal fsync",
     "open_segment": "new segment",
     "compact": "shards",
-    "write_shard": "shards",
+    "write_part": "shards",
     "write_manifest": "manifest and recovery",
     "recover": "manifest and recovery",
 }

@@ -5,7 +5,7 @@
 
 The half-done job is built directly, in the layout a real run leaves: job.json
 from `prepare_job` (the input's real fingerprint and row count, one run record),
-an ok result for every even row_id written with `JobStore.write_shard` in shards of
+an ok result for every even row_id written with `JobStore.write_part` in shards of
 5,000 rows (the default flush_rows), numbered by seq like a real run, except the
 last 5,000 results, left in a journal segment as a SIGKILL leaves them (so the
 resume also has to compact them). Each result carries the request_hash of the request
@@ -90,7 +90,7 @@ def build_half_done(input_path: Path, job_dir: Path, base_url: str, concurrency:
     now = time.time()
     for start in range(0, cut, SHARD_ROWS):
         ids = done[start : min(start + SHARD_ROWS, cut)]
-        store.write_shard([synthetic_result(rid, start + i + 1, now, hashes[rid // 2]) for i, rid in enumerate(ids)])
+        store.write_part([synthetic_result(rid, start + i + 1, now, hashes[rid // 2]) for i, rid in enumerate(ids)])
     with open(job_dir / "journal-000001.jsonl", "w", encoding="utf-8") as fh:
         for i, rid in enumerate(done[cut:]):
             row = synthetic_result(rid, cut + i + 1, now, hashes[rid // 2])

@@ -483,7 +483,7 @@ def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest
     with simulator(latency_ms=0, seed=9) as base_url:
         first = run_job(run_args(tmp_path, base_url, flush_rows=100_000))
         assert first.returncode == 0, first.stderr
-        (shard,) = JobStore(job).shards()
+        (shard,) = JobStore(job).parts()
         table = pq.read_table(shard).sort_by("seq")
         assert table["seq"].to_pylist() == list(range(1, HAND_ROWS + 1))
         rows = table.to_pylist()
@@ -520,7 +520,7 @@ def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest
     assert JobStore(job).segments() == []
     # every result lives in exactly one shard: the already-compacted segment was not compacted again
     in_shards = pa.concat_tables(
-        pq.read_table(p, columns=["row_id", "seq", "response_id"]) for p in JobStore(job).shards()
+        pq.read_table(p, columns=["row_id", "seq", "response_id"]) for p in JobStore(job).parts()
     )
     assert sorted(in_shards["row_id"].to_pylist()) == list(range(HAND_ROWS))
     assert len(set(in_shards["seq"].to_pylist())) == HAND_ROWS

@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchhub.store import RESULT_SCHEMA, JobStore, read_segment, rows_to_table
+from batchhub.journal import read_segment
+from batchhub.result_schema import RESULT_SCHEMA, rows_to_table
+from batchhub.store import JobStore
 
 SETTINGS = settings(
     max_examples=150,

@@ -27,8 +27,9 @@ from batchhub.mock import MockServer
 from batchhub.pricing import PriceBook
 from batchhub.report import job_report, write_report
 from batchhub.report_html import render_html
+from batchhub.result_schema import RESULT_SCHEMA
 from batchhub.spec import JobSpec
-from batchhub.store import RESULT_SCHEMA, JobStore
+from batchhub.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "latency", "tokens", "cost", "errors")

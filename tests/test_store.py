@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchhub.errors import JobStateError
-from batchhub.store import FORMAT_VERSION, RESULT_SCHEMA, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+from batchhub.result_schema import RESULT_SCHEMA
+from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
 
 
 def result(store: JobStore, row_id: int, status: str = "ok", **kw) -> dict:
@@ -35,7 +36,7 @@ def test_journal_lines_are_results_before_any_shard(tmp_path: Path) -> None:
     for i in range(5):
         result(store, i)
     # a reader (status, a resumed run) sees them although no shard exists yet
-    assert store.shards() == []
+    assert store.parts() == []
     table = JobStore(tmp_path / "job").results()
     assert sorted(table["row_id"].to_pylist()) == [0, 1, 2, 3, 4]
 
@@ -52,7 +53,7 @@ def test_recover_compacts_journal_and_ignores_torn_line(tmp_path: Path) -> None:
     again = JobStore(tmp_path)
     assert again.recover() == 3
     assert again.segments() == []
-    (shard,) = again.shards()
+    (shard,) = again.parts()
     table = pq.read_table(shard)
     assert table.schema.remove_metadata() == RESULT_SCHEMA
     assert table["row_id"].to_pylist() == [0, 1, 2]
