@@ -46,7 +46,7 @@ class JobListing:
     #: cost of every recorded response at known prices; None when some model's price is unknown
     cost_usd: float | None = None
     unpriced_models: list[str] = field(default_factory=list)
-    #: the latest change: job.json, shards or journal, or the last run's end (UTC, ISO 8601)
+    #: the latest change: job.json, parts or journal, or the last run's end (UTC, ISO 8601)
     updated_at: str | None = None
     error: str | None = None
 
@@ -126,7 +126,7 @@ def _process_alive(run: dict[str, Any]) -> bool | None:
 
 
 def _last_update(path: Path, manifest: dict[str, Any]) -> float:
-    """Newest of: job.json, shards, journal segments (mtimes), and the last run's ended_at."""
+    """Newest of: job.json, parts, journal segments (mtimes), and the last run's ended_at."""
     store = JobStore(path)
     times = [store.manifest_path.stat().st_mtime]
     for file in (*store.parts(), *store.segments()):

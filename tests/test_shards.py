@@ -1,4 +1,4 @@
-"""Input shards and the job directory's per-shard stores, without Ray.
+"""Input shards and the job directory's task stores, without Ray.
 
 The Ray engine's tasks each write a store of their own under JOB_DIR/shards/; every
 reader (status, cost, export, resume) unions them with the job's own store, and the

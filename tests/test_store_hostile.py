@@ -310,7 +310,7 @@ def test_a_part_unreadable_for_want_of_memory_is_not_taken_for_damage(
 
 @pytest.mark.parametrize("limit_kb", [400_000, 500_000, 1_000_000])
 def test_a_resume_under_ulimit_v_loses_nothing_and_sets_nothing_aside(tmp_path: Path, limit_kb: int) -> None:
-    """Whatever fails under the address-space limit (import, journal read, shard read), nothing is lost."""
+    """Whatever fails under the address-space limit (import, journal read, part read), nothing is lost."""
     pd.DataFrame({"prompt": [f"p{i}" for i in range(8)]}).to_csv(tmp_path / "in.csv", index=False)
     job = tmp_path / "job"
     args = ["run", str(tmp_path / "in.csv"), "--mock", "--model", "m", "--job-dir", str(job), "--quiet"]
