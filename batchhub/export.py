@@ -59,11 +59,10 @@ def export_batches(
 ) -> Iterator[pa.RecordBatch]:
     """The job's input batches, in order, each with the result columns of its rows appended."""
     store = JobStore(job_dir)
-    manifest = store.read_manifest()
-    known = manifest.get("input", {})
-    path = Path(input_path or known.get("path", ""))
+    known = store.manifest().input
+    path = Path(input_path or known.path or "")
     source = open_input(path)
-    if not force and fingerprint(path) != known.get("fingerprint"):
+    if not force and fingerprint(path) != known.fingerprint:
         raise JobStateError(f"the input {path} changed since the job ran; export would misalign rows (use --force)")
     latest = store.latest_results()
     result_ids = latest["row_id"].to_numpy() if latest.num_rows else np.zeros(0, dtype=np.int64)

@@ -34,7 +34,6 @@ job held when run R began, and within a run a row belongs to one shard only.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -56,6 +55,8 @@ from batchhub.journal import (
     retire_segment,
 )
 from batchhub.lock import remove_stale_temps
+from batchhub.manifest import FORMAT_VERSION as FORMAT_VERSION  # the runner and the Ray engine import it from here
+from batchhub.manifest import Manifest, read_json, write_json
 from batchhub.parts import (
     DamagedPart,
     list_parts,
@@ -75,8 +76,6 @@ from batchhub.result_schema import (
 )
 
 log = logging.getLogger("batchhub")
-
-FORMAT_VERSION = 1
 
 STATE_NONE, STATE_OK, STATE_ERROR = 0, 1, 2
 
@@ -116,22 +115,16 @@ class JobStore:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
+    def manifest(self) -> Manifest:
+        """job.json, typed; JobStateError when it is missing, unreadable or of another format."""
+        return Manifest.load(self.manifest_path)
+
     def read_manifest(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.manifest_path.read_text())
-        except FileNotFoundError as exc:
-            raise JobStateError(f"{self.dir} is not a batchhub job directory (no job.json)") from exc
-        except (OSError, ValueError) as exc:
-            raise JobStateError(f"{self.manifest_path} cannot be read: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-            raise JobStateError(
-                f"{self.manifest_path}: unknown job format (this batchhub reads version {FORMAT_VERSION})"
-            )
-        return data
+        """job.json as a dict, for the writers that still build it by key (the runner, the Ray engine)."""
+        return read_json(self.manifest_path)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=2, default=str).encode() + b"\n")
+        write_json(self.manifest_path, manifest)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -304,8 +297,8 @@ class JobStore:
 
     def _row_count(self) -> int | None:
         if self.rows is None and self.manifest_path.exists():
-            with contextlib.suppress(JobStateError, TypeError, ValueError):
-                self.rows = int(self.read_manifest().get("input", {}).get("rows"))
+            with contextlib.suppress(JobStateError):
+                self.rows = self.manifest().input.rows
         return self.rows
 
     def _in_range(self, table: pa.Table, rows: int | None, where: Path) -> pa.Table:
