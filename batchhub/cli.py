@@ -112,7 +112,7 @@ JOB_OPTIONS = [
         "(default); --no-fail-fast when such failures really are per row.",
     ),
     click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed."),
-    click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000)."),
+    click.option("--flush-rows", type=int, help="Write a checkpoint part every N results (default 5000)."),
     click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),
     click.option(

@@ -38,8 +38,8 @@ COOLDOWN_CAP_S = 60.0
 #: retried sooner than trusted blindly with a whole job idle.
 RETRY_AFTER_CAP_S = 300.0
 
-#: Compact the journal into a Parquet shard every N results or T seconds, whichever first:
-#: shards of a few thousand rows keep the file count low and each write cheap.
+#: Compact the journal into a Parquet part every N results or T seconds, whichever first:
+#: parts of a few thousand rows keep the file count low and each write cheap.
 FLUSH_ROWS = 5000
 FLUSH_SECONDS = 30.0
 #: fsync the journal at most this often: survives power loss within a second, without an

@@ -27,7 +27,8 @@ from batchhub.errors import JobStateError, UsageError
 from batchhub.io import Format, fingerprint, open_input
 from batchhub.lock import remove_stale_temps
 from batchhub.output import OutputWriter
-from batchhub.store import RESULT_COLUMNS, JobStore
+from batchhub.result_schema import RESULT_COLUMNS
+from batchhub.store import JobStore
 from batchhub.structured import INVALID_OUTPUT, parse_json_object
 
 #: result columns in an export (seq is internal bookkeeping)
@@ -58,11 +59,10 @@ def export_batches(
 ) -> Iterator[pa.RecordBatch]:
     """The job's input batches, in order, each with the result columns of its rows appended."""
     store = JobStore(job_dir)
-    manifest = store.read_manifest()
-    known = manifest.get("input", {})
-    path = Path(input_path or known.get("path", ""))
+    known = store.manifest().input
+    path = Path(input_path or known.path or "")
     source = open_input(path)
-    if not force and fingerprint(path) != known.get("fingerprint"):
+    if not force and fingerprint(path) != known.fingerprint:
         raise JobStateError(f"the input {path} changed since the job ran; export would misalign rows (use --force)")
     latest = store.latest_results()
     result_ids = latest["row_id"].to_numpy() if latest.num_rows else np.zeros(0, dtype=np.int64)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from batchhub.errors import UsageError
+from batchhub.manifest import Manifest, RunRecord
 from batchhub.status import job_status
 from batchhub.store import JobStore
 
@@ -46,7 +47,7 @@ class JobListing:
     #: cost of every recorded response at known prices; None when some model's price is unknown
     cost_usd: float | None = None
     unpriced_models: list[str] = field(default_factory=list)
-    #: the latest change: job.json, shards or journal, or the last run's end (UTC, ISO 8601)
+    #: the latest change: job.json, parts or journal, or the last run's end (UTC, ISO 8601)
     updated_at: str | None = None
     error: str | None = None
 
@@ -79,7 +80,7 @@ def _listing(path: Path, now: float) -> JobListing:
     listing = JobListing(job_dir=str(path))
     try:
         st = job_status(path)
-        manifest = JobStore(path).read_manifest()
+        manifest = JobStore(path).manifest()
         updated = _last_update(path, manifest)
     except Exception as exc:  # one unreadable job must not hide the others: show why, list the rest
         listing.error = str(exc).replace("\n", " ") or type(exc).__name__
@@ -89,13 +90,13 @@ def _listing(path: Path, now: float) -> JobListing:
     if not st.unpriced_models:
         listing.cost_usd = st.spent_usd or 0.0
     listing.updated_at = dt.datetime.fromtimestamp(updated, dt.UTC).isoformat(timespec="seconds")
-    listing.state = _state(st.ok, st.failed, st.pending, manifest.get("runs") or [], now - updated)
+    listing.state = _state(st.ok, st.failed, st.pending, manifest.runs, now - updated)
     return listing
 
 
-def _state(ok: int, failed: int, pending: int, runs: list[dict[str, Any]], idle_s: float) -> str:
+def _state(ok: int, failed: int, pending: int, runs: list[RunRecord], idle_s: float) -> str:
     last = runs[-1] if runs else None
-    if last is not None and "ended_at" not in last:
+    if last is not None and not last.ended:
         alive = _process_alive(last)
         if alive is True:
             return "running"
@@ -109,10 +110,10 @@ def _state(ok: int, failed: int, pending: int, runs: list[dict[str, Any]], idle_
     return f"finished, {failed:,} failed" if failed else "finished"
 
 
-def _process_alive(run: dict[str, Any]) -> bool | None:
+def _process_alive(run: RunRecord) -> bool | None:
     """Whether the run's process still exists; None when that cannot be told from here."""
-    pid, host = run.get("pid"), run.get("host")
-    if not isinstance(pid, int) or host != socket.gethostname():
+    pid, host = run.pid, run.host
+    if pid is None or host != socket.gethostname():
         return None
     try:
         os.kill(pid, 0)
@@ -125,17 +126,16 @@ def _process_alive(run: dict[str, Any]) -> bool | None:
     return True
 
 
-def _last_update(path: Path, manifest: dict[str, Any]) -> float:
-    """Newest of: job.json, shards, journal segments (mtimes), and the last run's ended_at."""
+def _last_update(path: Path, manifest: Manifest) -> float:
+    """Newest of: job.json, parts, journal segments (mtimes), and the last run's ended_at."""
     store = JobStore(path)
     times = [store.manifest_path.stat().st_mtime]
-    for file in (*store.shards(), *store.segments()):
+    for file in (*store.parts(), *store.segments()):
         try:
             times.append(file.stat().st_mtime)
         except FileNotFoundError:  # compacted away while we looked
             continue
-    runs = manifest.get("runs") or []
-    ended = runs[-1].get("ended_at") if runs else None
+    ended = manifest.runs[-1].ended_at if manifest.runs else None
     if isinstance(ended, str):
         with contextlib.suppress(ValueError):
             times.append(dt.datetime.strptime(ended, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp())

@@ -11,7 +11,7 @@ lock while host A's run still holds it. So a run that gets the lock but finds th
 naming a holder on another host that never released it (a clean end empties the file)
 refuses while the job's files changed in the last `STALE_S` seconds, and says why.
 
-The Ray engine's tasks each write a store of their own (`shards/NNNNNN-runRRRR/`) and
+The Ray engine's tasks each write a task store of their own (`shards/NNNNNN-runRRRR/`) and
 lock that folder, never the job's: the driver's lock does not hold them up.
 """
 

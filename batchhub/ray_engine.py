@@ -6,7 +6,7 @@
 - Each task runs the single-machine runner (`batchhub.runner.Job`) on the rows of
   its shard the job has no result for, into a store of its own under
   `JOB_DIR/shards/` (see `batchhub.store`): the same journal and atomic Parquet
-  shards as a local run, so status, cost, export and a local resume read a Ray
+  parts as a local run, so status, cost, export and a local resume read a Ray
   job as they read any other.
 - Every task draws from one `batchhub.shared_limits.Ledger`, held by a detached,
   restartable actor that needs no CPU. It is found by name, so every job on the

@@ -19,8 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
+from batchhub.manifest import RunRecord
 from batchhub.pricing import CostReport, PriceBook
-from batchhub.store import JobStore, atomic_write_bytes, latest_indices
+from batchhub.result_schema import latest_indices
+from batchhub.store import JobStore, atomic_write_bytes
 
 #: the result columns the report reads (every other column, present or future, is left unread)
 COLUMNS = (
@@ -108,27 +110,27 @@ class JobReport:
 def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> JobReport:
     """Gather the numbers of a job's report (reads the job directory only; safe while the job runs)."""
     store = JobStore(job_dir)
-    manifest = store.read_manifest()
-    spec = manifest.get("spec", {})
-    total = int(manifest.get("input", {}).get("rows", 0))
-    runs = manifest.get("runs", [])
+    manifest = store.manifest()
+    spec = manifest.spec
+    total = manifest.input.rows or 0
+    runs = manifest.runs
     rep = JobReport(
         job_dir=str(store.dir),
         name=str(spec.get("name") or store.dir.name),
-        input=str(manifest.get("input", {}).get("path")),
+        input=str(manifest.input.path),
         state="new",
         total_rows=total,
         pending=total,
         runs=len(runs),
-        run_seconds=sum(float(r.get("elapsed_s") or 0) for r in runs),
-        first_started=runs[0].get("started_at") if runs else None,
+        run_seconds=sum(run.elapsed_s or 0.0 for run in runs),
+        first_started=runs[0].started_at if runs else None,
     )
-    book = PriceBook.for_job(manifest, prices_file)
+    book = PriceBook.for_job(manifest.to_json(), prices_file)
     rep.prices = book.label
     table = store.results(list(COLUMNS))
     if table.num_rows:
         _fill(rep, store, table, book, runs)
-    if runs and "ended_at" not in runs[-1]:
+    if runs and not runs[-1].ended:
         rep.state = "running (or killed)"
     elif rep.pending == 0 and total:
         rep.state = "finished" if rep.failed == 0 else "finished with failed rows"
@@ -137,7 +139,7 @@ def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
     return rep
 
 
-def _fill(rep: JobReport, store: JobStore, table: pa.Table, book: PriceBook, runs: list[dict[str, Any]]) -> None:
+def _fill(rep: JobReport, store: JobStore, table: pa.Table, book: PriceBook, runs: list[RunRecord]) -> None:
     """The counts, sums and per-result arrays of a non-empty results table."""
     rep.results_recorded = table.num_rows
     keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
@@ -224,14 +226,12 @@ def _examples(store: JobStore, kinds: pa.ChunkedArray, seqs: pa.ChunkedArray) ->
 
 
 def _timeline(
-    seconds: np.ndarray, latency: np.ndarray, ok: np.ndarray, retries: np.ndarray, runs: list[dict[str, Any]]
+    seconds: np.ndarray, latency: np.ndarray, ok: np.ndarray, retries: np.ndarray, runs: list[RunRecord]
 ) -> Timeline:
     """Bucket results by running time: each result is placed in the run that had started
     before it, and the idle time between runs is left out, so that a job resumed a day
     later still shows its throughput at a readable scale."""
-    segments = sorted(
-        (began, float(r.get("elapsed_s") or 0.0)) for r in runs if (began := _epoch(r.get("started_at"))) is not None
-    )
+    segments = sorted((began, run.elapsed_s or 0.0) for run in runs if (began := _epoch(run.started_at)) is not None)
     first = float(seconds.min())
     if not segments or segments[0][0] > first:
         segments.insert(0, (first, 0.0))

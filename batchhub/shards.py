@@ -5,7 +5,7 @@ in the whole input, so results of a shard land in the job as if one process had
 written them. The plan depends only on the row count and the shard size, which a
 job keeps in its job.json, so a resumed job cuts its input the same way.
 
-Each run of a shard writes a store of its own (see `batchhub.store`), named after
+Each run of a shard writes a task store of its own (see `batchhub.store`), named after
 the shard and the run, and sends only the rows the job as a whole has no result
 for yet (and, with --retry-failed, the failed ones).
 """
@@ -55,5 +55,5 @@ def rows_to_send(states: np.ndarray, shard: Shard, *, retry_failed: bool) -> np.
 
 
 def store_dir(job_dir: Path, shard: Shard, run: int) -> Path:
-    """Where run `run` of `shard` keeps its journal and checkpoint shards."""
+    """The task store where run `run` of `shard` keeps its journal and parts."""
     return Path(job_dir) / TASK_STORES_DIR / f"{shard.index:06d}-run{run:04d}"

@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 
 from batchhub.cost import USAGE_COLUMNS, report
 from batchhub.pricing import PriceBook
-from batchhub.store import JobStore, latest_indices
+from batchhub.result_schema import latest_indices
+from batchhub.store import JobStore
 
 
 @dataclass
@@ -54,22 +55,22 @@ class JobStatus:
 def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> JobStatus:
     """Counts of the latest result per row; tokens and cost over every result recorded (what was paid for)."""
     store = JobStore(job_dir)
-    manifest = store.read_manifest()
-    total = int(manifest.get("input", {}).get("rows", 0))
+    manifest = store.manifest()
+    total = manifest.input.rows or 0
     columns = ["row_id", "status", "error_type", "finish_reason", "total_tokens", *USAGE_COLUMNS]
     table = store.results(list(dict.fromkeys(columns)))
     st = JobStatus(
         job_dir=str(store.dir),
-        input=str(manifest.get("input", {}).get("path")),
+        input=str(manifest.input.path),
         total_rows=total,
         ok=0,
         failed=0,
         pending=total,
-        created_at=manifest.get("created_at"),
+        created_at=manifest.created_at,
     )
-    runs = manifest.get("runs", [])
+    runs = manifest.runs
     st.runs = len(runs)
-    st.run_seconds = round(sum(float(r.get("elapsed_s") or 0) for r in runs), 3)
+    st.run_seconds = round(sum(run.elapsed_s or 0.0 for run in runs), 3)
     if table.num_rows:
         st.results_recorded = table.num_rows
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
@@ -86,7 +87,7 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
         st.models = _counts(latest["model"])
         last = pc.max(table["finished_at"]).as_py()
         st.last_finished_at = last.isoformat(timespec="seconds") if last is not None else None
-        book = PriceBook.for_job(manifest, prices_file)
+        book = PriceBook.for_job(manifest.to_json(), prices_file)
         bill = report(table, book)
         st.prices = "; ".join(bill.sources) or None
         st.unpriced_models = bill.unknown_models
@@ -96,7 +97,7 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
             done = st.ok + st.failed
             if st.pending and done:
                 st.projected_usd = bill.total_usd / done * total
-    if runs and "ended_at" not in runs[-1]:
+    if runs and not runs[-1].ended:
         st.state = "running (or killed)"
     elif st.pending == 0:
         st.state = "finished" if st.failed == 0 else "finished with failed rows"

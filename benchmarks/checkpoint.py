@@ -1,7 +1,7 @@
-"""The share of a job's CPU time spent checkpointing: journal lines, fsyncs, new segments, Parquet shards.
+"""The share of a job's CPU time spent checkpointing: journal lines, fsyncs, new segments, Parquet parts.
 
     python benchmarks/checkpoint.py            # 50,000 rows, default flush settings, 3 repetitions
-    python benchmarks/checkpoint.py --smoke    # 2,000 rows, a shard every 500 rows, once
+    python benchmarks/checkpoint.py --smoke    # 2,000 rows, a part every 500 rows, once
 
 Each repetition runs one job in a fresh process, in-process through
 `batchhub.run_job` (quiet), against the simulator in its own process (no latency,
@@ -12,7 +12,7 @@ are wrapped with timers, each in the thread that calls it:
   (one os.write for the lines of all results finished in one event-loop pass), on the event loop
 - journal fsync: `JobStore.fsync_journal` and `JobStore.close`, on the event loop
 - new segment: `JobStore.open_segment` (open, fsync and close the previous one), on the event loop
-- shards: `JobStore.compact` / `JobStore.write_shard` (journal segment -> Arrow by pyarrow's
+- parts: `JobStore.compact` / `JobStore.write_part` (journal segment -> Arrow by pyarrow's
   JSON reader -> zstd Parquet, fsync, rename), in the worker thread the runner hands it to
 - manifest and recovery: `JobStore.write_manifest`, `JobStore.recover`
 
@@ -50,8 +50,8 @@ CATEGORIES = {
     "fsync_journal": "journal fsync",
     "close": "journal fsync",
     "open_segment": "new segment",
-    "compact": "shards",
-    "write_shard": "shards",
+    "compact": "parts",
+    "write_part": "parts",
     "write_manifest": "manifest and recovery",
     "recover": "manifest and recovery",
 }
@@ -124,7 +124,7 @@ def child(input_path: Path, job_dir: Path, base_url: str, concurrency: int, flus
     total_cpu, total_wall = _cpu() - cpu0, time.perf_counter() - wall0
     if summary.exit_code != 0:
         raise SystemExit(f"the job ended with exit code {summary.exit_code}: {summary.message}")
-    shards = len(list((job_dir / "results").glob("part-*.parquet")))
+    parts = len(list((job_dir / "results").glob("part-*.parquet")))
     for category, n in calls.items():
         cpu[category] = max(0.0, cpu[category] - n * bias)
         if category in loop_wall:
@@ -133,7 +133,7 @@ def child(input_path: Path, job_dir: Path, base_url: str, concurrency: int, flus
         json.dumps(
             {
                 "rows": summary.ok,
-                "shards": shards,
+                "parts": parts,
                 "total_cpu": total_cpu,
                 "total_wall": total_wall,
                 "cpu": cpu,
@@ -147,10 +147,10 @@ def child(input_path: Path, job_dir: Path, base_url: str, concurrency: int, flus
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny and fast: 2,000 rows, shards of 500, once")
+    parser.add_argument("--smoke", action="store_true", help="tiny and fast: 2,000 rows, parts of 500, once")
     parser.add_argument("--rows", type=int, help="rows in the input (default 50,000; smoke 2,000)")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--flush-rows", type=int, help="rows per shard (default: batchhub's, 5,000; smoke 500)")
+    parser.add_argument("--flush-rows", type=int, help="rows per part (default: batchhub's, 5,000; smoke 500)")
     parser.add_argument("--repeat", type=int, help="repetitions (default 3; smoke 1)")
     parser.add_argument("--workdir", help="keep the input and job directory here instead of a temp folder")
     parser.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
@@ -188,26 +188,26 @@ def main() -> None:
             reports.append(report)
             c.log(
                 f"  run {rep + 1}/{repeat}: checkpointing {100 * report['share']:.2f}% of "
-                f"{report['total_cpu']:.2f} s CPU ({report['rows']:,} rows, {report['shards']} shards)"
+                f"{report['total_cpu']:.2f} s CPU ({report['rows']:,} rows, {report['parts']} parts)"
             )
         shutil.rmtree(job_dir, ignore_errors=True)
 
     # the repetition with the median share, so that its parts add up to the figure shown
     mid = sorted(reports, key=lambda r: r["share"])[len(reports) // 2]
     share = mid["share"]
-    order = ["journal append", "journal fsync", "new segment", "shards", "manifest and recovery"]
+    order = ["journal append", "journal fsync", "new segment", "parts", "manifest and recovery"]
     parts = ", ".join(f"{name} {100 * mid['cpu'].get(name, 0.0) / mid['total_cpu']:.2f}%" for name in order)
     blocked = sum(mid["loop_wall"].values())
     blocked_parts = ", ".join(f"{name} {1000 * secs:,.0f} ms" for name, secs in sorted(mid["loop_wall"].items()))
     runs = ", ".join(f"{100 * r['share']:.2f}%" for r in reports)
-    flush_note = f"shards of {flush_rows:,} rows" if flush_rows else "default flush settings"
+    flush_note = f"parts of {flush_rows:,} rows" if flush_rows else "default flush settings"
     c.print_block(
         "checkpoint",
         [
             machine,
             f"checkpoint: {100 * share:.2f}% of the job's CPU time spent checkpointing "
             f"({sum(mid['cpu'].values()):.2f} s of {mid['total_cpu']:.2f} s; median of {repeat}; {rows:,} rows, "
-            f"{mid['shards']} shards, {flush_note}, concurrency {args.concurrency}; "
+            f"{mid['parts']} parts, {flush_note}, concurrency {args.concurrency}; "
             f"runs: {runs})",
             f"checkpoint parts (share of the job's CPU): {parts}",
             f"checkpoint timers: {mid['timer_bias_us']:.2f} us of CPU a call, measured and taken off "

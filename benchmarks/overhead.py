@@ -10,7 +10,7 @@ figures measure client-side cost per row. Compared, each in a fresh process:
   posting the exact bodies batchhub builds for the input (made with batchhub's own
   RequestBuilder), reading and json-decoding each response. Nothing else.
 - batchhub: `python -m batchhub run INPUT --quiet` with the same concurrency and a
-  fresh job directory (journal, shards, cost, limits: everything a real job does).
+  fresh job directory (journal, parts, cost, limits: everything a real job does).
 
 Two rates are reported for each: end to end (process start to exit, what a user
 waits for) and in the loop (bare: session open to last response; batchhub: the run's
@@ -51,7 +51,7 @@ PROFILE_BUCKETS = [
     ("Job._record", "Job._record (journal line, counters, cost, flush)"),
     ("JobStore.append", "  of which JobStore.append (json.dumps + os.write)"),
     ("Job._row_cost", "  of which Job._row_cost (pricing each response)"),
-    ("JobStore.compact", "JobStore.compact (Parquet shards, worker thread)"),
+    ("JobStore.compact", "JobStore.compact (Parquet parts, worker thread)"),
     ("BaseEventLoop._run_once", "event loop (all callbacks, incl. the above)"),
 ]
 

@@ -5,7 +5,7 @@
 
 The half-done job is built directly, in the layout a real run leaves: job.json
 from `prepare_job` (the input's real fingerprint and row count, one run record),
-an ok result for every even row_id written with `JobStore.write_shard` in shards of
+an ok result for every even row_id written with `JobStore.write_part` in parts of
 5,000 rows (the default flush_rows), numbered by seq like a real run, except the
 last 5,000 results, left in a journal segment as a SIGKILL leaves them (so the
 resume also has to compact them). Each result carries the request_hash of the request
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 
-SHARD_ROWS = 5_000
+PART_ROWS = 5_000
 POLL_S = 0.003
 
 
@@ -67,7 +67,7 @@ def synthetic_result(row_id: int, seq: int, now: float, request_hash: str) -> di
 
 
 def build_half_done(input_path: Path, job_dir: Path, base_url: str, concurrency: int) -> tuple[int, int, int]:
-    """A job with every even row done. Returns (rows, results in shards, results in the journal)."""
+    """A job with every even row done. Returns (rows, results in parts, results in the journal)."""
     from batchhub import JobSpec
     from batchhub.runner import prepare_job
 
@@ -85,12 +85,12 @@ def build_half_done(input_path: Path, job_dir: Path, base_url: str, concurrency:
     for batch in prepared.source.iter_rows(prepared.builder.needed_columns, 8192):
         hashes.extend(prepared.builder.build(row).request_hash for row in batch[offset % 2 :: 2])
         offset += len(batch)
-    in_journal = min(SHARD_ROWS, len(done) // 10)
+    in_journal = min(PART_ROWS, len(done) // 10)
     cut = len(done) - in_journal
     now = time.time()
-    for start in range(0, cut, SHARD_ROWS):
-        ids = done[start : min(start + SHARD_ROWS, cut)]
-        store.write_shard([synthetic_result(rid, start + i + 1, now, hashes[rid // 2]) for i, rid in enumerate(ids)])
+    for start in range(0, cut, PART_ROWS):
+        ids = done[start : min(start + PART_ROWS, cut)]
+        store.write_part([synthetic_result(rid, start + i + 1, now, hashes[rid // 2]) for i, rid in enumerate(ids)])
     with open(job_dir / "journal-000001.jsonl", "w", encoding="utf-8") as fh:
         for i, rid in enumerate(done[cut:]):
             row = synthetic_result(rid, cut + i + 1, now, hashes[rid // 2])
@@ -145,13 +145,13 @@ def phases(input_path: Path, job_dir: Path, base_url: str) -> None:
     store = prepared.store
     t = time.perf_counter()
     store.recover()
-    out["JobStore.recover (journal -> shard)"] = time.perf_counter() - t
+    out["JobStore.recover (journal -> part)"] = time.perf_counter() - t
     t = time.perf_counter()
     states = store.row_states(prepared.n_rows)
-    out["JobStore.row_states (read every shard)"] = time.perf_counter() - t
+    out["JobStore.row_states (read every part)"] = time.perf_counter() - t
     t = time.perf_counter()
     store.row_request_hashes(prepared.n_rows)
-    out["JobStore.row_request_hashes (read every shard)"] = time.perf_counter() - t
+    out["JobStore.row_request_hashes (read every part)"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = prepared.source.iter_rows(prepared.builder.needed_columns, 2048)
     batch = next(rows)
@@ -188,7 +188,7 @@ def main() -> None:
         template = work / "half-done"
         shutil.rmtree(template, ignore_errors=True)
         t = time.perf_counter()
-        n, in_shards, in_journal = build_half_done(input_path, template, sim.base_url, args.concurrency)
+        n, in_parts, in_journal = build_half_done(input_path, template, sim.base_url, args.concurrency)
         c.log(f"  built the half-done job in {time.perf_counter() - t:.1f} s")
         job_dir = work / "job"
         for rep in range(repeat):
@@ -206,8 +206,8 @@ def main() -> None:
             if result.extra is None:
                 raise SystemExit(f"no request reached the simulator within 60 s\n{result.stderr[-2000:]}")
             to_send = c.last_run(job_dir).get("to_send")
-            if to_send != n - in_shards - in_journal:
-                left = n - in_shards - in_journal
+            if to_send != n - in_parts - in_journal:
+                left = n - in_parts - in_journal
                 raise SystemExit(f"the resumed run meant to send {to_send} rows, not the {left} left")
             firsts.append(float(result.extra))  # type: ignore[arg-type]
             exits.append(result.wall_s)
@@ -229,7 +229,7 @@ def main() -> None:
     lines = [
         machine,
         f"resume: first request {first:.2f} s after process start, {n:,}-row job half done "
-        f"(median of {repeat}; {in_shards:,} results in {-(-in_shards // SHARD_ROWS)} shards + {in_journal:,} in a "
+        f"(median of {repeat}; {in_parts:,} results in {-(-in_parts // PART_ROWS)} parts + {in_journal:,} in a "
         f"journal segment; runs: {', '.join(f'{x:.2f}' for x in firsts)} s)",
         f"resume target: first request within 2 s: {'met' if first <= 2.0 else 'NOT met'}",
     ]

@@ -70,11 +70,11 @@ def mock_stats(base_url: str) -> dict:
 
 
 def results_on_disk(job: Path) -> int:
-    """Results a reader sees now: distinct seqs in journal lines and shards (while a compaction
-    finishes, its rows are in both the new shard and the segment not yet deleted)."""
+    """Results a reader sees now: distinct seqs in journal lines and parts (while a compaction
+    finishes, its rows are in both the new part and the segment not yet deleted)."""
     seqs: set[int] = set()
-    for shard in (job / "results").glob("part-*.parquet"):
-        seqs.update(pq.read_table(shard, columns=["seq"])["seq"].to_pylist())
+    for part in (job / "results").glob("part-*.parquet"):
+        seqs.update(pq.read_table(part, columns=["seq"])["seq"].to_pylist())
     for seg in job.glob("journal-*.jsonl"):
         for line in seg.read_bytes().splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):  # a line being written
@@ -90,7 +90,7 @@ def wait_for_results(job: Path, at_least: int, proc: subprocess.Popen, deadline_
             if results_on_disk(job) >= at_least:
                 return
         except (OSError, ValueError):
-            pass  # a shard being renamed in place; look again
+            pass  # a part being renamed in place; look again
         time.sleep(0.01)
     if proc.poll() is None:
         raise AssertionError(f"the job did not reach {at_least} results in {deadline_s}s")

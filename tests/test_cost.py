@@ -192,7 +192,7 @@ async def test_budget_stops_under_it_and_resumes_with_a_larger_one(tmp_path: Pat
     assert "budget reached" in (first.message or "") and "--max-cost" in (first.message or "")
     assert 0 < first.ok < 300
     spent = report(usage_table(tmp_path / "job"), PriceBook()).total_usd
-    assert spent <= 0.02  # checked from the shards, not from the runner's own count
+    assert spent <= 0.02  # checked from the parts, not from the runner's own count
     assert first.budget_spent_usd == pytest.approx(spent)
     spec.max_cost = 1.0
     second = await arun_job(spec, progress=False)

@@ -40,8 +40,8 @@ from batchhub.store import JobStore
 
 CONCURRENCY = 8
 
-SHARD_NAME = re.compile(r"part-\d{6}\.parquet")
-SHARD_TEMP = re.compile(r"\.part-\d{6}\.parquet\.tmp-\d+")
+PART_NAME = re.compile(r"part-\d{6}\.parquet")
+PART_TEMP = re.compile(r"\.part-\d{6}\.parquet\.tmp-\d+")
 SEGMENT_NAME = re.compile(r"journal-\d{6}\.jsonl")
 MANIFEST_TEMP = re.compile(r"\.job\.json\.tmp-\d+")
 
@@ -165,11 +165,11 @@ def traceback_free_error_lines(stderr: str) -> list[str]:
 class DiskState:
     #: half-written temp files, relative to the job directory
     temps: set[str] = field(default_factory=set)
-    #: rows with a result (shards and journal, nothing counted twice)
+    #: rows with a result (parts and journal, nothing counted twice)
     done: int = 0
     #: runs recorded in job.json (a run records itself once its recovery is done)
     runs: int = 0
-    #: journal segments whose every line is already in a shard (a kill between rename and delete)
+    #: journal segments whose every line is already in a part (a kill between rename and delete)
     compacted_segments: int = 0
     journal_bytes: int = 0
 
@@ -179,7 +179,7 @@ def check_job_dir(job: Path, verified: dict[tuple[str, int, int], int]) -> DiskS
 
     Every `results/part-*.parquet` reads in full with pyarrow and its footer's max seq is its
     largest seq; a temp file exists only under a dot-prefixed `.tmp-` name; job.json parses;
-    no row has two results and no seq appears twice. `verified` caches shards already read.
+    no row has two results and no seq appears twice. `verified` caches parts already read.
     """
     state = DiskState()
     if not job.exists():
@@ -189,22 +189,22 @@ def check_job_dir(job: Path, verified: dict[tuple[str, int, int], int]) -> DiskS
             continue
         assert MANIFEST_TEMP.fullmatch(entry.name), f"unexpected file in the job directory: {entry.name}"
         state.temps.add(entry.name)
-    shard_max = 0
+    part_max = 0
     results = job / "results"
     if results.is_dir():
         for entry in results.iterdir():
-            if SHARD_TEMP.fullmatch(entry.name):
+            if PART_TEMP.fullmatch(entry.name):
                 state.temps.add(f"results/{entry.name}")
                 continue
-            assert SHARD_NAME.fullmatch(entry.name), f"unexpected file in results/: {entry.name}"
+            assert PART_NAME.fullmatch(entry.name), f"unexpected file in results/: {entry.name}"
             st = entry.stat()
             key = (entry.name, st.st_size, st.st_mtime_ns)
             if key not in verified:
-                table = pq.read_table(entry)  # a half-written shard under this name fails here
+                table = pq.read_table(entry)  # a half-written part under this name fails here
                 footer = int((table.schema.metadata or {})[b"batchhub.max_seq"])
                 assert table.num_rows > 0 and footer == pc.max(table["seq"]).as_py(), entry.name
                 verified[key] = footer
-            shard_max = max(shard_max, verified[key])
+            part_max = max(part_max, verified[key])
     if (job / "job.json").exists():
         state.runs = len(json.loads((job / "job.json").read_text())["runs"])
     for seg in job.glob("journal-*.jsonl"):
@@ -214,7 +214,7 @@ def check_job_dir(job: Path, verified: dict[tuple[str, int, int], int]) -> DiskS
         for line in data.splitlines():
             with contextlib.suppress(ValueError, KeyError):  # a torn last line
                 seqs.append(int(json.loads(line)["seq"]))
-        if seqs and max(seqs) <= shard_max:
+        if seqs and max(seqs) <= part_max:
             state.compacted_segments += 1
     recorded = JobStore(job).results(["row_id", "seq"])
     row_ids = recorded["row_id"].to_pylist()
@@ -228,15 +228,15 @@ def check_job_dir(job: Path, verified: dict[tuple[str, int, int], int]) -> DiskS
 def wait_for_recovery(proc: subprocess.Popen, job: Path, before: DiskState, deadline_s: float = 30) -> str:
     """Block until a resumed run shows its first sign of recovery on disk; returns which sign."""
     results = job / "results"
-    shards = {p.name for p in results.glob("part-*.parquet")}
+    parts = {p.name for p in results.glob("part-*.parquet")}
     segments = {p.name for p in job.glob("journal-*.jsonl")}
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline and proc.poll() is None:
         names = set(os.listdir(results)) if results.is_dir() else set()
-        if any(SHARD_TEMP.fullmatch(n) and f"results/{n}" not in before.temps for n in names):
-            return "temp shard"
-        if {n for n in names if SHARD_NAME.fullmatch(n)} != shards:
-            return "new shard"
+        if any(PART_TEMP.fullmatch(n) and f"results/{n}" not in before.temps for n in names):
+            return "temp part"
+        if {n for n in names if PART_NAME.fullmatch(n)} != parts:
+            return "new part"
         if {p.name for p in job.glob("journal-*.jsonl")} != segments:
             return "journal changed"
         time.sleep(0.0005)
@@ -263,8 +263,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(
         for run in range(plan.kills * 3):
             if kills >= plan.kills:
                 break
-            # flush settings are not request settings: alternate a shard every 7 rows (constant
-            # shard writes and journal rotations) with no shard at all (a big journal for the next
+            # flush settings are not request settings: alternate a part every 7 rows (constant
+            # part writes and journal rotations) with no part at all (a big journal for the next
             # run to compact at its start)
             flush_rows = 7 if run % 2 == 0 else 100_000
             flush_seconds = 0.1 if flush_rows == 7 else 3600.0
@@ -306,7 +306,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(
             if state.temps - before.temps:
                 landed["kills leaving a half-written temp file"] += 1
             if state.compacted_segments:
-                landed["kills leaving a journal segment already in a shard"] += 1
+                landed["kills leaving a journal segment already in a part"] += 1
         assert kills >= plan.kills, f"only {kills} kills: the job finished too soon, give it more rows"
 
         final = run_job(run_args(tmp_path, base_url, flush_rows=7, flush_seconds=0.1))
@@ -320,7 +320,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight(
     print(
         f"\ncrash consistency (seed {seed}): rows {plan.rows}, kills {kills}, duplicates {duplicates} "
         f"(bound kills x concurrency = {kills * CONCURRENCY}), requests {s['requests']}, "
-        f"shards {len(list((job / 'results').glob('part-*.parquet')))}"
+        f"parts {len(list((job / 'results').glob('part-*.parquet')))}"
     )
     for what, n in sorted(landed.items()):
         print(f"  {what}: {n}")
@@ -342,14 +342,14 @@ def write_error_line(stderr: str, job: Path) -> None:
 
 
 def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Path, prompts_csv) -> None:
-    # no file may pass 60,000 bytes: room for shards of a few rows and their journal segments,
-    # not for the journal segment of a run that writes no shard (about 170 results)
+    # no file may pass 60,000 bytes: room for parts of a few rows and their journal segments,
+    # not for the journal segment of a run that writes no part (about 170 results)
     limit = file_size_limit(60_000)
     prompts_csv(tmp_path / "in.csv", DISK_ROWS)
     job = tmp_path / "job"
     verified: dict[tuple[str, int, int], int] = {}
     with simulator(latency_ms=10, seed=3) as base_url:
-        # first shards written under the limit, then Ctrl-C. Two requests in flight: however slow a
+        # first parts written under the limit, then Ctrl-C. Two requests in flight: however slow a
         # compaction on a loaded machine, the next segment cannot fill the file limit meanwhile
         proc = subprocess.Popen(
             run_args(tmp_path, base_url, flush_rows=7, flush_seconds=0.1, concurrency=2),
@@ -371,13 +371,13 @@ def test_disk_full_mid_job_stops_resumably_and_resumes_exactly_once(tmp_path: Pa
         first = check_job_dir(job, verified)
         assert first.done >= 40 and list((job / "results").glob("part-*.parquet")), first
 
-        # resumed under the same limit with no shard until the end: the journal outgrows the limit
+        # resumed under the same limit with no part until the end: the journal outgrows the limit
         full = run_job(run_args(tmp_path, base_url, flush_rows=100_000), preexec_fn=limit)
         assert full.returncode == 3, full.stderr
         write_error_line(full.stderr, job)
         assert "resume with: batchhub run" in full.stderr
         write_errors += 1
-        after = check_job_dir(job, verified)  # every shard readable, temp files only under dot names
+        after = check_job_dir(job, verified)  # every part readable, temp files only under dot names
         assert first.done < after.done < DISK_ROWS, (first.done, after.done)
 
         # room again: resume finishes, nothing lost, nothing twice
@@ -431,7 +431,7 @@ def test_disk_full_while_compacting_the_journal_on_resume_is_a_clean_resumable_s
         killed = check_job_dir(job, verified)
         assert killed.journal_bytes > 8_000 and killed.done >= 150, killed
 
-        # the shard of ~150 results needs more than 8,000 bytes; job.json fits
+        # the part of ~150 results needs more than 8,000 bytes; job.json fits
         full = run_job(run_args(tmp_path, base_url, flush_rows=7), preexec_fn=file_size_limit(8_000))
         assert full.returncode == 3, full.stderr
         write_error_line(full.stderr, job)
@@ -466,8 +466,8 @@ def test_job_dir_that_is_a_regular_file_is_a_clean_one_line_error(tmp_path: Path
 # -- 4. a crash state made by hand ---------------------------------------------------------------
 
 HAND_ROWS = 200
-IN_SHARD = 80  # seq 1..80 in part-000001 (and, again, in journal-000001)
-IN_JOURNAL = 150  # seq 81..150 only in journal-000002, whose shard write was cut short
+IN_PART = 80  # seq 1..80 in part-000001 (and, again, in journal-000001)
+IN_JOURNAL = 150  # seq 81..150 only in journal-000002, whose part write was cut short
 
 
 def _journal_line(row: dict) -> bytes:
@@ -476,29 +476,29 @@ def _journal_line(row: dict) -> bytes:
     return json.dumps(row, separators=(",", ":")).encode() + b"\n"
 
 
-def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest(tmp_path: Path, prompts_csv) -> None:
+def test_resume_after_a_kill_mid_part_write_counts_once_and_sends_only_the_rest(tmp_path: Path, prompts_csv) -> None:
     prompts_csv(tmp_path / "in.csv", HAND_ROWS)
     job = tmp_path / "job"
     results = job / "results"
     with simulator(latency_ms=0, seed=9) as base_url:
         first = run_job(run_args(tmp_path, base_url, flush_rows=100_000))
         assert first.returncode == 0, first.stderr
-        (shard,) = JobStore(job).shards()
-        table = pq.read_table(shard).sort_by("seq")
+        (part,) = JobStore(job).parts()
+        table = pq.read_table(part).sort_by("seq")
         assert table["seq"].to_pylist() == list(range(1, HAND_ROWS + 1))
         rows = table.to_pylist()
 
-        # the state a kill leaves: shard 1 written (seq <= 80) but its segment not yet deleted,
-        # segment 2 (seq 81..150) with a torn last line, and shard 2 of segment 2 half-written
-        shard.unlink()
-        head = table.slice(0, IN_SHARD)
-        pq.write_table(head.replace_schema_metadata({b"batchhub.max_seq": str(IN_SHARD).encode()}), shard)
-        (job / "journal-000001.jsonl").write_bytes(b"".join(_journal_line(r) for r in rows[:IN_SHARD]))
+        # the state a kill leaves: part 1 written (seq <= 80) but its segment not yet deleted,
+        # segment 2 (seq 81..150) with a torn last line, and part 2 of segment 2 half-written
+        part.unlink()
+        head = table.slice(0, IN_PART)
+        pq.write_table(head.replace_schema_metadata({b"batchhub.max_seq": str(IN_PART).encode()}), part)
+        (job / "journal-000001.jsonl").write_bytes(b"".join(_journal_line(r) for r in rows[:IN_PART]))
         torn = _journal_line(rows[IN_JOURNAL])
         (job / "journal-000002.jsonl").write_bytes(
-            b"".join(_journal_line(r) for r in rows[IN_SHARD:IN_JOURNAL]) + torn[: len(torn) // 2]
+            b"".join(_journal_line(r) for r in rows[IN_PART:IN_JOURNAL]) + torn[: len(torn) // 2]
         )
-        pq.write_table(table.slice(IN_SHARD, IN_JOURNAL - IN_SHARD), tmp_path / "whole.parquet")
+        pq.write_table(table.slice(IN_PART, IN_JOURNAL - IN_PART), tmp_path / "whole.parquet")
         whole = (tmp_path / "whole.parquet").read_bytes()
         temp = results / ".part-000002.parquet.tmp-999"
         temp.write_bytes(whole[: len(whole) // 2])
@@ -518,13 +518,13 @@ def test_resume_after_a_kill_mid_shard_write_counts_once_and_sends_only_the_rest
     assert after["duplicates"] - before["duplicates"] == len(missing)
     assert not temp.exists()
     assert JobStore(job).segments() == []
-    # every result lives in exactly one shard: the already-compacted segment was not compacted again
-    in_shards = pa.concat_tables(
-        pq.read_table(p, columns=["row_id", "seq", "response_id"]) for p in JobStore(job).shards()
+    # every result lives in exactly one part: the already-compacted segment was not compacted again
+    in_parts = pa.concat_tables(
+        pq.read_table(p, columns=["row_id", "seq", "response_id"]) for p in JobStore(job).parts()
     )
-    assert sorted(in_shards["row_id"].to_pylist()) == list(range(HAND_ROWS))
-    assert len(set(in_shards["seq"].to_pylist())) == HAND_ROWS
-    latest = dict(zip(in_shards["row_id"].to_pylist(), in_shards["response_id"].to_pylist(), strict=True))
+    assert sorted(in_parts["row_id"].to_pylist()) == list(range(HAND_ROWS))
+    assert len(set(in_parts["seq"].to_pylist())) == HAND_ROWS
+    latest = dict(zip(in_parts["row_id"].to_pylist(), in_parts["response_id"].to_pylist(), strict=True))
     assert {rid: latest[rid] for rid in kept} == kept  # the recorded results were not replaced
     recorded = JobStore(job).results(["row_id", "seq"])
     resent = recorded.filter(pc.greater(recorded["seq"], IN_JOURNAL))

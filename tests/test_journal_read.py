@@ -1,6 +1,6 @@
 """A journal segment read by pyarrow's JSON reader gives exactly the table the line-by-line path gives.
 
-Shards are built from the segment file (`read_segment`), not from rows kept in memory;
+Parts are built from the segment file (`read_segment`), not from rows kept in memory;
 `rows_to_table` over the parsed lines is the reference. Text of any kind (escapes,
 control characters, NUL, astral characters), missing and unknown keys, and torn lines
 must come out the same.
@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchhub.store import RESULT_SCHEMA, JobStore, read_segment, rows_to_table
+from batchhub.journal import read_segment
+from batchhub.result_schema import RESULT_SCHEMA, rows_to_table
+from batchhub.store import JobStore
 
 SETTINGS = settings(
     max_examples=150,
@@ -102,7 +104,7 @@ def test_finished_at_is_truncated_to_microseconds_as_before(tmp_path: Path) -> N
     assert table["finished_at"].equals(rows_to_table(rows)["finished_at"])
 
 
-def test_compacting_a_segment_keeps_the_shard_contract(tmp_path: Path) -> None:
+def test_compacting_a_segment_keeps_the_part_contract(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     store.recover()
     segment = store.open_segment()
@@ -111,9 +113,9 @@ def test_compacting_a_segment_keeps_the_shard_contract(tmp_path: Path) -> None:
             {"row_id": i, "status": "ok", "content": f"c\n{i}\u0000", "finished_at": 1.5, "seq": store.next_seq()}
         )
     store.open_segment()
-    shard = store.compact(None, segment)
-    assert shard is not None and not segment.exists()
-    table = pq.read_table(shard)
+    part = store.compact(None, segment)
+    assert part is not None and not segment.exists()
+    table = pq.read_table(part)
     assert table.schema.metadata[b"batchhub.max_seq"] == b"5"
     assert table.schema.remove_metadata() == RESULT_SCHEMA
     assert table["content"].to_pylist() == [f"c\n{i}\u0000" for i in range(5)]

@@ -27,8 +27,9 @@ from batchhub.mock import MockServer
 from batchhub.pricing import PriceBook
 from batchhub.report import job_report, write_report
 from batchhub.report_html import render_html
+from batchhub.result_schema import RESULT_SCHEMA
 from batchhub.spec import JobSpec
-from batchhub.store import RESULT_SCHEMA, JobStore
+from batchhub.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "latency", "tokens", "cost", "errors")
@@ -111,12 +112,12 @@ async def test_report_of_a_job_with_retries_429s_failures_and_an_unpriced_model(
     assert '<div class="k">ok</div><div class="v"><span class="ok">58</span>' in page
     assert '<div class="k">failed</div><div class="v"><span class="bad">2</span>' in page
 
-    # 429s: what the shards recorded is what the chart and the header show
-    shards = pq.read_table(tmp_path / "job" / "results")
-    retries_429 = int(pa.compute.sum(shards["rate_limit_retries"]).as_py())
+    # 429s: what the parts recorded is what the chart and the header show
+    parts = pq.read_table(tmp_path / "job" / "results")
+    retries_429 = int(pa.compute.sum(parts["rate_limit_retries"]).as_py())
     assert retries_429 > 0 and rep.rate_limited == retries_429
     assert rep.timeline is not None and rep.timeline.rate_limited.sum() == retries_429
-    assert rep.timeline.ok.sum() + rep.timeline.failed.sum() == shards.num_rows
+    assert rep.timeline.ok.sum() + rep.timeline.failed.sum() == parts.num_rows
     assert f"{retries_429:,} 429 responses in all" in page
     assert len(rep.latency) == 58 and "p99" in page
 
@@ -180,7 +181,7 @@ def test_output_must_be_a_file_in_an_existing_folder(tmp_path: Path) -> None:
 
 
 def synthetic_job(job_dir: Path, n: int) -> None:
-    """A job of `n` results written straight to one shard (as a run of millions would leave it),
+    """A job of `n` results written straight to one part (as a run of millions would leave it),
     in two runs a day apart, with a status and a column this version does not know."""
     rng = np.random.default_rng(0)
     day0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -230,8 +231,8 @@ def test_a_large_job_resumed_a_day_later(tmp_path: Path) -> None:
     n = 300_000
     synthetic_job(tmp_path / "big", n)
     rep = job_report(tmp_path / "big")
-    shard = pq.read_table(tmp_path / "big" / "results").to_pandas()
-    ok = int((shard["status"] == "ok").sum())
+    part = pq.read_table(tmp_path / "big" / "results").to_pandas()
+    ok = int((part["status"] == "ok").sum())
     assert (rep.ok, rep.failed, rep.pending) == (ok, n - ok, 5)
     assert rep.errors_by_type["invalid_output"] == 10  # a status without an error type is named by its status
     assert rep.error_examples["server_error"] == ["HTTP 503 <overloaded>"]

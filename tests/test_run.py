@@ -42,10 +42,10 @@ async def test_whole_job_every_row_once_and_export_in_input_order(tmp_path: Path
     assert (summary.ok, summary.failed, summary.pending, summary.exit_code) == (120, 0, 0, 0)
     assert summary.http_requests == 120
     assert server.stats.completions == 120
-    shards = list((tmp_path / "job" / "results").glob("part-*.parquet"))
+    parts = list((tmp_path / "job" / "results").glob("part-*.parquet"))
     # flushed during the run, not only at the end (a flush due while the previous one is still
     # being written waits for the next result, so the exact count depends on timing)
-    assert len(shards) >= 2
+    assert len(parts) >= 2
     assert not list((tmp_path / "job").glob("journal-*.jsonl"))  # all compacted at the end
     out = tmp_path / "out.parquet"
     assert export_job(tmp_path / "job", out) == 120
@@ -263,7 +263,7 @@ async def test_key_reaches_no_file(tmp_path: Path, mock_server) -> None:
 
 
 class DiskFullStore(JobStore):
-    """A real job store whose second shard write fails as on a full disk."""
+    """A real job store whose second part write fails as on a full disk."""
 
     compactions = 0
 
@@ -284,7 +284,7 @@ async def test_failed_checkpoint_stops_the_job_and_loses_nothing(tmp_path: Path,
     assert "No space left" in (summary.message or "")
     assert summary.pending > 0
     recorded = summary.results_this_run
-    # the shard that failed left its rows in the journal; a resume compacts them and sends the rest
+    # the part that failed left its rows in the journal; a resume compacts them and sends the rest
     resumed = await arun_job(spec, progress=False)
     assert (resumed.ok, resumed.failed) == (200, 0)
     assert resumed.http_requests == 200 - recorded

@@ -419,7 +419,7 @@ def test_key_shows_nowhere_after_ctrl_c_and_resume(tmp_path: Path, simulator_pro
             if _results_on_disk(job) >= 20:
                 break
         except (OSError, ValueError):
-            pass  # a shard being renamed into place
+            pass  # a part being renamed into place
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)

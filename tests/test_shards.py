@@ -1,4 +1,4 @@
-"""Input shards and the job directory's per-shard stores, without Ray.
+"""Input shards and the job directory's task stores, without Ray.
 
 The Ray engine's tasks each write a store of their own under JOB_DIR/shards/; every
 reader (status, cost, export, resume) unions them with the job's own store, and the
@@ -60,7 +60,7 @@ def _result(row_id: int, status: str, seq: int) -> dict:
 def test_readers_union_the_task_stores_and_the_latest_result_wins(tmp_path: Path) -> None:
     job = JobStore(tmp_path)
     job.recover()
-    job.write_shard([_result(0, "error", 1), _result(1, "ok", 2)])  # a local run
+    job.write_part([_result(0, "error", 1), _result(1, "ok", 2)])  # a local run
     first = JobStore(store_dir(tmp_path, Shard(0, 0, 2), 2), seq_floor=2)
     first.recover()
     first.open_segment()
@@ -70,7 +70,7 @@ def test_readers_union_the_task_stores_and_the_latest_result_wins(tmp_path: Path
     first.close()
     second = JobStore(store_dir(tmp_path, Shard(1, 2, 4), 2), seq_floor=2)
     second.recover()
-    second.write_shard([_result(2, "error", second.next_seq())])
+    second.write_part([_result(2, "error", second.next_seq())])
 
     assert JobStore(tmp_path).row_states(4).tolist() == [STATE_OK, STATE_OK, STATE_ERROR, STATE_NONE]
     latest = JobStore(tmp_path).latest_results(["row_id", "status"])
@@ -90,5 +90,5 @@ def test_a_local_run_after_a_ray_run_writes_later_seqs_than_every_task_store(tmp
     job.recover()  # compacts the task store's journal too
     assert job.last_seq == 5
     assert not list(task.dir.glob("journal-*.jsonl"))
-    job.write_shard([_result(3, "ok", job.next_seq())])
+    job.write_part([_result(3, "ok", job.next_seq())])
     assert JobStore(tmp_path).row_states(5).tolist() == [STATE_ERROR] * 3 + [STATE_OK, STATE_ERROR]

@@ -1,4 +1,4 @@
-"""The job directory contract: journal, atomic shards, recovery, latest-wins, resume state."""
+"""The job directory contract: journal, atomic parts, recovery, latest-wins, resume state."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchhub.errors import JobStateError
-from batchhub.store import FORMAT_VERSION, RESULT_SCHEMA, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+from batchhub.result_schema import RESULT_SCHEMA
+from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
 
 
 def result(store: JobStore, row_id: int, status: str = "ok", **kw) -> dict:
@@ -28,14 +29,14 @@ def result(store: JobStore, row_id: int, status: str = "ok", **kw) -> dict:
     return row
 
 
-def test_journal_lines_are_results_before_any_shard(tmp_path: Path) -> None:
+def test_journal_lines_are_results_before_any_part(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "job")
     store.recover()
     store.open_segment()
     for i in range(5):
         result(store, i)
-    # a reader (status, a resumed run) sees them although no shard exists yet
-    assert store.shards() == []
+    # a reader (status, a resumed run) sees them although no part exists yet
+    assert store.parts() == []
     table = JobStore(tmp_path / "job").results()
     assert sorted(table["row_id"].to_pylist()) == [0, 1, 2, 3, 4]
 
@@ -52,15 +53,15 @@ def test_recover_compacts_journal_and_ignores_torn_line(tmp_path: Path) -> None:
     again = JobStore(tmp_path)
     assert again.recover() == 3
     assert again.segments() == []
-    (shard,) = again.shards()
-    table = pq.read_table(shard)
+    (part,) = again.parts()
+    table = pq.read_table(part)
     assert table.schema.remove_metadata() == RESULT_SCHEMA
     assert table["row_id"].to_pylist() == [0, 1, 2]
     states = again.row_states(5)
     assert states.tolist() == [STATE_OK, STATE_OK, STATE_OK, STATE_NONE, STATE_NONE]
 
 
-def test_crash_between_shard_and_segment_delete_counts_nothing_twice(tmp_path: Path) -> None:
+def test_crash_between_part_and_segment_delete_counts_nothing_twice(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     store.recover()
     seg = store.open_segment()
@@ -78,7 +79,7 @@ def test_crash_between_shard_and_segment_delete_counts_nothing_twice(tmp_path: P
     assert again.next_seq() == 5  # numbering continues after the compacted lines
 
 
-def test_half_written_temp_shard_is_removed(tmp_path: Path) -> None:
+def test_half_written_temp_part_is_removed(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     store.recover()
     junk = store.results_dir / ".part-000001.parquet.tmp-123"
@@ -125,7 +126,7 @@ def test_manifest_roundtrip_and_errors(tmp_path: Path) -> None:
         store.read_manifest()
 
 
-def test_corrupt_shard_is_reported_and_its_rows_count_as_pending(tmp_path: Path, caplog) -> None:
+def test_corrupt_part_is_reported_and_its_rows_count_as_pending(tmp_path: Path, caplog) -> None:
     store = JobStore(tmp_path)
     store.recover()
     store.open_segment()

@@ -20,11 +20,13 @@ import pytest
 from click.testing import CliRunner
 from jobprocs import child_env
 
-from batchhub import store as store_module
+from batchhub import journal as journal_module
+from batchhub import parts as parts_module
 from batchhub.cli import main
 from batchhub.errors import JobStopped
+from batchhub.result_schema import RESULT_COLUMNS
 from batchhub.status import job_status
-from batchhub.store import RESULT_COLUMNS, STATE_NONE, STATE_OK, JobStore
+from batchhub.store import STATE_NONE, STATE_OK, JobStore
 
 
 def result(store: JobStore, row_id: int, **kw: object) -> dict:
@@ -61,7 +63,7 @@ def no_fast_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     def read_json(*args: object, **kwargs: object) -> pa.Table:
         raise pa.ArrowMemoryError("malloc of size 1048576 failed")
 
-    monkeypatch.setattr(store_module.pj, "read_json", read_json)
+    monkeypatch.setattr(journal_module.pj, "read_json", read_json)
 
 
 def orjson_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +72,7 @@ def orjson_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     def loads(data: bytes) -> object:
         raise orjson.JSONDecodeError("Not enough memory", "", 0)
 
-    monkeypatch.setattr(store_module.orjson, "loads", loads)
+    monkeypatch.setattr(journal_module.orjson, "loads", loads)
 
 
 def no_memory(data: bytes) -> object:
@@ -97,14 +99,14 @@ def test_a_segment_that_cannot_be_read_stops_the_job_and_is_kept(
     kept = segment.read_bytes()
     orjson_out_of_memory(monkeypatch)
 
-    monkeypatch.setattr(store_module, "_parse_json", no_memory)
+    monkeypatch.setattr(journal_module, "_parse_json", no_memory)
     with pytest.raises(JobStopped, match="could not be read \\(out of memory\\); it is kept") as info:
         store.compact(None, segment)
     assert info.value.exit_code == 3
-    assert segment.read_bytes() == kept and store.shards() == []
+    assert segment.read_bytes() == kept and store.parts() == []
     with pytest.raises(JobStopped):
         JobStore(store.dir).recover()
-    assert segment.read_bytes() == kept and store.shards() == []
+    assert segment.read_bytes() == kept and store.parts() == []
     monkeypatch.undo()
     assert JobStore(store.dir).recover() == 6
 
@@ -129,9 +131,9 @@ def test_a_run_whose_journal_cannot_be_read_exits_3_and_keeps_it(
     def read_json(*a: object, **k: object) -> pa.Table:
         raise pa.ArrowMemoryError("malloc failed")
 
-    monkeypatch.setattr(store_module.pj, "read_json", read_json)
+    monkeypatch.setattr(journal_module.pj, "read_json", read_json)
     # every line fails as orjson fails for want of memory (raising=False: the seam is new with the fix)
-    monkeypatch.setattr(store_module, "_parse_json", no_memory, raising=False)
+    monkeypatch.setattr(journal_module, "_parse_json", no_memory, raising=False)
     out = CliRunner().invoke(main, args, catch_exceptions=False)
     assert out.exit_code == 3, out.output
     assert "could not be read (out of memory)" in out.output
@@ -228,7 +230,7 @@ def _part(tmp_path: Path, rows: int = 120) -> tuple[JobStore, Path]:
         result(store, i, content=f"answer {i} " + "x" * rng.randint(0, 40), latency_s=rng.random(), model="m")
     store.close()
     JobStore(store.dir, rows=rows).recover()
-    (part,) = store.shards()
+    (part,) = store.parts()
     return store, part
 
 
@@ -275,7 +277,7 @@ def test_a_run_sets_a_damaged_part_aside_and_resends_its_rows(tmp_path: Path, ca
     run.close()
     run2 = JobStore(store.dir, rows=10)
     run2.recover()
-    assert run2.shards()[0].name == "part-000002.parquet"  # the number of the part set aside is not reused
+    assert run2.parts()[0].name == "part-000002.parquet"  # the number of the part set aside is not reused
     assert run2.row_states(10)[3] == STATE_OK
 
 
@@ -296,8 +298,8 @@ def test_a_part_unreadable_for_want_of_memory_is_not_taken_for_damage(
     def no_decompressor(*args: object, **kwargs: object) -> object:
         raise OSError("ZSTD_DCtx create failed")  # what pyarrow says under ulimit -v
 
-    monkeypatch.setattr(store_module.pq, "ParquetFile", no_decompressor)
-    monkeypatch.setattr(store_module.pq, "read_table", no_decompressor)  # the sound test part fails too
+    monkeypatch.setattr(parts_module.pq, "ParquetFile", no_decompressor)
+    monkeypatch.setattr(parts_module.pq, "read_table", no_decompressor)  # the sound test part fails too
     with pytest.raises(JobStopped, match="nor could a sound test part") as info:
         JobStore(store.dir, rows=10).recover()
     assert info.value.exit_code == 3
@@ -308,7 +310,7 @@ def test_a_part_unreadable_for_want_of_memory_is_not_taken_for_damage(
 
 @pytest.mark.parametrize("limit_kb", [400_000, 500_000, 1_000_000])
 def test_a_resume_under_ulimit_v_loses_nothing_and_sets_nothing_aside(tmp_path: Path, limit_kb: int) -> None:
-    """Whatever fails under the address-space limit (import, journal read, shard read), nothing is lost."""
+    """Whatever fails under the address-space limit (import, journal read, part read), nothing is lost."""
     pd.DataFrame({"prompt": [f"p{i}" for i in range(8)]}).to_csv(tmp_path / "in.csv", index=False)
     job = tmp_path / "job"
     args = ["run", str(tmp_path / "in.csv"), "--mock", "--model", "m", "--job-dir", str(job), "--quiet"]

@@ -1,0 +1,197 @@
+"""The manifest, job.json, as one typed class: `Manifest`, with its `InputInfo` and `RunRecord`s.
+
+Every reader of job.json goes through `Manifest.load`, never a dict read by key. It is
+tolerant of older files: a missing key takes its default. It is tolerant of newer ones
+too: keys it does not know are kept (`other`) and written back by `save`, so an older
+batchhub resuming a job does not truncate what a newer one recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchhub.errors import JobStateError
+
+FORMAT_VERSION = 1
+
+
+def _int(value: Any, default: int | None = None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _rest(data: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if key not in known}
+
+
+def _present(pairs: dict[str, Any]) -> dict[str, Any]:
+    """The keys that have a value: a key an older file lacked stays absent when written back."""
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
+@dataclass
+class InputInfo:
+    """The input a job was started on: where it was, its fingerprint and row count."""
+
+    path: str | None = None
+    format: str | None = None
+    fingerprint: str | None = None
+    rows: int | None = None
+    columns: list[str] | None = None
+    other: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("path", "format", "fingerprint", "rows", "columns")
+
+    @classmethod
+    def from_json(cls, data: Any) -> InputInfo:
+        data = _dict(data)
+        columns = data.get("columns")
+        return cls(
+            path=None if data.get("path") is None else str(data["path"]),
+            format=_str(data.get("format")),
+            fingerprint=_str(data.get("fingerprint")),
+            rows=_int(data.get("rows")),
+            columns=[str(c) for c in columns] if isinstance(columns, list) else None,
+            other=_rest(data, cls._KEYS),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        known = {"path": self.path, "format": self.format, "fingerprint": self.fingerprint, "rows": self.rows}
+        return {**_present({**known, "columns": self.columns}), **self.other}
+
+
+@dataclass
+class RunRecord:
+    """One run of the job: when and where it ran, and (once it ended) what it did.
+
+    A record without `ended_at` is a run that is still going, or was killed.
+    """
+
+    started_at: str | None = None
+    ended_at: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    elapsed_s: float | None = None
+    other: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("started_at", "ended_at", "pid", "host", "elapsed_s")
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunRecord:
+        data = _dict(data)
+        elapsed = data.get("elapsed_s")
+        return cls(
+            started_at=_str(data.get("started_at")),
+            ended_at=_str(data.get("ended_at")),
+            pid=_int(data.get("pid")),
+            host=_str(data.get("host")),
+            elapsed_s=float(elapsed) if isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) else None,
+            other=_rest(data, cls._KEYS),
+        )
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    def to_json(self) -> dict[str, Any]:
+        known = {"started_at": self.started_at, "ended_at": self.ended_at, "pid": self.pid, "host": self.host}
+        return {**_present({**known, "elapsed_s": self.elapsed_s}), **self.other}
+
+
+@dataclass
+class Manifest:
+    """job.json: the spec (never the key), the input, the request settings, the prices, one record per run."""
+
+    format_version: int = FORMAT_VERSION
+    batchhub_version: str | None = None
+    created_at: str | None = None
+    input: InputInfo = field(default_factory=InputInfo)
+    spec: dict[str, Any] = field(default_factory=dict)
+    request_config: dict[str, Any] | None = None
+    prices: dict[str, Any] | None = None
+    runs: list[RunRecord] = field(default_factory=list)
+    #: results with a seq up to this were kept as they were by a --force run
+    forced_seq: int | None = None
+    other: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS = (
+        "format_version",
+        "batchhub_version",
+        "created_at",
+        "input",
+        "spec",
+        "request_config",
+        "prices",
+        "runs",
+        "forced_seq",
+    )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        runs = data.get("runs")
+        return cls(
+            format_version=_int(data.get("format_version"), FORMAT_VERSION) or FORMAT_VERSION,
+            batchhub_version=_str(data.get("batchhub_version")),
+            created_at=_str(data.get("created_at")),
+            input=InputInfo.from_json(data.get("input")),
+            spec=_dict(data.get("spec")),
+            request_config=_dict(data["request_config"]) if isinstance(data.get("request_config"), dict) else None,
+            prices=_dict(data["prices"]) if isinstance(data.get("prices"), dict) else None,
+            runs=[RunRecord.from_json(run) for run in runs] if isinstance(runs, list) else [],
+            forced_seq=_int(data.get("forced_seq")),
+            other=_rest(data, cls._KEYS),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        known = {
+            "format_version": self.format_version,
+            "batchhub_version": self.batchhub_version,
+            "created_at": self.created_at,
+            "input": self.input.to_json(),
+            "spec": self.spec,
+            "request_config": self.request_config,
+            "prices": self.prices,
+            "runs": [run.to_json() for run in self.runs],
+            "forced_seq": self.forced_seq,
+        }
+        return {**_present(known), **self.other}
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read job.json; JobStateError (one line) when it is missing, unreadable or of another format."""
+        return cls.from_json(read_json(path))
+
+    def save(self, path: Path) -> None:
+        """Write job.json whole or not at all (temp name, fsync, rename)."""
+        write_json(path, self.to_json())
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """job.json as it is on disk, its format checked."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise JobStateError(f"{path.parent} is not a batchhub job directory (no job.json)") from exc
+    except (OSError, ValueError) as exc:
+        raise JobStateError(f"{path} cannot be read: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise JobStateError(f"{path}: unknown job format (this batchhub reads version {FORMAT_VERSION})")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """job.json written whole or not at all."""
+    from batchhub.store import atomic_write_bytes  # the store imports this module
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(data, indent=2, default=str).encode() + b"\n")
