@@ -43,13 +43,16 @@ from batchhub.budget import SharedBudget, Spending
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
 from batchhub.lock import lock_job_dir
+from batchhub.prepare import PreparedJob, now_iso
 from batchhub.progress import Progress
+from batchhub.redaction import redact
 from batchhub.requests import RequestBuilder
-from batchhub.runner import Job, JobSummary, PreparedJob, budget_message, close_run_record, now_iso, redact
+from batchhub.runner import Job
 from batchhub.shared_limits import Ledger, SharedLimits, limiter_name
 from batchhub.spec import JobSpec
 from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
 from batchhub.structured import OutputCheck
+from batchhub.summary import JobSummary, budget_message, close_run_record
 
 try:
     import ray
@@ -228,17 +231,17 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
         "runs": [],
     }
     prepared = PreparedJob(
-        spec,
-        source,
-        RequestBuilder(spec, source.columns),
-        store,
-        manifest,
-        task.n_rows,
-        api_key,
-        False,
-        book,
-        SharedBudget(budget, float(spec.max_cost), book) if budget is not None and spec.max_cost else None,
-        OutputCheck.for_spec(spec.json, spec.json_schema),
+        spec=spec,
+        source=source,
+        builder=RequestBuilder(spec, source.columns),
+        store=store,
+        manifest=manifest,
+        n_rows=task.n_rows,
+        api_key=api_key,
+        resumed=False,
+        prices=book,
+        budget=SharedBudget(budget, float(spec.max_cost), book) if budget is not None and spec.max_cost else None,
+        output_check=OutputCheck.for_spec(spec.json, spec.json_schema),
     )
     limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm)
     job = Job(
