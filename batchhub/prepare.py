@@ -3,7 +3,9 @@ made before anything is written or sent, and the typed `PreparedJob` that comes 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +205,18 @@ def mock_config(spec: JobSpec) -> Any:
         return MockConfig.from_dict(dict(spec.mock))
     except ValueError as exc:
         raise UsageError(f"[mock] settings: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def endpoint(spec: JobSpec) -> AsyncIterator[str]:
+    """The base URL to send to: the configured one, or an in-process simulator for mock://."""
+    if not spec.is_mock:
+        yield spec.resolved_base_url()
+        return
+    from batchhub.mock import MockServer
+
+    async with MockServer(mock_config(spec)) as server:
+        yield server.base_url
 
 
 def adopt_runs_since_prepared(manifest: dict[str, Any], store: JobStore) -> None:

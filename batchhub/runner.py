@@ -47,13 +47,12 @@ from batchhub.errors import (
 from batchhub.holds import Hold, Holds
 from batchhub.limits import Limiter, RateLimits
 from batchhub.lock import lock_job_dir
-from batchhub.prepare import PreparedJob, adopt_runs_since_prepared, mock_config, now_iso, prepare_job
+from batchhub.prepare import PreparedJob, adopt_runs_since_prepared, endpoint, now_iso, prepare_job
 from batchhub.progress import Progress
 from batchhub.redaction import redact
 from batchhub.requests import BuiltRequest, RowError
 from batchhub.results import ResultLog
 from batchhub.rows import Result, ResultRows, check_output
-from batchhub.spec import JobSpec
 from batchhub.store import STATE_ERROR, STATE_NONE, STATE_OK
 from batchhub.summary import JobSummary, budget_message, close_run_record
 
@@ -65,18 +64,6 @@ _END = object()
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-@contextlib.asynccontextmanager
-async def _endpoint(spec: JobSpec) -> AsyncIterator[str]:
-    """The base URL to send to: the configured one, or an in-process simulator for mock://."""
-    if not spec.is_mock:
-        yield spec.resolved_base_url()
-        return
-    from batchhub.mock import MockServer
-
-    async with MockServer(mock_config(spec)) as server:
-        yield server.base_url
 
 
 class Job:
@@ -249,7 +236,7 @@ class Job:
         except OSError as exc:
             self._write_error = exc
             return
-        async with _endpoint(spec) as base_url, self._client_session() as session:
+        async with endpoint(spec) as base_url, self._client_session() as session:
             client = ChatClient(
                 session, base_url, self.prepared.api_key, spec.timeout, max_response_bytes=spec.max_response_bytes
             )
@@ -427,43 +414,11 @@ class Job:
 
     # -- results ----------------------------------------------------------------------------
 
-    def _row_cost(self, row: Result, requested_model: str | None) -> float | None:
-        """The cost of one result at known prices, reported and assumed (None: none, or no price for its model)."""
-        reported = row.get("prompt_tokens") is not None and row.get("completion_tokens") is not None
-        assumed = bool(row.get("assumed_prompt_tokens") or row.get("assumed_completion_tokens"))
-        if not reported and not assumed:
-            return None
-        prices = self.prepared.prices
-        model = row.get("model")
-        price = prices.lookup(model) if model else None
-        if price is None and requested_model:
-            price = prices.lookup(requested_model)
-        if price is None:
-            self._summary.unpriced_models.add(str(model))
-            return None
-        cost = 0.0
-        if reported:
-            cost += price.request_cost(
-                row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, row.get("cached_tokens") or 0
-            )
-        if assumed:
-            worst = price.request_cost(row.get("assumed_prompt_tokens") or 0, row.get("assumed_completion_tokens") or 0)
-            self._summary.assumed_usd += worst
-            self._summary.assumed_results += 1
-            cost += worst
-        return cost
-
     def _record(self, row: Result, requested_model: str | None = None) -> float | None:
         """Journal a result (its line is written at the end of this loop pass), count it; return its cost if known."""
         if not self._log.record(row):
             return None
-        summary = self._summary
-        summary.results_this_run += 1
-        summary.prompt_tokens += row.get("prompt_tokens") or 0
-        summary.completion_tokens += row.get("completion_tokens") or 0
-        cost = self._row_cost(row, requested_model)
-        if cost is not None:
-            summary.cost_usd += cost
+        cost = self._summary.count(row, self.prepared.prices, requested_model)
         self._progress.result(row["status"] == "ok", row.get("total_tokens"), cost)
         return cost
 

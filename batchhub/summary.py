@@ -8,6 +8,8 @@ from typing import Any
 
 from batchhub.errors import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, FatalAPIError
 from batchhub.prepare import now_iso
+from batchhub.pricing import PriceBook
+from batchhub.rows import Result
 
 
 @dataclass
@@ -48,6 +50,41 @@ class JobSummary:
         if self.stopped or self.pending:
             return EXIT_STOPPED
         return EXIT_FAILED_ROWS if self.failed else EXIT_OK
+
+    def count(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
+        """Count a result recorded by this run; its cost at known prices (None: no usage, or no price for its model)."""
+        self.results_this_run += 1
+        self.prompt_tokens += row.get("prompt_tokens") or 0
+        self.completion_tokens += row.get("completion_tokens") or 0
+        cost = self._cost(row, prices, requested_model)
+        if cost is not None:
+            self.cost_usd += cost
+        return cost
+
+    def _cost(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
+        """The cost of one result at known prices, reported and assumed (None: none, or no price for its model)."""
+        reported = row.get("prompt_tokens") is not None and row.get("completion_tokens") is not None
+        assumed = bool(row.get("assumed_prompt_tokens") or row.get("assumed_completion_tokens"))
+        if not reported and not assumed:
+            return None
+        model = row.get("model")
+        price = prices.lookup(model) if model else None
+        if price is None and requested_model:
+            price = prices.lookup(requested_model)
+        if price is None:
+            self.unpriced_models.add(str(model))
+            return None
+        cost = 0.0
+        if reported:
+            cost += price.request_cost(
+                row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, row.get("cached_tokens") or 0
+            )
+        if assumed:
+            worst = price.request_cost(row.get("assumed_prompt_tokens") or 0, row.get("assumed_completion_tokens") or 0)
+            self.assumed_usd += worst
+            self.assumed_results += 1
+            cost += worst
+        return cost
 
 
 def budget_message(spent: float, limit: float, pending: int, refused: float | None = None) -> str:
