@@ -43,13 +43,16 @@ from batchhub.budget import SharedBudget, Spending
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
 from batchhub.lock import lock_job_dir
+from batchhub.prepare import PreparedJob, now_iso
 from batchhub.progress import Progress
+from batchhub.redaction import redact
 from batchhub.requests import RequestBuilder
-from batchhub.runner import Job, JobSummary, PreparedJob, budget_message, close_run_record, now_iso, redact
+from batchhub.runner import Job
 from batchhub.shared_limits import Ledger, SharedLimits, limiter_name
 from batchhub.spec import JobSpec
 from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
 from batchhub.structured import OutputCheck
+from batchhub.summary import JobSummary, budget_message, close_run_record
 
 try:
     import ray
@@ -228,17 +231,17 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
         "runs": [],
     }
     prepared = PreparedJob(
-        spec,
-        source,
-        RequestBuilder(spec, source.columns),
-        store,
-        manifest,
-        task.n_rows,
-        api_key,
-        False,
-        book,
-        SharedBudget(budget, float(spec.max_cost), book) if budget is not None and spec.max_cost else None,
-        OutputCheck.for_spec(spec.json, spec.json_schema),
+        spec=spec,
+        source=source,
+        builder=RequestBuilder(spec, source.columns),
+        store=store,
+        manifest=manifest,
+        n_rows=task.n_rows,
+        api_key=api_key,
+        resumed=False,
+        prices=book,
+        budget=SharedBudget(budget, float(spec.max_cost), book) if budget is not None and spec.max_cost else None,
+        output_check=OutputCheck.for_spec(spec.json, spec.json_schema),
     )
     limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm)
     job = Job(
@@ -277,7 +280,7 @@ class RayJob:
         max_shards_in_flight: int | None = None,
         progress: bool | None = None,
     ) -> None:
-        self.p = prepared
+        self.prepared = prepared
         self.address = address
         self.shard_rows = defaults.SHARD_ROWS if shard_rows is None else shard_rows
         shards.plan(0, self.shard_rows)  # refuse a bad size before anything starts
@@ -316,11 +319,11 @@ class RayJob:
 
     async def run(self) -> JobSummary:
         """Run under the job directory's lock; each task locks only its own store under shards/."""
-        with lock_job_dir(self.p.store.dir):
+        with lock_job_dir(self.prepared.store.dir):
             return await self._run()
 
     async def _run(self) -> JobSummary:
-        p, spec, store = self.p, self.p.spec, self.p.store
+        p, spec, store = self.prepared, self.prepared.spec, self.prepared.store
         started = time.monotonic()
         we_started_ray = self._connect()
         try:
@@ -382,15 +385,15 @@ class RayJob:
         return True
 
     async def _run_tasks(self, tasks: list[ShardTask], in_flight: int) -> _Totals:
-        spec = self.p.spec
-        limiter = shared_limiter(spec.resolved_base_url(), self.p.api_key, spec.rpm, spec.tpm)
+        spec = self.prepared.spec
+        limiter = shared_limiter(spec.resolved_base_url(), self.prepared.api_key, spec.rpm, spec.tpm)
         await limiter.configure.remote(spec.rpm, spec.tpm)
-        key = Secret(self.p.api_key)
+        key = Secret(self.prepared.api_key)
         totals = _Totals()
         queue = iter(tasks)
         stop_waiter = asyncio.ensure_future(self._stop.wait())
         progress = ProgressActor.remote()  # type: ignore[attr-defined]
-        budget = self.p.budget
+        budget = self.prepared.budget
         self._budget = BudgetActor.remote(budget.limit, budget.spent) if budget is not None else None  # type: ignore[attr-defined]
         poller = asyncio.ensure_future(self._follow(progress))
         try:
@@ -436,7 +439,9 @@ class RayJob:
         except TaskCancelledError:
             return
         except Exception as exc:  # a task failed outright: stop the others, say why
-            message = redact(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), self.p.api_key)
+            message = redact(
+                str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), self.prepared.api_key
+            )
             totals.failure = totals.failure or message
             self._halt("task_failed")
             return
@@ -455,13 +460,13 @@ class RayJob:
         tasks that were cancelled too; requests, retries and 429s only those of tasks that returned."""
         from batchhub.cost import USAGE_COLUMNS, report
 
-        states = store.row_states(self.p.n_rows)
+        states = store.row_states(self.prepared.n_rows)
         written = [JobStore(t.store_dir).results(list(USAGE_COLUMNS)) for t in tasks if Path(t.store_dir).is_dir()]
         this_run = pa.concat_tables(written) if written else None
-        bill = report(this_run, self.p.prices) if this_run is not None else None
-        s = JobSummary(
+        bill = report(this_run, self.prepared.prices) if this_run is not None else None
+        summary = JobSummary(
             store.dir,
-            self.p.n_rows,
+            self.prepared.n_rows,
             int(np.count_nonzero(states == STATE_OK)),
             int(np.count_nonzero(states == STATE_ERROR)),
             int(np.count_nonzero(states == STATE_NONE)),
@@ -476,16 +481,16 @@ class RayJob:
             unpriced_models=set(bill.unknown_models) if bill is not None else set(),
         )
         if totals.failure is not None:
-            s.stopped = totals.failure_kind
-            s.message = totals.failure
-        elif self._budget_reached and self.p.budget is not None:
-            s.stopped = "budget"
-            s.message = budget_message(totals.budget_spent, self.p.budget.limit, s.pending)
+            summary.stopped = totals.failure_kind
+            summary.message = totals.failure
+        elif self._budget_reached and self.prepared.budget is not None:
+            summary.stopped = "budget"
+            summary.message = budget_message(totals.budget_spent, self.prepared.budget.limit, summary.pending)
         elif self._stop_reason:
-            s.stopped = self._stop_reason
-        if self.p.budget is not None:
-            s.budget_spent_usd = totals.budget_spent
-        return s
+            summary.stopped = self._stop_reason
+        if self.prepared.budget is not None:
+            summary.budget_spent_usd = totals.budget_spent
+        return summary
 
 
 @dataclass

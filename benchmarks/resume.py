@@ -42,7 +42,7 @@ POLL_S = 0.003
 
 
 def synthetic_result(row_id: int, seq: int, now: float, request_hash: str) -> dict:
-    """An ok result as the runner records it (see Job._ok_row / Job._record)."""
+    """An ok result as the runner records it (see ResultRows.ok in batchhub/rows.py)."""
     return {
         "row_id": row_id,
         "status": "ok",
