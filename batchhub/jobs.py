@@ -27,6 +27,7 @@ from typing import Any
 from batchhub.errors import UsageError
 from batchhub.status import job_status
 from batchhub.store import JobStore
+from batchhub.text import text_table
 
 #: files changed this recently make an unended run on another host look alive: longer than
 #: the journal's fsync interval and a typical 429 cool-down, shorter than a coffee break
@@ -140,3 +141,25 @@ def _last_update(path: Path, manifest: dict[str, Any]) -> float:
         with contextlib.suppress(ValueError):
             times.append(dt.datetime.strptime(ended, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp())
     return max(times)
+
+
+def render(listings: list[JobListing]) -> str:
+    """The listings as the table `batchhub jobs` prints (a job that cannot be read: its reason in its row)."""
+    header = ["JOB", "STATE", "OK", "FAILED", "PENDING", "TOTAL", "COST", "UPDATED"]
+    rows = [header]
+    for item in listings:
+        if item.error:
+            rows.append([item.job_dir, "error", "", "", "", "", "", ""])
+            continue
+        cost = "unknown" if item.cost_usd is None else f"${item.cost_usd:,.4f}"
+        updated = "-"
+        if item.updated_at is not None:
+            updated = dt.datetime.fromisoformat(item.updated_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        counts = [f"{n:,}" for n in (item.ok, item.failed, item.pending, item.total_rows)]
+        rows.append([item.job_dir, item.state, *counts, cost, updated])
+    lines = text_table(rows, left=2)
+    width = max(len(r[0]) for r in rows)
+    for n, item in enumerate(listings):
+        if item.error:  # the reason in the row itself, without widening every column for it
+            lines[n + 2] = f"{item.job_dir.ljust(width)}  error: {item.error}"
+    return "\n".join(lines)
