@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -20,8 +19,8 @@ import click
 
 from batchhub import __version__
 from batchhub.errors import EXIT_STOPPED, EXIT_USAGE, BatchhubError, UsageError
-from batchhub.options import Engine, build_spec
-from batchhub.spec import JobSpec, load_spec, parse_param
+from batchhub.options import Engine, build_spec, job_dir_of
+from batchhub.spec import JobSpec, parse_param
 
 
 class BatchhubGroup(click.Group):
@@ -184,7 +183,7 @@ def run(
       # stay under rate limits and a budget; send the failed rows again
       batchhub run jobs/demo.toml --rpm 500 --tpm 200000 --max-cost 5 --retry-failed
     """
-    from batchhub.run_summary import summary_lines
+    from batchhub.run_summary import resume_lines, summary_lines
     from batchhub.runner import prepare_job
 
     chosen = {"engine": engine, "ray_address": ray_address, "shard_rows": shard_rows}
@@ -199,9 +198,8 @@ def run(
     for line in summary_lines(summary, prepared.prices.label, quiet=spec.quiet):
         click.echo(line, err=True)
     if summary.exit_code == EXIT_STOPPED:
-        click.echo(f"resume with: {_resume_command()}", err=True)
-        if _key_flag_given():
-            click.echo("  (--api-key was left out: pass --api-key again, or set BATCHHUB_API_KEY)", err=True)
+        for line in resume_lines(sys.argv[1:]):
+            click.echo(line, err=True)
     sys.exit(summary.exit_code)
 
 
@@ -229,29 +227,6 @@ def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
     return build_spec(target, given, origin="the command line")
 
 
-def _resume_command() -> str:
-    """The command that was run, with any --api-key value left out."""
-    args = sys.argv[1:]
-    kept: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg == "--api-key":
-            skip = True
-            continue
-        if arg.startswith("--api-key="):
-            continue
-        kept.append(arg)
-    return "batchhub " + shlex.join(kept)
-
-
-def _key_flag_given() -> bool:
-    """Whether the command line carried --api-key (the resume command leaves it out)."""
-    return any(arg == "--api-key" or arg.startswith("--api-key=") for arg in sys.argv[1:])
-
-
 @main.command(short_help="Show a job's rows by status, errors, tokens, cost and time.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -259,16 +234,8 @@ def status(job_dir: Path, as_json: bool) -> None:
     """Show a job's rows by status, tokens used, cost and time spent: JOB_DIR is a job directory or its spec."""
     from batchhub.status import job_status, render
 
-    status = job_status(_job_dir_arg(job_dir))
+    status = job_status(job_dir_of(job_dir))
     click.echo(json.dumps(status.to_dict(), indent=2) if as_json else render(status))
-
-
-def _job_dir_arg(path: Path) -> Path:
-    """A job is named by its directory or by its spec file (jobs/demo.toml -> jobs/demo)."""
-    if path.suffix.lower() == ".toml":
-        spec = load_spec(path)
-        return spec.resolved_job_dir()
-    return path
 
 
 @main.command(short_help="Write input and results to one file, in input order.")
@@ -305,13 +272,13 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
     if fmt == "openai-batch":
         if expand_json:
             raise UsageError("--expand-json makes columns; it does not apply to --format openai-batch")
-        n = export_openai_batch(_job_dir_arg(job_dir), output, id_column=id_column, force=force)
+        rows = export_openai_batch(job_dir_of(job_dir), output, id_column=id_column, force=force)
     else:
         if id_column is not None:
             raise UsageError("--id-column applies only to --format openai-batch")
-        target = _job_dir_arg(job_dir)
-        n = export_job(target, output, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
-    click.echo(f"wrote {n:,} rows to {output}", err=True)
+        target = job_dir_of(job_dir)
+        rows = export_job(target, output, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
+    click.echo(f"wrote {rows:,} rows to {output}", err=True)
 
 
 @main.command("mock-server", short_help="Serve the simulated Chat Completions endpoint.")
@@ -389,9 +356,9 @@ def cost(target: Path, prices_file: Path | None, model: str | None, as_json: boo
 
     book = job_prices(target, prices_file)
     if target.suffix.lower() == ".toml":
-        target = _job_dir_arg(target)
-    rep = report(usage_table(target, model), book)
-    click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else render(rep))
+        target = job_dir_of(target)
+    cost_report = report(usage_table(target, model), book)
+    click.echo(json.dumps(cost_report.to_dict(), indent=2) if as_json else render(cost_report))
 
 
 @main.command(short_help="Estimate a job's tokens and cost before running it.")
@@ -449,12 +416,12 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     """
     from batchhub.report import write_report
 
-    folder = _job_dir_arg(job_dir)
+    folder = job_dir_of(job_dir)
     target = output if output is not None else folder / "report.html"
-    rep = write_report(folder, target, prices_file=prices_file)
+    page = write_report(folder, target, prices_file=prices_file)
     click.echo(
-        f"wrote {target}: {rep.ok:,} ok, {rep.failed:,} failed, {rep.pending:,} pending of {rep.total_rows:,} rows; "
-        f"cost {rep.cost_text}",
+        f"wrote {target}: {page.ok:,} ok, {page.failed:,} failed, {page.pending:,} pending "
+        f"of {page.total_rows:,} rows; cost {page.cost_text}",
         err=True,
     )
 

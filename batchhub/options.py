@@ -116,3 +116,10 @@ class Engine:
         from batchhub.runner import Job
 
         return Job(prepared, progress=progress, **job_options)
+
+
+def job_dir_of(path: Path) -> Path:
+    """A job is named by its directory or by its spec file (jobs/demo.toml -> jobs/demo)."""
+    if path.suffix.lower() == ".toml":
+        return load_spec(path).resolved_job_dir()
+    return path
