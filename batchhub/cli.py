@@ -117,7 +117,13 @@ JOB_OPTIONS = [
         help="Stop (exit 3, rows left pending) when a run's first results are all the same 4xx error "
         "(default); --no-fail-fast when such failures really are per row.",
     ),
-    click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed."),
+    click.option(
+        "--force",
+        is_flag=True,
+        default=None,
+        help="Resume a job that changed: its input file changed (or shrank while running), its request settings "
+        "changed, or its recorded results do not match the requests their rows would send now (kept as they are).",
+    ),
     click.option("--flush-rows", type=int, help="Write a checkpoint shard every N results (default 5000)."),
     click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),
@@ -432,8 +438,8 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
 def jobs(directory: Path, as_json: bool) -> None:
     """List the jobs under DIR (default: jobs/) with rows ok/failed/pending, cost and last update.
 
-    A job is a folder holding job.json, at any depth. STATE is finished (or finished, N failed),
-    incomplete (stopped early: run it again to resume), running (its process is alive), running? (it
+    A job is a folder holding job.json, at any depth. STATE is finished (or finished with failed rows),
+    stopped (stopped early: run it again to resume), running (its process is alive), running? (it
     runs on another host and its files changed lately), killed (its run never ended: run it again to
     resume), or error (the directory cannot be read; the reason is shown).
     """

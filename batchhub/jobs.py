@@ -8,7 +8,8 @@ A job directory is a folder holding `job.json`. Its state comes from `job_status
   process id), and the job's files changed in the last `RECENT_S` seconds;
 - `killed`: the last run has not ended and its process is gone (or nothing
   changed for `RECENT_S` seconds): resumable;
-- `finished`, `finished, N failed`, `incomplete` (rows pending: stopped early), `new`.
+- `finished`, `finished with failed rows`, `stopped` (rows pending: resumable), `new`
+  (the words `status` and the run summary use).
 
 A directory that cannot be read is listed with its error instead of a state.
 """
@@ -106,8 +107,8 @@ def _state(ok: int, failed: int, pending: int, runs: list[dict[str, Any]], idle_
     if not runs:
         return "new"
     if pending:
-        return "incomplete"
-    return f"finished, {failed:,} failed" if failed else "finished"
+        return "stopped"
+    return "finished with failed rows" if failed else "finished"
 
 
 def _process_alive(run: dict[str, Any]) -> bool | None:
