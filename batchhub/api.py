@@ -76,12 +76,12 @@ def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False
     """Run (or resume) a job on `data` and return the input columns with the result columns, in input order.
 
     `data` is a pandas DataFrame or the path of a CSV, Parquet or JSONL file, or of a
-    TOML job spec (keywords then override the spec). Keywords are the settings of a
-    job, named like the CLI flags: model, template, prompt_column, messages_column,
-    system, base_url, api_key, job_dir, name, concurrency, rpm, tpm, max_tokens,
-    temperature, max_cost, retry_failed, force... (`batchhub.api.known_options()`
-    lists them). `mock=True` runs on the built-in simulator; `prices` is a table of
-    price overrides, or the path of a prices file.
+    TOML job spec (keywords override it as flags do: `params` key by key, see
+    `batchhub.options`). Keywords are the settings of a job, named like the flags:
+    model, template, prompt_column, messages_column, system, base_url, api_key, job_dir,
+    name, concurrency, rpm, tpm, max_tokens, temperature, max_cost, retry_failed,
+    force... (`batchhub.api.known_options()` lists them). `mock=True` runs on the
+    built-in simulator; `prices` is a table of price overrides, or the path of a prices file.
 
     A DataFrame's job directory is `job_dir`, else `jobs/<name>`, else
     `jobs/dataframe-<hash of the data and the request settings>`: the same call

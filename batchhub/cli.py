@@ -167,14 +167,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--ray-address", help="Ray cluster to join with --engine ray (e.g. auto; default: Ray's own choice).")
 @click.option("--shard-rows", type=int, help="Rows per input shard, one Ray task each (default 10000).")
 @click.option("--max-shards-in-flight", type=int, help="Ray tasks running at once (default: the cluster's CPUs).")
-def run(
-    input_or_spec: Path,
-    engine: str,
-    ray_address: str | None,
-    shard_rows: int | None,
-    max_shards_in_flight: int | None,
-    **options: Any,
-) -> None:
+def run(input_or_spec: Path, **options: Any) -> None:
     """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
 
     Running the same command again resumes: only rows without a result are sent.
@@ -192,8 +185,7 @@ def run(
     from batchhub.run_summary import resume_lines, summary_lines
     from batchhub.runner import prepare_job
 
-    chosen = {"engine": engine, "ray_address": ray_address, "shard_rows": shard_rows}
-    where = Engine.from_options({**chosen, "max_shards_in_flight": max_shards_in_flight}, flags=True)
+    where = Engine.from_options(options, flags=True)  # takes the engine's options out of the job's
     spec = _spec_from_cli(input_or_spec, options)
     prepared = prepare_job(spec)
     job = where.make_job(prepared)
