@@ -107,10 +107,13 @@ __all__ = [
 
 
 async def arun_job(spec: JobSpec, **job_options: Any) -> JobSummary:
-    """Run (or resume) a job inside a running event loop. See `Job` for the options."""
-    from batchhub.runner import Job, prepare_job
+    """Run (or resume) a job inside a running event loop: `engine="ray"` and its options as for `run`,
+    the rest are `Job`'s. The job is built as `batchhub run` and `batchhub.run()` build theirs."""
+    from batchhub.options import Engine
+    from batchhub.runner import prepare_job
 
-    return await Job(prepare_job(spec), **job_options).run()
+    engine = Engine.from_options(job_options)
+    return await engine.make_job(prepare_job(spec), **job_options).run()
 
 
 def run_job(spec: JobSpec, **job_options: Any) -> JobSummary:

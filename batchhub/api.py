@@ -39,9 +39,11 @@ import pyarrow.parquet as pq
 from batchhub.errors import InputError, JobStateError, JobStopped, UsageError
 from batchhub.export import EXPORT_RESULT_COLUMNS, export_batches
 from batchhub.io import fsync_dir
+from batchhub.options import ENGINE_OPTIONS, Engine, build_spec
 from batchhub.requests import RequestBuilder
-from batchhub.runner import Job, JobSummary, PreparedJob, prepare_job
-from batchhub.spec import JobSpec, load_spec
+from batchhub.run_summary import summary_dict
+from batchhub.runner import JobSummary, PreparedJob, prepare_job
+from batchhub.spec import JobSpec
 from batchhub.store import JobStore
 
 #: the DataFrame snapshot inside the job directory
@@ -54,8 +56,6 @@ _DIGEST_KEY = b"batchhub.content_sha256"
 _FLAG_NAMES = {"param_column": "param_columns"}
 #: keywords of run/arun that are not settings of the job
 _CALL_OPTIONS = ("progress", "expand_json")
-#: keywords that choose the engine, as `batchhub run --engine ray ...` does
-_ENGINE_OPTIONS = ("engine", "ray_address", "shard_rows", "max_shards_in_flight")
 
 #: result columns that are whole numbers: nullable in the DataFrame, so a missing value
 #: does not turn a column into floats
@@ -69,19 +69,19 @@ class FailedRowsWarning(UserWarning):
 def known_options() -> list[str]:
     """Every keyword `run` and `arun` accept, besides `data`."""
     fields = [f.name for f in dataclasses.fields(JobSpec) if f.name != "input"]
-    return sorted({*fields, *_FLAG_NAMES, *_CALL_OPTIONS, *_ENGINE_OPTIONS})
+    return sorted({*fields, *_FLAG_NAMES, *_CALL_OPTIONS, *ENGINE_OPTIONS})
 
 
 def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False, **options: Any) -> pd.DataFrame:
     """Run (or resume) a job on `data` and return the input columns with the result columns, in input order.
 
     `data` is a pandas DataFrame or the path of a CSV, Parquet or JSONL file, or of a
-    TOML job spec (keywords then override the spec). Keywords are the settings of a
-    job, named like the CLI flags: model, template, prompt_column, messages_column,
-    system, base_url, api_key, job_dir, name, concurrency, rpm, tpm, max_tokens,
-    temperature, max_cost, retry_failed, force... (`batchhub.api.known_options()`
-    lists them). `mock=True` runs on the built-in simulator; `prices` is a table of
-    price overrides, or the path of a prices file.
+    TOML job spec (keywords override it as flags do: `params` key by key, see
+    `batchhub.options`). Keywords are the settings of a job, named like the flags:
+    model, template, prompt_column, messages_column, system, base_url, api_key, job_dir,
+    name, concurrency, rpm, tpm, max_tokens, temperature, max_cost, retry_failed,
+    force... (`batchhub.api.known_options()` lists them). `mock=True` runs on the
+    built-in simulator; `prices` is a table of price overrides, or the path of a prices file.
 
     A DataFrame's job directory is `job_dir`, else `jobs/<name>`, else
     `jobs/dataframe-<hash of the data and the request settings>`: the same call
@@ -109,10 +109,10 @@ def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False
     terminal or in a notebook, unless `quiet=True`). `expand_json=True` adds a
     column per top-level key of the replies' JSON objects, as `export --expand-json`.
     """
-    engine = _engine_options(options)
+    engine = Engine.from_options(options)
     plan = _plan(data, options)
     plan.expand_json = expand_json
-    job = _make_job(plan.prepared, progress, engine)
+    job = engine.make_job(plan.prepared, progress)
     summary = _run_in_thread(job)
     out = _finish(plan, summary)
     _warn_failed(summary)
@@ -129,10 +129,10 @@ async def arun(
     and are recorded; a second cancellation abandons them), then CancelledError is
     raised.
     """
-    engine = _engine_options(options)
+    engine = Engine.from_options(options)
     plan = await asyncio.to_thread(_plan, data, options)
     plan.expand_json = expand_json
-    job = _make_job(plan.prepared, progress, engine)
+    job = engine.make_job(plan.prepared, progress)
     summary = await _run_shielded(job)
     out = await asyncio.to_thread(_finish, plan, summary)
     _warn_failed(summary)
@@ -155,30 +155,18 @@ class _Plan:
 
 def _plan(data: Any, options: dict[str, Any]) -> _Plan:
     """Check and prepare everything before anything is sent; for a DataFrame, write its snapshot."""
-    settings, api_key = _settings(options)
+    settings = _keywords(options)
     if isinstance(data, pd.DataFrame):
-        spec = JobSpec.from_mapping(settings, origin="batchhub.run")
-        spec.api_key = api_key
-        prepared = _prepare_frame(data, spec)
+        prepared = _prepare_frame(data, build_spec(None, settings, origin="batchhub.run"))
         return _Plan(prepared, data, prepared.source.path)
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if path.suffix.lower() == ".toml":
-            given = JobSpec.from_mapping(settings, origin="batchhub.run")
-            spec = load_spec(path).merged({name: getattr(given, name) for name in settings})
-        else:
-            if not path.exists():
-                raise InputError(f"input file not found: {path}")
-            spec = JobSpec.from_mapping({**settings, "input": path}, origin="batchhub.run")
-        if api_key is not None:
-            spec.api_key = api_key
-        prepared = prepare_job(spec)
+        prepared = prepare_job(build_spec(data, settings, origin="batchhub.run"))
         return _Plan(prepared, None, prepared.source.path)
     raise TypeError(f"data must be a pandas DataFrame or the path of a file, not {type(data).__name__}")
 
 
-def _settings(options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Keyword arguments -> JobSpec fields (and the API key, which a spec mapping refuses)."""
+def _keywords(options: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments -> the options `build_spec` takes (unknown ones refused as Python does)."""
     known = known_options()
     unknown = [name for name in options if name not in known]
     if "input" in options:
@@ -189,45 +177,7 @@ def _settings(options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
             close = difflib.get_close_matches(name, known, n=1)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise TypeError(f"unknown keyword argument(s) {', '.join(hints)}; known: {', '.join(known)}")
-    settings = {_FLAG_NAMES.get(name, name): value for name, value in options.items()}
-    api_key = settings.pop("api_key", None)
-    mock = settings.get("mock")
-    if isinstance(mock, bool):  # the CLI's --mock flag; a dict is the [mock] table of a spec
-        del settings["mock"]
-        if mock:
-            settings["base_url"] = "mock://"
-    prices = settings.get("prices")
-    if isinstance(prices, (str, os.PathLike)):  # the CLI's --prices FILE
-        settings["prices_file"] = settings.pop("prices")
-    if isinstance(settings.get("stop"), str):
-        settings["stop"] = [settings["stop"]]
-    return settings, api_key
-
-
-def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Take the engine keywords out of `options`: engine="ray" and its settings, checked."""
-    chosen = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
-    engine = chosen.pop("engine", None) or "local"
-    if engine not in ("local", "ray"):
-        raise UsageError(f"engine must be 'local' or 'ray', not {engine!r}")
-    if engine == "local" and chosen:
-        raise UsageError(f"{', '.join(sorted(chosen))} go with engine='ray'")
-    return {"engine": engine, **chosen}
-
-
-def _make_job(prepared: PreparedJob, progress: bool | None, engine: dict[str, Any]) -> Any:
-    """A Job, or a RayJob (the same run/request_stop) for engine='ray'."""
-    if engine.pop("engine") == "ray":
-        from batchhub.ray_engine import RayJob
-
-        return RayJob(
-            prepared,
-            address=engine.get("ray_address"),
-            shard_rows=engine.get("shard_rows"),
-            max_shards_in_flight=engine.get("max_shards_in_flight"),
-            progress=progress,
-        )
-    return Job(prepared, progress=progress)
+    return {_FLAG_NAMES.get(name, name): value for name, value in options.items()}
 
 
 def _run_in_thread(job: Any) -> JobSummary:
@@ -309,7 +259,7 @@ def _finish(plan: _Plan, summary: JobSummary) -> pd.DataFrame:
             reason=summary.stopped or "incomplete",
         )
     out = _result_frame(plan)
-    out.attrs["batchhub"] = _summary_dict(summary)
+    out.attrs["batchhub"] = summary_dict(summary)
     return out
 
 
@@ -341,27 +291,6 @@ def _result_frame(plan: _Plan) -> pd.DataFrame:
     out = pd.concat([frame.reset_index(drop=True), results], axis=1)
     out.index = plan.frame.index
     return out
-
-
-def _summary_dict(s: JobSummary) -> dict[str, Any]:
-    return {
-        "job_dir": str(s.job_dir),
-        "total_rows": s.total_rows,
-        "ok": s.ok,
-        "failed": s.failed,
-        "pending": s.pending,
-        "results_this_run": s.results_this_run,
-        "http_requests": s.http_requests,
-        "retries": s.retries,
-        "rate_limited": s.rate_limited,
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "cost_usd": s.cost_usd,
-        "unpriced_models": sorted(s.unpriced_models),
-        "elapsed_s": s.elapsed_s,
-        # results that did not match their rows' requests, sent again this run
-        "mismatched_results": s.mismatched_results,
-    }
 
 
 # -- a DataFrame as a job's input ---------------------------------------------------------
@@ -502,7 +431,7 @@ def _signature(function: Any) -> inspect.Signature:
     params.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=None))
     params.append(inspect.Parameter("expand_json", inspect.Parameter.KEYWORD_ONLY, default=False))
     params.append(inspect.Parameter("engine", inspect.Parameter.KEYWORD_ONLY, default="local"))
-    for name in _ENGINE_OPTIONS[1:]:
+    for name in ENGINE_OPTIONS[1:]:
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
     for f in dataclasses.fields(JobSpec):
         if f.name == "input":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -20,13 +19,20 @@ import click
 
 from batchhub import __version__
 from batchhub.errors import EXIT_STOPPED, EXIT_USAGE, BatchhubError, UsageError
-from batchhub.spec import JobSpec, load_spec, parse_param
+from batchhub.options import Engine, build_spec, job_dir_of
+from batchhub.spec import JobSpec, parse_param
 
 
-def _fail(exc: BatchhubError) -> None:
-    message = str(exc).replace("\n", " ")
-    click.echo(f"error: {message}", err=True)
-    sys.exit(exc.exit_code)
+class BatchhubGroup(click.Group):
+    """The `batchhub` group: a library error from any command becomes one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BatchhubError as exc:
+            message = str(exc).replace("\n", " ")
+            click.echo(f"error: {message}", err=True)
+            sys.exit(exc.exit_code)
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -39,7 +45,7 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=BatchhubGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchhub")
 def main() -> None:
     """Run a dataset of prompts through a Chat Completions API as one resumable, rate-limited job."""
@@ -111,7 +117,13 @@ JOB_OPTIONS = [
         help="Stop (exit 3, rows left pending) when a run's first results are all the same 4xx error "
         "(default); --no-fail-fast when such failures really are per row.",
     ),
-    click.option("--force", is_flag=True, default=None, help="Resume even if the input or request settings changed."),
+    click.option(
+        "--force",
+        is_flag=True,
+        default=None,
+        help="Resume a job that changed: its input file changed (or shrank while running), its request settings "
+        "changed, or its recorded results do not match the requests their rows would send now (kept as they are).",
+    ),
     click.option("--flush-rows", type=int, help="Write a checkpoint part every N results (default 5000)."),
     click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),
@@ -155,14 +167,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--ray-address", help="Ray cluster to join with --engine ray (e.g. auto; default: Ray's own choice).")
 @click.option("--shard-rows", type=int, help="Rows per input shard, one Ray task each (default 10000).")
 @click.option("--max-shards-in-flight", type=int, help="Ray tasks running at once (default: the cluster's CPUs).")
-def run(
-    input_or_spec: Path,
-    engine: str,
-    ray_address: str | None,
-    shard_rows: int | None,
-    max_shards_in_flight: int | None,
-    **options: Any,
-) -> None:
+def run(input_or_spec: Path, **options: Any) -> None:
     """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
 
     Running the same command again resumes: only rows without a result are sent.
@@ -177,34 +182,22 @@ def run(
       # stay under rate limits and a budget; send the failed rows again
       batchhub run jobs/demo.toml --rpm 500 --tpm 200000 --max-cost 5 --retry-failed
     """
-    try:
-        if engine != "ray" and (ray_address or shard_rows or max_shards_in_flight):
-            raise UsageError("--ray-address, --shard-rows and --max-shards-in-flight go with --engine ray")
-        spec = _spec_from_cli(input_or_spec, options)
-        from batchhub.runner import Job, prepare_job
+    from batchhub.run_summary import resume_lines, summary_lines
+    from batchhub.runner import prepare_job
 
-        if engine == "ray":
-            from batchhub.ray_engine import RayJob
-
-        prepared = prepare_job(spec)
-        if engine == "ray":
-            job: Any = RayJob(
-                prepared, address=ray_address, shard_rows=shard_rows, max_shards_in_flight=max_shards_in_flight
-            )
-        else:
-            job = Job(prepared)
-    except BatchhubError as exc:
-        _fail(exc)
-        return
+    where = Engine.from_options(options, flags=True)  # takes the engine's options out of the job's
+    spec = _spec_from_cli(input_or_spec, options)
+    prepared = prepare_job(spec)
+    job = where.make_job(prepared)
     verb = "resuming" if prepared.resumed else "starting"
     if not spec.quiet:
         click.echo(f"{verb} job {prepared.store.dir} ({prepared.n_rows:,} rows, {prepared.source.format})", err=True)
     summary = _run_until_done(job.run(), job.request_stop)
-    _print_summary(summary, spec.quiet, prepared.prices.label)
+    for line in summary_lines(summary, prepared.prices.label, quiet=spec.quiet):
+        click.echo(line, err=True)
     if summary.exit_code == EXIT_STOPPED:
-        click.echo(f"resume with: {_resume_command()}", err=True)
-        if _key_flag_given():
-            click.echo("  (--api-key was left out: pass --api-key again, or set BATCHHUB_API_KEY)", err=True)
+        for line in resume_lines(sys.argv[1:]):
+            click.echo(line, err=True)
     sys.exit(summary.exit_code)
 
 
@@ -219,85 +212,17 @@ def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
                 loop.add_signal_handler(sig, on_signal)
         return await coro
 
-    try:
-        return asyncio.run(go())
-    except BatchhubError as exc:
-        _fail(exc)
+    return asyncio.run(go())
 
 
 def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
-    overrides = dict(options)
-    if overrides.pop("mock"):
-        overrides["base_url"] = "mock://"
-    stop = overrides.pop("stop")
-    overrides["stop"] = list(stop) if stop else None
-    params = overrides.pop("param_columns")
-    overrides["param_columns"] = _pairs(params, "PARAM=COLUMN") if params else None
-    body_params = dict(parse_param(text) for text in overrides.pop("params"))
-    if target.suffix.lower() == ".toml":
-        spec = load_spec(target)
-    else:
-        if not target.exists():
-            raise UsageError(f"input file not found: {target}")
-        spec = JobSpec(input=target)
-    if body_params:
-        overrides["params"] = {**spec.params, **body_params}
-    return spec.merged(overrides)
-
-
-def _resume_command() -> str:
-    """The command that was run, with any --api-key value left out."""
-    args = sys.argv[1:]
-    kept: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg == "--api-key":
-            skip = True
-            continue
-        if arg.startswith("--api-key="):
-            continue
-        kept.append(arg)
-    return "batchhub " + shlex.join(kept)
-
-
-def _key_flag_given() -> bool:
-    """Whether the command line carried --api-key (the resume command leaves it out)."""
-    return any(arg == "--api-key" or arg.startswith("--api-key=") for arg in sys.argv[1:])
-
-
-def _print_summary(s: Any, quiet: bool, prices: str) -> None:
-    rate = s.results_this_run / s.elapsed_s if s.elapsed_s > 0 else 0.0
-    cost = f"cost ${s.cost_usd:,.4f} this run"
-    if s.unpriced_models:
-        cost += f" + unknown for {', '.join(sorted(s.unpriced_models))} (no price known)"
-    if s.budget_spent_usd is not None:
-        cost += f", ${s.budget_spent_usd:,.4f} in all"
-    if s.assumed_results:
-        cost += f" (${s.assumed_usd:,.4f} of it assumed: {s.assumed_results:,} results charged at their worst case)"
-    lines = [
-        f"{s.ok:,} ok, {s.failed:,} failed, {s.pending:,} pending of {s.total_rows:,} rows "
-        f"({s.results_this_run:,} results this run in {s.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
-        # every HTTP request sent, retries included (the cost table counts the replies billed)
-        f"HTTP requests {s.http_requests:,} ({s.retries:,} retries, {s.rate_limited:,} rate-limited"
-        + (f", {s.invalid_retries:,} invalid replies re-sent" if s.invalid_retries else "")
-        + "); "
-        f"tokens {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion; {cost} (prices: {prices})",
-    ]
-    if s.mismatched_results:
-        lines.insert(
-            1,
-            f"{s.mismatched_results:,} results did not match the requests their rows would send now "
-            "and were sent again",
-        )
-    if s.stopped:
-        lines.append(f"stopped: {s.message or s.stopped}")
-    elif s.failed:
-        lines.append(f"see failures: batchhub status {shlex.quote(str(s.job_dir))}; re-send them with --retry-failed")
-    for line in lines if not quiet or s.stopped or s.failed or s.mismatched_results else lines[:1]:
-        click.echo(line, err=True)
+    """The job's flags parsed into `build_spec` options (a repeatable flag not given is None)."""
+    given = {name: (value or None) if isinstance(value, tuple) else value for name, value in options.items()}
+    if given["param_columns"]:
+        given["param_columns"] = _pairs(given["param_columns"], "PARAM=COLUMN")
+    if given["params"]:
+        given["params"] = dict(parse_param(text) for text in given["params"])
+    return build_spec(target, given, origin="the command line")
 
 
 @main.command(short_help="Show a job's rows by status, errors, tokens, cost and time.")
@@ -305,64 +230,10 @@ def _print_summary(s: Any, quiet: bool, prices: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(job_dir: Path, as_json: bool) -> None:
     """Show a job's rows by status, tokens used, cost and time spent: JOB_DIR is a job directory or its spec."""
-    from batchhub.status import job_status
+    from batchhub.status import job_status, render
 
-    try:
-        st = job_status(_job_dir_arg(job_dir))
-    except BatchhubError as exc:
-        _fail(exc)
-        return
-    if as_json:
-        click.echo(json.dumps(st.to_dict(), indent=2))
-        return
-    done = st.ok + st.failed
-    pct = 100.0 * done / st.total_rows if st.total_rows else 0.0
-    click.echo(f"job      {st.job_dir}  ({st.state})")
-    click.echo(f"input    {st.input}")
-    click.echo(
-        f"rows     {st.total_rows:,} total: {st.ok:,} ok, {st.failed:,} failed, "
-        f"{st.pending:,} pending ({pct:.1f}% done)"
-    )
-    if st.errors_by_type:
-        click.echo("errors   " + ", ".join(f"{k} {v:,}" for k, v in st.errors_by_type.items()))
-        for kind, examples in st.error_examples.items():
-            for example in examples:
-                click.echo(f"         {kind}, row {example['row_id']}: {_example_message(example)}")
-    if st.finish_reasons:
-        click.echo("finish   " + ", ".join(f"{k} {v:,}" for k, v in st.finish_reasons.items()))
-    click.echo(
-        f"tokens   {st.prompt_tokens:,} prompt + {st.completion_tokens:,} completion = {st.total_tokens:,} "
-        f"over {st.results_recorded:,} results"
-    )
-    if st.spent_usd is not None or st.unpriced_models:
-        line = f"cost     ${st.spent_usd or 0:,.4f} spent"
-        if st.unpriced_models:
-            line += f" + unknown for {', '.join(st.unpriced_models)}"
-        if st.projected_usd is not None:
-            line += f"; projected ${st.projected_usd:,.4f} for all {st.total_rows:,} rows (at the cost per row so far)"
-        click.echo(line + (f"  (prices: {st.prices})" if st.prices else ""))
-        if st.assumed_results:
-            from batchhub.cost import assumed_note
-
-            click.echo(f"         {assumed_note(st.spent_usd or 0.0, st.assumed_usd, st.assumed_results)}")
-    click.echo(f"time     {st.run_seconds:,.1f}s over {st.runs} run(s); last result {st.last_finished_at or '-'}")
-
-
-def _example_message(example: dict[str, Any], limit: int = 150) -> str:
-    """One line of an error example: its message, cut short, with the HTTP status unless it says it."""
-    message = " ".join(str(example.get("message") or "(no message)").split())
-    status = example.get("http_status")
-    if status is not None and f"HTTP {status}" not in message:
-        message = f"(HTTP {status}) {message}"
-    return message if len(message) <= limit else message[:limit] + "..."
-
-
-def _job_dir_arg(path: Path) -> Path:
-    """A job is named by its directory or by its spec file (jobs/demo.toml -> jobs/demo)."""
-    if path.suffix.lower() == ".toml":
-        spec = load_spec(path)
-        return spec.resolved_job_dir()
-    return path
+    status = job_status(job_dir_of(job_dir))
+    click.echo(json.dumps(status.to_dict(), indent=2) if as_json else render(status))
 
 
 @main.command(short_help="Write input and results to one file, in input order.")
@@ -396,20 +267,16 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
     """
     from batchhub.export import export_job, export_openai_batch
 
-    try:
-        if fmt == "openai-batch":
-            if expand_json:
-                raise UsageError("--expand-json makes columns; it does not apply to --format openai-batch")
-            n = export_openai_batch(_job_dir_arg(job_dir), output, id_column=id_column, force=force)
-        else:
-            if id_column is not None:
-                raise UsageError("--id-column applies only to --format openai-batch")
-            target = _job_dir_arg(job_dir)
-            n = export_job(target, output, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
-    except BatchhubError as exc:
-        _fail(exc)
-        return
-    click.echo(f"wrote {n:,} rows to {output}", err=True)
+    if fmt == "openai-batch":
+        if expand_json:
+            raise UsageError("--expand-json makes columns; it does not apply to --format openai-batch")
+        rows = export_openai_batch(job_dir_of(job_dir), output, id_column=id_column, force=force)
+    else:
+        if id_column is not None:
+            raise UsageError("--id-column applies only to --format openai-batch")
+        target = job_dir_of(job_dir)
+        rows = export_job(target, output, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
+    click.echo(f"wrote {rows:,} rows to {output}", err=True)
 
 
 @main.command("mock-server", short_help="Serve the simulated Chat Completions endpoint.")
@@ -483,34 +350,13 @@ def mock_server(
 def cost(target: Path, prices_file: Path | None, model: str | None, as_json: bool) -> None:
     """What a job cost, by model: TARGET is a job directory, its spec, an export or any Parquet file
     with prompt_tokens and completion_tokens columns."""
-    from batchhub.cost import render, report, usage_table
+    from batchhub.cost import job_prices, render, report, usage_table
 
-    try:
-        book = _job_prices(target, prices_file)
-        if target.suffix.lower() == ".toml":
-            target = _job_dir_arg(target)
-        rep = report(usage_table(target, model), book)
-    except BatchhubError as exc:
-        _fail(exc)
-        return
-    click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else render(rep))
-
-
-def _job_prices(target: Path, prices_file: Path | None) -> Any:
-    """The prices to use for TARGET: a job's own (recorded in its job.json), with --prices FILE over them."""
-    from batchhub.pricing import PriceBook
-    from batchhub.store import JobStore
-
+    book = job_prices(target, prices_file)
     if target.suffix.lower() == ".toml":
-        spec = load_spec(target)
-        store = JobStore(spec.resolved_job_dir())
-        if not store.exists():
-            return PriceBook.build(spec.prices, prices_file or spec.prices_file)
-    else:
-        store = JobStore(target)
-    if store.exists():
-        return PriceBook.for_job(store.read_manifest(), prices_file)
-    return PriceBook.build({}, prices_file)
+        target = job_dir_of(target)
+    cost_report = report(usage_table(target, model), book)
+    click.echo(json.dumps(cost_report.to_dict(), indent=2) if as_json else render(cost_report))
 
 
 @main.command(short_help="Estimate a job's tokens and cost before running it.")
@@ -527,25 +373,21 @@ def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: 
     from batchhub.estimate import estimate as make_estimate
     from batchhub.estimate import render, run_sample
 
-    try:
-        spec = _spec_from_cli(input_or_spec, options)
-        spec.validate()
-        if sample is not None and sample < 1:
-            raise UsageError(f"--sample must be at least 1, not {sample}")
-        book = spec.price_book()
-        stats = None
-        if sample:
-            holder: list[Any] = []
-            stats, summary = _run_until_done(
-                run_sample(spec, sample, on_start=holder.append), lambda: holder[0].request_stop() if holder else None
-            )
-            if summary.stopped:
-                click.echo(f"error: the sample run stopped: {summary.message or summary.stopped}", err=True)
-                sys.exit(EXIT_STOPPED)
-        result = make_estimate(spec, book, stats)
-    except BatchhubError as exc:
-        _fail(exc)
-        return
+    spec = _spec_from_cli(input_or_spec, options)
+    spec.validate()
+    if sample is not None and sample < 1:
+        raise UsageError(f"--sample must be at least 1, not {sample}")
+    book = spec.price_book()
+    stats = None
+    if sample:
+        holder: list[Any] = []
+        stats, summary = _run_until_done(
+            run_sample(spec, sample, on_start=holder.append), lambda: holder[0].request_stop() if holder else None
+        )
+        if summary.stopped:
+            click.echo(f"error: the sample run stopped: {summary.message or summary.stopped}", err=True)
+            sys.exit(EXIT_STOPPED)
+    result = make_estimate(spec, book, stats)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
 
 
@@ -572,16 +414,12 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     """
     from batchhub.report import write_report
 
-    try:
-        folder = _job_dir_arg(job_dir)
-        target = output if output is not None else folder / "report.html"
-        rep = write_report(folder, target, prices_file=prices_file)
-    except BatchhubError as exc:
-        _fail(exc)
-        return
+    folder = job_dir_of(job_dir)
+    target = output if output is not None else folder / "report.html"
+    page = write_report(folder, target, prices_file=prices_file)
     click.echo(
-        f"wrote {target}: {rep.ok:,} ok, {rep.failed:,} failed, {rep.pending:,} pending of {rep.total_rows:,} rows; "
-        f"cost {rep.cost_text}",
+        f"wrote {target}: {page.ok:,} ok, {page.failed:,} failed, {page.pending:,} pending "
+        f"of {page.total_rows:,} rows; cost {page.cost_text}",
         err=True,
     )
 
@@ -592,48 +430,21 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
 def jobs(directory: Path, as_json: bool) -> None:
     """List the jobs under DIR (default: jobs/) with rows ok/failed/pending, cost and last update.
 
-    A job is a folder holding job.json, at any depth. STATE is finished (or finished, N failed),
-    incomplete (stopped early: run it again to resume), running (its process is alive), running? (it
+    A job is a folder holding job.json, at any depth. STATE is finished (or finished with failed rows),
+    stopped (stopped early: run it again to resume), running (its process is alive), running? (it
     runs on another host and its files changed lately), killed (its run never ended: run it again to
     resume), or error (the directory cannot be read; the reason is shown).
     """
-    from batchhub.jobs import list_jobs
+    from batchhub.jobs import list_jobs, render
 
-    try:
-        listings = list_jobs(directory)
-    except BatchhubError as exc:
-        _fail(exc)
-        return
+    listings = list_jobs(directory)
     if as_json:
         click.echo(json.dumps([item.to_dict() for item in listings], indent=2))
         return
     if not listings:
         click.echo(f"no jobs under {directory} (a job is a folder holding job.json)", err=True)
         return
-    click.echo("\n".join(_jobs_table(listings)))
-
-
-def _jobs_table(listings: list[Any]) -> list[str]:
-    from datetime import datetime
-
-    from batchhub.text import text_table
-
-    header = ["JOB", "STATE", "OK", "FAILED", "PENDING", "TOTAL", "COST", "UPDATED"]
-    rows = [header]
-    for item in listings:
-        if item.error:
-            rows.append([item.job_dir, "error", "", "", "", "", "", ""])
-            continue
-        cost = "unknown" if item.cost_usd is None else f"${item.cost_usd:,.4f}"
-        updated = datetime.fromisoformat(item.updated_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        counts = [f"{n:,}" for n in (item.ok, item.failed, item.pending, item.total_rows)]
-        rows.append([item.job_dir, item.state, *counts, cost, updated])
-    lines = text_table(rows, left=2)
-    width = max(len(r[0]) for r in rows)
-    for n, item in enumerate(listings):
-        if item.error:  # the reason in the row itself, without widening every column for it
-            lines[n + 2] = f"{item.job_dir.ljust(width)}  error: {item.error}"
-    return lines
+    click.echo(render(listings))
 
 
 @main.command(short_help="Print the shell completion script (bash, zsh or fish).")

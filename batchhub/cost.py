@@ -191,3 +191,19 @@ def _usd(value: float | None) -> str:
     if value is None:
         return "unknown"
     return f"${value:,.4f}" if value < 100 else f"${value:,.2f}"
+
+
+def job_prices(target: Path, prices_file: Path | None) -> PriceBook:
+    """The prices for TARGET: a job's own (recorded in its job.json), with a prices file over them."""
+    if target.suffix.lower() == ".toml":
+        from batchhub.spec import load_spec
+
+        spec = load_spec(target)
+        store = JobStore(spec.resolved_job_dir())
+        if not store.exists():
+            return PriceBook.build(spec.prices, prices_file or spec.prices_file)
+    else:
+        store = JobStore(target)
+    if store.exists():
+        return PriceBook.for_job(store.read_manifest(), prices_file)
+    return PriceBook.build({}, prices_file)

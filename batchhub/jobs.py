@@ -8,7 +8,8 @@ A job directory is a folder holding `job.json`. Its state comes from `job_status
   process id), and the job's files changed in the last `RECENT_S` seconds;
 - `killed`: the last run has not ended and its process is gone (or nothing
   changed for `RECENT_S` seconds): resumable;
-- `finished`, `finished, N failed`, `incomplete` (rows pending: stopped early), `new`.
+- `finished`, `finished with failed rows`, `stopped` (rows pending: resumable), `new`
+  (the words `status` and the run summary use).
 
 A directory that cannot be read is listed with its error instead of a state.
 """
@@ -28,6 +29,7 @@ from batchhub.errors import UsageError
 from batchhub.manifest import Manifest, RunRecord
 from batchhub.status import job_status
 from batchhub.store import JobStore
+from batchhub.text import text_table
 
 #: files changed this recently make an unended run on another host look alive: longer than
 #: the journal's fsync interval and a typical 429 cool-down, shorter than a coffee break
@@ -106,8 +108,8 @@ def _state(ok: int, failed: int, pending: int, runs: list[RunRecord], idle_s: fl
     if not runs:
         return "new"
     if pending:
-        return "incomplete"
-    return f"finished, {failed:,} failed" if failed else "finished"
+        return "stopped"
+    return "finished with failed rows" if failed else "finished"
 
 
 def _process_alive(run: RunRecord) -> bool | None:
@@ -140,3 +142,25 @@ def _last_update(path: Path, manifest: Manifest) -> float:
         with contextlib.suppress(ValueError):
             times.append(dt.datetime.strptime(ended, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp())
     return max(times)
+
+
+def render(listings: list[JobListing]) -> str:
+    """The listings as the table `batchhub jobs` prints (a job that cannot be read: its reason in its row)."""
+    header = ["JOB", "STATE", "OK", "FAILED", "PENDING", "TOTAL", "COST", "UPDATED"]
+    rows = [header]
+    for item in listings:
+        if item.error:
+            rows.append([item.job_dir, "error", "", "", "", "", "", ""])
+            continue
+        cost = "unknown" if item.cost_usd is None else f"${item.cost_usd:,.4f}"
+        updated = "-"
+        if item.updated_at is not None:
+            updated = dt.datetime.fromisoformat(item.updated_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        counts = [f"{n:,}" for n in (item.ok, item.failed, item.pending, item.total_rows)]
+        rows.append([item.job_dir, item.state, *counts, cost, updated])
+    lines = text_table(rows, left=2)
+    width = max(len(r[0]) for r in rows)
+    for n, item in enumerate(listings):
+        if item.error:  # the reason in the row itself, without widening every column for it
+            lines[n + 2] = f"{item.job_dir.ljust(width)}  error: {item.error}"
+    return "\n".join(lines)

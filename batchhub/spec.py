@@ -123,8 +123,11 @@ class JobSpec:
     mock: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # the one place `stop` is normalised: a string, a tuple (repeated --stop) or a list -> a list
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
 
     # -- derived -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchhub.cost import USAGE_COLUMNS, report
+from batchhub.cost import USAGE_COLUMNS, assumed_note, report
 from batchhub.pricing import PriceBook
 from batchhub.result_schema import latest_indices
 from batchhub.store import JobStore
@@ -146,3 +146,56 @@ def _counts(column: Any) -> dict[str, int]:
     """value -> count, most frequent first, nulls left out."""
     pairs = pc.value_counts(column.drop_null()).to_pylist()
     return {str(p["values"]): int(p["counts"]) for p in sorted(pairs, key=lambda p: -p["counts"])}
+
+
+def render(status: JobStatus) -> str:
+    """The status as `batchhub status` prints it."""
+    done = status.ok + status.failed
+    percent = 100.0 * done / status.total_rows if status.total_rows else 0.0
+    lines = [
+        f"job      {status.job_dir}  ({status.state})",
+        f"input    {status.input}",
+        f"rows     {status.total_rows:,} total: {status.ok:,} ok, {status.failed:,} failed, "
+        f"{status.pending:,} pending ({percent:.1f}% done)",
+    ]
+    if status.errors_by_type:
+        lines.append("errors   " + ", ".join(f"{k} {v:,}" for k, v in status.errors_by_type.items()))
+        for kind, examples in status.error_examples.items():
+            for example in examples:
+                lines.append(f"         {kind}, row {example['row_id']}: {_example_message(example)}")
+    if status.finish_reasons:
+        lines.append("finish   " + ", ".join(f"{k} {v:,}" for k, v in status.finish_reasons.items()))
+    lines.append(
+        f"tokens   {status.prompt_tokens:,} prompt + {status.completion_tokens:,} completion = "
+        f"{status.total_tokens:,} over {status.results_recorded:,} results"
+    )
+    lines.extend(_cost_lines(status))
+    lines.append(
+        f"time     {status.run_seconds:,.1f}s over {status.runs} run(s); last result {status.last_finished_at or '-'}"
+    )
+    return "\n".join(lines)
+
+
+def _cost_lines(status: JobStatus) -> list[str]:
+    if status.spent_usd is None and not status.unpriced_models:
+        return []
+    line = f"cost     ${status.spent_usd or 0:,.4f} spent"
+    if status.unpriced_models:
+        line += f" + unknown for {', '.join(status.unpriced_models)}"
+    if status.projected_usd is not None:
+        line += (
+            f"; projected ${status.projected_usd:,.4f} for all {status.total_rows:,} rows (at the cost per row so far)"
+        )
+    lines = [line + (f"  (prices: {status.prices})" if status.prices else "")]
+    if status.assumed_results:
+        lines.append(f"         {assumed_note(status.spent_usd or 0.0, status.assumed_usd, status.assumed_results)}")
+    return lines
+
+
+def _example_message(example: dict[str, Any], limit: int = 150) -> str:
+    """One line of an error example: its message, cut short, with the HTTP status unless it says it."""
+    message = " ".join(str(example.get("message") or "(no message)").split())
+    http_status = example.get("http_status")
+    if http_status is not None and f"HTTP {http_status}" not in message:
+        message = f"(HTTP {http_status}) {message}"
+    return message if len(message) <= limit else message[:limit] + "..."

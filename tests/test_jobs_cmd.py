@@ -88,8 +88,8 @@ def test_every_job_with_its_state_counts_and_cost(jobs_root: Path) -> None:
         "elsewhere": "running?",
         "killed": "killed",
         "live": "running",
-        "over-budget": "incomplete",
-        "some-failed": "finished, 3 failed",
+        "over-budget": "stopped",
+        "some-failed": "finished with failed rows",
         "team/priceless": "finished",
     }
     done = listed["done"]
@@ -117,7 +117,7 @@ def test_the_table(jobs_root: Path) -> None:
         r"done\s+finished\s+6\s+0\s+0\s+6\s+\$0\.\d{4}\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", rows[f"{jobs_root}/done"]
     )
     assert re.search(r"finished\s+6\s+0\s+0\s+6\s+unknown\s", rows[f"{jobs_root}/team/priceless"])
-    assert "finished, 3 failed" in rows[f"{jobs_root}/some-failed"]
+    assert "finished with failed rows" in rows[f"{jobs_root}/some-failed"]
     assert rows[f"{jobs_root}/broken"].split(None, 1)[1].startswith("error: ")
     # columns line up: every STATE starts where the header's does
     start = lines[0].index("STATE")
