@@ -41,10 +41,10 @@ from batchhub.export import EXPORT_RESULT_COLUMNS, export_batches
 from batchhub.io import fsync_dir
 from batchhub.options import ENGINE_OPTIONS, Engine, build_spec
 from batchhub.requests import RequestBuilder
-from batchhub.run_summary import summary_dict
 from batchhub.runner import JobSummary, PreparedJob, prepare_job
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
+from batchhub.summary import summary_dict
 
 #: the DataFrame snapshot inside the job directory
 SNAPSHOT_NAME = "input.parquet"

@@ -182,8 +182,8 @@ def run(input_or_spec: Path, **options: Any) -> None:
       # stay under rate limits and a budget; send the failed rows again
       batchhub run jobs/demo.toml --rpm 500 --tpm 200000 --max-cost 5 --retry-failed
     """
-    from batchhub.run_summary import resume_lines, summary_lines
     from batchhub.runner import prepare_job
+    from batchhub.summary import resume_lines, summary_lines
 
     where = Engine.from_options(options, flags=True)  # takes the engine's options out of the job's
     spec = _spec_from_cli(input_or_spec, options)
