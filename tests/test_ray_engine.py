@@ -318,7 +318,7 @@ async def test_a_budget_holds_across_tasks_and_the_job_resumes_past_it(
     stopped = await RayJob(prepare_job(spec), shard_rows=25, max_shards_in_flight=4).run()
     assert stopped.stopped == "budget" and stopped.exit_code == 3, stopped.message
     assert 0 < stopped.ok < 200 and stopped.pending > 0 and "budget reached" in (stopped.message or "")
-    spent = report(usage_table(tmp_path / "job"), prepare_job(spec).prices).total_usd
+    spent = report(usage_table(tmp_path / "job"), spec.price_book()).total_usd
     assert spent <= 0.0008 and stopped.budget_spent_usd == pytest.approx(spent)
     recorded = JobStore(tmp_path / "job").results(["status"]).to_pylist()
     # every request paid for is recorded, none lost to the stop; a task that Ray retries after a
