@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,20 @@ async def test_a_settle_that_arrives_while_a_task_is_told_to_wait_wakes_it() -> 
     a = SharedBudget(Handle(actor, after_send), 1.0, PriceBook())
     assert await asyncio.wait_for(a.reserve(0.6), timeout=2)
     assert actor.spent == pytest.approx(0.1) and actor.reserved == pytest.approx(0.6) and actor.holds == 1
+
+
+# -- estimate counts what the budget counts --------------------------------------------------------
+
+
+def test_estimate_counts_n_and_billed_body_fields(tmp_path: Path) -> None:
+    # was: the ceiling of 4 rows with n=8 and max_tokens=50 was 200 tokens (not 1,600), and a
+    # 26 KB tool schema added nothing to the prompt tokens
+    from batchhub.estimate import estimate
+
+    tool = {"type": "function", "function": {"name": "fill", "description": "word " * 500}}
+    plain = spec_for(tmp_path, "http://127.0.0.1:9/v1", 4)
+    wide = spec_for(tmp_path, "http://127.0.0.1:9/v1", 4, params={"n": 8, "tools": [tool]})
+    before, after = estimate(plain, PriceBook()).models[0], estimate(wide, PriceBook()).models[0]
+    assert before.completion_high == 4 * 50 and after.completion_high == 4 * 8 * 50
+    tool_tokens = COUNTER.text('{"tools":[' + json.dumps(tool, separators=(",", ":")) + "]}")
+    assert after.prompt_tokens >= before.prompt_tokens + 4 * tool_tokens
