@@ -178,6 +178,18 @@ class Spending:
             self._freed = asyncio.Event()
         await self._freed.wait()
 
+    async def reserve_when_room(self, amount: float) -> str:
+        """ "ok" once `amount` is reserved, waiting while reservations are held; "no" if it cannot fit.
+
+        The check and the wait are one call: a settle that comes between an answer "wait" and a
+        later call to wait (from another Ray task) would otherwise be missed, and the wait never end.
+        """
+        while True:
+            answer = self.reserve_or_wait(amount)
+            if answer != "wait":
+                return answer
+            await self.wait_for_room()
+
 
 class Budget(Spending):
     """A job's budget: its spending, and the worst case of each request at known prices."""
@@ -221,10 +233,11 @@ class Budget(Spending):
 
 
 class SharedBudget(Budget):
-    """A task's side of a budget held by an actor (`remote`: reserve_or_wait, settle and release).
+    """A task's side of a budget held by an actor (`remote`: reserve_when_room, settle and release).
 
     `spent` and `reserved` here count this task's part only; the actor holds the whole. A
-    reservation that must wait for another task's reply waits in the actor (`wait_for_room`).
+    reservation that must wait for another task's reply waits in the actor, in the same call that
+    found it does not fit yet (`reserve_when_room`).
     """
 
     def __init__(self, remote: Any, limit: float, book: PriceBook) -> None:
@@ -232,7 +245,7 @@ class SharedBudget(Budget):
         self._remote = remote
 
     async def _ask(self, amount: float) -> str:
-        answer: str = await self._remote.reserve_or_wait.remote(amount)
+        answer: str = await self._remote.reserve_when_room.remote(amount)
         if answer == "ok":
             self.reserved += amount
             self.holds += 1

@@ -99,6 +99,7 @@ def count_prompts(spec: JobSpec, only: np.ndarray | None = None) -> tuple[dict[s
     builder = RequestBuilder(spec, source.columns)
     tallies: dict[str, _Tally] = {}
     counters: dict[str, TokenCounter] = {}
+    extras: dict[tuple[str, str], int] = {}
     failing = 0
     row_id = 0
     wanted = None if only is None else set(only.tolist())
@@ -116,10 +117,17 @@ def count_prompts(spec: JobSpec, only: np.ndarray | None = None) -> tuple[dict[s
             tally = tallies.setdefault(built.model, _Tally())
             tally.rows += 1
             tally.prompt += counter.messages(built.messages)
+            if built.extra_input:  # tools, response_format...: billed as input, as the budget counts them
+                key = (built.model, built.extra_input)
+                if key not in extras:
+                    if len(extras) >= 64:  # one job's tools are one text; Batch lines may each differ
+                        extras.clear()
+                    extras[key] = counter.text(built.extra_input)
+                tally.prompt += extras[key]
             if built.max_tokens is None:
                 tally.unbounded = True
             else:
-                tally.ceiling += built.max_tokens
+                tally.ceiling += built.choices * built.max_tokens
     return tallies, failing, row_id
 
 

@@ -30,7 +30,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from batchhub import defaults
 from batchhub._encode import json_default
@@ -97,6 +97,24 @@ def extra_input(body: dict[str, Any]) -> str:
     """The JSON text of the body's fields that are billed as input besides the messages ("" if none)."""
     extra = {k: v for k, v in body.items() if k not in UNBILLED_FIELDS}
     return json.dumps(extra, ensure_ascii=False, separators=(",", ":")) if extra else ""
+
+
+def _whole(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _choices(n: Any) -> int:
+    """The replies `n` asks for as a lenient server reads it (8.0 and "8" are 8); 1 if it is no number."""
+    if _whole(n):
+        return max(1, n)
+    if isinstance(n, (float, str)) and not isinstance(n, bool):
+        try:
+            value = float(n)
+        except ValueError:
+            return 1
+        if math.isfinite(value) and value > 1:
+            return math.ceil(value)
+    return 1
 
 
 def estimate_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
@@ -299,19 +317,20 @@ class RequestBuilder:
                 "shorten this row's text",
                 "request_too_large",
             )
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        # a server may take either bound (vLLM prefers max_completion_tokens): the larger one holds
+        bounds = [v for v in (body.get("max_tokens"), body.get("max_completion_tokens")) if _whole(v)]
+        max_tokens = max(bounds) if bounds else None
         extra = extra_input(body) if self.batch_format else self._extra_input
-        n = body.get("n")
         return BuiltRequest(
             body=encoded,
             model=body["model"],
             messages=messages,
             est_prompt_tokens=estimate_prompt_tokens(messages) + math.ceil(len(extra) / defaults.CHARS_PER_TOKEN),
-            max_tokens=max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
+            max_tokens=max_tokens,
             request_hash=hashlib.sha256(encoded).hexdigest()[:32],
             stream=body.get("stream") is True,
             extra_input=extra,
-            choices=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1,
+            choices=_choices(body.get("n")),
         )
 
     def _batch_body(self, row: dict[str, Any]) -> dict[str, Any]:
