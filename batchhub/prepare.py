@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from batchhub import __version__, defaults
 from batchhub.budget import Budget, one_reply_check
 from batchhub.errors import InputError, JobStateError, UsageError
 from batchhub.io import InputSource, fingerprint, open_input
 from batchhub.pricing import PriceBook
-from batchhub.requests import RequestBuilder
+from batchhub.requests import RequestBuilder, choices
 from batchhub.spec import JobSpec
 from batchhub.store import FORMAT_VERSION, JobStore
 from batchhub.structured import OutputCheck
@@ -152,11 +153,23 @@ def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
                 "so its spending cannot be known: give the price with --prices FILE"
             )
         spent = earlier.total_usd
+        if spec.model:
+            # a reply may name a cheaper model than the one asked for and billed: what was spent is
+            # taken at the dearer reading
+            as_asked = store.results(list(USAGE_COLUMNS))
+            as_asked = as_asked.set_column(
+                as_asked.column_names.index("model"), "model", pa.array([spec.model] * as_asked.num_rows, pa.string())
+            )
+            spent = max(spent, report(as_asked, prices).total_usd)
     budget = Budget(float(spec.max_cost), spent, prices)
     if spec.model:
-        n = spec.params.get("n")
-        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-        one_reply_check(budget, spec.model, choices, spec.max_tokens)
+        # as the request builder bounds a reply: n as a lenient server reads it, the larger completion bound
+        bounds = [
+            v
+            for v in (spec.max_tokens, spec.params.get("max_completion_tokens"))
+            if isinstance(v, int) and not isinstance(v, bool)
+        ]
+        one_reply_check(budget, spec.model, choices(spec.params.get("n")), max(bounds) if bounds else None)
     return budget
 
 

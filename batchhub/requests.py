@@ -103,7 +103,7 @@ def _whole(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _choices(n: Any) -> int:
+def choices(n: Any) -> int:
     """The replies `n` asks for as a lenient server reads it (8.0 and "8" are 8); 1 if it is no number."""
     if _whole(n):
         return max(1, n)
@@ -330,7 +330,7 @@ class RequestBuilder:
             request_hash=hashlib.sha256(encoded).hexdigest()[:32],
             stream=body.get("stream") is True,
             extra_input=extra,
-            choices=_choices(body.get("n")),
+            choices=choices(body.get("n")),
         )
 
     def _batch_body(self, row: dict[str, Any]) -> dict[str, Any]:

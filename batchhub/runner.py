@@ -54,7 +54,7 @@ from batchhub.requests import BuiltRequest, RowError
 from batchhub.results import ResultLog
 from batchhub.rows import Result, ResultRows, check_output
 from batchhub.store import STATE_ERROR, STATE_NONE, STATE_OK
-from batchhub.summary import JobSummary, budget_message, close_run_record
+from batchhub.summary import JobSummary, budget_message, close_run_record, result_cost
 
 __all__ = ["Job", "JobSummary", "PreparedJob", "prepare_job"]
 
@@ -403,7 +403,7 @@ class Job:
                 return True
             hold.assume(row)
             retry = check_output(row, self.prepared.output_check) and invalid_retries < self.spec.retry_invalid
-            hold.settle(self._record(row, built.model))
+            hold.settle(self._held_cost(row, built.model, self._record(row, built.model)))
             if not retry or self._stop.is_set():
                 return True
             # the reply was paid for and is recorded; ask again
@@ -421,6 +421,14 @@ class Job:
         cost = self._summary.count(row, self.prepared.prices, requested_model)
         self._progress.result(row["status"] == "ok", row.get("total_tokens"), cost)
         return cost
+
+    def _held_cost(self, row: Result, requested_model: str | None, cost: float | None) -> float | None:
+        """What the budget is charged for a result: its cost, or its cost at the requested model's price when
+        that is dearer (a reply may name a cheaper model than the one asked for and billed)."""
+        if cost is None or not requested_model or row.get("model") == requested_model:
+            return cost
+        price = self.prepared.prices.lookup(requested_model)
+        return cost if price is None else max(cost, result_cost(row, price))
 
     def _finish_summary(self, started: float) -> JobSummary:
         """Where the job stands at the end of the run, and why it stopped, if it did."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from batchhub.errors import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, FatalAPIError
 from batchhub.prepare import now_iso
-from batchhub.pricing import PriceBook
+from batchhub.pricing import ModelPrice, PriceBook
 from batchhub.rows import Result
 
 
@@ -76,17 +76,27 @@ class JobSummary:
         if price is None:
             self.unpriced_models.add(str(model))
             return None
-        cost = 0.0
-        if reported:
-            cost += price.request_cost(
-                row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, row.get("cached_tokens") or 0
-            )
         if assumed:
-            worst = price.request_cost(row.get("assumed_prompt_tokens") or 0, row.get("assumed_completion_tokens") or 0)
-            self.assumed_usd += worst
+            self.assumed_usd += _assumed_cost(row, price)
             self.assumed_results += 1
-            cost += worst
-        return cost
+        return result_cost(row, price)
+
+
+def result_cost(row: Result, price: ModelPrice) -> float:
+    """One result's cost at `price`: its reported usage plus what was charged at worst case."""
+    cost = 0.0
+    if row.get("prompt_tokens") is not None and row.get("completion_tokens") is not None:
+        cost += price.request_cost(
+            row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, row.get("cached_tokens") or 0
+        )
+    return cost + _assumed_cost(row, price)
+
+
+def _assumed_cost(row: Result, price: ModelPrice) -> float:
+    assumed_prompt, assumed_completion = row.get("assumed_prompt_tokens"), row.get("assumed_completion_tokens")
+    if not (assumed_prompt or assumed_completion):
+        return 0.0
+    return price.request_cost(assumed_prompt or 0, assumed_completion or 0)
 
 
 def budget_message(spent: float, limit: float, pending: int, refused: float | None = None) -> str:

