@@ -48,7 +48,7 @@ def actor_rate(calls_per_task: int) -> float:
     """Reservations per second one limiter actor answers to TASKS tasks, each asking one at a time."""
     import ray
 
-    from batchhub.ray_engine import shared_limiter
+    from batchhub.ray_actors import shared_limiter
 
     @ray.remote(num_cpus=1)
     def ask(handle: object, n: int) -> None:

@@ -32,7 +32,8 @@ from batchhub import Job, export_job, job_status, prepare_job
 from batchhub.cli import main
 from batchhub.errors import UsageError
 from batchhub.mock import MockServer
-from batchhub.ray_engine import NAMESPACE, LimiterActor, RayJob
+from batchhub.ray_actors import NAMESPACE, LimiterActor
+from batchhub.ray_engine import RayJob
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
 
