@@ -1,5 +1,6 @@
 """Shared test fixtures: `prompts_csv` (an input file), `job_spec` (a JobSpec with test-friendly
-settings), `mock_server` (simulators in the test's event loop), `simulator_process` (a
+settings), `mock_server` (simulators in the test's event loop), `threaded_mock` (a simulator on a
+loop of its own in a thread, for code that blocks), `simulator_process` (a
 simulator in a process of its own), and a shim for aioresponses.
 
 aioresponses 0.7.9 (its newest release) builds `ClientResponse` without the
@@ -12,7 +13,9 @@ shim once aioresponses releases a fix.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,3 +104,44 @@ if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).paramet
             super().__init__(*args, **kwargs)
 
     aioresponses.core.ClientResponse = _CompatResponse  # type: ignore[misc]
+
+
+class ThreadedMock:
+    """The simulator on its own event loop in a thread, for the CLI and `batchhub.run`, which block."""
+
+    def __init__(self, **config: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = MockServer(MockConfig(**config))
+        self.call(self.server.start())
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def stats(self) -> Any:
+        return self.server.stats
+
+    def close(self) -> None:
+        self.call(self.server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@pytest.fixture
+def threaded_mock() -> Iterator[Callable[..., ThreadedMock]]:
+    servers: list[ThreadedMock] = []
+
+    def start(**config: Any) -> ThreadedMock:
+        servers.append(ThreadedMock(**config))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

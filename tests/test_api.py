@@ -26,47 +26,6 @@ TEMPLATE = "Classify the sentiment of this review: {review}"
 WORDS = {"positive": "Love it, great value.", "negative": "Arrived broken, want a refund.", "neutral": "It is a mug."}
 
 
-class ThreadedMock:
-    """The simulator on its own event loop in a thread, for code that blocks the caller's thread."""
-
-    def __init__(self, **config) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = MockServer(MockConfig(**config))
-        self.call(self.server.start())
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    @property
-    def stats(self):
-        return self.server.stats
-
-    def close(self) -> None:
-        self.call(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
-
-
-@pytest.fixture
-def threaded_mock():
-    servers: list[ThreadedMock] = []
-
-    def start(**config) -> ThreadedMock:
-        servers.append(ThreadedMock(**config))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
-
 def reviews(n: int, *, shift: int = 0) -> pd.DataFrame:
     """n reviews cycling through the three sentiments, under a shuffled string index."""
     labels = [list(WORDS)[(i + shift) % 3] for i in range(n)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,49 +19,7 @@ from click.testing import CliRunner
 import batchhub
 from batchhub import Job, arun_job, job_status, prepare_job
 from batchhub.cli import main
-from batchhub.mock import MockConfig, MockServer
 from batchhub.spec import JobSpec
-
-
-class ThreadedMock:
-    """The simulator on its own event loop in a thread, for the CLI and `batchhub.run`, which block."""
-
-    def __init__(self, **config: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = MockServer(MockConfig(**config))
-        self.call(self.server.start())
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    @property
-    def stats(self) -> Any:
-        return self.server.stats
-
-    def close(self) -> None:
-        self.call(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
-
-
-@pytest.fixture
-def threaded_mock():
-    servers: list[ThreadedMock] = []
-
-    def start(**config: Any) -> ThreadedMock:
-        servers.append(ThreadedMock(**config))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def prompts(path: Path, n: int) -> Path:
