@@ -35,7 +35,7 @@ from batchhub.results import ResultLog
 from batchhub.retry import next_step
 from batchhub.rows import Result, ResultRows
 from batchhub.spec import JobSpec
-from batchhub.summary import JobSummary
+from batchhub.stats import RunStats
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Attempts:
         log: ResultLog,
         rows: ResultRows,
         first_requests: FirstRequests,
-        summary: JobSummary,
+        stats: RunStats,
         progress: Progress,
         stop: asyncio.Event,
         on_fatal: Callable[[FatalAPIError], None],
@@ -77,7 +77,7 @@ class Attempts:
         self._log = log
         self._rows = rows
         self._first_requests = first_requests
-        self._summary = summary
+        self._stats = stats
         self._progress = progress
         self._stop = stop
         self._on_fatal = on_fatal
@@ -100,7 +100,7 @@ class Attempts:
             if self._stop.is_set():
                 return None
             tries.attempts += 1
-            self._summary.http_requests += 1
+            self._stats.http_requests += 1
             self.in_request.add(task)
             try:
                 reply = await self.client.complete(built.body, stream=built.stream)
@@ -163,12 +163,8 @@ class Attempts:
         if not await hold.again():
             message = f"{exc} (not sent again: its worst case does not fit --max-cost)"
             return self._error(row_id, exc, message, built, tries)
-        rate_limited = isinstance(exc, RateLimitError)
-        self._progress.retry(rate_limited)
-        if rate_limited:
-            self._summary.rate_limited += 1
-        else:
-            self._summary.retries += 1
+        self._stats.retry(rate_limited=isinstance(exc, RateLimitError))
+        self._progress.update()
         if decision.pool_wide:
             self.limits.cooldown(decision.delay)
         elif decision.delay > 0:

@@ -2,8 +2,8 @@
 
 A tqdm bar on a terminal or in a Jupyter notebook (a widget when ipywidgets is
 installed, text otherwise); nothing when output is not a terminal or when asked
-to be quiet. The runner reports every event; this class decides how often the
-screen is touched, so the hot path stays cheap.
+to be quiet. The job loop counts into a `RunStats` and calls `update()`; this class
+reads the stats and decides how often the screen is touched, so the hot path stays cheap.
 
 A `sink` receives the counters' growth about once a second (a Ray task sends its
 own to the driver that way); `absorb` adds such growth to a bar (the driver's).
@@ -20,9 +20,19 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from batchhub import defaults
+from batchhub.stats import RunStats
 
-#: the counters a sink receives (as growth since its last call) and `absorb` adds
-COUNTERS = ("done", "ok", "errors", "retries", "rate_limited", "tokens", "cost")
+#: the counters a sink receives (as growth since its last call) and `absorb` adds: their names in
+#: the growth a sink sends, and the `RunStats` field each is read from
+COUNTERS = {
+    "done": "results",
+    "ok": "ok",
+    "errors": "failed",
+    "retries": "retries",
+    "rate_limited": "rate_limited",
+    "tokens": "tokens",
+    "cost": "cost_usd",
+}
 
 #: how often a sink is called, at most
 SINK_INTERVAL_S = 1.0
@@ -46,7 +56,9 @@ def _bar_class() -> Any:
 
 
 class Progress:
-    """Counts a job's events and shows them. `enabled=None` means: only on a terminal or in a notebook."""
+    """Shows a run's statistics (`RunStats`); it reads them, it does not count. `enabled=None` means: only on
+    a terminal or in a notebook. Call `update()` after the stats change (the job loop does, once per result
+    and per retry); `absorb` adds growth a task's sink sent to these stats (the Ray driver's)."""
 
     def __init__(
         self,
@@ -56,22 +68,19 @@ class Progress:
         enabled: bool | None = None,
         file: IO[str] | None = None,
         sink: Callable[[dict[str, float]], None] | None = None,
+        stats: RunStats | None = None,
     ) -> None:
         self.file = file or sys.stderr
         if enabled is None:
             enabled = bool(getattr(self.file, "isatty", lambda: False)()) or in_notebook()
         self.enabled = enabled
         self.total = total
-        self.done = initial
-        self.ok = 0
-        self.errors = 0
-        self.retries = 0
-        self.rate_limited = 0
-        self.tokens = 0
-        self.cost = 0.0
+        self.initial = initial
+        self.stats = stats if stats is not None else RunStats()
         self.started = time.monotonic()
         self._last_postfix = 0.0
         self._bar: Any = None
+        self._shown = initial
         self._sink = sink
         self._sent = self._counters()
         self._last_sink = time.monotonic()
@@ -86,40 +95,58 @@ class Progress:
                 smoothing=0.1,
             )
 
-    def result(self, ok: bool, tokens: int | None, cost: float | None = None) -> None:
-        self.done += 1
-        if cost:
-            self.cost += cost
-        if ok:
-            self.ok += 1
-        else:
-            self.errors += 1
-        if tokens:
-            self.tokens += tokens
-        if self._bar is not None:
-            self._bar.update(1)
-            self._refresh()
-        if self._sink is not None:
-            self._send()
+    # what the bar shows, read from the stats
+    @property
+    def done(self) -> int:
+        return self.initial + self.stats.results
 
-    def retry(self, rate_limited: bool) -> None:
-        if rate_limited:
-            self.rate_limited += 1
-        else:
-            self.retries += 1
+    @property
+    def ok(self) -> int:
+        return self.stats.ok
+
+    @property
+    def errors(self) -> int:
+        return self.stats.failed
+
+    @property
+    def retries(self) -> int:
+        return self.stats.retries
+
+    @property
+    def rate_limited(self) -> int:
+        return self.stats.rate_limited
+
+    @property
+    def tokens(self) -> int:
+        return self.stats.tokens
+
+    @property
+    def cost(self) -> float:
+        return self.stats.cost_usd
+
+    def update(self) -> None:
+        """The stats changed: move the bar (its text at most every PROGRESS_INTERVAL_S), feed the sink."""
+        if self._bar is not None:
+            self._advance()
         if self._sink is not None:
             self._send()
 
     def absorb(self, growth: dict[str, float]) -> None:
         """Add counters' growth sent by another Progress's sink (a task's, to the driver's bar)."""
-        for name in COUNTERS:
-            setattr(self, name, getattr(self, name) + type(getattr(self, name))(growth.get(name, 0)))
+        for name, attribute in COUNTERS.items():
+            value = getattr(self.stats, attribute)
+            setattr(self.stats, attribute, value + type(value)(growth.get(name, 0)))
         if self._bar is not None:
-            self._bar.update(int(growth.get("done", 0)))
-            self._refresh()
+            self._advance()
+
+    def _advance(self) -> None:
+        if self.done != self._shown:
+            self._bar.update(self.done - self._shown)
+            self._shown = self.done
+        self._refresh()
 
     def _counters(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in COUNTERS}
+        return {name: getattr(self.stats, attribute) for name, attribute in COUNTERS.items()}
 
     def _send(self, *, now: bool = False) -> None:
         moment = time.monotonic()
@@ -150,6 +177,6 @@ class Progress:
             self._send(now=True)
         if self._bar is not None:
             self._last_postfix = 0.0
-            self._refresh()
+            self._advance()
             self._bar.close()
             self._bar = None

@@ -53,8 +53,9 @@ from batchhub.redaction import redact
 from batchhub.requests import BuiltRequest, RowError
 from batchhub.results import ResultLog
 from batchhub.rows import Result, ResultRows, check_output
+from batchhub.stats import RunStats, result_cost
 from batchhub.store import STATE_ERROR, STATE_NONE, STATE_OK
-from batchhub.summary import JobSummary, budget_message, close_run_record, result_cost
+from batchhub.summary import JobSummary, budget_message, close_run_record
 
 __all__ = ["Job", "JobSummary", "PreparedJob", "prepare_job"]
 
@@ -132,7 +133,7 @@ class Job:
     def _write_failed(self, exc: OSError, *, abandon: bool, lost: int = 0) -> None:
         """The job directory cannot be written: stop (at once, if `abandon`), keep what is written."""
         self._write_error = self._write_error or exc
-        self._summary.results_this_run -= lost
+        self._stats.lost += lost
         if abandon:
             self._abandon.set()
         self._halt("write_error")
@@ -161,13 +162,14 @@ class Job:
             except OSError as exc:
                 setup_error = exc
         self._write_error = setup_error
+        self._stats = RunStats()
         self._progress = Progress(
             total=prepared.n_rows,
             initial=prepared.n_rows - n_todo,
             enabled=self._progress_enabled,
             sink=self._progress_sink,
+            stats=self._stats,
         )
-        self._summary = JobSummary(store.dir, prepared.n_rows, 0, 0, 0)
         self._log = ResultLog(
             store,
             self._states,
@@ -247,7 +249,7 @@ class Job:
                 log=self._log,
                 rows=self._rows,
                 first_requests=self._first_requests,
-                summary=self._summary,
+                stats=self._stats,
                 progress=self._progress,
                 stop=self._stop,
                 on_fatal=self._stop_fatal,
@@ -355,10 +357,10 @@ class Job:
                 now = b""  # the row cannot be sent now: its stored result is not its request's either
             if now == hashes[rid]:
                 continue
-            self._summary.mismatched_results += 1
+            self._stats.mismatched_results += 1
             if self._first_mismatch is None:
                 self._first_mismatch = rid
-            if self._summary.mismatched_results > defaults.MAX_MISMATCHED_RESULTS:
+            if self._stats.mismatched_results > defaults.MAX_MISMATCHED_RESULTS:
                 self._refusal = JobStateError(
                     f"more than {defaults.MAX_MISMATCHED_RESULTS} results in {self.store.dir} do not match the "
                     "requests their rows would send now (the input, the request settings or how batchhub builds "
@@ -408,7 +410,7 @@ class Job:
                 return True
             # the reply was paid for and is recorded; ask again
             invalid_retries += 1
-            self._summary.invalid_retries += 1
+            self._stats.invalid_retries += 1
             if not await hold.take():
                 return False
 
@@ -418,8 +420,8 @@ class Job:
         """Journal a result (its line is written at the end of this loop pass), count it; return its cost if known."""
         if not self._log.record(row):
             return None
-        cost = self._summary.count(row, self.prepared.prices, requested_model)
-        self._progress.result(row["status"] == "ok", row.get("total_tokens"), cost)
+        cost = self._stats.count(row, self.prepared.prices, requested_model)
+        self._progress.update()
         return cost
 
     def _held_cost(self, row: Result, requested_model: str | None, cost: float | None) -> float | None:
@@ -432,12 +434,11 @@ class Job:
 
     def _finish_summary(self, started: float) -> JobSummary:
         """Where the job stands at the end of the run, and why it stopped, if it did."""
-        summary = self._summary
         states, budget = self._states, self.prepared.budget
-        summary.ok = int(np.count_nonzero(states == STATE_OK))
-        summary.failed = int(np.count_nonzero(states == STATE_ERROR))
-        summary.pending = int(np.count_nonzero(states == STATE_NONE))
-        summary.elapsed_s = time.monotonic() - started
+        ok, failed, pending = (int(np.count_nonzero(states == s)) for s in (STATE_OK, STATE_ERROR, STATE_NONE))
+        summary = JobSummary.from_stats(
+            self.store.dir, self.prepared.n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
+        )
         if self._fatal is not None:
             summary.stopped = "fatal"
             summary.message = redact(str(self._fatal), self.prepared.api_key)

@@ -10,8 +10,7 @@ from typing import Any
 
 from batchhub.errors import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, FatalAPIError
 from batchhub.prepare import now_iso
-from batchhub.pricing import ModelPrice, PriceBook
-from batchhub.rows import Result
+from batchhub.stats import RunStats
 
 
 @dataclass
@@ -53,50 +52,32 @@ class JobSummary:
             return EXIT_STOPPED
         return EXIT_FAILED_ROWS if self.failed else EXIT_OK
 
-    def count(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
-        """Count a result recorded by this run; its cost at known prices (None: no usage, or no price for its model)."""
-        self.results_this_run += 1
-        self.prompt_tokens += row.get("prompt_tokens") or 0
-        self.completion_tokens += row.get("completion_tokens") or 0
-        cost = self._cost(row, prices, requested_model)
-        if cost is not None:
-            self.cost_usd += cost
-        return cost
-
-    def _cost(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
-        """The cost of one result at known prices, reported and assumed (None: none, or no price for its model)."""
-        reported = row.get("prompt_tokens") is not None and row.get("completion_tokens") is not None
-        assumed = bool(row.get("assumed_prompt_tokens") or row.get("assumed_completion_tokens"))
-        if not reported and not assumed:
-            return None
-        model = row.get("model")
-        price = prices.lookup(model) if model else None
-        if price is None and requested_model:
-            price = prices.lookup(requested_model)
-        if price is None:
-            self.unpriced_models.add(str(model))
-            return None
-        if assumed:
-            self.assumed_usd += _assumed_cost(row, price)
-            self.assumed_results += 1
-        return result_cost(row, price)
-
-
-def result_cost(row: Result, price: ModelPrice) -> float:
-    """One result's cost at `price`: its reported usage plus what was charged at worst case."""
-    cost = 0.0
-    if row.get("prompt_tokens") is not None and row.get("completion_tokens") is not None:
-        cost += price.request_cost(
-            row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, row.get("cached_tokens") or 0
+    @classmethod
+    def from_stats(
+        cls, job_dir: Path, total_rows: int, states: tuple[int, int, int], stats: RunStats, elapsed_s: float
+    ) -> JobSummary:
+        """The summary of a run from its counters; `states` is where the job's rows stand (ok, failed, pending)."""
+        ok, failed, pending = states
+        return cls(
+            job_dir,
+            total_rows,
+            ok,
+            failed,
+            pending,
+            results_this_run=stats.results - stats.lost,
+            http_requests=stats.http_requests,
+            retries=stats.retries,
+            rate_limited=stats.rate_limited,
+            invalid_retries=stats.invalid_retries,
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            elapsed_s=elapsed_s,
+            cost_usd=stats.cost_usd,
+            unpriced_models=set(stats.unpriced_models),
+            assumed_usd=stats.assumed_usd,
+            assumed_results=stats.assumed_results,
+            mismatched_results=stats.mismatched_results,
         )
-    return cost + _assumed_cost(row, price)
-
-
-def _assumed_cost(row: Result, price: ModelPrice) -> float:
-    assumed_prompt, assumed_completion = row.get("assumed_prompt_tokens"), row.get("assumed_completion_tokens")
-    if not (assumed_prompt or assumed_completion):
-        return 0.0
-    return price.request_cost(assumed_prompt or 0, assumed_completion or 0)
 
 
 def budget_message(spent: float, limit: float, pending: int, refused: float | None = None) -> str:
