@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from batchhub import list_jobs, run_job
 from batchhub.cli import main
 from batchhub.report import job_report
-from batchhub.status import job_status
 from batchhub.spec import JobSpec
+from batchhub.status import job_status
 
 ROOT = Path(__file__).resolve().parent.parent
 
