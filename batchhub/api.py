@@ -315,7 +315,7 @@ def _prepare_frame(frame: pd.DataFrame, spec: JobSpec) -> PreparedJob:
     store = JobStore(job_dir)
     wrote = created = False
     if store.exists():
-        started_from = Path(str(store.read_manifest().get("input", {}).get("path", "")))
+        started_from = Path(store.manifest().input.path or "")
         if started_from.name != SNAPSHOT_NAME:
             raise JobStateError(
                 f"{job_dir} holds a job on the file {started_from}, not on a DataFrame: choose another job_dir"
@@ -342,7 +342,7 @@ def _prepare_frame(frame: pd.DataFrame, spec: JobSpec) -> PreparedJob:
                     job_dir.rmdir()
         raise
     # where the job directory is now (it may have been moved), for `batchhub export` and `status`
-    prepared.manifest["input"]["path"] = str(snapshot.resolve())
+    prepared.manifest.input.path = str(snapshot.resolve())
     return prepared
 
 

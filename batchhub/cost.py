@@ -205,5 +205,5 @@ def job_prices(target: Path, prices_file: Path | None) -> PriceBook:
     else:
         store = JobStore(target)
     if store.exists():
-        return PriceBook.for_job(store.read_manifest(), prices_file)
+        return PriceBook.for_job(store.manifest(), prices_file)
     return PriceBook.build({}, prices_file)

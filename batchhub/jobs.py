@@ -1,39 +1,26 @@
 """The jobs under a folder, each with its state: what `batchhub jobs` lists. Read-only.
 
-A job directory is a folder holding `job.json`. Its state comes from `job_status`
-(rows by their latest result, cost at known prices) and from its last run record:
-
-- `running`: the last run has not ended and its process (same host) is alive;
-- `running?`: the last run has not ended, it ran on another host (or recorded no
-  process id), and the job's files changed in the last `RECENT_S` seconds;
-- `killed`: the last run has not ended and its process is gone (or nothing
-  changed for `RECENT_S` seconds): resumable;
-- `finished`, `finished with failed rows`, `stopped` (rows pending: resumable), `new`
-  (the words `status` and the run summary use).
+A job directory is a folder holding `job.json`. Its counts, cost and state come from
+`job_status` (rows by their latest result, cost at known prices); the state words and the
+liveness check of an unended run are `batchhub.job_state`'s, the same in `status` and `report`.
 
 A directory that cannot be read is listed with its error instead of a state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchhub.errors import UsageError
-from batchhub.manifest import Manifest, RunRecord
+from batchhub.job_state import last_update
 from batchhub.status import job_status
 from batchhub.store import JobStore
 from batchhub.text import text_table
-
-#: files changed this recently make an unended run on another host look alive: longer than
-#: the journal's fsync interval and a typical 429 cool-down, shorter than a coffee break
-RECENT_S = 120.0
 
 
 @dataclass
@@ -81,9 +68,9 @@ def list_jobs(root: str | Path = "jobs", *, now: float | None = None) -> list[Jo
 def _listing(path: Path, now: float) -> JobListing:
     listing = JobListing(job_dir=str(path))
     try:
-        st = job_status(path)
-        manifest = JobStore(path).manifest()
-        updated = _last_update(path, manifest)
+        st = job_status(path, now=now)
+        store = JobStore(path)
+        updated = last_update(store, store.manifest())
     except Exception as exc:  # one unreadable job must not hide the others: show why, list the rest
         listing.error = str(exc).replace("\n", " ") or type(exc).__name__
         return listing
@@ -92,56 +79,8 @@ def _listing(path: Path, now: float) -> JobListing:
     if not st.unpriced_models:
         listing.cost_usd = st.spent_usd or 0.0
     listing.updated_at = dt.datetime.fromtimestamp(updated, dt.UTC).isoformat(timespec="seconds")
-    listing.state = _state(st.ok, st.failed, st.pending, manifest.runs, now - updated)
+    listing.state = st.state
     return listing
-
-
-def _state(ok: int, failed: int, pending: int, runs: list[RunRecord], idle_s: float) -> str:
-    last = runs[-1] if runs else None
-    if last is not None and not last.ended:
-        alive = _process_alive(last)
-        if alive is True:
-            return "running"
-        if alive is None and idle_s < RECENT_S:
-            return "running?"
-        return "killed"
-    if not runs:
-        return "new"
-    if pending:
-        return "stopped"
-    return "finished with failed rows" if failed else "finished"
-
-
-def _process_alive(run: RunRecord) -> bool | None:
-    """Whether the run's process still exists; None when that cannot be told from here."""
-    pid, host = run.pid, run.host
-    if pid is None or host != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    except OSError:
-        return None
-    return True
-
-
-def _last_update(path: Path, manifest: Manifest) -> float:
-    """Newest of: job.json, parts, journal segments (mtimes), and the last run's ended_at."""
-    store = JobStore(path)
-    times = [store.manifest_path.stat().st_mtime]
-    for file in (*store.parts(), *store.segments()):
-        try:
-            times.append(file.stat().st_mtime)
-        except FileNotFoundError:  # compacted away while we looked
-            continue
-    ended = manifest.runs[-1].ended_at if manifest.runs else None
-    if isinstance(ended, str):
-        with contextlib.suppress(ValueError):
-            times.append(dt.datetime.strptime(ended, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp())
-    return max(times)
 
 
 def render(listings: list[JobListing]) -> str:

@@ -70,7 +70,11 @@ class InputInfo:
         return {**_present({**known, "columns": self.columns}), **self.other}
 
 
-@dataclass
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass(kw_only=True)
 class RunRecord:
     """One run of the job: when and where it ran, and (once it ended) what it did.
 
@@ -82,30 +86,60 @@ class RunRecord:
     pid: int | None = None
     host: str | None = None
     elapsed_s: float | None = None
+    #: rows this run set out to send
+    to_send: int | None = None
+    batchhub_version: str | None = None
+    #: "ray" for a run of the Ray engine (None: the local engine), its shard size and shard count
+    engine: str | None = None
+    shard_rows: int | None = None
+    shards: int | None = None
+    #: what the run did, once it ended: results recorded, rows ok / failed / pending, why it stopped
+    results: int | None = None
+    ok: int | None = None
+    failed: int | None = None
+    pending: int | None = None
+    stopped: str | None = None
+    http_requests: int | None = None
     other: dict[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("started_at", "ended_at", "pid", "host", "elapsed_s")
+    _KEYS = (
+        "started_at",
+        "to_send",
+        "batchhub_version",
+        "pid",
+        "host",
+        "engine",
+        "shard_rows",
+        "shards",
+        "ended_at",
+        "results",
+        "ok",
+        "failed",
+        "pending",
+        "stopped",
+        "elapsed_s",
+        "http_requests",
+    )
+    _INTS = ("pid", "to_send", "shard_rows", "shards", "results", "ok", "failed", "pending", "http_requests")
+    _STRS = ("started_at", "ended_at", "host", "batchhub_version", "engine", "stopped")
 
     @classmethod
     def from_json(cls, data: Any) -> RunRecord:
         data = _dict(data)
-        elapsed = data.get("elapsed_s")
-        return cls(
-            started_at=_str(data.get("started_at")),
-            ended_at=_str(data.get("ended_at")),
-            pid=_int(data.get("pid")),
-            host=_str(data.get("host")),
-            elapsed_s=float(elapsed) if isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) else None,
-            other=_rest(data, cls._KEYS),
-        )
+        record = cls(elapsed_s=_float(data.get("elapsed_s")), other=_rest(data, cls._KEYS))
+        for key in cls._INTS:
+            setattr(record, key, _int(data.get(key)))
+        for key in cls._STRS:
+            setattr(record, key, _str(data.get(key)))
+        return record
 
     @property
     def ended(self) -> bool:
         return self.ended_at is not None
 
     def to_json(self) -> dict[str, Any]:
-        known = {"started_at": self.started_at, "ended_at": self.ended_at, "pid": self.pid, "host": self.host}
-        return {**_present({**known, "elapsed_s": self.elapsed_s}), **self.other}
+        """The record as job.json keeps it: the keys with a value, in the order a run writes them."""
+        return {**_present({key: getattr(self, key) for key in self._KEYS}), **self.other}
 
 
 @dataclass
@@ -122,6 +156,8 @@ class Manifest:
     runs: list[RunRecord] = field(default_factory=list)
     #: results with a seq up to this were kept as they were by a --force run
     forced_seq: int | None = None
+    #: a Ray task store's shard: {"index", "start", "stop", "run"} (None in a job's own job.json)
+    shard: dict[str, Any] | None = None
     other: dict[str, Any] = field(default_factory=dict)
 
     _KEYS = (
@@ -134,6 +170,7 @@ class Manifest:
         "prices",
         "runs",
         "forced_seq",
+        "shard",
     )
 
     @classmethod
@@ -149,6 +186,7 @@ class Manifest:
             prices=_dict(data["prices"]) if isinstance(data.get("prices"), dict) else None,
             runs=[RunRecord.from_json(run) for run in runs] if isinstance(runs, list) else [],
             forced_seq=_int(data.get("forced_seq")),
+            shard=_dict(data["shard"]) if isinstance(data.get("shard"), dict) else None,
             other=_rest(data, cls._KEYS),
         )
 
@@ -163,6 +201,7 @@ class Manifest:
             "prices": self.prices,
             "runs": [run.to_json() for run in self.runs],
             "forced_seq": self.forced_seq,
+            "shard": self.shard,
         }
         return {**_present(known), **self.other}
 

@@ -16,10 +16,11 @@ from batchhub import __version__, defaults
 from batchhub.budget import Budget, one_reply_check
 from batchhub.errors import InputError, JobStateError, UsageError
 from batchhub.io import InputSource, fingerprint, open_input
+from batchhub.manifest import InputInfo, Manifest
 from batchhub.pricing import PriceBook
 from batchhub.requests import RequestBuilder, choices
 from batchhub.spec import JobSpec
-from batchhub.store import FORMAT_VERSION, JobStore
+from batchhub.store import JobStore
 from batchhub.structured import OutputCheck
 
 
@@ -31,7 +32,7 @@ class PreparedJob:
     source: InputSource
     builder: RequestBuilder
     store: JobStore
-    manifest: dict[str, Any]
+    manifest: Manifest
     n_rows: int
     api_key: str
     resumed: bool
@@ -68,12 +69,12 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         manifest, n_rows = _resumed_manifest(spec, source, store, input_fp)
     else:
         manifest, n_rows = _new_manifest(source, builder, input_fp)
-    manifest["spec"] = spec.to_manifest()
-    manifest["request_config"] = spec.request_config()
-    manifest["input"]["rows"] = n_rows
-    manifest["input"]["fingerprint"] = input_fp
+    manifest.spec = spec.to_manifest()
+    manifest.request_config = spec.request_config()
+    manifest.input.rows = n_rows
+    manifest.input.fingerprint = input_fp
     prices = spec.price_book()
-    manifest["prices"] = prices.to_record()  # what status, report and cost price the job with later
+    manifest.prices = prices.to_record()  # what status, report and cost price the job with later
     if spec.model:
         prices.lookup(spec.model)  # load the price data now, not on the event loop at the first response
     return PreparedJob(
@@ -91,17 +92,17 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     )
 
 
-def _resumed_manifest(spec: JobSpec, source: InputSource, store: JobStore, input_fp: str) -> tuple[dict[str, Any], int]:
+def _resumed_manifest(spec: JobSpec, source: InputSource, store: JobStore, input_fp: str) -> tuple[Manifest, int]:
     """The manifest of the job in the directory and its row count, if this spec may resume it."""
-    manifest = store.read_manifest()
-    known = manifest.get("input", {})
-    if known.get("fingerprint") != input_fp and not spec.force:
+    manifest = store.manifest()
+    known = manifest.input
+    if known.fingerprint != input_fp and not spec.force:
         raise JobStateError(
             f"the input {source.path} has changed since this job started in {store.dir} "
             "(its fingerprint differs); resuming would mix rows. Use a new --job-dir, or --force to resume anyway"
         )
     # a setting added since the job started is compared as its default
-    old_config = {**JobSpec().request_config(), **(manifest.get("request_config") or {})}
+    old_config = {**JobSpec().request_config(), **(manifest.request_config or {})}
     new_config = spec.request_config()
     if old_config != new_config and not spec.force:
         changed = sorted(k for k in new_config if old_config.get(k) != new_config[k])
@@ -110,30 +111,28 @@ def _resumed_manifest(spec: JobSpec, source: InputSource, store: JobStore, input
             "resuming would mix results of two jobs. "
             "Use a new --job-dir, or --force to resume with the new settings"
         )
-    n_rows = int(known.get("rows", 0))
-    if known.get("fingerprint") != input_fp:
+    n_rows = known.rows or 0
+    if known.fingerprint != input_fp:
         n_rows = source.count_rows()
     return manifest, n_rows
 
 
-def _new_manifest(source: InputSource, builder: RequestBuilder, input_fp: str) -> tuple[dict[str, Any], int]:
+def _new_manifest(source: InputSource, builder: RequestBuilder, input_fp: str) -> tuple[Manifest, int]:
     """A new job's manifest and its row count, after checking its input."""
     n_rows = _count_and_check(source, builder)
     if n_rows == 0:
         raise InputError(f"{source.path} has no rows (only a header, or nothing)")
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "batchhub_version": __version__,
-        "created_at": now_iso(),
-        "input": {
-            "path": str(source.path.resolve()),
-            "format": source.format,
-            "fingerprint": input_fp,
-            "rows": n_rows,
-            "columns": list(source.columns),
-        },
-        "runs": [],
-    }
+    manifest = Manifest(
+        batchhub_version=__version__,
+        created_at=now_iso(),
+        input=InputInfo(
+            path=str(source.path.resolve()),
+            format=source.format,
+            fingerprint=input_fp,
+            rows=n_rows,
+            columns=list(source.columns),
+        ),
+    )
     return manifest, n_rows
 
 
@@ -232,20 +231,19 @@ async def endpoint(spec: JobSpec) -> AsyncIterator[str]:
         yield server.base_url
 
 
-def adopt_runs_since_prepared(manifest: dict[str, Any], store: JobStore) -> None:
+def adopt_runs_since_prepared(manifest: Manifest, store: JobStore) -> None:
     """Take what runs that ended after this job was prepared wrote to job.json (their records, a
     --force's seq), so that this run's manifest, written under the lock, does not drop them."""
     if not store.exists():
         return
     try:
-        on_disk = store.read_manifest()
+        on_disk = store.manifest()
     except (OSError, JobStateError):
         return
-    runs = on_disk.get("runs")
-    if isinstance(runs, list) and len(runs) > len(manifest.get("runs") or []):
-        manifest["runs"] = runs
-    if "forced_seq" in on_disk:
-        manifest["forced_seq"] = on_disk["forced_seq"]
+    if len(on_disk.runs) > len(manifest.runs):
+        manifest.runs = on_disk.runs
+    if on_disk.forced_seq is not None:
+        manifest.forced_seq = on_disk.forced_seq
 
 
 def now_iso() -> str:

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
+from batchhub.manifest import Manifest
 
 OVERRIDE_KEYS = {"input_per_million", "output_per_million", "cached_input_per_million"}
 _DATED = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
@@ -190,15 +191,15 @@ class PriceBook:
         return {"overrides": self.overrides, "sources": self.override_sources}
 
     @classmethod
-    def for_job(cls, manifest: Mapping[str, Any], prices_file: str | Path | None = None) -> PriceBook:
+    def for_job(cls, manifest: Manifest, prices_file: str | Path | None = None) -> PriceBook:
         """The prices a job ran with, from its job.json, with a reader's `--prices FILE` over them.
 
         The override table is recorded at run time, so a relative or since-moved prices file is
         never read again. A job recorded before that is priced from its spec as it was saved.
         """
-        recorded = manifest.get("prices")
-        if not isinstance(recorded, dict) or not isinstance(recorded.get("overrides"), dict):
-            saved = manifest.get("spec") or {}
+        recorded = manifest.prices
+        if recorded is None or not isinstance(recorded.get("overrides"), dict):
+            saved = manifest.spec
             return cls.build(saved.get("prices") or {}, prices_file or saved.get("prices_file"))
         book = cls()
         sources = recorded.get("sources")

@@ -42,6 +42,7 @@ from batchhub.budget import SharedBudget
 from batchhub.errors import JobStateError, UsageError
 from batchhub.io import open_input
 from batchhub.lock import lock_job_dir
+from batchhub.manifest import Manifest, RunRecord
 from batchhub.prepare import PreparedJob, now_iso
 from batchhub.progress import Progress
 from batchhub.ray_actors import ActorBackend, BudgetActor, ProgressActor, Secret, shared_limiter
@@ -50,7 +51,7 @@ from batchhub.requests import RequestBuilder
 from batchhub.runner import Job
 from batchhub.shared_limits import SharedLimits
 from batchhub.spec import JobSpec
-from batchhub.store import FORMAT_VERSION, STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+from batchhub.store import STATE_ERROR, STATE_NONE, STATE_OK, JobStore
 from batchhub.structured import OutputCheck
 from batchhub.summary import JobSummary, budget_message, close_run_record
 
@@ -108,12 +109,10 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
     source = open_input(spec.input)
     book = spec.price_book()
     store = JobStore(task.store_dir, seq_floor=task.seq_floor)
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "batchhub_version": __version__,
-        "shard": {"index": task.shard.index, "start": task.shard.start, "stop": task.shard.stop, "run": task.run},
-        "runs": [],
-    }
+    manifest = Manifest(
+        batchhub_version=__version__,
+        shard={"index": task.shard.index, "start": task.shard.start, "stop": task.shard.stop, "run": task.run},
+    )
     prepared = PreparedJob(
         spec=spec,
         source=source,
@@ -214,7 +213,7 @@ class RayJob:
             store.recover()
             states = store.row_states(p.n_rows)
             in_flight = self.max_shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
-            run_no = len(p.manifest.setdefault("runs", [])) + 1
+            run_no = len(p.manifest.runs) + 1
             task_spec = _task_spec(spec)
             assert task_spec.input is not None
             input_size = os.stat(task_spec.input).st_size
@@ -226,17 +225,18 @@ class RayJob:
                     tasks.append(
                         ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, p.n_rows, input_size, run_no)
                     )
-            record: dict[str, Any] = {
-                "started_at": now_iso(),
-                "engine": "ray",
-                "shard_rows": self.shard_rows,
-                "shards": len(tasks),
-                "to_send": int(sum(t.rows.size for t in tasks)),
-                "batchhub_version": __version__,
-            }
-            p.manifest["runs"].append(record)
+            to_send = int(sum(t.rows.size for t in tasks))
+            record = RunRecord(
+                started_at=now_iso(),
+                engine="ray",
+                shard_rows=self.shard_rows,
+                shards=len(tasks),
+                to_send=to_send,
+                batchhub_version=__version__,
+            )
+            p.manifest.runs.append(record)
             store.write_manifest(p.manifest)
-            initial = p.n_rows - record["to_send"]
+            initial = p.n_rows - to_send
             self.progress = Progress(total=p.n_rows, initial=initial, enabled=self._progress_enabled)
             try:
                 totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()

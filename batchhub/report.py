@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
+from batchhub.job_state import job_state
 from batchhub.manifest import RunRecord
 from batchhub.pricing import CostReport, PriceBook
 from batchhub.result_schema import latest_indices
@@ -125,17 +126,12 @@ def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
         run_seconds=sum(run.elapsed_s or 0.0 for run in runs),
         first_started=runs[0].started_at if runs else None,
     )
-    book = PriceBook.for_job(manifest.to_json(), prices_file)
+    book = PriceBook.for_job(manifest, prices_file)
     rep.prices = book.label
     table = store.results(list(COLUMNS))
     if table.num_rows:
         _fill(rep, store, table, book, runs)
-    if runs and not runs[-1].ended:
-        rep.state = "running (or killed)"
-    elif rep.pending == 0 and total:
-        rep.state = "finished" if rep.failed == 0 else "finished with failed rows"
-    elif runs:
-        rep.state = "stopped"
+    rep.state = job_state(store, manifest, total=total, failed=rep.failed, pending=rep.pending)
     return rep
 
 

@@ -47,6 +47,7 @@ from batchhub.errors import (
 from batchhub.holds import Hold, Holds
 from batchhub.limits import Limiter, RateLimits
 from batchhub.lock import lock_job_dir
+from batchhub.manifest import RunRecord
 from batchhub.prepare import PreparedJob, adopt_runs_since_prepared, endpoint, now_iso, prepare_job
 from batchhub.progress import Progress
 from batchhub.redaction import redact
@@ -209,25 +210,24 @@ class Job:
         # a resume trusts a result only if its request_hash is the request its row would send now:
         # the reader checks each done row as it passes (--force keeps results as they are)
         self._hashes: np.ndarray | None = None
-        forced = prepared.manifest.get("forced_seq")
-        forced = forced if isinstance(forced, int) and not isinstance(forced, bool) else 0
+        forced = prepared.manifest.forced_seq or 0
         if spec.force:  # the results so far are kept as they are, by this run and the resumes after it
-            prepared.manifest["forced_seq"] = max(forced, store.last_seq)
+            prepared.manifest.forced_seq = max(forced, store.last_seq)
         elif self._only_rows is None and bool(np.any(states != STATE_NONE)):
             self._hashes = store.row_request_hashes(prepared.n_rows, trusted_seq=forced)
         return int(np.count_nonzero(todo))
 
-    def _start_record(self, n_todo: int) -> dict[str, Any]:
+    def _start_record(self, n_todo: int) -> RunRecord:
         """This run's record, added to the manifest's runs."""
-        run_record: dict[str, Any] = {
-            "started_at": now_iso(),
-            "to_send": n_todo,
-            "batchhub_version": __version__,
+        run_record = RunRecord(
+            started_at=now_iso(),
+            to_send=n_todo,
+            batchhub_version=__version__,
             # who runs it: `batchhub jobs` tells a running job from a killed one by this
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-        }
-        self.prepared.manifest.setdefault("runs", []).append(run_record)
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        self.prepared.manifest.runs.append(run_record)
         return run_record
 
     async def _open_and_send(self) -> None:

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub.cost import USAGE_COLUMNS, assumed_note, report
+from batchhub.job_state import job_state
 from batchhub.pricing import PriceBook
 from batchhub.result_schema import latest_indices
 from batchhub.store import JobStore
@@ -52,8 +53,10 @@ class JobStatus:
         return asdict(self)
 
 
-def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> JobStatus:
-    """Counts of the latest result per row; tokens and cost over every result recorded (what was paid for)."""
+def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, now: float | None = None) -> JobStatus:
+    """Counts of the latest result per row; tokens and cost over every result recorded (what was paid for).
+
+    `now` (epoch seconds, for tests) is when a run on another host is judged alive or killed (see job_state)."""
     store = JobStore(job_dir)
     manifest = store.manifest()
     total = manifest.input.rows or 0
@@ -87,7 +90,7 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
         st.models = _counts(latest["model"])
         last = pc.max(table["finished_at"]).as_py()
         st.last_finished_at = last.isoformat(timespec="seconds") if last is not None else None
-        book = PriceBook.for_job(manifest.to_json(), prices_file)
+        book = PriceBook.for_job(manifest, prices_file)
         bill = report(table, book)
         st.prices = "; ".join(bill.sources) or None
         st.unpriced_models = bill.unknown_models
@@ -97,12 +100,7 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
             done = st.ok + st.failed
             if st.pending and done:
                 st.projected_usd = bill.total_usd / done * total
-    if runs and not runs[-1].ended:
-        st.state = "running (or killed)"
-    elif st.pending == 0:
-        st.state = "finished" if st.failed == 0 else "finished with failed rows"
-    elif runs:
-        st.state = "stopped"
+    st.state = job_state(store, manifest, total=total, failed=st.failed, pending=st.pending, now=now)
     return st
 
 

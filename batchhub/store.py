@@ -120,11 +120,12 @@ class JobStore:
         return Manifest.load(self.manifest_path)
 
     def read_manifest(self) -> dict[str, Any]:
-        """job.json as a dict, for the writers that still build it by key (the runner, the Ray engine)."""
+        """job.json as it is on disk, untyped (for tests and tools; batchhub itself reads `manifest()`)."""
         return read_json(self.manifest_path)
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json(self.manifest_path, manifest)
+    def write_manifest(self, manifest: Manifest | dict[str, Any]) -> None:
+        """Write job.json whole or not at all (a dict is written as it is, for tests and tools)."""
+        write_json(self.manifest_path, manifest.to_json() if isinstance(manifest, Manifest) else manifest)
 
     # -- files ----------------------------------------------------------------------------
 

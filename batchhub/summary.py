@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batchhub.errors import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, FatalAPIError
+from batchhub.manifest import RunRecord
 from batchhub.prepare import now_iso
 from batchhub.stats import RunStats
 
@@ -94,18 +95,14 @@ def budget_message(spent: float, limit: float, pending: int, refused: float | No
     )
 
 
-def close_run_record(record: dict[str, Any], summary: JobSummary) -> None:
+def close_run_record(record: RunRecord, summary: JobSummary) -> None:
     """What a run did, into its record in job.json."""
-    record.update(
-        ended_at=now_iso(),
-        results=summary.results_this_run,
-        ok=summary.ok,
-        failed=summary.failed,
-        pending=summary.pending,
-        stopped=summary.stopped,
-        elapsed_s=round(summary.elapsed_s, 3),
-        http_requests=summary.http_requests,
-    )
+    record.ended_at = now_iso()
+    record.results = summary.results_this_run
+    record.ok, record.failed, record.pending = summary.ok, summary.failed, summary.pending
+    record.stopped = summary.stopped
+    record.elapsed_s = round(summary.elapsed_s, 3)
+    record.http_requests = summary.http_requests
 
 
 def summary_lines(summary: JobSummary, prices: str, *, quiet: bool = False) -> list[str]:

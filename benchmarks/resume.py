@@ -69,6 +69,7 @@ def synthetic_result(row_id: int, seq: int, now: float, request_hash: str) -> di
 def build_half_done(input_path: Path, job_dir: Path, base_url: str, concurrency: int) -> tuple[int, int, int]:
     """A job with every even row done. Returns (rows, results in parts, results in the journal)."""
     from batchhub import JobSpec
+    from batchhub.manifest import RunRecord
     from batchhub.runner import prepare_job
 
     spec = JobSpec(
@@ -95,19 +96,19 @@ def build_half_done(input_path: Path, job_dir: Path, base_url: str, concurrency:
         for i, rid in enumerate(done[cut:]):
             row = synthetic_result(rid, cut + i + 1, now, hashes[rid // 2])
             fh.write(json.dumps(row, separators=(",", ":")) + "\n")
-    prepared.manifest["runs"] = [
-        {
-            "started_at": "2025-01-01T00:00:00Z",
-            "to_send": n,
-            "ended_at": "2025-01-01T00:05:00Z",
-            "results": len(done),
-            "ok": len(done),
-            "failed": 0,
-            "pending": n - len(done),
-            "stopped": "interrupted",
-            "elapsed_s": 300.0,
-            "http_requests": len(done),
-        }
+    prepared.manifest.runs = [
+        RunRecord(
+            started_at="2025-01-01T00:00:00Z",
+            to_send=n,
+            ended_at="2025-01-01T00:05:00Z",
+            results=len(done),
+            ok=len(done),
+            failed=0,
+            pending=n - len(done),
+            stopped="interrupted",
+            elapsed_s=300.0,
+            http_requests=len(done),
+        )
     ]
     store.write_manifest(prepared.manifest)
     return n, cut, in_journal

@@ -17,7 +17,9 @@ from click.testing import CliRunner
 
 from batchhub import list_jobs, run_job
 from batchhub.cli import main
+from batchhub.report import job_report
 from batchhub.spec import JobSpec
+from batchhub.status import job_status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +106,17 @@ def test_every_job_with_its_state_counts_and_cost(jobs_root: Path) -> None:
     # the same run on another host, nothing changed for long: no longer taken for running
     later = {Path(i.job_dir).name: i.state for i in list_jobs(jobs_root, now=pd.Timestamp.now().timestamp() + 3600)}
     assert later["elsewhere"] == "killed"
+
+
+def test_status_and_report_tell_running_from_killed_as_jobs_does(jobs_root: Path) -> None:
+    for name in ("done", "some-failed", "over-budget", "killed", "live", "elsewhere"):
+        listed = list_jobs(jobs_root / name)[0].state
+        assert job_status(jobs_root / name).state == job_report(jobs_root / name).state == listed, name
+    assert job_status(jobs_root / "killed").state == "killed" and job_report(jobs_root / "live").state == "running"
+    later = pd.Timestamp.now().timestamp() + 3600
+    assert job_status(jobs_root / "elsewhere", now=later).state == "killed"
+    result = invoke("status", str(jobs_root / "killed"))
+    assert "(killed)" in result.output, result.output
 
 
 def test_the_table(jobs_root: Path) -> None:

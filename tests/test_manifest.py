@@ -32,7 +32,7 @@ def test_a_manifest_reads_typed_and_writes_back_what_it_read(tmp_path: Path) -> 
     manifest = Manifest.load(path)
     assert manifest.input == InputInfo("/data/in.csv", "csv", "abc", 12, ["prompt"])
     assert [run.ended for run in manifest.runs] == [False, True]
-    assert manifest.runs[0] == RunRecord("2026-01-02T03:04:06Z", None, 41, "h", None, {"to_send": 12, "engine": "ray"})
+    assert manifest.runs[0] == RunRecord(started_at="2026-01-02T03:04:06Z", pid=41, host="h", to_send=12, engine="ray")
     assert manifest.runs[1].elapsed_s == 9.5 and manifest.forced_seq == 7
     manifest.save(tmp_path / "again.json")
     assert json.loads((tmp_path / "again.json").read_text()) == WRITTEN
