@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -310,7 +311,11 @@ def test_a_part_unreadable_for_want_of_memory_is_not_taken_for_damage(
 
 @pytest.mark.parametrize("limit_kb", [400_000, 500_000, 1_000_000])
 def test_a_resume_under_ulimit_v_loses_nothing_and_sets_nothing_aside(tmp_path: Path, limit_kb: int) -> None:
-    """Whatever fails under the address-space limit (import, journal read, part read), nothing is lost."""
+    """Whatever fails under the address-space limit (import, journal read, part read), nothing is lost.
+
+    Under such a limit CPython itself may hang in `Thread.start` (the new thread cannot get its
+    thread-local data and never signals that it started): such a run is killed after 20 s, which
+    is one more way to fail, and nothing may be lost then either."""
     pd.DataFrame({"prompt": [f"p{i}" for i in range(8)]}).to_csv(tmp_path / "in.csv", index=False)
     job = tmp_path / "job"
     args = ["run", str(tmp_path / "in.csv"), "--mock", "--model", "m", "--job-dir", str(job), "--quiet"]
@@ -325,8 +330,9 @@ def test_a_resume_under_ulimit_v_loses_nothing_and_sets_nothing_aside(tmp_path: 
         )
     )
     command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "batchhub", *args])
-    subprocess.run(
-        ["bash", "-c", f"ulimit -v {limit_kb}; exec {command}"], capture_output=True, env=child_env(), timeout=60
-    )
+    with contextlib.suppress(subprocess.TimeoutExpired):  # killed: see the docstring
+        subprocess.run(
+            ["bash", "-c", f"ulimit -v {limit_kb}; exec {command}"], capture_output=True, env=child_env(), timeout=20
+        )
     assert job_status(job).ok == 8
     assert not list(job.rglob("*.damaged"))
