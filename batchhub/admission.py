@@ -59,6 +59,13 @@ class FirstRequests:
             await self._turn.wait()
         return False
 
+    def give_back(self) -> None:
+        """A row admitted among the first requests is recorded without being sent (say, its model has no
+        price under --max-cost): its turn goes to the next row, which would otherwise wait for ever."""
+        if not self._opened.is_set():
+            self._admitted -= 1
+            self._wake()
+
     def open(self) -> None:
         """Let every row go out; the first results held back so far are recorded."""
         self._opened.set()

@@ -390,6 +390,8 @@ class Job:
                     taken = await hold.take()
                 except UsageError as exc:  # a per-row model with no known price
                     self._record(self._rows.error(row_id, "no_price", str(exc), None, 0, 0, built))
+                    if first:
+                        self._first_requests.give_back()
                     continue
                 if not taken or not await self._send_row(row_id, built, first, hold):
                     return

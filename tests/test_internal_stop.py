@@ -48,3 +48,28 @@ async def test_workers_meeting_the_budget_at_once_abandon_no_reply(tmp_path: Pat
     recorded = JobStore(tmp_path / "job").results(["status"]).to_pylist()
     # every reply the server sent is recorded: none was abandoned by the stop
     assert server.stats.completions == len(recorded) == summary.ok
+
+
+async def test_a_first_row_that_is_never_sent_gives_back_its_turn(tmp_path: Path, mock_server) -> None:
+    """The run's first request goes alone; when the first row is recorded without being sent (its
+    model has no price under --max-cost), the next row takes the turn instead of every row
+    waiting for an answer that never comes."""
+    server = await mock_server(seed=3)
+    data = tmp_path / "in.csv"
+    models = ["model-without-a-price"] + ["gpt-4o-mini"] * 5
+    pd.DataFrame({"prompt": [f"question {i}" for i in range(6)], "model": models}).to_csv(data, index=False)
+    spec = JobSpec(
+        input=data,
+        base_url=server.base_url,
+        api_key="k-test",
+        model="gpt-4o-mini",
+        param_columns={"model": "model"},
+        max_tokens=20,
+        max_cost=1.0,
+        concurrency=4,
+        job_dir=tmp_path / "job",
+        quiet=True,
+    )
+    summary = await asyncio.wait_for(Job(prepare_job(spec)).run(), timeout=30)
+    assert (summary.ok, summary.failed, summary.pending) == (5, 1, 0)
+    assert server.stats.completions == 5
