@@ -15,7 +15,7 @@ import aiohttp
 import jsonschema
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from pydantic import BaseModel
+from openai_shapes import openai_parse
 
 from batchhub.mock import MockConfig, MockServer, MockStats, make_app
 from batchhub.mock.ratelimit import format_duration
@@ -779,25 +779,6 @@ SCHEMA = {
         }
     },
 }
-
-
-def no_extra_fields(model: Any, where: str = "reply") -> None:
-    """No field the openai types do not know, at any depth (their models allow extras)."""
-    if isinstance(model, BaseModel):
-        assert not model.model_extra, f"{where}: fields unknown to the openai types: {sorted(model.model_extra)}"
-        for name in type(model).model_fields:
-            no_extra_fields(getattr(model, name), f"{where}.{name}")
-    elif isinstance(model, list):
-        for i, item in enumerate(model):
-            no_extra_fields(item, f"{where}[{i}]")
-
-
-def openai_parse(cls: Any, data: dict[str, Any]) -> Any:
-    """Parse with the official type; fail on unknown fields and on anything it had to coerce."""
-    parsed = cls.model_validate(data)
-    no_extra_fields(parsed)
-    assert parsed.model_dump(mode="json", exclude_unset=True) == data
-    return parsed
 
 
 def fold(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

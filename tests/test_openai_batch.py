@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
+from openai_shapes import openai_parse
 from pydantic import BaseModel
 
 from batchhub import arun_job, export_job
@@ -185,24 +186,6 @@ class BatchLine(BaseModel, extra="forbid"):
     custom_id: str
     response: _LineResponse | None
     error: _LineError | None
-
-
-def openai_parse(cls, data: dict):
-    """Parse with the official type; fail on unknown fields and on anything it had to coerce."""
-    parsed = cls.model_validate(data)
-    no_extra_fields(parsed)
-    assert parsed.model_dump(mode="json", exclude_unset=True) == data
-    return parsed
-
-
-def no_extra_fields(model, where: str = "body") -> None:
-    if isinstance(model, BaseModel):
-        assert not model.model_extra, f"{where}: fields unknown to the openai types: {sorted(model.model_extra)}"
-        for name in type(model).model_fields:
-            no_extra_fields(getattr(model, name), f"{where}.{name}")
-    elif isinstance(model, list):
-        for i, item in enumerate(model):
-            no_extra_fields(item, f"{where}[{i}]")
 
 
 OPENAI_REPLY = {
