@@ -99,25 +99,30 @@ class RequestBounds:
         self._counters: dict[str, TokenCounter] = {}
         self._extra: dict[tuple[str, str], int] = {}
 
-    def of(self, built: BuiltRequest) -> Bound:
-        counter = self._counters.get(built.model)
+    def counter(self, model: str) -> TokenCounter:
+        """The model's tokenizer (or its stand-in), made once per model."""
+        counter = self._counters.get(model)
         if counter is None:
-            counter = self._counters[built.model] = TokenCounter.for_model(built.model)
-        if counter.exact:
+            counter = self._counters[model] = TokenCounter.for_model(model)
+        return counter
+
+    def prompt_tokens(self, built: BuiltRequest) -> int:
+        """The request's prompt by the model's counting rule: its messages plus every other body field
+        billed as input (tools, response_format...)."""
+        counter = self.counter(built.model)
+        return counter.messages(built.messages) + self._extra_tokens(counter, built.extra_input)
+
+    def of(self, built: BuiltRequest) -> Bound:
+        if self.counter(built.model).exact:
             # the published counting rule with a margin for a server that counts a little differently
-            tokens = counter.messages(built.messages) + self._extra_tokens(counter, built.extra_input)
-            prompt = math.ceil(tokens * 1.05 + 16)
+            prompt = math.ceil(self.prompt_tokens(built) * 1.05 + 16)
         else:
             prompt = len(built.body)  # every token is at least one byte
-        hard = built.max_tokens is not None
-        per_choice = built.max_tokens if built.max_tokens is not None else defaults.BUDGET_COMPLETION_CEILING
-        return Bound(prompt, built.choices * per_choice, hard)
+        return Bound(prompt, *_completion(built))
 
     def by_bytes(self, built: BuiltRequest) -> Bound:
         """A bound that needs no tokenizer: the body's byte length for the prompt (for a job without a budget)."""
-        hard = built.max_tokens is not None
-        per_choice = built.max_tokens if built.max_tokens is not None else defaults.BUDGET_COMPLETION_CEILING
-        return Bound(len(built.body), built.choices * per_choice, hard)
+        return Bound(len(built.body), *_completion(built))
 
     def _extra_tokens(self, counter: TokenCounter, text: str) -> int:
         if not text:
@@ -125,10 +130,17 @@ class RequestBounds:
         key = (counter.model, text)  # a job's tools are one string for every row: counted once
         tokens = self._extra.get(key)
         if tokens is None:
-            if len(self._extra) >= 64:
+            if len(self._extra) >= 64:  # Batch lines may each differ
                 self._extra.clear()
             tokens = self._extra[key] = counter.text(text)
         return tokens
+
+
+def _completion(built: BuiltRequest) -> tuple[int, bool]:
+    """The request's completion bound in tokens (n choices of max_tokens, else the assumed ceiling), and
+    whether it is a hard one (max_tokens set: the server stops there)."""
+    per_choice = built.max_tokens if built.max_tokens is not None else defaults.BUDGET_COMPLETION_CEILING
+    return built.choices * per_choice, built.max_tokens is not None
 
 
 class Spending:

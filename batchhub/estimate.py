@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from batchhub.budget import RequestBounds
 from batchhub.io import open_input
 from batchhub.pricing import PriceBook
 from batchhub.requests import RequestBuilder, RowError
@@ -98,8 +99,7 @@ def count_prompts(spec: JobSpec, only: np.ndarray | None = None) -> tuple[dict[s
     source = open_input(spec.input)  # type: ignore[arg-type]
     builder = RequestBuilder(spec, source.columns)
     tallies: dict[str, _Tally] = {}
-    counters: dict[str, TokenCounter] = {}
-    extras: dict[tuple[str, str], int] = {}
+    bounds = RequestBounds()  # counts a prompt as the budget does (messages and billed body fields)
     failing = 0
     row_id = 0
     wanted = None if only is None else set(only.tolist())
@@ -113,17 +113,9 @@ def count_prompts(spec: JobSpec, only: np.ndarray | None = None) -> tuple[dict[s
             except RowError:
                 failing += 1
                 continue
-            counter = counters.get(built.model) or counters.setdefault(built.model, TokenCounter.for_model(built.model))
             tally = tallies.setdefault(built.model, _Tally())
             tally.rows += 1
-            tally.prompt += counter.messages(built.messages)
-            if built.extra_input:  # tools, response_format...: billed as input, as the budget counts them
-                key = (built.model, built.extra_input)
-                if key not in extras:
-                    if len(extras) >= 64:  # one job's tools are one text; Batch lines may each differ
-                        extras.clear()
-                    extras[key] = counter.text(built.extra_input)
-                tally.prompt += extras[key]
+            tally.prompt += bounds.prompt_tokens(built)
             if built.max_tokens is None:
                 tally.unbounded = True
             else:

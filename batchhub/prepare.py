@@ -18,7 +18,7 @@ from batchhub.errors import InputError, JobStateError, UsageError
 from batchhub.io import InputSource, fingerprint, open_input
 from batchhub.manifest import InputInfo, Manifest
 from batchhub.pricing import PriceBook
-from batchhub.requests import RequestBuilder, choices
+from batchhub.requests import RequestBuilder, choices, completion_bound
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
 from batchhub.structured import OutputCheck
@@ -145,30 +145,26 @@ def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
         Budget(spec.max_cost, 0.0, prices).price(spec.model)  # refuse an unknown price before anything is sent
     spent = 0.0
     if store.exists():
-        earlier = report(store.results(list(USAGE_COLUMNS)), prices)
-        if earlier.unknown_models:
+        earlier = store.results(list(USAGE_COLUMNS))
+        by_reply = report(earlier, prices)
+        if by_reply.unknown_models:
             raise UsageError(
-                f"--max-cost: this job has results of {', '.join(earlier.unknown_models)}, whose price is unknown, "
+                f"--max-cost: this job has results of {', '.join(by_reply.unknown_models)}, whose price is unknown, "
                 "so its spending cannot be known: give the price with --prices FILE"
             )
-        spent = earlier.total_usd
+        spent = by_reply.total_usd
         if spec.model:
             # a reply may name a cheaper model than the one asked for and billed: what was spent is
             # taken at the dearer reading
-            as_asked = store.results(list(USAGE_COLUMNS))
-            as_asked = as_asked.set_column(
-                as_asked.column_names.index("model"), "model", pa.array([spec.model] * as_asked.num_rows, pa.string())
+            as_asked = earlier.set_column(
+                earlier.column_names.index("model"), "model", pa.repeat(spec.model, earlier.num_rows)
             )
             spent = max(spent, report(as_asked, prices).total_usd)
     budget = Budget(float(spec.max_cost), spent, prices)
     if spec.model:
         # as the request builder bounds a reply: n as a lenient server reads it, the larger completion bound
-        bounds = [
-            v
-            for v in (spec.max_tokens, spec.params.get("max_completion_tokens"))
-            if isinstance(v, int) and not isinstance(v, bool)
-        ]
-        one_reply_check(budget, spec.model, choices(spec.params.get("n")), max(bounds) if bounds else None)
+        bound = completion_bound(spec.max_tokens, spec.params.get("max_completion_tokens"))
+        one_reply_check(budget, spec.model, choices(spec.params.get("n")), bound)
     return budget
 
 

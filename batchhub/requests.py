@@ -103,6 +103,13 @@ def _whole(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def completion_bound(max_tokens: Any, max_completion_tokens: Any) -> int | None:
+    """The most completion tokens one choice may have. A server may take either bound (vLLM prefers
+    max_completion_tokens): the larger one holds. None when neither is set."""
+    bounds = [v for v in (max_tokens, max_completion_tokens) if _whole(v)]
+    return max(bounds) if bounds else None
+
+
 def choices(n: Any) -> int:
     """The replies `n` asks for as a lenient server reads it (8.0 and "8" are 8); 1 if it is no number."""
     if _whole(n):
@@ -317,9 +324,7 @@ class RequestBuilder:
                 "shorten this row's text",
                 "request_too_large",
             )
-        # a server may take either bound (vLLM prefers max_completion_tokens): the larger one holds
-        bounds = [v for v in (body.get("max_tokens"), body.get("max_completion_tokens")) if _whole(v)]
-        max_tokens = max(bounds) if bounds else None
+        max_tokens = completion_bound(body.get("max_tokens"), body.get("max_completion_tokens"))
         extra = extra_input(body) if self.batch_format else self._extra_input
         return BuiltRequest(
             body=encoded,
