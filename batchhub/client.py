@@ -22,7 +22,7 @@ import orjson
 
 from batchhub import defaults
 from batchhub.errors import BadResponseError, ResponseTooLargeError, ServerError
-from batchhub.http_errors import classify, mapped_errors, parse_error_body
+from batchhub.http_errors import classify, in_stream_status, mapped_errors, parse_error_body
 
 
 @dataclass(slots=True)
@@ -293,7 +293,13 @@ class SSEAccumulator:
         if not isinstance(event, dict):
             raise BadResponseError("event stream holds an event that is not a JSON object")
         if "error" in event:
-            message, code, _kind = parse_error_body(json.dumps(event))
+            body = json.dumps(event)
+            message, code, kind = parse_error_body(body)
+            # before any content, the error stands for the status the server could not send any more;
+            # after it, part of an answer was generated (and may be billed): a failure mid-stream
+            status = in_stream_status(code, kind) if self.events == 0 else None
+            if status is not None and status >= 400:
+                raise classify(status, body, {})
             raise ServerError(f"error inside the event stream: {message or 'unknown'}", code=code)
         self.events += 1
         if isinstance(event.get("id"), str):

@@ -127,6 +127,26 @@ def classify(status: int, body: bytes | str | None, headers: Mapping[str, str]) 
     )
 
 
+#: error codes and types that say "rate limited" without an HTTP status (an error inside a stream)
+RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "rate_limit_error", "too_many_requests", "throttling_error"})
+
+
+def in_stream_status(code: str | None, kind: str | None) -> int | None:
+    """The HTTP status an error event inside a stream stands for, or None when it names none.
+
+    A proxy that opens a stream before its upstream answers (LiteLLM, OpenRouter) can only pass the
+    upstream's 429 or 400 on as an error event in a 200 stream, its `code` the status ("429" or 429)
+    or the provider's code. Read as that status, a rate limit paces the job and a refused request is
+    not sent again, as they would be had the status arrived as one.
+    """
+    if code is not None and code.isdigit() and 100 <= int(code) <= 599:
+        return int(code)
+    named = {code, kind}
+    if named & RATE_LIMIT_CODES or named & QUOTA_CODES:
+        return 429
+    return None
+
+
 def redirected(status: int, headers: Mapping[str, str], request_id: str | None = None) -> FatalAPIError:
     """A 3xx: every request would get it, so the job stops, naming where the server points."""
     location = headers.get("Location")

@@ -149,6 +149,33 @@ def test_sse_bad_event_and_error_event() -> None:
         SSEAccumulator().feed(sse({"error": {"message": "overloaded", "code": "server_error"}}))
 
 
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"message": "litellm.RateLimitError: limit", "type": "throttling_error", "code": "429"}, RateLimitError),
+        ({"message": "Rate limit exceeded", "code": 429}, RateLimitError),
+        ({"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}, RateLimitError),
+        ({"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}, QuotaExceededError),
+        ({"message": "context too long", "type": "invalid_request_error", "code": "400"}, RequestRejected),
+        ({"message": "upstream down", "code": "503"}, ServerError),
+    ],
+)
+def test_an_error_event_before_any_content_stands_for_its_status(error: dict, expected: type) -> None:
+    """A proxy that opened the stream before its upstream answered passes the upstream's status on
+    as the error event's code: a 429 so streamed is a rate limit (paced, retried as one), a 400 a
+    refused request (not sent again), as if the status had arrived as one."""
+    with pytest.raises(expected) as caught:
+        SSEAccumulator().feed(sse({"error": error}, done=False))
+    assert type(caught.value) is expected
+
+
+def test_an_error_event_after_content_is_a_failure_mid_stream_whatever_its_code() -> None:
+    acc = SSEAccumulator()
+    with pytest.raises(ServerError) as caught:
+        acc.feed(sse(chunk("partial"), {"error": {"message": "Rate limit exceeded", "code": "429"}}, done=False))
+    assert not isinstance(caught.value, RateLimitError)
+
+
 async def call(mock: aioresponses, stream: bool = False, timeout: float = 5.0):
     async with aiohttp.ClientSession() as session:
         return await ChatClient(session, URL, KEY, timeout).complete(b'{"model":"m"}', stream=stream)

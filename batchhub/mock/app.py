@@ -42,12 +42,14 @@ from batchhub.mock.ratelimit import Clock, Denial
 from batchhub.mock.replies import schema_completion, tool_call
 from batchhub.mock.responses import (
     BAD_GATEWAY_HTML,
+    IN_BAND,
     SERVER_ERRORS,
     Answer,
     drop_connection,
     dumps,
     error_object,
     error_response,
+    in_band_error,
     rate_limited,
     reset_mid_body,
     stream_answer,
@@ -90,6 +92,19 @@ async def _answer(request: web.Request, state: MockState) -> web.StreamResponse:
         req: ChatRequest = parse_request(await request.read())
     except InvalidRequest as exc:
         return error_response(state, 400, exc.error())
+    response = await _answer_valid(request, state, req)
+    if (
+        req.stream
+        and config.stream_errors == "in_band"
+        and response.status >= 400
+        and isinstance(response, web.Response)
+    ):
+        return in_band_error(response)
+    return response
+
+
+async def _answer_valid(request: web.Request, state: MockState, req: ChatRequest) -> web.StreamResponse:
+    config = state.config
     prompt_tokens = count_prompt_tokens(req.texts)
     refused = _refusal(state, req, prompt_tokens)
     if refused is not None:
@@ -272,7 +287,7 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
     if "x-request-id" not in response.headers:
         response.headers["x-request-id"] = f"req_{secrets.token_hex(16)}"
     state = request.app[STATE]
-    if request.path in COMPLETION_PATHS and state.config.ratelimit_headers:
+    if request.path in COMPLETION_PATHS and state.config.ratelimit_headers and IN_BAND not in response:
         response.headers.update(state.limits.headers())
 
 

@@ -56,6 +56,8 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "gpt-test",
     "m",
 )
+#: the ways a streamed request's error can reach the client (`MockConfig.stream_errors`)
+STREAM_ERRORS: tuple[str, ...] = ("status", "in_band")
 #: `models = ["*"]`: every model name is known (for tests that send made-up names).
 ANY_MODEL = "*"
 #: The message of the "400" fault: what a LiteLLM proxy without a database answers every request.
@@ -129,6 +131,10 @@ class MockConfig:
     max_completion_tokens: int = 48
     #: send x-ratelimit-* headers for the limits that are set
     ratelimit_headers: bool = True
+    #: how a streamed request's error reaches the client: "status" (its own status, as OpenAI) or
+    #: "in_band" (a 200 event stream holding one error event whose code is the status, no headers of
+    #: the error's: what a proxy that opens the stream before its upstream answers sends)
+    stream_errors: str = "status"
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
@@ -166,6 +172,9 @@ class MockConfig:
             or not all(isinstance(m, str) and m for m in self.models)
         ):
             raise ValueError(f'mock models must be a non-empty list of model names (or ["*"]), got {self.models!r}')
+        if self.stream_errors not in STREAM_ERRORS:
+            known = ", ".join(STREAM_ERRORS)
+            raise ValueError(f"mock stream_errors must be one of {known}, got {self.stream_errors!r}")
         if not isinstance(self.ratelimit_headers, bool):
             raise ValueError(f"mock ratelimit_headers must be true or false, got {self.ratelimit_headers!r}")
 

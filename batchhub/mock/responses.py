@@ -170,6 +170,24 @@ def error_object(message: str, type_: str, code: str | None, param: str | None =
     return {"message": message, "type": type_, "param": param, "code": code}
 
 
+#: the key marking (in the response's own mapping, not a header) an error sent inside a 200 stream:
+#: it carries no rate-limit headers, they were the upstream's
+IN_BAND = web.ResponseKey("in_band_error", bool)
+
+
+def in_band_error(response: web.Response) -> web.Response:
+    """An error reply as a proxy streams it once it has sent 200: one event, `{"error": {...}}`, its
+    `code` the status as a string (LiteLLM's form), then the end of the stream without `[DONE]`.
+    The error's headers (Retry-After) are lost with its status; `by_status` still counts the status."""
+    assert isinstance(response.body, bytes)
+    error = json.loads(response.body)["error"]
+    error["code"] = str(response.status)
+    body = _sse({"error": error})
+    streamed = web.Response(status=200, body=body, content_type="text/event-stream")
+    streamed[IN_BAND] = True
+    return streamed
+
+
 def unauthorized(state: MockState | None) -> web.Response:
     error = error_object("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
     if state is not None:
