@@ -58,6 +58,9 @@ READ_BATCH_ROWS = 2048
 #: once. A larger one is checked while the job sends, so its first request does not wait for
 #: the whole file; the job stops at its first bad row (batchhub/input_check.py).
 INPUT_CHECK_AHEAD_BYTES = 4 * 1024 * 1024
+#: The nice value of the thread that checks a large input while the job runs (Linux): the
+#: job's own threads come first on a busy machine, the check takes what CPU they leave.
+INPUT_CHECK_NICE = 10
 #: A gzipped input's size counts this many times towards INPUT_CHECK_AHEAD_BYTES (text
 #: compresses about so much, and the check reads it decompressed).
 GZIP_SIZE_FACTOR = 5

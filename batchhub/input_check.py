@@ -14,9 +14,13 @@ before; prepare.py decides which.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+
+from batchhub import defaults
 
 
 class InputCheck:
@@ -30,6 +34,9 @@ class InputCheck:
     def _run(self, count: Callable[[], int]) -> None:
         if not self._future.set_running_or_notify_cancel():
             return
+        with contextlib.suppress(AttributeError, OSError):  # Linux: a thread's own nice value; elsewhere none
+            # the job's event loop and reader come first: the check takes the CPU they leave
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), defaults.INPUT_CHECK_NICE)
         try:
             self._future.set_result(count())
         except BaseException as exc:  # handed to whoever waits: the thread itself never raises

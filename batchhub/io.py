@@ -176,8 +176,9 @@ class InputSource:
         """The number of rows: from metadata for Parquet, by a streaming pass for CSV and JSON Lines.
 
         Blank JSON Lines lines are not rows; the count matches what iter_rows yields. For
-        CSV, `columns` are read as text on the way (no Python objects made), so a cell that
-        is not valid UTF-8 in them raises InputError now, as iter_rows would later.
+        CSV, `columns` are read as text on the way (no Python objects made; one thread, so a bad
+        row's message names its line), so a cell that is not valid UTF-8 in them raises
+        InputError now, as iter_rows would later.
         """
         if self.format == "parquet":
             try:
@@ -188,15 +189,15 @@ class InputSource:
         if self.format == "jsonl":
             return _jsonl.count_json_lines(self.path, self.compression)
         names = list(dict.fromkeys(columns)) or [self.columns[0]]
-        batches = self._csv_batches({name: pa.string() for name in names}, include=names)
+        batches = self._csv_batches({name: pa.string() for name in names}, include=names, use_threads=False)
         return sum(batch.num_rows for batch in batches)
 
     def check_rows(self, columns: Sequence[str]) -> int:
         """The number of rows, after reading the whole file as a job reads it: InputError for the first bad row.
 
         Parquet: from metadata. CSV: `columns` are read as text (a cell that is not valid UTF-8, a
-        ragged line). JSON Lines: every line parsed (one that is not a JSON object); the messages are
-        those iter_rows gives for the same row.
+        ragged line). JSON Lines: every line parsed (one that is not a JSON object). The messages
+        are those iter_rows gives for the same row.
         """
         if self.format == "jsonl":
             return _jsonl.check_json_lines(self.path, self.compression)
@@ -207,19 +208,23 @@ class InputSource:
     def _row_batches(self, wanted: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
         if self.format == "parquet":
             return self._parquet_batches(wanted, batch_size)
+        # one thread: pyarrow then names the line of a bad row ("Row #N"), as count_rows does, and a
+        # job's reader leaves the other cores to the job
         as_text = {name: pa.string() for name in self.columns}
         if wanted:
-            return self._csv_batches(as_text, include=wanted)
+            return self._csv_batches(as_text, include=wanted, use_threads=False)
         # pyarrow reads every column when asked for none; read one for the row count.
-        batches = self._csv_batches(as_text, include=[self.columns[0]])
+        batches = self._csv_batches(as_text, include=[self.columns[0]], use_threads=False)
         return (batch.select([]) for batch in batches)
 
     def _csv_batches(
-        self, column_types: dict[str, pa.DataType], include: list[str] | None = None
+        self, column_types: dict[str, pa.DataType], include: list[str] | None = None, use_threads: bool = True
     ) -> Iterator[pa.RecordBatch]:
         rows = 0
         try:
-            with _formats.open_csv(self.path, self.compression, self.delimiter, column_types, include) as reader:
+            with _formats.open_csv(
+                self.path, self.compression, self.delimiter, column_types, include, use_threads
+            ) as reader:
                 for batch in reader:
                     rows += batch.num_rows
                     yield batch

@@ -117,8 +117,10 @@ class Job:
         self._first_mismatch: int | None = None
         #: the input's first bad row (found by the input check or the reader): the run stops, then raises it
         self._input_error: Exception | None = None
-        #: rows the reader has read (the input's rows so far, while it is not counted)
+        #: rows the reader has read (the input's rows so far, while it is not counted), and the rows up to the
+        #: last with a result when the run began
         self._read_to = 0
+        self._rows_with_results = 0
 
     # -- control ------------------------------------------------------------------------
 
@@ -227,6 +229,7 @@ class Job:
         n_rows = prepared.rows() if self._only_rows is not None else prepared.n_rows  # a sample needs the count
         states = store.row_states(n_rows)
         self._states = states
+        self._rows_with_results = len(states)
         todo = (states == STATE_NONE) | ((states == STATE_ERROR) if spec.retry_failed else False)
         if self._only_rows is not None:
             wanted = np.zeros(len(states), dtype=bool)
@@ -507,8 +510,10 @@ class Job:
 
     def _finish_summary(self, started: float) -> JobSummary:
         """Where the job stands at the end of the run, and why it stopped, if it did."""
-        # the rows of the input: counted, or (when the check stopped the job) those read so far
-        n_rows = self.prepared.n_rows if self.prepared.n_rows is not None else self._read_to
+        # the rows of the input: counted, or (when the check stopped the job) those read or with a result so far
+        n_rows = self.prepared.n_rows
+        if n_rows is None:
+            n_rows = max(self._read_to, self._rows_with_results)
         states, budget = self._states[:n_rows], self.prepared.budget
         ok, failed, pending = (int(np.count_nonzero(states == s)) for s in (STATE_OK, STATE_ERROR, STATE_NONE))
         summary = JobSummary.from_stats(

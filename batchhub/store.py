@@ -345,10 +345,10 @@ class JobStore:
         `n_rows` None (the input not counted yet): as long as the largest row with a result.
         """
         table = self.results(["row_id", "request_hash", "seq"])
+        if table.num_rows == 0:
+            return np.zeros(n_rows or 0, dtype="S32")
         row_id = table["row_id"].to_numpy()
         hashes = np.zeros(_rows_or_seen(n_rows, row_id), dtype="S32")
-        if table.num_rows == 0:
-            return hashes
         seq = table["seq"].to_numpy()
         keep = latest_indices(row_id, seq)
         ids = row_id[keep]
@@ -362,10 +362,10 @@ class JobStore:
         `n_rows` None (the input not counted yet): as long as the largest row with a result.
         """
         table = self.results(["row_id", "status", "seq"])
+        if table.num_rows == 0:  # (to_numpy would import pandas: a new job's start does without)
+            return np.zeros(n_rows or 0, dtype=np.uint8)
         row_id = table["row_id"].to_numpy()
         states = np.zeros(_rows_or_seen(n_rows, row_id), dtype=np.uint8)
-        if table.num_rows == 0:
-            return states
         keep = latest_indices(row_id, table["seq"].to_numpy())
         ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
         ids = row_id[keep]
@@ -378,4 +378,4 @@ def _rows_or_seen(n_rows: int | None, row_id: np.ndarray) -> int:
     """`n_rows`, or when it is not known, one past the largest row id with a result."""
     if n_rows is not None:
         return n_rows
-    return int(row_id.max()) + 1 if row_id.size and int(row_id.max()) >= 0 else 0
+    return max(int(row_id.max()) + 1, 0) if row_id.size else 0
