@@ -51,11 +51,11 @@ def prompt(i: int) -> str:
     return f"question {i}"
 
 
-def write_csv(path: Path, bad: bytes | None) -> None:
+def write_csv(path: Path, bad: bytes | None, rows: int = ROWS, bad_row: int = BAD_ROW) -> None:
     lines = [b"id,pad,prompt\n"]
-    for i in range(ROWS):
+    for i in range(rows):
         line = f"{i},{pad(i)},{prompt(i)}\n".encode()
-        lines.append(bad if bad is not None and i == BAD_ROW else line)
+        lines.append(bad if bad is not None and i == bad_row else line)
     content = b"".join(lines)
     path.write_bytes(gzip.compress(content) if path.suffix == ".gz" else content)
 
@@ -182,6 +182,41 @@ async def test_replies_received_before_the_check_finds_a_bad_row_are_all_recorde
     summary = await Job(prepare_job(spec), progress=False).run()  # the file was fine after all: resume
     assert summary.ok == 300 and summary.results_this_run == 300 - len(recorded)
     assert server.stats.completions == 300
+
+
+async def test_the_reader_meeting_the_bad_row_first_stops_the_job_without_waiting_for_the_count(
+    tmp_path: Path, mock_server: Any
+) -> None:
+    """The check is held back (it has not reached the bad row): the reader meets it, the job stops there
+    at once with the reader's message, after sending the rows it read before it, every reply recorded.
+
+    The bad row is in the CSV's third 4 MiB block (about 1,600 rows each): the reader's first batch
+    (rows 0-2047) comes whole from the first two, its second needs the third and fails."""
+    server = await mock_server(seed=2)
+    data = tmp_path / "in.csv"
+    bad_row = 3300
+    write_csv(data, f"{bad_row},{pad(bad_row)},bad \xff byte\n".encode("latin-1"), rows=3400, bad_row=bad_row)
+    with pytest.raises(InputError) as reading:
+        for _ in open_input(data).iter_rows(["prompt"]):
+            pass
+    spec = JobSpec(input=data, base_url=server.base_url, api_key="k", model="m", job_dir=tmp_path / "job", quiet=True)
+    prepared = prepare_job(spec)
+    assert prepared.n_rows is None
+    held = threading.Event()
+    prepared.input_check = InputCheck(lambda: int(held.wait(60)))  # still counting while the job runs
+    try:
+        with pytest.raises(InputError) as stopped:
+            await Job(prepared, progress=False).run()
+    finally:
+        held.set()
+    assert str(stopped.value) == str(reading.value)
+    recorded = JobStore(tmp_path / "job").results(["row_id", "status"]).to_pylist()
+    # the reader queues a block's rows before it reads the next: the first block's rows were sent
+    assert server.stats.completions == len(recorded) > 0
+    assert all(r["status"] == "ok" and r["row_id"] < 2048 for r in recorded)
+    manifest = JobStore(tmp_path / "job").manifest()
+    assert manifest.input.bad_input == str(reading.value) and manifest.input.rows is None
+    assert manifest.runs[-1].stopped == "bad_input"
 
 
 def test_a_job_whose_rows_were_never_counted_resumes_with_a_count(tmp_path: Path) -> None:
