@@ -227,13 +227,17 @@ def open_csv(
     delimiter: str,
     column_types: dict[str, pa.DataType] | None = None,
     include_columns: list[str] | None = None,
+    use_threads: bool = True,
 ) -> Iterator[pa.RecordBatchReader]:
-    """A streaming CSV reader; without `column_types` pyarrow infers them from the first block."""
+    """A streaming CSV reader; without `column_types` pyarrow infers them from the first block.
+
+    `use_threads=False` parses in the calling thread only (a check in the background leaves the
+    other cores to the job)."""
     stream = pa.input_stream(str(path), compression=compression)
     try:
         yield pacsv.open_csv(
             stream,
-            read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_SIZE),
+            read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_SIZE, use_threads=use_threads),
             # Prompts often hold line breaks inside quoted cells; without this the
             # parser loses sync at block boundaries.
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),

@@ -191,7 +191,8 @@ def run(input_or_spec: Path, **options: Any) -> None:
     job = where.make_job(prepared)
     verb = "resuming" if prepared.resumed else "starting"
     if not spec.quiet:
-        click.echo(f"{verb} job {prepared.store.dir} ({prepared.n_rows:,} rows, {prepared.source.format})", err=True)
+        rows = "rows counted as it runs" if prepared.n_rows is None else f"{prepared.n_rows:,} rows"
+        click.echo(f"{verb} job {prepared.store.dir} ({rows}, {prepared.source.format})", err=True)
     summary = _run_until_done(job.run(), job.request_stop)
     for line in summary_lines(summary, prepared.prices.label, quiet=spec.quiet):
         click.echo(line, err=True)

@@ -226,7 +226,7 @@ async def run_sample(
     from batchhub.runner import Job, prepare_job
 
     prepared = prepare_job(spec)
-    ids = sample_row_ids(prepared.n_rows, n)
+    ids = sample_row_ids(prepared.rows(), n)
     job = Job(prepared, only_rows=ids, **job_options)
     if on_start is not None:
         on_start(job)

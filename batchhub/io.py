@@ -3,9 +3,10 @@
 Inputs are CSV/TSV, Parquet and JSON Lines files; CSV, TSV and JSON Lines may be
 gzipped. :func:`open_input` reads the start of a file (its format, the CSV
 header, the Parquet footer, the first 1000 JSON Lines rows; of a longer JSON
-Lines file, only the keys of the rest, in one streaming pass) and returns an
-:class:`InputSource`, whose iterators stream the rest a batch at a time, so a
-file of millions of rows is never held in memory. Every problem with an input
+Lines file, only the keys of the rest, in one streaming pass, unless asked for
+the keys of those rows only) and returns an :class:`InputSource`, whose
+iterators stream the rest a batch at a time, so a file of millions of rows is
+never held in memory. Every problem with an input
 file is an :class:`~batchhub.errors.InputError` whose one-line message names it.
 
 Writing export files is :mod:`batchhub.output`; :class:`OutputWriter`,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ __all__ = [
 ]
 
 # open_input checks the first this many JSON Lines rows in full (a bad line among them
-# is an error at once) and scans the rest only for their keys (later lines are checked
-# as they are read).
+# is an error at once) and scans the rest only for their keys, unless asked not to (later
+# lines are checked as they are read).
 JSONL_SAMPLE_ROWS = 1000
 FINGERPRINT_CHUNK = 1024 * 1024
 
@@ -98,6 +99,16 @@ class InputSource:
     compression: Compression = None
     #: the CSV field separator ("\t" for .tsv)
     delimiter: str = ","
+    #: JSON Lines only: `columns` are the keys of the first JSONL_SAMPLE_ROWS rows, and the file has more
+    keys_sampled: bool = False
+
+    def with_all_keys(self) -> InputSource:
+        """This source with every key of every JSON Lines row as its columns (one streaming pass, if sampled)."""
+        if not self.keys_sampled:
+            return self
+        names = dict.fromkeys(self.columns)
+        names.update(_jsonl.json_keys(self.path, self.compression, skip=JSONL_SAMPLE_ROWS))
+        return replace(self, columns=tuple(names), keys_sampled=False)
 
     def iter_rows(
         self, columns: Sequence[str], batch_size: int = 2048, start: int = 0
@@ -165,8 +176,9 @@ class InputSource:
         """The number of rows: from metadata for Parquet, by a streaming pass for CSV and JSON Lines.
 
         Blank JSON Lines lines are not rows; the count matches what iter_rows yields. For
-        CSV, `columns` are read as text on the way (no Python objects made), so a cell that
-        is not valid UTF-8 in them raises InputError now, as iter_rows would later.
+        CSV, `columns` are read as text on the way (no Python objects made; one thread, so a bad
+        row's message names its line), so a cell that is not valid UTF-8 in them raises
+        InputError now, as iter_rows would later.
         """
         if self.format == "parquet":
             try:
@@ -177,27 +189,42 @@ class InputSource:
         if self.format == "jsonl":
             return _jsonl.count_json_lines(self.path, self.compression)
         names = list(dict.fromkeys(columns)) or [self.columns[0]]
-        batches = self._csv_batches({name: pa.string() for name in names}, include=names)
+        batches = self._csv_batches({name: pa.string() for name in names}, include=names, use_threads=False)
         return sum(batch.num_rows for batch in batches)
+
+    def check_rows(self, columns: Sequence[str]) -> int:
+        """The number of rows, after reading the whole file as a job reads it: InputError for the first bad row.
+
+        Parquet: from metadata. CSV: `columns` are read as text (a cell that is not valid UTF-8, a
+        ragged line). JSON Lines: every line parsed (one that is not a JSON object). The messages
+        are those iter_rows gives for the same row.
+        """
+        if self.format == "jsonl":
+            return _jsonl.check_json_lines(self.path, self.compression)
+        return self.count_rows(columns)
 
     # --- per-format streams ---
 
     def _row_batches(self, wanted: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
         if self.format == "parquet":
             return self._parquet_batches(wanted, batch_size)
+        # one thread: pyarrow then names the line of a bad row ("Row #N"), as count_rows does, and a
+        # job's reader leaves the other cores to the job
         as_text = {name: pa.string() for name in self.columns}
         if wanted:
-            return self._csv_batches(as_text, include=wanted)
+            return self._csv_batches(as_text, include=wanted, use_threads=False)
         # pyarrow reads every column when asked for none; read one for the row count.
-        batches = self._csv_batches(as_text, include=[self.columns[0]])
+        batches = self._csv_batches(as_text, include=[self.columns[0]], use_threads=False)
         return (batch.select([]) for batch in batches)
 
     def _csv_batches(
-        self, column_types: dict[str, pa.DataType], include: list[str] | None = None
+        self, column_types: dict[str, pa.DataType], include: list[str] | None = None, use_threads: bool = True
     ) -> Iterator[pa.RecordBatch]:
         rows = 0
         try:
-            with _formats.open_csv(self.path, self.compression, self.delimiter, column_types, include) as reader:
+            with _formats.open_csv(
+                self.path, self.compression, self.delimiter, column_types, include, use_threads
+            ) as reader:
                 for batch in reader:
                     rows += batch.num_rows
                     yield batch
@@ -365,7 +392,7 @@ def _open_parquet_source(path: Path) -> InputSource:
     return InputSource(path, "parquet", names)
 
 
-def _open_jsonl_source(path: Path, sniffed: _formats.Sniffed) -> InputSource:
+def _open_jsonl_source(path: Path, sniffed: _formats.Sniffed, all_keys: bool) -> InputSource:
     names: dict[str, None] = {}
     rows = 0
     with closing(_jsonl.iter_json_objects(path, sniffed.compression)) as objects:
@@ -374,13 +401,12 @@ def _open_jsonl_source(path: Path, sniffed: _formats.Sniffed) -> InputSource:
             rows += 1
     if not rows:
         raise InputError(f"{path} has no rows (only blank lines)")
-    if rows == JSONL_SAMPLE_ROWS:
-        # a key may first appear on any line: the rest is scanned for keys only, as it streams by
-        names.update(_jsonl.json_keys(path, sniffed.compression, skip=JSONL_SAMPLE_ROWS))
-    return InputSource(path, "jsonl", tuple(names), sniffed.compression)
+    source = InputSource(path, "jsonl", tuple(names), sniffed.compression, keys_sampled=rows == JSONL_SAMPLE_ROWS)
+    # a key may first appear on any line: the rest is scanned for keys only, as it streams by
+    return source.with_all_keys() if all_keys else source
 
 
-def open_input(path: str | Path) -> InputSource:
+def open_input(path: str | Path, *, all_keys: bool = True) -> InputSource:
     """Open an input file: detect its format and read its columns from the start of the file.
 
     Raises InputError, with a one-line message naming the file, for a missing
@@ -388,7 +414,10 @@ def open_input(path: str | Path) -> InputSource:
     cannot be read in its format, duplicate column names, a CSV without a header
     row, invalid UTF-8, and a JSON Lines line (among the first 1000) that is not
     a JSON object. Later lines are checked as they are read; their keys are
-    columns too (found by a streaming scan of the rest of the file).
+    columns too (found by a streaming scan of the rest of the file). With
+    `all_keys=False` that scan is left out: a longer JSON Lines file's columns
+    are the keys of its first 1000 rows (`keys_sampled`; `with_all_keys()`
+    scans later).
     """
     source = Path(path)
     sniffed = _formats.sniff(source)
@@ -396,7 +425,7 @@ def open_input(path: str | Path) -> InputSource:
         return _open_parquet_source(source)
     if sniffed.format == "csv":
         return _open_csv_source(source, sniffed)
-    return _open_jsonl_source(source, sniffed)
+    return _open_jsonl_source(source, sniffed, all_keys)
 
 
 def fingerprint(path: str | Path) -> str:

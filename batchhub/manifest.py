@@ -46,11 +46,15 @@ class InputInfo:
     path: str | None = None
     format: str | None = None
     fingerprint: str | None = None
+    #: None until the input is counted to its end (a large input is counted while the job sends)
     rows: int | None = None
     columns: list[str] | None = None
+    #: why a run stopped at a bad row of this input (its one-line error): the next run may resume
+    #: from the file as fixed, though its fingerprint differs
+    bad_input: str | None = None
     other: dict[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("path", "format", "fingerprint", "rows", "columns")
+    _KEYS = ("path", "format", "fingerprint", "rows", "columns", "bad_input")
 
     @classmethod
     def from_json(cls, data: Any) -> InputInfo:
@@ -62,12 +66,13 @@ class InputInfo:
             fingerprint=_str(data.get("fingerprint")),
             rows=_int(data.get("rows")),
             columns=[str(c) for c in columns] if isinstance(columns, list) else None,
+            bad_input=_str(data.get("bad_input")),
             other=_rest(data, cls._KEYS),
         )
 
     def to_json(self) -> dict[str, Any]:
         known = {"path": self.path, "format": self.format, "fingerprint": self.fingerprint, "rows": self.rows}
-        return {**_present({**known, "columns": self.columns}), **self.other}
+        return {**_present({**known, "columns": self.columns, "bad_input": self.bad_input}), **self.other}
 
 
 def _float(value: Any) -> float | None:

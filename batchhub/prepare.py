@@ -1,5 +1,9 @@
 """Preparing a job: every check that can fail on bad input or a mismatched job directory,
-made before anything is written or sent, and the typed `PreparedJob` that comes out of it."""
+made before anything is written or sent, and the typed `PreparedJob` that comes out of it.
+
+One check may go on while the job sends: reading a large input through (its row count,
+every row's content) runs in an `InputCheck` thread, so the first request does not wait
+for the whole file (batchhub/input_check.py); the job stops at the first bad row it finds."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import pyarrow as pa
 from batchhub import __version__, defaults
 from batchhub.budget import Budget, one_reply_check
 from batchhub.errors import InputError, JobStateError, UsageError
+from batchhub.input_check import InputCheck
 from batchhub.io import InputSource, fingerprint, open_input
 from batchhub.manifest import InputInfo, Manifest
 from batchhub.pricing import PriceBook
@@ -33,13 +38,26 @@ class PreparedJob:
     builder: RequestBuilder
     store: JobStore
     manifest: Manifest
-    n_rows: int
+    #: the input's row count; None while `input_check` counts it (the job sends meanwhile)
+    n_rows: int | None
     api_key: str
     resumed: bool
     prices: PriceBook
     budget: Budget | None = None
     #: what each reply's content must be (--json / --json-schema), or None
     output_check: OutputCheck | None = None
+    #: the count and check of the input going on in a thread, when `n_rows` is None
+    input_check: InputCheck | None = None
+
+    def rows(self) -> int:
+        """The input's row count, waiting for the input check if it is still counting (its InputError if the
+        input is bad). A caller that cannot go on without the count (the Ray engine's shards, an estimate's
+        sample) calls this before it starts."""
+        if self.n_rows is None:
+            assert self.input_check is not None
+            self.n_rows = self.input_check.result()
+            self.manifest.input.rows = self.n_rows
+        return self.n_rows
 
 
 def prepare_job(spec: JobSpec) -> PreparedJob:
@@ -53,8 +71,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     if spec.is_mock:
         mock_config(spec)  # a bad [mock] table fails here, before anything is written
     output_check = OutputCheck.for_spec(spec.json, spec.json_schema)
-    source = open_input(spec.input)
-    builder = RequestBuilder(spec, source.columns)
+    source, builder = open_for_job(spec)
     store = JobStore(spec.resolved_job_dir())
     if store.dir.exists() and not store.dir.is_dir():
         raise UsageError(f"the job directory {store.dir} is a file, not a directory: choose another --job-dir")
@@ -66,13 +83,14 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         )
     resumed = store.exists()
     if resumed:
-        manifest, n_rows = _resumed_manifest(spec, source, store, input_fp)
+        manifest, (n_rows, input_check) = _resumed_manifest(spec, source, builder, store, input_fp)
     else:
-        manifest, n_rows = _new_manifest(source, builder, input_fp)
+        manifest, (n_rows, input_check) = _new_manifest(source, builder, input_fp)
     manifest.spec = spec.to_manifest()
     manifest.request_config = spec.request_config()
     manifest.input.rows = n_rows
     manifest.input.fingerprint = input_fp
+    manifest.input.bad_input = None  # this run checks the input anew
     prices = spec.price_book()
     manifest.prices = prices.to_record()  # what status, report and cost price the job with later
     if spec.model:
@@ -89,14 +107,41 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         prices=prices,
         budget=start_budget(spec, store, prices) if spec.max_cost is not None else None,
         output_check=output_check,
+        input_check=input_check,
     )
 
 
-def _resumed_manifest(spec: JobSpec, source: InputSource, store: JobStore, input_fp: str) -> tuple[Manifest, int]:
-    """The manifest of the job in the directory and its row count, if this spec may resume it."""
+def open_for_job(spec: JobSpec) -> tuple[InputSource, RequestBuilder]:
+    """The job's input and its request builder.
+
+    A long JSON Lines file's columns are the keys of its first rows: no pass over the whole file
+    at every run. Only when the job names a key they lack is the rest scanned for keys, so a key
+    that first appears late is found, and a misspelt one is refused naming every key, as before.
+    A row that lacks a key the job uses has it null, as it always had.
+    """
+    assert spec.input is not None
+    source = open_input(spec.input, all_keys=False)
+    try:
+        return source, RequestBuilder(spec, source.columns)
+    except InputError:
+        if not source.keys_sampled:
+            raise
+    source = source.with_all_keys()
+    return source, RequestBuilder(spec, source.columns)
+
+
+def _resumed_manifest(
+    spec: JobSpec, source: InputSource, builder: RequestBuilder, store: JobStore, input_fp: str
+) -> tuple[Manifest, tuple[int | None, InputCheck | None]]:
+    """The manifest of the job in the directory and its row count (or its check), if this spec may resume it.
+
+    A job that stopped at a bad row of its input may resume from the file as fixed: its fingerprint
+    differs, and each done row's result is checked against the request the row sends now, as on
+    every resume (batchhub/runner.py `_plan`), so a fix that moved rows is refused there.
+    """
     manifest = store.manifest()
     known = manifest.input
-    if known.fingerprint != input_fp and not spec.force:
+    if known.fingerprint != input_fp and not spec.force and known.bad_input is None:
         raise JobStateError(
             f"the input {source.path} has changed since this job started in {store.dir} "
             "(its fingerprint differs); resuming would mix rows. Use a new --job-dir, or --force to resume anyway"
@@ -111,17 +156,16 @@ def _resumed_manifest(spec: JobSpec, source: InputSource, store: JobStore, input
             "resuming would mix results of two jobs. "
             "Use a new --job-dir, or --force to resume with the new settings"
         )
-    n_rows = known.rows or 0
-    if known.fingerprint != input_fp:
-        n_rows = source.count_rows()
-    return manifest, n_rows
+    if known.fingerprint != input_fp or known.rows is None:  # a changed input, or one never counted to its end
+        return manifest, _count_and_check(source, builder)
+    return manifest, (known.rows, None)
 
 
-def _new_manifest(source: InputSource, builder: RequestBuilder, input_fp: str) -> tuple[Manifest, int]:
-    """A new job's manifest and its row count, after checking its input."""
-    n_rows = _count_and_check(source, builder)
-    if n_rows == 0:
-        raise InputError(f"{source.path} has no rows (only a header, or nothing)")
+def _new_manifest(
+    source: InputSource, builder: RequestBuilder, input_fp: str
+) -> tuple[Manifest, tuple[int | None, InputCheck | None]]:
+    """A new job's manifest and its row count, after checking its input (or while checking it)."""
+    counted = _count_and_check(source, builder)
     manifest = Manifest(
         batchhub_version=__version__,
         created_at=now_iso(),
@@ -129,11 +173,11 @@ def _new_manifest(source: InputSource, builder: RequestBuilder, input_fp: str) -
             path=str(source.path.resolve()),
             format=source.format,
             fingerprint=input_fp,
-            rows=n_rows,
+            rows=counted[0],
             columns=list(source.columns),
         ),
     )
-    return manifest, n_rows
+    return manifest, counted
 
 
 def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
@@ -168,14 +212,36 @@ def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
     return budget
 
 
-def _count_and_check(source: InputSource, builder: RequestBuilder) -> int:
-    """Rows of a new job's input. Text formats are read through the columns the job uses, so
-    a bad byte deep in the file is refused now, not after half the job was sent."""
+def _count_and_check(source: InputSource, builder: RequestBuilder) -> tuple[int | None, InputCheck | None]:
+    """Rows of a job's input: (the count, None) when checked now, (None, its check) when it goes on while
+    the job sends. Text formats are read through the columns the job uses, so a bad byte deep in the
+    file is refused (now), or stops the job at its row (while it sends), never met as a crash.
+
+    An OpenAI Batch input is checked whole first: a custom_id must not be sent twice, and the
+    second line with an id may come after the first was sent (OpenAI caps such a file at 50,000
+    lines, a fraction of a second). Parquet is counted from its metadata.
+    """
     if builder.batch_format:
-        return _check_custom_ids(source)
-    if source.format in ("parquet", "csv"):
-        return source.count_rows(builder.needed_columns)  # CSV: the columns read as text, no Python rows
-    return sum(len(batch) for batch in source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS))
+        return _some_rows(source, _check_custom_ids(source)), None
+    columns = builder.needed_columns
+    if source.format == "parquet" or _content_bytes(source) <= defaults.INPUT_CHECK_AHEAD_BYTES:
+        return _some_rows(source, source.check_rows(columns)), None
+    return None, InputCheck(lambda: _some_rows(source, source.check_rows(columns)))
+
+
+def _content_bytes(source: InputSource) -> int:
+    """About how many bytes reading the input through reads (a gzipped file, decompressed)."""
+    try:
+        size = source.path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"cannot read {source.path}: {exc.strerror or exc}") from exc
+    return size * (defaults.GZIP_SIZE_FACTOR if source.compression == "gzip" else 1)
+
+
+def _some_rows(source: InputSource, n_rows: int) -> int:
+    if n_rows == 0:
+        raise InputError(f"{source.path} has no rows (only a header, or nothing)")
+    return n_rows
 
 
 def _check_custom_ids(source: InputSource) -> int:

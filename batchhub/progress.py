@@ -2,7 +2,8 @@
 
 A tqdm bar on a terminal or in a Jupyter notebook (a widget when ipywidgets is
 installed, text otherwise); nothing when output is not a terminal or when asked
-to be quiet. The job loop counts into a `RunStats` and calls `update()`; this class
+to be quiet. The total may be unknown at first (None: a large input is counted while
+the job runs) and set later (`set_total`). The job loop counts into a `RunStats` and calls `update()`; this class
 reads the stats and decides how often the screen is touched, so the hot path stays cheap.
 
 A `sink` receives the counters' growth about once a second (a Ray task sends its
@@ -63,7 +64,7 @@ class Progress:
     def __init__(
         self,
         *,
-        total: int,
+        total: int | None,
         initial: int = 0,
         enabled: bool | None = None,
         file: IO[str] | None = None,
@@ -123,6 +124,13 @@ class Progress:
     @property
     def cost(self) -> float:
         return self.stats.cost_usd
+
+    def set_total(self, total: int) -> None:
+        """The total is known now (an input counted while the job ran): the bar shows it from here on."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
 
     def update(self) -> None:
         """The stats changed: move the bar (its text at most every PROGRESS_INTERVAL_S), feed the sink."""

@@ -40,14 +40,12 @@ import pyarrow.compute as pc
 from batchhub import __version__, defaults, shards
 from batchhub.budget import SharedBudget
 from batchhub.errors import JobStateError, UsageError
-from batchhub.io import open_input
 from batchhub.lock import lock_job_dir
 from batchhub.manifest import Manifest, RunRecord
-from batchhub.prepare import PreparedJob, now_iso
+from batchhub.prepare import PreparedJob, now_iso, open_for_job
 from batchhub.progress import Progress
 from batchhub.ray_actors import ActorBackend, BudgetActor, ProgressActor, Secret, shared_limiter
 from batchhub.redaction import redact
-from batchhub.requests import RequestBuilder
 from batchhub.runner import Job
 from batchhub.shared_limits import SharedLimits
 from batchhub.spec import JobSpec
@@ -106,7 +104,7 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
             f"the input {spec.input} on this node is not the file the job started from (its size differs): "
             "with --engine ray the input must be on storage every node shares"
         )
-    source = open_input(spec.input)
+    source, builder = open_for_job(spec)
     book = spec.price_book()
     store = JobStore(task.store_dir, seq_floor=task.seq_floor)
     manifest = Manifest(
@@ -116,7 +114,7 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
     prepared = PreparedJob(
         spec=spec,
         source=source,
-        builder=RequestBuilder(spec, source.columns),
+        builder=builder,
         store=store,
         manifest=manifest,
         n_rows=task.n_rows,
@@ -211,19 +209,20 @@ class RayJob:
         we_started_ray = self._connect()
         try:
             store.recover()
-            states = store.row_states(p.n_rows)
+            n_rows = p.rows()  # shards are cut from the row count: a large input is counted (and checked) first
+            states = store.row_states(n_rows)
             in_flight = self.max_shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
             run_no = len(p.manifest.runs) + 1
             task_spec = _task_spec(spec)
             assert task_spec.input is not None
             input_size = os.stat(task_spec.input).st_size
             tasks = []
-            for shard in shards.plan(p.n_rows, self.shard_rows):
+            for shard in shards.plan(n_rows, self.shard_rows):
                 rows = shards.rows_to_send(states, shard, retry_failed=spec.retry_failed)
                 if rows.size:
                     store_dir = shards.store_dir(Path(task_spec.job_dir or store.dir), shard, run_no)
                     tasks.append(
-                        ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, p.n_rows, input_size, run_no)
+                        ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, n_rows, input_size, run_no)
                     )
             to_send = int(sum(t.rows.size for t in tasks))
             record = RunRecord(
@@ -236,8 +235,8 @@ class RayJob:
             )
             p.manifest.runs.append(record)
             store.write_manifest(p.manifest)
-            initial = p.n_rows - to_send
-            self.progress = Progress(total=p.n_rows, initial=initial, enabled=self._progress_enabled)
+            initial = n_rows - to_send
+            self.progress = Progress(total=n_rows, initial=initial, enabled=self._progress_enabled)
             try:
                 totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()
             finally:
@@ -344,13 +343,13 @@ class RayJob:
         tasks that were cancelled too; requests, retries and 429s only those of tasks that returned."""
         from batchhub.cost import USAGE_COLUMNS, report
 
-        states = store.row_states(self.prepared.n_rows)
+        states = store.row_states(self.prepared.rows())
         written = [JobStore(t.store_dir).results(list(USAGE_COLUMNS)) for t in tasks if Path(t.store_dir).is_dir()]
         this_run = pa.concat_tables(written) if written else None
         bill = report(this_run, self.prepared.prices) if this_run is not None else None
         summary = JobSummary(
             store.dir,
-            self.prepared.n_rows,
+            self.prepared.rows(),
             int(np.count_nonzero(states == STATE_OK)),
             int(np.count_nonzero(states == STATE_ERROR)),
             int(np.count_nonzero(states == STATE_NONE)),

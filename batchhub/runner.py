@@ -3,7 +3,11 @@
     reader ──(bounded queue)──► N workers ──► ResultLog.record(): journal line + counters ──► part (off the loop)
 
 - `prepare_job` (batchhub/prepare.py) does every check that can fail on bad input or a
-  mismatched job directory *before* anything is written or sent.
+  mismatched job directory *before* anything is written or sent, but one: a large input is
+  read through (counted, each row checked) by its `InputCheck` while the job sends. Until it
+  has counted, the reader reads to the end of the file, the per-row arrays grow as it goes,
+  and the progress bar has no total; a bad row it (or the reader) finds stops the job like a
+  bad input (its InputError, exit 2), the results so far kept.
 - The reader streams the input in batches, skips rows that already have a result
   (a uint8 state per row, not a Python set) and builds each request.
 - Each worker takes one row at a time: its turn among the run's first requests
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import math
 import os
 import random
 import socket
@@ -40,6 +45,7 @@ from batchhub.client import ChatClient
 from batchhub.errors import (
     BatchhubError,
     FatalAPIError,
+    InputError,
     JobStateError,
     RepeatedError,
     UsageError,
@@ -109,6 +115,12 @@ class Job:
         #: the job's own results disagree with its rows (too many request hashes do not match)
         self._refusal: JobStateError | None = None
         self._first_mismatch: int | None = None
+        #: the input's first bad row (found by the input check or the reader): the run stops, then raises it
+        self._input_error: Exception | None = None
+        #: rows the reader has read (the input's rows so far, while it is not counted), and the rows up to the
+        #: last with a result when the run began
+        self._read_to = 0
+        self._rows_with_results = 0
 
     # -- control ------------------------------------------------------------------------
 
@@ -156,7 +168,7 @@ class Job:
         except OSError as exc:  # no room to compact the journal: it stays, and is still read below
             setup_error = exc
         n_todo = self._plan()
-        run_record = self._start_record(n_todo)
+        run_record = self._start_record(n_todo if prepared.n_rows is not None else None)  # else: once counted
         if setup_error is None:
             try:
                 store.write_manifest(prepared.manifest)
@@ -166,7 +178,7 @@ class Job:
         self._stats = RunStats()
         self._progress = Progress(
             total=prepared.n_rows,
-            initial=prepared.n_rows - n_todo,
+            initial=len(self._states) - n_todo,
             enabled=self._progress_enabled,
             sink=self._progress_sink,
             stats=self._stats,
@@ -179,14 +191,23 @@ class Job:
             on_write_error=self._write_failed,
         )
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)
+        counting = asyncio.create_task(self._watch_input_check(run_record)) if prepared.n_rows is None else None
         try:
-            if (n_todo or self._hashes is not None) and setup_error is None:
+            if (n_todo or self._hashes is not None or counting) and setup_error is None:
                 await self._open_and_send()
         finally:
             if self._first_requests.holds_results and not isinstance(self._fatal, RepeatedError):
                 self._first_requests.open()  # fewer rows than the fail-fast count, all failed alike: they stand
             await self._log.close()
             store.close()
+            if counting is not None and self._input_error is None:
+                await counting  # the summary needs the row count: the check goes on to the end of the file
+            elif counting is not None:  # the reader met a bad row: the job stops at it whatever the count
+                counting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await counting
+            if self._input_error is not None:
+                prepared.manifest.input.bad_input = str(self._input_error)
             self._progress.close()
             summary = self._finish_summary(started)
             close_run_record(run_record, summary)
@@ -194,17 +215,25 @@ class Job:
                 store.write_manifest(prepared.manifest)
         if self._refusal is not None:
             raise self._refusal
+        if self._input_error is not None:
+            raise self._input_error
         return summary
 
     def _plan(self) -> int:
-        """Which rows this run sends (`_todo`) and which done rows the reader checks (`_hashes`); how many to send."""
+        """Which rows this run sends (`_todo`) and which done rows the reader checks (`_hashes`); how many to send.
+
+        While the input is not counted (`n_rows` None) the arrays are as long as the rows with results:
+        every row past them is to send, and the count says how many there are (`_grow`).
+        """
         prepared, spec, store = self.prepared, self.spec, self.store
-        states = store.row_states(prepared.n_rows)
+        n_rows = prepared.rows() if self._only_rows is not None else prepared.n_rows  # a sample needs the count
+        states = store.row_states(n_rows)
         self._states = states
+        self._rows_with_results = len(states)
         todo = (states == STATE_NONE) | ((states == STATE_ERROR) if spec.retry_failed else False)
         if self._only_rows is not None:
-            wanted = np.zeros(prepared.n_rows, dtype=bool)
-            wanted[self._only_rows[(self._only_rows >= 0) & (self._only_rows < prepared.n_rows)]] = True
+            wanted = np.zeros(len(states), dtype=bool)
+            wanted[self._only_rows[(self._only_rows >= 0) & (self._only_rows < len(states))]] = True
             todo &= wanted
         self._todo = todo
         # a resume trusts a result only if its request_hash is the request its row would send now:
@@ -214,10 +243,41 @@ class Job:
         if spec.force:  # the results so far are kept as they are, by this run and the resumes after it
             prepared.manifest.forced_seq = max(forced, store.last_seq)
         elif self._only_rows is None and bool(np.any(states != STATE_NONE)):
-            self._hashes = store.row_request_hashes(prepared.n_rows, trusted_seq=forced)
+            self._hashes = store.row_request_hashes(len(states), trusted_seq=forced)
         return int(np.count_nonzero(todo))
 
-    def _start_record(self, n_todo: int) -> RunRecord:
+    def _grow(self, size: int) -> None:
+        """Make the per-row arrays hold at least `size` rows (doubling: an uncounted input grows a batch at a
+        time). The new rows have no result and are to send."""
+        old = len(self._states)
+        if size <= old:
+            return
+        size = max(size, 2 * old)
+        self._states = np.concatenate([self._states, np.full(size - old, STATE_NONE, dtype=np.uint8)])
+        self._todo = np.concatenate([self._todo, np.ones(size - old, dtype=bool)])
+        if self._hashes is not None:
+            self._hashes = np.concatenate([self._hashes, np.zeros(size - old, dtype=self._hashes.dtype)])
+        self._log.states = self._states
+
+    async def _watch_input_check(self, run_record: RunRecord) -> None:
+        """Wait for the input check going on while the job sends: record the row count, or stop at the bad row."""
+        check = self.prepared.input_check
+        assert check is not None
+        try:
+            n_rows = await check.wait()
+        except Exception as exc:  # an InputError names the bad row; anything else is raised as itself too
+            self._input_error = self._input_error or exc
+            self._halt("bad_input")
+            return
+        self._grow(n_rows)
+        self.prepared.n_rows = self.prepared.manifest.input.rows = n_rows
+        if self._only_rows is None:
+            run_record.to_send = int(np.count_nonzero(self._todo[:n_rows]))
+        self._progress.set_total(n_rows)
+        with contextlib.suppress(OSError):  # `status` shows the total from now on; the run's end writes it too
+            self.store.write_manifest(self.prepared.manifest)
+
+    def _start_record(self, n_todo: int | None) -> RunRecord:
         """This run's record, added to the manifest's runs."""
         run_record = RunRecord(
             started_at=now_iso(),
@@ -305,18 +365,32 @@ class Job:
         checked = (hashes != b"") & ~todo if hashes is not None else np.zeros(len(todo), dtype=bool)
         span = todo | checked
         # before the first row to send or check and past the last there is nothing to read (a resumed
-        # job, a shard of a larger input, a sample): the reader skips the rows before without converting them
-        row_id = int(np.argmax(span)) if span.any() else 0
-        end = len(span) - int(np.argmax(span[::-1])) if span.any() else 0
+        # job, a shard of a larger input, a sample): the reader skips the rows before without converting them.
+        # An input not counted yet is read to its end: every row past the arrays is to send.
+        counted = self.prepared.n_rows is not None
+        row_id = int(np.argmax(span)) if span.any() else (0 if counted else len(span))
+        end: float = len(span) - int(np.argmax(span[::-1])) if span.any() else 0
+        if not counted:
+            end = math.inf
         rows = self.prepared.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS, start=row_id)
         try:
             while not self._stop.is_set() and row_id < end:
-                batch = await asyncio.to_thread(next, rows, None)
-                if batch is None:  # fewer rows than counted when the job began
-                    self._input_short = (self.prepared.n_rows, row_id)
+                try:
+                    batch = await asyncio.to_thread(next, rows, None)
+                except InputError as exc:  # a bad row the input check has not reached (or a file gone unreadable)
+                    self._input_error = self._input_error or exc
+                    self._halt("bad_input")
+                    break
+                if batch is None:
+                    if counted:  # fewer rows than counted when the job began
+                        self._input_short = (self.prepared.rows(), row_id)
                     break
                 base = row_id
                 row_id += len(batch)
+                self._read_to = row_id
+                if not counted:
+                    self._grow(row_id)
+                    todo = self._todo
                 # done rows first: a batch's rows are queued only once its results are known good
                 if hashes is not None and not self._check_results(batch, base, checked, hashes):
                     break
@@ -436,10 +510,14 @@ class Job:
 
     def _finish_summary(self, started: float) -> JobSummary:
         """Where the job stands at the end of the run, and why it stopped, if it did."""
-        states, budget = self._states, self.prepared.budget
+        # the rows of the input: counted, or (when the check stopped the job) those read or with a result so far
+        n_rows = self.prepared.n_rows
+        if n_rows is None:
+            n_rows = max(self._read_to, self._rows_with_results)
+        states, budget = self._states[:n_rows], self.prepared.budget
         ok, failed, pending = (int(np.count_nonzero(states == s)) for s in (STATE_OK, STATE_ERROR, STATE_NONE))
         summary = JobSummary.from_stats(
-            self.store.dir, self.prepared.n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
+            self.store.dir, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
         )
         if self._fatal is not None:
             summary.stopped = "fatal"

@@ -48,6 +48,11 @@ class JobStatus:
     #: the part of spent_usd charged at worst case, not reported, and over how many results
     assumed_usd: float = 0.0
     assumed_results: int = 0
+    #: False while the input is not counted to its end (a large input is counted as the job sends):
+    #: total_rows and pending are then unknown (0)
+    rows_counted: bool = True
+    #: why the last run stopped at a bad row of the input (its one-line error), if it did
+    bad_input: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +75,8 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
         failed=0,
         pending=total,
         created_at=manifest.created_at,
+        rows_counted=manifest.input.rows is not None,
+        bad_input=manifest.input.bad_input,
     )
     runs = manifest.runs
     st.runs = len(runs)
@@ -154,8 +161,12 @@ def render(status: JobStatus) -> str:
         f"job      {status.job_dir}  ({status.state})",
         f"input    {status.input}",
         f"rows     {status.total_rows:,} total: {status.ok:,} ok, {status.failed:,} failed, "
-        f"{status.pending:,} pending ({percent:.1f}% done)",
+        f"{status.pending:,} pending ({percent:.1f}% done)"
+        if status.rows_counted
+        else f"rows     not counted yet: {status.ok:,} ok, {status.failed:,} failed",
     ]
+    if status.bad_input:
+        lines.append(f"stopped  at bad input: {status.bad_input}")
     if status.errors_by_type:
         lines.append("errors   " + ", ".join(f"{k} {v:,}" for k, v in status.errors_by_type.items()))
         for kind, examples in status.error_examples.items():

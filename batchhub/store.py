@@ -338,33 +338,44 @@ class JobStore:
         """Whether anything here holds results (parts, journal segments, the task stores)."""
         return bool(self.parts() or self.segments() or self.task_stores())
 
-    def row_request_hashes(self, n_rows: int, *, trusted_seq: int = 0) -> np.ndarray:
+    def row_request_hashes(self, n_rows: int | None, *, trusted_seq: int = 0) -> np.ndarray:
         """The request_hash of each input row's latest result, fixed-width bytes (b"": no result, or none).
 
         A latest result with seq <= `trusted_seq` (kept as it was by a `--force` run) gives b"" too.
+        `n_rows` None (the input not counted yet): as long as the largest row with a result.
         """
-        hashes = np.zeros(n_rows, dtype="S32")
         table = self.results(["row_id", "request_hash", "seq"])
         if table.num_rows == 0:
-            return hashes
+            return np.zeros(n_rows or 0, dtype="S32")
         row_id = table["row_id"].to_numpy()
+        hashes = np.zeros(_rows_or_seen(n_rows, row_id), dtype="S32")
         seq = table["seq"].to_numpy()
         keep = latest_indices(row_id, seq)
         ids = row_id[keep]
-        valid = (ids >= 0) & (ids < n_rows) & (seq[keep] > trusted_seq)
+        valid = (ids >= 0) & (ids < len(hashes)) & (seq[keep] > trusted_seq)
         hashes[ids[valid]] = fixed_width(table["request_hash"], 32)[keep][valid]
         return hashes
 
-    def row_states(self, n_rows: int) -> np.ndarray:
-        """uint8 per input row: 0 no result, 1 ok, 2 error (the latest result wins)."""
-        states = np.zeros(n_rows, dtype=np.uint8)
+    def row_states(self, n_rows: int | None) -> np.ndarray:
+        """uint8 per input row: 0 no result, 1 ok, 2 error (the latest result wins).
+
+        `n_rows` None (the input not counted yet): as long as the largest row with a result.
+        """
         table = self.results(["row_id", "status", "seq"])
-        if table.num_rows == 0:
-            return states
+        if table.num_rows == 0:  # (to_numpy would import pandas: a new job's start does without)
+            return np.zeros(n_rows or 0, dtype=np.uint8)
         row_id = table["row_id"].to_numpy()
+        states = np.zeros(_rows_or_seen(n_rows, row_id), dtype=np.uint8)
         keep = latest_indices(row_id, table["seq"].to_numpy())
         ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
         ids = row_id[keep]
-        valid = (ids >= 0) & (ids < n_rows)
+        valid = (ids >= 0) & (ids < len(states))
         states[ids[valid]] = np.where(ok[keep][valid], STATE_OK, STATE_ERROR)
         return states
+
+
+def _rows_or_seen(n_rows: int | None, row_id: np.ndarray) -> int:
+    """`n_rows`, or when it is not known, one past the largest row id with a result."""
+    if n_rows is not None:
+        return n_rows
+    return max(int(row_id.max()) + 1, 0) if row_id.size else 0

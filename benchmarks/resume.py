@@ -78,7 +78,7 @@ def build_half_done(input_path: Path, job_dir: Path, base_url: str, concurrency:
     prepared = prepare_job(spec)
     store = prepared.store
     store.recover()  # creates the folders
-    n = prepared.n_rows
+    n = prepared.rows()
     done = list(range(0, n, 2))
     # the hash of the request each done row sends: a resume trusts only results that match it
     hashes: list[str] = []
@@ -148,10 +148,10 @@ def phases(input_path: Path, job_dir: Path, base_url: str) -> None:
     store.recover()
     out["JobStore.recover (journal -> part)"] = time.perf_counter() - t
     t = time.perf_counter()
-    states = store.row_states(prepared.n_rows)
+    states = store.row_states(prepared.rows())
     out["JobStore.row_states (read every part)"] = time.perf_counter() - t
     t = time.perf_counter()
-    store.row_request_hashes(prepared.n_rows)
+    store.row_request_hashes(prepared.rows())
     out["JobStore.row_request_hashes (read every part)"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = prepared.source.iter_rows(prepared.builder.needed_columns, 2048)

@@ -29,6 +29,7 @@ from batchhub.cli import main
 from batchhub.io import open_input
 from batchhub.requests import RequestBuilder
 from batchhub.spec import JobSpec
+from batchhub.store import JobStore
 
 PROMPTS = [f"Tell me one fact about owls, number {i}." for i in range(6)]
 
@@ -171,19 +172,31 @@ def test_whole_job_mistake_exits_2_with_one_line_and_writes_nothing(tmp_path: Pa
     assert not written, written
 
 
-def test_non_utf8_bytes_past_the_first_block_are_refused_before_anything_is_sent(tmp_path: Path) -> None:
-    """The CSV reader infers types from its first 16 MiB block; a bad byte later is still bad input."""
+def test_non_utf8_bytes_past_the_first_block_stop_the_job_at_that_row(tmp_path: Path) -> None:
+    """The CSV reader infers types from its first block; a bad byte later is still bad input. In a
+    file this large it is found while the job sends (tests/test_flat_start.py): the job stops there,
+    exit 2 and one line, the rows before it kept; the file fixed, the next run sends only the rest."""
     data = tmp_path / "late.csv"
     filler = "x" * (1024 * 1024)
-    with data.open("wb") as fh:
-        fh.write(b"id,pad,prompt\n")
-        for i in range(17):  # 17 MiB of good rows: the bad byte lands in the second block
-            fh.write(f"{i},{filler},question {i}\n".encode())
-        fh.write(b"17,y,bad \xff byte\n18,y,fine\n")
+
+    def write(bad: bytes) -> None:
+        with data.open("wb") as fh:
+            fh.write(b"id,pad,prompt\n")
+            for i in range(17):  # 17 MiB of good rows: the bad byte lands in a later block
+                fh.write(f"{i},{filler},question {i}\n".encode())
+            fh.write(b"17,y,bad " + bad + b" byte\n18,y,fine\n")
+
+    write(b"\xff")
     job = tmp_path / "job"
     result = run(data, job)
     assert_usage_error(result, "late.csv")
-    assert not job.exists()
+    assert JobStore(job).manifest().input.bad_input == result.output.strip().removeprefix("error: ")
+    before = JobStore(job).results(["row_id", "status"]).to_pylist()
+    assert all(r["row_id"] < 17 and r["status"] == "ok" for r in before)
+    write(b"good")
+    again = run(data, job)
+    assert again.exit_code == 0, again.output
+    assert sorted(r["row_id"] for r in JobStore(job).results(["row_id"]).to_pylist()) == list(range(19))
 
 
 def test_lone_surrogate_in_a_jsonl_prompt_fails_cleanly(tmp_path: Path) -> None:
