@@ -102,7 +102,7 @@ class Result:
     windows: list[tuple[float, int, float, int]] = field(default_factory=list)
     first_429_s: float | None = None
     #: seconds from the first 429 (or a change) to the start of the window from which every window of that
-    #: limit was >= 90% of it; None when never
+    #: limit was >= 90% of it; None when never, or when no 429 came before the first change
     to_90: list[float | None] = field(default_factory=list)
     requests: int = 0
     rate_limited: int = 0
@@ -177,9 +177,14 @@ def _figures(res: Result, case: Case, scale: Scale, samples: list[Sample]) -> No
         pct = 100.0 * (s1.completions - s0.completions) / span / (limit / 60)
         res.windows.append((t, limit, round(pct, 1), s1.rate_limited - s0.rate_limited))
         t += window
-    starts = [res.first_429_s or 0.0] + [at_s for at_s, _ in schedule(case, scale)]
-    ends = [*starts[1:], res.seconds]
+    changes = [at_s for at_s, _ in schedule(case, scale)]
+    ends = [*changes, res.seconds]
+    first_429 = res.first_429_s if res.first_429_s is not None and res.first_429_s < ends[0] else None
+    starts = [first_429, *changes]
     for start, end in zip(starts, ends, strict=True):
+        if start is None:  # the job never met the limit before it changed: nothing to learn there
+            res.to_90.append(None)
+            continue
         phase = [w for w in res.windows if w[0] >= start - window and w[0] + window <= end + 1e-9]
         good = None
         for i in range(len(phase)):
@@ -209,8 +214,11 @@ def detail_lines(r: Result, case: Case) -> list[str]:
 
 
 def summary_line(r: Result, case: Case) -> str:
+    no_429 = r.first_429_s is None or (case.changing and r.first_429_s >= SCALE.lower_at_s)
+    names = _phase_names(case)
     reached = ", ".join(
-        f"{'never' if t is None else f'{t:g}s'} {name}" for name, t in zip(_phase_names(case), r.to_90, strict=False)
+        "no 429 at first (nothing to learn)" if i == 0 and no_429 else f"{'never' if t is None else f'{t:g}s'} {name}"
+        for i, (name, t) in enumerate(zip(names, r.to_90, strict=False))
     )
     steady = [
         w[2]
@@ -220,7 +228,7 @@ def summary_line(r: Result, case: Case) -> str:
     since = f"{SCALE.settled_s:g} s"
     mean = f"{sum(steady) / len(steady):.1f}% of the limit from {since}" if steady else f"no window from {since}"
     return (
-        f"{r.label}: {mean}; >= 90% for good {reached}; "
+        f"{r.label}: {mean}; >= 90% for good: {reached}; "
         f"{r.pct_429:.2f}% 429s ({r.rate_limited} of {r.requests} requests)"
     )
 
