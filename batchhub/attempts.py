@@ -165,8 +165,8 @@ class Attempts:
             return self._error(row_id, exc, message, built, tries)
         self._stats.retry(rate_limited=isinstance(exc, RateLimitError))
         self._progress.update()
-        if decision.pool_wide:
-            self.limits.cooldown(decision.delay)
+        if decision.pool_wide:  # a 429: the limiter pauses for its Retry-After, or learns from a bare one
+            self.limits.rate_limited(decision.delay or None)
         elif decision.delay > 0:
             await self._sleep_unless_stopped(decision.delay)
         return _AGAIN

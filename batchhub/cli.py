@@ -307,8 +307,24 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
     help="Models that exist, others get 404 model_not_found (default: OpenAI's chat models; * for any). Repeatable.",
 )
 @click.option("--hang-seconds", type=float, help="How long a 'timeout' fault hangs.")
+@click.option("--no-ratelimit-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
+@click.option("--no-retry-after", is_flag=True, help="Send 429s without Retry-After or retry-after-ms (bare 429s).")
+@click.option(
+    "--rpm-schedule",
+    "rpm_schedule",
+    multiple=True,
+    metavar="SECONDS=RPM",
+    help="Change the RPM limit SECONDS after start (the limit a key's tier change would set). Repeatable.",
+)
 def mock_server(
-    error_rates: tuple[str, ...], allowed_models: tuple[str, ...], host: str, port: int, **options: Any
+    error_rates: tuple[str, ...],
+    allowed_models: tuple[str, ...],
+    host: str,
+    port: int,
+    no_ratelimit_headers: bool,
+    no_retry_after: bool,
+    rpm_schedule: tuple[str, ...],
+    **options: Any,
 ) -> None:
     """Serve the simulated Chat Completions endpoint (rate limits, faults, streaming) until Ctrl-C."""
     from batchhub.mock import MockConfig, serve_forever
@@ -323,6 +339,12 @@ def mock_server(
     if allowed_models:
         settings["allowed_models"] = list(allowed_models)
     settings["models"] = list(settings["models"])
+    settings["ratelimit_headers"] = not no_ratelimit_headers
+    settings["retry_after"] = not no_retry_after
+    try:
+        settings["rpm_schedule"] = [[float(t), int(r)] for t, r in _pairs(rpm_schedule, "SECONDS=RPM").items()]
+    except ValueError as exc:
+        raise click.BadParameter(f"--rpm-schedule needs SECONDS=RPM: {exc}") from exc
     if not settings["models"]:
         del settings["models"]
     try:

@@ -31,9 +31,41 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 #: Full-jitter exponential backoff: base * 2**(attempt-1), capped.
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
-#: Pool-wide cool-down after a 429 without Retry-After (it doubles while 429s keep coming).
-COOLDOWN_BASE_S = 1.0
-COOLDOWN_CAP_S = 60.0
+#: Learning a requests limit from bare 429s (no limit headers, no Retry-After): see
+#: `batchhub.learned_rate`. Slots of a quarter second count what was sent and refused: short
+#: enough that a stretch of 429s is seen within a second or two, long enough to hold a few
+#: requests at a few hundred a minute.
+LEARN_SLOT_S = 0.25
+#: Seconds of 429s in every slot (after the burst's slot) before the accepted rate is trusted
+#: as the limit: a second holds 20 replies at 1,200 a minute, enough for a 5% measurement.
+LEARN_MEASURE_S = 0.5
+#: The first bare 429 sets the rate to this share of what was sent over the last second: that
+#: second was a burst which ran into the limit, often many times above it (a burst is what a
+#: job told nothing sends); from there the rate doubles every LEARN_SLOW_START_S until a 429.
+LEARN_FIRST_CUT = 0.15
+#: A later 429 with no trusted measurement cuts the rate by this: a limit just crossed by
+#: the probe is a few percent below, and a deeper cut costs throughput until the probe is back.
+LEARN_CUT = 0.9
+#: A cut to a measured limit goes this far below it, so the server's bucket refills a little
+#: and the next few requests' jitter does not meet a 429.
+LEARN_MARGIN = 0.03
+#: The probe doubles the rate after this many seconds without a 429 (x1.19 after half, x16
+#: after twice): a raised limit is found within a minute, a lowered one met gently.
+LEARN_PROBE_S = 20.0
+#: After the first cut (made on little evidence) the rate doubles every this many seconds
+#: until a 429 says where the limit is: from a tenth of it, the limit is met in 3-4 s.
+LEARN_SLOW_START_S = 1.0
+#: Seconds a 429 takes to come back, beyond the last reservation made when the rate was cut:
+#: the 429s of those requests belong to the cut already made.
+LEARN_GRACE_S = 0.25
+#: The probe goes no higher than this times the rate really sent over the last second.
+LEARN_HEADROOM = 1.5
+#: The learned rate never goes below this (one request every 10 s): a limit lower than that
+#: is a free tier, for which `--rpm` is the way.
+LEARN_FLOOR_RPM = 6.0
+#: Burst of the learned limit's bucket, in seconds of it: a second, as a provider enforcing
+#: a per-minute limit over shorter periods allows.
+LEARNED_BURST_S = 1.0
 #: A Retry-After above this is treated as this: a server asking for an hour is better
 #: retried sooner than trusted blindly with a whole job idle.
 RETRY_AFTER_CAP_S = 300.0

@@ -1,4 +1,4 @@
-"""Requests-per-minute and tokens-per-minute limits, and the pool-wide 429 cool-down.
+"""Requests-per-minute and tokens-per-minute limits, a requests limit learned from 429s, and 429 pauses.
 
 Two leaky buckets (`batchhub.bucket.Bucket`, the arithmetic the shared limiter uses
 too): one counts requests, one tokens, each a minute's worth deep. A request's token
@@ -9,8 +9,12 @@ later requests wait out. The expected completion length is calibrated from real
 usage as the job runs.
 
 `x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` response headers tighten the
-limits (a bucket is adopted from them when none was configured), and a 429 pauses
-every worker together until the server's Retry-After has passed.
+limits (a bucket is adopted from them when none was configured). A 429 with a
+Retry-After pauses the buckets until it has passed, after which requests go at the
+rate again, not all at once. A bare 429 (no usable Retry-After) teaches a
+`batchhub.learned_rate.LearnedRate`, whose limit paces requests with a bucket of its
+own when the job was told none, or one too high; headers, when a server sends them,
+are exact and win.
 
 Why not aiolimiter: its public API (`acquire`, `has_capacity`) can only take
 capacity, and only up to the bucket's size. Settling an estimate must give capacity
@@ -35,6 +39,7 @@ from typing import Protocol
 
 from batchhub import defaults
 from batchhub.bucket import MINUTE, Bucket
+from batchhub.learned_rate import LearnedRate
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 #: Counts past this in a header are not a real limit (no provider counts to 10**15 a minute).
@@ -128,7 +133,7 @@ class Limiter(Protocol):
 
     def release(self, reservation: Reservation) -> None: ...
 
-    def cooldown(self, seconds: float) -> None: ...
+    def rate_limited(self, retry_after: float | None) -> None: ...
 
     def observe_headers(self, headers: Mapping[str, str]) -> None: ...
 
@@ -165,7 +170,7 @@ class Calibration:
 
 
 class RateLimits(Calibration):
-    """The limits of one job in one process: RPM, TPM, the 429 cool-down and header calibration."""
+    """The limits of one job in one process: RPM, TPM, the rate learned from 429s, pauses and header calibration."""
 
     def __init__(
         self,
@@ -183,6 +188,9 @@ class RateLimits(Calibration):
         self.tokens = Bucket.per_minute(tpm, MINUTE, self._now()) if tpm else None
         self._resume_at = 0.0
         self.cooldowns = 0
+        #: the requests limit learned from bare 429s, and the bucket that paces by it
+        self.learned = LearnedRate()
+        self._learned: Bucket | None = None
 
     def _now(self) -> float:
         if self._clock is not None:
@@ -201,19 +209,42 @@ class RateLimits(Calibration):
         # a request larger than the whole token bucket takes a whole bucket instead of a debt of minutes
         reserved = min(tokens, int(bucket.capacity)) if bucket is not None else 0
         now = self._now()
+        learned = self._learned_at(now)
         wait = requests.reserve(1, now) if requests is not None else 0.0
+        if learned is not None:
+            wait = max(wait, learned.reserve(1, now))
         if bucket is not None:
             wait = max(wait, bucket.reserve(reserved, now))
+        self.learned.sent(now + wait)
         if wait > 0:
             try:
                 await self._sleep(wait)
             except asyncio.CancelledError:  # it never went: its turn goes to the next
-                if requests is not None:
-                    requests.give_back(1, self._now())
+                for paced in (requests, learned):
+                    if paced is not None:
+                        paced.give_back(1, self._now())
                 if bucket is not None:
                     bucket.give_back(reserved, self._now())
                 raise
         return Reservation(reserved, bucket)
+
+    def _learned_at(self, now: float) -> Bucket | None:
+        """The bucket of the learned limit now (None while nothing is learned), retuned as it moves."""
+        rpm = self.learned.rpm(now, self._ceiling())
+        if rpm is None:
+            self._learned = None
+            return None
+        limit = max(1, round(rpm))
+        if self._learned is None:
+            self._learned = Bucket.per_minute(limit, defaults.LEARNED_BURST_S, now)
+            self._learned.pause(now, now)  # a limit just learned from a 429 starts with no burst
+        elif self._learned.limit != limit:
+            self._learned = self._learned.retuned(limit, defaults.LEARNED_BURST_S, now)
+        return self._learned
+
+    def _ceiling(self) -> int | None:
+        """The requests limit told or advertised, which learning never goes past."""
+        return self.requests.limit if self.requests is not None else None
 
     def settle(self, reservation: Reservation, actual: int | None) -> None:
         """Correct the token bucket once the real total is known."""
@@ -225,10 +256,26 @@ class RateLimits(Calibration):
         if reservation.bucket is not None and reservation.bucket is self.tokens and reservation.tokens:
             reservation.bucket.give_back(reservation.tokens, self._now())
 
-    # -- cool-down ----------------------------------------------------------------------
+    # -- 429s and pauses -------------------------------------------------------------------
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        """A 429: with a Retry-After, nothing goes before it has passed, then at the rate; a bare one
+        (None) teaches the learned limit, and the refused request waits its turn at it."""
+        now = self._now()
+        if self.learned.refused(now, self._ceiling(), learn=not retry_after):
+            learned = self._learned_at(now)
+            if learned is not None:
+                learned.pause(now, now)  # cut: the next goes one request's time from now, no burst
+        if retry_after:
+            paused = [b for b in (self.requests, self.tokens, self._learned) if b is not None]
+            for bucket in paused:
+                bucket.pause(now + retry_after, now)
+            if not paused:  # nothing known to pace by afterwards: every worker waits
+                self.cooldown(retry_after)
 
     def cooldown(self, seconds: float) -> None:
-        """Pause every worker for `seconds` from now (extends, never shortens, a pause)."""
+        """Pause every worker for `seconds` from now (extends, never shortens, a pause): when no
+        bucket is known to pace by (a 429's Retry-After, or a header saying nothing remains)."""
         resume = self._now() + max(0.0, seconds)
         if resume > self._resume_at:
             self._resume_at = resume

@@ -63,6 +63,10 @@ class LimiterActor:
         self._touch()
         self._ledger.settle(est_tokens, actual_tokens)
 
+    async def rate_limited(self, retry_after: float | None) -> None:
+        self._touch()
+        self._ledger.rate_limited(retry_after)
+
     async def pause(self, seconds: float) -> None:
         self._touch()
         self._ledger.pause(seconds)
@@ -126,6 +130,9 @@ class ActorBackend:
 
     def settle(self, est_tokens: int, actual_tokens: int) -> None:
         self._handle.settle.remote(est_tokens, actual_tokens)
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        self._handle.rate_limited.remote(retry_after)
 
     def pause(self, seconds: float) -> None:
         self._handle.pause.remote(seconds)

@@ -67,7 +67,8 @@ class Decision:
 
     retry: bool
     delay: float = 0.0
-    #: True when the whole pool should pause (a 429), not only this row
+    #: True for a 429: the limiter, not this row, waits (`delay` is the server's Retry-After,
+    #: 0 for a bare 429, after which the row waits its turn at the limit learned from it)
     pool_wide: bool = False
 
 
@@ -90,9 +91,8 @@ def next_step(
     if isinstance(error, RateLimitError):
         if rate_limits > max_rate_limit_retries:
             return Decision(retry=False)
-        if error.retry_after is not None:
-            return Decision(retry=True, delay=min(error.retry_after, defaults.RETRY_AFTER_CAP_S), pool_wide=True)
-        delay = min(defaults.COOLDOWN_CAP_S, defaults.COOLDOWN_BASE_S * 2 ** min(rate_limits - 1, 16))
+        # a bare 429 waits no fixed time: the limiter paces the row's next attempt by what it learned
+        delay = min(error.retry_after, defaults.RETRY_AFTER_CAP_S) if error.retry_after is not None else 0.0
         return Decision(retry=True, delay=delay, pool_wide=True)
     if isinstance(error, RetryableError):
         if failures >= max_attempts:

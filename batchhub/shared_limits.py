@@ -8,14 +8,18 @@ own event loop, so the ledger answers thousands of callers a second.
 
     reserve(requests, est_tokens) -> wait_s   charge the buckets now, go in wait_s seconds
     settle(est_tokens, actual_tokens)         correct the token bucket once usage is known
-    pause(seconds)                            a 429: nobody sends for `seconds`
+    rate_limited(retry_after)                 a 429: pause until Retry-After, or learn from a bare one
+    pause(seconds)                            nobody sends for `seconds`, then at the rate
     tighten(kind, limit)                      a server's x-ratelimit-limit-* is lower than ours
 
 Each bucket is a `batchhub.bucket.Bucket` (the arithmetic the local limiter uses
 too), whose burst is `burst_s` seconds of its limit: a reservation adds its amount
 to the level, and may go when the level has drained back to the burst. The waits
 of successive reservations so grow by one unit's time each, and the callers,
-together, send at the limit's rate after at most one burst.
+together, send at the limit's rate after at most one burst. A bare 429 teaches the
+ledger's `batchhub.learned_rate.LearnedRate` (the tasks share one limit, so they learn
+it together: the ledger counts every task's reservations and 429s), whose limit paces
+reservations with a bucket of its own, as in the single-process limiter.
 
 `SharedLimits` is the runner's side (`batchhub.limits.Limiter`): it estimates
 tokens locally (as the single-process limiter does) and asks a `LimitBackend`
@@ -32,6 +36,7 @@ from typing import Any, Protocol
 
 from batchhub import defaults
 from batchhub.bucket import Bucket
+from batchhub.learned_rate import LearnedRate
 from batchhub.limits import Calibration, Reservation, read_limit_headers
 
 
@@ -53,6 +58,9 @@ class Ledger:
         self.tokens: Bucket | None = None
         self.reservations = 0
         self.pauses = 0
+        #: the requests limit learned from bare 429s, and the bucket that paces by it
+        self.learned = LearnedRate()
+        self._learned: Bucket | None = None
         self.configure(rpm, tpm)
 
     def configure(self, rpm: int | None, tpm: int | None) -> None:
@@ -74,9 +82,41 @@ class Ledger:
         wait = max(0.0, self._paused_until - now)
         if self.requests is not None and requests:
             wait = max(wait, self.requests.reserve(requests, now))
+        learned = self._learned_at(now) if requests else None
+        if learned is not None:
+            wait = max(wait, learned.reserve(requests, now))
         if self.tokens is not None and tokens:
             wait = max(wait, self.tokens.reserve(tokens, now))
+        for _ in range(requests):
+            self.learned.sent(now + wait)
         return wait
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        """A 429 one of the tasks met: pause until its Retry-After, or learn from a bare one."""
+        now = self._clock()
+        if self.learned.refused(now, self._ceiling(), learn=not retry_after):
+            learned = self._learned_at(now)
+            if learned is not None:
+                learned.pause(now, now)  # cut: no burst at the new rate
+        if retry_after:
+            self.pause(retry_after)
+
+    def _learned_at(self, now: float) -> Bucket | None:
+        """The bucket of the learned limit now (None while nothing is learned), retuned as it moves."""
+        rpm = self.learned.rpm(now, self._ceiling())
+        if rpm is None:
+            self._learned = None
+            return None
+        limit = max(1, round(rpm))
+        if self._learned is None:
+            self._learned = Bucket.per_minute(limit, defaults.LEARNED_BURST_S, now)
+            self._learned.pause(now, now)  # a limit just learned from a 429 starts with no burst
+        elif self._learned.limit != limit:
+            self._learned = self._learned.retuned(limit, defaults.LEARNED_BURST_S, now)
+        return self._learned
+
+    def _ceiling(self) -> int | None:
+        return self.requests.limit if self.requests is not None else None
 
     def settle(self, est_tokens: int, actual_tokens: int) -> None:
         """Correct the token bucket by what a request really used (0 for a refused one)."""
@@ -90,7 +130,7 @@ class Ledger:
         if now + seconds > self._paused_until:
             self._paused_until = now + seconds
             self.pauses += 1
-        for bucket in (self.requests, self.tokens):
+        for bucket in (self.requests, self.tokens, self._learned):
             if bucket is not None:
                 bucket.pause(now + seconds, now)
 
@@ -106,11 +146,14 @@ class Ledger:
 
     def snapshot(self) -> dict[str, Any]:
         """The limits and counters, for status and tests."""
+        learned = self.learned.rpm(self._clock(), self._ceiling())
         return {
             "rpm": self.requests.limit if self.requests else None,
             "tpm": self.tokens.limit if self.tokens else None,
+            "learned_rpm": round(learned) if learned is not None else None,
             "reservations": self.reservations,
             "pauses": self.pauses,
+            "cuts": self.learned.cuts,
         }
 
 
@@ -126,6 +169,8 @@ class LimitBackend(Protocol):
     def reserve(self, requests: int, tokens: int) -> Awaitable[float]: ...
 
     def settle(self, est_tokens: int, actual_tokens: int) -> None: ...
+
+    def rate_limited(self, retry_after: float | None) -> None: ...
 
     def pause(self, seconds: float) -> None: ...
 
@@ -143,6 +188,9 @@ class LedgerBackend:
 
     def settle(self, est_tokens: int, actual_tokens: int) -> None:
         self.ledger.settle(est_tokens, actual_tokens)
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        self.ledger.rate_limited(retry_after)
 
     def pause(self, seconds: float) -> None:
         self.ledger.pause(seconds)
@@ -192,6 +240,11 @@ class SharedLimits(Calibration):
     def release(self, reservation: Reservation) -> None:
         if reservation.tokens:
             self._backend.settle(reservation.tokens, 0)
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        if retry_after:  # this process waits at once, before the ledger has heard of it
+            self._resume_at = max(self._resume_at, self._now() + retry_after)
+        self._backend.rate_limited(retry_after)
 
     def cooldown(self, seconds: float) -> None:
         self._resume_at = max(self._resume_at, self._now() + max(0.0, seconds))

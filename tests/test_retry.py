@@ -143,9 +143,11 @@ def test_next_step_uses_retry_after_for_429_and_caps_it() -> None:
     assert d.delay == 300.0
 
 
-def test_next_step_429_without_retry_after_doubles() -> None:
-    delays = [next_step(RateLimitError("x"), failures=0, rate_limits=n, **KW).delay for n in (1, 2, 3)]
-    assert delays == [1.0, 2.0, 4.0]
+def test_next_step_429_without_retry_after_leaves_the_wait_to_the_limiter() -> None:
+    """A bare 429 once doubled a pool-wide cool-down per 429 of the row (1, 2, 4... s, up to 60 s): a job
+    told nothing ran at 3% of a 1,200 rpm limit. Now the row waits its turn at the rate learned from it."""
+    decisions = [next_step(RateLimitError("x"), failures=0, rate_limits=n, **KW) for n in (1, 2, 3, 4)]
+    assert [(d.retry, d.delay, d.pool_wide) for d in decisions] == [(True, 0.0, True)] * 4
 
 
 def test_server_retry_after_is_a_floor_for_backoff() -> None:

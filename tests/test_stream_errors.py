@@ -19,14 +19,14 @@ from batchhub.mock import MockConfig, MockServer
 
 
 async def test_a_rate_limit_inside_a_stream_is_retried_as_a_rate_limit(tmp_path: Path, prompts_csv, job_spec) -> None:
-    data = prompts_csv(tmp_path / "in.csv", 10)
-    config = MockConfig(faults={"429": 0.3}, fault_retry_after_ms=50, stream_errors="in_band", seed=3)
+    data = prompts_csv(tmp_path / "in.csv", 6)
+    config = MockConfig(faults={"429": 0.3}, fault_retry_after_ms=50, stream_errors="in_band", seed=7)
     async with MockServer(config) as server:
         # one attempt per row for failures: a 429 read as a server failure would fail its row
         spec = job_spec(server.base_url, data, concurrency=4, stream=True, max_attempts=1)
         summary = await arun_job(spec, progress=False)
         assert server.stats.faults_injected.get("429", 0) > 0  # the case under test happened
-    assert (summary.ok, summary.failed, summary.exit_code) == (10, 0, 0)
+    assert (summary.ok, summary.failed, summary.exit_code) == (6, 0, 0)
     table = pq.read_table(tmp_path / "job" / "results", columns=["rate_limit_retries"]).to_pydict()
     assert sum(table["rate_limit_retries"]) == server.stats.faults_injected["429"]
 

@@ -96,6 +96,26 @@ def _normalize_faults(faults: object) -> dict[str, float]:
     return normalized
 
 
+def _normalize_schedule(schedule: object) -> list[tuple[float, int]]:
+    """Check an RPM schedule and return it as (seconds, rpm) pairs."""
+    what = "mock rpm_schedule must be a list of [seconds_from_start, rpm] pairs, times increasing"
+    if not isinstance(schedule, list | tuple):
+        raise ValueError(f"{what}; got {schedule!r}")
+    out: list[tuple[float, int]] = []
+    for entry in schedule:
+        if not isinstance(entry, list | tuple) or len(entry) != 2:
+            raise ValueError(f"{what}; got the entry {entry!r}")
+        seconds, rpm = entry
+        if not _is_number(seconds) or not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"{what}; the time {seconds!r} is not a number of seconds >= 0")
+        if not _is_int(rpm) or rpm < 1:
+            raise ValueError(f"{what}; the rpm {rpm!r} is not a positive integer")
+        if out and seconds <= out[-1][0]:
+            raise ValueError(f"{what}; {seconds!r} s does not come after {out[-1][0]!r} s")
+        out.append((float(seconds), rpm))
+    return out
+
+
 @dataclass
 class MockConfig:
     """How the simulated endpoint behaves. Every field has a harmless default.
@@ -135,6 +155,10 @@ class MockConfig:
     #: "in_band" (a 200 event stream holding one error event whose code is the status, no headers of
     #: the error's: what a proxy that opens the stream before its upstream answers sends)
     stream_errors: str = "status"
+    #: send Retry-After and retry-after-ms with a 429 rate limit (false: a bare 429, nothing said of when)
+    retry_after: bool = True
+    #: changes of the requests limit mid-run: [[seconds_from_start, rpm], ...], times increasing
+    rpm_schedule: list[tuple[float, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
@@ -175,8 +199,10 @@ class MockConfig:
         if self.stream_errors not in STREAM_ERRORS:
             known = ", ".join(STREAM_ERRORS)
             raise ValueError(f"mock stream_errors must be one of {known}, got {self.stream_errors!r}")
-        if not isinstance(self.ratelimit_headers, bool):
-            raise ValueError(f"mock ratelimit_headers must be true or false, got {self.ratelimit_headers!r}")
+        for name in ("ratelimit_headers", "retry_after"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"mock {name} must be true or false, got {getattr(self, name)!r}")
+        self.rpm_schedule = _normalize_schedule(self.rpm_schedule)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MockConfig:

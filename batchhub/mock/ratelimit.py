@@ -5,12 +5,17 @@ Each limit (requests per minute, tokens per minute) is a bucket holding up to
 second. A request is admitted only if every bucket holds its cost, and is then
 charged to all of them; a refused request is not charged. The clock is passed
 in so that tests can move time instead of sleeping.
+
+An RPM schedule (`[(seconds_from_start, rpm), ...]`) changes the requests limit
+mid-run, as a provider changes a key's tier: at each time the requests bucket is
+retuned to the new limit (a lower one holds no more than its new capacity, a
+higher one refills faster from where it was).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 Clock = Callable[[], float]
@@ -68,6 +73,13 @@ class TokenBucket:
         self._refill()
         self._level -= amount
 
+    def retune(self, limit: int) -> None:
+        """The same bucket at another limit: it keeps its level, at most the new capacity."""
+        self._refill()
+        self.limit = limit
+        self._rate = limit / 60.0
+        self._level = min(self._level, float(limit))
+
     def time_to_full(self) -> float:
         """Seconds until the bucket is full again (the `x-ratelimit-reset-*` value)."""
         return (self.limit - self.level) / self._rate
@@ -88,9 +100,24 @@ class Denial:
 class RateLimits:
     """The requests and tokens buckets of one endpoint; either may be absent."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Clock) -> None:
+    def __init__(
+        self, rpm: int | None, tpm: int | None, clock: Clock, rpm_schedule: Sequence[tuple[float, int]] = ()
+    ) -> None:
         self.requests = TokenBucket(rpm, clock) if rpm is not None else None
         self.tokens = TokenBucket(tpm, clock) if tpm is not None else None
+        self._clock = clock
+        self._started = clock()
+        #: the changes of the requests limit still to come, soonest first
+        self._schedule = sorted(rpm_schedule)
+
+    def _follow_schedule(self) -> None:
+        """Apply the RPM changes whose time has come (a bucket appears full when there was none)."""
+        while self._schedule and self._clock() - self._started >= self._schedule[0][0]:
+            _, rpm = self._schedule.pop(0)
+            if self.requests is None:
+                self.requests = TokenBucket(rpm, self._clock)
+            else:
+                self.requests.retune(rpm)
 
     def try_acquire(self, tokens: int) -> Denial | None:
         """Charge one request costing `tokens` tokens, or say why it is refused.
@@ -98,6 +125,7 @@ class RateLimits:
         When both limits refuse, the one with the longer wait is reported, so
         that its Retry-After is enough for the request to pass.
         """
+        self._follow_schedule()
         denials: list[Denial] = []
         for kind, bucket, cost in (("requests", self.requests, 1), ("tokens", self.tokens, tokens)):
             if bucket is None:
@@ -116,6 +144,7 @@ class RateLimits:
 
     def headers(self) -> dict[str, str]:
         """The `x-ratelimit-*` headers describing the buckets now."""
+        self._follow_schedule()
         headers: dict[str, str] = {}
         for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
             if bucket is None:

@@ -212,10 +212,12 @@ def rate_limited(state: MockState, model: str, denial: Denial) -> web.Response:
             f"Limit {denial.limit}, Used {denial.used}, Requested {denial.requested}. "
             f"Please try again in {format_duration(denial.wait)}. {_RATE_LIMIT_DOCS}"
         )
-        headers = {
-            "Retry-After": str(max(1, math.ceil(denial.wait))),
-            "retry-after-ms": str(math.ceil(denial.wait * 1000)),
-        }
+        headers = {}
+        if state.config.retry_after:  # else a bare 429: the client learns nothing of when to come back
+            headers = {
+                "Retry-After": str(max(1, math.ceil(denial.wait))),
+                "retry-after-ms": str(math.ceil(denial.wait * 1000)),
+            }
     return error_response(state, 429, error_object(message, denial.kind, "rate_limit_exceeded"), headers=headers)
 
 
