@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from batchhub import __version__
+from batchhub import __version__, eventloop
 from batchhub.errors import EXIT_STOPPED, EXIT_USAGE, BatchhubError, UsageError
 from batchhub.options import Engine, build_spec, job_dir_of
 from batchhub.spec import JobSpec, parse_param
@@ -185,6 +185,7 @@ def run(input_or_spec: Path, **options: Any) -> None:
     from batchhub.runner import prepare_job
     from batchhub.summary import resume_lines, summary_lines
 
+    eventloop.choice()  # a bad $BATCHHUB_EVENT_LOOP is refused before the job directory is touched
     where = Engine.from_options(options, flags=True)  # takes the engine's options out of the job's
     spec = _spec_from_cli(input_or_spec, options)
     prepared = prepare_job(spec)
@@ -212,7 +213,7 @@ def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
                 loop.add_signal_handler(sig, on_signal)
         return await coro
 
-    return asyncio.run(go())
+    return eventloop.run(go())
 
 
 def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
