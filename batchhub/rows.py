@@ -91,8 +91,7 @@ class ResultRows:
         extra = json_text(reply.extra) if reply.extra else None
         # the key is looked for in the text that is stored: `extra` as its JSON
         if redactor.may_hold(
-            f"{reply.content}\0{reply.model}\0{reply.response_id}\0{reply.request_id}\0{reply.finish_reason}\0"
-            f"{extra}"
+            f"{reply.content}\0{reply.model}\0{reply.response_id}\0{reply.request_id}\0{reply.finish_reason}\0{extra}"
         ):
             # a server echoed (a piece of) the key: store none of it (`extra` is scrubbed as its JSON text)
             reply.content, reply.model, reply.response_id, reply.request_id, reply.finish_reason = map(
