@@ -193,7 +193,8 @@ def run(input_or_spec: Path, **options: Any) -> None:
     verb = "resuming" if prepared.resumed else "starting"
     if not spec.quiet:
         click.echo(f"{verb} job {prepared.store.dir} ({prepared.n_rows:,} rows, {prepared.source.format})", err=True)
-    summary = _run_until_done(job.run(), job.request_stop)
+    with eventloop.settled_gc():  # this process runs this one job
+        summary = _run_until_done(job.run(), job.request_stop)
     for line in summary_lines(summary, prepared.prices.label, quiet=spec.quiet):
         click.echo(line, err=True)
     if summary.exit_code == EXIT_STOPPED:
