@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from batchhub.errors import UsageError
 from batchhub.manifest import Manifest
@@ -468,6 +467,8 @@ def cost_of(
     `models` is a string column (no nulls); it is dictionary-encoded, so a job's few
     model names are looked up once each, not once per response.
     """
+    import pyarrow.compute as pc
+
     encoded = pc.dictionary_encode(models.combine_chunks() if isinstance(models, pa.ChunkedArray) else models)
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     cached_all = np.zeros(len(prompt), dtype=np.int64) if cached is None else cached
