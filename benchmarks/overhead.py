@@ -71,7 +71,7 @@ PROFILE_BUCKETS = [
     ("JobStore.append", "  of which JobStore.append (json.dumps + os.write)"),
     ("Job._row_cost", "  of which Job._row_cost (pricing each response)"),
     ("JobStore.compact", "JobStore.compact (Parquet parts, worker thread)"),
-    ("BaseEventLoop._run_once", "event loop (all callbacks, incl. the above)"),
+    ("BaseEventLoop._run_once", "asyncio's event loop (all callbacks; uvloop's is C: Runner.run's own time)"),
 ]
 
 
