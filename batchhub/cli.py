@@ -210,7 +210,8 @@ def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # not possible off the main thread or on some platforms: Ctrl-C then simply ends the process
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            # (asyncio says so with RuntimeError or NotImplementedError, uvloop with ValueError)
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, on_signal)
         return await coro
 

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -193,3 +194,18 @@ def test_the_library_leaves_the_callers_collector_alone(tmp_path: Path) -> None:
     assert set(batchhub.run(df, model="gpt-4o-mini", mock=True, job_dir=tmp_path / "job")["status"]) == {"ok"}
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == frozen
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_cli_run_off_the_main_thread_runs_without_signal_handlers(
+    tmp_path: Path, prompts_csv, monkeypatch, loop: str
+) -> None:
+    """Signal handlers can only be set on the main thread: uvloop refuses with ValueError, asyncio
+    with RuntimeError; either way the job runs (Ctrl-C then simply ends the process)."""
+    monkeypatch.setenv(eventloop.ENV, loop)
+    outcome: list[tuple[int, str]] = []
+    worker = threading.Thread(target=lambda: outcome.append(cli_run(tmp_path, prompts_csv)))
+    worker.start()
+    worker.join(timeout=60)
+    assert outcome and outcome[0][0] == 0, outcome
+    assert last_loop(tmp_path / "job") == loop
