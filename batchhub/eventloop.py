@@ -1,8 +1,8 @@
 """Which event loop a job runs on: uvloop where it is installed, asyncio's own otherwise.
 
-uvloop (`pip install "batchhub[fast]"`) runs the same code with less CPU per request
-(aiohttp's callbacks, timers and socket reads are most of a row's cost; see
-docs/PERFORMANCE.md). `BATCHHUB_EVENT_LOOP` chooses:
+uvloop (`pip install "batchhub[fast]"`) is used where installed; against the simulator it
+saved no consistent CPU (aiohttp's own Python code, not the loop, is most of a request's
+cost: docs/PERFORMANCE.md). `BATCHHUB_EVENT_LOOP` chooses:
 
 - `auto` (the default): uvloop if it can be imported, else asyncio;
 - `uvloop`: uvloop, and a clear error if it is not installed;
@@ -77,11 +77,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def settled_gc() -> Iterator[None]:
     """Inside, the garbage collector is cheaper for a process that runs one job: `batchhub run`.
 
-    What was made before the job (modules, the price data: some 400,000 objects) is frozen
-    out of later collections, and the youngest generation is collected after
-    `defaults.GC_GEN0_THRESHOLD` allocations instead of Python's 700. Each request makes
-    hundreds of short-lived objects (aiohttp's futures, headers, parsed bodies): with
-    Python's setting the collector ran every few requests and took 13% of a job's CPU.
+    What was made before the job (modules, the price data: 50,000-75,000 objects) is frozen
+    out of later collections, which walked it all every time, and the youngest generation
+    is collected after `defaults.GC_GEN0_THRESHOLD` allocations instead of Python's 700
+    (each request makes hundreds of short-lived objects: aiohttp's futures, headers, parsed
+    bodies). With Python's settings the collector took ~10% of a 20,000-row job's CPU.
     Not done by `batchhub.run()` or `run_job`: the process is the caller's. Afterwards the
     settings are as they were, and everything is unfrozen.
     """
