@@ -34,6 +34,10 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 #: still goes within a fraction of a second at any useful rate, and peak RSS did not grow.
 GC_GEN0_THRESHOLD = 20_000
 
+#: genai-prices answers saved between jobs (pricing.SavedPrices) at most, one per model and day
+#: (~150 bytes each): the file is read at every job's start, so it starts afresh past this.
+SAVED_PRICES_MAX = 1000
+
 #: Full-jitter exponential backoff: base * 2**(attempt-1), capped.
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from batchhub import defaults
 from batchhub.errors import UsageError
 from batchhub.manifest import Manifest
 
@@ -236,6 +237,8 @@ class SavedPrices:
 
     def put(self, key: str, price: ModelPrice | None) -> None:
         saved = self._all()
+        if len(saved) >= defaults.SAVED_PRICES_MAX:  # a key a model a day: start afresh rather than grow for ever
+            saved.clear()
         saved[key] = (
             None
             if price is None

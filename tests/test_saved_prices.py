@@ -86,3 +86,12 @@ def test_prices_are_saved_by_day(tmp_path: Path) -> None:
 
 def test_the_tests_never_write_the_users_cache() -> None:
     assert Path(os.environ[CACHE_ENV]).name.startswith("batchhub-test-cache-")  # tests/conftest.py
+
+
+def test_the_file_starts_afresh_rather_than_grow_for_ever(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("batchhub.defaults.SAVED_PRICES_MAX", 3)
+    book = PriceBook(saved=saved_in(tmp_path))
+    for day in range(1, 6):
+        book.lookup("gpt-4o-mini", datetime(2026, 1, day, tzinfo=UTC))
+    kept = sorted(json.loads(next(tmp_path.iterdir()).read_text()))
+    assert kept == ["gpt-4o-mini@2026-01-04", "gpt-4o-mini@2026-01-05"]
