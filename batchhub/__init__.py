@@ -118,6 +118,6 @@ async def arun_job(spec: JobSpec, **job_options: Any) -> JobSummary:
 
 def run_job(spec: JobSpec, **job_options: Any) -> JobSummary:
     """Run (or resume) a job to its end and return its summary; nothing is written if a check fails."""
-    import asyncio
+    from batchhub import eventloop
 
-    return asyncio.run(arun_job(spec, **job_options))
+    return eventloop.run(arun_job(spec, **job_options))

@@ -13,7 +13,6 @@ import math
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 
 def json_default(value: Any) -> Any:
@@ -42,6 +41,8 @@ def _without_nan(value: Any) -> Any:
 
 def finite_or_null(array: pa.Array) -> pa.Array:
     """NaN and ±inf become null: JSON has no such numbers, and an export should say 'no value'."""
+    import pyarrow.compute as pc
+
     return pc.if_else(pc.is_finite(array), array, None)
 
 
@@ -78,6 +79,8 @@ _UTC_NAMES = frozenset({"UTC", "Etc/UTC", "Z", "+00:00"})
 
 def iso_text(array: pa.Array) -> pa.Array:
     """Timestamps, dates and times as ISO 8601 text, made by Arrow (per value in Python is slow)."""
+    import pyarrow.compute as pc
+
     kind = array.type
     if not pa.types.is_timestamp(kind):
         return array.cast(pa.string())

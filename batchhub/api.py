@@ -36,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchhub import eventloop
 from batchhub.errors import InputError, JobStateError, JobStopped, UsageError
 from batchhub.export import EXPORT_RESULT_COLUMNS, export_batches
 from batchhub.io import fsync_dir
@@ -109,6 +110,7 @@ def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False
     terminal or in a notebook, unless `quiet=True`). `expand_json=True` adds a
     column per top-level key of the replies' JSON objects, as `export --expand-json`.
     """
+    eventloop.choice()  # a bad $BATCHHUB_EVENT_LOOP is refused before anything is written
     engine = Engine.from_options(options)
     plan = _plan(data, options)
     plan.expand_json = expand_json
@@ -182,7 +184,7 @@ def _keywords(options: dict[str, Any]) -> dict[str, Any]:
 
 def _run_in_thread(job: Any) -> JobSummary:
     """Run the job to its end on a new event loop in a worker thread; Ctrl-C asks it to stop."""
-    loop = asyncio.new_event_loop()
+    loop = eventloop.new_loop()  # its own loop, in its own thread: a notebook's running loop is left alone
     done = threading.Event()
     outcome: dict[str, Any] = {}
 

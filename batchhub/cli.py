@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from batchhub import __version__
+from batchhub import __version__, eventloop
 from batchhub.errors import EXIT_STOPPED, EXIT_USAGE, BatchhubError, UsageError
 from batchhub.options import Engine, build_spec, job_dir_of
 from batchhub.spec import JobSpec, parse_param
@@ -185,6 +185,7 @@ def run(input_or_spec: Path, **options: Any) -> None:
     from batchhub.runner import prepare_job
     from batchhub.summary import resume_lines, summary_lines
 
+    eventloop.choice()  # a bad $BATCHHUB_EVENT_LOOP is refused before the job directory is touched
     where = Engine.from_options(options, flags=True)  # takes the engine's options out of the job's
     spec = _spec_from_cli(input_or_spec, options)
     prepared = prepare_job(spec)
@@ -193,7 +194,8 @@ def run(input_or_spec: Path, **options: Any) -> None:
     if not spec.quiet:
         rows = "rows counted as it runs" if prepared.n_rows is None else f"{prepared.n_rows:,} rows"
         click.echo(f"{verb} job {prepared.store.dir} ({rows}, {prepared.source.format})", err=True)
-    summary = _run_until_done(job.run(), job.request_stop)
+    with eventloop.settled_gc():  # this process runs this one job
+        summary = _run_until_done(job.run(), job.request_stop)
     for line in summary_lines(summary, prepared.prices.label, quiet=spec.quiet):
         click.echo(line, err=True)
     if summary.exit_code == EXIT_STOPPED:
@@ -209,11 +211,12 @@ def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # not possible off the main thread or on some platforms: Ctrl-C then simply ends the process
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            # (asyncio says so with RuntimeError or NotImplementedError, uvloop with ValueError)
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, on_signal)
         return await coro
 
-    return asyncio.run(go())
+    return eventloop.run(go())
 
 
 def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:

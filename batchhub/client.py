@@ -404,7 +404,12 @@ class ChatClient:
         """The body, at most `max_response_bytes` of it: past that, the first part (`cut`, for an
         error body, which is only quoted) or ResponseTooLargeError, before the rest is read."""
         limit = self._max_bytes
-        if not cut and resp.content_length is not None and resp.content_length > limit:
+        length = resp.content_length
+        if length is not None and length <= limit and "Content-Encoding" not in resp.headers:
+            # bounded by its Content-Length (aiohttp reads no more): one read, no chunk loop; a
+            # compressed body is counted as it is unpacked below (a small one may unpack to gigabytes)
+            return await resp.read()
+        if not cut and length is not None and "Content-Encoding" not in resp.headers:
             raise self._too_large(resp.status, resp.headers)
         parts, size = [], 0
         async for chunk in resp.content.iter_any():

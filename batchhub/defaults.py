@@ -28,6 +28,16 @@ TIMEOUT_S = 120.0
 #: kilobytes, a 100 MB one is a broken or hostile server, and 8 of them in flight were 2.5 GB of memory.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
+#: Allocations between collections of the youngest generation in a `batchhub run` process (Python's
+#: is 700): a request makes hundreds of short-lived objects, and with Python's settings the
+#: collector took ~10% of a job's CPU; at 20,000 cyclic garbage (an exception and its traceback)
+#: still goes within a fraction of a second at any useful rate, and peak RSS did not grow.
+GC_GEN0_THRESHOLD = 20_000
+
+#: genai-prices answers saved between jobs (pricing.SavedPrices) at most, one per model and day
+#: (~150 bytes each): the file is read at every job's start, so it starts afresh past this.
+SAVED_PRICES_MAX = 1000
+
 #: Full-jitter exponential backoff: base * 2**(attempt-1), capped.
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0

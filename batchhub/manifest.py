@@ -98,6 +98,8 @@ class RunRecord:
     engine: str | None = None
     shard_rows: int | None = None
     shards: int | None = None
+    #: the event loop it ran on: "uvloop" or "asyncio" (batchhub.eventloop)
+    event_loop: str | None = None
     #: what the run did, once it ended: results recorded, rows ok / failed / pending, why it stopped
     results: int | None = None
     ok: int | None = None
@@ -116,6 +118,7 @@ class RunRecord:
         "engine",
         "shard_rows",
         "shards",
+        "event_loop",
         "ended_at",
         "results",
         "ok",
@@ -126,7 +129,7 @@ class RunRecord:
         "http_requests",
     )
     _INTS = ("pid", "to_send", "shard_rows", "shards", "results", "ok", "failed", "pending", "http_requests")
-    _STRS = ("started_at", "ended_at", "host", "batchhub_version", "engine", "stopped")
+    _STRS = ("started_at", "ended_at", "host", "batchhub_version", "engine", "event_loop", "stopped")
 
     @classmethod
     def from_json(cls, data: Any) -> RunRecord:

@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchhub.errors import JobStateError, JobStopped
@@ -118,6 +117,8 @@ def read_part(path: Path, columns: list[str]) -> pa.Table:
 
     Raises DamagedPart for any sign of damage; FileNotFoundError and MemoryError pass through.
     """
+    import pyarrow.compute as pc
+
     try:
         with pq.ParquetFile(path, page_checksum_verification=True) as file:
             schema = file.schema_arrow

@@ -21,24 +21,30 @@ Override shape (per model, USD per million tokens)::
 
 Tiered prices (a higher rate for every token of a request whose prompt is past a
 threshold, as some providers charge) are applied per request.
+
+genai-prices' answers are saved between jobs (`SavedPrices`): importing it and its data
+takes ~0.15 s of CPU, a quarter of a job's start-up, and a model priced once that day by
+the same genai-prices version is read back instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from batchhub import defaults
 from batchhub.errors import UsageError
 from batchhub.manifest import Manifest
 
@@ -155,6 +161,128 @@ def load_prices_file(path: str | Path) -> dict[str, dict[str, float]]:
     return {str(m): _check_override(str(m), e, str(path)) for m, e in data.items()}
 
 
+#: where genai-prices' answers are saved between jobs; "off" saves none (default: $XDG_CACHE_HOME/batchhub)
+CACHE_ENV = "BATCHHUB_CACHE_DIR"
+
+
+def _rate_record(rate: Rate | None) -> list[Any] | None:
+    return None if rate is None else [rate.base, [list(t) for t in rate.tiers]]
+
+
+def _rate_of(record: Any) -> Rate | None:
+    if record is None:
+        return None
+    base, tiers = record
+    return Rate(float(base), tuple((int(start), float(rate)) for start, rate in tiers))
+
+
+class SavedPrices:
+    """genai-prices' answers kept in one small JSON file per genai-prices version, by model and UTC day.
+
+    Only answers that cannot change within the day are saved: a model whose price depends on
+    the time of day (off-peak rates) or on anything but the date is looked up every time. A
+    file that cannot be read or written is no error: the price is looked up as without it.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._saved: dict[str, Any] | None = None
+
+    @classmethod
+    def default(cls) -> SavedPrices:
+        folder = os.environ.get(CACHE_ENV)
+        if folder is None:
+            try:
+                folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "batchhub")
+            except RuntimeError:  # no home directory
+                return cls(None)
+        if not folder.strip() or folder.strip().lower() == "off":
+            return cls(None)
+        return cls(Path(folder) / f"prices-genai-prices-{_genai_prices_version()}.json")
+
+    def _all(self) -> dict[str, Any]:
+        if self._saved is None:
+            self._saved = {}
+            if self.path is not None:
+                try:
+                    loaded = json.loads(self.path.read_bytes())
+                except (OSError, ValueError):
+                    loaded = None
+                self._saved = loaded if isinstance(loaded, dict) else {}
+        return self._saved
+
+    def get(self, key: str) -> tuple[bool, ModelPrice | None]:
+        """(found, price) for `key`; a record that does not read as a price is not found."""
+        if key not in self._all():
+            return False, None
+        record, source = self._all()[key], f"genai-prices {_genai_prices_version()} (bundled data)"
+        if record is None:
+            return True, None
+        try:
+            model = key.rpartition("@")[0]
+            input_rate, output_rate = _rate_of(record["input"]), _rate_of(record["output"])
+            if input_rate is None or output_rate is None:
+                return False, None
+            return True, ModelPrice(
+                model=model,
+                priced_as=str(record["priced_as"]),
+                provider=record["provider"],
+                input=input_rate,
+                output=output_rate,
+                cached_input=_rate_of(record["cached_input"]),
+                source=source,
+            )
+        except (KeyError, TypeError, ValueError):
+            return False, None
+
+    def put(self, key: str, price: ModelPrice | None) -> None:
+        saved = self._all()
+        if len(saved) >= defaults.SAVED_PRICES_MAX:  # a key a model a day: start afresh rather than grow for ever
+            saved.clear()
+        saved[key] = (
+            None
+            if price is None
+            else {
+                "priced_as": price.priced_as,
+                "provider": price.provider,
+                "input": _rate_record(price.input),
+                "output": _rate_record(price.output),
+                "cached_input": _rate_record(price.cached_input),
+            }
+        )
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".prices-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(saved, fh, separators=(",", ":"))
+                os.replace(tmp, self.path)  # whole or not at all: another job may read it now
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError:
+            pass  # a read-only or full disk: the next job looks the price up again
+
+
+def _day(when: datetime | None) -> date:
+    """The UTC day genai-prices prices a request of `when` (None: now) at."""
+    if when is None:
+        return datetime.now(UTC).date()
+    return when.astimezone(UTC).date() if when.tzinfo is not None else when.date()
+
+
+def _same_all_day(model_info: Any) -> bool:
+    """Whether a genai-prices model's prices depend on nothing but the date (none, or start dates only)."""
+    from genai_prices.types import StartDateConstraint
+
+    prices = getattr(model_info, "prices", None)
+    if not isinstance(prices, list):
+        return True
+    return all(getattr(p, "constraint", None) is None or type(p.constraint) is StartDateConstraint for p in prices)
+
+
 def _genai_prices_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -171,6 +299,8 @@ class PriceBook:
     overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     override_sources: dict[str, str] = field(default_factory=dict)
     _cache: dict[str, ModelPrice | None] = field(default_factory=dict, repr=False)
+    #: genai-prices' answers of earlier jobs (None: $BATCHHUB_CACHE_DIR's, read at the first lookup)
+    saved: SavedPrices | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, spec_prices: Mapping[str, Any] | None = None, prices_file: str | Path | None = None) -> PriceBook:
@@ -253,6 +383,13 @@ class PriceBook:
         return self._from_genai_prices(model, when)
 
     def _from_genai_prices(self, model: str, when: datetime | None) -> ModelPrice | None:
+        if self.saved is None:
+            self.saved = SavedPrices.default()
+        key = f"{model}@{_day(when).isoformat()}"
+        found, saved = self.saved.get(key)
+        if found:
+            return saved
+
         from genai_prices import Usage, calc_price
 
         usage = Usage(input_tokens=1, output_tokens=1)
@@ -263,13 +400,14 @@ class PriceBook:
             else:
                 calc = calc_price(usage, model, genai_request_timestamp=when)
         except (LookupError, ValueError):
+            self.saved.put(key, None)  # unknown to this genai-prices version, whatever the time
             return None
         price = calc.model_price
         input_rate = _rate(getattr(price, "input_mtok", None))
         output_rate = _rate(getattr(price, "output_mtok", None))
         if input_rate is None or output_rate is None:
             return None
-        return ModelPrice(
+        found_price = ModelPrice(
             model=model,
             priced_as=calc.model.id,
             provider=calc.provider.id,
@@ -278,6 +416,9 @@ class PriceBook:
             cached_input=_rate(getattr(price, "cache_read_mtok", None)),
             source=self.default_source,
         )
+        if _same_all_day(calc.model):
+            self.saved.put(key, found_price)
+        return found_price
 
 
 @dataclass
@@ -329,6 +470,8 @@ def cost_of(
     `models` is a string column (no nulls); it is dictionary-encoded, so a job's few
     model names are looked up once each, not once per response.
     """
+    import pyarrow.compute as pc
+
     encoded = pc.dictionary_encode(models.combine_chunks() if isinstance(models, pa.ChunkedArray) else models)
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     cached_all = np.zeros(len(prompt), dtype=np.int64) if cached is None else cached

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchhub import __version__, defaults, shards
+from batchhub import __version__, defaults, eventloop, shards
 from batchhub.budget import SharedBudget
 from batchhub.errors import JobStateError, UsageError
 from batchhub.lock import lock_job_dir
@@ -79,7 +79,7 @@ class ShardTask:
 @ray.remote(num_cpus=1)
 def run_shard(task: ShardTask, api_key: Secret, limiter: Any, progress: Any, budget: Any) -> dict[str, Any]:
     """Run one shard with batchhub's own pool; returns its summary's counters."""
-    summary = asyncio.run(_shard_job(task, api_key.value, limiter, progress, budget))
+    summary = eventloop.run(_shard_job(task, api_key.value, limiter, progress, budget))
     return {
         "http_requests": summary.http_requests,
         "retries": summary.retries,

@@ -6,7 +6,10 @@ A result is `ok`, `error` or `invalid_output`; its fields are the columns of `st
 from __future__ import annotations
 
 import json
-from typing import TypedDict
+import math
+from typing import Any, TypedDict
+
+import orjson
 
 from batchhub.client import Completion
 from batchhub.errors import APIError
@@ -45,6 +48,30 @@ class Result(TypedDict, total=False):
     seq: int
 
 
+def json_text(value: Any) -> str:
+    """`value` as compact JSON text, made by orjson (10x faster than json here: this runs per reply).
+
+    What orjson cannot write (an integer past 64 bits or a lone surrogate, which json parsed from a
+    reply) is written by json; a NaN or infinity that json parsed becomes null either way, as JSON
+    has no other spelling for it (and the Batch export writes it so).
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as None, as orjson writes them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def _text(value: str | None) -> str | None:
     """What a server sends may not be writable UTF-8."""
     return clean_text(value) if value is not None else None
@@ -61,16 +88,19 @@ class ResultRows:
     def ok(self, row_id: int, reply: Completion, attempts: int, rate_limits: int, built: BuiltRequest) -> Result:
         """The result of a reply (its content not yet checked against --json / --json-schema)."""
         redactor = self._redactor
+        extra = json_text(reply.extra) if reply.extra else None
+        # the key is looked for in the text that is stored: `extra` as its JSON
         if redactor.may_hold(
-            f"{reply.content}\0{reply.model}\0{reply.response_id}\0{reply.request_id}\0{reply.finish_reason}\0"
-            f"{reply.extra}"
+            f"{reply.content}\0{reply.model}\0{reply.response_id}\0{reply.request_id}\0{reply.finish_reason}\0{extra}"
         ):
             # a server echoed (a piece of) the key: store none of it (`extra` is scrubbed as its JSON text)
             reply.content, reply.model, reply.response_id, reply.request_id, reply.finish_reason = map(
                 redactor.scrub,
                 (reply.content, reply.model, reply.response_id, reply.request_id, reply.finish_reason),
             )
-            reply.extra = json.loads(redactor.scrub(json.dumps(reply.extra)) or "null")
+            if extra is not None:
+                reply.extra = json.loads(redactor.scrub(extra) or "null")
+                extra = json_text(reply.extra) if reply.extra else None
         return {
             "row_id": row_id,
             "status": "ok",
@@ -79,7 +109,7 @@ class ResultRows:
             "model": _text(reply.model) or built.model,
             "response_id": _text(reply.response_id),
             "request_id": _text(reply.request_id),
-            "extra": _text(json.dumps(reply.extra, ensure_ascii=False)) if reply.extra else None,
+            "extra": _text(extra),
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.total_tokens,

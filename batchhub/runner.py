@@ -50,6 +50,7 @@ from batchhub.errors import (
     RepeatedError,
     UsageError,
 )
+from batchhub.eventloop import loop_name
 from batchhub.holds import Hold, Holds
 from batchhub.limits import Limiter, RateLimits
 from batchhub.lock import lock_job_dir
@@ -286,6 +287,7 @@ class Job:
             # who runs it: `batchhub jobs` tells a running job from a killed one by this
             pid=os.getpid(),
             host=socket.gethostname(),
+            event_loop=loop_name(),
         )
         self.prepared.manifest.runs.append(run_record)
         return run_record

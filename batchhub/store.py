@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from batchhub.errors import JobStateError
 from batchhub.io import fsync_dir
@@ -288,6 +287,8 @@ class JobStore:
                 log.warning("%s; its rows count as without a result (a run sets it aside and sends them again)", exc)
                 continue
             if table.num_rows:
+                import pyarrow.compute as pc  # only where there are parts: a new job never needs it
+
                 max_seq = max(max_seq, pc.max(table["seq"]).as_py())
                 yield self._in_range(table, rows, path).select(cols)
         scan = journal_after([read for _, read in reads], max_seq)
@@ -304,6 +305,8 @@ class JobStore:
 
     def _in_range(self, table: pa.Table, rows: int | None, where: Path) -> pa.Table:
         """The results naming a row of the input (0 <= row_id < rows); the others reported and dropped."""
+        import pyarrow.compute as pc
+
         row_id = table["row_id"]
         inside = pc.greater_equal(row_id, 0)
         if rows is not None:
@@ -364,6 +367,8 @@ class JobStore:
         table = self.results(["row_id", "status", "seq"])
         if table.num_rows == 0:  # (to_numpy would import pandas: a new job's start does without)
             return np.zeros(n_rows or 0, dtype=np.uint8)
+        import pyarrow.compute as pc  # a new job has no results: it never needs it
+
         row_id = table["row_id"].to_numpy()
         states = np.zeros(_rows_or_seen(n_rows, row_id), dtype=np.uint8)
         keep = latest_indices(row_id, table["seq"].to_numpy())

@@ -4,13 +4,26 @@
     python benchmarks/overhead.py --smoke    # a few hundred rows, once, no profile
 
 The simulator runs in its own process with no latency and no limits, so the
-figures measure client-side cost per row. Compared, each in a fresh process:
+figures measure client-side cost per row. It is started afresh for every run: it
+slows as its counters grow (a job's loop took twice as long after ~15 jobs on one
+simulator), which would favour whichever client runs first. Compared, each in a
+fresh process:
 
 - bare: one aiohttp ClientSession (connector limited to the concurrency), N tasks
   posting the exact bodies batchhub builds for the input (made with batchhub's own
-  RequestBuilder), reading and json-decoding each response. Nothing else.
+  RequestBuilder), reading and json-decoding each response, on asyncio's event loop.
+  Nothing else. This is the reference of every ratio.
 - batchhub: `python -m batchhub run INPUT --quiet` with the same concurrency and a
-  fresh job directory (journal, parts, cost, limits: everything a real job does).
+  fresh job directory (journal, parts, cost, limits: everything a real job does), on
+  the loop `batchhub run` chooses by default (uvloop where installed).
+
+Where uvloop is installed, two more are run for the event-loop line:
+batchhub with `BATCHHUB_EVENT_LOOP=asyncio` and the bare client on uvloop.
+
+Start-up is measured apart (median of 3 each): `python -m batchhub --version`
+(imports of the CLI only), a 1-row job (everything a job does once: imports, price
+data, fingerprint, row count, job directory, journal, one part) and the bare
+client's own start (Python and aiohttp imported).
 
 Two rates are reported for each: end to end (process start to exit, what a user
 waits for) and in the loop (bare: session open to last response; batchhub: the run's
@@ -28,16 +41,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
+
+#: what chooses batchhub's event loop (batchhub/eventloop.py)
+LOOP_ENV = "BATCHHUB_EVENT_LOOP"
 
 #: Frames whose inclusive share of the profile is always shown (a name and what it stands for).
 PROFILE_BUCKETS = [
@@ -52,14 +71,14 @@ PROFILE_BUCKETS = [
     ("JobStore.append", "  of which JobStore.append (json.dumps + os.write)"),
     ("Job._row_cost", "  of which Job._row_cost (pricing each response)"),
     ("JobStore.compact", "JobStore.compact (Parquet parts, worker thread)"),
-    ("BaseEventLoop._run_once", "event loop (all callbacks, incl. the above)"),
+    ("BaseEventLoop._run_once", "asyncio's event loop (all callbacks; uvloop's is C: Runner.run's own time)"),
 ]
 
 
 # -- the bare client (a child process) ----------------------------------------------------------
 
 
-def bare_client(base_url: str, bodies_path: Path, concurrency: int) -> None:
+def bare_client(base_url: str, bodies_path: Path, concurrency: int, loop: str = "asyncio") -> None:
     """Post every body, read and decode every response; print the loop time as JSON."""
     import aiohttp
 
@@ -84,7 +103,13 @@ def bare_client(base_url: str, bodies_path: Path, concurrency: int) -> None:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             return time.perf_counter() - started, ok
 
-    loop_s, ok = asyncio.run(main())
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            loop_s, ok = runner.run(main())
+    else:
+        loop_s, ok = asyncio.run(main())
     print(json.dumps({"loop_s": loop_s, "rows": len(bodies), "ok": ok}))
 
 
@@ -111,9 +136,9 @@ def build_bodies(input_path: Path, out: Path) -> int:
     return n
 
 
-def run_bare(base_url: str, bodies: Path, concurrency: int) -> tuple[float, float, float]:
+def run_bare(base_url: str, bodies: Path, concurrency: int, loop: str = "asyncio") -> tuple[float, float, float]:
     """(wall s, loop s, CPU s) of one bare run."""
-    cmd = [sys.executable, __file__, "--_bare", base_url, str(bodies), str(concurrency)]
+    cmd = [sys.executable, __file__, "--_bare", base_url, str(bodies), str(concurrency), loop]
     result = c.run_child(cmd, timeout=600)
     c.check_ok(result, "the bare client")
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -122,14 +147,53 @@ def run_bare(base_url: str, bodies: Path, concurrency: int) -> tuple[float, floa
     return result.wall_s, report["loop_s"], result.cpu_s
 
 
-def run_batchhub(input_path: Path, job_dir: Path, base_url: str, concurrency: int) -> tuple[float, float, float]:
-    """(wall s, in-run s, CPU s) of one `batchhub run` in a fresh job directory."""
+@contextlib.contextmanager
+def event_loop(loop: str | None) -> Iterator[None]:
+    """`BATCHHUB_EVENT_LOOP` set to `loop` for the children started inside (None: as it is)."""
+    old = os.environ.get(LOOP_ENV)
+    if loop is not None:
+        os.environ[LOOP_ENV] = loop
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(LOOP_ENV, None)
+        else:
+            os.environ[LOOP_ENV] = old
+
+
+def run_batchhub(
+    input_path: Path, job_dir: Path, base_url: str, concurrency: int, loop: str | None = None
+) -> tuple[float, float, float]:
+    """(wall s, in-run s, CPU s) of one `batchhub run` in a fresh job directory (`loop`: its event loop)."""
     shutil.rmtree(job_dir, ignore_errors=True)
-    result = c.run_child(c.batchhub_run_cmd(input_path, job_dir, base_url, concurrency), timeout=600)
+    with event_loop(loop):
+        result = c.run_child(c.batchhub_run_cmd(input_path, job_dir, base_url, concurrency), timeout=600)
     c.check_ok(result, "batchhub run")
     run = c.last_run(job_dir)
+    if loop is not None and run.get("event_loop", loop) != loop:  # (a batchhub before uvloop records none)
+        raise SystemExit(f"batchhub ran on {run.get('event_loop')!r}, not {loop!r}")
     shutil.rmtree(job_dir, ignore_errors=True)
     return result.wall_s, float(run["elapsed_s"]), result.cpu_s
+
+
+def start_up(work: Path, base_url: str, repeat: int) -> dict[str, tuple[float, float]]:
+    """Median (wall s, CPU s) of what each client costs before its first row, measured apart."""
+    one_row = c.write_csv(work / "one.csv", 1)
+    job_dir = work / "one-job"
+    cmds = {
+        "version": [sys.executable, "-m", "batchhub", "--version"],
+        "one_row": c.batchhub_run_cmd(one_row, job_dir, base_url, 1),
+        "bare": [sys.executable, "-c", "import asyncio, json, aiohttp"],
+    }
+    seen: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for _ in range(repeat):
+        for name, cmd in cmds.items():
+            shutil.rmtree(job_dir, ignore_errors=True)
+            result = c.run_child(cmd, timeout=120)
+            c.check_ok(result, name)
+            seen[name].append((result.wall_s, result.cpu_s))
+    return {name: (c.median([w for w, _ in v]), c.median([u for _, u in v])) for name, v in seen.items()}
 
 
 def profile(input_path: Path, job_dir: Path, base_url: str, concurrency: int, work: Path, keep: Path | None) -> None:
@@ -238,75 +302,98 @@ def main() -> None:
     )
     parser.add_argument("--profile-file", type=Path, help="keep the raw profile here")
     parser.add_argument("--workdir", help="keep the input and job directories here instead of a temp folder")
-    parser.add_argument("--_bare", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_bare", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._bare:
-        bare_client(args._bare[0], Path(args._bare[1]), int(args._bare[2]))
+        bare_client(args._bare[0], Path(args._bare[1]), int(args._bare[2]), args._bare[3])
         return
     rows = args.rows or (400 if args.smoke else 20_000)
     repeat = args.repeat or (1 if args.smoke else 3)
     do_profile = (not args.smoke) if args.profile is None else args.profile
     machine = c.machine_line()
     print(machine, flush=True)
+    has_uvloop = importlib.util.find_spec("uvloop") is not None
+    default_loop = "uvloop" if has_uvloop else "asyncio"
+    # who -> (client, event loop); "batchhub" runs on the loop `batchhub run` picks by itself
+    cases = {"bare": ("bare", "asyncio"), "batchhub": ("batchhub", None)}
+    if has_uvloop:
+        cases |= {"batchhub on asyncio": ("batchhub", "asyncio"), "bare on uvloop": ("bare", "uvloop")}
 
-    with c.workdir("batchhub-bench-overhead-", args.workdir) as work, c.Simulator() as sim:
+    with c.workdir("batchhub-bench-overhead-", args.workdir) as work:
         input_path = c.write_csv(work / "input.csv", rows)
         bodies = work / "bodies.jsonl"
         build_bodies(input_path, bodies)
         job_dir = work / "job"
-        # warm-up (not counted): page cache, the simulator's first connections
-        warm = work / "warm.csv"
-        c.write_csv(warm, min(rows, 500))
-        build_bodies(warm, work / "warm.jsonl")
-        run_bare(sim.base_url, work / "warm.jsonl", args.concurrency)
-        run_batchhub(warm, job_dir, sim.base_url, args.concurrency)
+        with c.Simulator() as sim:
+            # warm-up (not counted): page cache, imports compiled
+            warm = work / "warm.csv"
+            c.write_csv(warm, min(rows, 500))
+            build_bodies(warm, work / "warm.jsonl")
+            run_bare(sim.base_url, work / "warm.jsonl", args.concurrency)
+            run_batchhub(warm, job_dir, sim.base_url, args.concurrency)
+            starts = start_up(work, sim.base_url, 1 if args.smoke else 3)
 
-        figures: dict[str, dict[str, list[float]]] = {
-            "bare": collections.defaultdict(list),
-            "batchhub": collections.defaultdict(list),
-        }
+        figures: dict[str, dict[str, list[float]]] = {who: collections.defaultdict(list) for who in cases}
         for rep in range(repeat):
-            for who in c.order(rep, ["bare", "batchhub"]):
-                if who == "bare":
-                    wall, loop, cpu = run_bare(sim.base_url, bodies, args.concurrency)
-                else:
-                    wall, loop, cpu = run_batchhub(input_path, job_dir, sim.base_url, args.concurrency)
+            for who in c.order(rep, list(cases)):
+                client, loop = cases[who]
+                with c.Simulator() as sim:  # a fresh one each time: it slows as its counters grow
+                    if client == "bare":
+                        wall, in_loop, cpu = run_bare(sim.base_url, bodies, args.concurrency, loop or "asyncio")
+                    else:
+                        wall, in_loop, cpu = run_batchhub(input_path, job_dir, sim.base_url, args.concurrency, loop)
                 f = figures[who]
                 f["wall"].append(rows / wall)
-                f["loop"].append(rows / loop)
+                f["loop"].append(rows / in_loop)
                 f["cpu_ms_per_1k"].append(1000 * cpu / rows * 1000)
                 c.log(
                     f"  run {rep + 1}/{repeat} {who}: {rows / wall:,.0f} rows/s end to end, "
-                    f"{rows / loop:,.0f} in the loop, CPU {cpu:.2f} s"
+                    f"{rows / in_loop:,.0f} in the loop, CPU {cpu:.2f} s"
                 )
-            ratio_now = figures["batchhub"]["wall"][-1] / figures["bare"]["wall"][-1]
-            figures["batchhub"]["ratio_wall"].append(ratio_now)
-            figures["batchhub"]["ratio_loop"].append(figures["batchhub"]["loop"][-1] / figures["bare"]["loop"][-1])
-            figures["batchhub"]["ratio_cpu"].append(
-                figures["batchhub"]["cpu_ms_per_1k"][-1] / figures["bare"]["cpu_ms_per_1k"][-1]
-            )
+            bare = figures["bare"]
+            for who in cases:
+                f = figures[who]
+                f["ratio_wall"].append(f["wall"][-1] / bare["wall"][-1])
+                f["ratio_loop"].append(f["loop"][-1] / bare["loop"][-1])
+                f["ratio_cpu"].append(f["cpu_ms_per_1k"][-1] / bare["cpu_ms_per_1k"][-1])
 
         if do_profile:
-            profile(input_path, job_dir, sim.base_url, args.concurrency, work, args.profile_file)
+            with c.Simulator() as sim:
+                profile(input_path, job_dir, sim.base_url, args.concurrency, work, args.profile_file)
 
     m = {who: {k: c.median(v) for k, v in f.items()} for who, f in figures.items()}
     b, h = m["bare"], m["batchhub"]
     note = (
-        f"(median of {repeat}; {rows:,} rows, concurrency {args.concurrency}, simulator in its own process, no latency)"
+        f"(median of {repeat}; {rows:,} rows, concurrency {args.concurrency}, event loop {default_loop}, "
+        "a fresh simulator in its own process for each run, no latency)"
     )
-    c.print_block(
-        "overhead",
-        [
-            machine,
-            f"overhead: batchhub {h['wall']:,.0f} rows/s, bare aiohttp {b['wall']:,.0f} rows/s, "
-            f"ratio {h['ratio_wall']:.2f} end to end {note}",
-            f"overhead in the loop: batchhub {h['loop']:,.0f} rows/s, bare aiohttp {b['loop']:,.0f} rows/s, "
-            f"ratio {h['ratio_loop']:.2f} (without start-up: imports, row count, fingerprint)",
-            f"overhead CPU: batchhub {h['cpu_ms_per_1k']:,.0f} ms, bare aiohttp {b['cpu_ms_per_1k']:,.0f} ms "
-            f"of CPU per 1,000 rows, batchhub/bare {h['ratio_cpu']:.2f}",
-            f"overhead target: ratio >= 0.90 end to end: {'met' if h['ratio_wall'] >= 0.9 else 'NOT met'}",
-        ],
-    )
+    lines = [
+        machine,
+        f"overhead: batchhub {h['wall']:,.0f} rows/s, bare aiohttp {b['wall']:,.0f} rows/s, "
+        f"ratio {h['ratio_wall']:.2f} end to end {note}",
+        f"overhead in the loop: batchhub {h['loop']:,.0f} rows/s, bare aiohttp {b['loop']:,.0f} rows/s, "
+        f"ratio {h['ratio_loop']:.2f} (without start-up: imports, price data, row count, fingerprint)",
+        f"overhead CPU: batchhub {h['cpu_ms_per_1k']:,.0f} ms, bare aiohttp {b['cpu_ms_per_1k']:,.0f} ms "
+        f"of CPU per 1,000 rows, batchhub/bare {h['ratio_cpu']:.2f}",
+    ]
+    if has_uvloop:
+        a, u = m["batchhub on asyncio"], m["bare on uvloop"]
+        lines.append(
+            f"overhead by event loop (ratios to bare aiohttp on asyncio, end to end / in the loop / CPU): "
+            f"batchhub on uvloop {h['ratio_wall']:.2f} / {h['ratio_loop']:.2f} / {h['ratio_cpu']:.2f}, "
+            f"on asyncio {a['ratio_wall']:.2f} / {a['ratio_loop']:.2f} / {a['ratio_cpu']:.2f}; "
+            f"bare aiohttp on uvloop {u['ratio_wall']:.2f} / {u['ratio_loop']:.2f} / {u['ratio_cpu']:.2f}"
+        )
+    else:
+        lines.append('overhead by event loop: uvloop is not installed (pip install "batchhub[fast]"): asyncio only')
+    v, one, bare_start = starts["version"], starts["one_row"], starts["bare"]
+    lines += [
+        f"overhead start-up: a 1-row job {one[0]:.2f} s ({one[1]:.2f} s of CPU), `batchhub --version` "
+        f"{v[0]:.2f} s ({v[1]:.2f} s), the bare client's start (Python + aiohttp) {bare_start[0]:.2f} s "
+        f"({bare_start[1]:.2f} s)",
+        f"overhead target: ratio >= 0.90 end to end: {'met' if h['ratio_wall'] >= 0.9 else 'NOT met'}",
+    ]
+    c.print_block("overhead", lines)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -27,10 +29,17 @@ import pandas as pd
 import pytest
 
 from batchhub.mock import MockConfig, MockServer, SimulatorProcess
+from batchhub.pricing import CACHE_ENV
 from batchhub.spec import JobSpec
 
 #: the prompt of row i in `prompts_csv` unless a test asks for other text
 SEA_PROMPT = "row {i}: say something about the sea"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Saved genai-prices answers (batchhub.pricing.SavedPrices) go to a folder of this session's, never
+    the user's: set before collection, which looks prices up, and inherited by every child process."""
+    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="batchhub-test-cache-")
 
 
 def write_prompts(path: Path, n: int, text: str = SEA_PROMPT, **columns: Any) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
@@ -333,6 +334,21 @@ async def test_a_reply_larger_than_the_cap_fails_without_being_kept(serve: Any, 
     assert not isinstance(info.value, RetryableError)  # the same reply would come again
     completion = await local_call(url, max_response_bytes=10_000)
     assert completion.content == "x" * 5000
+
+
+async def test_a_small_compressed_reply_that_unpacks_past_the_cap_fails(serve: Any) -> None:
+    """Its Content-Length is under the cap; what it unpacks to is counted, not what was sent."""
+    packed = gzip.compress(big_completion(50_000))
+    assert len(packed) < 1000
+
+    async def compressed(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=packed, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+    url = await serve(compressed)
+    with pytest.raises(ResponseTooLargeError):
+        await local_call(url, max_response_bytes=1000)
+    assert (await local_call(url, max_response_bytes=100_000)).content == "x" * 50_000
 
 
 async def test_a_stream_larger_than_the_cap_fails(serve: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batchhub.client import loads
+from batchhub.rows import json_text
 
 SETTINGS = settings(
     max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
@@ -61,3 +63,25 @@ def test_same_outcome_on_any_bytes(body: bytes) -> None:
 def test_deep_nesting(depth: int) -> None:
     body = b"[" * depth + b"]" * depth
     assert outcome(loads, body) == outcome(json.loads, body)
+
+
+def _without_nan(value: Any) -> Any:
+    """`value` as JSON can carry it: NaN and infinities (which json parses from a reply) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    return value
+
+
+@SETTINGS
+@given(value=values)
+@example({"big": 2**70, "text": "é\u2028"})
+@example({"lone": "\ud800", "n": [float("nan"), float("inf")]})
+def test_rows_json_text_keeps_what_a_reply_holds(value: Any) -> None:
+    """The `extra` column's text (orjson, json for what orjson cannot write) reads back as the reply's value."""
+    text = json_text(value)
+    assert repr(json.loads(text)) == repr(_without_nan(value))
+    assert "\n" not in text and ", " not in text.replace('", "', "")  # compact, one line
