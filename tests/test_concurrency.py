@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import random
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+import batchhub
 from batchhub import arun_job, defaults
+from batchhub.cli import main
 from batchhub.concurrency import OK, OTHER, OVERLOADED, AdaptiveLimit, ConcurrencyGate, outcome_of
 from batchhub.errors import (
     APIError,
@@ -275,3 +280,25 @@ async def test_auto_job_stops_with_requests_in_flight_finished_and_waiting_rows_
     summary = await arun_job(spec, progress=False)  # and the resume does the rest, paying for none twice
     assert (summary.ok, summary.pending) == (160, 0)
     assert server.stats.completions == 160 and server.stats.duplicates() == 0
+
+
+def test_cli_runs_a_job_with_concurrency_auto(tmp_path: Path, prompts_csv) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    job = tmp_path / "job"
+    result = CliRunner().invoke(
+        main,
+        ["run", str(data), "--mock", "--model", "gpt-4o-mini", "--job-dir", str(job), "--concurrency", "AUTO", "-q"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((job / "job.json").read_text())["spec"]["concurrency"] == "auto"
+
+
+async def test_the_notebook_api_takes_concurrency_auto(mock_server, tmp_path: Path) -> None:
+    server = await mock_server(capacity=4, latency_ms=5)
+    frame = pd.DataFrame({"prompt": [f"fact {i} about owls" for i in range(60)]})
+    out = await batchhub.arun(
+        frame, model="m", api_key="k", base_url=server.base_url, job_dir=tmp_path / "job", concurrency="auto"
+    )
+    assert out["status"].tolist() == ["ok"] * 60
+    assert server.stats.max_serving == 4 and server.stats.queue_abandoned == 0
