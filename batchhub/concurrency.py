@@ -127,9 +127,8 @@ class AdaptiveLimit:
         if ticket != self.epoch:
             return  # the limit has changed since it was sent: already backed off
         self.slow_start = False
-        if self._probing is not None:
-            self._limit, self._probing = self._probing, None
-        self._set(self._limit * self.backoff)
+        held, self._probing = (self._limit if self._probing is None else self._probing), None
+        self._set(held * self.backoff)
 
     def _end_round(self, mean: float) -> None:
         self.rounds += 1
@@ -140,8 +139,8 @@ class AdaptiveLimit:
             assert self.no_load is not None
             if mean > self.no_load * self.tolerance or mean < self.no_load:
                 self.no_load = mean
-            self._limit, self._probing = self._probing, None
-            self._set(self._limit)
+            held, self._probing = self._probing, None
+            self._set(held)  # back to the limit it left
             return
         if self.no_load is None or mean < self.no_load:
             self.no_load = mean

@@ -74,7 +74,9 @@ MAX_MISMATCHED_RESULTS = 10
 #: Rows read from the input per batch.
 READ_BATCH_ROWS = 2048
 #: Bounded queue between reader and workers, as a multiple of concurrency: enough to keep
-#: workers fed, small enough that memory does not grow with the dataset.
+#: workers fed, small enough that memory does not grow with the dataset. Under
+#: `--concurrency auto` it is MAX_CONCURRENCY rows, one per worker the limit may let go at
+#: once (as a fixed pool of 250 has), whatever the limit is now.
 QUEUE_FACTOR = 4
 
 #: A run's first request goes out alone; the others wait for its answer, so a wrong key, model

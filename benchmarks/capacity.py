@@ -12,6 +12,8 @@ Servers:
 - capacity N = 16 and N = 64, latency 200 ms (uniform +-50%) x (1 + 0.5 x served/N): a batching
   server 1.5x slower at its full batch. Fixed concurrencies 4 .. 256 and auto, side by side; the
   figure is auto / the best fixed (target >= 0.9);
+- the same server of capacity 16 with a client timeout of 2 s: the largest fixed concurrency
+  (its queue is longer than that) and auto;
 - no capacity, a 1,200 RPM limit, latency 200 ms: the default (32) and auto, told the limit and
   told nothing (is auto a good default?), measured from 65 s on: the simulator's bucket starts a
   minute's worth full, and that first burst is not what is compared here.
@@ -52,6 +54,8 @@ class Scale:
     window_s: float
     #: the rate-limited server's bucket starts a minute's worth full: its window starts after that minute
     rate_settle_s: float
+    #: a client timeout shorter than the queue a large fixed concurrency builds (first capacity only)
+    short_timeout_s: float
 
 
 REAL = Scale(
@@ -64,6 +68,7 @@ REAL = Scale(
     settle_s=8.0,
     window_s=20.0,
     rate_settle_s=65.0,
+    short_timeout_s=2.0,
 )
 SMOKE = Scale(
     capacities=(4,),
@@ -75,6 +80,7 @@ SMOKE = Scale(
     settle_s=2.0,
     window_s=1.5,
     rate_settle_s=2.0,
+    short_timeout_s=0.3,
 )
 
 
@@ -83,6 +89,7 @@ class Run:
     server: str
     concurrency: str
     told_rpm: int | None
+    timeout_s: float | None
     per_s: float  # completions per second over the window
     per_s_from_start: float  # ... from the job's start to the window's end
     queue_wait_ms: float  # mean wait in the server's queue of the window's completions
@@ -101,14 +108,17 @@ def measure(
     scale: Scale,
     rpm: int | None = None,
     settle_s: float | None = None,
+    timeout_s: float | None = None,
 ) -> Run:
     """One job against a fresh simulator, measured over [settle, settle + window] of the job's life."""
     with Simulator(*sim_args) as sim:
-        job_dir = workdir_ / f"job-{server.replace(' ', '_').replace(',', '')}-{concurrency}-{rpm or 0}"
+        job_dir = workdir_ / f"job-{server.replace(' ', '_').replace(',', '')}-{concurrency}-{rpm or 0}-{timeout_s}"
         cmd = [sys.executable, "-m", "batchhub", "run", str(input_path), "--model", MODEL, "--base-url", sim.base_url]
         cmd += ["--api-key", API_KEY, "--job-dir", str(job_dir), "--concurrency", concurrency, "--quiet"]
         if rpm:
             cmd += ["--rpm", str(rpm)]
+        if timeout_s:
+            cmd += ["--timeout", str(timeout_s)]
         t0 = time.monotonic()
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO
@@ -136,6 +146,7 @@ def measure(
         server=server,
         concurrency=concurrency,
         told_rpm=rpm,
+        timeout_s=timeout_s,
         per_s=served / (t2 - t1),
         per_s_from_start=last["completions"] / (t2 - t0),
         queue_wait_ms=1000 * waited / served if served else 0.0,
@@ -185,6 +196,13 @@ def main() -> None:
                 f"timeouts {auto.timeouts}, peak queue {auto.peak_queue}"
             )
             runs += these
+            if capacity == scale.capacities[0]:
+                lines.append(f"{server}, client timeout {scale.short_timeout_s:g} s:")
+                for concurrency in (str(max(scale.fixed)), "auto"):
+                    run = measure(sim_args, server, concurrency, data, work, scale, timeout_s=scale.short_timeout_s)
+                    print(row(run), flush=True)
+                    runs.append(run)
+                    lines.append(row(run, best))
         server = f"no capacity, {scale.rpm} rpm"
         sim_args = ["--rpm", str(scale.rpm), "--latency-ms", str(scale.latency_ms), "--seed", "1"]
         lines.append(f"{server}, {scale.latency_ms:.0f} ms (the limit's rate: {scale.rpm / 60:.1f}/s):")

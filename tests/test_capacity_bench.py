@@ -36,8 +36,9 @@ def test_capacity_benchmark_smoke(tmp_path: Path) -> None:
     assert lines[0].startswith("machine: ") and "cores" in lines[0]
     final = lines[lines.index(next(line for line in lines if line.startswith("== Capacity (smoke"))) :]
     assert any(line.startswith("capacity 4: auto / best fixed = ") and "timeouts" in line for line in final)
+    assert any(line.startswith("capacity 4, client timeout 0.3 s:") for line in final)
     for told in ("told 600 rpm", "told nothing"):
         for concurrency in ("32", "auto"):
             assert any(f"{told}, concurrency {concurrency:>4}: " in line and "% 429s" in line for line in final)
     runs = json.loads(out_json.read_text())
-    assert [r["concurrency"] for r in runs] == ["2", "8", "auto", "32", "auto", "32", "auto"]
+    assert [r["concurrency"] for r in runs] == ["2", "8", "auto", "8", "auto", "32", "auto", "32", "auto"]

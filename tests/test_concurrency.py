@@ -302,3 +302,16 @@ async def test_the_notebook_api_takes_concurrency_auto(mock_server, tmp_path: Pa
     )
     assert out["status"].tolist() == ["ok"] * 60
     assert server.stats.max_serving == 4 and server.stats.queue_abandoned == 0
+
+
+def test_the_gate_hears_of_every_change_of_the_limit_the_probe_included() -> None:
+    seen: list[int] = []
+    limit = AdaptiveLimit(initial=32, probe_rounds=2, on_change=seen.append)
+    run_round(limit, 0.1)  # slow start: 64
+    limit.slow_start = False
+    run_round(limit, 0.1)  # 72, then the probe at 36
+    run_round(limit, 0.1)  # the probe over: 72 again
+    run_round(limit, 0.1)  # and on
+    limit.overloaded(limit.sent())
+    assert seen == [64, 72, 36, 72, 80, 40]
+    assert seen[-1] == limit.limit
