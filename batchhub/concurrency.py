@@ -13,8 +13,10 @@ latency itself, in rounds, as TCP Vegas and Netflix's concurrency-limits Gradien
   `limit x gradient + sqrt(limit)`: unchanged latency grows it by a queue allowance of
   sqrt(limit), queueing shrinks it in proportion. Before the first round that shows any
   queueing, the limit doubles instead (slow start);
-- a timeout, a 503 or a 504 halves it (AUTO_CONCURRENCY_BACKOFF), once per round: the
-  server is past its capacity already;
+- a timeout, a 503 or a 504 halves it (AUTO_CONCURRENCY_BACKOFF): the server is past its
+  capacity already. Once per round: the overloads of requests sent before a backoff do not
+  halve it again (a timeout comes `timeout` seconds after its request went out, however
+  often the limit grew meanwhile);
 - a round whose requests in flight never reached half the limit does not grow it: the
   job, not the server, held them back (a rate limit, a slow reader);
 - 429s are left to the rate limiter: a rate limit is not a capacity.
@@ -95,6 +97,8 @@ class AdaptiveLimit:
         self.no_load: float | None = None
         #: bumped at every change of the limit: replies to requests sent before it are not measured
         self.epoch = 0
+        #: the epoch of the last backoff: an overload of a request sent before it is already answered
+        self._backed_off = 0
         self.slow_start = True
         self.rounds = 0
         #: the limit to go back to after a probe round (None: no probe running)
@@ -123,12 +127,14 @@ class AdaptiveLimit:
             self._end_round(self._sum / self._count)
 
     def overloaded(self, ticket: int) -> None:
-        """An attempt sent with `ticket` timed out or was refused for overload: back off (once per round)."""
-        if ticket != self.epoch:
-            return  # the limit has changed since it was sent: already backed off
+        """An attempt sent with `ticket` timed out or was refused for overload: back off, unless it was sent
+        before the last backoff."""
+        if ticket < self._backed_off:
+            return  # sent before the last backoff: that backoff answered it (once per round, as TCP does)
         self.slow_start = False
         held, self._probing = (self._limit if self._probing is None else self._probing), None
         self._set(held * self.backoff)
+        self._backed_off = self.epoch
 
     def _end_round(self, mean: float) -> None:
         self.rounds += 1

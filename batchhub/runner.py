@@ -108,7 +108,7 @@ class Job:
         self._n_workers = self.spec.max_in_flight
         self._gate: ConcurrencyGate | None = None
         self._placed: set[asyncio.Task[Any]] = set()
-        #: under --concurrency auto, the limit as it moves (for tests, benchmarks and the progress line)
+        #: under --concurrency auto, the limit as it moves
         self.concurrency_limit: AdaptiveLimit | None = None
         self._first_requests = FirstRequests(
             fail_fast=self.spec.fail_fast, record=self._record, on_fatal=self._stop_fatal

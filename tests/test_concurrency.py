@@ -315,3 +315,18 @@ def test_the_gate_hears_of_every_change_of_the_limit_the_probe_included() -> Non
     limit.overloaded(limit.sent())
     assert seen == [64, 72, 36, 72, 80, 40]
     assert seen[-1] == limit.limit
+
+
+def test_a_timeout_counts_although_the_limit_moved_while_it_waited() -> None:
+    """A request times out `timeout` seconds after it went out: the limit has changed many times since
+    (every round), but not by backing off; its timeout must still halve the limit."""
+    limit = AdaptiveLimit(initial=16, probe_rounds=0)
+    hung = limit.sent()
+    for _ in range(5):
+        run_round(limit, 0.1)  # the limit grows round by round while the request hangs
+    grown = limit.limit
+    limit.overloaded(hung)
+    assert limit.limit == grown // 2
+    # the others sent before that backoff, timing out now, do not halve it again
+    limit.overloaded(hung)
+    assert limit.limit == grown // 2

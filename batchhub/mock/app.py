@@ -12,8 +12,8 @@ validation and context length (400), unknown model (404 ``model_not_found``),
 model permission (403), quota (429
 ``insufficient_quota``), rate limits (429 ``rate_limit_exceeded``, not
 charged), then its wait for capacity (`capacity`: a FIFO queue, 503 past
-`max_queue`; batchhub/mock/capacity.py), then at most one injected fault, then the configured latency, then
-the answer. Every response carries ``x-request-id``; completion responses carry
+`max_queue`; batchhub/mock/capacity.py), then at most one injected fault, then
+the configured latency, then the answer. Every response carries ``x-request-id``; completion responses carry
 ``x-ratelimit-*`` headers for the limits that are set. The bodies, streams and
 broken answers themselves are written by :mod:`batchhub.mock.responses`.
 
