@@ -8,7 +8,7 @@ latency itself, in rounds, as TCP Vegas and Netflix's concurrency-limits Gradien
 - a **round** is at least `max(limit, AUTO_CONCURRENCY_ROUND)` replies to requests sent
   since the limit last changed; its mean latency is compared with the **no-load latency**
   (the lowest round mean seen, measured again every AUTO_CONCURRENCY_PROBE_ROUNDS rounds
-  by one round at half the limit);
+  by one round at half the limit, as BBR's ProbeRTT does);
 - gradient = clamp(tolerance x no_load / round_mean, 0.5, 1); the new limit is
   `limit x gradient + sqrt(limit)`: unchanged latency grows it by a queue allowance of
   sqrt(limit), queueing shrinks it in proportion. Before the first round that shows any

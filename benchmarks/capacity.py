@@ -4,8 +4,9 @@ Each run is `batchhub run` (a subprocess) against a fresh simulator (`batchhub m
 subprocess) and is measured on the simulator's side: the completions it served per second over a
 window that starts `settle` seconds after the job did (its start-up and the first rounds of
 `auto` are outside it; `from start` counts them too), the mean wait in the server's queue over
-that window, its peak queue over the whole run, and the requests that waited past their
-timeout (`timeouts`: a client that gave up while queued) or were refused (503s).
+that window, its peak queue over the whole run, and the requests that took longer than their
+timeout (`timeouts`: a client that gave up while queued or while answered; an answer whose
+client left is not counted as served) or were refused (503s).
 
 Servers:
 
@@ -139,7 +140,7 @@ def measure(
         if proc.returncode not in (0, 1, 3, -signal.SIGINT, 130):
             raise SystemExit(f"batchhub run exited {proc.returncode}: {err[-2000:]}")
         end = sim.stats()
-    served = last["completions"] - first["completions"]
+    served = answered(last) - answered(first)
     waited = last["queue_wait_s"] - first["queue_wait_s"]
     by_status = end["by_status"]
     return Run(
@@ -148,13 +149,18 @@ def measure(
         told_rpm=rpm,
         timeout_s=timeout_s,
         per_s=served / (t2 - t1),
-        per_s_from_start=last["completions"] / (t2 - t0),
+        per_s_from_start=answered(last) / (t2 - t0),
         queue_wait_ms=1000 * waited / served if served else 0.0,
         peak_queue=int(end["max_queue_length"]),
-        timeouts=int(end["queue_abandoned"]),
+        timeouts=int(end["queue_abandoned"]) + int(end["service_abandoned"]),
         refused=int(by_status.get("503", 0)) + int(by_status.get("429", 0)),
         requests=int(end["requests"]),
     )
+
+
+def answered(stats: dict) -> int:
+    """Completions whose client was still there at the end (a client that timed out mid-answer is not served)."""
+    return int(stats["completions"]) - int(stats["service_abandoned"])
 
 
 def row(run: Run, best: float | None = None) -> str:

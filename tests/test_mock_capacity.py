@@ -101,3 +101,12 @@ def test_mock_server_refuses_a_bad_capacity_in_one_line() -> None:
     result = CliRunner().invoke(main, ["mock-server", "--capacity", "0", "--port", "0"])
     assert result.exit_code == 2
     assert result.output.strip() == "error: mock capacity must be a positive integer, got 0"
+
+
+async def test_a_client_that_gives_up_mid_answer_frees_its_place(mock_server: Any) -> None:
+    server = await mock_server(capacity=1, latency_ms=2000)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await post(session, server, timeout=0.1)
+        await server.wait_until(lambda s: s.service_abandoned == 1)
+        assert (server.stats.serving, server.stats.completions) == (0, 1)  # paid, as with a real provider

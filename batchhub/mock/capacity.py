@@ -5,7 +5,8 @@ A request's latency is its wait in the queue plus its service time, and the serv
 with the number being served (a batching server's steps get slower as its batch grows). Past
 `max_queue` waiting requests the server answers 503 at once, as a server that bounds its queue
 does. A client that hangs up while its request waits (its timeout) leaves the queue: nothing is
-generated for it, and it is counted in `MockStats.queue_abandoned`.
+generated for it, and it is counted in `MockStats.queue_abandoned`; one that hangs up while its
+answer is generated frees its place at once (`service_abandoned`), as vLLM aborts such a request.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Capacity:
         self._changed()
         try:
             yield
+        except asyncio.CancelledError:
+            stats.service_abandoned += 1  # its client left mid-answer: the generation stops, its place frees
+            raise
         finally:
             self._release()
 

@@ -225,7 +225,8 @@ class MockStats:
     max_in_flight: int = 0
     #: with a capacity: completions being generated now and their peak; requests waiting now, their
     #: peak, how many ever waited, the seconds they waited (total and longest), how many left the
-    #: queue because their client hung up (its timeout), how many were refused with 503 (max_queue)
+    #: queue because their client hung up (its timeout), how many were refused with 503 (max_queue),
+    #: how many were being generated when their client hung up
     serving: int = 0
     max_serving: int = 0
     queue_length: int = 0
@@ -235,6 +236,7 @@ class MockStats:
     max_queue_wait_s: float = 0.0
     queue_abandoned: int = 0
     queue_full: int = 0
+    service_abandoned: int = 0
     #: 429s sent because a rate limit was reached (quota 429s are not included)
     rate_limited: int = 0
 
