@@ -115,6 +115,7 @@ JOB_OPTIONS = [
     click.option(
         "--concurrency",
         type=CONCURRENCY,
+        metavar="N|auto",
         help="Requests in flight at once (default 32), or auto: found from the server's latency "
         "(for a self-hosted server with a capacity).",
     ),

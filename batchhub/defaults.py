@@ -13,10 +13,10 @@ MOCK_API_KEY = "mock-key"
 
 #: Requests in flight at once: enough to hide a second of latency at a few thousand RPM.
 #: A fixed number, not "auto", also when no limit is given: against a rate-limited provider
-#: auto does no better (benchmarks/capacity.py: 99.8-99.9% of a 1,200 rpm limit for both, told
-#: it or not), its signal (latency) moves there with the provider's other customers, and a
-#: fixed number bounds what a hard kill can make the job pay twice. `--concurrency auto` is
-#: for a self-hosted server with a capacity (README, "Self-hosted servers").
+#: auto does no better (benchmarks/capacity.py: 99.9-100.2% of a 1,200 rpm limit against
+#: 100.0% for 32, told it or not), its signal (latency) moves there with the provider's other
+#: customers, and a fixed number bounds what a hard kill can make the job pay twice.
+#: `--concurrency auto` is for a self-hosted server with a capacity (README, "Self-hosted servers").
 CONCURRENCY = 32
 #: The most requests in flight a job may ask for: each is an open connection and a worker,
 #: and no endpoint serves more from one client usefully; far more exhausts file descriptors.
