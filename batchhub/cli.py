@@ -45,6 +45,25 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
+class _Concurrency(click.ParamType):  # type: ignore[type-arg]
+    """`--concurrency N` or `auto`: a number becomes an int; any other word is left for the spec's check
+    (one line naming what is allowed, as a wrong value in a spec file gets)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            return int(text)
+        except ValueError:
+            return text
+
+
+CONCURRENCY = _Concurrency()
+
+
 @click.group(cls=BatchhubGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchhub")
 def main() -> None:
@@ -93,7 +112,13 @@ JOB_OPTIONS = [
     click.option(
         "--job-dir", type=click.Path(path_type=Path), help="Where the job keeps its state (default: jobs/NAME)."
     ),
-    click.option("--concurrency", type=int, help="Requests in flight at once (default 32)."),
+    click.option(
+        "--concurrency",
+        type=CONCURRENCY,
+        metavar="N|auto",
+        help="Requests in flight at once (default 32), or auto: found from the server's latency "
+        "(for a self-hosted server with a capacity).",
+    ),
     click.option("--rpm", type=int, help="Requests-per-minute limit to stay under."),
     click.option("--tpm", type=int, help="Tokens-per-minute limit to stay under."),
     click.option(
@@ -289,6 +314,11 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
 @click.option("--rpm", type=int, help="Requests per minute before answering 429.")
 @click.option("--tpm", type=int, help="Tokens per minute before answering 429.")
 @click.option("--latency-ms", type=float, default=0.0, help="Mean added latency per request.")
+@click.option("--capacity", type=int, help="Completions generated at once; the rest wait in a FIFO queue.")
+@click.option("--max-queue", type=int, help="Requests that may wait for capacity; past it, 503 at once.")
+@click.option(
+    "--capacity-slowdown", type=float, help="Latency grows with the number served: x(1 + this) at full capacity."
+)
 @click.option(
     "--error-rate",
     "error_rates",

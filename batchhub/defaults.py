@@ -12,10 +12,35 @@ MOCK_BASE_URL = "mock://"
 MOCK_API_KEY = "mock-key"
 
 #: Requests in flight at once: enough to hide a second of latency at a few thousand RPM.
+#: A fixed number, not "auto", also when no limit is given: against a rate-limited provider
+#: auto does no better (benchmarks/capacity.py: 99.9-100.2% of a 1,200 rpm limit against
+#: 100.0% for 32, told it or not), its signal (latency) moves there with the provider's other
+#: customers, and a fixed number bounds what a hard kill can make the job pay twice.
+#: `--concurrency auto` is for a self-hosted server with a capacity (README, "Self-hosted servers").
 CONCURRENCY = 32
 #: The most requests in flight a job may ask for: each is an open connection and a worker,
 #: and no endpoint serves more from one client usefully; far more exhausts file descriptors.
 MAX_CONCURRENCY = 1000
+#: `--concurrency auto` (batchhub/concurrency.py): the limit starts here and doubles while the
+#: latency stays flat, so a server that serves a few at once is not flooded before it is measured,
+#: and one that serves hundreds is reached in a few round trips.
+AUTO_CONCURRENCY_INITIAL = 4
+#: ... and never goes past MAX_CONCURRENCY (its ceiling: the connector allows as many connections).
+#: A round's mean latency may be this many times the no-load latency before the limit shrinks: a
+#: batching server is slower at its full batch than alone (vLLM, TGI: 1.2-2x), and the limit must
+#: not stop short of the capacity for that. 1.5 stopped at 0.81-0.9 of the best throughput against
+#: a server twice as slow at its full batch; 1.75 reached 0.96, with a queue on the server of
+#: about 0.75 x its capacity at worst (one that does not slow down with load at all); 2 queues more.
+AUTO_CONCURRENCY_TOLERANCE = 1.75
+#: Latency samples per round at least (a round is also at least `limit` samples): one reply's
+#: latency varies with its length, the mean of 16 is within about 7% of the true mean.
+AUTO_CONCURRENCY_ROUND = 16
+#: After a timeout, a 503 or a 504 the limit is multiplied by this (once per round): they mean the
+#: server is past its capacity, and a timed-out request cost `timeout` seconds of a slot.
+AUTO_CONCURRENCY_BACKOFF = 0.5
+#: Every this many rounds the limit halves for one round to measure the no-load latency again (it
+#: may have changed with the prompts); costs about one round's half in 30.
+AUTO_CONCURRENCY_PROBE_ROUNDS = 30
 #: Attempts per row for failures worth retrying (5xx, timeouts, garbled bodies).
 MAX_ATTEMPTS = 5
 #: 429s a single row may meet before it is recorded as failed; counted apart from
@@ -107,7 +132,9 @@ INPUT_CHECK_NICE = 10
 #: compresses about so much, and the check reads it decompressed).
 GZIP_SIZE_FACTOR = 5
 #: Bounded queue between reader and workers, as a multiple of concurrency: enough to keep
-#: workers fed, small enough that memory does not grow with the dataset.
+#: workers fed, small enough that memory does not grow with the dataset. Under
+#: `--concurrency auto` it is MAX_CONCURRENCY rows, one per worker the limit may let go at
+#: once (as a fixed pool of 250 has), whatever the limit is now.
 QUEUE_FACTOR = 4
 
 #: A run's first request goes out alone; the others wait for its answer, so a wrong key, model

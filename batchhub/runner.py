@@ -42,6 +42,7 @@ from batchhub import __version__, defaults
 from batchhub.admission import FirstRequests
 from batchhub.attempts import Attempts
 from batchhub.client import ChatClient
+from batchhub.concurrency import AdaptiveLimit, ConcurrencyGate, MeasuredClient
 from batchhub.errors import (
     BatchhubError,
     FatalAPIError,
@@ -110,6 +111,12 @@ class Job:
         #: (rows counted, rows read) when the input ended early: it changed while the job ran
         self._input_short: tuple[int, int] | None = None
         self._workers: list[asyncio.Task[Any]] = []
+        #: workers, and under --concurrency auto the gate that lets `limit` of them have a row at a time
+        self._n_workers = self.spec.max_in_flight
+        self._gate: ConcurrencyGate | None = None
+        self._placed: set[asyncio.Task[Any]] = set()
+        #: under --concurrency auto, the limit as it moves
+        self.concurrency_limit: AdaptiveLimit | None = None
         self._first_requests = FirstRequests(
             fail_fast=self.spec.fail_fast, record=self._record, on_fatal=self._stop_fatal
         )
@@ -191,7 +198,9 @@ class Job:
             flush_seconds=spec.flush_seconds,
             on_write_error=self._write_failed,
         )
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=spec.concurrency * defaults.QUEUE_FACTOR)
+        # under --concurrency auto, one queued row per worker (MAX_CONCURRENCY): as many as the limit may reach
+        queued = spec.max_in_flight if spec.auto_concurrency else spec.max_in_flight * defaults.QUEUE_FACTOR
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queued)
         counting = asyncio.create_task(self._watch_input_check(run_record)) if prepared.n_rows is None else None
         try:
             if (n_todo or self._hashes is not None or counting) and setup_error is None:
@@ -304,6 +313,8 @@ class Job:
             client = ChatClient(
                 session, base_url, self.prepared.api_key, spec.timeout, max_response_bytes=spec.max_response_bytes
             )
+            if spec.auto_concurrency:
+                client = self._measured(client)
             self._attempts = Attempts(
                 spec=spec,
                 client=client,
@@ -325,7 +336,7 @@ class Job:
         if self._session is not None:
             yield self._session
             return
-        connector = aiohttp.TCPConnector(limit=self.spec.concurrency, limit_per_host=self.spec.concurrency)
+        connector = aiohttp.TCPConnector(limit=self.spec.max_in_flight, limit_per_host=self.spec.max_in_flight)
         async with aiohttp.ClientSession(connector=connector) as session:
             yield session
 
@@ -334,7 +345,7 @@ class Job:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._reader_task = tg.create_task(self._reader())
-                self._workers = [tg.create_task(self._worker()) for _ in range(self.spec.concurrency)]
+                self._workers = [tg.create_task(self._gated()) for _ in range(self._n_workers)]
         except BaseExceptionGroup as group:
             # a task failed on purpose (say, the input became unreadable mid-way): surface our own
             # error as itself, so callers see one clear error rather than a group of them
@@ -413,10 +424,10 @@ class Job:
                 # the end markers must not wait for room (there is room once the queue is drained).
                 while not queue.empty():
                     queue.get_nowait()
-                for _ in range(self.spec.concurrency):
+                for _ in range(self._n_workers):
                     queue.put_nowait(_END)
         if not self._stop.is_set():
-            for _ in range(self.spec.concurrency):
+            for _ in range(self._n_workers):
                 await queue.put(_END)
 
     def _check_results(self, batch: list[Any], base: int, checked: np.ndarray, hashes: np.ndarray) -> bool:
@@ -452,9 +463,43 @@ class Job:
 
     # -- workers ----------------------------------------------------------------------------
 
+    def _measured(self, client: ChatClient) -> MeasuredClient:
+        """--concurrency auto: the client tells an adaptive limit each attempt's latency, and the limit
+        moves the gate the workers pass."""
+        gate = self._gate = ConcurrencyGate(0)
+        self.concurrency_limit = AdaptiveLimit(ceiling=self._n_workers, on_change=gate.set_limit)
+        gate.set_limit(self.concurrency_limit.limit)
+        return MeasuredClient(client, self.concurrency_limit)
+
+    async def _gated(self) -> None:
+        """A worker, and its place at the gate given back when it ends (a stop, the end of the input).
+        The worker's coroutine is made here: a task cancelled before it starts leaves none unawaited."""
+        try:
+            await self._worker()
+        finally:
+            task = asyncio.current_task()
+            if self._gate is not None and task in self._placed:
+                self._placed.discard(task)
+                self._gate.release()
+
+    async def _take(self) -> Any:
+        """The worker's next queued row; under --concurrency auto once it has a place at the gate (the
+        place it had for its previous row given back first). A worker waiting for a place holds no row."""
+        gate = self._gate
+        if gate is None:
+            return await self._queue.get()
+        task = asyncio.current_task()
+        assert task is not None
+        if task in self._placed:
+            self._placed.discard(task)
+            gate.release()
+        await gate.acquire()
+        self._placed.add(task)
+        return await self._queue.get()
+
     async def _worker(self) -> None:
         while True:
-            item = await self._queue.get()
+            item = await self._take()
             if item is _END or self._stop.is_set():
                 return
             row_id, built = item

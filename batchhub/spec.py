@@ -60,6 +60,22 @@ RESERVED_PARAMS = {
 DEDICATED_PARAMS = ("temperature", "max_tokens", "stop", "user")
 
 
+#: `concurrency = "auto"`
+AUTO = "auto"
+
+
+def check_concurrency(value: object) -> None:
+    """Refuse a concurrency that is neither "auto" nor a whole number in 1..MAX_CONCURRENCY."""
+    if value == AUTO:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value > defaults.MAX_CONCURRENCY:
+        raise UsageError(f'concurrency must be at most {defaults.MAX_CONCURRENCY:,} (or "auto"), not {value:,}')
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(
+            f'concurrency must be "auto" or a whole number from 1 to {defaults.MAX_CONCURRENCY:,}, not {value!r}'
+        )
+
+
 @dataclass
 class JobSpec:
     """Every setting of a job. Build one with `load_spec` / `JobSpec.from_mapping`, or directly."""
@@ -92,7 +108,8 @@ class JobSpec:
 
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
-    concurrency: int = defaults.CONCURRENCY
+    #: requests in flight at once, or "auto": found from the server's latency (batchhub/concurrency.py)
+    concurrency: int | str = defaults.CONCURRENCY
     rpm: int | None = None
     tpm: int | None = None
     max_attempts: int = defaults.MAX_ATTEMPTS
@@ -233,9 +250,7 @@ class JobSpec:
             raise UsageError(
                 f"param_columns: {', '.join(sorted(unknown))} cannot be set per row (allowed: {', '.join(ROW_PARAMS)})"
             )
-        _positive_int("concurrency", self.concurrency)
-        if self.concurrency > defaults.MAX_CONCURRENCY:
-            raise UsageError(f"concurrency must be at most {defaults.MAX_CONCURRENCY:,}, not {self.concurrency:,}")
+        check_concurrency(self.concurrency)
         _positive_int("max_attempts", self.max_attempts)
         _positive_int("flush_rows", self.flush_rows)
         _positive_int("max_response_bytes", self.max_response_bytes)
@@ -264,6 +279,16 @@ class JobSpec:
             )
         if url != defaults.MOCK_BASE_URL and not url.startswith(("http://", "https://")):
             raise UsageError(f"base_url must start with http:// or https:// (or be mock://), not {url!r}")
+
+    @property
+    def auto_concurrency(self) -> bool:
+        """`concurrency = "auto"`: the limit is found as the job runs."""
+        return self.concurrency == AUTO
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests in flight this job may have: its concurrency, or the ceiling of "auto"."""
+        return defaults.MAX_CONCURRENCY if self.concurrency == AUTO else int(self.concurrency)
 
     # -- building ---------------------------------------------------------------
 

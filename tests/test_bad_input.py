@@ -146,6 +146,11 @@ CASES: dict[str, Case] = {
     "--max-tokens -3": Case(extra=("--max-tokens", "-3"), fragments=("max_tokens",)),
     "--concurrency 0": Case(extra=("--concurrency", "0"), fragments=("concurrency",)),
     "--concurrency 10000000": Case(extra=("--concurrency", "10000000"), fragments=("concurrency", "1,000")),
+    "--concurrency fast": Case(extra=("--concurrency", "fast"), fragments=("concurrency", '"auto"', "'fast'")),
+    "a spec file with concurrency = 2.5": Case(
+        spec='input = {input}\njob_dir = {job_dir}\nmodel = "m"\nbase_url = "mock://"\nconcurrency = 2.5\n',
+        fragments=("concurrency", '"auto"', "2.5"),
+    ),
     "--rpm -1": Case(extra=("--rpm", "-1"), fragments=("rpm",)),
     "--tpm 0": Case(extra=("--tpm", "0"), fragments=("tpm",)),
     "--timeout 0": Case(extra=("--timeout", "0"), fragments=("timeout",)),

@@ -211,8 +211,8 @@ async def test_the_reader_meeting_the_bad_row_first_stops_the_job_without_waitin
         held.set()
     assert str(stopped.value) == str(reading.value)
     recorded = JobStore(tmp_path / "job").results(["row_id", "status"]).to_pylist()
-    # the reader queues a block's rows before it reads the next: the first block's rows were sent
-    assert server.stats.completions == len(recorded) > 0
+    # every reply received is recorded (how many went out before the stop depends on timing)
+    assert server.stats.completions == len(recorded)
     assert all(r["status"] == "ok" and r["row_id"] < 2048 for r in recorded)
     manifest = JobStore(tmp_path / "job").manifest()
     assert manifest.input.bad_input == str(reading.value) and manifest.input.rows is None

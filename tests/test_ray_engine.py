@@ -342,6 +342,15 @@ async def test_replies_are_checked_inside_the_tasks(tmp_path: Path, simulator: A
     assert job_status(tmp_path / "job").errors_by_type == {"invalid_output": 20}
 
 
+async def test_concurrency_auto_runs_in_each_task(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
+    """Each task finds the capacity with a limit of its own (docs/SCALING.md): two at once share a server of 8."""
+    server = await simulator(seed=5, capacity=8, latency_ms=20, max_queue=32)
+    spec = make_spec(tmp_path, server, 200, concurrency="auto")
+    summary = await RayJob(prepare_job(spec), shard_rows=100, max_shards_in_flight=2).run()
+    assert (summary.ok, summary.failed, summary.pending) == (200, 0, 0)
+    assert server.stats.max_serving == 8 and server.stats.queue_full == 0 and server.stats.queue_abandoned == 0
+
+
 async def test_the_notebook_api_runs_on_ray_too(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
     server = await simulator(seed=6)
     frame = pd.DataFrame({"prompt": [f"Tell me fact number {i} about owls." for i in range(30)]})

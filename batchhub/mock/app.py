@@ -11,8 +11,9 @@ A chat completion request goes through, in order: auth (401), body
 validation and context length (400), unknown model (404 ``model_not_found``),
 model permission (403), quota (429
 ``insufficient_quota``), rate limits (429 ``rate_limit_exceeded``, not
-charged), then at most one injected fault, then the configured latency, then
-the answer. Every response carries ``x-request-id``; completion responses carry
+charged), then its wait for capacity (`capacity`: a FIFO queue, 503 past
+`max_queue`; batchhub/mock/capacity.py), then at most one injected fault, then
+the configured latency, then the answer. Every response carries ``x-request-id``; completion responses carry
 ``x-ratelimit-*`` headers for the limits that are set. The bodies, streams and
 broken answers themselves are written by :mod:`batchhub.mock.responses`.
 
@@ -36,6 +37,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from batchhub.mock.capacity import QueueFull
 from batchhub.mock.config import ANY_MODEL, FAULT_400_MESSAGE, MockConfig, model_exists
 from batchhub.mock.invalid import InvalidRequest
 from batchhub.mock.ratelimit import Clock, Denial
@@ -71,6 +73,8 @@ COMPLETION_PATHS: frozenset[str] = frozenset({"/v1/chat/completions", "/chat/com
 #: Request bodies up to this size are read (aiohttp's default of 1 MiB is
 #: below a long context's worth of text).
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: The 503 of a server whose queue is full (`max_queue`).
+QUEUE_FULL_MESSAGE = "The server is overloaded: too many requests are waiting. Retry later."
 
 
 def _authorized(request: web.Request, config: MockConfig) -> bool:
@@ -115,7 +119,24 @@ async def _answer_valid(request: web.Request, state: MockState, req: ChatRequest
     denial = state.limits.try_acquire(prompt_tokens + completion_tokens)
     if denial is not None:
         return rate_limited(state, req.model, denial)
+    try:
+        async with state.capacity.slot():
+            return await _serve(request, state, req, identity, prompt_tokens, completions)
+    except QueueFull:
+        return error_response(state, 503, error_object(QUEUE_FULL_MESSAGE, "server_error", None))
 
+
+async def _serve(
+    request: web.Request,
+    state: MockState,
+    req: ChatRequest,
+    identity: str,
+    prompt_tokens: int,
+    completions: list[Completion],
+) -> web.StreamResponse:
+    """A request past the limits and its wait for capacity: at most one fault, the latency, the answer."""
+    config = state.config
+    completion_tokens = sum(c.completion_tokens for c in completions)
     fault = state.draw_fault(req.stream)
     if fault == "429":
         # an injected rate limit, as a provider under a storm sends it: not charged, with a wait
@@ -138,7 +159,7 @@ async def _answer_valid(request: web.Request, state: MockState, req: ChatRequest
     if fault == "timeout":
         await state.pause(config.hang_seconds)
         return drop_connection(request)
-    if await state.pause(state.draw_latency()):
+    if await state.pause(state.draw_latency() * state.capacity.slowdown()):
         return drop_connection(request)  # shutting down: end like a server going away
     answer = Answer(
         id=f"chatcmpl-{secrets.token_hex(12)}",

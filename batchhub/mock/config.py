@@ -132,6 +132,13 @@ class MockConfig:
     tpm: int | None = None
     #: mean added latency; the actual one is uniform in [0.5x, 1.5x]
     latency_ms: float = 0.0
+    #: completions generated at once (a self-hosted server's capacity); the others wait in a FIFO
+    #: queue, their latency the wait plus their own; None = unlimited
+    capacity: int | None = None
+    #: requests that may wait for capacity; past it a request is answered 503 at once; None = unbounded
+    max_queue: int | None = None
+    #: how much the latency grows with the number served at once: x(1 + this) at full capacity
+    capacity_slowdown: float = 0.0
     faults: dict[str, float] = field(default_factory=dict)
     #: how long a "timeout" fault hangs before closing the connection
     hang_seconds: float = 600.0
@@ -168,7 +175,13 @@ class MockConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"mock {name} must be a positive integer, got {value!r}")
-        for name in ("latency_ms", "hang_seconds"):
+        if self.capacity is not None and (not _is_int(self.capacity) or self.capacity < 1):
+            raise ValueError(f"mock capacity must be a positive integer, got {self.capacity!r}")
+        if self.max_queue is not None and (not _is_int(self.max_queue) or self.max_queue < 0):
+            raise ValueError(f"mock max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if self.max_queue is not None and self.capacity is None:
+            raise ValueError("mock max_queue needs capacity (without a capacity nothing waits)")
+        for name in ("latency_ms", "hang_seconds", "capacity_slowdown"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"mock {name} must be a number >= 0, got {value!r}")
@@ -245,6 +258,20 @@ class MockStats:
     #: requests being handled right now, and the peak of that number
     in_flight: int = 0
     max_in_flight: int = 0
+    #: with a capacity: completions being generated now and their peak; requests waiting now, their
+    #: peak, how many ever waited, the seconds they waited (total and longest), how many left the
+    #: queue because their client hung up (its timeout), how many were refused with 503 (max_queue),
+    #: how many were being generated when their client hung up
+    serving: int = 0
+    max_serving: int = 0
+    queue_length: int = 0
+    max_queue_length: int = 0
+    queued: int = 0
+    queue_wait_s: float = 0.0
+    max_queue_wait_s: float = 0.0
+    queue_abandoned: int = 0
+    queue_full: int = 0
+    service_abandoned: int = 0
     #: 429s sent because a rate limit was reached (quota 429s are not included)
     rate_limited: int = 0
 

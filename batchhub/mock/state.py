@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from batchhub.mock.capacity import Capacity
 from batchhub.mock.config import FAULT_KINDS, MockConfig, MockStats
 from batchhub.mock.ratelimit import Clock, RateLimits
 
@@ -25,6 +26,7 @@ class MockState:
         self.config = config
         self.stats = MockStats()
         self.limits = RateLimits(config.rpm, config.tpm, clock, config.rpm_schedule)
+        self.capacity = Capacity(config, self.stats, self._changed)
         # One generator for the per-request draws (fault, latency); content has its own.
         self.rng = random.Random(config.seed)
         # Set when the app shuts down, so hung and sleeping handlers end at once.
