@@ -284,6 +284,13 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
 @click.option("--port", default=8000, type=int, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--rpm", type=int, help="Requests per minute before answering 429.")
 @click.option("--tpm", type=int, help="Tokens per minute before answering 429.")
+@click.option(
+    "--limit-window",
+    "limit_window_s",
+    type=float,
+    metavar="SECONDS",
+    help="Seconds of each per-minute limit let through at once (default 60; 1: enforced per second).",
+)
 @click.option("--latency-ms", type=float, default=0.0, help="Mean added latency per request.")
 @click.option(
     "--error-rate",

@@ -129,6 +129,9 @@ class MockConfig:
     max_completion_tokens: int = 48
     #: send x-ratelimit-* headers for the limits that are set
     ratelimit_headers: bool = True
+    #: seconds of each per-minute limit let through at once: 60 = the bucket holds a minute's worth;
+    #: 1 = enforced per second (OpenAI: 60,000 RPM may be enforced as 1,000 a second)
+    limit_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
@@ -168,6 +171,9 @@ class MockConfig:
             raise ValueError(f'mock models must be a non-empty list of model names (or ["*"]), got {self.models!r}')
         if not isinstance(self.ratelimit_headers, bool):
             raise ValueError(f"mock ratelimit_headers must be true or false, got {self.ratelimit_headers!r}")
+        window = self.limit_window_s
+        if not _is_number(window) or not math.isfinite(window) or not 0 < window <= 60:
+            raise ValueError(f"mock limit_window_s must be a number of seconds above 0 and at most 60, got {window!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MockConfig:

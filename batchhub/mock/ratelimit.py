@@ -5,6 +5,15 @@ Each limit (requests per minute, tokens per minute) is a bucket holding up to
 second. A request is admitted only if every bucket holds its cost, and is then
 charged to all of them; a refused request is not charged. The clock is passed
 in so that tests can move time instead of sleeping.
+
+A provider may enforce a per-minute limit over a shorter window (OpenAI: 60,000
+RPM may be enforced as 1,000 per second). `window_s` below 60 does so: the
+bucket holds only `window_s` seconds of the limit (at least one unit) and starts
+full at that, refilling at the same `limit / 60` a second. A request costing more
+than a window's worth (but no more than the minute's limit) is admitted when the
+bucket is full, and leaves it in debt. The `x-ratelimit-*` headers still speak of
+the minute, as a provider's do: limit, remaining and reset of a minute-deep
+bucket charged alongside, so they never tell a client about the shorter window.
 """
 
 from __future__ import annotations
@@ -35,18 +44,19 @@ def format_duration(seconds: float) -> str:
 
 
 class TokenBucket:
-    """A continuously refilling bucket of `limit` units per minute."""
+    """A continuously refilling bucket of `limit` units per minute, `window_s` seconds of them deep."""
 
-    def __init__(self, limit: int, clock: Clock) -> None:
+    def __init__(self, limit: int, clock: Clock, window_s: float = 60.0) -> None:
         self.limit = limit
         self._rate = limit / 60.0
-        self._level = float(limit)
+        self.capacity = max(1.0, limit * window_s / 60.0)
+        self._level = self.capacity
         self._clock = clock
         self._updated = clock()
 
     def _refill(self) -> None:
         now = self._clock()
-        self._level = min(float(self.limit), self._level + (now - self._updated) * self._rate)
+        self._level = min(self.capacity, self._level + (now - self._updated) * self._rate)
         self._updated = now
 
     @property
@@ -59,7 +69,8 @@ class TokenBucket:
         """Seconds until `amount` units are available: 0 if they are, inf if never."""
         if amount > self.limit:
             return math.inf
-        missing = amount - self.level
+        # more than the bucket holds goes when it is full, into debt
+        missing = min(amount, self.capacity) - self.level
         # Tolerate float dust from continuous refill: 0.9999999999 of 1 is 1.
         return 0.0 if missing <= 1e-9 else missing / self._rate
 
@@ -70,7 +81,7 @@ class TokenBucket:
 
     def time_to_full(self) -> float:
         """Seconds until the bucket is full again (the `x-ratelimit-reset-*` value)."""
-        return (self.limit - self.level) / self._rate
+        return (self.capacity - self.level) / self._rate
 
 
 @dataclass(frozen=True)
@@ -88,9 +99,15 @@ class Denial:
 class RateLimits:
     """The requests and tokens buckets of one endpoint; either may be absent."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Clock) -> None:
-        self.requests = TokenBucket(rpm, clock) if rpm is not None else None
-        self.tokens = TokenBucket(tpm, clock) if tpm is not None else None
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Clock, window_s: float = 60.0) -> None:
+        self.requests = TokenBucket(rpm, clock, window_s) if rpm is not None else None
+        self.tokens = TokenBucket(tpm, clock, window_s) if tpm is not None else None
+        # what the headers and messages tell: the minute, whatever the window enforced
+        self._told = {
+            kind: TokenBucket(bucket.limit, clock) if window_s < 60.0 else bucket
+            for kind, bucket in (("requests", self.requests), ("tokens", self.tokens))
+            if bucket is not None
+        }
 
     def try_acquire(self, tokens: int) -> Denial | None:
         """Charge one request costing `tokens` tokens, or say why it is refused.
@@ -104,22 +121,22 @@ class RateLimits:
                 continue
             wait = bucket.wait_for(cost)
             if wait > 0:
-                used = round(bucket.limit - bucket.level)
+                used = round(bucket.limit - self._told[kind].level)
                 denials.append(Denial(kind, bucket.limit, used, cost, wait))
         if denials:
             return max(denials, key=lambda d: d.wait)
-        if self.requests is not None:
-            self.requests.take(1)
-        if self.tokens is not None:
-            self.tokens.take(tokens)
+        for kind, cost in (("requests", 1), ("tokens", tokens)):
+            enforced = getattr(self, kind)
+            if enforced is not None:
+                enforced.take(cost)
+                if self._told[kind] is not enforced:
+                    self._told[kind].take(cost)
         return None
 
     def headers(self) -> dict[str, str]:
         """The `x-ratelimit-*` headers describing the buckets now."""
         headers: dict[str, str] = {}
-        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
-            if bucket is None:
-                continue
+        for kind, bucket in self._told.items():
             headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
             headers[f"x-ratelimit-reset-{kind}"] = format_duration(bucket.time_to_full())

@@ -24,7 +24,7 @@ class MockState:
     def __init__(self, config: MockConfig, clock: Clock) -> None:
         self.config = config
         self.stats = MockStats()
-        self.limits = RateLimits(config.rpm, config.tpm, clock)
+        self.limits = RateLimits(config.rpm, config.tpm, clock, config.limit_window_s)
         # One generator for the per-request draws (fault, latency); content has its own.
         self.rng = random.Random(config.seed)
         # Set when the app shuts down, so hung and sleeping handlers end at once.
