@@ -97,6 +97,15 @@ JOB_OPTIONS = [
     click.option("--rpm", type=int, help="Requests-per-minute limit to stay under."),
     click.option("--tpm", type=int, help="Tokens-per-minute limit to stay under."),
     click.option(
+        "--rps", type=int, help="Requests-per-second limit to stay under (a burst of at most 1 s; with --rpm, both)."
+    ),
+    click.option(
+        "--burst",
+        type=float,
+        metavar="SECONDS",
+        help="Seconds of each limit sent at once at most, then paced (default 1).",
+    ),
+    click.option(
         "--max-attempts", type=int, help="Attempts per row for 5xx, timeouts and garbled responses (default 5)."
     ),
     click.option("--timeout", type=float, help="Seconds one request may take (default 120)."),

@@ -74,6 +74,13 @@ STOP_GRACE_S = 15.0
 #: unusable, not trusted; bounded so that millions of results still sum inside int64.
 MAX_USAGE_TOKENS = 2**40
 
+#: Seconds of each rate limit a job may send at once (`--burst`), by both the local limiter and the
+#: limit a Ray job's tasks share; a job starts with nothing sent and paces after one burst. Providers
+#: may enforce a per-minute limit per second (OpenAI: 60,000 RPM as 1,000 a second), so a second's
+#: worth is the most that is safe at once: a minute's worth met 40% 429s there, a longer burst only
+#: adds 429s, and a shorter one gains nothing measurable (see docs/PERFORMANCE.md, "Bursts").
+BURST_S = 1.0
+
 #: Completion tokens assumed for the token limiter before any response calibrates it,
 #: when max_tokens is not set.
 COMPLETION_TOKENS_GUESS = 256
@@ -105,8 +112,5 @@ PROGRESS_INTERVAL_S = 0.5
 #: two starting, so a shard should keep its pool busy for minutes, and a lost task redoes
 #: at most its unflushed results whatever its size.
 SHARD_ROWS = 10_000
-#: Burst of the limit shared by a Ray job's tasks, in seconds of the limit: small, so the
-#: tasks together stay close to an even rate however many of them start at once.
-SHARED_BURST_S = 1.0
 #: A shared limiter actor no job has asked for this long leaves the cluster.
 SHARED_LIMITER_IDLE_S = 600.0

@@ -1,7 +1,8 @@
 """Requests-per-minute and tokens-per-minute limits, and the pool-wide 429 cool-down.
 
 Two leaky buckets (`batchhub.bucket.Bucket`, the arithmetic the shared limiter uses
-too): one counts requests, one tokens, each a minute's worth deep. A request's token
+too): one counts requests, one tokens, each `burst_s` seconds of its limit deep
+(`--burst`), and empty at the start: a job sends at most one burst at once, then paces. A request's token
 cost is not known before its reply, so it reserves an estimate (prompt estimate +
 expected completion) and `settle()` corrects the bucket with the real `usage` once it
 is known: over-estimates are given back, under-estimates are charged as debt that
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from batchhub import defaults
-from batchhub.bucket import MINUTE, Bucket
+from batchhub.bucket import MINUTE, Bucket, limit_bucket
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 #: Counts past this in a header are not a real limit (no provider counts to 10**15 a minute).
@@ -172,6 +173,8 @@ class RateLimits(Calibration):
         rpm: int | None,
         tpm: int | None,
         *,
+        rps: int | None = None,
+        burst_s: float = defaults.BURST_S,
         completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -179,8 +182,9 @@ class RateLimits(Calibration):
         super().__init__(completion_guess)
         self._clock = clock
         self._sleep = sleep
-        self.requests = Bucket.per_minute(rpm, MINUTE, self._now()) if rpm else None
-        self.tokens = Bucket.per_minute(tpm, MINUTE, self._now()) if tpm else None
+        self.burst_s = burst_s
+        self.requests = limit_bucket(rpm, rps, burst_s, self._now())
+        self.tokens = limit_bucket(tpm, None, burst_s, self._now())
         self._resume_at = 0.0
         self.cooldowns = 0
 
@@ -198,8 +202,8 @@ class RateLimits(Calibration):
         """Wait for the cool-down, then reserve one request and `tokens` and wait their turn."""
         await self.wait_cooldown()
         requests, bucket = self.requests, self.tokens
-        # a request larger than the whole token bucket takes a whole bucket instead of a debt of minutes
-        reserved = min(tokens, int(bucket.capacity)) if bucket is not None else 0
+        # all of it: one larger than a burst goes alone into an empty bucket, and the next wait out its debt
+        reserved = tokens if bucket is not None else 0
         now = self._now()
         wait = requests.reserve(1, now) if requests is not None else 0.0
         if bucket is not None:

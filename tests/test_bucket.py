@@ -25,8 +25,12 @@ STEPS = {
         ("wait_for", (1,), 0.5, 0.1, 10),  # asks, charges nothing
         ("wait_for", (1,), 5.0, 0.0, 0),  # empty, never below
     ],
-    "an amount past the burst waits, never refused": [
-        ("reserve", (50,), 0.0, 4.0, 50),
+    "an amount past the burst goes alone into an empty bucket, never refused; the next waits out its debt": [
+        ("reserve", (50,), 0.0, 0.0, 50),
+        ("reserve", (1,), 0.0, 4.1, 51),
+        ("reserve", (50,), 10.0, 0.0, 50),  # 51 drained in 5.1 s: empty again
+        ("give_back", (45,), 10.0, None, 5),
+        ("reserve", (50,), 10.0, 0.5, 55),  # it waits for the bucket to empty, no longer
     ],
     "give_back returns capacity, never below empty": [
         ("reserve", (8,), 0.0, 0.0, 8),
@@ -84,7 +88,7 @@ def test_capacity_is_the_burst_and_at_least_one_unit(limit: int, burst_s: float,
 def test_retuned_keeps_the_seconds_owed(new_limit: int, level: float) -> None:
     bucket = Bucket.per_minute(600, 1.0, 0.0)
     bucket.charge(30, 0.0)  # 3 s of the rate
-    fresh = bucket.retuned(new_limit, 1.0, 1.0)  # 2 s owed at 1.0
+    fresh = bucket.retuned(Bucket.per_minute(new_limit, 1.0, 0.5), 1.0)  # 2 s owed at 1.0
     assert (fresh.limit, fresh.level, fresh.updated) == (new_limit, pytest.approx(level), 1.0)
     assert fresh.level / fresh.rate == pytest.approx(2.0)
 
@@ -107,18 +111,18 @@ class FakeTime:
 
 
 async def test_the_local_limiter_tells_each_worker_its_turn() -> None:
-    time = FakeTime(advance=False)  # five workers asking at the same instant
-    limits = RateLimits(rpm=300, tpm=None, clock=time.clock, sleep=time.sleep)  # 5/s, a minute's burst
-    for _ in range(300):
+    time = FakeTime(advance=False)  # workers asking at the same instant
+    limits = RateLimits(rpm=300, tpm=None, burst_s=2.0, clock=time.clock, sleep=time.sleep)  # 5/s, a burst of 10
+    for _ in range(10):
         await limits.acquire(10)
-    assert time.slept == []  # a minute's worth goes at once
+    assert time.slept == []  # a burst goes at once
     for _ in range(5):
         await limits.acquire(10)
     assert time.slept == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
 
 
 async def test_a_cancelled_worker_gives_its_turn_back() -> None:
-    limits = RateLimits(rpm=60, tpm=6000)  # one request a second, both buckets a minute deep
+    limits = RateLimits(rpm=60, tpm=6000, burst_s=60.0)  # one request a second, both buckets a minute deep
     loop = asyncio.get_running_loop()
     assert limits.requests is not None and limits.tokens is not None
     limits.requests.fill(0, loop.time())

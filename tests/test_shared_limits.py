@@ -59,10 +59,11 @@ def test_settle_corrects_the_token_bucket(reserve: int, settle_to: int, next_wai
     assert ledger.reserve(1, 900) == pytest.approx(next_wait)
 
 
-def test_an_oversized_request_waits_its_turn_instead_of_hanging() -> None:
+def test_an_oversized_request_goes_alone_and_the_next_waits_out_its_debt() -> None:
     clock = Clock()
     ledger = Ledger(rpm=None, tpm=600, burst_s=1.0, clock=clock)  # 10 tokens/s
-    assert ledger.reserve(1, 50) == pytest.approx(4.0)
+    assert ledger.reserve(1, 50) == 0.0
+    assert ledger.reserve(1, 5) == pytest.approx(4.5)
 
 
 def test_a_pause_holds_everyone_then_resumes_at_the_rate_without_a_burst() -> None:
