@@ -31,6 +31,8 @@ from dataclasses import dataclass
 MINUTE = 60.0
 #: the most of a per-second limit that goes at once: one second's worth
 SECOND = 1.0
+#: a wait shorter than this is float dust (a level drained to 1e-15 over capacity): no wait
+DUST_S = 1e-9
 
 
 @dataclass(slots=True)
@@ -63,7 +65,8 @@ class Bucket:
     def wait_for(self, amount: float, now: float) -> float:
         """Seconds until `amount` more fits under the capacity (0: it fits now), or, when it is
         larger than the capacity, until the bucket is empty; charges nothing."""
-        return max(0.0, (self.level_at(now) + min(amount, self.capacity) - self.capacity) / self.rate)
+        wait = (self.level_at(now) + min(amount, self.capacity) - self.capacity) / self.rate
+        return wait if wait > DUST_S else 0.0  # a caller that slept this wait must not be told to sleep again
 
     def reserve(self, amount: float, now: float) -> float:
         """Charge `amount` now; seconds the caller waits before it goes."""

@@ -103,7 +103,7 @@ JOB_OPTIONS = [
         "--burst",
         type=float,
         metavar="SECONDS",
-        help="Seconds of each limit sent at once at most, then paced (default 1).",
+        help="Seconds of each limit sent at once at most, then paced (default 0.5).",
     ),
     click.option(
         "--max-attempts", type=int, help="Attempts per row for 5xx, timeouts and garbled responses (default 5)."

@@ -76,10 +76,11 @@ MAX_USAGE_TOKENS = 2**40
 
 #: Seconds of each rate limit a job may send at once (`--burst`), by both the local limiter and the
 #: limit a Ray job's tasks share; a job starts with nothing sent and paces after one burst. Providers
-#: may enforce a per-minute limit per second (OpenAI: 60,000 RPM as 1,000 a second), so a second's
-#: worth is the most that is safe at once: a minute's worth met 40% 429s there, a longer burst only
-#: adds 429s, and a shorter one gains nothing measurable (see docs/PERFORMANCE.md, "Bursts").
-BURST_S = 1.0
+#: may enforce a per-minute limit per second (OpenAI: 60,000 RPM as 1,000 a second): a minute's worth
+#: at once met 44% 429s there, and even a second's worth leaves such a server no room for a token
+#: estimate's error (25% 429s at a told TPM, 0 at the RPM). Half a second keeps the other half as that
+#: margin and costs nothing in the steady state (see docs/PERFORMANCE.md, "Bursts").
+BURST_S = 0.5
 
 #: Completion tokens assumed for the token limiter before any response calibrates it,
 #: when max_tokens is not set.

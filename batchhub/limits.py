@@ -17,8 +17,8 @@ Why not aiolimiter: its public API (`acquire`, `has_capacity`) can only take
 capacity, and only up to the bucket's size. Settling an estimate must give capacity
 back or add a debt, and a `remaining` header must raise the level; aiolimiter has no
 public way to do either (we once wrote its private `_level`, `_leak`, `_wake_next`).
-So a worker reserves on the bucket and sleeps the wait it is told, as aiolimiter's
-waiters do on `call_at`: nothing polls.
+So one worker at a time sleeps the wait the buckets tell it, then reserves; the
+others wait their turn on a lock, in order, as aiolimiter's waiters do: nothing polls.
 
 `Limiter` is what the runner needs of a limiter. `RateLimits` is the one of a
 single process; `batchhub.shared_limits.SharedLimits` is one shared by every
@@ -183,6 +183,7 @@ class RateLimits(Calibration):
         self._clock = clock
         self._sleep = sleep
         self.burst_s = burst_s
+        self._turn = asyncio.Lock()
         self.requests = limit_bucket(rpm, rps, burst_s, self._now())
         self.tokens = limit_bucket(tpm, None, burst_s, self._now())
         self._resume_at = 0.0
@@ -199,25 +200,28 @@ class RateLimits(Calibration):
     # -- acquire / settle -------------------------------------------------------------
 
     async def acquire(self, tokens: int) -> Reservation:
-        """Wait for the cool-down, then reserve one request and `tokens` and wait their turn."""
+        """Wait for the cool-down, then for one request and `tokens` to fit, and reserve them."""
         await self.wait_cooldown()
         requests, bucket = self.requests, self.tokens
-        # all of it: one larger than a burst goes alone into an empty bucket, and the next wait out its debt
-        reserved = tokens if bucket is not None else 0
-        now = self._now()
-        wait = requests.reserve(1, now) if requests is not None else 0.0
-        if bucket is not None:
-            wait = max(wait, bucket.reserve(reserved, now))
-        if wait > 0:
-            try:
+        if requests is None and bucket is None:
+            return Reservation(0, None)
+        # One worker at a time waits for the buckets, the others for it, in order. It reserves once
+        # they fit, never ahead: a turn booked seconds ahead keeps its time while what settle() gives
+        # back lets later ones in before it, and together they sent over a second's worth at once.
+        async with self._turn:
+            while (wait := self._wait_for(tokens)) > 0:
                 await self._sleep(wait)
-            except asyncio.CancelledError:  # it never went: its turn goes to the next
-                if requests is not None:
-                    requests.give_back(1, self._now())
-                if bucket is not None:
-                    bucket.give_back(reserved, self._now())
-                raise
-        return Reservation(reserved, bucket)
+            now = self._now()
+            if requests is not None:
+                requests.reserve(1, now)
+            if bucket is not None:  # all of it: one larger than a burst goes alone, the next wait out its debt
+                bucket.reserve(tokens, now)
+        return Reservation(tokens if bucket is not None else 0, bucket)
+
+    def _wait_for(self, tokens: int) -> float:
+        now = self._now()
+        wait = self.requests.wait_for(1, now) if self.requests is not None else 0.0
+        return max(wait, self.tokens.wait_for(tokens, now)) if self.tokens is not None else wait
 
     def settle(self, reservation: Reservation, actual: int | None) -> None:
         """Correct the token bucket once the real total is known."""

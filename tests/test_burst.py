@@ -6,6 +6,7 @@ a job that sends a minute's worth at once meets a 429 storm there.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ import pytest
 from conftest import write_prompts
 from test_bucket import FakeTime
 
-from batchhub import arun_job
+from batchhub import arun_job, defaults
 from batchhub.bucket import Bucket
 from batchhub.limits import RateLimits
 from batchhub.shared_limits import Ledger
@@ -21,25 +22,28 @@ from batchhub.spec import JobSpec
 
 
 class Opening:
-    """A local limiter on a clock that stands still: what workers asking at one instant are told."""
+    """A local limiter on a fake clock that moves as its callers sleep: when each request goes."""
 
     def __init__(self, **limits: object) -> None:
-        self.time = FakeTime(advance=False)
+        self.time = FakeTime(advance=True)
         self.limits = RateLimits(clock=self.time.clock, sleep=self.time.sleep, **limits)  # type: ignore[arg-type]
 
     async def waits(self, n: int, tokens: int = 1) -> list[float]:
-        """The waits of `n` more requests of `tokens` each (0: it goes at once)."""
-        before = len(self.time.slept)
-        for _ in range(n):
+        """Seconds from now until each of `n` more requests of `tokens`, asked for at once, goes (0: at once)."""
+        start, sent = self.time.now, []
+
+        async def one() -> None:
             await self.limits.acquire(tokens)
-        slept = self.time.slept[before:]
-        return [0.0] * (n - len(slept)) + slept
+            sent.append(self.time.now - start)
+
+        await asyncio.gather(*(one() for _ in range(n)))
+        return sent
 
 
 async def test_the_opening_of_a_job_is_one_burst_then_the_rate() -> None:
     waits = await Opening(rpm=600, tpm=None).waits(100)  # 10 a second
     at_once = sum(1 for w in waits if w == 0)
-    assert at_once <= 11  # one burst (a minute's worth, 100 here, before)
+    assert at_once <= 10 * defaults.BURST_S + 1  # one burst (a minute's worth, 100 here, before)
     assert max(waits) == pytest.approx((100 - at_once) / 10, abs=0.05)  # the rest at the rate
 
 
@@ -95,6 +99,17 @@ async def test_a_job_told_the_limit_meets_no_429_storm_where_it_is_enforced_per_
     summary = await arun_job(spec(tmp_path, server.base_url, rows, rpm=6000, concurrency=32), progress=False)
     assert (summary.ok, summary.failed) == (300, 0)
     assert server.stats.rate_limited <= 3  # a minute's burst met 190 of them
+
+
+async def test_a_job_told_its_tpm_meets_no_429_storm_where_it_is_enforced_per_second(
+    tmp_path: Path, mock_server
+) -> None:
+    # 600,000 tokens a minute enforced as 10,000 a second; rows of ~330 tokens: about 4 s of rows
+    server = await mock_server(tpm=600_000, limit_window_s=1, latency_ms=50)
+    rows = write_prompts(tmp_path / "in.csv", 150, text="row {i}: summarise this. " + "the harbour wind " * 90)
+    summary = await arun_job(spec(tmp_path, server.base_url, rows, tpm=600_000, concurrency=32), progress=False)
+    assert (summary.ok, summary.failed) == (150, 0)
+    assert server.stats.rate_limited <= 3  # turns booked ahead, with over-estimates given back: dozens
 
 
 async def test_a_tiny_burst_of_tokens_still_runs_without_429s(tmp_path: Path, mock_server) -> None:

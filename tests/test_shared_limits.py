@@ -99,7 +99,7 @@ def test_configure_keeps_what_is_owed() -> None:
     ledger = Ledger(rpm=600, tpm=None, burst_s=1.0, clock=clock)
     for _ in range(20):
         ledger.reserve(1, 0)  # 10 over the burst: a second of debt at 10/s
-    ledger.configure(rpm=1200, tpm=None)  # the same second of debt, at 20/s
+    ledger.configure(rpm=1200, tpm=None, burst_s=1.0)  # the same second of debt, at 20/s
     assert ledger.reserve(1, 0) == pytest.approx(1.0, abs=0.06)
 
 
