@@ -2,12 +2,13 @@
 
 Two leaky buckets (`batchhub.bucket.Bucket`, the arithmetic the shared limiter uses
 too): one counts requests, one tokens, each `burst_s` seconds of its limit deep
-(`--burst`), and empty at the start: a job sends at most one burst at once, then paces. A request's token
-cost is not known before its reply, so it reserves an estimate (prompt estimate +
-expected completion) and `settle()` corrects the bucket with the real `usage` once it
-is known: over-estimates are given back, under-estimates are charged as debt that
-later requests wait out. The expected completion length is calibrated from real
-usage as the job runs.
+(`--burst`) and empty at the start, so a job sends at most one burst at once, then
+paces (`--rps` shapes the requests bucket too: see `batchhub.bucket.limit_bucket`).
+A request's token cost is not known before its reply, so it reserves an estimate
+(prompt estimate + expected completion) and `settle()` corrects the bucket with the
+real `usage` once it is known: over-estimates are given back, under-estimates are
+charged as debt that later requests wait out. The expected completion length is
+calibrated from real usage as the job runs.
 
 `x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` response headers tighten the
 limits (a bucket is adopted from them when none was configured), and a 429 pauses
@@ -182,7 +183,6 @@ class RateLimits(Calibration):
         super().__init__(completion_guess)
         self._clock = clock
         self._sleep = sleep
-        self.burst_s = burst_s
         self._turn = asyncio.Lock()
         self.requests = limit_bucket(rpm, rps, burst_s, self._now())
         self.tokens = limit_bucket(tpm, None, burst_s, self._now())

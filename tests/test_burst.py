@@ -7,6 +7,7 @@ a job that sends a minute's worth at once meets a 429 storm there.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +15,10 @@ import pytest
 from conftest import write_prompts
 from test_bucket import FakeTime
 
+import batchhub
 from batchhub import arun_job, defaults
 from batchhub.bucket import Bucket
+from batchhub.errors import UsageError
 from batchhub.limits import RateLimits
 from batchhub.shared_limits import Ledger
 from batchhub.spec import JobSpec
@@ -153,3 +156,15 @@ def test_a_later_job_with_another_burst_reshapes_the_shared_limit_keeping_what_i
     ledger.configure(600, None, 5, 3.0)  # --rps 5 as well: 5 a second, 5 at once
     assert shape(ledger.requests) == (300, 5.0)
     assert ledger.reserve(1, 0) == pytest.approx(1.3)  # 21 owed at 10/s are 10.5 at 5/s: 5.5 past the burst, +1
+
+
+def test_run_takes_burst_and_rps_and_refuses_a_bad_burst(tmp_path: Path) -> None:
+    df = pd.DataFrame({"prompt": ["a", "b", "c"]})
+    settings = {"mock": True, "model": "gpt-4o-mini", "job_dir": tmp_path / "job", "progress": False}
+    out = batchhub.run(df, rps=50, burst=0.25, **settings)
+    assert out["status"].tolist() == ["ok"] * 3
+    recorded = json.loads((tmp_path / "job" / "job.json").read_text())["spec"]
+    assert (recorded["rps"], recorded["burst"]) == (50, 0.25)
+    with pytest.raises(UsageError, match="burst must be a positive number of seconds"):
+        batchhub.run(df, burst=float("inf"), **{**settings, "job_dir": tmp_path / "other"})
+    assert not (tmp_path / "other").exists()
