@@ -78,7 +78,7 @@ MAX_USAGE_TOKENS = 2**40
 #: limit a Ray job's tasks share; a job starts with nothing sent and paces after one burst. Providers
 #: may enforce a per-minute limit per second (OpenAI: 60,000 RPM as 1,000 a second): a minute's worth
 #: at once met 44% 429s there, and even a second's worth leaves such a server no room for a token
-#: estimate's error (25% 429s at a told TPM, 0 at the RPM). Half a second keeps the other half as that
+#: estimate's error (43% 429s at a told TPM, 0 at the RPM). Half a second keeps the other half as that
 #: margin and costs nothing in the steady state (see docs/PERFORMANCE.md, "Bursts").
 BURST_S = 0.5
 
