@@ -18,8 +18,9 @@ Why not aiolimiter: its public API (`acquire`, `has_capacity`) can only take
 capacity, and only up to the bucket's size. Settling an estimate must give capacity
 back or add a debt, and a `remaining` header must raise the level; aiolimiter has no
 public way to do either (we once wrote its private `_level`, `_leak`, `_wake_next`).
-So one worker at a time sleeps the wait the buckets tell it, then reserves; the
-others wait their turn on a lock, in order, as aiolimiter's waiters do: nothing polls.
+So requests wait in line, as aiolimiter's waiters do: the first sleeps the wait the
+buckets tell it, then reserves for itself and for everyone behind it who fits, and
+wakes them; nothing polls.
 
 `Limiter` is what the runner needs of a limiter. `RateLimits` is the one of a
 single process; `batchhub.shared_limits.SharedLimits` is one shared by every
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -166,6 +168,17 @@ class Calibration:
             self._prompt_ratio += (ratio - self._prompt_ratio) * 0.05
 
 
+class _Turn:
+    """A request waiting in line for the buckets."""
+
+    __slots__ = ("admitted", "tokens", "woken")
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.admitted = False
+        self.woken = asyncio.Event()
+
+
 class RateLimits(Calibration):
     """The limits of one job in one process: RPM, TPM, the 429 cool-down and header calibration."""
 
@@ -183,7 +196,7 @@ class RateLimits(Calibration):
         super().__init__(completion_guess)
         self._clock = clock
         self._sleep = sleep
-        self._turn = asyncio.Lock()
+        self._line: deque[_Turn] = deque()
         self.requests = limit_bucket(rpm, rps, burst_s, self._now())
         self.tokens = limit_bucket(tpm, None, burst_s, self._now())
         self._resume_at = 0.0
@@ -202,26 +215,57 @@ class RateLimits(Calibration):
     async def acquire(self, tokens: int) -> Reservation:
         """Wait for the cool-down, then for one request and `tokens` to fit, and reserve them."""
         await self.wait_cooldown()
-        requests, bucket = self.requests, self.tokens
-        if requests is None and bucket is None:
+        if self.requests is None and self.tokens is None:
             return Reservation(0, None)
-        # One worker at a time waits for the buckets, the others for it, in order. It reserves once
-        # they fit, never ahead: a turn booked seconds ahead keeps its time while what settle() gives
-        # back lets later ones in before it, and together they sent over a second's worth at once.
-        async with self._turn:
-            while (wait := self._wait_for(tokens)) > 0:
-                await self._sleep(wait)
-            now = self._now()
-            if requests is not None:
-                requests.reserve(1, now)
-            if bucket is not None:  # all of it: one larger than a burst goes alone, the next wait out its debt
-                bucket.reserve(tokens, now)
-        return Reservation(tokens if bucket is not None else 0, bucket)
+        # Requests wait in line and reserve once they fit, never ahead: a turn booked seconds ahead
+        # keeps its time while what settle() gives back lets later ones in before it, and together
+        # they sent over a second's worth at once. The first in line sleeps until it fits, then lets
+        # in itself and everyone behind it who fits now (many at once after a late wake-up).
+        turn = _Turn(tokens)
+        self._line.append(turn)
+        try:
+            while not turn.admitted:
+                if self._line[0] is turn and (wait := self._wait_for(tokens)) > 0:
+                    await self._sleep(wait)
+                elif self._line[0] is turn:
+                    self._admit()
+                else:
+                    await turn.woken.wait()
+                    turn.woken.clear()
+        except asyncio.CancelledError:  # it never went: its place goes to the next
+            if turn.admitted:
+                self.release(Reservation(tokens, self.tokens))
+                if self.requests is not None:
+                    self.requests.give_back(1, self._now())
+            else:
+                self._leave(turn)
+            raise
+        return Reservation(tokens if self.tokens is not None else 0, self.tokens)
 
     def _wait_for(self, tokens: int) -> float:
         now = self._now()
         wait = self.requests.wait_for(1, now) if self.requests is not None else 0.0
         return max(wait, self.tokens.wait_for(tokens, now)) if self.tokens is not None else wait
+
+    def _admit(self) -> None:
+        """Reserve for the first in line and everyone after it who fits now; wake them and the next first."""
+        while self._line and (not self._line[0].admitted) and self._wait_for(self._line[0].tokens) == 0:
+            turn = self._line.popleft()
+            now = self._now()
+            if self.requests is not None:
+                self.requests.reserve(1, now)
+            if self.tokens is not None:  # all of it: one larger than a burst goes alone, the next wait out its debt
+                self.tokens.reserve(turn.tokens, now)
+            turn.admitted = True
+            turn.woken.set()
+        if self._line:
+            self._line[0].woken.set()
+
+    def _leave(self, turn: _Turn) -> None:
+        first = self._line[0] is turn
+        self._line.remove(turn)
+        if first and self._line:
+            self._line[0].woken.set()
 
     def settle(self, reservation: Reservation, actual: int | None) -> None:
         """Correct the token bucket once the real total is known."""
