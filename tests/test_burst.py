@@ -101,7 +101,7 @@ async def test_a_job_told_the_limit_meets_no_429_storm_where_it_is_enforced_per_
     rows = write_prompts(tmp_path / "in.csv", 300)
     summary = await arun_job(spec(tmp_path, server.base_url, rows, rpm=6000, concurrency=32), progress=False)
     assert (summary.ok, summary.failed) == (300, 0)
-    assert server.stats.rate_limited <= 3  # a minute's burst met 190 of them
+    assert server.stats.rate_limited <= 3  # a minute's burst at once met 2,858 (each refused row is sent again)
 
 
 async def test_a_job_told_its_tpm_meets_no_429_storm_where_it_is_enforced_per_second(
