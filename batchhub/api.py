@@ -80,7 +80,7 @@ def run(data: Any, /, *, progress: bool | None = None, expand_json: bool = False
     TOML job spec (keywords override it as flags do: `params` key by key, see
     `batchhub.options`). Keywords are the settings of a job, named like the flags:
     model, template, prompt_column, messages_column, system, base_url, api_key, job_dir,
-    name, concurrency (a number, or "auto"), rpm, tpm, max_tokens, temperature, max_cost, retry_failed,
+    name, concurrency (a number, or "auto"), rpm, tpm, rps, burst, max_tokens, temperature, max_cost, retry_failed,
     force... (`batchhub.api.known_options()` lists them). `mock=True` runs on the
     built-in simulator; `prices` is a table of price overrides, or the path of a prices file.
 

@@ -18,15 +18,21 @@ class holds no clock and never sleeps, so tests drive it with plain numbers.
     settle(reserved, actual, now)     one of the two, by the difference
     pause(until, now)                 nothing goes before `until`, then only at the rate
     fill(remaining, now)              a server says only `remaining` is left now
-    retuned(limit, burst_s, now)      the same bucket at another limit, keeping what is owed
+    retuned(other, now)               another bucket that owes the same seconds as this one
+
+`limit_bucket` builds the bucket of one limit given a minute, a second, or both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: seconds of a limit a local limiter may send at once (aiolimiter's `time_period`: a minute)
+#: the period limits are counted in (requests and tokens per minute)
 MINUTE = 60.0
+#: the most of a per-second limit that goes at once: one second's worth
+SECOND = 1.0
+#: a wait shorter than this is float dust (a level drained to 1e-15 over capacity): no wait
+DUST_S = 1e-9
 
 
 @dataclass(slots=True)
@@ -57,8 +63,10 @@ class Bucket:
         return self.level
 
     def wait_for(self, amount: float, now: float) -> float:
-        """Seconds until `amount` more fits under the capacity (0: it fits now); charges nothing."""
-        return max(0.0, (self.level_at(now) + amount - self.capacity) / self.rate)
+        """Seconds until `amount` more fits under the capacity (0: it fits now), or, when it is
+        larger than the capacity, until the bucket is empty; charges nothing."""
+        wait = (self.level_at(now) + min(amount, self.capacity) - self.capacity) / self.rate
+        return wait if wait > DUST_S else 0.0  # a caller that slept this wait must not be told to sleep again
 
     def reserve(self, amount: float, now: float) -> float:
         """Charge `amount` now; seconds the caller waits before it goes."""
@@ -89,8 +97,27 @@ class Bucket:
         """Agree with a server that says only `remaining` is left now (never lowers the level)."""
         self.level = max(self.level_at(now), self.capacity - remaining)
 
-    def retuned(self, limit: int, burst_s: float, now: float) -> Bucket:
-        """A bucket of another limit that owes the same seconds as this one does."""
-        fresh = Bucket.per_minute(limit, burst_s, now)
-        fresh.level = self.level_at(now) / self.rate * fresh.rate
-        return fresh
+    def retuned(self, other: Bucket, now: float) -> Bucket:
+        """`other` (another limit or burst), owing the same seconds as this bucket does now."""
+        other.level = self.level_at(now) / self.rate * other.rate
+        other.updated = now
+        return other
+
+
+def limit_bucket(per_minute: int | None, per_second: int | None, burst_s: float, now: float) -> Bucket | None:
+    """The empty bucket of one limit, None when it has none.
+
+    A limit given a minute (`--rpm`) may send `burst_s` seconds of it at once; one given a
+    second (`--rps`) is that many times 60 a minute, with a burst of at most a second. Given
+    both, both apply: the bucket takes the lower rate and the smaller burst.
+    """
+    shapes = []
+    if per_minute is not None:
+        shapes.append((per_minute, burst_s))
+    if per_second is not None:
+        shapes.append((per_second * 60, min(burst_s, SECOND)))
+    if not shapes:
+        return None
+    bucket = Bucket.per_minute(min(limit for limit, _ in shapes), burst_s, now)
+    bucket.capacity = min(Bucket.per_minute(limit, burst, now).capacity for limit, burst in shapes)
+    return bucket

@@ -122,6 +122,15 @@ JOB_OPTIONS = [
     click.option("--rpm", type=int, help="Requests-per-minute limit to stay under."),
     click.option("--tpm", type=int, help="Tokens-per-minute limit to stay under."),
     click.option(
+        "--rps", type=int, help="Requests-per-second limit to stay under (a burst of at most 1 s; with --rpm, both)."
+    ),
+    click.option(
+        "--burst",
+        type=float,
+        metavar="SECONDS",
+        help="Seconds of each limit sent at once at most, then paced (default 0.5).",
+    ),
+    click.option(
         "--max-attempts", type=int, help="Attempts per row for 5xx, timeouts and garbled responses (default 5)."
     ),
     click.option("--timeout", type=float, help="Seconds one request may take (default 120)."),
@@ -313,6 +322,13 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
 @click.option("--port", default=8000, type=int, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--rpm", type=int, help="Requests per minute before answering 429.")
 @click.option("--tpm", type=int, help="Tokens per minute before answering 429.")
+@click.option(
+    "--limit-window",
+    "limit_window_s",
+    type=float,
+    metavar="SECONDS",
+    help="Seconds of each per-minute limit let through at once (default 60; 1: enforced per second).",
+)
 @click.option("--latency-ms", type=float, default=0.0, help="Mean added latency per request.")
 @click.option("--capacity", type=int, help="Completions generated at once; the rest wait in a FIFO queue.")
 @click.option("--max-queue", type=int, help="Requests that may wait for capacity; past it, 503 at once.")

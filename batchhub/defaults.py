@@ -98,9 +98,10 @@ LEARN_HEADROOM = 1.5
 #: The learned rate never goes below this (one request every 10 s): a limit lower than that
 #: is a free tier, for which `--rpm` is the way.
 LEARN_FLOOR_RPM = 6.0
-#: Burst of the learned limit's bucket, in seconds of it: a second, as a provider enforcing
-#: a per-minute limit over shorter periods allows.
-LEARNED_BURST_S = 1.0
+#: Replies in a row whose `x-ratelimit-limit-*` header says more than the job paces by before the
+#: job follows it up (a lower one is followed at once): rows of several models get each model's
+#: headers in turn, and one model's larger limit must not loosen another's for a reply.
+HEADER_RAISE_REPLIES = 20
 #: A Retry-After above this is treated as this: a server asking for an hour is better
 #: retried sooner than trusted blindly with a whole job idle.
 RETRY_AFTER_CAP_S = 300.0
@@ -154,6 +155,14 @@ STOP_GRACE_S = 15.0
 #: unusable, not trusted; bounded so that millions of results still sum inside int64.
 MAX_USAGE_TOKENS = 2**40
 
+#: Seconds of each rate limit a job may send at once (`--burst`), by both the local limiter and the
+#: limit a Ray job's tasks share; a job starts with nothing sent and paces after one burst. Providers
+#: may enforce a per-minute limit per second (OpenAI: 60,000 RPM as 1,000 a second): a minute's worth
+#: at once met 44% 429s there, and even a second's worth leaves such a server no room for a token
+#: estimate's error (43% 429s at a told TPM, 0 at the RPM). Half a second keeps the other half as that
+#: margin and costs nothing in the steady state (see docs/PERFORMANCE.md, "Bursts").
+BURST_S = 0.5
+
 #: Completion tokens assumed for the token limiter before any response calibrates it,
 #: when max_tokens is not set.
 COMPLETION_TOKENS_GUESS = 256
@@ -185,8 +194,5 @@ PROGRESS_INTERVAL_S = 0.5
 #: two starting, so a shard should keep its pool busy for minutes, and a lost task redoes
 #: at most its unflushed results whatever its size.
 SHARD_ROWS = 10_000
-#: Burst of the limit shared by a Ray job's tasks, in seconds of the limit: small, so the
-#: tasks together stay close to an even rate however many of them start at once.
-SHARED_BURST_S = 1.0
 #: A shared limiter actor no job has asked for this long leaves the cluster.
 SHARED_LIMITER_IDLE_S = 600.0

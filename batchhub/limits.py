@@ -1,12 +1,14 @@
 """Requests-per-minute and tokens-per-minute limits, a requests limit learned from 429s, and 429 pauses.
 
 Two leaky buckets (`batchhub.bucket.Bucket`, the arithmetic the shared limiter uses
-too): one counts requests, one tokens, each a minute's worth deep. A request's token
-cost is not known before its reply, so it reserves an estimate (prompt estimate +
-expected completion) and `settle()` corrects the bucket with the real `usage` once it
-is known: over-estimates are given back, under-estimates are charged as debt that
-later requests wait out. The expected completion length is calibrated from real
-usage as the job runs.
+too): one counts requests, one tokens, each `burst_s` seconds of its limit deep
+(`--burst`) and empty at the start, so a job sends at most one burst at once, then
+paces (`--rps` shapes the requests bucket too: see `batchhub.bucket.limit_bucket`).
+A request's token cost is not known before its reply, so it reserves an estimate
+(prompt estimate + expected completion) and `settle()` corrects the bucket with the
+real `usage` once it is known: over-estimates are given back, under-estimates are
+charged as debt that later requests wait out. The expected completion length is
+calibrated from real usage as the job runs.
 
 `x-ratelimit-limit-*` / `-remaining-*` / `-reset-*` response headers tighten the
 limits (a bucket is adopted from them when none was configured). A 429 with a
@@ -20,8 +22,9 @@ Why not aiolimiter: its public API (`acquire`, `has_capacity`) can only take
 capacity, and only up to the bucket's size. Settling an estimate must give capacity
 back or add a debt, and a `remaining` header must raise the level; aiolimiter has no
 public way to do either (we once wrote its private `_level`, `_leak`, `_wake_next`).
-So a worker reserves on the bucket and sleeps the wait it is told, as aiolimiter's
-waiters do on `call_at`: nothing polls.
+So requests wait in line, as aiolimiter's waiters do: the first sleeps the wait the
+buckets tell it, then reserves for itself and for everyone behind it who fits, and
+wakes them; nothing polls.
 
 `Limiter` is what the runner needs of a limiter. `RateLimits` is the one of a
 single process; `batchhub.shared_limits.SharedLimits` is one shared by every
@@ -33,12 +36,13 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from batchhub import defaults
-from batchhub.bucket import MINUTE, Bucket
+from batchhub.bucket import Bucket, limit_bucket
 from batchhub.learned_rate import LearnedRate
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -169,6 +173,17 @@ class Calibration:
             self._prompt_ratio += (ratio - self._prompt_ratio) * 0.05
 
 
+class _Turn:
+    """A request waiting in line for the buckets."""
+
+    __slots__ = ("admitted", "tokens", "woken")
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.admitted = False
+        self.woken = asyncio.Event()
+
+
 class RateLimits(Calibration):
     """The limits of one job in one process: RPM, TPM, the rate learned from 429s, pauses and header calibration."""
 
@@ -177,6 +192,8 @@ class RateLimits(Calibration):
         rpm: int | None,
         tpm: int | None,
         *,
+        rps: int | None = None,
+        burst_s: float = defaults.BURST_S,
         completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -184,13 +201,22 @@ class RateLimits(Calibration):
         super().__init__(completion_guess)
         self._clock = clock
         self._sleep = sleep
-        self.requests = Bucket.per_minute(rpm, MINUTE, self._now()) if rpm else None
-        self.tokens = Bucket.per_minute(tpm, MINUTE, self._now()) if tpm else None
+        self._line: deque[_Turn] = deque()
+        self.requests = limit_bucket(rpm, rps, burst_s, self._now())
+        self.tokens = limit_bucket(tpm, None, burst_s, self._now())
+        self._burst_s = burst_s
+        #: the limits the job was told: headers may lower a bucket below them, never raise it past them
+        self._told = {kind: bucket.limit if bucket else None for kind, bucket in self._buckets()}
+        #: per kind: (replies in a row whose header said a limit above the bucket's, the lowest of those)
+        self._higher: dict[str, tuple[int, int]] = {}
         self._resume_at = 0.0
         self.cooldowns = 0
         #: the requests limit learned from bare 429s, and the bucket that paces by it
         self.learned = LearnedRate()
         self._learned: Bucket | None = None
+
+    def _buckets(self) -> tuple[tuple[str, Bucket | None], ...]:
+        return (("requests", self.requests), ("tokens", self.tokens))
 
     def _now(self) -> float:
         if self._clock is not None:
@@ -203,30 +229,64 @@ class RateLimits(Calibration):
     # -- acquire / settle -------------------------------------------------------------
 
     async def acquire(self, tokens: int) -> Reservation:
-        """Wait for the cool-down, then reserve one request and `tokens` and wait their turn."""
+        """Wait for the cool-down, then for one request and `tokens` to fit, and reserve them."""
         await self.wait_cooldown()
-        requests, bucket = self.requests, self.tokens
-        # a request larger than the whole token bucket takes a whole bucket instead of a debt of minutes
-        reserved = min(tokens, int(bucket.capacity)) if bucket is not None else 0
-        now = self._now()
-        learned = self._learned_at(now)
-        wait = requests.reserve(1, now) if requests is not None else 0.0
-        if learned is not None:
-            wait = max(wait, learned.reserve(1, now))
-        if bucket is not None:
-            wait = max(wait, bucket.reserve(reserved, now))
-        self.learned.sent(now + wait)
-        if wait > 0:
-            try:
-                await self._sleep(wait)
-            except asyncio.CancelledError:  # it never went: its turn goes to the next
-                for paced in (requests, learned):
+        if self.requests is None and self.tokens is None and self._learned_at(now := self._now()) is None:
+            self.learned.sent(now)
+            return Reservation(0, None)
+        # Requests wait in line and reserve once they fit, never ahead: a turn booked seconds ahead
+        # keeps its time while what settle() gives back lets later ones in before it, and together
+        # they sent over a second's worth at once. The first in line sleeps until it fits, then lets
+        # in itself and everyone behind it who fits now (many at once after a late wake-up).
+        turn = _Turn(tokens)
+        self._line.append(turn)
+        try:
+            while not turn.admitted:
+                if self._line[0] is turn and (wait := self._wait_for(tokens)) > 0:
+                    await self._sleep(wait)
+                elif self._line[0] is turn:
+                    self._admit()
+                else:
+                    await turn.woken.wait()
+                    turn.woken.clear()
+        except asyncio.CancelledError:  # it never went: its place goes to the next
+            if turn.admitted:
+                self.release(Reservation(tokens, self.tokens))
+                for paced in (self.requests, self._learned):
                     if paced is not None:
                         paced.give_back(1, self._now())
-                if bucket is not None:
-                    bucket.give_back(reserved, self._now())
-                raise
-        return Reservation(reserved, bucket)
+            else:
+                self._leave(turn)
+            raise
+        return Reservation(tokens if self.tokens is not None else 0, self.tokens)
+
+    def _wait_for(self, tokens: int) -> float:
+        now = self._now()
+        paced = (self.requests, self._learned_at(now))
+        wait = max((bucket.wait_for(1, now) for bucket in paced if bucket is not None), default=0.0)
+        return max(wait, self.tokens.wait_for(tokens, now)) if self.tokens is not None else wait
+
+    def _admit(self) -> None:
+        """Reserve for the first in line and everyone after it who fits now; wake them and the next first."""
+        while self._line and (not self._line[0].admitted) and self._wait_for(self._line[0].tokens) == 0:
+            turn = self._line.popleft()
+            now = self._now()
+            for paced in (self.requests, self._learned_at(now)):
+                if paced is not None:
+                    paced.reserve(1, now)
+            self.learned.sent(now)
+            if self.tokens is not None:  # all of it: one larger than a burst goes alone, the next wait out its debt
+                self.tokens.reserve(turn.tokens, now)
+            turn.admitted = True
+            turn.woken.set()
+        if self._line:
+            self._line[0].woken.set()
+
+    def _leave(self, turn: _Turn) -> None:
+        first = self._line[0] is turn
+        self._line.remove(turn)
+        if first and self._line:
+            self._line[0].woken.set()
 
     def _learned_at(self, now: float) -> Bucket | None:
         """The bucket of the learned limit now (None while nothing is learned), retuned as it moves."""
@@ -236,10 +296,10 @@ class RateLimits(Calibration):
             return None
         limit = max(1, round(rpm))
         if self._learned is None:
-            self._learned = Bucket.per_minute(limit, defaults.LEARNED_BURST_S, now)
+            self._learned = Bucket.per_minute(limit, self._burst_s, now)
             self._learned.pause(now, now)  # a limit just learned from a 429 starts with no burst
         elif self._learned.limit != limit:
-            self._learned = self._learned.retuned(limit, defaults.LEARNED_BURST_S, now)
+            self._learned = self._learned.retuned(Bucket.per_minute(limit, self._burst_s, now), now)
         return self._learned
 
     def _ceiling(self) -> int | None:
@@ -292,17 +352,43 @@ class RateLimits(Calibration):
     # -- headers --------------------------------------------------------------------------
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
-        """Tighten the limits from `x-ratelimit-*` headers; adopt a bucket the job was not told about."""
+        """Follow the limits of `x-ratelimit-*` headers (never past a told one) and their `remaining`.
+
+        A lower limit is taken at once. A higher one only once HEADER_RAISE_REPLIES replies in a row
+        have said so (then the lowest of them): a job whose rows use several models gets each model's
+        headers in turn, and one model's larger limit must not loosen another's."""
         now = self._now()
         for said in read_limit_headers(headers):
             bucket: Bucket | None = getattr(self, said.kind)
-            if said.limit is not None and (bucket is None or said.limit < bucket.limit):
+            limit = self._header_limit(said.kind, said.limit, bucket)
+            if limit is not None:
                 # a fresh bucket: the reservations made on the old one are settled there, not here
-                bucket = Bucket.per_minute(said.limit, MINUTE, now)
+                bucket = Bucket.per_minute(limit, self._burst_s, now)
                 setattr(self, said.kind, bucket)
+                self._admit()  # a higher limit lets the line move now
             if bucket is not None and said.remaining is not None:
                 bucket.fill(said.remaining, now)
             if said.remaining == 0 and bucket is None and said.reset_s:
                 # no limit to pace by: pause briefly. The reset header tells when the bucket is
                 # *full* again, far later than when the next request may go, so it only caps the pause.
                 self.cooldown(min(said.reset_s, 1.0))
+
+    def _header_limit(self, kind: str, said: int | None, bucket: Bucket | None) -> int | None:
+        """The limit a header moves a bucket to, or None to keep it."""
+        told = self._told[kind]
+        if said is None:
+            return None
+        said = min(said, told) if told is not None else said
+        if bucket is None or said < bucket.limit:
+            self._higher.pop(kind, None)
+            return said
+        if said == bucket.limit:
+            self._higher.pop(kind, None)
+            return None
+        count, lowest = self._higher.get(kind, (0, said))
+        count, lowest = count + 1, min(lowest, said)
+        if count < defaults.HEADER_RAISE_REPLIES:
+            self._higher[kind] = (count, lowest)
+            return None
+        self._higher.pop(kind, None)
+        return lowest

@@ -75,9 +75,9 @@ class LimiterActor:
         self._touch()
         self._ledger.tighten(kind, limit)
 
-    async def configure(self, rpm: int | None, tpm: int | None) -> dict[str, Any]:
+    async def configure(self, rpm: int | None, tpm: int | None, rps: int | None, burst_s: float) -> dict[str, Any]:
         self._touch()
-        self._ledger.configure(rpm, tpm)
+        self._ledger.configure(rpm, tpm, rps, burst_s)
         return self._ledger.snapshot()
 
     async def snapshot(self) -> dict[str, Any]:

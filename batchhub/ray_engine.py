@@ -124,7 +124,7 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
         budget=SharedBudget(budget, float(spec.max_cost), book) if budget is not None and spec.max_cost else None,
         output_check=OutputCheck.for_spec(spec.json, spec.json_schema),
     )
-    limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm)
+    limits = SharedLimits(ActorBackend(limiter), rpm=spec.rpm, tpm=spec.tpm, rps=spec.rps)
     job = Job(
         prepared,
         progress=False,
@@ -270,7 +270,7 @@ class RayJob:
     async def _run_tasks(self, tasks: list[ShardTask], in_flight: int) -> _Totals:
         spec = self.prepared.spec
         limiter = shared_limiter(spec.resolved_base_url(), self.prepared.api_key, spec.rpm, spec.tpm)
-        await limiter.configure.remote(spec.rpm, spec.tpm)
+        await limiter.configure.remote(spec.rpm, spec.tpm, spec.rps, spec.burst)
         key = Secret(self.prepared.api_key)
         totals = _Totals()
         queue = iter(tasks)

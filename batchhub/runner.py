@@ -318,7 +318,7 @@ class Job:
             self._attempts = Attempts(
                 spec=spec,
                 client=client,
-                limits=self._shared_limits or RateLimits(spec.rpm, spec.tpm),
+                limits=self._shared_limits or RateLimits(spec.rpm, spec.tpm, rps=spec.rps, burst_s=spec.burst),
                 log=self._log,
                 rows=self._rows,
                 first_requests=self._first_requests,

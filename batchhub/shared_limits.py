@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from batchhub import defaults
-from batchhub.bucket import Bucket
+from batchhub.bucket import Bucket, limit_bucket
 from batchhub.learned_rate import LearnedRate
 from batchhub.limits import Calibration, Reservation, read_limit_headers
 
@@ -48,11 +48,11 @@ class Ledger:
         rpm: int | None,
         tpm: int | None,
         *,
-        burst_s: float = defaults.SHARED_BURST_S,
+        rps: int | None = None,
+        burst_s: float = defaults.BURST_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
-        self._burst_s = burst_s
         self._paused_until = 0.0
         self.requests: Bucket | None = None
         self.tokens: Bucket | None = None
@@ -61,19 +61,23 @@ class Ledger:
         #: the requests limit learned from bare 429s, and the bucket that paces by it
         self.learned = LearnedRate()
         self._learned: Bucket | None = None
-        self.configure(rpm, tpm)
+        self.configure(rpm, tpm, rps, burst_s)
 
-    def configure(self, rpm: int | None, tpm: int | None) -> None:
-        """Set the limits (the job started last decides); a bucket whose limit is unchanged keeps its level."""
+    def configure(
+        self, rpm: int | None, tpm: int | None, rps: int | None = None, burst_s: float = defaults.BURST_S
+    ) -> None:
+        """Set the limits and the burst (the job started last decides); a bucket of the same shape keeps its level."""
+        self._rps, self._burst_s = rps, burst_s
         now = self._clock()
-        for kind, limit in (("requests", rpm), ("tokens", tpm)):
+        for kind, fresh in (
+            ("requests", limit_bucket(rpm, rps, burst_s, now)),
+            ("tokens", limit_bucket(tpm, None, burst_s, now)),
+        ):
             current: Bucket | None = getattr(self, kind)
-            if limit is None:
-                setattr(self, kind, None)
-            elif current is None:
-                setattr(self, kind, Bucket.per_minute(limit, self._burst_s, now))
-            elif current.limit != limit:  # keep what is owed, in seconds of the new rate
-                setattr(self, kind, current.retuned(limit, self._burst_s, now))
+            if fresh is None or current is None:
+                setattr(self, kind, fresh)
+            elif (current.limit, current.capacity) != (fresh.limit, fresh.capacity):
+                setattr(self, kind, current.retuned(fresh, now))  # keep what is owed, in seconds of the new rate
 
     def reserve(self, requests: int, tokens: int) -> float:
         """Charge one reservation; seconds the caller waits before sending."""
@@ -109,10 +113,10 @@ class Ledger:
             return None
         limit = max(1, round(rpm))
         if self._learned is None:
-            self._learned = Bucket.per_minute(limit, defaults.LEARNED_BURST_S, now)
+            self._learned = Bucket.per_minute(limit, self._burst_s, now)
             self._learned.pause(now, now)  # a limit just learned from a 429 starts with no burst
         elif self._learned.limit != limit:
-            self._learned = self._learned.retuned(limit, defaults.LEARNED_BURST_S, now)
+            self._learned = self._learned.retuned(Bucket.per_minute(limit, self._burst_s, now), now)
         return self._learned
 
     def _ceiling(self) -> int | None:
@@ -142,7 +146,7 @@ class Ledger:
         if current is None or limit < current.limit:
             rpm = limit if kind == "requests" else (self.requests.limit if self.requests else None)
             tpm = limit if kind == "tokens" else (self.tokens.limit if self.tokens else None)
-            self.configure(rpm, tpm)
+            self.configure(rpm, tpm, self._rps, self._burst_s)
 
     def snapshot(self) -> dict[str, Any]:
         """The limits and counters, for status and tests."""
@@ -151,6 +155,7 @@ class Ledger:
             "rpm": self.requests.limit if self.requests else None,
             "tpm": self.tokens.limit if self.tokens else None,
             "learned_rpm": round(learned) if learned is not None else None,
+            "burst_s": self._burst_s,
             "reservations": self.reservations,
             "pauses": self.pauses,
             "cuts": self.learned.cuts,
@@ -208,6 +213,7 @@ class SharedLimits(Calibration):
         *,
         rpm: int | None = None,
         tpm: int | None = None,
+        rps: int | None = None,
         completion_guess: int = defaults.COMPLETION_TOKENS_GUESS,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -217,7 +223,8 @@ class SharedLimits(Calibration):
         self._clock = clock
         self._sleep = sleep
         #: the limits as this process knows them, so a header is passed on only when it says more
-        self._known = {"requests": rpm, "tokens": tpm}
+        requests = limit_bucket(rpm, rps, defaults.BURST_S, 0.0)
+        self._known = {"requests": requests.limit if requests else None, "tokens": tpm}
         self._resume_at = 0.0
         self.waited_s = 0.0
 

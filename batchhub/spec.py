@@ -112,6 +112,10 @@ class JobSpec:
     concurrency: int | str = defaults.CONCURRENCY
     rpm: int | None = None
     tpm: int | None = None
+    #: requests per second: `rps * 60` a minute with a burst of at most a second (with `rpm`, both apply)
+    rps: int | None = None
+    #: seconds of each limit sent at once at most (a job starts with none sent, then paces)
+    burst: float = defaults.BURST_S
     max_attempts: int = defaults.MAX_ATTEMPTS
     max_rate_limit_retries: int = defaults.MAX_RATE_LIMIT_RETRIES
     timeout: float = defaults.TIMEOUT_S
@@ -256,10 +260,12 @@ class JobSpec:
         _positive_int("max_response_bytes", self.max_response_bytes)
         if self.max_rate_limit_retries < 0:
             raise UsageError("max_rate_limit_retries must be 0 or more")
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "rps"):
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name, value)
+        if isinstance(self.burst, bool) or not isinstance(self.burst, (int, float)) or not 0 < self.burst < math.inf:
+            raise UsageError(f"burst must be a positive number of seconds, not {self.burst!r}")
         for name in ("timeout", "flush_seconds", "backoff_base"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):

@@ -137,6 +137,7 @@ class JobRun:
         concurrency: int,
         rpm: int | None = None,
         tpm: int | None = None,
+        options: tuple[str, ...] = (),
     ) -> JobRun:
         args = [sys.executable, "-m", "batchhub", "run", str(input_path)]
         args += ["--base-url", base_url, "--api-key", "k", "--model", "m", "--quiet"]
@@ -145,6 +146,7 @@ class JobRun:
             args += ["--rpm", str(rpm)]
         if tpm:
             args += ["--tpm", str(tpm)]
+        args += options
         proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=ROOT
         )

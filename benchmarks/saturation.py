@@ -4,10 +4,11 @@ Each case runs `batchhub run` (a subprocess) against the simulator (`batchhub mo
 subprocess) that enforces an RPM or TPM limit with some latency, samples the simulator's
 `/mock/stats` every half second, and measures the steady part only:
 
-- the simulator's bucket starts full (a minute's worth), and so does the job's own limiter, so the
-  first seconds are a burst far above the limit. The benchmark follows the simulator's bucket
-  level from what it has admitted (level = min(limit, level + refill) - admitted) and starts the
-  measuring window a few seconds after that first bucket-full has drained;
+- the simulator's bucket starts full (a minute's worth), and a job may spend part of it in its
+  first seconds (a burst above the limit), or keep it unused for good (a job that paces from its
+  start). The benchmark follows the simulator's bucket level from what it has admitted
+  (level = min(limit, level + refill) - admitted) and starts the measuring window a few seconds
+  after that first bucket-full has drained, or its level has stopped falling;
 - over the window: throughput = admitted units per second / (limit / 60), and 429s = rate-limit
   refusals / requests received.
 
@@ -196,7 +197,7 @@ def _measure(
             return None
         if start_at is None:
             levels = bucket_levels(samples, case.kind, limit)
-            drained = _drained_at(samples, levels, limit, threshold, flat_for)
+            drained = _drained_at(samples, levels, case.kind, limit, threshold, flat_for)
             if drained is not None:
                 res.drained_at_s = round(drained, 2)
                 start_at = drained + scale.settle_s
@@ -214,20 +215,21 @@ def _measure(
 
 
 def _drained_at(
-    samples: list[Sample], levels: list[float], limit: int, threshold: float, flat_for: float
+    samples: list[Sample], levels: list[float], kind: str, limit: int, threshold: float, flat_for: float
 ) -> float | None:
-    """When the first bucket-full is spent: the level is (nearly) empty, or has stopped falling below half.
+    """When the first bucket-full is spent: the level is (nearly) empty, or has stopped falling.
 
-    A job can keep part of the bucket unused for good (say, a reservation it counts twice); then the
-    burst is over once the level stays flat, and the window measures the steady rate all the same.
+    A job can keep part of the bucket unused for good (say, a reservation it counts twice, or a
+    job that paces from its start after one short burst); then the burst is over once the level
+    stays flat while the job sends, and the window measures the steady rate all the same.
     """
     for i, (s, lv) in enumerate(zip(samples, levels, strict=True)):
         if lv <= threshold:
             return s.t
-        if lv <= 0.5 * limit:
-            j = next((k for k in range(i, -1, -1) if samples[k].t <= s.t - flat_for), None)
-            if j is not None and max(levels[j : i + 1]) - min(levels[j : i + 1]) <= 0.01 * limit:
-                return s.t
+        j = next((k for k in range(i, -1, -1) if samples[k].t <= s.t - flat_for), None)
+        sending = j is not None and served(samples[j], kind) > 0
+        if sending and max(levels[j : i + 1]) - min(levels[j : i + 1]) <= 0.01 * limit:
+            return s.t
     return None
 
 

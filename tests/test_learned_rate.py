@@ -265,7 +265,7 @@ class FakeTime:
 
 
 async def test_a_bare_429_paces_the_local_limiter_by_what_it_learned() -> None:
-    time_ = FakeTime(advance=False)
+    time_ = FakeTime(advance=True)
     limits = RateLimits(rpm=None, tpm=None, clock=time_.clock, sleep=time_.sleep)
     for k in range(100):  # told nothing: 100 requests go within a second, nobody waits
         time_.now = 100.0 + k / 100
@@ -277,17 +277,19 @@ async def test_a_bare_429_paces_the_local_limiter_by_what_it_learned() -> None:
     for _ in range(4):  # the next wait their turn at the learned rate, one request's time apart, no burst
         await limits.acquire(1)
     gap = 60 / round(learned)
-    assert time_.slept == pytest.approx([gap, 2 * gap, 3 * gap, 4 * gap], rel=0.01)
+    # (the learned rate climbs as time passes, so each gap is a little shorter than the one before)
+    assert time_.slept[0] == pytest.approx(gap, rel=0.01)
+    assert all(0.8 * gap <= wait <= gap * 1.01 for wait in time_.slept) and len(time_.slept) == 4
 
 
 async def test_a_429_with_retry_after_pauses_the_buckets_without_a_herd() -> None:
-    time_ = FakeTime(advance=False)
+    time_ = FakeTime(advance=True)
     limits = RateLimits(rpm=600, tpm=None, clock=time_.clock, sleep=time_.sleep)  # 10/s
     limits.rate_limited(3.0)
     for _ in range(3):
         await limits.acquire(1)
     # nothing before 3 s, then one every 0.1 s: the pool does not go all at once
-    assert time_.slept == pytest.approx([3.1, 3.2, 3.3])
+    assert time_.slept == pytest.approx([3.1, 0.1, 0.1])
     assert limits.learned.cuts == 0  # the server said when: nothing learned from it
 
 

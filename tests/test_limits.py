@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from batchhub import defaults
 from batchhub.limits import LimitHeaders, RateLimits, parse_count, parse_duration, read_limit_headers
 from batchhub.shared_limits import Ledger, LedgerBackend, SharedLimits
 
@@ -29,11 +30,11 @@ def test_parse_duration(text: str | None, seconds: float | None) -> None:
     assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
 
 
-async def test_oversized_request_takes_whole_bucket_instead_of_hanging() -> None:
+async def test_oversized_request_goes_into_an_empty_bucket_instead_of_hanging() -> None:
     limits = RateLimits(rpm=None, tpm=1000)
     reserved = await asyncio.wait_for(limits.acquire(50_000), timeout=1)
-    assert reserved.tokens == 1000
-    assert limits.tokens is not None and limits.tokens.level == pytest.approx(1000, abs=1)
+    assert reserved.tokens == 50_000  # the whole of it is owed: the next requests wait it out
+    assert limits.tokens is not None and limits.tokens.level == pytest.approx(50_000, abs=1)
 
 
 async def test_settle_gives_back_overestimates_and_charges_debt() -> None:
@@ -72,10 +73,11 @@ def test_prompt_ratio_moves_toward_real_counts() -> None:
 
 
 async def test_reservations_made_before_a_bucket_was_adopted_are_not_settled_on_it() -> None:
-    limits = RateLimits(rpm=None, tpm=None)
+    limits = RateLimits(rpm=None, tpm=None, clock=lambda: 100.0)
     early = await limits.acquire(500)  # no token bucket yet: nothing reserved
-    # the server says 40,000 a minute with 39,000 left: the new bucket already counts that request
-    limits.observe_headers({"x-ratelimit-limit-tokens": "40000", "x-ratelimit-remaining-tokens": "39000"})
+    # 400,000 a minute, a burst of half a second (3,333): the server has 2,333 left of it, so the new
+    # bucket already counts 1,000 (that request among them)
+    limits.observe_headers({"x-ratelimit-limit-tokens": "400000", "x-ratelimit-remaining-tokens": "2333"})
     assert limits.tokens is not None and limits.tokens.level == pytest.approx(1000, abs=1)
     limits.settle(early, 1000)  # settling it on the new bucket would count it twice
     assert limits.tokens.level == pytest.approx(1000, abs=1)
@@ -84,21 +86,39 @@ async def test_reservations_made_before_a_bucket_was_adopted_are_not_settled_on_
     assert limits.tokens.level == pytest.approx(1100, abs=1)
 
 
-async def test_headers_adopt_and_tighten_limits() -> None:
-    limits = RateLimits(rpm=None, tpm=100_000)
+async def test_headers_adopt_and_tighten_limits_with_the_jobs_burst() -> None:
+    limits = RateLimits(rpm=None, tpm=100_000, clock=lambda: 100.0)
     limits.observe_headers(
         {
-            "x-ratelimit-limit-requests": "60",
-            "x-ratelimit-remaining-requests": "50",
+            "x-ratelimit-limit-requests": "6000",
+            "x-ratelimit-remaining-requests": "45",
             "x-ratelimit-limit-tokens": "40000",
             "x-ratelimit-remaining-tokens": "40000",
         }
     )
-    assert limits.requests is not None and limits.requests.limit == 60
-    assert limits.requests.level == pytest.approx(10, abs=0.1)
-    assert limits.tokens.limit == 40_000  # told 100k, the server says 40k: tighten
-    limits.observe_headers({"x-ratelimit-limit-tokens": "90000"})
-    assert limits.tokens.limit == 40_000  # never loosened by a header
+    assert limits.requests is not None and limits.requests.limit == 6000
+    # adopted with the job's burst (half a second: 50), not a minute's 6,000: a server enforcing its
+    # limit per second would refuse a minute's worth; 45 of the minute left means 5 of the burst used
+    assert limits.requests.capacity == pytest.approx(50)
+    assert limits.requests.level == pytest.approx(5)
+    assert limits.tokens.limit == 40_000  # told 100k, the server says 40k: tighten at once
+
+
+async def test_a_higher_header_limit_is_followed_only_when_replies_keep_saying_it_and_never_past_a_told_one() -> None:
+    limits = RateLimits(rpm=None, tpm=100_000, clock=lambda: 100.0)
+    limits.observe_headers({"x-ratelimit-limit-tokens": "40000", "x-ratelimit-limit-requests": "600"})
+    assert (limits.tokens.limit, limits.requests.limit) == (40_000, 600)
+    # rows of two models: the other model's larger limit, then this one's again, never loosens it
+    for _ in range(3 * defaults.HEADER_RAISE_REPLIES):
+        limits.observe_headers({"x-ratelimit-limit-requests": "5000"})
+        limits.observe_headers({"x-ratelimit-limit-requests": "600"})
+    assert limits.requests.limit == 600
+    # the server raised the key's limits: every reply says so, and the job follows (the lowest said)
+    for k in range(defaults.HEADER_RAISE_REPLIES):
+        assert limits.requests.limit == 600
+        limits.observe_headers({"x-ratelimit-limit-requests": str(1200 + k), "x-ratelimit-limit-tokens": "900000"})
+    assert limits.requests.limit == 1200
+    assert limits.tokens.limit == 100_000  # up to what the job was told, not past it
 
 
 async def test_zero_remaining_without_a_limit_pauses_briefly() -> None:

@@ -35,7 +35,7 @@ def admitted(limits: RateLimits, clock: FakeClock, seconds: float, step: float =
 
 def test_the_rpm_schedule_lowers_then_raises_the_limit() -> None:
     clock = FakeClock()
-    limits = RateLimits(1200, None, clock, [(10.0, 600), (20.0, 2400)])
+    limits = RateLimits(1200, None, clock, rpm_schedule=[(10.0, 600), (20.0, 2400)])
     # the bucket starts full (1,200) and refills 20/s: tried 100 times a second, all 1,000 go, 400 left
     assert admitted(limits, clock, 9.99) == 999
     assert limits.headers()["x-ratelimit-limit-requests"] == "1200"
@@ -48,14 +48,14 @@ def test_the_rpm_schedule_lowers_then_raises_the_limit() -> None:
 
 def test_a_lowered_limit_holds_no_more_than_its_capacity() -> None:
     clock = FakeClock()
-    limits = RateLimits(6000, None, clock, [(1.0, 60)])
+    limits = RateLimits(6000, None, clock, rpm_schedule=[(1.0, 60)])
     clock.now += 1.0
     assert admitted(limits, clock, 0.5, step=0.001) == 60  # a full 6,000 bucket cut to 60: at most 60 at once
 
 
 def test_a_schedule_without_a_limit_starts_one() -> None:
     clock = FakeClock()
-    limits = RateLimits(None, None, clock, [(5.0, 60)])
+    limits = RateLimits(None, None, clock, rpm_schedule=[(5.0, 60)])
     assert admitted(limits, clock, 5.0) == 500  # unlimited, then a full bucket of 60 at 5 s
     assert admitted(limits, clock, 1.0) == 60  # the 59 left and one more
 

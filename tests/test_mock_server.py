@@ -435,6 +435,47 @@ async def test_tpm_limit_and_request_too_large() -> None:
     assert "Retry-After" not in headers
 
 
+async def test_a_per_minute_limit_enforced_per_second() -> None:
+    """600 RPM enforced as 10 a second: the eleventh request at once is refused, the headers speak of the minute."""
+    clock = FakeClock()
+    async with running(MockConfig(rpm=600, limit_window_s=1), clock=clock) as client:
+        for _ in range(10):
+            assert (await client.json())[0] == 200
+        status, headers, data = await client.json()
+        assert status == 429
+        assert data["error"]["type"] == "requests"
+        assert headers["retry-after-ms"] == "100"  # one request's refill at 10 a second
+        assert headers["x-ratelimit-limit-requests"] == "600"
+        assert headers["x-ratelimit-remaining-requests"] == "590"  # a minute's view: never a hint of the window
+        clock.advance(0.1)
+        assert (await client.json())[0] == 200
+        assert (await client.json())[0] == 429
+        clock.advance(5.0)  # refills to a second's worth, never more
+        assert [(await client.json())[0] for _ in range(11)] == [200] * 10 + [429]
+        stats = client.server.stats
+    assert (stats.completions, stats.rate_limited) == (21, 3)
+
+
+async def test_a_request_larger_than_the_window_goes_when_the_bucket_is_full_and_leaves_a_debt() -> None:
+    async with running() as client:
+        _, _, probe = await client.json()
+    cost = probe["usage"]["total_tokens"]
+    clock = FakeClock()
+    tpm = cost * 60 // 4  # a second's worth is a quarter of one request
+    async with running(MockConfig(tpm=tpm, limit_window_s=1), clock=clock) as client:
+        assert (await client.json())[0] == 200  # into debt
+        status, headers, _ = await client.json()
+        assert status == 429
+        rate = tpm / 60
+        full_after = (cost - tpm / 60) / rate + 1  # the debt paid, then a full window again
+        assert float(headers["retry-after-ms"]) == pytest.approx(full_after * 1000, abs=2)
+        clock.advance(full_after)
+        assert (await client.json())[0] == 200
+    async with running(MockConfig(tpm=cost - 1, limit_window_s=1)) as client:
+        _, _, data = await client.json()
+    assert data["error"]["message"].startswith("Request too large")  # past the minute's limit: never
+
+
 async def test_ratelimit_headers_can_be_turned_off() -> None:
     async with running(MockConfig(rpm=10, tpm=10_000, ratelimit_headers=False)) as client:
         _, headers, _ = await client.json()
@@ -702,6 +743,11 @@ def test_from_dict_normalizes_fault_keys() -> None:
         ({"rpm": 0}, "rpm"),
         ({"latency_ms": -1}, "latency_ms"),
         ({"min_completion_tokens": 9, "max_completion_tokens": 3}, "min_completion_tokens"),
+        ({"limit_window_s": 0}, "limit_window_s"),
+        ({"limit_window_s": 61}, "limit_window_s"),
+        ({"limit_window_s": float("nan")}, "limit_window_s"),
+        ({"limit_window_s": "1"}, "limit_window_s"),
+        ({"limit_window_s": True}, "limit_window_s"),
     ],
 )
 def test_from_dict_rejects(table: dict[str, Any], match: str) -> None:

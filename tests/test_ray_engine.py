@@ -32,7 +32,7 @@ from batchhub import Job, export_job, job_status, prepare_job
 from batchhub.cli import main
 from batchhub.errors import UsageError
 from batchhub.mock import MockServer
-from batchhub.ray_actors import NAMESPACE, LimiterActor
+from batchhub.ray_actors import NAMESPACE, LimiterActor, shared_limiter
 from batchhub.ray_engine import RayJob
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
@@ -195,6 +195,17 @@ async def test_one_limit_holds_across_four_tasks(tmp_path: Path, simulator: Any,
 def results_on_disk(job: Path) -> int:
     n = sum(seg.read_bytes().count(b"\n") for seg in job.rglob("journal-*.jsonl"))
     return n + sum(pq.read_metadata(p).num_rows for p in job.rglob("part-*.parquet"))
+
+
+async def test_the_shared_limit_takes_the_jobs_burst_and_rps(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
+    server = await simulator(rpm=600, limit_window_s=1, latency_ms=20, seed=2)  # 10 a second, 10 at once
+    spec = make_spec(tmp_path, server, 40, rps=10, burst=0.5)
+    summary = await RayJob(prepare_job(spec), shard_rows=10, max_shards_in_flight=4).run()
+    assert (summary.ok, summary.failed) == (40, 0)
+    assert server.stats.rate_limited == 0  # told nothing but --rps, the tasks sent a minute's worth at once
+    limiter = shared_limiter(spec.resolved_base_url(), KEY, None, None)
+    snapshot = await limiter.snapshot.remote()
+    assert (snapshot["rpm"], snapshot["burst_s"]) == (600, 0.5)
 
 
 async def test_a_killed_driver_resumes_and_sends_only_the_rest(

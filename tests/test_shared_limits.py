@@ -59,10 +59,11 @@ def test_settle_corrects_the_token_bucket(reserve: int, settle_to: int, next_wai
     assert ledger.reserve(1, 900) == pytest.approx(next_wait)
 
 
-def test_an_oversized_request_waits_its_turn_instead_of_hanging() -> None:
+def test_an_oversized_request_goes_alone_and_the_next_waits_out_its_debt() -> None:
     clock = Clock()
     ledger = Ledger(rpm=None, tpm=600, burst_s=1.0, clock=clock)  # 10 tokens/s
-    assert ledger.reserve(1, 50) == pytest.approx(4.0)
+    assert ledger.reserve(1, 50) == 0.0
+    assert ledger.reserve(1, 5) == pytest.approx(4.5)
 
 
 def test_a_pause_holds_everyone_then_resumes_at_the_rate_without_a_burst() -> None:
@@ -98,7 +99,7 @@ def test_configure_keeps_what_is_owed() -> None:
     ledger = Ledger(rpm=600, tpm=None, burst_s=1.0, clock=clock)
     for _ in range(20):
         ledger.reserve(1, 0)  # 10 over the burst: a second of debt at 10/s
-    ledger.configure(rpm=1200, tpm=None)  # the same second of debt, at 20/s
+    ledger.configure(rpm=1200, tpm=None, burst_s=1.0)  # the same second of debt, at 20/s
     assert ledger.reserve(1, 0) == pytest.approx(1.0, abs=0.06)
 
 

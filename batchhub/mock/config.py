@@ -166,6 +166,9 @@ class MockConfig:
     retry_after: bool = True
     #: changes of the requests limit mid-run: [[seconds_from_start, rpm], ...], times increasing
     rpm_schedule: list[tuple[float, int]] = field(default_factory=list)
+    #: seconds of each per-minute limit let through at once: 60 = the bucket holds a minute's worth;
+    #: 1 = enforced per second (OpenAI: 60,000 RPM may be enforced as 1,000 a second)
+    limit_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
@@ -216,6 +219,9 @@ class MockConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mock {name} must be true or false, got {getattr(self, name)!r}")
         self.rpm_schedule = _normalize_schedule(self.rpm_schedule)
+        window = self.limit_window_s
+        if not _is_number(window) or not math.isfinite(window) or not 0 < window <= 60:
+            raise ValueError(f"mock limit_window_s must be a number of seconds above 0 and at most 60, got {window!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MockConfig:

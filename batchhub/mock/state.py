@@ -25,7 +25,9 @@ class MockState:
     def __init__(self, config: MockConfig, clock: Clock) -> None:
         self.config = config
         self.stats = MockStats()
-        self.limits = RateLimits(config.rpm, config.tpm, clock, config.rpm_schedule)
+        self.limits = RateLimits(
+            config.rpm, config.tpm, clock, window_s=config.limit_window_s, rpm_schedule=config.rpm_schedule
+        )
         self.capacity = Capacity(config, self.stats, self._changed)
         # One generator for the per-request draws (fault, latency); content has its own.
         self.rng = random.Random(config.seed)
