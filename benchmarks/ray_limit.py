@@ -48,6 +48,7 @@ def actor_rate(calls_per_task: int) -> float:
     """Reservations per second one limiter actor answers to TASKS tasks, each asking one at a time."""
     import ray
 
+    from batchhub import defaults
     from batchhub.ray_actors import shared_limiter
 
     @ray.remote(num_cpus=1)
@@ -59,7 +60,7 @@ def actor_rate(calls_per_task: int) -> float:
         asyncio.run(go())
 
     handle = shared_limiter("http://bench.invalid/v1", "bench-key", None, None)
-    ray.get(handle.configure.remote(None, None))
+    ray.get(handle.configure.remote(None, None, None, defaults.BURST_S))
     ray.get([ask.remote(handle, 50) for _ in range(TASKS)])  # warm the workers up
     start = time.perf_counter()
     ray.get([ask.remote(handle, calls_per_task) for _ in range(TASKS)])
