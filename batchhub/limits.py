@@ -97,17 +97,28 @@ class LimitHeaders:
     reset_s: float | None
 
 
+#: per kind, the names of its limit, remaining and reset headers
+_HEADER_NAMES = tuple(
+    (kind, f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+)
+
+
 def read_limit_headers(headers: Mapping[str, str]) -> list[LimitHeaders]:
-    """The `x-ratelimit-limit-*`, `-remaining-*` and `-reset-*` headers, for requests and tokens."""
+    """The `x-ratelimit-limit-*`, `-remaining-*` and `-reset-*` headers, for requests and tokens (a kind
+    of which none is sent is left out: most replies of a server without limits carry none)."""
     out = []
-    for kind in ("requests", "tokens"):
-        limit = parse_count(headers.get(f"x-ratelimit-limit-{kind}"))
+    for kind, limit_name, remaining_name, reset_name in _HEADER_NAMES:
+        raw = (headers.get(limit_name), headers.get(remaining_name), headers.get(reset_name))
+        if raw == (None, None, None):
+            continue
+        limit = parse_count(raw[0])
         out.append(
             LimitHeaders(
                 kind,
                 limit if limit else None,  # a limit of 0 paces nothing
-                parse_count(headers.get(f"x-ratelimit-remaining-{kind}")),
-                parse_duration(headers.get(f"x-ratelimit-reset-{kind}")),
+                parse_count(raw[1]),
+                parse_duration(raw[2]),
             )
         )
     return out
@@ -230,7 +241,8 @@ class RateLimits(Calibration):
 
     async def acquire(self, tokens: int) -> Reservation:
         """Wait for the cool-down, then for one request and `tokens` to fit, and reserve them."""
-        await self.wait_cooldown()
+        if self._resume_at:  # (no coroutine to await for the usual case: no pause was ever asked)
+            await self.wait_cooldown()
         if self.requests is None and self.tokens is None and self._learned_at(now := self._now()) is None:
             self.learned.sent(now)
             return Reservation(0, None)
