@@ -46,8 +46,8 @@ from batchhub.bucket import Bucket, limit_bucket
 from batchhub.learned_rate import LearnedRate
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-#: Counts past this in a header are not a real limit (no provider counts to 10**15 a minute).
-MAX_COUNT = 10**15
+#: Counts past this in a header are not a real limit.
+MAX_COUNT = defaults.MAX_LIMIT_COUNT
 
 
 def parse_duration(text: str | None) -> float | None:
