@@ -5,8 +5,9 @@
 - `prepare_job` (batchhub/prepare.py) does every check that can fail on bad input or a
   mismatched job directory *before* anything is written or sent, but one: a large input is
   read through (counted, each row checked) by its `InputCheck` while the job sends. Until it
-  has counted, the reader reads to the end of the file, the per-row arrays grow as it goes,
-  and the progress bar has no total; a bad row it (or the reader) finds stops the job like a
+  has counted, the reader reads towards the end of the file, the per-row arrays grow as it
+  goes, and the progress bar has no total; once counted, it reads no further than the count
+  (rows appended since are not sent). A bad row it (or the reader) finds stops the job like a
   bad input (its InputError, exit 2), the results so far kept.
 - The reader streams the input in batches, skips rows that already have a result
   (a uint8 state per row, not a Python set) and builds each request.
@@ -388,6 +389,10 @@ class Job:
         rows = self.prepared.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS, start=row_id)
         try:
             while not self._stop.is_set() and row_id < end:
+                if not counted and self.prepared.n_rows is not None:  # counted since: rows past it came later
+                    end = self.prepared.n_rows
+                    if row_id >= end:
+                        break
                 try:
                     batch = await asyncio.to_thread(next, rows, None)
                 except InputError as exc:  # a bad row the input check has not reached (or a file gone unreadable)
@@ -395,7 +400,7 @@ class Job:
                     self._halt("bad_input")
                     break
                 if batch is None:
-                    if counted:  # fewer rows than counted when the job began
+                    if row_id < end < math.inf:  # fewer rows than counted
                         self._input_short = (self.prepared.rows(), row_id)
                     break
                 base = row_id
@@ -412,6 +417,8 @@ class Job:
                     if self._stop.is_set():
                         break
                     rid = base + int(offset)
+                    if self.prepared.n_rows is not None and rid >= self.prepared.n_rows:
+                        break  # the count came while this batch was queued: the file grew after it was counted
                     try:
                         built = builder.build(batch[offset])
                     except RowError as exc:

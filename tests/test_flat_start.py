@@ -219,6 +219,23 @@ async def test_the_reader_meeting_the_bad_row_first_stops_the_job_without_waitin
     assert manifest.runs[-1].stopped == "bad_input"
 
 
+async def test_rows_past_the_count_are_not_sent(tmp_path: Path, mock_server: Any) -> None:
+    """A file that grows after it was counted (rows appended while the job runs): the job sends the rows
+    it counted, as a job counted before it starts does, never the rows past them, whose replies would be
+    paid for and then skipped as rows outside the input."""
+    server = await mock_server(seed=3)
+    data = tmp_path / "in.csv"
+    data.write_text("prompt\n" + "".join(f"{prompt(i)}\n" for i in range(300)))
+    spec = JobSpec(input=data, base_url=server.base_url, api_key="k", model="m", job_dir=tmp_path / "job", quiet=True)
+    prepared = prepare_job(spec)
+    prepared.n_rows, prepared.input_check = None, InputCheck(lambda: 250)  # counted before the last 50 came
+    summary = await Job(prepared, progress=False).run()
+    assert summary.ok == 250 and summary.results_this_run == 250
+    assert server.stats.completions == 250
+    recorded = JobStore(tmp_path / "job").results(["row_id"]).column("row_id").to_pylist()
+    assert sorted(recorded) == list(range(250))
+
+
 def test_a_job_whose_rows_were_never_counted_resumes_with_a_count(tmp_path: Path) -> None:
     """A run killed before its input was counted leaves job.json without rows: the next run counts."""
     data, job = tmp_path / "in.csv", tmp_path / "job"
