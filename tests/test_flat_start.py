@@ -236,6 +236,20 @@ async def test_rows_past_the_count_are_not_sent(tmp_path: Path, mock_server: Any
     assert sorted(recorded) == list(range(250))
 
 
+async def test_fewer_rows_than_counted_stop_the_job_as_an_input_changed(tmp_path: Path, mock_server: Any) -> None:
+    """A file that shrinks after it was counted: the job stops as one counted before it starts does
+    (input_changed, the results so far kept), not as if it had finished with rows left pending."""
+    server = await mock_server(seed=4)
+    data = tmp_path / "in.csv"
+    data.write_text("prompt\n" + "".join(f"{prompt(i)}\n" for i in range(300)))
+    spec = JobSpec(input=data, base_url=server.base_url, api_key="k", model="m", job_dir=tmp_path / "job", quiet=True)
+    prepared = prepare_job(spec)
+    prepared.n_rows, prepared.input_check = None, InputCheck(lambda: 350)  # counted before the last 50 went
+    summary = await Job(prepared, progress=False).run()
+    assert summary.ok == 300 and summary.pending == 50
+    assert summary.stopped == "input_changed" and "expected 350 rows, read 300" in (summary.message or "")
+
+
 def test_a_job_whose_rows_were_never_counted_resumes_with_a_count(tmp_path: Path) -> None:
     """A run killed before its input was counted leaves job.json without rows: the next run counts."""
     data, job = tmp_path / "in.csv", tmp_path / "job"
