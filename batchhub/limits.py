@@ -176,11 +176,13 @@ class Calibration:
 class _Turn:
     """A request waiting in line for the buckets."""
 
-    __slots__ = ("admitted", "tokens", "woken")
+    __slots__ = ("admitted", "bucket", "tokens", "woken")
 
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
         self.admitted = False
+        #: the token bucket its tokens were reserved on when it was let in (None: none)
+        self.bucket: Bucket | None = None
         self.woken = asyncio.Event()
 
 
@@ -251,14 +253,15 @@ class RateLimits(Calibration):
                     turn.woken.clear()
         except asyncio.CancelledError:  # it never went: its place goes to the next
             if turn.admitted:
-                self.release(Reservation(tokens, self.tokens))
+                self.release(Reservation(tokens, turn.bucket))
                 for paced in (self.requests, self._learned):
                     if paced is not None:
                         paced.give_back(1, self._now())
             else:
                 self._leave(turn)
             raise
-        return Reservation(tokens if self.tokens is not None else 0, self.tokens)
+        # the bucket it was let in on: one adopted from headers since (before this task ran again) has none of it
+        return Reservation(tokens if turn.bucket is not None else 0, turn.bucket)
 
     def _wait_for(self, tokens: int) -> float:
         now = self._now()
@@ -277,6 +280,7 @@ class RateLimits(Calibration):
             self.learned.sent(now)
             if self.tokens is not None:  # all of it: one larger than a burst goes alone, the next wait out its debt
                 self.tokens.reserve(turn.tokens, now)
+                turn.bucket = self.tokens
             turn.admitted = True
             turn.woken.set()
         if self._line:

@@ -86,6 +86,31 @@ async def test_reservations_made_before_a_bucket_was_adopted_are_not_settled_on_
     assert limits.tokens.level == pytest.approx(1100, abs=1)
 
 
+async def test_a_request_let_in_before_a_bucket_was_adopted_is_not_settled_on_it() -> None:
+    """A request let in by the one ahead of it (in line, woken) returns only when it next runs: a token
+    bucket adopted from headers meanwhile reserved nothing for it, so its settling must not go there."""
+    now = 100.0
+    slept = asyncio.Event()
+
+    async def sleep(_: float) -> None:
+        await slept.wait()
+
+    limits = RateLimits(rpm=6000, tpm=None, clock=lambda: now, sleep=sleep)
+    assert limits.requests is not None
+    limits.requests.level = limits.requests.capacity  # a burst just went: the next waits
+    first = asyncio.ensure_future(limits.acquire(500))
+    second = asyncio.ensure_future(limits.acquire(500))
+    await asyncio.sleep(0)  # the first sleeps its wait, the second waits in line behind it
+    now += 1.0
+    slept.set()
+    await asyncio.sleep(0)  # the first lets itself in, and the second with it, which has not run since
+    assert first.done() and not second.done()
+    limits.observe_headers({"x-ratelimit-limit-tokens": "400000", "x-ratelimit-remaining-tokens": "2333"})
+    assert limits.tokens is not None and limits.tokens.level == pytest.approx(1000, abs=1)
+    limits.release(await second)  # a 429: nothing was reserved on the new bucket, nothing goes back to it
+    assert limits.tokens.level == pytest.approx(1000, abs=1)
+
+
 async def test_headers_adopt_and_tighten_limits_with_the_jobs_burst() -> None:
     limits = RateLimits(rpm=None, tpm=100_000, clock=lambda: 100.0)
     limits.observe_headers(
