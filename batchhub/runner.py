@@ -211,9 +211,11 @@ class Job:
                 self._first_requests.open()  # fewer rows than the fail-fast count, all failed alike: they stand
             await self._log.close()
             store.close()
-            if counting is not None and self._input_error is None:
+            if counting is not None and self._input_error is None and not self._stop.is_set():
                 await counting  # the summary needs the row count: the check goes on to the end of the file
-            elif counting is not None:  # the reader met a bad row: the job stops at it whatever the count
+            elif counting is not None:
+                # the reader met a bad row, or the run stopped (Ctrl-C): it ends now whatever the count,
+                # which may be a long read away (the next run counts)
                 counting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await counting
@@ -573,6 +575,7 @@ class Job:
         summary = JobSummary.from_stats(
             self.store.dir, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
         )
+        summary.rows_counted = self.prepared.n_rows is not None
         if self._fatal is not None:
             summary.stopped = "fatal"
             summary.message = redact(str(self._fatal), self.prepared.api_key)
