@@ -250,7 +250,10 @@ def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
                 loop.add_signal_handler(sig, on_signal)
         return await coro
 
-    return eventloop.run(go())
+    try:
+        return eventloop.run(go())
+    finally:
+        coro.close()  # never started when the loop was refused: no "never awaited" warning (else a no-op)
 
 
 def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:

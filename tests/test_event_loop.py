@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -66,6 +67,23 @@ def test_an_unknown_loop_is_a_usage_error_before_anything_is_written(tmp_path: P
     code, out = cli_run(tmp_path, prompts_csv)
     assert code == 2
     assert out.strip().splitlines() == ["error: BATCHHUB_EVENT_LOOP='trio' is not one of auto, uvloop, asyncio"]
+    assert not (tmp_path / "job").exists()
+
+
+def test_an_unknown_loop_refuses_an_estimate_sample_in_one_line(tmp_path: Path, prompts_csv, monkeypatch) -> None:
+    """`estimate --sample` runs a job too: the same one line, and no "coroutine was never awaited"."""
+    monkeypatch.setenv(eventloop.ENV, "trio")
+    prompts_csv(tmp_path / "in.csv", 20)
+    args = ["estimate", str(tmp_path / "in.csv"), "--model", "gpt-4o-mini", "--mock", "--sample", "3"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, [*args, "--job-dir", str(tmp_path / "job")])
+        gc.collect()
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: BATCHHUB_EVENT_LOOP='trio' is not one of auto, uvloop, asyncio"
+    ]
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
     assert not (tmp_path / "job").exists()
 
 
