@@ -362,6 +362,7 @@ class RateLimits(Calibration):
         have said so (then the lowest of them): a job whose rows use several models gets each model's
         headers in turn, and one model's larger limit must not loosen another's."""
         now = self._now()
+        moved = False
         for said in read_limit_headers(headers):
             bucket: Bucket | None = getattr(self, said.kind)
             limit = self._header_limit(said.kind, said.limit, bucket)
@@ -369,13 +370,15 @@ class RateLimits(Calibration):
                 # a fresh bucket: the reservations made on the old one are settled there, not here
                 bucket = Bucket.per_minute(limit, self._burst_s, now)
                 setattr(self, said.kind, bucket)
-                self._admit()  # a higher limit lets the line move now
+                moved = True
             if bucket is not None and said.remaining is not None:
                 bucket.fill(said.remaining, now)
             if said.remaining == 0 and bucket is None and said.reset_s:
                 # no limit to pace by: pause briefly. The reset header tells when the bucket is
                 # *full* again, far later than when the next request may go, so it only caps the pause.
                 self.cooldown(min(said.reset_s, 1.0))
+        if moved:  # a new limit lets the line move now, as far as what remains of it allows
+            self._admit()
 
     def _header_limit(self, kind: str, said: int | None, bucket: Bucket | None) -> int | None:
         """The limit a header moves a bucket to, or None to keep it."""

@@ -146,6 +146,27 @@ async def test_a_higher_header_limit_is_followed_only_when_replies_keep_saying_i
     assert limits.tokens.limit == 100_000  # up to what the job was told, not past it
 
 
+async def test_a_new_header_limit_lets_the_line_in_only_as_far_as_its_remaining_allows() -> None:
+    """A reply says a new limit and that nothing of it remains: the requests waiting in line stay there
+    (the new bucket is filled from `remaining` before anyone is let in by it)."""
+    now = 100.0
+
+    async def sleep(_: float) -> None:
+        await asyncio.Event().wait()  # the clock does not move: only a header lets anyone in
+
+    limits = RateLimits(rpm=None, tpm=None, clock=lambda: now, sleep=sleep)
+    limits.observe_headers({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "0"})
+    waiting = [asyncio.ensure_future(limits.acquire(0)) for _ in range(10)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    limits.observe_headers({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "0"})
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 async def test_zero_remaining_without_a_limit_pauses_briefly() -> None:
     now = [100.0]
     limits = RateLimits(rpm=None, tpm=None, clock=lambda: now[0])
