@@ -367,8 +367,10 @@ class RateLimits(Calibration):
             bucket: Bucket | None = getattr(self, said.kind)
             limit = self._header_limit(said.kind, said.limit, bucket)
             if limit is not None:
-                # a fresh bucket: the reservations made on the old one are settled there, not here
-                bucket = Bucket.per_minute(limit, self._burst_s, now)
+                # a new bucket: the reservations made on the old one are settled there, not here; it
+                # owes the seconds the old one owed (a burst just sent is not sent again at once)
+                fresh = Bucket.per_minute(limit, self._burst_s, now)
+                bucket = bucket.retuned(fresh, now) if bucket is not None else fresh
                 setattr(self, said.kind, bucket)
                 moved = True
             if bucket is not None and said.remaining is not None:

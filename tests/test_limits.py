@@ -167,6 +167,28 @@ async def test_a_new_header_limit_lets_the_line_in_only_as_far_as_its_remaining_
     await asyncio.gather(*waiting, return_exceptions=True)
 
 
+async def test_a_lower_header_limit_keeps_what_the_bucket_owes() -> None:
+    """Told 600 a minute, a burst just sent, requests waiting: a reply says 300 (and nothing of what
+    remains). The new bucket owes the same seconds as the old one, so nobody goes at once."""
+    now = 100.0
+
+    async def sleep(_: float) -> None:
+        await asyncio.Event().wait()  # the clock does not move: only a header could let anyone in
+
+    limits = RateLimits(rpm=600, tpm=None, clock=lambda: now, sleep=sleep)
+    assert limits.requests is not None
+    limits.requests.level = limits.requests.capacity  # a burst just went
+    waiting = [asyncio.ensure_future(limits.acquire(0)) for _ in range(10)]
+    await asyncio.sleep(0)
+    limits.observe_headers({"x-ratelimit-limit-requests": "300"})
+    await asyncio.sleep(0)
+    assert limits.requests.limit == 300
+    assert not any(task.done() for task in waiting)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 async def test_zero_remaining_without_a_limit_pauses_briefly() -> None:
     now = [100.0]
     limits = RateLimits(rpm=None, tpm=None, clock=lambda: now[0])
