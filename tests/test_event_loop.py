@@ -87,6 +87,19 @@ def test_an_unknown_loop_refuses_an_estimate_sample_in_one_line(tmp_path: Path, 
     assert not (tmp_path / "job").exists()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_cli_run_leaves_the_signal_handlers_as_it_found_them(
+    tmp_path: Path, prompts_csv, monkeypatch, loop: str
+) -> None:
+    """A closed uvloop loop keeps the SIGINT handler it installed: a later Ctrl-C in the same process
+    (a script or a test calling the CLI, then `batchhub.run()`) reached the dead loop, not the caller."""
+    monkeypatch.setenv(eventloop.ENV, loop)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code, out = cli_run(tmp_path, prompts_csv)
+    assert code == 0, out
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_uvloop_asked_for_but_missing_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # what `import uvloop` meets where it is not installed
     monkeypatch.setenv(eventloop.ENV, "uvloop")
