@@ -243,14 +243,28 @@ def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
 
     async def go() -> Any:
         loop = asyncio.get_running_loop()
+        installed = []
         for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
             # not possible off the main thread or on some platforms: Ctrl-C then simply ends the process
             # (asyncio says so with RuntimeError or NotImplementedError, uvloop with ValueError)
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, on_signal)
-        return await coro
+                installed.append((sig, previous))
+        try:
+            return await coro
+        finally:
+            # as they were: a closed uvloop loop keeps its handler installed, and a later Ctrl-C in this
+            # process (a script or test calling the CLI again, or `batchhub.run()`) would reach the dead loop
+            for sig, previous in installed:
+                loop.remove_signal_handler(sig)
+                if previous is not None:
+                    signal.signal(sig, previous)
 
-    return eventloop.run(go())
+    try:
+        return eventloop.run(go())
+    finally:
+        coro.close()  # never started when the loop was refused: no "never awaited" warning (else a no-op)
 
 
 def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:

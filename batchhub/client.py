@@ -292,12 +292,13 @@ class SSEAccumulator:
             raise BadResponseError(f"event stream holds an event that is not JSON: {data[:80]!r}") from exc
         if not isinstance(event, dict):
             raise BadResponseError("event stream holds an event that is not a JSON object")
-        if "error" in event:
+        if event.get("error"):  # `"error": null` in every chunk (some servers): no error, as openai-python reads it
             body = json.dumps(event)
             message, code, kind = parse_error_body(body)
             # before any content, the error stands for the status the server could not send any more;
-            # after it, part of an answer was generated (and may be billed): a failure mid-stream
-            status = in_stream_status(code, kind) if self.events == 0 else None
+            # after it, part of an answer was generated (and may be billed): a failure mid-stream. A chunk
+            # that only names the role (the first of OpenAI's and vLLM's streams) generated nothing.
+            status = None if self._generated() else in_stream_status(code, kind)
             if status is not None and status >= 400:
                 raise classify(status, body, {})
             raise ServerError(f"error inside the event stream: {message or 'unknown'}", code=code)
@@ -320,6 +321,10 @@ class SSEAccumulator:
                     given = choice.get("index")
                     index = given if isinstance(given, int) else position
                     self._choices.setdefault(index, _StreamedChoice()).add(choice)
+
+    def _generated(self) -> bool:
+        """Whether any content, tool call or refusal has arrived."""
+        return any(choice.parts or choice.tool_calls or choice.refusal for choice in self._choices.values())
 
     def result(self, *, require_done: bool = True) -> Completion:
         if not self.done:

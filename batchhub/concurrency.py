@@ -50,6 +50,10 @@ OVERLOAD_STATUSES = frozenset({503, 504})
 #: what a finished attempt tells the limit
 OK, OVERLOADED, OTHER = "ok", "overloaded", "other"
 
+#: the coarsest event-loop clock's tick (uvloop's moves in whole milliseconds): a shorter latency is
+#: measured as this, so a round of replies faster than the clock is no load, never a mean of 0
+CLOCK_TICK_S = 0.001
+
 
 def outcome_of(exc: APIError | None) -> str:
     """OK (a reply), OVERLOADED (a timeout or dropped connection, a 503 or 504), or OTHER (says nothing
@@ -120,7 +124,7 @@ class AdaptiveLimit:
         """An attempt sent with `ticket` had its reply after `latency_s`, with `in_flight` requests out."""
         if ticket != self.epoch:
             return  # sent under another limit: its latency says nothing about this one
-        self._sum += latency_s
+        self._sum += max(latency_s, CLOCK_TICK_S)
         self._count += 1
         self._peak_in_flight = max(self._peak_in_flight, in_flight)
         if self._count >= max(self.round_samples, self.limit):

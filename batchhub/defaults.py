@@ -102,6 +102,9 @@ LEARN_FLOOR_RPM = 6.0
 #: job follows it up (a lower one is followed at once): rows of several models get each model's
 #: headers in turn, and one model's larger limit must not loosen another's for a reply.
 HEADER_RAISE_REPLIES = 20
+#: The largest count of a limit, told (--rpm, --tpm, --rps) or in a header: no provider counts to
+#: 10**15 a minute, and the limiter's arithmetic needs a float of it.
+MAX_LIMIT_COUNT = 10**15
 #: A Retry-After above this is treated as this: a server asking for an hour is better
 #: retried sooner than trusted blindly with a whole job idle.
 RETRY_AFTER_CAP_S = 300.0

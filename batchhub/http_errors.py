@@ -147,7 +147,8 @@ def in_stream_status(code: str | None, kind: str | None) -> int | None:
     or the provider's code. Read as that status, a rate limit paces the job and a refused request is
     not sent again, as they would be had the status arrived as one.
     """
-    if code is not None and code.isdigit() and 100 <= int(code) <= 599:
+    # ASCII digits only: "²" is a digit to isdigit() but not to int()
+    if code is not None and code.isascii() and code.isdigit() and 100 <= int(code) <= 599:
         return int(code)
     named = {code, kind}
     if named & RATE_LIMIT_CODES or named & QUOTA_CODES:

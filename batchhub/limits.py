@@ -46,8 +46,8 @@ from batchhub.bucket import Bucket, limit_bucket
 from batchhub.learned_rate import LearnedRate
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-#: Counts past this in a header are not a real limit (no provider counts to 10**15 a minute).
-MAX_COUNT = 10**15
+#: Counts past this in a header are not a real limit.
+MAX_COUNT = defaults.MAX_LIMIT_COUNT
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -187,11 +187,13 @@ class Calibration:
 class _Turn:
     """A request waiting in line for the buckets."""
 
-    __slots__ = ("admitted", "tokens", "woken")
+    __slots__ = ("admitted", "bucket", "tokens", "woken")
 
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
         self.admitted = False
+        #: the token bucket its tokens were reserved on when it was let in (None: none)
+        self.bucket: Bucket | None = None
         self.woken = asyncio.Event()
 
 
@@ -263,14 +265,15 @@ class RateLimits(Calibration):
                     turn.woken.clear()
         except asyncio.CancelledError:  # it never went: its place goes to the next
             if turn.admitted:
-                self.release(Reservation(tokens, self.tokens))
+                self.release(Reservation(tokens, turn.bucket))
                 for paced in (self.requests, self._learned):
                     if paced is not None:
                         paced.give_back(1, self._now())
             else:
                 self._leave(turn)
             raise
-        return Reservation(tokens if self.tokens is not None else 0, self.tokens)
+        # the bucket it was let in on: one adopted from headers since (before this task ran again) has none of it
+        return Reservation(tokens if turn.bucket is not None else 0, turn.bucket)
 
     def _wait_for(self, tokens: int) -> float:
         now = self._now()
@@ -289,6 +292,7 @@ class RateLimits(Calibration):
             self.learned.sent(now)
             if self.tokens is not None:  # all of it: one larger than a burst goes alone, the next wait out its debt
                 self.tokens.reserve(turn.tokens, now)
+                turn.bucket = self.tokens
             turn.admitted = True
             turn.woken.set()
         if self._line:
@@ -370,20 +374,25 @@ class RateLimits(Calibration):
         have said so (then the lowest of them): a job whose rows use several models gets each model's
         headers in turn, and one model's larger limit must not loosen another's."""
         now = self._now()
+        moved = False
         for said in read_limit_headers(headers):
             bucket: Bucket | None = getattr(self, said.kind)
             limit = self._header_limit(said.kind, said.limit, bucket)
             if limit is not None:
-                # a fresh bucket: the reservations made on the old one are settled there, not here
-                bucket = Bucket.per_minute(limit, self._burst_s, now)
+                # a new bucket: the reservations made on the old one are settled there, not here; it
+                # owes the seconds the old one owed (a burst just sent is not sent again at once)
+                fresh = Bucket.per_minute(limit, self._burst_s, now)
+                bucket = bucket.retuned(fresh, now) if bucket is not None else fresh
                 setattr(self, said.kind, bucket)
-                self._admit()  # a higher limit lets the line move now
+                moved = True
             if bucket is not None and said.remaining is not None:
                 bucket.fill(said.remaining, now)
             if said.remaining == 0 and bucket is None and said.reset_s:
                 # no limit to pace by: pause briefly. The reset header tells when the bucket is
                 # *full* again, far later than when the next request may go, so it only caps the pause.
                 self.cooldown(min(said.reset_s, 1.0))
+        if moved:  # a new limit lets the line move now, as far as what remains of it allows
+            self._admit()
 
     def _header_limit(self, kind: str, said: int | None, bucket: Bucket | None) -> int | None:
         """The limit a header moves a bucket to, or None to keep it."""

@@ -5,8 +5,9 @@
 - `prepare_job` (batchhub/prepare.py) does every check that can fail on bad input or a
   mismatched job directory *before* anything is written or sent, but one: a large input is
   read through (counted, each row checked) by its `InputCheck` while the job sends. Until it
-  has counted, the reader reads to the end of the file, the per-row arrays grow as it goes,
-  and the progress bar has no total; a bad row it (or the reader) finds stops the job like a
+  has counted, the reader reads towards the end of the file, the per-row arrays grow as it
+  goes, and the progress bar has no total; once counted, it reads no further than the count
+  (rows appended since are not sent). A bad row it (or the reader) finds stops the job like a
   bad input (its InputError, exit 2), the results so far kept.
 - The reader streams the input in batches, skips rows that already have a result
   (a uint8 state per row, not a Python set) and builds each request.
@@ -210,9 +211,11 @@ class Job:
                 self._first_requests.open()  # fewer rows than the fail-fast count, all failed alike: they stand
             await self._log.close()
             store.close()
-            if counting is not None and self._input_error is None:
+            if counting is not None and self._input_error is None and not self._stop.is_set():
                 await counting  # the summary needs the row count: the check goes on to the end of the file
-            elif counting is not None:  # the reader met a bad row: the job stops at it whatever the count
+            elif counting is not None:
+                # the reader met a bad row, or the run stopped (Ctrl-C): it ends now whatever the count,
+                # which may be a long read away (the next run counts)
                 counting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await counting
@@ -388,6 +391,10 @@ class Job:
         rows = self.prepared.source.iter_rows(builder.needed_columns, defaults.READ_BATCH_ROWS, start=row_id)
         try:
             while not self._stop.is_set() and row_id < end:
+                if not counted and self.prepared.n_rows is not None:  # counted since: rows past it came later
+                    end = self.prepared.n_rows
+                    if row_id >= end:
+                        break
                 try:
                     batch = await asyncio.to_thread(next, rows, None)
                 except InputError as exc:  # a bad row the input check has not reached (or a file gone unreadable)
@@ -395,7 +402,7 @@ class Job:
                     self._halt("bad_input")
                     break
                 if batch is None:
-                    if counted:  # fewer rows than counted when the job began
+                    if row_id < end < math.inf:  # fewer rows than counted
                         self._input_short = (self.prepared.rows(), row_id)
                     break
                 base = row_id
@@ -412,6 +419,8 @@ class Job:
                     if self._stop.is_set():
                         break
                     rid = base + int(offset)
+                    if self.prepared.n_rows is not None and rid >= self.prepared.n_rows:
+                        break  # the count came while this batch was queued: the file grew after it was counted
                     try:
                         built = builder.build(batch[offset])
                     except RowError as exc:
@@ -566,6 +575,7 @@ class Job:
         summary = JobSummary.from_stats(
             self.store.dir, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
         )
+        summary.rows_counted = self.prepared.n_rows is not None
         if self._fatal is not None:
             summary.stopped = "fatal"
             summary.message = redact(str(self._fatal), self.prepared.api_key)

@@ -264,6 +264,8 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name, value)
+                if value > defaults.MAX_LIMIT_COUNT:
+                    raise UsageError(f"{name} must be at most {defaults.MAX_LIMIT_COUNT:,}, not {value:,}")
         if isinstance(self.burst, bool) or not isinstance(self.burst, (int, float)) or not 0 < self.burst < math.inf:
             raise UsageError(f"burst must be a positive number of seconds, not {self.burst!r}")
         for name in ("timeout", "flush_seconds", "backoff_base"):

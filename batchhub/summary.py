@@ -44,6 +44,8 @@ class JobSummary:
     message: str | None = None
     #: results whose request_hash did not match their row's request now: sent again
     mismatched_results: int = 0
+    #: False when the run ended before its input was counted: `total_rows` are the rows read so far
+    rows_counted: bool = True
     #: the API error that stopped the job (401, 403, insufficient quota), its message redacted
     error: FatalAPIError | None = field(default=None, repr=False)
 
@@ -110,7 +112,8 @@ def summary_lines(summary: JobSummary, prices: str, *, quiet: bool = False) -> l
     rate = summary.results_this_run / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     lines = [
         f"{summary.ok:,} ok, {summary.failed:,} failed, {summary.pending:,} pending of {summary.total_rows:,} rows "
-        f"({summary.results_this_run:,} results this run in {summary.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
+        + ("read so far (the input not counted yet) " if not summary.rows_counted else "")
+        + f"({summary.results_this_run:,} results this run in {summary.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
         # every HTTP request sent, retries included (the cost table counts the replies billed)
         f"HTTP requests {summary.http_requests:,} ({summary.retries:,} retries, {summary.rate_limited:,} rate-limited"
         + (f", {summary.invalid_retries:,} invalid replies re-sent" if summary.invalid_retries else "")

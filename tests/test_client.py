@@ -170,6 +170,31 @@ def test_an_error_event_before_any_content_stands_for_its_status(error: dict, ex
     assert type(caught.value) is expected
 
 
+@pytest.mark.parametrize("code", ["\u00b2", "\u0664\u0662\u0669", "4\u00b29", "-429", " 429"])
+def test_an_error_event_whose_code_is_not_a_plain_number_is_a_server_error(code: str) -> None:
+    """A code of digits that are not ASCII ("²", Arabic-Indic) names no HTTP status: an error in the
+    stream, never a crash (`int("²")` raises though `"²".isdigit()`)."""
+    with pytest.raises(ServerError) as caught:
+        SSEAccumulator().feed(sse({"error": {"message": "upstream said no", "code": code}}, done=False))
+    assert type(caught.value) is ServerError
+
+
+def test_a_null_error_field_in_a_chunk_is_no_error() -> None:
+    """Some servers put `"error": null` in every chunk: no error, as openai-python reads it
+    (`data.get("error")`); the stream is the answer."""
+    acc = SSEAccumulator()
+    assert acc.feed(sse(chunk("Hel", error=None), chunk("lo", "stop", error=None)))
+    assert acc.result().content == "Hello"
+
+
+def test_an_error_event_after_a_role_only_chunk_still_stands_for_its_status() -> None:
+    """The first chunk of a stream names the role with empty content (OpenAI, vLLM): nothing was
+    generated yet, so an error event after it is still the status the server could not send."""
+    role = {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    with pytest.raises(RateLimitError):
+        SSEAccumulator().feed(sse(role, {"error": {"message": "Rate limit exceeded", "code": "429"}}, done=False))
+
+
 def test_an_error_event_after_content_is_a_failure_mid_stream_whatever_its_code() -> None:
     acc = SSEAccumulator()
     with pytest.raises(ServerError) as caught:

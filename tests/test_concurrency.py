@@ -53,6 +53,15 @@ def test_slow_start_doubles_while_latency_is_flat_then_grows_by_the_allowance() 
     assert run_round(limit, 0.2) == int(before + before**0.5)
 
 
+def test_replies_faster_than_the_clock_ticks_are_no_load_not_a_crash() -> None:
+    """uvloop's clock moves in whole milliseconds: against a fast local server a whole round can
+    measure 0.0 s. That is no queueing (slow start goes on), not a division by zero; and a no-load
+    latency of 0 must not make every later round with a millisecond of latency halve the limit."""
+    limit = AdaptiveLimit(initial=4, probe_rounds=0)
+    assert [run_round(limit, 0.0) for _ in range(3)] == [8, 16, 32]
+    assert run_round(limit, 0.001) >= 32
+
+
 def test_queueing_shrinks_the_limit_in_proportion_never_below_half() -> None:
     limit = AdaptiveLimit(initial=100, probe_rounds=0)
     run_round(limit, 0.1)  # no-load latency 0.1

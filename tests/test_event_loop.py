@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -67,6 +68,36 @@ def test_an_unknown_loop_is_a_usage_error_before_anything_is_written(tmp_path: P
     assert code == 2
     assert out.strip().splitlines() == ["error: BATCHHUB_EVENT_LOOP='trio' is not one of auto, uvloop, asyncio"]
     assert not (tmp_path / "job").exists()
+
+
+def test_an_unknown_loop_refuses_an_estimate_sample_in_one_line(tmp_path: Path, prompts_csv, monkeypatch) -> None:
+    """`estimate --sample` runs a job too: the same one line, and no "coroutine was never awaited"."""
+    monkeypatch.setenv(eventloop.ENV, "trio")
+    prompts_csv(tmp_path / "in.csv", 20)
+    args = ["estimate", str(tmp_path / "in.csv"), "--model", "gpt-4o-mini", "--mock", "--sample", "3"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, [*args, "--job-dir", str(tmp_path / "job")])
+        gc.collect()
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: BATCHHUB_EVENT_LOOP='trio' is not one of auto, uvloop, asyncio"
+    ]
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_cli_run_leaves_the_signal_handlers_as_it_found_them(
+    tmp_path: Path, prompts_csv, monkeypatch, loop: str
+) -> None:
+    """A closed uvloop loop keeps the SIGINT handler it installed: a later Ctrl-C in the same process
+    (a script or a test calling the CLI, then `batchhub.run()`) reached the dead loop, not the caller."""
+    monkeypatch.setenv(eventloop.ENV, loop)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code, out = cli_run(tmp_path, prompts_csv)
+    assert code == 0, out
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_uvloop_asked_for_but_missing_is_a_clear_error(monkeypatch) -> None:

@@ -11,6 +11,7 @@ written (tests/test_bad_input.py).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import random
@@ -32,6 +33,7 @@ from batchhub.io import open_input
 from batchhub.progress import Progress
 from batchhub.spec import JobSpec
 from batchhub.store import STATE_ERROR, STATE_NONE, STATE_OK, JobStore
+from batchhub.summary import summary_lines
 
 #: rows of the large inputs; each carries an unused `pad` cell so the file passes the check-ahead size
 #: (random: gzip does not shrink it)
@@ -217,6 +219,69 @@ async def test_the_reader_meeting_the_bad_row_first_stops_the_job_without_waitin
     manifest = JobStore(tmp_path / "job").manifest()
     assert manifest.input.bad_input == str(reading.value) and manifest.input.rows is None
     assert manifest.runs[-1].stopped == "bad_input"
+
+
+async def test_rows_past_the_count_are_not_sent(tmp_path: Path, mock_server: Any) -> None:
+    """A file that grows after it was counted (rows appended while the job runs): the job sends the rows
+    it counted, as a job counted before it starts does, never the rows past them, whose replies would be
+    paid for and then skipped as rows outside the input."""
+    server = await mock_server(seed=3)
+    data = tmp_path / "in.csv"
+    data.write_text("prompt\n" + "".join(f"{prompt(i)}\n" for i in range(300)))
+    spec = JobSpec(input=data, base_url=server.base_url, api_key="k", model="m", job_dir=tmp_path / "job", quiet=True)
+    prepared = prepare_job(spec)
+    prepared.n_rows, prepared.input_check = None, InputCheck(lambda: 250)  # counted before the last 50 came
+    summary = await Job(prepared, progress=False).run()
+    assert summary.ok == 250 and summary.results_this_run == 250
+    assert server.stats.completions == 250
+    recorded = JobStore(tmp_path / "job").results(["row_id"]).column("row_id").to_pylist()
+    assert sorted(recorded) == list(range(250))
+
+
+async def test_fewer_rows_than_counted_stop_the_job_as_an_input_changed(tmp_path: Path, mock_server: Any) -> None:
+    """A file that shrinks after it was counted: the job stops as one counted before it starts does
+    (input_changed, the results so far kept), not as if it had finished with rows left pending."""
+    server = await mock_server(seed=4)
+    data = tmp_path / "in.csv"
+    data.write_text("prompt\n" + "".join(f"{prompt(i)}\n" for i in range(300)))
+    spec = JobSpec(input=data, base_url=server.base_url, api_key="k", model="m", job_dir=tmp_path / "job", quiet=True)
+    prepared = prepare_job(spec)
+    prepared.n_rows, prepared.input_check = None, InputCheck(lambda: 350)  # counted before the last 50 went
+    summary = await Job(prepared, progress=False).run()
+    assert summary.ok == 300 and summary.pending == 50
+    assert summary.stopped == "input_changed" and "expected 350 rows, read 300" in (summary.message or "")
+
+
+async def test_a_stop_before_the_count_ends_does_not_wait_for_it(tmp_path: Path, mock_server: Any) -> None:
+    """Ctrl-C while a very large input is still being counted: the run ends with what it has (the rows
+    not counted yet, as `status` shows them; the next run counts), not after the whole file is read."""
+    server = await mock_server(seed=5)
+    data = tmp_path / "in.csv"
+    data.write_text("prompt\n" + "".join(f"{prompt(i)}\n" for i in range(300)))
+    spec = JobSpec(input=data, base_url=server.base_url, api_key="k", model="m", job_dir=tmp_path / "job", quiet=True)
+    prepared = prepare_job(spec)
+    counted = threading.Event()
+    prepared.n_rows, prepared.input_check = None, InputCheck(lambda: int(counted.wait(60)) and 300)
+    prepared.manifest.input.rows = None  # as for a large file
+    job = Job(prepared, progress=False)
+
+    async def on_request_end(*_: Any) -> None:
+        job.request_stop()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    try:
+        async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+            job._session = session
+            summary = await asyncio.wait_for(job.run(), 20)
+    finally:
+        counted.set()
+    assert summary.stopped == "interrupted" and summary.ok >= 1
+    assert "pending of 300 rows read so far (the input not counted yet)" in summary_lines(summary, "p")[0]
+    manifest = JobStore(tmp_path / "job").manifest()
+    assert manifest.input.rows is None  # not counted: the next run counts
+    again = await Job(prepare_job(spec), progress=False).run()
+    assert again.ok == 300 and again.results_this_run == 300 - summary.ok
 
 
 def test_a_job_whose_rows_were_never_counted_resumes_with_a_count(tmp_path: Path) -> None:

@@ -86,6 +86,31 @@ async def test_reservations_made_before_a_bucket_was_adopted_are_not_settled_on_
     assert limits.tokens.level == pytest.approx(1100, abs=1)
 
 
+async def test_a_request_let_in_before_a_bucket_was_adopted_is_not_settled_on_it() -> None:
+    """A request let in by the one ahead of it (in line, woken) returns only when it next runs: a token
+    bucket adopted from headers meanwhile reserved nothing for it, so its settling must not go there."""
+    now = 100.0
+    slept = asyncio.Event()
+
+    async def sleep(_: float) -> None:
+        await slept.wait()
+
+    limits = RateLimits(rpm=6000, tpm=None, clock=lambda: now, sleep=sleep)
+    assert limits.requests is not None
+    limits.requests.level = limits.requests.capacity  # a burst just went: the next waits
+    first = asyncio.ensure_future(limits.acquire(500))
+    second = asyncio.ensure_future(limits.acquire(500))
+    await asyncio.sleep(0)  # the first sleeps its wait, the second waits in line behind it
+    now += 1.0
+    slept.set()
+    await asyncio.sleep(0)  # the first lets itself in, and the second with it, which has not run since
+    assert first.done() and not second.done()
+    limits.observe_headers({"x-ratelimit-limit-tokens": "400000", "x-ratelimit-remaining-tokens": "2333"})
+    assert limits.tokens is not None and limits.tokens.level == pytest.approx(1000, abs=1)
+    limits.release(await second)  # a 429: nothing was reserved on the new bucket, nothing goes back to it
+    assert limits.tokens.level == pytest.approx(1000, abs=1)
+
+
 async def test_headers_adopt_and_tighten_limits_with_the_jobs_burst() -> None:
     limits = RateLimits(rpm=None, tpm=100_000, clock=lambda: 100.0)
     limits.observe_headers(
@@ -119,6 +144,49 @@ async def test_a_higher_header_limit_is_followed_only_when_replies_keep_saying_i
         limits.observe_headers({"x-ratelimit-limit-requests": str(1200 + k), "x-ratelimit-limit-tokens": "900000"})
     assert limits.requests.limit == 1200
     assert limits.tokens.limit == 100_000  # up to what the job was told, not past it
+
+
+async def test_a_new_header_limit_lets_the_line_in_only_as_far_as_its_remaining_allows() -> None:
+    """A reply says a new limit and that nothing of it remains: the requests waiting in line stay there
+    (the new bucket is filled from `remaining` before anyone is let in by it)."""
+    now = 100.0
+
+    async def sleep(_: float) -> None:
+        await asyncio.Event().wait()  # the clock does not move: only a header lets anyone in
+
+    limits = RateLimits(rpm=None, tpm=None, clock=lambda: now, sleep=sleep)
+    limits.observe_headers({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "0"})
+    waiting = [asyncio.ensure_future(limits.acquire(0)) for _ in range(10)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    limits.observe_headers({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "0"})
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_lower_header_limit_keeps_what_the_bucket_owes() -> None:
+    """Told 600 a minute, a burst just sent, requests waiting: a reply says 300 (and nothing of what
+    remains). The new bucket owes the same seconds as the old one, so nobody goes at once."""
+    now = 100.0
+
+    async def sleep(_: float) -> None:
+        await asyncio.Event().wait()  # the clock does not move: only a header could let anyone in
+
+    limits = RateLimits(rpm=600, tpm=None, clock=lambda: now, sleep=sleep)
+    assert limits.requests is not None
+    limits.requests.level = limits.requests.capacity  # a burst just went
+    waiting = [asyncio.ensure_future(limits.acquire(0)) for _ in range(10)]
+    await asyncio.sleep(0)
+    limits.observe_headers({"x-ratelimit-limit-requests": "300"})
+    await asyncio.sleep(0)
+    assert limits.requests.limit == 300
+    assert not any(task.done() for task in waiting)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 async def test_zero_remaining_without_a_limit_pauses_briefly() -> None:
