@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 
 from batchhub import defaults
+from batchhub.bucket import Bucket
 
 #: seconds a minute: the learned rate is given in requests a minute, like a `Bucket`'s limit
 _MINUTE = 60.0
@@ -96,6 +97,8 @@ class LearnedRate:
         #: the latest slot a 429 or a query was seen in: older slots than a few seconds go
         self._now_index = 0
         self.cuts = 0
+        #: the bucket that paces requests by the learned limit (None while nothing is learned)
+        self.paced: Bucket | None = None
 
     # -- what happened ------------------------------------------------------------------
 
@@ -157,6 +160,21 @@ class LearnedRate:
             self._base = None  # back at the told limit: that one paces again
             return None
         return rate
+
+    def bucket(self, now: float, ceiling: float | None, burst_s: float) -> Bucket | None:
+        """The bucket of the learned limit now (None while nothing is learned), retuned as it moves:
+        what both limiters pace by, with their burst."""
+        rpm = self.rpm(now, ceiling)
+        if rpm is None:
+            self.paced = None
+            return None
+        limit = max(1, round(rpm))
+        if self.paced is None:
+            self.paced = Bucket.per_minute(limit, burst_s, now)
+            self.paced.pause(now, now)  # a limit just learned from a 429 starts with no burst
+        elif self.paced.limit != limit:
+            self.paced = self.paced.retuned(Bucket.per_minute(limit, burst_s, now), now)
+        return self.paced
 
     def measured(self, now: float) -> float | None:
         """Requests a minute the server accepted while it kept refusing, or None without such a stretch.

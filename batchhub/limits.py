@@ -224,9 +224,8 @@ class RateLimits(Calibration):
         self._higher: dict[str, tuple[int, int]] = {}
         self._resume_at = 0.0
         self.cooldowns = 0
-        #: the requests limit learned from bare 429s, and the bucket that paces by it
+        #: the requests limit learned from bare 429s (and the bucket that paces by it)
         self.learned = LearnedRate()
-        self._learned: Bucket | None = None
 
     def _buckets(self) -> tuple[tuple[str, Bucket | None], ...]:
         return (("requests", self.requests), ("tokens", self.tokens))
@@ -266,7 +265,7 @@ class RateLimits(Calibration):
         except asyncio.CancelledError:  # it never went: its place goes to the next
             if turn.admitted:
                 self.release(Reservation(tokens, turn.bucket))
-                for paced in (self.requests, self._learned):
+                for paced in (self.requests, self.learned.paced):
                     if paced is not None:
                         paced.give_back(1, self._now())
             else:
@@ -305,18 +304,7 @@ class RateLimits(Calibration):
             self._line[0].woken.set()
 
     def _learned_at(self, now: float) -> Bucket | None:
-        """The bucket of the learned limit now (None while nothing is learned), retuned as it moves."""
-        rpm = self.learned.rpm(now, self._ceiling())
-        if rpm is None:
-            self._learned = None
-            return None
-        limit = max(1, round(rpm))
-        if self._learned is None:
-            self._learned = Bucket.per_minute(limit, self._burst_s, now)
-            self._learned.pause(now, now)  # a limit just learned from a 429 starts with no burst
-        elif self._learned.limit != limit:
-            self._learned = self._learned.retuned(Bucket.per_minute(limit, self._burst_s, now), now)
-        return self._learned
+        return self.learned.bucket(now, self._ceiling(), self._burst_s)
 
     def _ceiling(self) -> int | None:
         """The requests limit told or advertised, which learning never goes past."""
@@ -343,7 +331,7 @@ class RateLimits(Calibration):
             if learned is not None:
                 learned.pause(now, now)  # cut: the next goes one request's time from now, no burst
         if retry_after:
-            paused = [b for b in (self.requests, self.tokens, self._learned) if b is not None]
+            paused = [b for b in (self.requests, self.tokens, self.learned.paced) if b is not None]
             for bucket in paused:
                 bucket.pause(now + retry_after, now)
             if not paused:  # nothing known to pace by afterwards: every worker waits

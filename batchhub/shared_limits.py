@@ -58,9 +58,8 @@ class Ledger:
         self.tokens: Bucket | None = None
         self.reservations = 0
         self.pauses = 0
-        #: the requests limit learned from bare 429s, and the bucket that paces by it
+        #: the requests limit learned from bare 429s (and the bucket that paces by it)
         self.learned = LearnedRate()
-        self._learned: Bucket | None = None
         self.configure(rpm, tpm, rps, burst_s)
 
     def configure(
@@ -106,18 +105,7 @@ class Ledger:
             self.pause(retry_after)
 
     def _learned_at(self, now: float) -> Bucket | None:
-        """The bucket of the learned limit now (None while nothing is learned), retuned as it moves."""
-        rpm = self.learned.rpm(now, self._ceiling())
-        if rpm is None:
-            self._learned = None
-            return None
-        limit = max(1, round(rpm))
-        if self._learned is None:
-            self._learned = Bucket.per_minute(limit, self._burst_s, now)
-            self._learned.pause(now, now)  # a limit just learned from a 429 starts with no burst
-        elif self._learned.limit != limit:
-            self._learned = self._learned.retuned(Bucket.per_minute(limit, self._burst_s, now), now)
-        return self._learned
+        return self.learned.bucket(now, self._ceiling(), self._burst_s)
 
     def _ceiling(self) -> int | None:
         return self.requests.limit if self.requests is not None else None
@@ -134,7 +122,7 @@ class Ledger:
         if now + seconds > self._paused_until:
             self._paused_until = now + seconds
             self.pauses += 1
-        for bucket in (self.requests, self.tokens, self._learned):
+        for bucket in (self.requests, self.tokens, self.learned.paced):
             if bucket is not None:
                 bucket.pause(now + seconds, now)
 
