@@ -25,9 +25,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_benchmark(name: str, *args: str, cwd: Path, timeout: float = 240) -> list[str]:
-    """Run `benchmarks/NAME.py --smoke ARGS...`; the lines of its `== NAME ==` block, which starts
-    with the machine it ran on. The timeout is a bound against a hang, not a speed check."""
+def run_smoke(name: str, *args: str, cwd: Path = REPO, timeout: float = 300) -> list[str]:
+    """Run `benchmarks/NAME.py --smoke ARGS...` and check it exits 0; the lines it printed. The
+    timeout is a bound against a hang, not a speed check."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", *args],
         capture_output=True,
@@ -37,8 +37,34 @@ def run_benchmark(name: str, *args: str, cwd: Path, timeout: float = 240) -> lis
         timeout=timeout,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    block = proc.stdout.split(f"== {name} ==\n", 1)
-    assert len(block) == 2, proc.stdout
+    return proc.stdout.splitlines()
+
+
+def summary_block(lines: list[str], heading: str) -> list[str]:
+    """The lines from the first one starting with `heading` on (a benchmark's closing summary), after
+    checking that the output begins with the machine it ran on."""
+    assert lines and lines[0].startswith("machine: ") and "cores" in lines[0], lines[:1]
+    starts = [i for i, line in enumerate(lines) if line.startswith(heading)]
+    assert starts, (heading, lines)
+    return lines[starts[0] :]
+
+
+def line_per_label(lines: list[str], labels: tuple[str, ...]) -> list[str]:
+    """The one line starting with each label, in the labels' order (a label on no line, or on two, fails)."""
+    found = []
+    for label in labels:
+        matching = [line for line in lines if line.startswith(label)]
+        assert len(matching) == 1, (label, lines)
+        found.append(matching[0])
+    return found
+
+
+def run_benchmark(name: str, *args: str, cwd: Path, timeout: float = 240) -> list[str]:
+    """Run `benchmarks/NAME.py --smoke ARGS...`; the lines of its `== NAME ==` block, which starts
+    with the machine it ran on."""
+    printed = "\n".join(run_smoke(name, *args, cwd=cwd, timeout=timeout)) + "\n"
+    block = printed.split(f"== {name} ==\n", 1)
+    assert len(block) == 2, printed
     lines = block[1].splitlines()
     assert lines[0].startswith("machine: ") and " cores " in lines[0], lines[0]
     return lines

@@ -5,17 +5,12 @@ Only that it runs: its figures are measured by the benchmark itself, not asserte
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from jobprocs import child_env
+from jobprocs import line_per_label, run_smoke, summary_block
 
 # end-to-end runs of several seconds each: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 LABELS = (
     "rpm per second, told --rpm:",
     "tpm per second, told --tpm:",
@@ -25,19 +20,6 @@ LABELS = (
 
 
 def test_burst_benchmark_smoke() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "burst.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        cwd=ROOT,
-        timeout=300,  # a bound against a hang, not a speed check
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0].startswith("machine: ") and "cores" in lines[0]
-    final = lines[lines.index(next(line for line in lines if line.startswith("Bursts ("))) :]
-    for label in LABELS:
-        matching = [line for line in final if line.startswith(label)]
-        assert len(matching) == 1, (label, proc.stdout)
-        assert "% of " in matching[0] and "% 429s" in matching[0] and "first minute" in matching[0]
+    final = summary_block(run_smoke("burst"), "Bursts (")
+    for line in line_per_label(final, LABELS):
+        assert "% of " in line and "% 429s" in line and "first minute" in line, line
