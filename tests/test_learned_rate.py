@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from test_bucket import FakeTime
 
 from batchhub import arun_job, defaults
 from batchhub.learned_rate import LearnedRate
@@ -245,23 +246,6 @@ def test_cuts_come_once_per_episode() -> None:
 
 
 # -- both limiters ------------------------------------------------------------------------------
-
-
-class FakeTime:
-    """A clock, and a sleep that records the waits (and moves the clock on when `advance`)."""
-
-    def __init__(self, *, advance: bool) -> None:
-        self.now = 100.0
-        self.advance = advance
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        if self.advance:
-            self.now += seconds
 
 
 async def test_a_bare_429_paces_the_local_limiter_by_what_it_learned() -> None:

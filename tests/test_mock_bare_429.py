@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 import pytest
 from click.testing import CliRunner
+from test_mock_server import FakeClock
 
 from batchhub.cli import main
 from batchhub.mock import MockConfig, MockServer
@@ -14,14 +15,6 @@ from batchhub.mock.ratelimit import RateLimits
 
 AUTH = {"Authorization": "Bearer sk-test"}
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def admitted(limits: RateLimits, clock: FakeClock, seconds: float, step: float = 0.01) -> int:
