@@ -35,6 +35,10 @@ class Sample:
     total_tokens: int
     rate_limited: int
 
+    def served(self, kind: str) -> int:
+        """Units the simulator admitted so far: requests ("rpm") or tokens ("tpm")."""
+        return self.completions if kind == "rpm" else self.total_tokens
+
 
 def simulator(*, rpm: int | None, tpm: int | None, latency_ms: float, seed: int = 1) -> Simulator:
     """The simulator with these limits and this latency (see `_common.Simulator`)."""

@@ -106,10 +106,6 @@ class Result:
         return self.throughput_pct >= case.target_pct and self.window_429_pct < case.target_429_pct and not self.notes
 
 
-def served(s: Sample, kind: str) -> int:
-    return s.completions if kind == "rpm" else s.total_tokens
-
-
 def job_flags(case: Case, limit: int, burst: float | None) -> list[str]:
     flags = [f"--{case.told}", str(limit // 60 if case.told == "rps" else limit)]
     chosen = case.burst if case.burst is not None else burst
@@ -152,7 +148,7 @@ def run_case(case: Case, scale: Scale, burst: float | None, workdir: Path) -> Re
         s0 = next(s for s in samples if s.t >= scale.settle_s)
         s1 = samples[-1]
         res.window_s = s1.t - s0.t
-        res.throughput_pct = 100.0 * (served(s1, case.kind) - served(s0, case.kind)) / res.window_s / (limit / 60.0)
+        res.throughput_pct = 100.0 * (s1.served(case.kind) - s0.served(case.kind)) / res.window_s / (limit / 60.0)
         res.window_429 = s1.rate_limited - s0.rate_limited
         res.window_429_pct = 100.0 * res.window_429 / max(1, s1.requests - s0.requests)
     res.requests, res.rate_limited = int(final["requests"]), int(final["rate_limited"])

@@ -134,7 +134,7 @@ def curator_child(base_url: str, input_path: str, rpm: int, tpm: int, concurrenc
 
 import _common as c  # noqa: E402
 from _sim import Sample, Sampler, simulator, write_prompts  # noqa: E402
-from saturation import MEAN_COMPLETION_TOKENS, bucket_levels, served  # noqa: E402
+from saturation import MEAN_COMPLETION_TOKENS, bucket_levels  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def steady(samples: list[Sample], case: Case, limit: int, rows: int, scale: Scal
         fig.steady_how = "whole run (no steady window)"
     fig.window_s = s1.t - s0.t
     if fig.window_s >= scale.interval_s:
-        fig.steady_pct = 100.0 * (served(s1, case.kind) - served(s0, case.kind)) / fig.window_s / (limit / 60.0)
+        fig.steady_pct = 100.0 * (s1.served(case.kind) - s0.served(case.kind)) / fig.window_s / (limit / 60.0)
     else:
         fig.steady_how = "the whole run fit in the server's first bucket-full: no rate to measure"
         fig.steady_pct = float("nan")

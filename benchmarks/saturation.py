@@ -112,22 +112,17 @@ class Result:
         )
 
 
-def served(s: Sample, kind: str) -> int:
-    """Units the simulator admitted so far: requests (RPM) or tokens (TPM)."""
-    return s.completions if kind == "rpm" else s.total_tokens
-
-
 def bucket_levels(samples: list[Sample], kind: str, limit: int) -> list[float]:
     """The simulator's bucket level at each sample, from what it admitted (it starts full)."""
     rate = limit / 60.0
     levels: list[float] = []
-    level, prev_t, prev_served = float(limit), samples[0].t, served(samples[0], kind)
+    level, prev_t, prev_served = float(limit), samples[0].t, samples[0].served(kind)
     level -= prev_served
     for s in samples:
         # the refill is clamped after the charge: when admissions began inside this step, the bucket
         # refilled from then on, so this is an upper bound (the window never starts too early)
-        level = min(float(limit), level + (s.t - prev_t) * rate - (served(s, kind) - prev_served))
-        prev_t, prev_served = s.t, served(s, kind)
+        level = min(float(limit), level + (s.t - prev_t) * rate - (s.served(kind) - prev_served))
+        prev_t, prev_served = s.t, s.served(kind)
         levels.append(level)
     return levels
 
@@ -168,7 +163,7 @@ def run_case(case: Case, scale: Scale, workdir: Path, keep_series: bool) -> Resu
     if window is not None:
         s0, s1, levels, samples = window
         res.window_s = s1.t - s0.t
-        res.throughput_pct = 100.0 * (served(s1, case.kind) - served(s0, case.kind)) / res.window_s / (limit / 60.0)
+        res.throughput_pct = 100.0 * (s1.served(case.kind) - s0.served(case.kind)) / res.window_s / (limit / 60.0)
         d_requests = s1.requests - s0.requests
         res.window_429_pct = 100.0 * (s1.rate_limited - s0.rate_limited) / max(1, d_requests)
         if keep_series:
@@ -227,7 +222,7 @@ def _drained_at(
         if lv <= threshold:
             return s.t
         j = next((k for k in range(i, -1, -1) if samples[k].t <= s.t - flat_for), None)
-        sending = j is not None and served(samples[j], kind) > 0
+        sending = j is not None and samples[j].served(kind) > 0
         if sending and max(levels[j : i + 1]) - min(levels[j : i + 1]) <= 0.01 * limit:
             return s.t
     return None
