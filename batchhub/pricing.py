@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchhub import defaults
+from batchhub.cache_dir import default_cache_dir
 from batchhub.errors import UsageError
 from batchhub.manifest import Manifest
 
@@ -161,9 +162,6 @@ def load_prices_file(path: str | Path) -> dict[str, dict[str, float]]:
     return {str(m): _check_override(str(m), e, str(path)) for m, e in data.items()}
 
 
-#: where genai-prices' answers are saved between jobs; "off" saves none (default: $XDG_CACHE_HOME/batchhub)
-CACHE_ENV = "BATCHHUB_CACHE_DIR"
-
 
 def _rate_record(rate: Rate | None) -> list[Any] | None:
     return None if rate is None else [rate.base, [list(t) for t in rate.tiers]]
@@ -190,15 +188,8 @@ class SavedPrices:
 
     @classmethod
     def default(cls) -> SavedPrices:
-        folder = os.environ.get(CACHE_ENV)
-        if folder is None:
-            try:
-                folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "batchhub")
-            except RuntimeError:  # no home directory
-                return cls(None)
-        if not folder.strip() or folder.strip().lower() == "off":
-            return cls(None)
-        return cls(Path(folder) / f"prices-genai-prices-{_genai_prices_version()}.json")
+        folder = default_cache_dir()
+        return cls(None if folder is None else folder / f"prices-genai-prices-{_genai_prices_version()}.json")
 
     def _all(self) -> dict[str, Any]:
         if self._saved is None:
@@ -299,7 +290,7 @@ class PriceBook:
     overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     override_sources: dict[str, str] = field(default_factory=dict)
     _cache: dict[str, ModelPrice | None] = field(default_factory=dict, repr=False)
-    #: genai-prices' answers of earlier jobs (None: $BATCHHUB_CACHE_DIR's, read at the first lookup)
+    #: genai-prices' answers of earlier jobs (None: $BATCHHUB_CACHE's, read at the first lookup)
     saved: SavedPrices | None = field(default=None, repr=False)
 
     @classmethod

@@ -41,6 +41,9 @@ RESULT_SCHEMA = pa.schema(
         ("error_type", pa.string()),
         ("error_message", pa.string()),
         ("request_hash", pa.string()),
+        #: where a reply that was not paid for in this job came from: "job" (this job's reply to the same
+        #: request, for another row or an earlier input) or "cache" (the reply cache); null when it was sent
+        ("reused", pa.string()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("seq", pa.int64()),
     ]

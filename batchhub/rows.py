@@ -44,6 +44,8 @@ class Result(TypedDict, total=False):
     error_type: str | None
     error_message: str | None
     request_hash: str | None
+    #: "job" or "cache" for a reply reused, not sent (batchhub.reuse); None when it was sent
+    reused: str | None
     finished_at: float
     seq: int
 

@@ -28,8 +28,8 @@ import aioresponses.core
 import pandas as pd
 import pytest
 
+from batchhub.cache_dir import CACHE_ENV
 from batchhub.mock import MockConfig, MockServer, SimulatorProcess
-from batchhub.pricing import CACHE_ENV
 from batchhub.spec import JobSpec
 
 #: the prompt of row i in `prompts_csv` unless a test asks for other text

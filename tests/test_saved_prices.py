@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from jobprocs import child_env
 
-from batchhub.pricing import CACHE_ENV, PriceBook, SavedPrices
+from batchhub.cache_dir import CACHE_ENV
+from batchhub.pricing import PriceBook, SavedPrices
 
 MODELS = ["gpt-4o-mini", "gpt-4o-mini-2024-07-18", "openai/gpt-4o", "totally-made-up-model"]
 
