@@ -158,6 +158,24 @@ JOB_OPTIONS = [
         help="Resume a job that changed: its input file changed (or shrank while running), its request settings "
         "changed, or its recorded results do not match the requests their rows would send now (kept as they are).",
     ),
+    click.option(
+        "--cache",
+        type=click.Path(path_type=Path),
+        metavar="DIR",
+        help="The reply cache's folder (default: $BATCHHUB_CACHE, else ~/.cache/batchhub).",
+    ),
+    click.option(
+        "--no-cache",
+        is_flag=True,
+        default=None,
+        help="Neither read nor write the reply cache (the job's own replies are still reused).",
+    ),
+    click.option(
+        "--fresh",
+        is_flag=True,
+        default=None,
+        help="Reuse no reply: send every row without a result and let its reply replace the cached one.",
+    ),
     click.option("--flush-rows", type=int, help="Write a checkpoint part every N results (default 5000)."),
     click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),

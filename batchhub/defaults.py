@@ -117,10 +117,9 @@ FLUSH_SECONDS = 30.0
 #: fsync per row.
 JOURNAL_FSYNC_S = 1.0
 
-#: Results a resume re-sends because their request_hash is not the request their row would
-#: send now (a damaged or copied part): past this many, the job (its settings, its input or
-#: how requests are built) has changed as a whole, and re-sending everything would pay twice.
-MAX_MISMATCHED_RESULTS = 10
+#: The ok replies a run keeps in memory, by request hash, for later rows that ask the same (batchhub/reuse.py):
+#: a row asking what another asked longer ago finds it in the job's results or the reply cache.
+REUSE_RECENT = 10_000
 
 #: Rows read from the input per batch.
 READ_BATCH_ROWS = 2048

@@ -16,6 +16,8 @@ from typing import Any
 from batchhub.errors import JobStateError
 
 FORMAT_VERSION = 1
+#: how request_hash is made: 2, the endpoint and the canonical body (batchhub/requests.py)
+REQUEST_HASH_VERSION = 2
 
 
 def _int(value: Any, default: int | None = None) -> int | None:
@@ -162,8 +164,21 @@ class Manifest:
     request_config: dict[str, Any] | None = None
     prices: dict[str, Any] | None = None
     runs: list[RunRecord] = field(default_factory=list)
-    #: results with a seq up to this were kept as they were by a --force run
+    #: results with a seq up to this were kept as they were by a --force run (of a batchhub before request
+    #: hashes named requests; a --force run now keeps a result only for the row it answered)
     forced_seq: int | None = None
+    #: how request_hash is made (REQUEST_HASH_VERSION); None: a job begun before hashes named requests
+    request_hash_version: int | None = None
+    #: results with a seq up to this carry the earlier request_hash (`RequestBuilder.legacy_hash`)
+    legacy_hash_seq: int | None = None
+    #: the endpoint the requests go to, as their hashes name it (`requests.request_endpoint`)
+    endpoint: str | None = None
+    #: the request settings (and endpoint) of the job before each --force run changed them: a result made
+    #: under them is kept for the row that asked it ({"request_config", "endpoint"} each)
+    earlier_requests: list[dict[str, Any]] = field(default_factory=list)
+    #: False from a run that found the input or the settings changed until a run has checked every row's
+    #: result against the request the row sends now (export refuses meanwhile: a result may be another row's)
+    results_checked: bool | None = None
     #: a Ray task store's shard: {"index", "start", "stop", "run"} (None in a job's own job.json)
     shard: dict[str, Any] | None = None
     other: dict[str, Any] = field(default_factory=dict)
@@ -179,11 +194,17 @@ class Manifest:
         "runs",
         "forced_seq",
         "shard",
+        "request_hash_version",
+        "legacy_hash_seq",
+        "endpoint",
+        "earlier_requests",
+        "results_checked",
     )
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         runs = data.get("runs")
+        earlier, checked = data.get("earlier_requests"), data.get("results_checked")
         return cls(
             format_version=_int(data.get("format_version"), FORMAT_VERSION) or FORMAT_VERSION,
             batchhub_version=_str(data.get("batchhub_version")),
@@ -194,6 +215,11 @@ class Manifest:
             prices=_dict(data["prices"]) if isinstance(data.get("prices"), dict) else None,
             runs=[RunRecord.from_json(run) for run in runs] if isinstance(runs, list) else [],
             forced_seq=_int(data.get("forced_seq")),
+            request_hash_version=_int(data.get("request_hash_version")),
+            legacy_hash_seq=_int(data.get("legacy_hash_seq")),
+            endpoint=_str(data.get("endpoint")),
+            earlier_requests=[_dict(e) for e in earlier if isinstance(e, dict)] if isinstance(earlier, list) else [],
+            results_checked=checked if isinstance(checked, bool) else None,
             shard=_dict(data["shard"]) if isinstance(data.get("shard"), dict) else None,
             other=_rest(data, cls._KEYS),
         )
@@ -210,6 +236,11 @@ class Manifest:
             "runs": [run.to_json() for run in self.runs],
             "forced_seq": self.forced_seq,
             "shard": self.shard,
+            "request_hash_version": self.request_hash_version,
+            "legacy_hash_seq": self.legacy_hash_seq,
+            "endpoint": self.endpoint,
+            "earlier_requests": self.earlier_requests or None,
+            "results_checked": self.results_checked,
         }
         return {**_present(known), **self.other}
 

@@ -21,7 +21,7 @@ from batchhub.budget import Budget, one_reply_check
 from batchhub.errors import InputError, JobStateError, UsageError
 from batchhub.input_check import InputCheck
 from batchhub.io import InputSource, fingerprint, open_input
-from batchhub.manifest import InputInfo, Manifest
+from batchhub.manifest import REQUEST_HASH_VERSION, InputInfo, Manifest
 from batchhub.pricing import PriceBook
 from batchhub.requests import RequestBuilder, choices, completion_bound
 from batchhub.spec import JobSpec
@@ -48,6 +48,8 @@ class PreparedJob:
     output_check: OutputCheck | None = None
     #: the count and check of the input going on in a thread, when `n_rows` is None
     input_check: InputCheck | None = None
+    #: the input file changed since the job's last run
+    input_changed: bool = False
 
     def rows(self) -> int:
         """The input's row count, waiting for the input check if it is still counting (its InputError if the
@@ -82,12 +84,15 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
             "and settings they belong to; use a new --job-dir, or restore job.json"
         )
     resumed = store.exists()
+    input_changed = False
     if resumed:
+        input_changed = store.manifest().input.fingerprint != input_fp
         manifest, (n_rows, input_check) = _resumed_manifest(spec, source, builder, store, input_fp)
     else:
         manifest, (n_rows, input_check) = _new_manifest(source, builder, input_fp)
     manifest.spec = spec.to_manifest()
     manifest.request_config = spec.request_config()
+    manifest.endpoint = builder.endpoint
     manifest.input.rows = n_rows
     manifest.input.fingerprint = input_fp
     manifest.input.bad_input = None  # this run checks the input anew
@@ -108,6 +113,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         budget=start_budget(spec, store, prices) if spec.max_cost is not None else None,
         output_check=output_check,
         input_check=input_check,
+        input_changed=input_changed,
     )
 
 
@@ -133,29 +139,26 @@ def open_for_job(spec: JobSpec) -> tuple[InputSource, RequestBuilder]:
 def _resumed_manifest(
     spec: JobSpec, source: InputSource, builder: RequestBuilder, store: JobStore, input_fp: str
 ) -> tuple[Manifest, tuple[int | None, InputCheck | None]]:
-    """The manifest of the job in the directory and its row count (or its check), if this spec may resume it.
+    """The manifest of the job in the directory and its row count (or its check).
 
-    A job that stopped at a bad row of its input may resume from the file as fixed: its fingerprint
-    differs, and each done row's result is checked against the request the row sends now, as on
-    every resume (batchhub/runner.py `_plan`), so a fix that moved rows is refused there.
+    Any input and any settings may resume a job: a result stays its row's only while it answers the
+    request the row sends now (its request_hash, checked on every resume: batchhub/runner.py), and a
+    reply is reused by the request it answered, whatever row asked it (batchhub/reuse.py). A --force
+    run keeps, besides, the results the rows' requests got under the settings it replaces.
     """
     manifest = store.manifest()
     known = manifest.input
-    if known.fingerprint != input_fp and not spec.force and known.bad_input is None:
-        raise JobStateError(
-            f"the input {source.path} has changed since this job started in {store.dir} "
-            "(its fingerprint differs); resuming would mix rows. Use a new --job-dir, or --force to resume anyway"
-        )
     # a setting added since the job started is compared as its default
     old_config = {**JobSpec().request_config(), **(manifest.request_config or {})}
     new_config = spec.request_config()
-    if old_config != new_config and not spec.force:
-        changed = sorted(k for k in new_config if old_config.get(k) != new_config[k])
-        raise JobStateError(
-            f"the request settings differ from the job in {store.dir} ({', '.join(changed)}); "
-            "resuming would mix results of two jobs. "
-            "Use a new --job-dir, or --force to resume with the new settings"
-        )
+    changed = old_config != new_config or (manifest.endpoint is not None and manifest.endpoint != builder.endpoint)
+    if changed and spec.force:
+        # the results made under the settings so far stay their rows' results (`Job._check_results`)
+        manifest.earlier_requests.append({"request_config": old_config, "endpoint": manifest.endpoint})
+    if changed or known.fingerprint != input_fp:
+        # each row's result is checked against the request the row sends now; until a run has checked them
+        # all, a row may still hold the result of another row's request
+        manifest.results_checked = False
     if known.fingerprint != input_fp or known.rows is None:  # a changed input, or one never counted to its end
         return manifest, _count_and_check(source, builder)
     return manifest, (known.rows, None)
@@ -169,6 +172,7 @@ def _new_manifest(
     manifest = Manifest(
         batchhub_version=__version__,
         created_at=now_iso(),
+        request_hash_version=REQUEST_HASH_VERSION,
         input=InputInfo(
             path=str(source.path.resolve()),
             format=source.format,
@@ -306,6 +310,8 @@ def adopt_runs_since_prepared(manifest: Manifest, store: JobStore) -> None:
         manifest.runs = on_disk.runs
     if on_disk.forced_seq is not None:
         manifest.forced_seq = on_disk.forced_seq
+    if on_disk.request_hash_version is not None and manifest.request_hash_version is None:
+        manifest.request_hash_version, manifest.legacy_hash_seq = on_disk.request_hash_version, on_disk.legacy_hash_seq
 
 
 def now_iso() -> str:

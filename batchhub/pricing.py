@@ -162,7 +162,6 @@ def load_prices_file(path: str | Path) -> dict[str, dict[str, float]]:
     return {str(m): _check_override(str(m), e, str(path)) for m, e in data.items()}
 
 
-
 def _rate_record(rate: Rate | None) -> list[Any] | None:
     return None if rate is None else [rate.base, [list(t) for t in rate.tiers]]
 

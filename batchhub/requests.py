@@ -18,6 +18,13 @@ fill in fields a body lacks. Streaming always asks for usage in the stream
 
 A row that cannot become a valid request (null prompt, bad per-row value) raises
 `RowError` (of `batchhub.errors`): it is recorded as a failed row without being sent.
+
+A request's hash (`request_hash`) names what it asks, so that a reply belongs to its request
+and never to a row number: the sha256 of the endpoint (`request_endpoint`) and the body with
+its keys sorted, less the fields that do not change the answer (`UNHASHED_FIELDS`: `user`,
+`stream`, `stream_options`, ...), a whole number written as one (`1.0` is `1`). Two rows, two
+jobs or two runs that ask the same thing of the same endpoint have the same hash; the reply
+cache (batchhub/reply_cache.py) and a job's own results are found by it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
+from urllib.parse import urlsplit
 
 from batchhub import defaults
 from batchhub._encode import json_default
@@ -91,6 +99,30 @@ UNBILLED_FIELDS = frozenset(
         "reasoning_effort",
     }
 )  # fmt: skip
+
+
+#: body fields that do not change the answer: a request's hash leaves them out (who asks, how the reply
+#: travels, what the provider keeps or bills)
+UNHASHED_FIELDS = frozenset(
+    {"user", "stream", "stream_options", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
+
+
+def request_endpoint(spec: JobSpec) -> str:
+    """The server a job's requests go to, as their hashes name it: the base URL's scheme, host, port and
+    path (lowercased host, no credentials, no query). The built-in simulator is `mock:` and a digest of its
+    settings (two simulators set up differently are two servers)."""
+    if spec.is_mock:
+        settings = json.dumps(spec.mock, sort_keys=True, default=str, separators=(",", ":"))
+        return "mock:" + hashlib.sha256(settings.encode()).hexdigest()[:16]
+    url = urlsplit(spec.resolved_base_url())
+    host = (url.hostname or "").lower()
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme.lower()}://{host}{port}{url.path.rstrip('/')}"
+
+
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def extra_input(body: dict[str, Any]) -> str:
@@ -185,8 +217,19 @@ def _did_you_mean(missing: Sequence[str], columns: Sequence[str], brace: bool = 
 class RequestBuilder:
     """Builds the request body of each row of a job."""
 
-    def __init__(self, spec: JobSpec, columns: Sequence[str], max_body_bytes: int = defaults.MAX_REQUEST_BYTES) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        columns: Sequence[str],
+        max_body_bytes: int = defaults.MAX_REQUEST_BYTES,
+        *,
+        endpoint: str | None = None,
+    ) -> None:
         self.spec = spec
+        #: the server the requests go to, as their hashes name it (`endpoint`: another than the spec's, for a
+        #: job's earlier settings)
+        self.endpoint = endpoint if endpoint is not None else request_endpoint(spec)
+        self._hash_prefix = self.endpoint.encode() + b"\n"
         #: a row whose body is larger fails alone, unsent (`request_too_large`)
         self.max_body_bytes = max_body_bytes
         self._template = spec.template
@@ -298,8 +341,8 @@ class RequestBuilder:
                 raise RowError(f"template field {{{name}:{spec}}} cannot format {value!r}: {exc}") from exc
         return "".join(parts)
 
-    def build(self, row: dict[str, Any]) -> BuiltRequest:
-        """The request for one row, or RowError."""
+    def _body(self, row: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The body of a row's request and its messages, or RowError."""
         if self.batch_format:
             body = self._batch_body(row)
             messages = body["messages"]
@@ -312,8 +355,19 @@ class RequestBuilder:
                 body[param] = value
         if not body.get("model"):
             raise RowError("no model for this row (the model column is empty and no --model was given)")
+        return body, messages
+
+    def build(self, row: dict[str, Any]) -> BuiltRequest:
+        """The request for one row, or RowError."""
+        body, messages = self._body(row)
+        # one encoding serves the hash and the body: the hashed fields, keys sorted, then the others
+        hashed = {k: _whole_number(v) for k, v in body.items() if k not in UNHASHED_FIELDS}
+        unhashed = {k: v for k, v in body.items() if k in UNHASHED_FIELDS}
         try:
-            encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+            encoded = _encode(hashed)
+            key = hashlib.sha256(self._hash_prefix + encoded).hexdigest()[:32]
+            if unhashed:
+                encoded = encoded[:-1] + b"," + _encode(unhashed)[1:]
         except ValueError as exc:  # NaN or infinity somewhere in a messages cell: not valid JSON
             raise RowError(f"this row's messages hold a value JSON cannot carry: {exc}") from exc
         except UnicodeEncodeError as exc:  # a lone surrogate (e.g. "\ud800" in a JSON Lines file)
@@ -332,11 +386,21 @@ class RequestBuilder:
             messages=messages,
             est_prompt_tokens=estimate_prompt_tokens(messages) + math.ceil(len(extra) / defaults.CHARS_PER_TOKEN),
             max_tokens=max_tokens,
-            request_hash=hashlib.sha256(encoded).hexdigest()[:32],
+            request_hash=key,
             stream=body.get("stream") is True,
             extra_input=extra,
             choices=choices(body.get("n")),
         )
+
+    def legacy_hash(self, row: dict[str, Any]) -> str:
+        """The row's request hash as jobs wrote it before hashes named requests (the body as built, unsorted,
+        without the endpoint; job.json without `request_hash_version`): their results are checked by it.
+        RowError if the row cannot be built."""
+        body, _ = self._body(row)
+        try:
+            return hashlib.sha256(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()[:32]
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise RowError(f"this row cannot be encoded: {exc}") from exc
 
     def _batch_body(self, row: dict[str, Any]) -> dict[str, Any]:
         """One line of an OpenAI Batch file -> its body, checked; job settings fill in what it lacks."""
@@ -358,6 +422,10 @@ class RequestBuilder:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return body
+
+
+def _encode(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True).encode()
 
 
 #: the columns of an OpenAI Batch input line

@@ -48,7 +48,6 @@ from batchhub.errors import (
     BatchhubError,
     FatalAPIError,
     InputError,
-    JobStateError,
     RepeatedError,
     UsageError,
 )
@@ -56,13 +55,15 @@ from batchhub.eventloop import loop_name
 from batchhub.holds import Hold, Holds
 from batchhub.limits import Limiter, RateLimits
 from batchhub.lock import lock_job_dir
-from batchhub.manifest import RunRecord
+from batchhub.manifest import REQUEST_HASH_VERSION, RunRecord
 from batchhub.prepare import PreparedJob, adopt_runs_since_prepared, endpoint, now_iso, prepare_job
 from batchhub.progress import Progress
 from batchhub.redaction import redact
-from batchhub.requests import BuiltRequest, RowError
+from batchhub.requests import BuiltRequest, RequestBuilder, RowError
 from batchhub.results import ResultLog
+from batchhub.reuse import Reuse, open_reuse
 from batchhub.rows import Result, ResultRows, check_output
+from batchhub.spec import REQUEST_FIELDS, JobSpec
 from batchhub.stats import RunStats, result_cost
 from batchhub.store import STATE_ERROR, STATE_NONE, STATE_OK
 from batchhub.summary import JobSummary, budget_message, close_run_record
@@ -121,9 +122,12 @@ class Job:
         self._first_requests = FirstRequests(
             fail_fast=self.spec.fail_fast, record=self._record, on_fatal=self._stop_fatal
         )
-        #: the job's own results disagree with its rows (too many request hashes do not match)
-        self._refusal: JobStateError | None = None
-        self._first_mismatch: int | None = None
+        #: rows whose request another row in flight asked, and that must be sent themselves (its reply was not ok)
+        self._orphans: list[tuple[int, BuiltRequest]] = []
+        #: the request builders of the settings before --force runs, for the results made under them
+        self._earlier_builders: list[RequestBuilder] | None = None
+        #: the reader went through to the end of the input: every row's result was checked
+        self._read_through = False
         #: the input's first bad row (found by the input check or the reader): the run stops, then raises it
         self._input_error: Exception | None = None
         #: rows the reader has read (the input's rows so far, while it is not counted), and the rows up to the
@@ -177,6 +181,7 @@ class Job:
         except OSError as exc:  # no room to compact the journal: it stays, and is still read below
             setup_error = exc
         n_todo = self._plan()
+        self._reuse: Reuse = open_reuse(prepared)
         run_record = self._start_record(n_todo if prepared.n_rows is not None else None)  # else: once counted
         if setup_error is None:
             try:
@@ -210,6 +215,7 @@ class Job:
             if self._first_requests.holds_results and not isinstance(self._fatal, RepeatedError):
                 self._first_requests.open()  # fewer rows than the fail-fast count, all failed alike: they stand
             await self._log.close()
+            await self._reuse.close()
             store.close()
             if counting is not None and self._input_error is None and not self._stop.is_set():
                 await counting  # the summary needs the row count: the check goes on to the end of the file
@@ -221,13 +227,13 @@ class Job:
                     await counting
             if self._input_error is not None:
                 prepared.manifest.input.bad_input = str(self._input_error)
+            if self._only_rows is None and (self._read_through or self._hashes is None):
+                prepared.manifest.results_checked = True  # every row's result is its own request's
             self._progress.close()
             summary = self._finish_summary(started)
             close_run_record(run_record, summary)
             with contextlib.suppress(OSError):
                 store.write_manifest(prepared.manifest)
-        if self._refusal is not None:
-            raise self._refusal
         if self._input_error is not None:
             raise self._input_error
         return summary
@@ -249,14 +255,18 @@ class Job:
             wanted[self._only_rows[(self._only_rows >= 0) & (self._only_rows < len(states))]] = True
             todo &= wanted
         self._todo = todo
-        # a resume trusts a result only if its request_hash is the request its row would send now:
-        # the reader checks each done row as it passes (--force keeps results as they are)
+        # a result is its row's only while it answers the request the row sends now: the reader checks each
+        # done row as it passes (`_check_results`)
+        manifest = prepared.manifest
+        if manifest.request_hash_version is None:  # a job begun before request hashes named requests
+            manifest.legacy_hash_seq = store.last_seq or None
+            manifest.request_hash_version = REQUEST_HASH_VERSION
+        # results an older batchhub's --force kept as they were stand while the input is the same
+        trusted = (manifest.forced_seq or 0) if not prepared.input_changed else 0
         self._hashes: np.ndarray | None = None
-        forced = prepared.manifest.forced_seq or 0
-        if spec.force:  # the results so far are kept as they are, by this run and the resumes after it
-            prepared.manifest.forced_seq = max(forced, store.last_seq)
-        elif self._only_rows is None and bool(np.any(states != STATE_NONE)):
-            self._hashes = store.row_request_hashes(len(states), trusted_seq=forced)
+        self._result_seqs: np.ndarray | None = None
+        if self._only_rows is None and bool(np.any(states != STATE_NONE)):
+            self._hashes, self._result_seqs = store.row_request_hashes(len(states), trusted_seq=trusted)
         return int(np.count_nonzero(todo))
 
     def _grow(self, size: int) -> None:
@@ -268,8 +278,9 @@ class Job:
         size = max(size, 2 * old)
         self._states = np.concatenate([self._states, np.full(size - old, STATE_NONE, dtype=np.uint8)])
         self._todo = np.concatenate([self._todo, np.ones(size - old, dtype=bool)])
-        if self._hashes is not None:
+        if self._hashes is not None and self._result_seqs is not None:
             self._hashes = np.concatenate([self._hashes, np.zeros(size - old, dtype=self._hashes.dtype)])
+            self._result_seqs = np.concatenate([self._result_seqs, np.zeros(size - old, dtype=np.int64)])
         self._log.states = self._states
 
     async def _watch_input_check(self, run_record: RunRecord) -> None:
@@ -412,21 +423,26 @@ class Job:
                     self._grow(row_id)
                     todo = self._todo
                 # done rows first: a batch's rows are queued only once its results are known good
-                if hashes is not None and not self._check_results(batch, base, checked, hashes):
-                    break
+                if hashes is not None:
+                    self._check_results(batch, base, checked, hashes)
                 wanted = np.flatnonzero(todo[base : base + len(batch)])
+                to_send: list[tuple[int, BuiltRequest]] = []
                 for offset in wanted:
-                    if self._stop.is_set():
-                        break
                     rid = base + int(offset)
                     if self.prepared.n_rows is not None and rid >= self.prepared.n_rows:
                         break  # the count came while this batch was queued: the file grew after it was counted
                     try:
-                        built = builder.build(batch[offset])
+                        to_send.append((rid, builder.build(batch[offset])))
                     except RowError as exc:
                         self._record(self._rows.error(rid, exc.error_type, str(exc), None, 0, 0, None))
-                        continue
-                    await queue.put((rid, built))
+                found = await self._reuse.find(to_send)
+                for row in found.reused:
+                    self._record(row)
+                for item in found.to_send:
+                    if self._stop.is_set():
+                        break
+                    await queue.put(item)
+            self._read_through = not self._stop.is_set() and self._input_short is None
         finally:
             if self._stop.is_set():
                 # queued rows were never sent: they stay pending. Workers are being cancelled, so
@@ -439,36 +455,51 @@ class Job:
             for _ in range(self._n_workers):
                 await queue.put(_END)
 
-    def _check_results(self, batch: list[Any], base: int, checked: np.ndarray, hashes: np.ndarray) -> bool:
-        """Build the requests of the done rows of a batch and compare them with their results' hashes.
+    def _check_results(self, batch: list[Any], base: int, checked: np.ndarray, hashes: np.ndarray) -> None:
+        """Check that the done rows of a batch hold the results of the requests they send now.
 
-        A result that does not match is not trusted: its row becomes pending (and is sent again as
-        this batch is queued). Past MAX_MISMATCHED_RESULTS the job stops (exit 2), returning False.
+        A result that answered another request (the row moved, or its text or the settings changed) is not
+        the row's: the row becomes pending, and is looked up (batchhub/reuse.py) or sent as this batch is
+        queued. The result stays recorded: it answered its own request, which any row may reuse.
         """
+        assert self._result_seqs is not None
         for offset in np.flatnonzero(checked[base : base + len(batch)]):
             rid = base + int(offset)
-            try:
-                now = self.prepared.builder.build(batch[offset]).request_hash.encode()
-            except RowError:
-                now = b""  # the row cannot be sent now: its stored result is not its request's either
-            if now == hashes[rid]:
+            if self._answers(batch[offset], hashes[rid], int(self._result_seqs[rid])):
                 continue
             self._stats.mismatched_results += 1
-            if self._first_mismatch is None:
-                self._first_mismatch = rid
-            if self._stats.mismatched_results > defaults.MAX_MISMATCHED_RESULTS:
-                self._refusal = JobStateError(
-                    f"more than {defaults.MAX_MISMATCHED_RESULTS} results in {self.store.dir} do not match the "
-                    "requests their rows would send now (the input, the request settings or how batchhub builds "
-                    "requests changed, or results were copied from another job; first: row "
-                    f"{self._first_mismatch}); the run stopped rather than send them all again. "
-                    "Use a new --job-dir, or --force to keep the results as they are"
-                )
-                self._halt("mismatched_results")
-                return False
             self._todo[rid] = True
             self._states[rid] = STATE_NONE
-        return True
+
+    def _answers(self, row: dict[str, Any], stored: bytes, seq: int) -> bool:
+        """Whether a result (its request_hash `stored`, its `seq`) answered the request of `row`: the request
+        the row sends now, or the one it sent under settings a --force run replaced."""
+        legacy = seq <= (self.prepared.manifest.legacy_hash_seq or 0)
+        for builder in (self.prepared.builder, *self._earlier()):
+            try:
+                now = builder.legacy_hash(row) if legacy else builder.build(row).request_hash
+            except RowError:
+                continue  # the row cannot be sent with these settings: the result is not of them
+            if now.encode() == stored:
+                return True
+        return False
+
+    def _earlier(self) -> list[RequestBuilder]:
+        """The request builders of the settings --force runs replaced (those that still fit the input)."""
+        if self._earlier_builders is None:
+            self._earlier_builders = []
+            for earlier in self.prepared.manifest.earlier_requests:
+                fields = {k: v for k, v in dict(earlier.get("request_config") or {}).items() if k in REQUEST_FIELDS}
+                try:
+                    builder = RequestBuilder(
+                        JobSpec(**fields),
+                        self.prepared.source.columns,
+                        endpoint=earlier.get("endpoint") or self.prepared.builder.endpoint,
+                    )
+                except (BatchhubError, TypeError, ValueError):
+                    continue  # settings this input cannot be built with: no row's result was made under them
+                self._earlier_builders.append(builder)
+        return self._earlier_builders
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -496,7 +527,7 @@ class Job:
         place it had for its previous row given back first). A worker waiting for a place holds no row."""
         gate = self._gate
         if gate is None:
-            return await self._queue.get()
+            return self._orphans.pop() if self._orphans else await self._queue.get()
         task = asyncio.current_task()
         assert task is not None
         if task in self._placed:
@@ -504,7 +535,7 @@ class Job:
             gate.release()
         await gate.acquire()
         self._placed.add(task)
-        return await self._queue.get()
+        return self._orphans.pop() if self._orphans else await self._queue.get()
 
     async def _worker(self) -> None:
         while True:
@@ -519,7 +550,9 @@ class Job:
                 try:
                     taken = await hold.take()
                 except UsageError as exc:  # a per-row model with no known price
-                    self._record(self._rows.error(row_id, "no_price", str(exc), None, 0, 0, built))
+                    refused = self._rows.error(row_id, "no_price", str(exc), None, 0, 0, built)
+                    self._record(refused)
+                    self._answered(built, refused)
                     if first:
                         self._first_requests.give_back()
                     continue
@@ -534,17 +567,28 @@ class Job:
             row = await self._attempts.send(row_id, built, first, hold)
             first = False
             if row is None:
+                self._answered(built, None)
                 return True
             hold.assume(row)
             retry = check_output(row, self.prepared.output_check) and invalid_retries < self.spec.retry_invalid
             hold.settle(self._held_cost(row, built.model, self._record(row, built.model)))
             if not retry or self._stop.is_set():
+                self._answered(built, row)
                 return True
             # the reply was paid for and is recorded; ask again
             invalid_retries += 1
             self._stats.invalid_retries += 1
             if not await hold.take():
+                self._answered(built, row)
                 return False
+
+    def _answered(self, built: BuiltRequest, row: Result | None) -> None:
+        """A row this run sent has its final result: the rows that asked the same meanwhile get a copy of an ok
+        reply, or are sent themselves."""
+        copies, orphans = self._reuse.answered(built, row)
+        for reused in copies:
+            self._record(reused)
+        self._orphans.extend(orphans)
 
     # -- results ----------------------------------------------------------------------------
 
@@ -576,6 +620,7 @@ class Job:
             self.store.dir, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
         )
         summary.rows_counted = self.prepared.n_rows is not None
+        summary.cache_note = self._reuse.note()
         if self._fatal is not None:
             summary.stopped = "fatal"
             summary.message = redact(str(self._fatal), self.prepared.api_key)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from batchhub import defaults
+from batchhub.cache_dir import default_cache_dir
 from batchhub.errors import UsageError
 
 if TYPE_CHECKING:
@@ -138,6 +139,12 @@ class JobSpec:
     #: stop (exit 3) when the run's first results are all the same non-retryable error
     fail_fast: bool = True
     force: bool = False
+    #: the reply cache's folder (default: the per-user cache folder, batchhub/cache_dir.py)
+    cache: Path | None = None
+    #: neither read nor write the reply cache (this job's own replies are still reused)
+    no_cache: bool = False
+    #: reuse no reply: send every row and let its reply replace the cached one
+    fresh: bool = False
     quiet: bool = False
 
     #: settings of the built-in simulator (a `[mock]` table), used when base_url is mock://
@@ -221,7 +228,7 @@ class JobSpec:
         """Every setting worth recording in job.json. Never the API key."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name in ("api_key", "quiet", "force", "retry_failed"):
+            if f.name in ("api_key", "quiet", "force", "retry_failed", "fresh"):
                 continue
             out[f.name] = _jsonable(getattr(self, f.name))
         # the simulator's accepted key (or any setting named like a secret) is not recorded either
@@ -255,6 +262,11 @@ class JobSpec:
                 f"param_columns: {', '.join(sorted(unknown))} cannot be set per row (allowed: {', '.join(ROW_PARAMS)})"
             )
         check_concurrency(self.concurrency)
+        for name in ("no_cache", "fresh"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if self.no_cache and self.cache is not None:
+            raise UsageError("give --cache DIR or --no-cache, not both")
         _positive_int("max_attempts", self.max_attempts)
         _positive_int("flush_rows", self.flush_rows)
         _positive_int("max_response_bytes", self.max_response_bytes)
@@ -288,6 +300,12 @@ class JobSpec:
         if url != defaults.MOCK_BASE_URL and not url.startswith(("http://", "https://")):
             raise UsageError(f"base_url must start with http:// or https:// (or be mock://), not {url!r}")
 
+    def reply_cache_dir(self) -> Path | None:
+        """The reply cache's folder for this job; None when it uses none (--no-cache, or the cache turned off)."""
+        if self.no_cache:
+            return None
+        return self.cache if self.cache is not None else default_cache_dir()
+
     @property
     def auto_concurrency(self) -> bool:
         """`concurrency = "auto"`: the limit is found as the job runs."""
@@ -308,7 +326,7 @@ class JobSpec:
         if unknown:
             raise UsageError(f"{origin}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         data = dict(data)
-        for key in ("input", "job_dir", "prices_file", "json_schema"):
+        for key in ("input", "job_dir", "prices_file", "json_schema", "cache"):
             if data.get(key) is not None:
                 path = Path(os.path.expanduser(str(data[key])))
                 data[key] = path if path.is_absolute() or base_dir is None else base_dir / path

@@ -37,11 +37,28 @@ class RunStats:
     rate_limited: int = 0
     #: replies sent again because they were invalid_output (--retry-invalid)
     invalid_retries: int = 0
-    #: results whose request_hash did not match their row's request now: sent again
+    #: results whose request_hash did not match their row's request now: looked up, else sent again
     mismatched_results: int = 0
+    #: results that are copies of replies paid for before (batchhub/reuse.py), by where they came from
+    reused: dict[str, int] = field(default_factory=dict)
+    #: what those replies cost when they were paid for, at known prices: saved in this run
+    saved_usd: float = 0.0
 
     def count(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
-        """Count a result recorded by this run; its cost at known prices (None: no usage, or no price for its model)."""
+        """Count a result recorded by this run; its cost at known prices (None: no usage, or no price for its model).
+        A reused reply costs nothing in this run: what it cost when it was paid for is counted as saved."""
+        source = row.get("reused")
+        if source:
+            self.results += 1
+            self.ok += 1
+            self.reused[source] = self.reused.get(source, 0) + 1
+            model = row.get("model")
+            price = (prices.lookup(model) if model else None) or (
+                prices.lookup(requested_model) if requested_model else None
+            )
+            if price is not None:
+                self.saved_usd += result_cost(row, price)
+            return 0.0
         cost = self._cost(row, prices, requested_model)
         self.results += 1
         if row["status"] == "ok":

@@ -341,23 +341,26 @@ class JobStore:
         """Whether anything here holds results (parts, journal segments, the task stores)."""
         return bool(self.parts() or self.segments() or self.task_stores())
 
-    def row_request_hashes(self, n_rows: int | None, *, trusted_seq: int = 0) -> np.ndarray:
-        """The request_hash of each input row's latest result, fixed-width bytes (b"": no result, or none).
+    def row_request_hashes(self, n_rows: int | None, *, trusted_seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The request_hash of each input row's latest result, fixed-width bytes (b"": no result, or none), and
+        that result's seq (0: none).
 
-        A latest result with seq <= `trusted_seq` (kept as it was by a `--force` run) gives b"" too.
-        `n_rows` None (the input not counted yet): as long as the largest row with a result.
+        A latest result with seq <= `trusted_seq` (kept as it was by a `--force` run of an older batchhub)
+        gives b"" too. `n_rows` None (the input not counted yet): as long as the largest row with a result.
         """
         table = self.results(["row_id", "request_hash", "seq"])
         if table.num_rows == 0:
-            return np.zeros(n_rows or 0, dtype="S32")
+            return np.zeros(n_rows or 0, dtype="S32"), np.zeros(n_rows or 0, dtype=np.int64)
         row_id = table["row_id"].to_numpy()
         hashes = np.zeros(_rows_or_seen(n_rows, row_id), dtype="S32")
+        row_seqs = np.zeros(len(hashes), dtype=np.int64)
         seq = table["seq"].to_numpy()
         keep = latest_indices(row_id, seq)
         ids = row_id[keep]
         valid = (ids >= 0) & (ids < len(hashes)) & (seq[keep] > trusted_seq)
         hashes[ids[valid]] = fixed_width(table["request_hash"], 32)[keep][valid]
-        return hashes
+        row_seqs[ids[valid]] = seq[keep][valid]
+        return hashes, row_seqs
 
     def row_states(self, n_rows: int | None) -> np.ndarray:
         """uint8 per input row: 0 no result, 1 ok, 2 error (the latest result wins).

@@ -42,8 +42,14 @@ class JobSummary:
     assumed_results: int = 0
     stopped: str | None = None
     message: str | None = None
-    #: results whose request_hash did not match their row's request now: sent again
+    #: results whose request_hash did not match their row's request now: looked up, else sent again
     mismatched_results: int = 0
+    #: results that are copies of replies paid for before, by where they came from ("job", "cache")
+    reused: dict[str, int] = field(default_factory=dict)
+    #: what those replies cost when they were paid for (at known prices)
+    saved_usd: float = 0.0
+    #: why the reply cache was not used, or how many of its entries were damaged (ignored), if so
+    cache_note: str | None = None
     #: False when the run ended before its input was counted: `total_rows` are the rows read so far
     rows_counted: bool = True
     #: the API error that stopped the job (401, 403, insufficient quota), its message redacted
@@ -80,6 +86,8 @@ class JobSummary:
             assumed_usd=stats.assumed_usd,
             assumed_results=stats.assumed_results,
             mismatched_results=stats.mismatched_results,
+            reused=dict(stats.reused),
+            saved_usd=stats.saved_usd,
         )
 
 
@@ -121,19 +129,33 @@ def summary_lines(summary: JobSummary, prices: str, *, quiet: bool = False) -> l
         f"tokens {summary.prompt_tokens:,} prompt + {summary.completion_tokens:,} completion; "
         f"{_cost(summary)} (prices: {prices})",
     ]
+    reused = sum(summary.reused.values())
+    if reused:
+        sources = ", ".join(
+            f"{n:,} from {'this job' if k == 'job' else 'the cache'}"
+            for k, n in sorted(summary.reused.items(), reverse=True)
+        )
+        lines.insert(
+            1,
+            f"{reused:,} replies reused ({sources}), saving ${summary.saved_usd:,.4f}; "
+            f"{summary.results_this_run - reused:,} results from requests sent",
+        )
     if summary.mismatched_results:
         lines.insert(
             1,
-            f"{summary.mismatched_results:,} results did not match the requests their rows would send now "
-            "and were sent again",
+            f"{summary.mismatched_results:,} results no longer answer their rows' requests (the input or the settings "
+            "changed): those rows were looked up, or sent",
         )
+    if summary.cache_note:
+        lines.append(summary.cache_note)
     if summary.stopped:
         lines.append(f"stopped: {summary.message or summary.stopped}")
     elif summary.failed:
         lines.append(
             f"see failures: batchhub status {shlex.quote(str(summary.job_dir))}; re-send them with --retry-failed"
         )
-    return lines if not quiet or summary.stopped or summary.failed or summary.mismatched_results else lines[:1]
+    news = summary.stopped or summary.failed or summary.mismatched_results or summary.cache_note
+    return lines if not quiet or news else lines[:1]
 
 
 def _cost(summary: JobSummary) -> str:
@@ -169,6 +191,9 @@ def summary_dict(summary: JobSummary) -> dict[str, Any]:
         "elapsed_s": summary.elapsed_s,
         # results that did not match their rows' requests, sent again this run
         "mismatched_results": summary.mismatched_results,
+        # copies of replies paid for before, by where they came from, and what they cost then
+        "reused": dict(summary.reused),
+        "saved_usd": summary.saved_usd,
     }
 
 

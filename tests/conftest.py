@@ -37,9 +37,22 @@ SEA_PROMPT = "row {i}: say something about the sea"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Saved genai-prices answers (batchhub.pricing.SavedPrices) go to a folder of this session's, never
+    """The cache folder (saved genai-prices answers, the reply cache) is a folder of this session's, never
     the user's: set before collection, which looks prices up, and inherited by every child process."""
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="batchhub-test-cache-")
+
+
+@pytest.fixture(autouse=True)
+def cache_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test has a cache folder of its own (another test's simulator may answer the same requests with
+    other replies, and a test counts the requests sent), holding the session's saved prices."""
+    session = Path(os.environ[CACHE_ENV])
+    folder = tmp_path_factory.mktemp("cache")
+    if session.name.startswith("batchhub-test-cache-"):  # not a folder a test set itself
+        for saved in session.glob("prices-*.json"):
+            (folder / saved.name).symlink_to(saved)
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    return folder
 
 
 def write_prompts(path: Path, n: int, text: str = SEA_PROMPT, **columns: Any) -> Path:

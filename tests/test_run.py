@@ -199,19 +199,18 @@ async def test_limit_learned_from_headers_avoids_429s(tmp_path: Path, mock_serve
     assert time.monotonic() - started >= 2.0  # 300 at 100/s after a burst of 50: paced, not all at once
 
 
-async def test_changed_input_and_changed_settings_are_refused(tmp_path: Path, mock_server) -> None:
+async def test_a_changed_input_or_changed_settings_send_only_the_new_requests(tmp_path: Path, mock_server) -> None:
     server = await mock_server()
     spec = make_spec(tmp_path, server, n=10)
     await arun_job(spec, progress=False)
     other = make_spec(tmp_path, server, n=10, model="another-model")
-    with pytest.raises(JobStateError, match=r"request settings differ.*model"):
-        await arun_job(other, progress=False)
+    changed = await arun_job(other, progress=False)  # every row asks another model now: all sent
+    assert (changed.ok, changed.http_requests, changed.mismatched_results) == (10, 10, 10)
+    back = await arun_job(spec, progress=False)  # the first model's replies are still the job's
+    assert (back.ok, back.http_requests, back.reused) == (10, 0, {"job": 10})
     write_prompts(tmp_path / "in.csv", 11)
-    with pytest.raises(JobStateError, match="has changed"):
-        await arun_job(spec, progress=False)
-    spec.force = True
-    forced = await arun_job(spec, progress=False)
-    assert forced.total_rows == 11 and forced.ok == 11 and forced.http_requests == 1
+    grown = await arun_job(spec, progress=False)
+    assert grown.total_rows == 11 and grown.ok == 11 and grown.http_requests == 1
 
 
 async def test_a_job_from_before_a_setting_existed_resumes(tmp_path: Path, mock_server) -> None:
@@ -224,9 +223,8 @@ async def test_a_job_from_before_a_setting_existed_resumes(tmp_path: Path, mock_
     manifest_path.write_text(json.dumps(manifest))
     assert (await arun_job(spec, progress=False)).exit_code == 0
     manifest_path.write_text(json.dumps(manifest))  # the resume wrote it anew, with params
-    changed = make_spec(tmp_path, server, n=10, params={"seed": 1})
-    with pytest.raises(JobStateError, match=r"request settings differ from .* \(params\)"):
-        await arun_job(changed, progress=False)
+    changed = make_spec(tmp_path, server, n=10, params={"seed": 1})  # another request for every row
+    assert (await arun_job(changed, progress=False)).http_requests == 10
 
 
 async def test_null_prompts_fail_without_being_sent(tmp_path: Path, mock_server) -> None:

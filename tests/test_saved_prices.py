@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def test_prices_are_saved_by_day(tmp_path: Path) -> None:
     assert sorted(json.loads(next(tmp_path.iterdir()).read_text())) == ["gpt-4o@2024-06-01", "gpt-4o@2026-11-01"]
 
 
-def test_the_tests_never_write_the_users_cache() -> None:
-    assert Path(os.environ[CACHE_ENV]).name.startswith("batchhub-test-cache-")  # tests/conftest.py
+def test_the_tests_never_write_the_users_cache(cache_folder: Path) -> None:
+    assert Path(os.environ[CACHE_ENV]) == cache_folder  # tests/conftest.py: a folder of each test's
+    assert Path(tempfile.gettempdir()) in cache_folder.parents
 
 
 def test_the_file_starts_afresh_rather_than_grow_for_ever(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

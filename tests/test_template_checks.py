@@ -100,4 +100,4 @@ def test_a_messages_column_sends_nested_content_as_json_values() -> None:
     b = RequestBuilder(spec(messages_column="m"), ["m"])
     parts = [{"type": "text", "text": "hi"}]
     raw = b.build({"m": [{"role": "user", "content": parts, "name": None}]}).body
-    assert b'"content":[{"type":"text","text":"hi"}]' in raw and b"'type'" not in raw
+    assert json.loads(raw)["messages"][0]["content"] == parts and b"'type'" not in raw
