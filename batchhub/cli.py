@@ -373,6 +373,11 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
 @click.option("--no-ratelimit-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
 @click.option("--no-retry-after", is_flag=True, help="Send 429s without Retry-After or retry-after-ms (bare 429s).")
 @click.option(
+    "--echo",
+    is_flag=True,
+    help="Answer 'echo: ' + each request's last user message, and record those messages (GET /mock/prompts).",
+)
+@click.option(
     "--rpm-schedule",
     "rpm_schedule",
     multiple=True,
