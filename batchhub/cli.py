@@ -510,7 +510,7 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     page = write_report(folder, target, prices_file=prices_file)
     click.echo(
         f"wrote {target}: {page.ok:,} ok, {page.failed:,} failed, {page.pending:,} pending "
-        f"of {page.total_rows:,} rows; cost {page.cost_text}",
+        f"of {page.total_rows:,} rows; cost {page.cost_text}" + (f"; {page.reuse_text}" if page.reuse_text else ""),
         err=True,
     )
 

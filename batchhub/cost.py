@@ -7,6 +7,12 @@ usage, attempts that may have been billed without a reply: the
 counted apart as *assumed*. A request
 that was in flight when a job was killed may have been billed without a record of
 it (at most `concurrency` per kill): no tool can see that from the client side.
+
+A reused result (its `reused` column "job" or "cache": a copy of a reply paid for
+before, by this job for another row or found in the reply cache) carries the usage
+of the reply it copies but cost nothing here: it is left out of the bill and priced
+apart, the same way, as *saved*. A file without the column (older parts, older
+exports) has no reused results.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ USAGE_COLUMNS = (
     "status",
     "assumed_prompt_tokens",
     "assumed_completion_tokens",
+    "reused",
 )
 
 
@@ -61,6 +68,24 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
 
 
 def report(table: pa.Table, book: PriceBook) -> CostReport:
+    """Price every response of `table` that reported usage; reused results apart, as saved."""
+    if "reused" not in table.column_names or table["reused"].null_count == table.num_rows:
+        return _bill(table, book)
+    reused = pc.is_valid(table["reused"])
+    result = _bill(table.filter(pc.invert(reused)), book)
+    copies = table.filter(reused)
+    saved = _bill(copies, book)
+    result.reused_from_job = int(pc.sum(pc.equal(copies["reused"], "job").cast(pa.int64())).as_py() or 0)
+    result.reused_from_cache = copies.num_rows - result.reused_from_job
+    result.saved_usd = saved.total_usd
+    result.saved_models = saved.models
+    result.saved_unknown_models = saved.unknown_models
+    # the prices the saved figure used are prices of this report too (every result may be reused)
+    result.sources = sorted(set(result.sources) | set(saved.sources))
+    return result
+
+
+def _bill(table: pa.Table, book: PriceBook) -> CostReport:
     """Price every response of `table` that reported usage."""
     has_usage = pc.and_(pc.is_valid(table["prompt_tokens"]), pc.is_valid(table["completion_tokens"]))
     if "status" in table.column_names:
@@ -166,6 +191,8 @@ def render(rep: CostReport) -> str:
 def bill_notes(rep: CostReport) -> list[str]:
     """What a bill's total leaves out, and where its prices came from."""
     notes = []
+    if rep.reused_replies:
+        notes.append(reuse_note(rep))
     if rep.unknown_models:
         notes.append(
             f"unknown price for: {', '.join(rep.unknown_models)} "
@@ -177,6 +204,17 @@ def bill_notes(rep: CostReport) -> list[str]:
         notes.append(assumed_note(rep.total_usd, rep.assumed_usd, rep.assumed_results))
     notes.append("prices: " + ("; ".join(rep.sources) if rep.sources else "none found"))
     return notes
+
+
+def reuse_note(rep: CostReport) -> str:
+    """What reuse saved: "saved by reuse: $X (N replies reused: a from this job, b from the cache)"."""
+    saved = _usd(rep.saved_usd) + (
+        f" + unknown for {', '.join(rep.saved_unknown_models)}" if rep.saved_unknown_models else ""
+    )
+    return (
+        f"saved by reuse: {saved} ({rep.reused_replies:,} replies reused: "
+        f"{rep.reused_from_job:,} from this job, {rep.reused_from_cache:,} from the cache)"
+    )
 
 
 def assumed_note(total: float, assumed: float, results: int) -> str:
