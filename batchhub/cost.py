@@ -71,9 +71,11 @@ def report(table: pa.Table, book: PriceBook) -> CostReport:
     """Price every response of `table` that reported usage; reused results apart, as saved."""
     if "reused" not in table.column_names or table["reused"].null_count == table.num_rows:
         return _bill(table, book)
-    reused = pc.is_valid(table["reused"])
-    result = _bill(table.filter(pc.invert(reused)), book)
-    copies = table.filter(reused)
+    if table["reused"].null_count == 0:  # every result reused (a job run again): no copy of the table
+        result, copies = _bill(table.slice(0, 0), book), table
+    else:
+        reused = pc.is_valid(table["reused"])
+        result, copies = _bill(table.filter(pc.invert(reused)), book), table.filter(reused)
     saved = _bill(copies, book)
     result.reused_from_job = int(pc.sum(pc.equal(copies["reused"], "job").cast(pa.int64())).as_py() or 0)
     result.reused_from_cache = copies.num_rows - result.reused_from_job

@@ -93,9 +93,11 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
     st.run_seconds = round(sum(run.elapsed_s or 0.0 for run in runs), 3)
     if table.num_rows:
         st.results_recorded = table.num_rows
-        sent = table.filter(pc.is_null(table["reused"]))  # a reused result's tokens were paid for before
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            setattr(st, name, int(pc.sum(sent[name]).as_py() or 0))
+        tokens = table.select(["prompt_tokens", "completion_tokens", "total_tokens"])
+        if table["reused"].null_count < table.num_rows:  # a reused result's tokens were paid for before
+            tokens = tokens.filter(pc.is_null(table["reused"]))
+        for name in tokens.column_names:
+            setattr(st, name, int(pc.sum(tokens[name]).as_py() or 0))
         keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
         latest = table.take(keep)
         st.ok = int(pc.sum(pc.equal(latest["status"], "ok")).as_py() or 0)
