@@ -5,8 +5,10 @@ can be checked."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from test_mock_server import chat, running, sse_chunks
 
@@ -144,3 +146,21 @@ def test_prompts_seen_of_a_simulator_process_without_echo_is_an_error(simulator_
     sim: SimulatorProcess = simulator_process()
     with pytest.raises(RuntimeError, match="echo"):
         sim.prompts_seen()
+
+
+async def test_a_job_on_the_echoing_simulator_exports_each_row_its_own_answer(
+    tmp_path: Path, mock_server: Any, prompts_csv: Any, job_spec: Any
+) -> None:
+    from batchhub import arun_job
+    from batchhub.export import export_job
+
+    server = await mock_server(echo=True, faults={"503": 0.2}, seed=5)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    summary = await arun_job(job_spec(server.base_url, data, concurrency=8), progress=False)
+    assert summary.ok == 40
+    export_job(tmp_path / "job", tmp_path / "out.parquet")
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert (frame["content"] == "echo: " + frame["prompt"]).all()
+    # every row sent and paid once: the 503s are no answers
+    assert sorted(server.prompts_seen) == sorted(frame["prompt"])
+    assert server.stats.faults_injected.get("503", 0) > 0
