@@ -50,7 +50,13 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
     if not path.exists():
         raise UsageError(f"{path} is neither a job directory nor a Parquet file")
     try:
-        schema = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
+        if path.is_file():
+            schema, unified = pq.read_schema(path), None
+        else:
+            # every file's columns, not the first file's: a folder may hold files from before a column
+            # (the reused column) beside newer ones, whose column would be left unread
+            unified = pa.unify_schemas([pq.read_schema(f) for f in pq.ParquetDataset(path).files])
+            schema = unified
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{path} is neither a job directory nor a readable Parquet file: {exc}") from exc
     names = set(schema.names)
@@ -59,7 +65,7 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
         raise UsageError(f"{path} has no {' or '.join(sorted(missing))} column: nothing to price")
     if "model" not in names and model is None:
         raise UsageError(f"{path} has no model column: say which model with --model")
-    table = pq.read_table(path, columns=[c for c in USAGE_COLUMNS if c in names])
+    table = pq.read_table(path, columns=[c for c in USAGE_COLUMNS if c in names], schema=unified)
     if "model" not in names or model is not None:
         if "model" in names:
             table = table.drop(["model"])

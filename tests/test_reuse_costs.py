@@ -172,6 +172,13 @@ def test_an_exported_parquet_with_a_reused_column_is_priced_the_same_way(tmp_pat
     assert (data["total_usd"], data["reused_replies"]) == (pytest.approx(12.0), 0)
 
 
+def test_a_folder_of_parquet_files_from_before_and_after_the_column(job: Path) -> None:
+    # the part from before the column comes first: its schema alone would leave the column unread
+    rep = report(usage_table(job / "results"), PriceBook.build(PRICES))
+    assert rep.total_usd == pytest.approx(4.0)  # the journal's rows are in no part
+    assert (rep.saved_usd, rep.reused_from_job, rep.reused_from_cache) == (pytest.approx(2.0), 1, 0)
+
+
 def test_the_budget_counts_only_what_was_paid(job: Path) -> None:
     spec = JobSpec(input=job / "in.csv", model=MODEL, max_cost=100.0, prices=PRICES)
     budget = start_budget(spec, JobStore(job), PriceBook.build(PRICES))
