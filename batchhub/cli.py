@@ -391,6 +391,11 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
 @click.option("--no-ratelimit-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
 @click.option("--no-retry-after", is_flag=True, help="Send 429s without Retry-After or retry-after-ms (bare 429s).")
 @click.option(
+    "--echo",
+    is_flag=True,
+    help="Answer 'echo: ' + each request's last user message, and record those messages (GET /mock/prompts).",
+)
+@click.option(
     "--rpm-schedule",
     "rpm_schedule",
     multiple=True,
@@ -523,7 +528,7 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     page = write_report(folder, target, prices_file=prices_file)
     click.echo(
         f"wrote {target}: {page.ok:,} ok, {page.failed:,} failed, {page.pending:,} pending "
-        f"of {page.total_rows:,} rows; cost {page.cost_text}",
+        f"of {page.total_rows:,} rows; cost {page.cost_text}" + (f"; {page.reuse_text}" if page.reuse_text else ""),
         err=True,
     )
 

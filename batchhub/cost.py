@@ -7,6 +7,12 @@ usage, attempts that may have been billed without a reply: the
 counted apart as *assumed*. A request
 that was in flight when a job was killed may have been billed without a record of
 it (at most `concurrency` per kill): no tool can see that from the client side.
+
+A reused result (its `reused` column "job" or "cache": a copy of a reply paid for
+before, by this job for another row or found in the reply cache) carries the usage
+of the reply it copies but cost nothing here: it is left out of the bill and priced
+apart, the same way, as *saved*. A file without the column (older parts, older
+exports) has no reused results.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ USAGE_COLUMNS = (
     "status",
     "assumed_prompt_tokens",
     "assumed_completion_tokens",
+    "reused",
 )
 
 
@@ -43,7 +50,13 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
     if not path.exists():
         raise UsageError(f"{path} is neither a job directory nor a Parquet file")
     try:
-        schema = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
+        if path.is_file():
+            schema, unified = pq.read_schema(path), None
+        else:
+            # every file's columns, not the first file's: a folder may hold files from before a column
+            # (the reused column) beside newer ones, whose column would be left unread
+            unified = pa.unify_schemas([pq.read_schema(f) for f in pq.ParquetDataset(path).files])
+            schema = unified
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{path} is neither a job directory nor a readable Parquet file: {exc}") from exc
     names = set(schema.names)
@@ -52,7 +65,7 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
         raise UsageError(f"{path} has no {' or '.join(sorted(missing))} column: nothing to price")
     if "model" not in names and model is None:
         raise UsageError(f"{path} has no model column: say which model with --model")
-    table = pq.read_table(path, columns=[c for c in USAGE_COLUMNS if c in names])
+    table = pq.read_table(path, columns=[c for c in USAGE_COLUMNS if c in names], schema=unified)
     if "model" not in names or model is not None:
         if "model" in names:
             table = table.drop(["model"])
@@ -61,6 +74,26 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
 
 
 def report(table: pa.Table, book: PriceBook) -> CostReport:
+    """Price every response of `table` that reported usage; reused results apart, as saved."""
+    if "reused" not in table.column_names or table["reused"].null_count == table.num_rows:
+        return _bill(table, book)
+    if table["reused"].null_count == 0:  # every result reused (a job run again): no copy of the table
+        result, copies = _bill(table.slice(0, 0), book), table
+    else:
+        reused = pc.is_valid(table["reused"])
+        result, copies = _bill(table.filter(pc.invert(reused)), book), table.filter(reused)
+    saved = _bill(copies, book)
+    result.reused_from_job = int(pc.sum(pc.equal(copies["reused"], "job").cast(pa.int64())).as_py() or 0)
+    result.reused_from_cache = copies.num_rows - result.reused_from_job
+    result.saved_usd = saved.total_usd
+    result.saved_models = saved.models
+    result.saved_unknown_models = saved.unknown_models
+    # the prices the saved figure used are prices of this report too (every result may be reused)
+    result.sources = sorted(set(result.sources) | set(saved.sources))
+    return result
+
+
+def _bill(table: pa.Table, book: PriceBook) -> CostReport:
     """Price every response of `table` that reported usage."""
     has_usage = pc.and_(pc.is_valid(table["prompt_tokens"]), pc.is_valid(table["completion_tokens"]))
     if "status" in table.column_names:
@@ -166,6 +199,8 @@ def render(rep: CostReport) -> str:
 def bill_notes(rep: CostReport) -> list[str]:
     """What a bill's total leaves out, and where its prices came from."""
     notes = []
+    if rep.reused_replies:
+        notes.append(reuse_note(rep))
     if rep.unknown_models:
         notes.append(
             f"unknown price for: {', '.join(rep.unknown_models)} "
@@ -177,6 +212,17 @@ def bill_notes(rep: CostReport) -> list[str]:
         notes.append(assumed_note(rep.total_usd, rep.assumed_usd, rep.assumed_results))
     notes.append("prices: " + ("; ".join(rep.sources) if rep.sources else "none found"))
     return notes
+
+
+def reuse_note(rep: CostReport) -> str:
+    """What reuse saved: "saved by reuse: $X (N replies reused: a from this job, b from the cache)"."""
+    saved = _usd(rep.saved_usd) + (
+        f" + unknown for {', '.join(rep.saved_unknown_models)}" if rep.saved_unknown_models else ""
+    )
+    return (
+        f"saved by reuse: {saved} ({rep.reused_replies:,} replies reused: "
+        f"{rep.reused_from_job:,} from this job, {rep.reused_from_cache:,} from the cache)"
+    )
 
 
 def assumed_note(total: float, assumed: float, results: int) -> str:

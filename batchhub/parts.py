@@ -34,6 +34,9 @@ _DAMAGED = re.compile(r"part-(\d{6,})\.parquet\.damaged$")
 
 #: footer key of parts written with page checksums and every column (a part without it is older)
 _CHECKED = b"batchhub.checked"
+#: result columns added after parts were first written whole: a checked part from before lacks them
+#: (it reads them as nulls), which is no damage
+_ADDED_SINCE_CHECKED = frozenset({"reused"})
 #: footer key of the largest seq in the part
 MAX_SEQ_KEY = b"batchhub.max_seq"
 
@@ -140,7 +143,10 @@ def read_part(path: Path, columns: list[str]) -> pa.Table:
     if _CHECKED in meta:
         # this part was written whole: a column, type or count that differs is damage to its footer
         wrong = [
-            name for name in columns if name not in present or schema.field(name).type != RESULT_SCHEMA.field(name).type
+            name
+            for name in columns
+            if (name not in present and name not in _ADDED_SINCE_CHECKED)
+            or (name in present and schema.field(name).type != RESULT_SCHEMA.field(name).type)
         ]
         if wrong:
             raise DamagedPart(f"the part {path} is damaged (its footer changed column(s) {', '.join(wrong)})")

@@ -438,13 +438,26 @@ class CostReport:
     #: the part of total_usd charged at worst case rather than reported, and over how many results
     assumed_usd: float = 0.0
     assumed_results: int = 0
+    #: replies reused rather than sent (the `reused` column): from this job's other rows, from the reply
+    #: cache. They are not in the figures above; `saved_usd` is what they would have cost priced as
+    #: those are (known prices only; `saved_unknown_models` lists the rest), `saved_models` by model
+    reused_from_job: int = 0
+    reused_from_cache: int = 0
+    saved_usd: float = 0.0
+    saved_models: list[ModelCost] = field(default_factory=list)
+    saved_unknown_models: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return not self.unknown_models
 
+    @property
+    def reused_replies(self) -> int:
+        """Replies reused rather than sent, from this job and from the cache."""
+        return self.reused_from_job + self.reused_from_cache
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"complete": self.complete}
+        return asdict(self) | {"complete": self.complete, "reused_replies": self.reused_replies}
 
 
 def cost_of(

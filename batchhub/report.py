@@ -38,6 +38,7 @@ COLUMNS = (
     "rate_limit_retries",
     "error_type",
     "finished_at",
+    "reused",
 )
 #: example messages shown per error type, and the longest shown
 EXAMPLES_PER_TYPE = 3
@@ -94,6 +95,17 @@ class JobReport:
     row_prompt_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     row_completion_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     timeline: Timeline | None = None
+    #: rows whose latest result is a reused reply (not sent in this job), by where it came from
+    reused_rows: int = 0
+    reused_rows_from_job: int = 0
+    reused_rows_from_cache: int = 0
+
+    @property
+    def reuse_text(self) -> str:
+        """What reuse saved, as `batchhub cost` says it ("" when nothing was reused)."""
+        from batchhub.cost import reuse_note
+
+        return reuse_note(self.bill) if self.bill is not None and self.bill.reused_replies else ""
 
     @property
     def cost_text(self) -> str:
@@ -140,28 +152,35 @@ def _fill(rep: JobReport, store: JobStore, table: pa.Table, book: PriceBook, run
     rep.results_recorded = table.num_rows
     keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
     is_ok = _bools(pc.equal(table["status"], "ok"))
+    # a reused result was no request of this job: no tokens paid, no attempt, no latency
+    sent = ~_bools(pc.is_valid(table["reused"]))
     rep.ok = int(is_ok[keep].sum())
     rep.failed = len(keep) - rep.ok
     rep.pending = max(0, rep.total_rows - len(keep))
-    latest = table.select(["status", "model", "error_type", "prompt_tokens", "completion_tokens", "seq"])
+    latest = table.select(["status", "model", "error_type", "prompt_tokens", "completion_tokens", "seq", "reused"])
     latest = latest.take(pa.array(keep))
     rep.statuses = _counts(latest["status"])
     rep.models = _counts(latest["model"])
+    reused = _counts(latest["reused"])
+    rep.reused_rows_from_job = reused.pop("job", 0)
+    rep.reused_rows_from_cache = sum(reused.values())
+    rep.reused_rows = rep.reused_rows_from_job + rep.reused_rows_from_cache
     failed = latest.filter(pc.invert(pc.equal(latest["status"], "ok").fill_null(False)))
     # a failure without an error type (a status such as invalid_output) is named by its status
     kinds = pc.coalesce(failed["error_type"], failed["status"], pa.scalar("(none)"))
     rep.errors_by_type = _counts(kinds)
     rep.error_examples = _examples(store, kinds, failed["seq"])
+    paid = table.filter(pa.array(sent)) if not sent.all() else table
     for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
-        setattr(rep, name, int(pc.sum(table[name]).as_py() or 0))
-    rep.requests = int(pc.sum(table["attempts"]).as_py() or 0)
-    rep.rate_limited = int(pc.sum(table["rate_limit_retries"]).as_py() or 0)
+        setattr(rep, name, int(pc.sum(paid[name]).as_py() or 0))
+    rep.requests = int(pc.sum(paid["attempts"]).as_py() or 0)
+    rep.rate_limited = int(pc.sum(paid["rate_limit_retries"]).as_py() or 0)
     last = pc.max(table["finished_at"]).as_py()
     rep.last_finished = last.strftime("%Y-%m-%dT%H:%M:%SZ") if last is not None else None
     rep.bill = _bill(table, book)
 
     latency = table["latency_s"].to_numpy(zero_copy_only=False).astype(np.float64)
-    rep.latency = latency[is_ok & np.isfinite(latency)]
+    rep.latency = latency[is_ok & sent & np.isfinite(latency)]
     with_usage = _bools(pc.and_(pc.is_valid(latest["prompt_tokens"]), pc.is_valid(latest["completion_tokens"])))
     mask = is_ok[keep] & with_usage
     rep.row_prompt_tokens = latest["prompt_tokens"].fill_null(0).to_numpy()[mask]

@@ -126,6 +126,7 @@ def _cards(rep: JobReport) -> str:
         ("ok", f'<span class="ok">{rep.ok:,}</span>', f"{rep.pending:,} pending"),
         ("failed", f'<span class="bad">{rep.failed:,}</span>', _top(rep.errors_by_type)),
         ("cost", *_cost_card(rep)),
+        *_reuse_card(rep),
         (
             "tokens",
             f"{rep.prompt_tokens + rep.completion_tokens:,}",
@@ -151,6 +152,16 @@ def _cost_card(rep: JobReport) -> tuple[str, str]:
     if bill.unknown_models:
         return figure + (" + ?" if bill.sources else ""), _esc(f"no price for {', '.join(bill.unknown_models)}")
     return figure, f"{sum(m.requests for m in bill.models):,} responses priced"
+
+
+def _reuse_card(rep: JobReport) -> list[tuple[str, str, str]]:
+    """The reuse card, when replies were reused: rows reused, where from, and what it saved."""
+    bill = rep.bill
+    if bill is None or not bill.reused_replies:
+        return []
+    where = f"{rep.reused_rows_from_job:,} from this job, {rep.reused_rows_from_cache:,} from the cache"
+    saved = format_usd(bill.saved_usd) + (" + ?" if bill.saved_unknown_models else "")
+    return [("reused rows", f"{rep.reused_rows:,}", _esc(f"{where}; saved {saved}"))]
 
 
 def _top(counts: dict[str, int]) -> str:
@@ -283,7 +294,8 @@ def _tokens(rep: JobReport) -> str:
 def _cost(rep: JobReport) -> str:
     bill = rep.bill
     if bill is None or not bill.models:
-        return _empty("No response reported usage yet: nothing was paid for.")
+        reuse = f'<p class="note">{_esc(rep.reuse_text[0].upper() + rep.reuse_text[1:])}.</p>' if rep.reuse_text else ""
+        return _empty("No response reported usage yet: nothing was paid for.") + reuse
     lines = sorted(bill.models, key=lambda m: -(m.total_usd or 0))
     shown = lines[:MAX_BARS]
     fig, ax = _figure(max(1.6, 0.45 * len(shown) + 1.0))

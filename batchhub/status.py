@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchhub.cost import USAGE_COLUMNS, assumed_note, report
+from batchhub.cost import USAGE_COLUMNS, assumed_note, report, reuse_note
 from batchhub.job_state import job_state
 from batchhub.pricing import PriceBook
 from batchhub.result_schema import latest_indices
@@ -53,13 +53,23 @@ class JobStatus:
     rows_counted: bool = True
     #: why the last run stopped at a bad row of the input (its one-line error), if it did
     bad_input: str | None = None
+    #: rows whose latest result is a reused reply (`reused` "job" or "cache"), by where it came from
+    reused_rows: int = 0
+    reused_rows_from_job: int = 0
+    reused_rows_from_cache: int = 0
+    #: what the reused results (every one recorded) would have cost, at known prices, and how many
+    #: they are; "saved by reuse: ..." as `batchhub cost` says it (None when nothing was reused)
+    saved_usd: float = 0.0
+    reused_replies: int = 0
+    saved: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, now: float | None = None) -> JobStatus:
-    """Counts of the latest result per row; tokens and cost over every result recorded (what was paid for).
+    """Counts of the latest result per row; tokens and cost over every result recorded that was paid for
+    in this job (a reused result is counted apart: rows reused, and what reuse saved).
 
     `now` (epoch seconds, for tests) is when a run on another host is judged alive or killed (see job_state)."""
     store = JobStore(job_dir)
@@ -83,8 +93,11 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
     st.run_seconds = round(sum(run.elapsed_s or 0.0 for run in runs), 3)
     if table.num_rows:
         st.results_recorded = table.num_rows
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            setattr(st, name, int(pc.sum(table[name]).as_py() or 0))
+        tokens = table.select(["prompt_tokens", "completion_tokens", "total_tokens"])
+        if table["reused"].null_count < table.num_rows:  # a reused result's tokens were paid for before
+            tokens = tokens.filter(pc.is_null(table["reused"]))
+        for name in tokens.column_names:
+            setattr(st, name, int(pc.sum(tokens[name]).as_py() or 0))
         keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
         latest = table.take(keep)
         st.ok = int(pc.sum(pc.equal(latest["status"], "ok")).as_py() or 0)
@@ -95,17 +108,27 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
         st.error_examples = _error_examples(store, failed)
         st.finish_reasons = _counts(latest["finish_reason"])
         st.models = _counts(latest["model"])
+        reused = _counts(latest["reused"])
+        st.reused_rows_from_job = reused.pop("job", 0)
+        st.reused_rows_from_cache = sum(reused.values())
+        st.reused_rows = st.reused_rows_from_job + st.reused_rows_from_cache
         last = pc.max(table["finished_at"]).as_py()
         st.last_finished_at = last.isoformat(timespec="seconds") if last is not None else None
         book = PriceBook.for_job(manifest, prices_file)
         bill = report(table, book)
         st.prices = "; ".join(bill.sources) or None
         st.unpriced_models = bill.unknown_models
+        st.saved_usd, st.reused_replies = bill.saved_usd, bill.reused_replies
+        st.saved = reuse_note(bill) if bill.reused_replies else None
         if bill.sources:
             st.spent_usd = bill.total_usd
             st.assumed_usd, st.assumed_results = bill.assumed_usd, bill.assumed_results
             done = st.ok + st.failed
-            if st.pending and done:
+            sent_rows = done - st.reused_rows
+            if st.pending and sent_rows and st.reused_rows:
+                # the rows left will be sent: at the cost per row sent so far, not per row reused
+                st.projected_usd = bill.total_usd + bill.total_usd / sent_rows * st.pending
+            elif st.pending and done:
                 st.projected_usd = bill.total_usd / done * total
     st.state = job_state(store, manifest, total=total, failed=st.failed, pending=st.pending, now=now)
     return st
@@ -179,6 +202,7 @@ def render(status: JobStatus) -> str:
         f"{status.total_tokens:,} over {status.results_recorded:,} results"
     )
     lines.extend(_cost_lines(status))
+    lines.extend(_reuse_lines(status))
     lines.append(
         f"time     {status.run_seconds:,.1f}s over {status.runs} run(s); last result {status.last_finished_at or '-'}"
     )
@@ -199,6 +223,15 @@ def _cost_lines(status: JobStatus) -> list[str]:
     if status.assumed_results:
         lines.append(f"         {assumed_note(status.spent_usd or 0.0, status.assumed_usd, status.assumed_results)}")
     return lines
+
+
+def _reuse_lines(status: JobStatus) -> list[str]:
+    if not (status.reused_rows or status.saved):
+        return []
+    return [
+        f"reused   {status.reused_rows:,} rows ({status.reused_rows_from_job:,} from this job, "
+        f"{status.reused_rows_from_cache:,} from the cache); {status.saved or 'saved by reuse: $0'}"
+    ]
 
 
 def _example_message(example: dict[str, Any], limit: int = 150) -> str:

@@ -9,6 +9,10 @@ the tests and the benchmarks run against it::
     async with MockServer(MockConfig(rpm=600, faults={"503": 0.05})) as srv:
         ...  # point a client at srv.base_url; srv.stats counts what it saw
 
+With `MockConfig(echo=True)` (``--echo``) each reply is ``echo: `` + its request's
+last user message, and `srv.prompts_seen` lists the last user messages of the
+completions served, in order (``GET /mock/prompts``, `SimulatorProcess.prompts_seen()`).
+
 In a process of its own (a job run as a subprocess, a benchmark)::
 
     with SimulatorProcess("--rpm", "600", "--seed", "3") as sim:

@@ -4,7 +4,9 @@ Routes:
 
 * ``POST /v1/chat/completions`` and ``POST /chat/completions``: the API;
 * ``GET /v1/models``: the models a key may use, in OpenAI's list format;
-* ``GET /mock/stats``: what the endpoint has seen so far (`MockStats` as JSON).
+* ``GET /mock/stats``: what the endpoint has seen so far (`MockStats` as JSON);
+* ``GET /mock/prompts``: with `echo`, the last user message of every completion served
+  (`MockState.prompts_seen`, as ``{"prompts": [...]}``); without it, a 409 saying so.
 * anything else: 404 (405 for a wrong method) with an OpenAI-style error body.
 
 A chat completion request goes through, in order: auth (401), body
@@ -63,6 +65,7 @@ from batchhub.mock.tokens import (
     choice_identity,
     count_prompt_tokens,
     count_tokens,
+    echo_completion,
     json_completion,
     make_completion,
     request_identity,
@@ -75,6 +78,8 @@ COMPLETION_PATHS: frozenset[str] = frozenset({"/v1/chat/completions", "/chat/com
 MAX_BODY_BYTES = 8 * 1024 * 1024
 #: The 503 of a server whose queue is full (`max_queue`).
 QUEUE_FULL_MESSAGE = "The server is overloaded: too many requests are waiting. Retry later."
+#: `GET /mock/prompts` of a simulator that does not record them.
+NOT_RECORDING_MESSAGE = "this simulator does not record prompts: start it with echo (--echo, [mock] echo = true)"
 
 
 def _authorized(request: web.Request, config: MockConfig) -> bool:
@@ -155,7 +160,7 @@ async def _serve(
     if fault in (None, "no_usage"):
         # Paid from here on, like a provider that bills an answer it has begun
         # even if the client hangs up before it arrives.
-        state.count_completion(identity, prompt_tokens, completion_tokens)
+        state.count_completion(identity, prompt_tokens, completion_tokens, req.last_user_text)
     if fault == "timeout":
         await state.pause(config.hang_seconds)
         return drop_connection(request)
@@ -241,22 +246,26 @@ def _completions(req: ChatRequest, config: MockConfig, identity: str, *, broken:
     out = []
     for index in range(req.n):
         key = choice_identity(identity, index)
-        plain = make_completion(
-            seed=config.seed,
-            identity=key,
-            last_user_text=req.last_user_text,
-            min_tokens=config.min_completion_tokens,
-            max_tokens=config.max_completion_tokens,
-            limit=req.max_tokens,
-            stop=req.stop,
-        )
+        if config.echo:
+            plain = echo_completion(req.last_user_text, limit=req.max_tokens, stop=req.stop)
+        else:
+            plain = make_completion(
+                seed=config.seed,
+                identity=key,
+                last_user_text=req.last_user_text,
+                min_tokens=config.min_completion_tokens,
+                max_tokens=config.max_completion_tokens,
+                limit=req.max_tokens,
+                stop=req.stop,
+            )
+        # the strings of a JSON answer: the echo whole, or the answer's first words
+        words = plain.content if config.echo else " ".join(plain.content.split()[:3])
         if req.forced_tool is not None:
-            words = " ".join(plain.content.split()[:3])
             call = tool_call(req.forced_tool, req.tool_parameters, key, words)
             arguments = call["function"]["arguments"]
             out.append(Completion("", "tool_calls", count_tokens(arguments), tool_call=call))
         elif req.json_schema is not None:
-            out.append(schema_completion(plain, req.json_schema, broken=broken))
+            out.append(schema_completion(plain, req.json_schema, broken=broken, text=words))
         elif req.json_mode:
             out.append(json_completion(plain, key, broken=broken))
         else:
@@ -285,6 +294,15 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].stats.to_dict(), dumps=dumps)
+
+
+async def _prompts(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.config.echo:
+        # an empty list would let "nothing was sent" pass without anything being recorded
+        error = error_object(NOT_RECORDING_MESSAGE, "invalid_request_error", "not_recording")
+        return web.json_response({"error": error}, status=409, dumps=dumps)
+    return web.json_response({"prompts": state.prompts_seen}, dumps=dumps)
 
 
 @web.middleware
@@ -328,6 +346,7 @@ def make_app(config: MockConfig, *, clock: Clock | None = None) -> web.Applicati
         app.router.add_post(path, _chat_completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/mock/stats", _stats)
+    app.router.add_get("/mock/prompts", _prompts)
     app.on_response_prepare.append(_add_headers)
     app.on_shutdown.append(_wake_sleepers)
     return app

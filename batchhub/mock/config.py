@@ -169,6 +169,11 @@ class MockConfig:
     #: seconds of each per-minute limit let through at once: 60 = the bucket holds a minute's worth;
     #: 1 = enforced per second (OpenAI: 60,000 RPM may be enforced as 1,000 a second)
     limit_window_s: float = 60.0
+    #: answer `echo: ` + the request's last user message (every choice, streamed or not; in the string
+    #: fields of a JSON answer) instead of generated words, and record the last user message of every
+    #: completion served (`MockServer.prompts_seen`, `GET /mock/prompts`): which reply answered which
+    #: request, and which requests were paid for, can then be checked
+    echo: bool = False
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
@@ -215,7 +220,7 @@ class MockConfig:
         if self.stream_errors not in STREAM_ERRORS:
             known = ", ".join(STREAM_ERRORS)
             raise ValueError(f"mock stream_errors must be one of {known}, got {self.stream_errors!r}")
-        for name in ("ratelimit_headers", "retry_after"):
+        for name in ("ratelimit_headers", "retry_after", "echo"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mock {name} must be true or false, got {getattr(self, name)!r}")
         self.rpm_schedule = _normalize_schedule(self.rpm_schedule)

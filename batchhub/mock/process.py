@@ -85,6 +85,21 @@ class SimulatorProcess:
                     raise
         raise AssertionError("unreachable")
 
+    def prompts_seen(self, timeout: float = 10.0) -> list[str]:
+        """`GET /mock/prompts`: the last user message of every completion served (the server runs with
+        ``--echo``; RuntimeError otherwise)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request("GET", "/mock/prompts")
+            response = conn.getresponse()
+            body: dict[str, Any] = json.loads(response.read())
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise RuntimeError(body["error"]["message"])
+        prompts: list[str] = body["prompts"]
+        return prompts
+
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL if it lingers). Safe to call twice."""
         if self._conn is not None:

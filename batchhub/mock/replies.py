@@ -114,11 +114,13 @@ def schema_instance(schema: Any, text: str = "", root: dict[str, Any] | None = N
     return None
 
 
-def schema_completion(completion: Completion, schema: dict[str, Any], *, broken: bool = False) -> Completion:
-    """The answer as an instance of a json_schema response_format's schema (its strings: the answer's
-    first words). Cut off by max_tokens (finish_reason "length") the JSON is cut off too; `broken`
-    gives prose around half of it, as `json_completion` does."""
-    value = schema_instance(schema, " ".join(completion.content.split()[:3]))
+def schema_completion(
+    completion: Completion, schema: dict[str, Any], *, broken: bool = False, text: str | None = None
+) -> Completion:
+    """The answer as an instance of a json_schema response_format's schema (its strings: `text`, by
+    default the answer's first words). Cut off by max_tokens (finish_reason "length") the JSON is cut
+    off too; `broken` gives prose around half of it, as `json_completion` does."""
+    value = schema_instance(schema, " ".join(completion.content.split()[:3]) if text is None else text)
     text = json.dumps(value, ensure_ascii=False)
     if completion.finish_reason == "length":
         text = text[: len(text) // 2]

@@ -55,6 +55,17 @@ class MockServer:
         return self.app[STATE].stats
 
     @property
+    def prompts_seen(self) -> list[str]:
+        """The last user message of every completion served and paid for, in order (see `MockConfig.echo`).
+
+        Raises RuntimeError when the server does not echo: it records nothing then, and an empty list
+        would pass for "nothing was sent".
+        """
+        if not self.config.echo:
+            raise RuntimeError("this simulator does not record prompts: give it MockConfig(echo=True)")
+        return self.app[STATE].prompts_seen
+
+    @property
     def port(self) -> int:
         """The port the server listens on (known once started)."""
         if self._port is None:

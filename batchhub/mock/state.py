@@ -33,6 +33,9 @@ class MockState:
         self.rng = random.Random(config.seed)
         # Set when the app shuts down, so hung and sleeping handlers end at once.
         self.closing = asyncio.Event()
+        # With `echo`: the last user message of every completion served and paid for, in that order
+        # (the ones `stats.completions` counts); kept out of the stats, which are polled.
+        self.prompts_seen: list[str] = []
         # Callers waiting for a condition on the stats, re-checked at every change.
         self._waiters: list[tuple[Callable[[MockStats], bool], asyncio.Future[None]]] = []
 
@@ -73,8 +76,12 @@ class MockState:
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
         self._changed()
 
-    def count_completion(self, identity: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count one completion as served and paid for."""
+    def count_completion(
+        self, identity: str, prompt_tokens: int, completion_tokens: int, last_user_text: str | None = None
+    ) -> None:
+        """Count one completion as served and paid for (and, echoing, record its last user message)."""
+        if self.config.echo:
+            self.prompts_seen.append(last_user_text or "")
         stats = self.stats
         stats.completions += 1
         stats.prompt_tokens += prompt_tokens

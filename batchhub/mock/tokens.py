@@ -14,6 +14,9 @@ Token counting (a stand-in for a real tokenizer, which would need a download):
 Content is a pure function of the config seed and the request identity (the
 sha256 of the canonical JSON of model + messages): the same request always gets
 the same answer, whatever its temperature, and a different seed gives another.
+An echoing simulator (`MockConfig.echo`) answers `echo: ` + the request's last
+user message instead (`echo_completion`), so that a test can tell which request
+a reply answered.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 #: content, and every reply is primed with 3 more.
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REPLY = 3
+#: what an echoing simulator's answer starts with, before the request's last user message
+ECHO_PREFIX = "echo: "
 
 # fmt: off
 VOCABULARY: tuple[str, ...] = (
@@ -131,6 +136,27 @@ def json_completion(completion: Completion, identity: str, *, broken: bool = Fal
     if broken:
         text = "Sure! Here is the JSON: " + text[: len(text) // 2]
     return Completion(text, completion.finish_reason, count_tokens(text))
+
+
+def _cut(content: str, finish_reason: str, limit: int | None, stop: Sequence[str]) -> Completion:
+    """`content` cut after `limit` tokens (finish_reason "length") and before its first `stop` string."""
+    if limit is not None:
+        ends = [match.end() for match in _TOKEN_RE.finditer(content)]
+        if len(ends) > limit:
+            content = content[: ends[limit - 1]]
+            finish_reason = "length"
+    cuts = [i for i in (content.find(s) for s in stop if s) if i >= 0]
+    if cuts:
+        # The stop sequence ends generation before the length limit would have.
+        content = content[: min(cuts)]
+        finish_reason = "stop"
+    return Completion(content, finish_reason, count_tokens(content))
+
+
+def echo_completion(last_user_text: str | None, *, limit: int | None, stop: Sequence[str]) -> Completion:
+    """The answer of an echoing simulator: `ECHO_PREFIX` + the last user message ("" without one),
+    cut by the request's max_tokens and stop strings as any answer is."""
+    return _cut(ECHO_PREFIX + (last_user_text or ""), "stop", limit, stop)
 
 
 def make_completion(

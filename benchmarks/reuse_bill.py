@@ -1,0 +1,159 @@
+"""What reporting reuse costs: `batchhub cost` and `batchhub status` of a 1,000,000-result job.
+
+    python benchmarks/reuse_bill.py            # 1,000,000 results, 3 repetitions
+    python benchmarks/reuse_bill.py --smoke    # 20,000 results, once
+
+Four copies of one finished job, built directly in the layout a real run leaves
+(job.json, ok results written with `write_part` in parts of 5,000 rows, the default
+flush_rows), differ only in their `reused` column:
+
+* before: parts written before the column existed (it reads as nulls);
+* none reused: the column, all null (a job that reused nothing);
+* half reused: every other result reused (from this job and from the cache in turn);
+* all reused: every result reused (a job run again with every reply reusable).
+
+Each command runs as a fresh process, the four jobs interleaved, and the median wall
+time (process start included) is compared with the job from before. Targets: a job
+that reused nothing is read as fast as one from before (ratio within 1.10), and a job
+with reuse within 1.5x of it: splitting out what was reused costs no more than a
+second pass over the usage columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+from batchhub.parts import write_part
+from batchhub.result_schema import RESULT_SCHEMA
+from batchhub.store import JobStore
+
+PART_ROWS = 5_000
+JOBS = ("before", "none reused", "half reused", "all reused")
+COMMANDS = ("cost", "status")
+
+
+def reused_column(kind: str, n: int) -> pa.Array | None:
+    """The reused column of a job of `n` results, None for a job from before the column."""
+    if kind == "before":
+        return None
+    if kind == "none reused":
+        return pa.nulls(n, pa.string())
+    if kind == "all reused":
+        return pa.array(np.where(np.arange(n) % 2 == 0, "job", "cache").astype(object), pa.string())
+    values = np.full(n, None, dtype=object)
+    values[1::4], values[3::4] = "job", "cache"
+    return pa.array(values, pa.string())
+
+
+def build_job(job_dir: Path, kind: str, n: int) -> None:
+    """A finished job of `n` ok results (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    seq = np.arange(1, n + 1)
+    columns: dict[str, pa.Array] = {
+        "row_id": pa.array(np.arange(n)),
+        "status": pa.array(np.full(n, "ok", dtype=object), pa.string()),
+        "content": pa.array(np.full(n, "The sea is wide and restless.", dtype=object), pa.string()),
+        "finish_reason": pa.array(np.full(n, "stop", dtype=object), pa.string()),
+        "model": pa.array(np.full(n, c.MODEL, dtype=object), pa.string()),
+        "prompt_tokens": pa.array(rng.integers(15, 40, n)),
+        "completion_tokens": pa.array(rng.integers(4, 60, n)),
+        "latency_s": pa.array(rng.lognormal(-2.0, 0.5, n)),
+        "attempts": pa.array(np.ones(n, dtype=np.int32)),
+        "rate_limit_retries": pa.array(np.zeros(n, dtype=np.int32)),
+        "http_status": pa.array(np.full(n, 200, dtype=np.int32)),
+        "finished_at": pa.array(1_767_225_600_000_000 + seq * 1_000).cast(pa.timestamp("us", tz="UTC")),
+        "seq": pa.array(seq),
+    }
+    columns["total_tokens"] = pa.array(
+        columns["prompt_tokens"].to_numpy() + columns["completion_tokens"].to_numpy()  # type: ignore[attr-defined]
+    )
+    reused = reused_column(kind, n)
+    if reused is not None:
+        columns["reused"] = reused
+    fields = [f for f in RESULT_SCHEMA if f.name != "reused" or reused is not None]
+    arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in fields]
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    results = job_dir / "results"
+    results.mkdir(parents=True)
+    for number, start in enumerate(range(0, n, PART_ROWS), 1):
+        write_part(results / f"part-{number:06d}.parquet", table.slice(start, PART_ROWS))
+    JobStore(job_dir).write_manifest(
+        {
+            "format_version": 1,
+            "input": {"path": "input.csv", "rows": n},
+            "spec": {"name": "bill", "model": c.MODEL},
+            "runs": [
+                {
+                    "batchhub_version": "0.1.0",
+                    "started_at": "2026-01-01T00:00:00Z",
+                    "ended_at": "2026-01-01T00:20:00Z",
+                    "elapsed_s": 1200.0,
+                }
+            ],
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny and fast: 20,000 results, once")
+    parser.add_argument("--rows", type=int, help="results in each job (default 1,000,000; smoke 20,000)")
+    parser.add_argument("--repeat", type=int, help="repetitions (default 3; smoke 1)")
+    parser.add_argument("--workdir", help="keep the jobs here instead of a temp folder")
+    args = parser.parse_args()
+    n = args.rows or (20_000 if args.smoke else 1_000_000)
+    repeat = args.repeat or (1 if args.smoke else 3)
+    machine = c.machine_line()
+    print(machine, flush=True)
+
+    walls: dict[tuple[str, str], list[float]] = {(job, cmd): [] for job in JOBS for cmd in COMMANDS}
+    with c.workdir("batchhub-bench-reuse-bill-", args.workdir) as work:
+        t = time.perf_counter()
+        dirs = {}
+        for kind in JOBS:
+            dirs[kind] = work / kind.replace(" ", "-")
+            if not (dirs[kind] / "job.json").exists():
+                build_job(dirs[kind], kind, n)
+        c.log(f"  built the four jobs in {time.perf_counter() - t:.1f} s")
+        for rep in range(repeat):
+            for cmd in COMMANDS:
+                for kind in c.order(rep, JOBS):
+                    result = c.run_child(
+                        [sys.executable, "-m", "batchhub", cmd, str(dirs[kind]), "--json"], timeout=600
+                    )
+                    c.check_ok(result, f"batchhub {cmd} of the job '{kind}'")
+                    walls[kind, cmd].append(result.wall_s)
+                    if "saved" not in result.stdout:
+                        raise SystemExit(f"batchhub {cmd} --json says nothing of reuse:\n{result.stdout[:2000]}")
+            c.log(f"  repetition {rep + 1}/{repeat} done")
+
+    lines = [machine]
+    met = True
+    for cmd in COMMANDS:
+        base = c.median(walls["before", cmd])
+        figures = []
+        for kind in JOBS:
+            wall = c.median(walls[kind, cmd])
+            ratio = wall / base
+            limit = 1.10 if kind == "none reused" else 1.5
+            met = met and (kind == "before" or ratio <= limit)
+            figures.append(f"{kind} {wall:.2f} s" + ("" if kind == "before" else f" ({ratio:.2f}x)"))
+        lines.append(f"reuse bill: batchhub {cmd} of {n:,} results: {', '.join(figures)} (median of {repeat})")
+    lines.append(
+        f"reuse bill target: none reused within 1.10x, reused within 1.5x of before: {'met' if met else 'NOT met'}"
+    )
+    c.print_block("reuse_bill", lines)
+
+
+if __name__ == "__main__":
+    main()
