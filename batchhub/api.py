@@ -6,9 +6,10 @@
 Keywords are the `JobSpec` fields, named like the CLI flags (`--max-tokens` is
 `max_tokens`). The job is the same as the CLI's: a job directory, resume, limits,
 retries, cost. A DataFrame is written once to `JOB_DIR/input.parquet` (the
-snapshot) with a hash of its content, so running the same call again resumes, and
-a different DataFrame in the same job directory is refused (or, with `force=True`,
-replaces the snapshot and keeps the results by row position).
+snapshot) with a hash of its content, so running the same call again resumes; a
+different DataFrame in the same job directory replaces the snapshot and resumes as
+a changed input does: each row gets the answer to its own request, and only requests
+never answered are sent.
 
 `run` works with or without a running event loop in the calling thread (a Jupyter
 cell has one): the job runs on its own loop in a worker thread. A kernel interrupt
@@ -323,12 +324,8 @@ def _prepare_frame(frame: pd.DataFrame, spec: JobSpec) -> PreparedJob:
                 f"{job_dir} holds a job on the file {started_from}, not on a DataFrame: choose another job_dir"
             )
         if _snapshot_digest(snapshot) != digest:
-            if not spec.force:
-                raise JobStateError(
-                    f"the DataFrame differs from the one the job in {job_dir} started with; resuming would "
-                    "give its results to the wrong rows. Use another job_dir (or name), or force=True to "
-                    "replace the saved DataFrame and keep the results by row position"
-                )
+            # another DataFrame is a changed input: each row's result is checked against the request the row
+            # sends now, and a reply is reused by the request it answered (batchhub/reuse.py)
             _write_snapshot(table, digest, snapshot)
     else:
         created = not job_dir.exists()

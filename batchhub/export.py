@@ -59,11 +59,21 @@ def export_batches(
 ) -> Iterator[pa.RecordBatch]:
     """The job's input batches, in order, each with the result columns of its rows appended."""
     store = JobStore(job_dir)
-    known = store.manifest().input
+    manifest = store.manifest()
+    known = manifest.input
     path = Path(input_path or known.path or "")
     source = open_input(path)
     if not force and fingerprint(path) != known.fingerprint:
-        raise JobStateError(f"the input {path} changed since the job ran; export would misalign rows (use --force)")
+        raise JobStateError(
+            f"the input {path} changed since the job ran; export would give rows the results of other rows: run the "
+            "job again first (it sends only the requests it has no reply for), or export anyway with --force"
+        )
+    if not force and manifest.results_checked is False:
+        raise JobStateError(
+            f"the input or the settings of the job in {store.dir} changed, and the last run stopped before it checked "
+            "every row's result against the row's request: run the job again first (it sends only the requests it "
+            "has no reply for), or export anyway with --force"
+        )
     latest = store.latest_results()
     result_ids = latest["row_id"].to_numpy() if latest.num_rows else np.zeros(0, dtype=np.int64)
     latest = latest.select(list(EXPORT_RESULT_COLUMNS))

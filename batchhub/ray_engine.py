@@ -146,6 +146,9 @@ def _task_spec(spec: JobSpec) -> JobSpec:
         prices_file=Path(spec.prices_file).resolve() if spec.prices_file else None,
         base_url=spec.resolved_base_url(),
         quiet=True,
+        # the driver's cache folder, not what a worker's environment says (none: --no-cache, or turned off)
+        cache=spec.reply_cache_dir(),
+        no_cache=spec.reply_cache_dir() is None,
     )
 
 
@@ -210,7 +213,11 @@ class RayJob:
         try:
             store.recover()
             n_rows = p.rows()  # shards are cut from the row count: a large input is counted (and checked) first
-            states = store.row_states(n_rows)
+            # every row's result checked against its request, and the replies the job or the reply cache already
+            # has recorded, here (under this run's lock): the tasks get the rows still to send
+            check = Job(p, progress=False, send=False)
+            checked = await check._run()
+            states = check.row_states[:n_rows]
             in_flight = self.max_shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
             run_no = len(p.manifest.runs) + 1
             task_spec = _task_spec(spec)
@@ -242,6 +249,11 @@ class RayJob:
             finally:
                 self.progress.close()
             summary = self._summary(store, started, totals, tasks)
+            for source, count in checked.reused.items():
+                summary.reused[source] = summary.reused.get(source, 0) + count
+            summary.saved_usd += checked.saved_usd
+            summary.mismatched_results = checked.mismatched_results
+            summary.cache_note = checked.cache_note
             close_run_record(record, summary)
             with contextlib.suppress(OSError):
                 store.write_manifest(p.manifest)
@@ -363,6 +375,10 @@ class RayJob:
             cost_usd=bill.total_usd if bill is not None else 0.0,
             unpriced_models=set(bill.unknown_models) if bill is not None else set(),
         )
+        if bill is not None:  # replies the tasks found in the reply cache (or another task had paid for)
+            reused = {"job": bill.reused_from_job, "cache": bill.reused_from_cache}
+            summary.reused = {source: count for source, count in reused.items() if count}
+            summary.saved_usd = bill.saved_usd
         if totals.failure is not None:
             summary.stopped = totals.failure_kind
             summary.message = totals.failure

@@ -21,8 +21,10 @@ A row that cannot become a valid request (null prompt, bad per-row value) raises
 
 A request's hash (`request_hash`) names what it asks, so that a reply belongs to its request
 and never to a row number: the sha256 of the endpoint (`request_endpoint`) and the body with
-its keys sorted, less the fields that do not change the answer (`UNHASHED_FIELDS`: `user`,
-`stream`, `stream_options`, ...), a whole number written as one (`1.0` is `1`). Two rows, two
+its fields in name order (what is inside each in its own order: a JSON schema's property
+order can change the answer), less the fields that do not change the answer
+(`UNHASHED_FIELDS`: `user`, `stream`, `stream_options`, ...), a whole number written as
+one (`1.0` is `1`). Two rows, two
 jobs or two runs that ask the same thing of the same endpoint have the same hash; the reply
 cache (batchhub/reply_cache.py) and a job's own results are found by it.
 """
@@ -361,8 +363,10 @@ class RequestBuilder:
         """The request for one row, or RowError."""
         body, messages = self._body(row)
         # one encoding serves the hash and the body: the hashed fields, keys sorted, then the others
-        hashed = {k: _whole_number(v) for k, v in body.items() if k not in UNHASHED_FIELDS}
-        unhashed = {k: v for k, v in body.items() if k in UNHASHED_FIELDS}
+        # the body's fields in name order; what is inside them in its own order (the order of a JSON schema's
+        # properties is the order a model writes them: it can change the answer)
+        hashed = {k: _whole_number(body[k]) for k in sorted(body) if k not in UNHASHED_FIELDS}
+        unhashed = {k: body[k] for k in sorted(body) if k in UNHASHED_FIELDS}
         try:
             encoded = _encode(hashed)
             key = hashlib.sha256(self._hash_prefix + encoded).hexdigest()[:32]
@@ -425,7 +429,7 @@ class RequestBuilder:
 
 
 def _encode(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True).encode()
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 #: the columns of an OpenAI Batch input line

@@ -256,14 +256,13 @@ class Reuse:
         return True
 
     def answered(self, built: BuiltRequest, row: Result | None) -> tuple[list[Result], list[tuple[int, BuiltRequest]]]:
-        """A row sent by this run has its final result (`row`; None: it has none, the run stopping): remember an
-        ok reply (for later rows and the reply cache) and return the copies for the rows that waited for it,
-        or, when it is not ok, those rows, to send themselves."""
+        """A row sent by this run has its final result (`row`; None: none yet, or none: held back among the
+        run's first results, or the run stopping): remember an ok reply (for later rows and the reply cache)
+        and return the copies for the rows that waited for it, or, without an ok reply, those rows, to send
+        themselves (when the run stops, no worker takes them: they stay without a result, as queued rows do)."""
         key = built.request_hash
         waiting = self._following.pop(key, [])
-        if row is None:
-            return [], []  # the run stops: the rows that waited stay without a result, as queued rows do
-        if row["status"] != "ok":
+        if row is None or row["status"] != "ok":
             return [], waiting
         reply = reply_of(row)
         self._recent[key] = reply

@@ -91,8 +91,12 @@ class Job:
         only_rows: np.ndarray | None = None,
         limits: Limiter | None = None,
         progress_sink: Callable[[dict[str, float]], None] | None = None,
+        send: bool = True,
     ) -> None:
         self.prepared = prepared
+        #: False: send nothing, only check each row's result and record the replies it can reuse (the Ray
+        #: engine's driver does this before it hands the rows still to send to its tasks)
+        self._send = send
         self.spec = prepared.spec
         self.store = prepared.store
         self._rows = ResultRows(prepared.api_key)
@@ -134,6 +138,12 @@ class Job:
         #: last with a result when the run began
         self._read_to = 0
         self._rows_with_results = 0
+
+    @property
+    def row_states(self) -> np.ndarray:
+        """Where each row stands after the run, as the run saw it: a result that no longer answers its row's
+        request does not count (uint8 per row, as `JobStore.row_states`)."""
+        return self._states
 
     # -- control ------------------------------------------------------------------------
 
@@ -182,7 +192,8 @@ class Job:
             setup_error = exc
         n_todo = self._plan()
         self._reuse: Reuse = open_reuse(prepared)
-        run_record = self._start_record(n_todo if prepared.n_rows is not None else None)  # else: once counted
+        # else: once counted. A pass that sends nothing is part of the run that sends (the Ray engine's record)
+        run_record = self._start_record(n_todo if prepared.n_rows is not None else None) if self._send else RunRecord()
         if setup_error is None:
             try:
                 store.write_manifest(prepared.manifest)
@@ -323,6 +334,10 @@ class Job:
         except OSError as exc:
             self._write_error = exc
             return
+        if not self._send:
+            self._n_workers = 0
+            await self._run_pool()
+            return
         async with endpoint(spec) as base_url, self._client_session() as session:
             client = ChatClient(
                 session, base_url, self.prepared.api_key, spec.timeout, max_response_bytes=spec.max_response_bytes
@@ -438,7 +453,7 @@ class Job:
                 found = await self._reuse.find(to_send)
                 for row in found.reused:
                     self._record(row)
-                for item in found.to_send:
+                for item in found.to_send if self._send else ():
                     if self._stop.is_set():
                         break
                     await queue.put(item)
@@ -642,7 +657,7 @@ class Job:
             summary.message = (
                 f"the input {self.prepared.source.path} changed while the job ran: "
                 f"expected {self._input_short[0]:,} rows, read {self._input_short[1]:,}; the results so far "
-                "are kept (run again with --force to go on with the input as it is now)"
+                "are kept (run again to go on with the input as it is now)"
             )
         if budget is not None:
             summary.budget_spent_usd = budget.spent

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import batchhub
-from batchhub import AuthenticationError, FailedRowsWarning, InputError, JobStateError, JobStopped, export_job
+from batchhub import AuthenticationError, FailedRowsWarning, InputError, JobStopped, export_job
 from batchhub.mock import MockConfig, MockServer
 from batchhub.spec import JobSpec
 
@@ -27,10 +27,12 @@ WORDS = {"positive": "Love it, great value.", "negative": "Arrived broken, want 
 
 
 def reviews(n: int, *, shift: int = 0) -> pd.DataFrame:
-    """n reviews cycling through the three sentiments, under a shuffled string index."""
+    """n reviews cycling through the three sentiments, each its own text (rows asking the same are sent once),
+    under a shuffled string index."""
     labels = [list(WORDS)[(i + shift) % 3] for i in range(n)]
     index = [f"r{(i * 7919) % 1000:03d}" for i in range(n)]
-    return pd.DataFrame({"n": range(n), "review": [WORDS[label] for label in labels], "expected": labels}, index=index)
+    texts = [f"{WORDS[label]} (review {i})" for i, label in enumerate(labels)]
+    return pd.DataFrame({"n": range(n), "review": texts, "expected": labels}, index=index)
 
 
 def opts(server, job_dir: Path, **kw) -> dict:
@@ -79,24 +81,22 @@ def test_the_same_call_again_resumes_and_sends_nothing(tmp_path: Path, threaded_
     pd.testing.assert_frame_equal(first, second, check_like=False)
 
 
-def test_a_changed_dataframe_is_refused_and_force_replaces_it(tmp_path: Path, threaded_mock) -> None:
+def test_a_changed_dataframe_in_the_same_job_sends_only_its_new_requests(tmp_path: Path, threaded_mock) -> None:
     server = threaded_mock(seed=5)
     job = tmp_path / "job"
     df = reviews(20)
-    batchhub.run(df, **opts(server, job))
-    snapshot = (job / "input.parquet").read_bytes()
+    first = batchhub.run(df, **opts(server, job))
     changed = df.copy()
     changed.loc[changed.index[3], "review"] = "Something else entirely."
-    with pytest.raises(JobStateError, match="differs from the one the job"):
-        batchhub.run(changed, **opts(server, job))
-    assert (job / "input.parquet").read_bytes() == snapshot  # nothing written
-    assert server.stats.requests == 20
-    # force: the new data replaces the saved one, results are kept by row position, new rows are sent
-    longer = pd.concat([changed, reviews(25).iloc[20:]])
-    out = batchhub.run(longer, **opts(server, job, force=True))
-    assert server.stats.completions == 25
+    longer = pd.concat([reviews(25).iloc[20:], changed])  # new rows first: every old row moves
+    out = batchhub.run(longer, **opts(server, job))
+    assert server.stats.completions == 26  # the edited row and the five new ones
     assert out["review"].tolist() == longer["review"].tolist()
     assert set(out["status"]) == {"ok"}
+    # each row has its own answer: the unchanged rows the answers they had
+    kept = out.iloc[5:].drop(index=changed.index[3])
+    assert kept["content"].tolist() == first.drop(index=changed.index[3])["content"].tolist()
+    assert out.attrs["batchhub"]["reused"] == {"job": 19}
 
 
 def test_default_job_dir_follows_the_data_and_the_request_settings(

@@ -43,6 +43,6 @@ def test_only_results_up_to_the_forced_seq_go_unchecked(tmp_path: Path) -> None:
     store = JobStore(job)
     table = store.latest_results(["row_id", "seq", "request_hash"]).to_pandas()
     cut = int(table["seq"].median())
-    hashes = store.row_request_hashes(30, trusted_seq=cut)
+    hashes, _ = store.row_request_hashes(30, trusted_seq=cut)
     for row_id, seq, request_hash in table.itertuples(index=False):
         assert hashes[row_id] == (b"" if seq <= cut else request_hash.encode())

@@ -98,9 +98,10 @@ def test_spec_params_and_flags_reach_every_body_flags_winning(tmp_path: Path, ca
         assert body["seed"] == 42 and body["top_p"] == 0.9 and body["n"] == 1
         assert body["response_format"] == {"type": "json_object"} and body["tools"] == tools
         assert "stream" not in body and "stream_options" not in body
-    # changed params change the request settings: resuming with them is refused
+    # changed params change every row's request: the job sends them again, with the new seed
     again = run(str(spec), "--param", "seed=43")
-    assert again.exit_code == 2 and "params" in again.output
+    assert again.exit_code == 0, again.output
+    assert [b["seed"] for b in capture.bodies[3:]] == [43, 43, 43]
 
 
 def test_streaming_always_asks_for_usage_in_the_stream(tmp_path: Path, capture: Capture) -> None:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchhub import Job, arun_job, export_job, job_status, prepare_job
-from batchhub.errors import JobStateError, UsageError
+from batchhub.errors import UsageError
 from batchhub.mock import MockServer
 from batchhub.spec import JobSpec
 from batchhub.store import JobStore
