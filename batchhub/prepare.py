@@ -94,6 +94,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     manifest.request_config = spec.request_config()
     manifest.endpoint = builder.endpoint
     manifest.input.rows = n_rows
+    store.rows = n_rows  # results are read against the input as it is now (None: once it is counted)
     manifest.input.fingerprint = input_fp
     manifest.input.bad_input = None  # this run checks the input anew
     prices = spec.price_book()

@@ -213,6 +213,7 @@ class RayJob:
         try:
             store.recover()
             n_rows = p.rows()  # shards are cut from the row count: a large input is counted (and checked) first
+            store.rows = n_rows
             # every row's result checked against its request, and the replies the job or the reply cache already
             # has recorded, here (under this run's lock): the tasks get the rows still to send
             check = Job(p, progress=False, send=False)
@@ -379,6 +380,7 @@ class RayJob:
             reused = {"job": bill.reused_from_job, "cache": bill.reused_from_cache}
             summary.reused = {source: count for source, count in reused.items() if count}
             summary.saved_usd = bill.saved_usd
+            summary.sent = summary.results_this_run - bill.reused_replies
         if totals.failure is not None:
             summary.stopped = totals.failure_kind
             summary.message = totals.failure

@@ -105,7 +105,8 @@ class JobReplies:
     def __init__(self, store: JobStore, up_to_seq: int) -> None:
         self._store = store
         self._up_to_seq = up_to_seq
-        table = store.results(["request_hash", "status", "seq"])
+        # a reply is the job's whatever row asked it, inside today's input or not
+        table = store.results(["request_hash", "status", "seq"], any_row=True)
         ok = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["request_hash"]))
         ok = pc.and_(ok, pc.less_equal(table["seq"], up_to_seq))
         table = table.filter(ok)
@@ -142,7 +143,7 @@ class JobReplies:
 
     def _load(self) -> tuple[pa.Table, np.ndarray]:
         if self._replies is None or self._reply_seqs is None:
-            table = self._store.results(["status", *REPLY_COLUMNS, "seq"])
+            table = self._store.results(["status", *REPLY_COLUMNS, "seq"], any_row=True)
             ok = pc.and_(pc.equal(table["status"], "ok"), pc.less_equal(table["seq"], self._up_to_seq))
             table = table.filter(ok)
             table = table.take(pc.sort_indices(table["seq"]))

@@ -305,7 +305,7 @@ class Job:
             self._halt("bad_input")
             return
         self._grow(n_rows)
-        self.prepared.n_rows = self.prepared.manifest.input.rows = n_rows
+        self.prepared.n_rows = self.prepared.manifest.input.rows = self.store.rows = n_rows
         if self._only_rows is None:
             run_record.to_send = int(np.count_nonzero(self._todo[:n_rows]))
         self._progress.set_total(n_rows)

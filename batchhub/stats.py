@@ -43,6 +43,8 @@ class RunStats:
     reused: dict[str, int] = field(default_factory=dict)
     #: what those replies cost when they were paid for, at known prices: saved in this run
     saved_usd: float = 0.0
+    #: results of requests this run sent (not reused, not failed before sending)
+    sent: int = 0
 
     def count(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
         """Count a result recorded by this run; its cost at known prices (None: no usage, or no price for its model).
@@ -61,6 +63,8 @@ class RunStats:
             return 0.0
         cost = self._cost(row, prices, requested_model)
         self.results += 1
+        if row.get("attempts"):
+            self.sent += 1
         if row["status"] == "ok":
             self.ok += 1
         else:

@@ -263,13 +263,14 @@ class JobStore:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def iter_result_tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
+    def iter_result_tables(self, columns: Iterable[str] | None = None, *, any_row: bool = False) -> Iterator[pa.Table]:
         """Every result recorded (parts, then journal lines not yet compacted), oldest first.
 
         Safe while a job runs, and never fewer results than an earlier read: the journal is read
         first and the parts after, so a segment compacted in between has its rows in a part read
         here (a line also in a part is counted once, by seq). A damaged part is reported and
-        skipped (its rows have no result); results naming a row outside the input are skipped.
+        skipped (its rows have no result); results naming a row outside the input are skipped, unless
+        `any_row` (a reply found by its request, whatever row asked it: batchhub/reuse.py).
         """
         cols = list(columns) if columns is not None else list(RESULT_COLUMNS)
         if "seq" not in cols:
@@ -290,12 +291,12 @@ class JobStore:
                 import pyarrow.compute as pc  # only where there are parts: a new job never needs it
 
                 max_seq = max(max_seq, pc.max(table["seq"]).as_py())
-                yield self._in_range(table, rows, path).select(cols)
+                yield (table if any_row else self._in_range(table, rows, path)).select(cols)
         scan = journal_after([read for _, read in reads], max_seq)
         if scan.table.num_rows:
-            yield self._in_range(scan.table, rows, self.dir).select(cols)
+            yield (scan.table if any_row else self._in_range(scan.table, rows, self.dir)).select(cols)
         for sub in self.task_stores():
-            yield from sub.iter_result_tables(cols)
+            yield from sub.iter_result_tables(cols, any_row=any_row)
 
     def _row_count(self) -> int | None:
         if self.rows is None and self.manifest_path.exists():
@@ -318,12 +319,13 @@ class JobStore:
         log.warning("%s: %d result(s) name a row outside the input (%s); skipped", where, table.num_rows - kept, bound)
         return table.filter(inside)
 
-    def results(self, columns: Iterable[str] | None = None) -> pa.Table:
-        """All recorded results as one table (every attempt-set, not only the latest)."""
+    def results(self, columns: Iterable[str] | None = None, *, any_row: bool = False) -> pa.Table:
+        """All recorded results as one table (every attempt-set, not only the latest; `any_row`: as
+        `iter_result_tables`)."""
         cols = list(columns) if columns is not None else list(RESULT_COLUMNS)
         if "seq" not in cols:
             cols.append("seq")
-        tables = list(self.iter_result_tables(cols))
+        tables = list(self.iter_result_tables(cols, any_row=any_row))
         if not tables:
             return pa.Table.from_batches([], schema=pa.schema([RESULT_SCHEMA.field(c) for c in cols]))
         return pa.concat_tables(tables)

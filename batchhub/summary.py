@@ -48,6 +48,8 @@ class JobSummary:
     reused: dict[str, int] = field(default_factory=dict)
     #: what those replies cost when they were paid for (at known prices)
     saved_usd: float = 0.0
+    #: results of requests this run sent
+    sent: int = 0
     #: why the reply cache was not used, or how many of its entries were damaged (ignored), if so
     cache_note: str | None = None
     #: False when the run ended before its input was counted: `total_rows` are the rows read so far
@@ -88,6 +90,7 @@ class JobSummary:
             mismatched_results=stats.mismatched_results,
             reused=dict(stats.reused),
             saved_usd=stats.saved_usd,
+            sent=stats.sent,
         )
 
 
@@ -137,8 +140,7 @@ def summary_lines(summary: JobSummary, prices: str, *, quiet: bool = False) -> l
         )
         lines.insert(
             1,
-            f"{reused:,} replies reused ({sources}), saving ${summary.saved_usd:,.4f}; "
-            f"{summary.results_this_run - reused:,} results from requests sent",
+            f"{reused:,} replies reused ({sources}), saving ${summary.saved_usd:,.4f}; {summary.sent:,} sent",
         )
     if summary.mismatched_results:
         lines.insert(

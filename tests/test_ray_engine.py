@@ -24,12 +24,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
-from click.testing import CliRunner
 from jobprocs import child_env
 
 import batchhub
 from batchhub import Job, export_job, job_status, prepare_job
-from batchhub.cli import main
 from batchhub.errors import UsageError
 from batchhub.mock import MockServer
 from batchhub.ray_actors import NAMESPACE, LimiterActor, shared_limiter
@@ -300,24 +298,29 @@ async def test_a_job_moves_between_the_engines_and_the_latest_result_wins(
     assert (pd.read_parquet(tmp_path / "flaky.parquet")["status"] == "ok").all()
 
 
-async def test_a_changed_input_or_request_is_refused(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
+async def test_a_changed_input_or_request_sends_only_new_requests(
+    tmp_path: Path, simulator: Any, ray_cluster: dict
+) -> None:
     server = await simulator(seed=7)
     spec = make_spec(tmp_path, server, 40)
     assert (await RayJob(prepare_job(spec), shard_rows=10).run()).exit_code == 0
-    common = [str(tmp_path / "in.csv"), "--base-url", server.base_url, "--job-dir", str(tmp_path / "job")]
-    common += ["--engine", "ray", "--ray-address", ray_cluster["gcs_address"], "--quiet"]
-    env = {"BATCHHUB_API_KEY": KEY}
-    changed_model = await asyncio.to_thread(CliRunner().invoke, main, ["run", *common, "--model", "gpt-4o"], env=env)
-    assert changed_model.exit_code == 2
-    assert "request settings differ" in changed_model.output and "model" in changed_model.output
-    with open(tmp_path / "in.csv", "a") as fh:
-        fh.write("one more row\n")
-    changed_input = await asyncio.to_thread(
-        CliRunner().invoke, main, ["run", *common, "--model", "gpt-4o-mini"], env=env
-    )
-    assert changed_input.exit_code == 2
-    assert "has changed" in changed_input.output
-    assert server.stats.completions == 40  # nothing sent by the refused runs
+    # a row inserted at the top: every row moves, and the driver finds each row's reply among the job's
+    data = tmp_path / "in.csv"
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text(lines[0] + "a new first row\n" + "".join(lines[1:]))
+    moved = await RayJob(prepare_job(spec), shard_rows=10).run()
+    assert (moved.exit_code, moved.ok, moved.reused) == (0, 41, {"job": 40})
+    assert server.stats.completions == 41
+    # another job on the same rows finds them all in the reply cache
+    other = await RayJob(prepare_job(make_spec(tmp_path, server, 41, job_dir=tmp_path / "other")), shard_rows=10).run()
+    assert (other.exit_code, other.ok, other.reused) == (0, 41, {"cache": 41})
+    # another model is another request for every row: the tasks send them all
+    changed = await RayJob(prepare_job(make_spec(tmp_path, server, 41, model="gpt-4o")), shard_rows=10).run()
+    assert (changed.exit_code, changed.ok, changed.mismatched_results) == (0, 41, 41)
+    assert server.stats.completions == 82
+    out = tmp_path / "out.parquet"
+    export_job(tmp_path / "job", out)
+    assert set(pd.read_parquet(out)["model"]) == {"gpt-4o"}
 
 
 async def test_a_budget_holds_across_tasks_and_the_job_resumes_past_it(
