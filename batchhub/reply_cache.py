@@ -380,7 +380,8 @@ class ReplyCache:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("PRAGMA incremental_vacuum")
+            # run to its end (executescript): execute() steps it once, which frees one page
+            conn.executescript("PRAGMA incremental_vacuum")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return removed
 
