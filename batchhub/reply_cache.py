@@ -54,9 +54,9 @@ FILE_NAME = "replies.sqlite3"
 APPLICATION_ID = 0x62687263
 SCHEMA_VERSION = 1
 
-_TEXT = frozenset({str, type(None)})
-_COUNT = frozenset({int, type(None)})
-_SECONDS = frozenset({float, int, type(None)})
+_TEXT: frozenset[type] = frozenset({str, type(None)})
+_COUNT: frozenset[type] = frozenset({int, type(None)})
+_SECONDS: frozenset[type] = frozenset({float, int, type(None)})
 #: the fields of a reply and the types each may hold (as JSON gives them back: exact types)
 REPLY_FIELDS: dict[str, frozenset[type]] = {
     "content": _TEXT,
