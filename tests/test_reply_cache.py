@@ -609,3 +609,16 @@ def test_prune_command_refuses_bad_values(tmp_path: Path, args: tuple[str, ...],
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / FILE_NAME).exists()
+
+
+def test_the_readme_cache_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_readme_examples import examples, run_line
+
+    monkeypatch.setenv("BATCHHUB_CACHE", str(tmp_path / "cache"))
+    opened = ReplyCache.open(tmp_path / "cache")
+    opened.put_many(entries(10, 0, "gpt-4o-mini") + entries(5, 10, "gpt-4o"))
+    age(opened.path, [key_of(i) for i in range(4)], 31 * 86400)
+    for line in examples()["cache"]:
+        run_line(line, tmp_path)
+    assert {m.model: m.entries for m in opened.info().by_model} == {"gpt-4o-mini": 6}
+    opened.close()
