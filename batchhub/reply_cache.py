@@ -105,9 +105,19 @@ def checksum(key: bytes, data: bytes) -> int:
     return zlib.crc32(data, zlib.crc32(key))
 
 
+def reply_fields(reply: dict[str, Any]) -> dict[str, Any]:
+    """The reply's fields (a field missing is None); ValueError for a value of a type no reply holds
+    (an `extra` that is not JSON text, a count that is not an int)."""
+    fields = {name: reply.get(name) for name in REPLY_FIELDS}
+    for name, kinds in REPLY_FIELDS.items():
+        if type(fields[name]) not in kinds:
+            raise ValueError(f"a cached reply's {name} is {sorted(k.__name__ for k in kinds)}, got {fields[name]!r}")
+    return fields
+
+
 def encode_entry(key: str, reply: dict[str, Any]) -> bytes:
     """The stored `data` of a reply: `[key, {field: value}]` as JSON, the reply's fields only."""
-    return orjson.dumps([key, {name: reply.get(name) for name in REPLY_FIELDS}])
+    return orjson.dumps([key, reply_fields(reply)])
 
 
 def decode_entry(key: Any, check: Any, data: Any) -> tuple[str, dict[str, Any]] | None:
@@ -451,8 +461,9 @@ class CacheWriter:
         self._writing: asyncio.Task[None] | None = None
 
     def add(self, key: str, endpoint: str, requested_model: str | None, reply: dict[str, Any]) -> None:
-        """Queue one reply for the next write (a bad key raises ValueError here, not in the thread)."""
+        """Queue one reply for the next write (a bad key or reply raises ValueError here, not in the thread)."""
         key_bytes(key)
+        reply_fields(reply)
         if self.cache.problem is not None:
             return
         self._pending.append((key, endpoint, requested_model, reply))

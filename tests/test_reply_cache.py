@@ -105,6 +105,14 @@ def test_a_key_that_is_not_a_request_hash_is_refused(cache: ReplyCache) -> None:
             cache.put_many([(bad, "h", "m", reply_of(0))])
 
 
+def test_a_reply_with_a_value_no_reply_holds_is_refused_at_put(cache: ReplyCache) -> None:
+    for field, value in (("extra", {"created": 1}), ("prompt_tokens", 1.5), ("content", 3), ("http_status", True)):
+        with pytest.raises(ValueError, match=f"reply's {field} is"):
+            cache.put_many([(key_of(0), "h", "m", dict(reply_of(0), **{field: value}))])
+    cache.put_many([(key_of(0), "h", "m", {"content": "only some fields"})])  # the others are None
+    assert cache.get_many([key_of(0)])[key_of(0)]["finish_reason"] is None
+
+
 def test_lookups_and_a_write_from_threads_at_once(cache: ReplyCache) -> None:
     cache.put_many(entries(500))
     errors: list[BaseException] = []
@@ -460,6 +468,8 @@ async def test_the_writer_of_a_cache_with_a_problem_keeps_nothing(tmp_path: Path
     writer.add(key_of(0), "h", None, reply_of(0))
     with pytest.raises(ValueError):
         writer.add("not a key", "h", None, reply_of(0))
+    with pytest.raises(ValueError):
+        writer.add(key_of(1), "h", None, dict(reply_of(0), extra={"not": "text"}))
     await writer.close()
     assert writer.written == 0
 
