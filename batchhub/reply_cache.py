@@ -6,6 +6,7 @@ One SQLite file, `replies.sqlite3`, in the cache folder (`batchhub.cache_dir`, o
     replies(id INTEGER PRIMARY KEY, key BLOB, created REAL, endpoint TEXT, model TEXT,
             size INTEGER, checksum INTEGER, data BLOB)
     replies_key: UNIQUE index on key (key + rowid only: about 25 bytes an entry)
+    models(model, entries, bytes): kept by triggers, what `info` reads
 
 `data` is the JSON of `[key, reply]`, so an entry names the request it answers; `checksum` is
 a CRC-32 over (key, data): it is there to catch damage (a bit flipped, a page half written),
@@ -87,6 +88,16 @@ CREATE TABLE IF NOT EXISTS replies (
 )"""
 #: the key index, apart from the table so that a bulk load (benchmarks/cache_index.py) can build it last
 KEY_INDEX_SQL = "CREATE UNIQUE INDEX IF NOT EXISTS replies_key ON replies(key)"
+#: entries and bytes by model, kept by triggers, so that `info` (`batchhub cache`) reads a few rows, not
+#: the whole file; a REPLACE fires the delete trigger because every connection sets recursive_triggers
+_COUNTS_SQL = (
+    "CREATE TABLE IF NOT EXISTS models (model TEXT PRIMARY KEY, entries INTEGER NOT NULL, bytes INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS replies_added AFTER INSERT ON replies BEGIN "
+    "INSERT INTO models (model, entries, bytes) VALUES (coalesce(NEW.model, ''), 1, NEW.size) "
+    "ON CONFLICT (model) DO UPDATE SET entries = entries + 1, bytes = bytes + excluded.bytes; END",
+    "CREATE TRIGGER IF NOT EXISTS replies_removed AFTER DELETE ON replies BEGIN "
+    "UPDATE models SET entries = entries - 1, bytes = bytes - OLD.size WHERE model = coalesce(OLD.model, ''); END",
+)
 _KEY = re.compile(r"[0-9a-f]{32}")
 
 #: what is put: (key, endpoint, requested_model, reply)
@@ -218,6 +229,7 @@ class ReplyCache:
             self._local.conn = conn
             conn.execute(f"PRAGMA busy_timeout = {int(CACHE_BUSY_TIMEOUT_S * 1000)}")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA recursive_triggers = ON")
         return conn
 
     def _setup(self, conn: sqlite3.Connection) -> None:
@@ -237,6 +249,8 @@ class ReplyCache:
             try:
                 conn.execute(_TABLE_SQL)
                 conn.execute(KEY_INDEX_SQL)
+                for statement in _COUNTS_SQL:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -341,7 +355,8 @@ class ReplyCache:
                 raise
 
     def info(self) -> CacheInfo:
-        """Entries, size on disk, entries and bytes by model, oldest and newest (a full scan)."""
+        """Entries, size on disk, entries and bytes by model, oldest and newest (the first and last
+        put of those left): a few rows read, whatever the size of the cache."""
         info = CacheInfo(path=self.path, problem=self.problem)
         info.bytes = _file_bytes(self.path)
         if self.problem is not None:
@@ -349,15 +364,17 @@ class ReplyCache:
         with self._guard("info"):
             conn = self._connection()
             rows = conn.execute(
-                "SELECT model, count(*), sum(size), min(created), max(created) FROM replies GROUP BY model "
-                "ORDER BY count(*) DESC, model"
+                "SELECT model, entries, bytes FROM models WHERE entries > 0 ORDER BY entries DESC, model"
             ).fetchall()
-            for model, entries, size, oldest, newest in rows:
-                info.by_model.append(ModelInfo(model, entries, size or 0))
+            for model, entries, size in rows:
+                info.by_model.append(ModelInfo(model or None, entries, size))
                 info.entries += entries
-                info.data_bytes += size or 0
-                info.oldest = oldest if info.oldest is None else min(info.oldest, oldest)
-                info.newest = newest if info.newest is None else max(info.newest, newest)
+                info.data_bytes += size
+            ends = conn.execute(
+                "SELECT (SELECT created FROM replies ORDER BY id LIMIT 1), "
+                "(SELECT created FROM replies ORDER BY id DESC LIMIT 1)"
+            ).fetchone()
+            info.oldest, info.newest = ends
         info.problem = self.problem
         return info
 
@@ -388,6 +405,7 @@ class ReplyCache:
                     removed += conn.execute(f"DELETE FROM replies WHERE {' AND '.join(where)}", args).rowcount
                 if max_bytes is not None:
                     removed += self._prune_to(conn, max_bytes)
+                conn.execute("DELETE FROM models WHERE entries <= 0")
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -401,7 +419,7 @@ class ReplyCache:
     @staticmethod
     def _prune_to(conn: sqlite3.Connection, max_bytes: int) -> int:
         """Delete the oldest entries (lowest id: ids grow with every put) until the rest fit in max_bytes."""
-        total = conn.execute("SELECT coalesce(sum(size), 0) FROM replies").fetchone()[0]
+        total = conn.execute("SELECT coalesce(sum(bytes), 0) FROM models").fetchone()[0]
         excess = total - max_bytes
         if excess <= 0:
             return 0

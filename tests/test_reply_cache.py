@@ -349,6 +349,7 @@ def test_two_processes_writing_one_cache_lose_nothing(tmp_path: Path) -> None:
     assert len(found) == 6000
     assert all(found[key_of(i)] == reply_of(i) for i in range(6000))
     assert opened.info().entries == 6000 and opened.damaged == 0
+    assert counted_by_info(opened) == counted_by_scan(opened.path)
     with raw(opened.path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     opened.close()
@@ -494,6 +495,37 @@ def test_info_counts_entries_and_bytes_by_model(cache: ReplyCache) -> None:
     assert info.data_bytes == sum(m.bytes for m in info.by_model) > 41 * 300
     assert info.bytes >= cache.path.stat().st_size > 0
     assert info.oldest is not None and info.newest is not None and info.oldest <= info.newest
+
+
+def counted_by_scan(path: Path) -> dict[str | None, tuple[int, int]]:
+    with raw(path) as conn:
+        rows = conn.execute("SELECT model, count(*), sum(size) FROM replies GROUP BY model").fetchall()
+    return {model: (entries, size) for model, entries, size in rows}
+
+
+def counted_by_info(cache: ReplyCache) -> dict[str | None, tuple[int, int]]:
+    return {m.model: (m.entries, m.bytes) for m in cache.info().by_model}
+
+
+def test_info_counts_stay_true_through_ignored_puts_replaces_damage_and_prunes(cache: ReplyCache) -> None:
+    """`info` reads counts kept as entries come and go; they are what a full scan finds, at every step."""
+    cache.put_many(entries(30, 0, "a") + entries(20, 30, "b") + [(key_of(60), "h", None, reply_of(60, "served"))])
+    assert counted_by_info(cache) == counted_by_scan(cache.path)
+    cache.put_many(entries(10, 0, "a"))  # already there: ignored
+    longer = [(key_of(i), "h", "b", dict(reply_of(i), content="a much longer answer " * 20)) for i in range(5)]
+    cache.put_many(longer, replace=True)  # five entries move from a to b, with other sizes
+    assert counted_by_info(cache) == counted_by_scan(cache.path)
+    assert counted_by_info(cache)["a"][0] == 25 and counted_by_info(cache)["b"][0] == 25
+    with raw(cache.path) as conn:
+        conn.execute("UPDATE replies SET checksum = checksum + 1 WHERE key = ?", (bytes.fromhex(key_of(40)),))
+    cache.get_many([key_of(40)])  # damaged: deleted
+    assert cache.damaged == 1
+    assert counted_by_info(cache) == counted_by_scan(cache.path)
+    cache.put_many(entries(1, 40, "b"))
+    cache.prune(model="served")
+    cache.prune(max_bytes=cache.info().data_bytes // 2)
+    assert counted_by_info(cache) == counted_by_scan(cache.path)
+    assert cache.info().entries == sum(n for n, _ in counted_by_scan(cache.path).values())
 
 
 def test_prune_by_age_by_model_and_both(cache: ReplyCache) -> None:
