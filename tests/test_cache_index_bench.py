@@ -17,15 +17,17 @@ LABELS = (
     "open + first 1,000 random lookups, cold: ",
     "lookups in 1,000-key batches: ",
     "puts through CacheWriter: ",
-    "info (batchhub cache, a full scan of ",
+    "info (batchhub cache) of ",
+    "prune --max-size to 99%: ",
     "build (bulk path): ",
 )
 
 
 def test_cache_index_benchmark_smoke() -> None:
     final = summary_block(run_smoke("cache_index"), "Reply cache (5,000 entries):")
-    index, _, cold, lookups, puts, _, _ = line_per_label(final, LABELS)
+    index, _, cold, lookups, puts, _, prune, _ = line_per_label(final, LABELS)
     assert "bytes an entry" in index and ("met" in index)
     assert "target about a second: " in cold
     assert "random hits " in lookups and "hits in put order " in lookups and "misses " in lookups
     assert "/s; add() on the event loop " in puts
+    assert "oldest entries removed in " in prune
