@@ -352,7 +352,7 @@ def main() -> None:
         f"puts through CacheWriter: {puts['puts_per_s']:,.0f}/s; add() on the event loop {puts['add_us']:.2f} us",
         f"info (batchhub cache) of {puts['entries']:,} entries: {puts['info_s'] * 1e3:.1f} ms",
         f"prune --max-size to 99%: {puts['pruned']:,} oldest entries removed in {puts['prune_s']:.2f} s, "
-        f"the file {puts['shrunk_bytes'] / 1e6:,.0f} MB smaller",
+        f"the file {puts['shrunk_bytes'] / 1e6:,.1f} MB smaller",
         f"build (bulk path): {build_s:.0f} s",
     ]
     print()
