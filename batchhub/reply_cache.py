@@ -443,8 +443,9 @@ class ReplyCache:
 
 
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
-    """A file SQLite cannot read as a database (not locked, read-only or full: those are OperationalError)."""
-    return not isinstance(exc, sqlite3.OperationalError) or "malformed" in str(exc)
+    """SQLite cannot read the file as a database (its error code, not its words, says so): not a
+    lock, a read-only file or a full disk."""
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _file_bytes(path: Path) -> int:
