@@ -308,6 +308,7 @@ def in_child(what: str, folder: Path, entries: int, amount: int = 0) -> dict[str
     if proc.returncode != 0:
         raise SystemExit(f"{what} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     figures: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    c.log(f"  {what}: {figures}")  # as measured: a run stopped later still shows it
     return figures
 
 
