@@ -317,6 +317,9 @@ WRITER = textwrap.dedent(
 
     folder, start, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     cache = ReplyCache.open(folder)
+    if sys.argv[5:] == ["wait"]:  # both writers start together: their transactions interleave
+        print("ready", flush=True)
+        sys.stdin.readline()
     for first in range(start, start + count, 50):
         cache.put_many(entries(50, first))
         print(first + 50, flush=True)  # every entry below this is committed
@@ -325,9 +328,10 @@ WRITER = textwrap.dedent(
 )
 
 
-def start_writer(folder: Path, start: int, count: int) -> subprocess.Popen[str]:
+def start_writer(folder: Path, start: int, count: int, *wait: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(folder), str(start), str(count), str(Path(__file__).parent)],
+        [sys.executable, "-c", WRITER, str(folder), str(start), str(count), str(Path(__file__).parent), *wait],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -339,16 +343,23 @@ def start_writer(folder: Path, start: int, count: int) -> subprocess.Popen[str]:
 @pytest.mark.slow
 def test_two_processes_writing_one_cache_lose_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "shared"
-    writers = [start_writer(folder, 0, 3000), start_writer(folder, 3000, 3000)]
+    ReplyCache.open(folder).close()  # the file exists before either writer opens it
+    writers = [start_writer(folder, 0, 5000, "wait"), start_writer(folder, 5000, 5000, "wait")]
+    for writer in writers:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+    for writer in writers:
+        assert writer.stdin is not None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
     for writer in writers:
         out, err = writer.communicate(timeout=120)
         assert writer.returncode == 0, err
         assert out.splitlines()[-1] == "problem None", out[-500:]
     opened = ReplyCache.open(folder)
-    found = opened.get_many([key_of(i) for i in range(6000)])
-    assert len(found) == 6000
-    assert all(found[key_of(i)] == reply_of(i) for i in range(6000))
-    assert opened.info().entries == 6000 and opened.damaged == 0
+    found = opened.get_many([key_of(i) for i in range(10_000)])
+    assert len(found) == 10_000
+    assert all(found[key_of(i)] == reply_of(i) for i in range(10_000))
+    assert opened.info().entries == 10_000 and opened.damaged == 0
     assert counted_by_info(opened) == counted_by_scan(opened.path)
     with raw(opened.path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
