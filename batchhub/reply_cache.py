@@ -209,8 +209,8 @@ class ReplyCache:
         cache = cls(Path(folder) / FILE_NAME)
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            cache.problem = f"cannot create the cache folder {folder}: {exc.strerror or exc}"
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            cache.problem = f"cannot create the cache folder {folder}: {getattr(exc, 'strerror', None) or exc}"
             return cache
         with cache._guard("open"):
             cache._setup(cache._connection())

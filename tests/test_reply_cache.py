@@ -205,7 +205,8 @@ def test_an_entry_stored_under_the_wrong_key_is_never_served(cache: ReplyCache) 
 
 def test_a_folder_that_is_a_file_or_cannot_be_created_is_a_problem(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    for folder in (tmp_path / "file", tmp_path / "file" / "below", Path("/proc/batchhub-no-such-folder")):
+    folders = (tmp_path / "file", tmp_path / "file" / "below", Path("/proc/batchhub-no-such-folder"), tmp_path / "a\0b")
+    for folder in folders:
         opened = ReplyCache.open(folder)
         assert opened.problem is not None and "cannot" in opened.problem, opened.problem
         assert opened.get_many([key_of(0)]) == {}
