@@ -198,3 +198,23 @@ PROGRESS_INTERVAL_S = 0.5
 SHARD_ROWS = 10_000
 #: A shared limiter actor no job has asked for this long leaves the cluster.
 SHARED_LIMITER_IDLE_S = 600.0
+
+# -- the reply cache (batchhub/reply_cache.py) ----------------------------------------------------
+
+#: Seconds a reply waits before the cache writer puts it: one transaction (one WAL append and, with
+#: synchronous=NORMAL, no fsync) per half second costs nothing next to the requests, and a kill
+#: loses at most this much of the cache, never of the job (its journal has every reply).
+CACHE_FLUSH_S = 0.5
+#: Replies that make the cache writer put at once, without waiting CACHE_FLUSH_S: a transaction of
+#: 1,000 small replies takes some milliseconds, short enough for another process waiting to write.
+CACHE_FLUSH_ENTRIES = 1000
+#: Seconds a cache write (or a lookup during a checkpoint) waits for another process's transaction:
+#: two jobs writing the same cache each hold it some milliseconds per write, so 10 s only runs out
+#: when something is wrong; then the cache is off for the run (the job goes on, sending).
+CACHE_BUSY_TIMEOUT_S = 10.0
+#: Keys per `WHERE key IN (...)` of a lookup: under every SQLite's variable limit (999 before 3.32),
+#: large enough that one statement per 500 keys costs nothing next to the rows it reads.
+CACHE_LOOKUP_CHUNK = 500
+#: Bytes counted per cache entry besides its data, endpoint and model (key index ~27, row header,
+#: id, created, size, checksum ~40): `prune --max-size` counts these, so the file ends near that size.
+CACHE_ENTRY_OVERHEAD_BYTES = 70
