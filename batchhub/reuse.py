@@ -207,9 +207,10 @@ class Reuse:
         if self._cache.problem is not None:
             return f"the reply cache in {self._cache.path.parent} was not used: {self._cache.problem}"
         if self._cache.damaged:
+            n = self._cache.damaged
             return (
-                f"{self._cache.damaged:,} damaged entries of the reply cache in {self._cache.path.parent} "
-                "were ignored (their rows were sent)"
+                f"{n:,} damaged {'entry' if n == 1 else 'entries'} of the reply cache in {self._cache.path.parent} "
+                f"ignored (never served: {'its row was' if n == 1 else 'their rows were'} sent)"
             )
         return None
 

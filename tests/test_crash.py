@@ -81,8 +81,9 @@ PLAN = kill_plan()
 
 @contextmanager
 def simulator(*, latency_ms: float, seed: int) -> Iterator[str]:
-    """`batchhub mock-server --port 0` in its own process; yields its base URL."""
-    with SimulatorProcess("--latency-ms", str(latency_ms), "--seed", str(seed), env=child_env()) as sim:
+    """`batchhub mock-server --port 0` in its own process, echoing each prompt (an answer shows whose it is);
+    yields its base URL."""
+    with SimulatorProcess("--latency-ms", str(latency_ms), "--seed", str(seed), "--echo", env=child_env()) as sim:
         yield sim.base_url
 
 
@@ -94,8 +95,10 @@ def run_args(
     flush_seconds: float = 3600.0,
     job: str = "job",
     concurrency: int = CONCURRENCY,
+    cache: bool = True,
 ) -> list[str]:
-    return jobprocs.run_args(
+    """The run's command; `cache=False`: without the reply cache (a test of the job directory alone)."""
+    args = jobprocs.run_args(
         tmp_path,
         base_url,
         api_key="sk-crash-test",
@@ -104,6 +107,7 @@ def run_args(
         flush_seconds=flush_seconds,
         job=job,
     )
+    return args if cache else [*args, "--no-cache"]
 
 
 def file_size_limit(limit: int) -> Callable[[], None]:
@@ -144,11 +148,13 @@ def status_json(job: Path) -> dict:
 
 
 def assert_exactly_once(job: Path, out: Path, rows: int) -> None:
-    """Every input row once, in input order, all ok; and the job holds exactly one result per row."""
+    """Every input row once, in input order, all ok, each with its own prompt's answer (from a reply sent, or
+    reused from the reply cache the killed runs wrote); and the job holds exactly one result per row."""
     df = export_rows(job, out)
     assert df["row_id"].tolist() == list(range(rows))
     assert df["prompt"].tolist() == [f"row {i}: say something about the sea" for i in range(rows)]
     assert (df["status"] == "ok").all(), df["status"].value_counts(dropna=False)
+    assert (df["content"] == "echo: " + df["prompt"]).all()
     recorded = JobStore(job).results(["row_id", "seq"])
     assert sorted(recorded["row_id"].to_pylist()) == list(range(rows))
 
@@ -510,7 +516,7 @@ def test_resume_after_a_kill_mid_part_write_counts_once_and_sends_only_the_rest(
         kept = {r["row_id"]: r["response_id"] for r in rows[:IN_JOURNAL]}
         missing = {r["row_id"] for r in rows[IN_JOURNAL:]}
         before = mock_stats(base_url)
-        again = run_job(run_args(tmp_path, base_url, flush_rows=7))
+        again = run_job(run_args(tmp_path, base_url, flush_rows=7, cache=False))  # (the cache holds them all)
         assert again.returncode == 0, again.stderr
         after = mock_stats(base_url)
 

@@ -48,7 +48,16 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_every_marked_example_is_covered_here() -> None:
-    assert set(examples()) >= {"params", "structured", "openai-batch", "base-url"}
+    assert set(examples()) >= {"params", "structured", "openai-batch", "base-url", "reuse"}
+
+
+def test_reuse_example(workdir: Path) -> None:
+    first, second = examples()["reuse"]
+    run_line(first, workdir)
+    result = CliRunner().invoke(main, shlex.split(second)[1:])
+    assert result.exit_code == 0, result.output
+    assert "200 replies reused (200 from the cache), saving $0.0043; 0 sent" in result.output
+    assert "HTTP requests 0 " in result.output
 
 
 def test_params_example(workdir: Path) -> None:

@@ -227,3 +227,50 @@ async def test_a_job_from_before_request_hashes_named_requests_resumes_without_p
     seen, _ = await sent_now(server, spec_for(tmp_path, server, ["inserted", *PROMPTS]))
     assert seen[0] == "inserted"
     assert_aligned(exported(tmp_path))
+
+
+def test_two_jobs_writing_one_cache_at_once_both_land(tmp_path: Path, prompts_csv, cache_folder: Path) -> None:
+    """Two `batchhub run` processes share the reply cache at once; a third job finds every reply of both."""
+    import subprocess
+    import sys
+
+    from jobprocs import child_env
+
+    from batchhub.mock import SimulatorProcess
+
+    prompts = [f"shared question {i}" for i in range(150)]
+    write(tmp_path / "a.csv", prompts[:100])
+    write(tmp_path / "b.csv", prompts[50:])
+    write(tmp_path / "c.csv", prompts)
+    with SimulatorProcess("--echo", "--latency-ms", "5", env=child_env()) as sim:
+
+        def command(name: str) -> list[str]:
+            return [sys.executable, "-m", "batchhub", "run", str(tmp_path / f"{name}.csv"), "--model", "gpt-test"]
+
+        base = ["--base-url", sim.base_url, "--api-key", "sk-test", "--concurrency", "8", "-q"]
+        procs = [subprocess.Popen([*command(n), *base, "--job-dir", str(tmp_path / n)], env=child_env()) for n in "ab"]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+        both = sim.prompts_seen()
+        assert sorted(set(both)) == sorted(prompts)  # the overlap may be sent by both: they ran at once
+        done = subprocess.run([*command("c"), *base, "--job-dir", str(tmp_path / "c")], env=child_env())
+        assert done.returncode == 0
+        assert sim.prompts_seen() == both  # the third job sent nothing: every reply of both jobs is in the cache
+    for name in "abc":
+        assert_aligned(exported(tmp_path, name))
+
+
+async def test_a_damaged_cache_entry_is_not_served_its_row_is_sent_and_the_run_says_so(
+    tmp_path: Path, mock_server, cache_folder: Path
+) -> None:
+    import sqlite3
+
+    server = await mock_server(echo=True)
+    await arun_job(spec_for(tmp_path, server, PROMPTS[:5], job="first"), progress=False)
+    # another reply written over one entry's data, its checksum left as it was: a damaged entry
+    with sqlite3.connect(cache_folder / "replies.sqlite3") as db:
+        (key, data) = db.execute("SELECT key, data FROM replies ORDER BY id LIMIT 1").fetchone()
+        db.execute("UPDATE replies SET data = ? WHERE key = ?", (data.replace(b"echo: ", b"ECHO: "), key))
+    seen, summary = await sent_now(server, spec_for(tmp_path, server, PROMPTS[:5], job="second"))
+    assert len(seen) == 1 and summary.reused == {"cache": 4}
+    assert summary.cache_note is not None and "1 damaged entry" in summary.cache_note
+    assert_aligned(exported(tmp_path, "second"))  # no "ECHO: " served
