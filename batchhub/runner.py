@@ -59,11 +59,11 @@ from batchhub.manifest import REQUEST_HASH_VERSION, RunRecord
 from batchhub.prepare import PreparedJob, adopt_runs_since_prepared, endpoint, now_iso, prepare_job
 from batchhub.progress import Progress
 from batchhub.redaction import redact
-from batchhub.requests import BuiltRequest, RequestBuilder, RowError
+from batchhub.requests import BuiltRequest, RowError
+from batchhub.result_check import ResultCheck
 from batchhub.results import ResultLog
 from batchhub.reuse import Reuse, open_reuse
 from batchhub.rows import Result, ResultRows, check_output
-from batchhub.spec import REQUEST_FIELDS, JobSpec
 from batchhub.stats import RunStats, result_cost
 from batchhub.store import STATE_ERROR, STATE_NONE, STATE_OK
 from batchhub.summary import JobSummary, budget_message, close_run_record
@@ -128,8 +128,8 @@ class Job:
         )
         #: rows whose request another row in flight asked, and that must be sent themselves (its reply was not ok)
         self._orphans: list[tuple[int, BuiltRequest]] = []
-        #: the request builders of the settings before --force runs, for the results made under them
-        self._earlier_builders: list[RequestBuilder] | None = None
+        #: whether a done row's result answers its request (batchhub/result_check.py)
+        self._result_check = ResultCheck(prepared)
         #: the reader went through to the end of the input: every row's result was checked
         self._read_through = False
         #: the input's first bad row (found by the input check or the reader): the run stops, then raises it
@@ -480,41 +480,11 @@ class Job:
         assert self._result_seqs is not None
         for offset in np.flatnonzero(checked[base : base + len(batch)]):
             rid = base + int(offset)
-            if self._answers(batch[offset], hashes[rid], int(self._result_seqs[rid])):
+            if self._result_check.answers(batch[offset], hashes[rid], int(self._result_seqs[rid])):
                 continue
             self._stats.mismatched_results += 1
             self._todo[rid] = True
             self._states[rid] = STATE_NONE
-
-    def _answers(self, row: dict[str, Any], stored: bytes, seq: int) -> bool:
-        """Whether a result (its request_hash `stored`, its `seq`) answered the request of `row`: the request
-        the row sends now, or the one it sent under settings a --force run replaced."""
-        legacy = seq <= (self.prepared.manifest.legacy_hash_seq or 0)
-        for builder in (self.prepared.builder, *self._earlier()):
-            try:
-                now = builder.legacy_hash(row) if legacy else builder.build(row).request_hash
-            except RowError:
-                continue  # the row cannot be sent with these settings: the result is not of them
-            if now.encode() == stored:
-                return True
-        return False
-
-    def _earlier(self) -> list[RequestBuilder]:
-        """The request builders of the settings --force runs replaced (those that still fit the input)."""
-        if self._earlier_builders is None:
-            self._earlier_builders = []
-            for earlier in self.prepared.manifest.earlier_requests:
-                fields = {k: v for k, v in dict(earlier.get("request_config") or {}).items() if k in REQUEST_FIELDS}
-                try:
-                    builder = RequestBuilder(
-                        JobSpec(**fields),
-                        self.prepared.source.columns,
-                        endpoint=earlier.get("endpoint") or self.prepared.builder.endpoint,
-                    )
-                except (BatchhubError, TypeError, ValueError):
-                    continue  # settings this input cannot be built with: no row's result was made under them
-                self._earlier_builders.append(builder)
-        return self._earlier_builders
 
     # -- workers ----------------------------------------------------------------------------
 
