@@ -66,6 +66,8 @@ class Estimate:
     sample: SampleStats | None
     prices: list[str] = field(default_factory=list)
     unknown_prices: list[str] = field(default_factory=list)
+    #: rows not counted: their request is answered already (the reply cache, or an earlier row asking the same)
+    rows_answered: int = 0
 
     def total(self, key: str) -> float | None:
         values = [getattr(m, key) for m in self.models]
@@ -94,25 +96,42 @@ def sample_row_ids(n_rows: int, n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_rows - 1, n).round().astype(np.int64))
 
 
-def count_prompts(spec: JobSpec, only: np.ndarray | None = None) -> tuple[dict[str, _Tally], int, int]:
-    """Per model: rows, prompt tokens, completion ceiling; plus rows that would fail, and rows read."""
+def count_prompts(
+    spec: JobSpec, only: np.ndarray | None = None, *, skip_answered: bool = False
+) -> tuple[dict[str, _Tally], int, int, int]:
+    """Per model: rows, prompt tokens, completion ceiling; plus rows that would fail, rows read, and (with
+    `skip_answered`) rows left out because their request is answered already: by an earlier row of the
+    input (a run sends it once) or in the reply cache (unless the job uses none, or is --fresh)."""
     source = open_input(spec.input)  # type: ignore[arg-type]
     builder = RequestBuilder(spec, source.columns)
     tallies: dict[str, _Tally] = {}
     bounds = RequestBounds()  # counts a prompt as the budget does (messages and billed body fields)
-    failing = 0
+    failing = answered = 0
     row_id = 0
     wanted = None if only is None else set(only.tolist())
+    seen: set[str] = set()
+    cache = _reply_cache(spec) if skip_answered else None
     for batch in source.iter_rows(builder.needed_columns):
+        requests = []
         for row in batch:
             rid, row_id = row_id, row_id + 1
             if wanted is not None and rid not in wanted:
                 continue
             try:
-                built = builder.build(row)
+                requests.append(builder.build(row))
             except RowError:
                 failing += 1
-                continue
+        if skip_answered:
+            cached = cache.get_many([r.request_hash for r in requests]) if cache is not None else {}
+            kept = []
+            for built in requests:
+                if built.request_hash in seen or built.request_hash in cached:
+                    answered += 1
+                else:
+                    seen.add(built.request_hash)
+                    kept.append(built)
+            requests = kept
+        for built in requests:
             tally = tallies.setdefault(built.model, _Tally())
             tally.rows += 1
             tally.prompt += bounds.prompt_tokens(built)
@@ -120,12 +139,25 @@ def count_prompts(spec: JobSpec, only: np.ndarray | None = None) -> tuple[dict[s
                 tally.unbounded = True
             else:
                 tally.ceiling += built.choices * built.max_tokens
-    return tallies, failing, row_id
+    if cache is not None:
+        cache.close()
+    return tallies, failing, row_id, answered
+
+
+def _reply_cache(spec: JobSpec) -> Any:
+    """The reply cache an estimate looks requests up in, or None (--no-cache, --fresh, none usable)."""
+    folder = spec.reply_cache_dir()
+    if folder is None or spec.fresh or not (folder / "replies.sqlite3").exists():
+        return None
+    from batchhub.reply_cache import ReplyCache
+
+    cache = ReplyCache.open(folder)
+    return cache if cache.problem is None else None
 
 
 def estimate(spec: JobSpec, book: PriceBook, sample: SampleStats | None = None) -> Estimate:
     """The estimate of a whole job (prompt tokens counted, completion as a range, cost as a range)."""
-    tallies, failing, _ = count_prompts(spec)
+    tallies, failing, _, answered = count_prompts(spec, skip_answered=True)
     models: list[ModelEstimate] = []
     unknown: list[str] = []
     sources: set[str] = set()
@@ -172,7 +204,7 @@ def estimate(spec: JobSpec, book: PriceBook, sample: SampleStats | None = None) 
             )
         models.append(est)
     rows = sum(t.rows for t in tallies.values())
-    return Estimate(rows, failing, models, sample, sorted(sources), unknown)
+    return Estimate(rows, failing, models, sample, sorted(sources), unknown, rows_answered=answered)
 
 
 def render(est: Estimate) -> str:
@@ -180,6 +212,12 @@ def render(est: Estimate) -> str:
     lines = [
         f"{est.rows:,} rows to send"
         + (f" ({est.rows_failing:,} more would fail before sending)" if est.rows_failing else "")
+        + (
+            f"; {est.rows_answered:,} rows not counted: their request is answered already (the reply cache, or an "
+            "earlier row asking the same), at no cost"
+            if est.rows_answered
+            else ""
+        )
     ]
     header = ("model", "rows", "prompt tokens", "tokenizer", "completion tokens", "cost")
     rows = [header]
@@ -240,7 +278,7 @@ async def run_sample(
     comp = completion[chosen].astype(np.float64)
     if comp.size == 0:
         return SampleStats(0, 0.0, 0.0, 0.0, 0.0, 0, None, None), summary
-    counted, _, _ = count_prompts(spec, only=row_ids[chosen])
+    counted, _, _, _ = count_prompts(spec, only=row_ids[chosen])
     tokenizer_total = sum(t.prompt for t in counted.values())
     server_prompt = prompt[chosen].astype(np.float64)
     ratio = None

@@ -133,21 +133,27 @@ def reviews_spec(**kw) -> JobSpec:
 def test_estimate_counts_prompts_exactly_with_the_tokenizer() -> None:
     enc = bpe_openai.get_encoding("o200k_base")
     reviews = pd.read_csv(ROOT / "sample_data" / "reviews.csv")["review"]
-    expected = 0
-    for review in reviews:
+
+    def tokens(review: str) -> int:
         # OpenAI's rule: 3 per message + role + content, + 3 for the reply
-        expected += 3 + (3 + len(enc.encode("system")) + len(enc.encode("Answer with one word.")))
-        expected += 3 + len(enc.encode("user")) + len(enc.encode(f"Classify the sentiment of: {review}"))
-    tallies, failing, rows = count_prompts(reviews_spec())
+        system = 3 + len(enc.encode("system")) + len(enc.encode("Answer with one word."))
+        return 3 + system + 3 + len(enc.encode("user")) + len(enc.encode(f"Classify the sentiment of: {review}"))
+
+    expected = sum(tokens(review) for review in reviews)
+    tallies, failing, rows, _ = count_prompts(reviews_spec())
     assert (rows, failing) == (200, 0)
     assert tallies["gpt-4o-mini"].prompt == expected
+    # the estimate counts each request once: a review that appears twice is sent once (the second reuses it)
+    distinct = list(dict.fromkeys(reviews))
+    assert len(distinct) == 193
     est = estimate(reviews_spec(), PriceBook())
     (m,) = est.models
-    assert m.prompt_tokens == expected and m.exact
-    assert (m.completion_low, m.completion_high) == (200, 1600)
+    assert (m.rows, est.rows_answered) == (193, 7)
+    assert m.prompt_tokens == sum(tokens(review) for review in distinct) and m.exact
+    assert (m.completion_low, m.completion_high) == (193, 1544)
     # by hand: prompt at $0.15/M plus 1 .. 8 completion tokens per row at $0.60/M
-    assert m.cost_low == pytest.approx((expected * 0.15 + 200 * 0.6) / 1e6)
-    assert m.cost_high == pytest.approx((expected * 0.15 + 1600 * 0.6) / 1e6)
+    assert m.cost_low == pytest.approx((m.prompt_tokens * 0.15 + 193 * 0.6) / 1e6)
+    assert m.cost_high == pytest.approx((m.prompt_tokens * 0.15 + 1544 * 0.6) / 1e6)
 
 
 def test_estimate_without_max_tokens_has_no_ceiling() -> None:

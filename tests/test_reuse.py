@@ -274,3 +274,15 @@ async def test_a_damaged_cache_entry_is_not_served_its_row_is_sent_and_the_run_s
     assert len(seen) == 1 and summary.reused == {"cache": 4}
     assert summary.cache_note is not None and "1 damaged entry" in summary.cache_note
     assert_aligned(exported(tmp_path, "second"))  # no "ECHO: " served
+
+
+async def test_an_estimate_counts_only_the_requests_not_answered_yet(tmp_path: Path, mock_server) -> None:
+    from batchhub.estimate import estimate
+
+    server = await mock_server(echo=True)
+    await arun_job(spec_for(tmp_path, server, PROMPTS[:10], job="first"), progress=False)
+    later = spec_for(tmp_path, server, [*PROMPTS, PROMPTS[15]], job="second")  # one row asks what another asks
+    est = estimate(later, later.price_book())
+    assert (est.rows, est.rows_answered) == (10, 11)
+    uncached = estimate(spec_for(tmp_path, server, PROMPTS, job="third", no_cache=True), later.price_book())
+    assert (uncached.rows, uncached.rows_answered) == (20, 0)
