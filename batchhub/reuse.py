@@ -117,6 +117,7 @@ class JobReplies:
         self._keys = keys[order]
         self._seqs = seq_values[order]
         self._replies: pa.Table | None = None
+        self._positions: np.ndarray | None = None
         self._reply_seqs: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -132,28 +133,30 @@ class JobReplies:
         hit = self._keys[at_clipped] == wanted
         if not hit.any():
             return {}
-        replies, reply_seqs = self._load()
+        replies, positions, reply_seqs = self._load()
         found: dict[str, dict[str, Any]] = {}
         hit_seqs = self._seqs[at_clipped[hit]]
-        positions = np.searchsorted(reply_seqs, hit_seqs)
-        rows = replies.take(pa.array(positions)).to_pylist()
+        rows = replies.take(pa.array(positions[np.searchsorted(reply_seqs, hit_seqs)])).to_pylist()
         for key, reply in zip((k for k, h in zip(keys, hit, strict=True) if h), rows, strict=True):
+            # finished_at as epoch seconds, as a journalled result and the reply cache hold it
+            finished = reply["finished_at"]
+            reply["finished_at"] = finished.timestamp() if finished is not None else None
             found[key] = reply
         return found
 
-    def _load(self) -> tuple[pa.Table, np.ndarray]:
-        if self._replies is None or self._reply_seqs is None:
+    def _load(self) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """The replies as read (no copy made: a reply is taken by its position), their positions in seq order,
+        and those seqs."""
+        if self._replies is None or self._reply_seqs is None or self._positions is None:
             table = self._store.results(["status", *REPLY_COLUMNS, "seq"], any_row=True)
-            ok = pc.and_(pc.equal(table["status"], "ok"), pc.less_equal(table["seq"], self._up_to_seq))
-            table = table.filter(ok)
-            table = table.take(pc.sort_indices(table["seq"]))
-            self._reply_seqs = table["seq"].to_numpy()
-            # finished_at as epoch seconds, as a journalled result and the reply cache hold it
-            finished = pc.divide(table["finished_at"].cast(pa.int64()), 1_000_000.0)
-            self._replies = table.select(list(REPLY_COLUMNS)).set_column(
-                REPLY_COLUMNS.index("finished_at"), "finished_at", finished
-            )
-        return self._replies, self._reply_seqs
+            seq = table["seq"].to_numpy()
+            ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False) & (seq <= self._up_to_seq)
+            positions = np.flatnonzero(ok)
+            order = np.argsort(seq[positions], kind="stable")
+            self._positions = positions[order]
+            self._reply_seqs = seq[self._positions]
+            self._replies = table.select(list(REPLY_COLUMNS))
+        return self._replies, self._positions, self._reply_seqs
 
 
 @dataclass
