@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchhub import defaults
+from batchhub.reply_cache import REPLY_FIELDS, CacheWriter, ReplyCache
 from batchhub.requests import BuiltRequest
 from batchhub.result_schema import fixed_width, numpy_values
 from batchhub.rows import Result, check_output
@@ -39,26 +40,11 @@ from batchhub.structured import OutputCheck
 
 if TYPE_CHECKING:
     from batchhub.prepare import PreparedJob
-    from batchhub.reply_cache import CacheWriter, ReplyCache
 
 log = logging.getLogger("batchhub")
 
-#: what a reply is, as a result holds it and the reply cache keeps it
-REPLY_COLUMNS = (
-    "content",
-    "finish_reason",
-    "extra",
-    "model",
-    "response_id",
-    "request_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "latency_s",
-    "http_status",
-    "finished_at",
-)
+#: what a reply is, as a result holds it and the reply cache keeps it (its fields, in the cache's order)
+REPLY_COLUMNS = tuple(REPLY_FIELDS)
 
 #: `reused` values: a reply this job paid for (another row, an earlier input), or one of the reply cache
 FROM_JOB, FROM_CACHE = "job", "cache"
@@ -297,8 +283,6 @@ def open_reuse(prepared: PreparedJob) -> Reuse:
     folder = spec.reply_cache_dir()
     cache = writer = None
     if folder is not None:
-        from batchhub.reply_cache import CacheWriter, ReplyCache
-
         cache = ReplyCache.open(folder)
         if cache.problem is None:
             writer = CacheWriter(cache, replace=spec.fresh)
