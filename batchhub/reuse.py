@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from batchhub import defaults
 from batchhub.reply_cache import REPLY_FIELDS, CacheWriter, ReplyCache
@@ -91,6 +90,8 @@ class JobReplies:
     def __init__(self, store: JobStore, up_to_seq: int) -> None:
         self._store = store
         self._up_to_seq = up_to_seq
+        import pyarrow.compute as pc  # only a job with results reads them: a new job's start does without
+
         # a reply is the job's whatever row asked it, inside today's input or not
         table = store.results(["request_hash", "status", "seq"], any_row=True)
         ok = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["request_hash"]))
@@ -134,6 +135,8 @@ class JobReplies:
         """The replies as read (no copy made: a reply is taken by its position), their positions in seq order,
         and those seqs."""
         if self._replies is None or self._reply_seqs is None or self._positions is None:
+            import pyarrow.compute as pc
+
             table = self._store.results(["status", *REPLY_COLUMNS, "seq"], any_row=True)
             seq = table["seq"].to_numpy()
             ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False) & (seq <= self._up_to_seq)
