@@ -622,7 +622,8 @@ def cache(ctx: click.Context, cache_dir: Path | None, as_json: bool) -> None:
     ctx.obj = cache_dir
     if ctx.invoked_subcommand is not None:
         return
-    from batchhub.reply_cache import FILE_NAME, CacheInfo, render_info
+    from batchhub.cache_text import render_info
+    from batchhub.reply_cache import FILE_NAME, CacheInfo
 
     folder = _cache_folder(cache_dir)
     if not (folder / FILE_NAME).exists():
@@ -661,7 +662,7 @@ def prune(
     one of them. The pages freed are given back to the file system (incremental vacuum), so the
     file shrinks; a job sends a removed reply's request again when it needs it.
     """
-    from batchhub.reply_cache import human_bytes, parse_age, parse_size
+    from batchhub.cache_text import human_bytes, parse_age, parse_size
 
     if older_than is None and model is None and max_size is None:
         raise UsageError("cache prune needs --older-than, --model or --max-size")

@@ -26,9 +26,7 @@ the pages it frees back to the file system without rewriting the whole file.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import math
 import re
 import sqlite3
 import threading
@@ -44,11 +42,8 @@ import orjson
 from batchhub.defaults import (
     CACHE_BUSY_TIMEOUT_S,
     CACHE_ENTRY_OVERHEAD_BYTES,
-    CACHE_FLUSH_ENTRIES,
-    CACHE_FLUSH_S,
     CACHE_LOOKUP_CHUNK,
 )
-from batchhub.errors import UsageError
 
 FILE_NAME = "replies.sqlite3"
 #: `PRAGMA application_id` of a reply cache ("bhrc"): another SQLite file is not taken for one
@@ -454,155 +449,3 @@ def _file_bytes(path: Path) -> int:
         with contextlib.suppress(OSError):
             total += path.with_name(path.name + suffix).stat().st_size
     return total
-
-
-class CacheWriter:
-    """Puts replies from the event loop without blocking it: entries are gathered and written in one
-    transaction every `CACHE_FLUSH_S` seconds or `CACHE_FLUSH_ENTRIES` entries, in a thread, one
-    write at a time. `close()` writes what is left."""
-
-    def __init__(
-        self,
-        cache: ReplyCache,
-        *,
-        replace: bool,
-        flush_s: float = CACHE_FLUSH_S,
-        flush_entries: int = CACHE_FLUSH_ENTRIES,
-    ) -> None:
-        self.cache = cache
-        self.replace = replace
-        self.flush_s = flush_s
-        self.flush_entries = flush_entries
-        #: entries handed to put_many so far
-        self.written = 0
-        self._pending: list[Entry] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._writing: asyncio.Task[None] | None = None
-
-    def add(self, key: str, endpoint: str, requested_model: str | None, reply: dict[str, Any]) -> None:
-        """Queue one reply for the next write (a bad key or reply raises ValueError here, not in the thread)."""
-        key_bytes(key)
-        reply_fields(reply)
-        if self.cache.problem is not None:
-            return
-        self._pending.append((key, endpoint, requested_model, reply))
-        if self._writing is not None:
-            return  # the write under way starts the next one when it ends
-        if len(self._pending) >= self.flush_entries:
-            self._start_write()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.flush_s, self._start_write)
-
-    def _start_write(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._writing is not None or not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        self._writing = asyncio.get_running_loop().create_task(self._write(batch))
-
-    async def _write(self, batch: list[Entry]) -> None:
-        try:
-            await asyncio.to_thread(self.cache.put_many, batch, replace=self.replace)
-            self.written += len(batch)
-        finally:
-            self._writing = None
-            if self._pending:
-                if len(self._pending) >= self.flush_entries:
-                    self._start_write()
-                elif self._timer is None:
-                    self._timer = asyncio.get_running_loop().call_later(self.flush_s, self._start_write)
-
-    async def close(self) -> None:
-        """Wait for the write under way, then write what is left (in a thread)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._writing is not None:
-            task = self._writing
-            await task
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._pending:
-            batch, self._pending = self._pending, []
-            await asyncio.to_thread(self.cache.put_many, batch, replace=self.replace)
-            self.written += len(batch)
-
-
-# -- the values `batchhub cache prune` takes ---------------------------------------------------
-
-_AGE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def parse_age(text: str) -> float:
-    """Seconds from `30d`, `12h`, `90m`, `45s`, `2w` (a number and one unit); UsageError otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
-    if not match:
-        raise UsageError(f"--older-than: expected a number and a unit (s, m, h, d, w), e.g. 30d; got {text!r}")
-    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
-
-
-def parse_size(text: str) -> int:
-    """Bytes from `2GB`, `500MB`, `1.5GiB`, `100000` (KB, MB, GB, TB are powers of 1000; KiB... of 1024)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
-    if not match or match.group(2) not in _SIZE_UNITS:
-        raise UsageError(f"--max-size: expected a size such as 2GB, 500MB or 1.5GiB; got {text!r}")
-    value = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
-    if not math.isfinite(value):
-        raise UsageError(f"--max-size: {text!r} is not a size")
-    return int(value)
-
-
-# -- what `batchhub cache` prints ----------------------------------------------------------------
-
-
-def human_bytes(size: int) -> str:
-    """1,234,567 -> '1.2 MB' (powers of 1000, as `--max-size` reads them)."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
-def _local_time(epoch: float | None) -> str:
-    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def render_info(info: CacheInfo) -> str:
-    """The folder, entries, size on disk, oldest and newest, then entries and bytes by model."""
-    lines = [
-        f"reply cache: {info.path}",
-        f"entries: {info.entries:,}  size on disk: {human_bytes(info.bytes)}  "
-        f"oldest: {_local_time(info.oldest)}  newest: {_local_time(info.newest)}",
-    ]
-    if info.by_model:
-        names = [model.model if model.model is not None else "(none)" for model in info.by_model]
-        width = max(len("MODEL"), *(len(name) for name in names))
-        lines.append("")
-        lines.append(f"{'MODEL':<{width}}  {'ENTRIES':>12}  {'BYTES':>10}")
-        for name, model in zip(names, info.by_model, strict=True):
-            lines.append(f"{name:<{width}}  {model.entries:>12,}  {human_bytes(model.bytes):>10}")
-    return "\n".join(lines)

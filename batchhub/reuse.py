@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 
 from batchhub import defaults
-from batchhub.reply_cache import REPLY_FIELDS, CacheWriter, ReplyCache
+from batchhub.cache_writer import CacheWriter
+from batchhub.reply_cache import REPLY_FIELDS, ReplyCache
 from batchhub.requests import BuiltRequest
 from batchhub.result_schema import fixed_width, numpy_values
 from batchhub.rows import Result, check_output
@@ -263,7 +264,10 @@ class Reuse:
         if len(self._recent) > defaults.REUSE_RECENT:
             self._recent.popitem(last=False)
         if self._writer is not None:
-            self._writer.add(key, self._endpoint, built.model, reply)
+            try:
+                self._writer.add(key, self._endpoint, built.model, reply)
+            except ValueError as exc:  # a reply the cache cannot keep as it is: it stays the job's only
+                log.debug("reply of %s not cached: %s", key, exc)
         return [copy_result(row_id, reply, key, FROM_JOB) for row_id, _ in waiting], []
 
     def waiting(self) -> int:

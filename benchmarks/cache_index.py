@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 
-from batchhub.reply_cache import FILE_NAME, KEY_INDEX_SQL, CacheWriter, ReplyCache, checksum, encode_entry
+from batchhub.cache_writer import CacheWriter
+from batchhub.reply_cache import FILE_NAME, KEY_INDEX_SQL, ReplyCache, checksum, encode_entry
 
 WORDS = (
     "the",

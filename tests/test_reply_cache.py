@@ -25,17 +25,11 @@ import pytest
 from click.testing import CliRunner
 from jobprocs import REPO, child_env
 
+from batchhub.cache_text import parse_age, parse_size
+from batchhub.cache_writer import CacheWriter
 from batchhub.cli import main
 from batchhub.errors import UsageError
-from batchhub.reply_cache import (
-    FILE_NAME,
-    CacheWriter,
-    ReplyCache,
-    checksum,
-    encode_entry,
-    parse_age,
-    parse_size,
-)
+from batchhub.reply_cache import FILE_NAME, ReplyCache, checksum, encode_entry
 
 
 def key_of(i: int, salt: str = "") -> str:
