@@ -404,7 +404,10 @@ class Job:
 
     async def _reader(self) -> None:
         builder, todo, queue, hashes = self.prepared.builder, self._todo, self._queue, self._hashes
-        checked = (hashes != b"") & ~todo if hashes is not None else np.zeros(len(todo), dtype=bool)
+        # a done row is checked whether its result has a hash or not (a row that could not be sent has none)
+        checked = np.zeros(len(todo), dtype=bool)
+        if hashes is not None and self._result_seqs is not None:
+            checked = ((hashes != b"") | (self._result_seqs > 0)) & ~todo
         span = todo | checked
         # before the first row to send or check and past the last there is nothing to read (a resumed
         # job, a shard of a larger input, a sample): the reader skips the rows before without converting them.
@@ -489,6 +492,12 @@ class Job:
     def _answers(self, row: dict[str, Any], stored: bytes, seq: int) -> bool:
         """Whether a result (its request_hash `stored`, its `seq`) answered the request of `row`: the request
         the row sends now, or the one it sent under settings a --force run replaced."""
+        if not stored:  # a row that could not be sent: its result stands while the row still cannot be
+            try:
+                self.prepared.builder.build(row)
+            except RowError:
+                return True
+            return False
         legacy = seq <= (self.prepared.manifest.legacy_hash_seq or 0)
         for builder in (self.prepared.builder, *self._earlier()):
             try:
