@@ -14,7 +14,7 @@ A copy is recorded as the row's result with the original reply's content and usa
 "job" (1-3) or "cache" (4), and costs nothing in this job. Only `ok` replies are reused: an
 error or an `invalid_output` reply never is, and a copy that the job's output check (--json,
 --json-schema) refuses is not taken: the row is sent. `--fresh` reuses nothing: every row is
-sent and its reply replaces the cached one.
+sent and its reply replaces the cached one (rows of the run asking the same share the run's reply).
 """
 
 from __future__ import annotations
@@ -217,9 +217,6 @@ class Reuse:
     async def find(self, rows: list[tuple[int, BuiltRequest]]) -> Found:
         """Split rows to send into copies of replies paid for before, and rows to send (in their order)."""
         found = Found([], [])
-        if self._fresh:
-            found.to_send = rows
-            return found
         looked: list[tuple[int, BuiltRequest]] = []
         for row_id, built in rows:
             key = built.request_hash
@@ -232,10 +229,11 @@ class Reuse:
         if not looked:
             return found
         keys = list(dict.fromkeys(built.request_hash for _, built in looked))
-        earlier = self._job.find(keys) if self._job is not None else {}
+        # --fresh: only the replies of this run (a row asking what another row of the run asks shares its reply)
+        earlier = self._job.find(keys) if self._job is not None and not self._fresh else {}
         missing = [k for k in keys if k not in earlier]
         cached: dict[str, dict[str, Any]] = {}
-        if missing and self._cache is not None and self._cache.problem is None:
+        if missing and not self._fresh and self._cache is not None and self._cache.problem is None:
             cached = await asyncio.to_thread(self._cache.get_many, missing)
         for row_id, built in looked:
             key = built.request_hash

@@ -18,7 +18,9 @@ def spec_for(tmp_path: Path, server: MockServer, frame: pd.DataFrame, job: str =
     frame.to_csv(data, index=False)
     kw.setdefault("model", "gpt-test")
     kw.setdefault("concurrency", 4)
-    return JobSpec(input=data, job_dir=tmp_path / job, base_url=server.base_url, api_key="sk-test", quiet=True, **kw)
+    kw.setdefault("base_url", server.base_url)
+    kw.setdefault("api_key", "sk-test")
+    return JobSpec(input=data, job_dir=tmp_path / job, quiet=True, **kw)
 
 
 def exported(tmp_path: Path, job: str = "job") -> pd.DataFrame:
@@ -75,9 +77,48 @@ async def test_a_duplicate_far_apart_in_one_run_is_paid_once(
     server = await mock_server(echo=True)
     between = [f"q{i}" for i in range(40)]
     prompts = ["same", *between, "same"]
-    seen, summary = await sent_now(
+    seen, _ = await sent_now(
         server, spec_for(tmp_path, server, pd.DataFrame({"prompt": prompts}), concurrency=1, no_cache=no_cache)
     )
     assert sorted(seen) == sorted(["same", *between])
     frame = exported(tmp_path)
     assert (frame["content"] == "echo: " + frame["prompt"]).all()
+
+
+async def test_fresh_sends_a_request_asked_twice_in_one_run_once(tmp_path: Path, mock_server) -> None:
+    """--fresh asks every reply again, once: two rows asking the same in the same run share the new reply."""
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": ["same", "other", "same"]})
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, frame, concurrency=1, fresh=True))
+    assert sorted(seen) == ["other", "same"]
+    out = exported(tmp_path)
+    assert (out["content"] == "echo: " + out["prompt"]).all()
+
+
+async def test_a_run_of_reused_replies_fits_any_budget(tmp_path: Path, mock_server) -> None:
+    """Replies reused from the cache cost nothing: a budget that fits one request's worst case, not ten, does not
+    stop ten reused rows."""
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": [f"q{i}" for i in range(10)]})
+    await arun_job(spec_for(tmp_path, server, frame, job="first", model="gpt-4o-mini", max_tokens=50), progress=False)
+    seen, summary = await sent_now(
+        server, spec_for(tmp_path, server, frame, job="second", model="gpt-4o-mini", max_tokens=50, max_cost=5e-5)
+    )
+    assert seen == []
+    assert summary.stopped is None and summary.ok == 10
+    assert summary.reused == {"cache": 10}
+
+
+async def test_the_api_key_never_reaches_the_cache(tmp_path: Path, mock_server, monkeypatch) -> None:
+    secret = "sk-hostile-0123456789abcdef"
+    server = await mock_server(echo=True)
+    folder = tmp_path / "cache"
+    frame = pd.DataFrame({"prompt": [f"q{i}" for i in range(5)]})
+    spec = spec_for(tmp_path, server, frame, cache=folder, api_key=secret)
+    await arun_job(spec, progress=False)
+    base = server.base_url + f"?key={secret}"
+    spec2 = spec_for(tmp_path, server, frame, job="two", cache=folder, base_url=base, api_key=secret)
+    await arun_job(spec2, progress=False)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
