@@ -13,7 +13,8 @@ looked up, in this order:
 A copy is recorded as the row's result with the original reply's content and usage, `reused`
 "job" (1-3) or "cache" (4), and costs nothing in this job. Only `ok` replies are reused: an
 error or an `invalid_output` reply never is, and a copy that the job's output check (--json,
---json-schema) refuses is not taken: the row is sent. `--fresh` reuses nothing: every row is
+--json-schema) refuses is not taken: the row is sent, and its reply, when the check passes it, replaces
+the cached one. `--fresh` reuses nothing: every row is
 sent and its reply replaces the cached one (rows of the run asking the same share the run's reply).
 """
 
@@ -189,6 +190,8 @@ class Reuse:
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         #: hash -> rows waiting for the reply of the row in flight that asks the same
         self._following: dict[str, list[tuple[int, BuiltRequest]]] = {}
+        #: hashes whose cached reply the job's output check refused: the reply sent instead replaces it
+        self._refused: set[str] = set()
 
     @property
     def cache_problem(self) -> str | None:
@@ -251,6 +254,8 @@ class Reuse:
         """Add a copy of `reply` for the row, unless the job's output check refuses it (the row is then sent)."""
         copy = copy_result(row_id, reply, built.request_hash, source)
         if check_output(copy, self._check):
+            if source == FROM_CACHE:
+                self._refused.add(built.request_hash)
             return False
         found.reused.append(copy)
         return True
@@ -269,6 +274,9 @@ class Reuse:
         if len(self._recent) > defaults.REUSE_RECENT:
             self._recent.popitem(last=False)
         if self._writer is not None:
+            if key in self._refused and self._cache is not None:
+                self._refused.discard(key)
+                self._cache.replace_next(key)  # the cached reply failed the check this one passed
             self._writer.add(key, self._endpoint, built.model, reply)
         return [copy_result(row_id, reply, key, FROM_JOB) for row_id, _ in waiting], []
 

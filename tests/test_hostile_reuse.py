@@ -122,3 +122,32 @@ async def test_the_api_key_never_reaches_the_cache(tmp_path: Path, mock_server, 
     for path in folder.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+async def test_a_reply_that_passes_the_check_is_not_paid_again_by_the_next_json_job(
+    tmp_path: Path, mock_server, monkeypatch
+) -> None:
+    """A cached reply that is not JSON (a model answered in prose once, to a job without --json) is refused by a
+    --json job, which sends the request and gets a JSON reply. The next --json job (another job directory) must reuse
+    that JSON reply, not meet the prose again and pay once more, every job after."""
+    from batchhub.reply_cache import ReplyCache
+    from batchhub.requests import request_endpoint
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("BATCHHUB_CACHE", str(folder))
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": ['{"a": 1}']})
+    json_mode = {"response_format": {"type": "json_object"}}  # the simulator answers JSON
+    first = spec_for(tmp_path, server, frame, job="first", params=json_mode)
+    await arun_job(first, progress=False)
+    key = exported(tmp_path, "first")["request_hash"][0]
+    cache = ReplyCache.open(folder)  # the first reply, as a model that answers in prose might have given it
+    reply = cache.get_many([key])[key]
+    cache.put_many([(key, request_endpoint(first), "gpt-test", {**reply, "content": "Sure! a is 1."})], replace=True)
+    cache.close()
+
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, frame, job="second", json=True, params=json_mode))
+    assert seen == ['{"a": 1}']  # the prose is refused: sent, and the JSON reply is paid for
+    seen, summary = await sent_now(server, spec_for(tmp_path, server, frame, job="third", json=True, params=json_mode))
+    assert seen == [], "the JSON reply the second job paid for was not kept: paid again"
+    assert summary.reused == {"cache": 1}
