@@ -194,7 +194,7 @@ def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
         Budget(spec.max_cost, 0.0, prices).price(spec.model)  # refuse an unknown price before anything is sent
     spent = 0.0
     if store.exists():
-        earlier = store.results(list(USAGE_COLUMNS))
+        earlier = store.results(list(USAGE_COLUMNS), any_row=True)  # rows deleted since were paid for too
         by_reply = report(earlier, prices)
         if by_reply.unknown_models:
             raise UsageError(

@@ -151,3 +151,28 @@ async def test_a_reply_that_passes_the_check_is_not_paid_again_by_the_next_json_
     seen, summary = await sent_now(server, spec_for(tmp_path, server, frame, job="third", json=True, params=json_mode))
     assert seen == [], "the JSON reply the second job paid for was not kept: paid again"
     assert summary.reused == {"cache": 1}
+
+
+async def test_what_a_job_spent_stays_spent_when_rows_are_deleted(tmp_path: Path, mock_server) -> None:
+    """Deleting rows from the input does not unpay their replies: `status`, `cost` and the budget of the next
+    run still count every reply the job paid for (the results of rows past the input's end included)."""
+    from batchhub.cost import job_prices, report, usage_table
+    from batchhub.prepare import start_budget
+    from batchhub.status import job_status
+    from batchhub.store import JobStore
+
+    server = await mock_server(echo=True)
+    prompts = [f"question {i}" for i in range(20)]
+    spec = spec_for(tmp_path, server, pd.DataFrame({"prompt": prompts}), model="gpt-4o-mini")
+    await arun_job(spec, progress=False)
+    paid = job_status(tmp_path / "job").spent_usd
+    assert paid
+
+    spec = spec_for(tmp_path, server, pd.DataFrame({"prompt": prompts[:10]}), model="gpt-4o-mini")
+    seen, summary = await sent_now(server, spec)
+    assert seen == [] and summary.ok == 10
+    assert job_status(tmp_path / "job").spent_usd == pytest.approx(paid)
+    book = job_prices(tmp_path / "job", None)
+    assert report(usage_table(tmp_path / "job"), book).total_usd == pytest.approx(paid)
+    spec.max_cost = 1.0
+    assert start_budget(spec, JobStore(tmp_path / "job"), book).spent == pytest.approx(paid)
