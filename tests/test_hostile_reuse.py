@@ -176,3 +176,62 @@ async def test_what_a_job_spent_stays_spent_when_rows_are_deleted(tmp_path: Path
     assert report(usage_table(tmp_path / "job"), book).total_usd == pytest.approx(paid)
     spec.max_cost = 1.0
     assert start_budget(spec, JobStore(tmp_path / "job"), book).spent == pytest.approx(paid)
+
+
+async def test_the_dataframe_api_shuffled_and_edited_reuses_and_stays_aligned(tmp_path: Path, mock_server) -> None:
+    import batchhub
+
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": [f"question {i}" for i in range(12)]}, index=[f"r{i}" for i in range(12)])
+    options = {"model": "gpt-test", "base_url": server.base_url, "api_key": "sk-test", "concurrency": 3}
+    out = await batchhub.arun(frame, job_dir=tmp_path / "a", **options)
+    assert (out["content"] == "echo: " + frame["prompt"]).all()
+    changed = frame.sample(frac=1, random_state=3)
+    changed.iloc[0, 0] = "a new question"
+    before = len(server.prompts_seen)
+    out = await batchhub.arun(changed, **options)  # its own job directory: replies come from the cache
+    assert server.prompts_seen[before:] == ["a new question"]
+    assert out.index.tolist() == changed.index.tolist()
+    assert (out["content"] == "echo: " + changed["prompt"]).all()
+    assert out["reused"].fillna("sent").tolist().count("cache") == 11
+
+
+async def test_a_reused_reply_is_the_reply_whole(tmp_path: Path, mock_server) -> None:
+    """n=2, a stop, a seed: the copy carries what the reply had (content, choices in extra, usage, ids)."""
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": [f"question {i}" for i in range(4)]})
+    kw = {"params": {"n": 2, "seed": 5}, "stop": ["zz"], "max_tokens": 30}
+    await arun_job(spec_for(tmp_path, server, frame, job="a", **kw), progress=False)
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, frame, job="b", **kw))
+    assert seen == []
+    a, b = exported(tmp_path, "a"), exported(tmp_path, "b")
+    columns = ["content", "extra", "finish_reason", "model", "response_id", "prompt_tokens", "completion_tokens",
+               "total_tokens", "request_hash"]  # fmt: skip
+    assert a[columns].equals(b[columns])
+    assert b["reused"].eq("cache").all()
+
+
+async def test_a_run_stopped_after_reading_every_row_exports_no_stale_reply(tmp_path: Path, mock_server) -> None:
+    """Edited rows are checked as the reader passes and queued to send; the budget stops the run after the reader
+    has read to the end, with some of them still queued. Their latest results are the replies to their old text:
+    export must refuse (the rows are not all checked and answered) or give them no reply, never the old one."""
+    from batchhub.errors import JobStateError
+    from batchhub.status import job_status
+
+    server = await mock_server(echo=True)
+    prompts = [f"question {i}" for i in range(20)]
+    kw = {"model": "gpt-4o-mini", "max_tokens": 50, "concurrency": 1}
+    await arun_job(spec_for(tmp_path, server, pd.DataFrame({"prompt": prompts}), **kw), progress=False)
+    spent = job_status(tmp_path / "job").spent_usd
+    assert spent
+    per_row = spent / 20
+    edited = prompts[:12] + [f"edited {i}" for i in range(12, 20)]
+    spec = spec_for(tmp_path, server, pd.DataFrame({"prompt": edited}), max_cost=spent + 3e-5 + 4.5 * per_row, **kw)
+    _, summary = await sent_now(server, spec)
+    assert summary.stopped == "budget" and summary.pending, summary
+    try:
+        frame = exported(tmp_path)
+    except JobStateError:
+        return  # refused: the rows are not all answered by their own requests
+    answered = frame[frame["status"] == "ok"]
+    assert (answered["content"] == "echo: " + answered["prompt"]).all(), answered[["prompt", "content"]]
