@@ -211,14 +211,11 @@ async def test_a_reused_reply_is_the_reply_whole(tmp_path: Path, mock_server) ->
     assert b["reused"].eq("cache").all()
 
 
-async def test_a_run_stopped_after_reading_every_row_exports_no_stale_reply(tmp_path: Path, mock_server) -> None:
-    """Edited rows are checked as the reader passes and queued to send; the budget stops the run after the reader
-    has read to the end, with some of them still queued. Their latest results are the replies to their old text:
-    export must refuse (the rows are not all checked and answered) or give them no reply, never the old one."""
-    from batchhub.errors import JobStateError
+async def stopped_with_stale_rows(tmp_path: Path, server: MockServer) -> None:
+    """A job of 20 rows whose last 8 were edited, run again until the budget stops it after the reader read every
+    row, with some edited rows still queued: their latest results are the replies to their old text."""
     from batchhub.status import job_status
 
-    server = await mock_server(echo=True)
     prompts = [f"question {i}" for i in range(20)]
     kw = {"model": "gpt-4o-mini", "max_tokens": 50, "concurrency": 1}
     await arun_job(spec_for(tmp_path, server, pd.DataFrame({"prompt": prompts}), **kw), progress=False)
@@ -229,6 +226,15 @@ async def test_a_run_stopped_after_reading_every_row_exports_no_stale_reply(tmp_
     spec = spec_for(tmp_path, server, pd.DataFrame({"prompt": edited}), max_cost=spent + 3e-5 + 4.5 * per_row, **kw)
     _, summary = await sent_now(server, spec)
     assert summary.stopped == "budget" and summary.pending, summary
+
+
+async def test_a_run_stopped_after_reading_every_row_exports_no_stale_reply(tmp_path: Path, mock_server) -> None:
+    """Export must refuse (the rows are not all checked and answered) or give the rows left no reply, never the
+    reply to their old text."""
+    from batchhub.errors import JobStateError
+
+    server = await mock_server(echo=True)
+    await stopped_with_stale_rows(tmp_path, server)
     try:
         frame = exported(tmp_path)
     except JobStateError:
@@ -371,3 +377,15 @@ async def test_the_dataframe_api_without_the_cache_reuses_the_jobs_own_replies(t
         os.chdir(cwd)
     assert (out["content"] == "echo: " + edited["prompt"]).all()
     assert server.prompts_seen[before:] == ["an edited question"]
+
+
+@pytest.mark.xfail(strict=True, reason="status counts a row by its latest result, even one that is another request's")
+async def test_status_does_not_call_a_row_holding_its_old_reply_done(tmp_path: Path, mock_server) -> None:
+    """After that stop, `status` does not call the job finished: rows are still to send."""
+    from batchhub.status import job_status
+
+    server = await mock_server(echo=True)
+    await stopped_with_stale_rows(tmp_path, server)
+    st = job_status(tmp_path / "job")
+    # today: ok 20, pending 0, "finished", while some rows hold the replies to their old text
+    assert st.state != "finished", (st.ok, st.pending, st.state)
