@@ -5,7 +5,8 @@ looked up, in this order:
 
 1. the requests this run is sending: a row asking what another row in flight asks waits for that
    reply (`follow`), and takes a copy of it when it is ok; if it is not, the row is sent itself;
-2. the ok replies this run has recorded (the last `defaults.REUSE_RECENT`);
+2. the ok replies this run has recorded (the last `defaults.REUSE_RECENT`, and those the reply cache's
+   writer has not written yet);
 3. this job's ok replies recorded before the run (`JobReplies`: any row, any earlier input), read
    from the job directory when the run starts (their hashes) and at the first hit (their replies);
 4. the reply cache shared by jobs (batchhub/reply_cache.py), unless the job runs with `--no-cache`.
@@ -234,6 +235,8 @@ class Reuse:
         keys = list(dict.fromkeys(built.request_hash for _, built in looked))
         # --fresh: only the replies of this run (a row asking what another row of the run asks shares its reply)
         earlier = self._job.find(keys) if self._job is not None and not self._fresh else {}
+        if self._writer is not None:  # this run's replies gone from `_recent`, not in the cache yet
+            earlier.update(self._writer.unsaved([k for k in keys if k not in earlier]))
         missing = [k for k in keys if k not in earlier]
         cached: dict[str, dict[str, Any]] = {}
         if missing and not self._fresh and self._cache is not None and self._cache.problem is None:
