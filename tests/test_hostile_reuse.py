@@ -160,6 +160,7 @@ async def test_what_a_job_spent_stays_spent_when_rows_are_deleted(tmp_path: Path
     run still count every reply the job paid for (the results of rows past the input's end included)."""
     from batchhub.cost import job_prices, report, usage_table
     from batchhub.prepare import start_budget
+    from batchhub.report import job_report
     from batchhub.status import job_status
     from batchhub.store import JobStore
 
@@ -178,6 +179,9 @@ async def test_what_a_job_spent_stays_spent_when_rows_are_deleted(tmp_path: Path
     assert report(usage_table(tmp_path / "job"), book).total_usd == pytest.approx(paid)
     spec.max_cost = 1.0
     assert start_budget(spec, JobStore(tmp_path / "job"), book).spent == pytest.approx(paid)
+    rep = job_report(tmp_path / "job")
+    assert rep.bill is not None and rep.bill.total_usd == pytest.approx(paid)
+    assert (rep.ok, rep.pending, rep.total_rows) == (10, 0, 10)
 
 
 async def test_the_dataframe_api_shuffled_and_edited_reuses_and_stays_aligned(tmp_path: Path, mock_server) -> None:
