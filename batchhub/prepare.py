@@ -155,7 +155,14 @@ def _resumed_manifest(
     changed = old_config != new_config or (manifest.endpoint is not None and manifest.endpoint != builder.endpoint)
     if changed and spec.force:
         # the results made under the settings so far stay their rows' results (`Job._check_results`)
-        manifest.earlier_requests.append({"request_config": old_config, "endpoint": manifest.endpoint})
+        # and stay while the settings are the ones that replaced them (`Job._earlier`)
+        manifest.earlier_requests.append(
+            {
+                "request_config": old_config,
+                "endpoint": manifest.endpoint,
+                "replaced_by": {"request_config": new_config, "endpoint": builder.endpoint},
+            }
+        )
     if changed or known.fingerprint != input_fp:
         # each row's result is checked against the request the row sends now; until a run has checked them
         # all, a row may still hold the result of another row's request

@@ -526,11 +526,29 @@ class Job:
                 return True
         return False
 
+    def _standing(self) -> list[dict[str, Any]]:
+        """The settings --force runs replaced whose results stand now: those replaced by the settings of now, and
+        in turn those replaced by settings that stand (an entry without `replaced_by`, of an older batchhub,
+        stands). Settings changed since without --force replace them all: every row is asked again."""
+        defaults_config = JobSpec().request_config()
+        standing = [(self.spec.request_config(), self.prepared.builder.endpoint)]
+        kept: list[dict[str, Any]] = []
+        for earlier in reversed(self.prepared.manifest.earlier_requests):
+            by = earlier.get("replaced_by")
+            if isinstance(by, dict):
+                replacing = ({**defaults_config, **dict(by.get("request_config") or {})}, by.get("endpoint"))
+                if replacing not in standing:
+                    continue
+            config = {**defaults_config, **dict(earlier.get("request_config") or {})}
+            standing.append((config, earlier.get("endpoint") or self.prepared.builder.endpoint))
+            kept.append(earlier)
+        return kept
+
     def _earlier(self) -> list[RequestBuilder]:
-        """The request builders of the settings --force runs replaced (those that still fit the input)."""
+        """The request builders of the settings --force runs replaced that stand (those that still fit the input)."""
         if self._earlier_builders is None:
             self._earlier_builders = []
-            for earlier in self.prepared.manifest.earlier_requests:
+            for earlier in self._standing():
                 fields = {k: v for k, v in dict(earlier.get("request_config") or {}).items() if k in REQUEST_FIELDS}
                 try:
                     builder = RequestBuilder(

@@ -407,3 +407,38 @@ async def test_two_jobs_running_at_once_pay_once_for_the_requests_they_share(tmp
         arun_job(spec_for(tmp_path, server, frame, job="b"), progress=False),
     )
     assert sorted(server.prompts_seen) == sorted(frame["prompt"]), "each shared request was paid by both jobs"
+
+
+async def test_a_change_of_settings_without_force_after_a_forced_run_sends_every_row(
+    tmp_path: Path, mock_server
+) -> None:
+    """max_tokens 50, then 60 with --force (the rows keep their replies made with 50), then 70 without --force:
+    70 is a change of settings without --force, a new request for every row; the replies made with 50 were kept
+    by the forced run, not by this one."""
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": [f"question {i}" for i in range(6)]})
+    await arun_job(spec_for(tmp_path, server, frame, max_tokens=50), progress=False)
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, frame, max_tokens=60, force=True))
+    assert seen == []
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, frame, max_tokens=70))
+    assert sorted(seen) == sorted(frame["prompt"]), "the rows kept their replies made with max_tokens 50"
+
+
+async def test_results_kept_by_a_forced_run_stay_through_its_settings_and_back(tmp_path: Path, mock_server) -> None:
+    """Kept replies stay in the runs after with the forced run's settings (stop, params and all, as job.json
+    writes them back), and through a second --force that goes on from them."""
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": [f"question {i}" for i in range(6)]})
+    kw = {"stop": ["zz", "yy"], "params": {"seed": 1, "logit_bias": {"50": 1}}}
+    await arun_job(spec_for(tmp_path, server, frame, max_tokens=50, **kw), progress=False)
+    more = pd.DataFrame({"prompt": [*frame["prompt"], "q new"]})
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, more, max_tokens=60, force=True, **kw))
+    assert seen == ["q new"]
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, more, max_tokens=60, **kw))
+    assert seen == []
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, more, max_tokens=80, force=True, **kw))
+    assert seen == []
+    seen, _ = await sent_now(server, spec_for(tmp_path, server, more, max_tokens=80, **kw))
+    assert seen == []
+    out = exported(tmp_path)
+    assert (out["content"] == "echo: " + out["prompt"]).all()
