@@ -442,3 +442,36 @@ async def test_results_kept_by_a_forced_run_stay_through_its_settings_and_back(t
     assert seen == []
     out = exported(tmp_path)
     assert (out["content"] == "echo: " + out["prompt"]).all()
+
+
+async def test_ctrl_c_with_rows_waiting_for_a_reply_in_flight_then_resume(tmp_path: Path, mock_server) -> None:
+    """Rows asking what a row in flight asks wait for it; the run is stopped (as Ctrl-C does) meanwhile: the
+    resumed run pays for nothing twice and every row gets its own answer."""
+    import asyncio
+
+    import batchhub
+
+    server = await mock_server(echo=True, latency_ms=150)
+    prompts = [f"q{i % 7}" for i in range(40)]  # each asked 5 or 6 times
+    frame = pd.DataFrame({"prompt": prompts})
+    options = {"model": "gpt-test", "base_url": server.base_url, "api_key": "k", "concurrency": 2}
+    task = asyncio.ensure_future(batchhub.arun(frame, job_dir=tmp_path / "job", **options))
+    while len(server.prompts_seen) < 2:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    out = await batchhub.arun(frame, job_dir=tmp_path / "job", **options)
+    assert (out["content"] == "echo: " + out["prompt"]).all()
+    assert sorted(server.prompts_seen) == sorted(set(prompts)), server.prompts_seen
+
+
+async def test_a_streamed_reply_serves_a_job_that_does_not_stream_and_back(tmp_path: Path, mock_server) -> None:
+    server = await mock_server(echo=True)
+    frame = pd.DataFrame({"prompt": [f"question {i}" for i in range(5)]})
+    await arun_job(spec_for(tmp_path, server, frame, job="streamed", stream=True), progress=False)
+    seen, summary = await sent_now(server, spec_for(tmp_path, server, frame, job="plain"))
+    assert seen == [] and summary.reused == {"cache": 5}
+    out = exported(tmp_path, "plain")
+    assert (out["content"] == "echo: " + out["prompt"]).all()
+    assert out["prompt_tokens"].notna().all() and out["completion_tokens"].notna().all()
