@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from batchhub import defaults
 from batchhub.requests import BuiltRequest
-from batchhub.result_schema import fixed_width, numpy_values
+from batchhub.result_schema import fixed_width
 from batchhub.rows import Result, check_output
 from batchhub.store import JobStore
 from batchhub.structured import OutputCheck
@@ -100,8 +100,9 @@ def copy_result(row_id: int, reply: dict[str, Any], request_hash: str, source: s
 class JobReplies:
     """This job's ok replies recorded before this run, by request hash.
 
-    The hashes are read when the run starts (32 bytes and a seq per reply, sorted); the replies
-    themselves only at the first hit, once, as Arrow columns (not Python objects).
+    The hashes are read when the run starts (32 bytes per reply, sorted); the replies themselves only at the
+    first hit, once, as Arrow columns (not Python objects), sorted by hash too: a reply is found by its
+    request's hash, never by its seq (the stores of the Ray engine's tasks number their results alike).
     """
 
     def __init__(self, store: JobStore, up_to_seq: int) -> None:
@@ -109,17 +110,15 @@ class JobReplies:
         self._up_to_seq = up_to_seq
         # a reply is the job's whatever row asked it, inside today's input or not
         table = store.results(["request_hash", "status", "seq"], any_row=True)
-        ok = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["request_hash"]))
-        ok = pc.and_(ok, pc.less_equal(table["seq"], up_to_seq))
-        table = table.filter(ok)
-        keys = fixed_width(table["request_hash"], 32) if table.num_rows else np.zeros(0, dtype="S32")
-        seq = table["seq"].combine_chunks() if table.num_rows else pa.array([], pa.int64())
-        seq_values = numpy_values(seq, np.int64)[seq.offset :] if len(seq) else np.zeros(0, np.int64)
-        order = np.argsort(keys, kind="stable")
-        self._keys = keys[order]
-        self._seqs = seq_values[order]
+        keys = fixed_width(self._ok(table)["request_hash"], 32) if table.num_rows else np.zeros(0, dtype="S32")
+        self._keys = np.sort(keys, kind="stable")
         self._replies: pa.Table | None = None
-        self._reply_seqs: np.ndarray | None = None
+        self._reply_keys: np.ndarray | None = None
+
+    def _ok(self, table: pa.Table) -> pa.Table:
+        """The ok results with a request hash recorded before the run."""
+        ok = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["request_hash"]))
+        return table.filter(pc.and_(ok, pc.less_equal(table["seq"], self._up_to_seq)))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -129,33 +128,28 @@ class JobReplies:
         if not len(self._keys) or not keys:
             return {}
         wanted = np.array([k.encode() for k in keys], dtype="S32")
-        at = np.searchsorted(self._keys, wanted)
-        at_clipped = np.minimum(at, len(self._keys) - 1)
-        hit = self._keys[at_clipped] == wanted
+        at = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
+        hit = self._keys[at] == wanted
         if not hit.any():
             return {}
-        replies, reply_seqs = self._load()
-        found: dict[str, dict[str, Any]] = {}
-        hit_seqs = self._seqs[at_clipped[hit]]
-        positions = np.searchsorted(reply_seqs, hit_seqs)
+        replies, reply_keys = self._load()
+        positions = np.searchsorted(reply_keys, wanted[hit])
         rows = replies.take(pa.array(positions)).to_pylist()
-        for key, reply in zip((k for k, h in zip(keys, hit, strict=True) if h), rows, strict=True):
-            found[key] = reply
-        return found
+        return dict(zip((k for k, h in zip(keys, hit, strict=True) if h), rows, strict=True))
 
     def _load(self) -> tuple[pa.Table, np.ndarray]:
-        if self._replies is None or self._reply_seqs is None:
-            table = self._store.results(["status", *REPLY_COLUMNS, "seq"], any_row=True)
-            ok = pc.and_(pc.equal(table["status"], "ok"), pc.less_equal(table["seq"], self._up_to_seq))
-            table = table.filter(ok)
-            table = table.take(pc.sort_indices(table["seq"]))
-            self._reply_seqs = table["seq"].to_numpy()
+        if self._replies is None or self._reply_keys is None:
+            table = self._ok(self._store.results(["status", "request_hash", *REPLY_COLUMNS, "seq"], any_row=True))
+            keys = fixed_width(table["request_hash"], 32) if table.num_rows else np.zeros(0, dtype="S32")
+            order = np.argsort(keys, kind="stable")
+            table = table.take(pa.array(order))
+            self._reply_keys = keys[order]
             # finished_at as epoch seconds, as a journalled result and the reply cache hold it
             finished = pc.divide(table["finished_at"].cast(pa.int64()), 1_000_000.0)
             self._replies = table.select(list(REPLY_COLUMNS)).set_column(
                 REPLY_COLUMNS.index("finished_at"), "finished_at", finished
             )
-        return self._replies, self._reply_seqs
+        return self._replies, self._reply_keys
 
 
 @dataclass

@@ -59,3 +59,28 @@ async def test_a_ray_run_stopped_by_its_budget_exports_no_rows_old_reply(
     frame = pd.read_parquet(out)
     answered = frame[frame["status"] == "ok"]
     assert (answered["content"] == "echo: " + answered["prompt"]).all(), answered[["prompt", "content"]]
+
+
+async def test_replies_of_two_shards_are_each_found_for_their_own_request(
+    tmp_path: Path, simulator: Any, ray_cluster: dict
+) -> None:
+    """Two tasks write their results in stores of their own; the job run again with its rows shuffled finds
+    each row's reply by its request, never the reply another task recorded under the same seq."""
+    import random
+
+    from batchhub import arun_job, export_job
+
+    server = await simulator(echo=True)
+    prompts = [f"row {i}: a line about the sea" for i in range(20)]
+    pd.DataFrame({"prompt": prompts}).to_csv(tmp_path / "in.csv", index=False)
+    spec = make_spec(tmp_path, server, 20, no_cache=True)
+    assert (await RayJob(prepare_job(spec), shard_rows=10).run()).exit_code == 0
+    shuffled = list(prompts)
+    random.Random(5).shuffle(shuffled)
+    pd.DataFrame({"prompt": shuffled}).to_csv(tmp_path / "in.csv", index=False)
+    before = server.stats.completions
+    summary = await arun_job(make_spec(tmp_path, server, 20, no_cache=True), progress=False)
+    assert server.stats.completions == before and summary.ok == 20
+    export_job(tmp_path / "job", tmp_path / "out.parquet")
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert (frame["content"] == "echo: " + frame["prompt"]).all(), frame[["prompt", "content"]]
