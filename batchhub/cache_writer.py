@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from batchhub.defaults import CACHE_FLUSH_ENTRIES, CACHE_FLUSH_S
@@ -29,6 +30,8 @@ class CacheWriter:
         #: entries handed to put_many so far
         self.written = 0
         self._pending: list[Entry] = []
+        #: the replies added and not written yet (pending or being written), by key: a lookup finds them here
+        self._unsaved: dict[str, dict[str, Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task[None] | None = None
 
@@ -39,6 +42,7 @@ class CacheWriter:
         if self.cache.problem is not None:
             return
         self._pending.append((key, endpoint, requested_model, reply))
+        self._unsaved[key] = reply
         if self._writing is not None:
             return  # the write under way starts the next one when it ends
         if len(self._pending) >= self.flush_entries:
@@ -60,12 +64,18 @@ class CacheWriter:
             await asyncio.to_thread(self.cache.put_many, batch, replace=self.replace)
             self.written += len(batch)
         finally:
+            for key, *_ in batch:
+                self._unsaved.pop(key, None)
             self._writing = None
             if self._pending:
                 if len(self._pending) >= self.flush_entries:
                     self._start_write()
                 elif self._timer is None:
                     self._timer = asyncio.get_running_loop().call_later(self.flush_s, self._start_write)
+
+    def unsaved(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The replies of `keys` added and not written yet (a lookup of the cache does not see them yet)."""
+        return {key: reply for key in keys if (reply := self._unsaved.get(key)) is not None}
 
     async def close(self) -> None:
         """Wait for the write under way, then write what is left (in a thread)."""

@@ -46,7 +46,7 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
     """The usage columns of a job directory, or of a Parquet file or folder of them."""
     path = Path(target)
     if (path / "job.json").exists():
-        return JobStore(path).results(list(USAGE_COLUMNS))
+        return JobStore(path).results(list(USAGE_COLUMNS), any_row=True)  # rows deleted since were paid for too
     if not path.exists():
         raise UsageError(f"{path} is neither a job directory nor a Parquet file")
     try:

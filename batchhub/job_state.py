@@ -38,7 +38,8 @@ def job_state(
         if alive is None and idle_s < RECENT_S:
             return "running?"
         return "killed"
-    if pending == 0 and total:
+    # a job whose input or settings changed is finished once a run checked every row's result against its request
+    if pending == 0 and total and manifest.results_checked is not False:
         return "finished with failed rows" if failed else "finished"
     return "stopped" if runs else "new"
 

@@ -155,7 +155,14 @@ def _resumed_manifest(
     changed = old_config != new_config or (manifest.endpoint is not None and manifest.endpoint != builder.endpoint)
     if changed and spec.force:
         # the results made under the settings so far stay their rows' results (`Job._check_results`)
-        manifest.earlier_requests.append({"request_config": old_config, "endpoint": manifest.endpoint})
+        # and stay while the settings are the ones that replaced them (`Job._earlier`)
+        manifest.earlier_requests.append(
+            {
+                "request_config": old_config,
+                "endpoint": manifest.endpoint,
+                "replaced_by": {"request_config": new_config, "endpoint": builder.endpoint},
+            }
+        )
     if changed or known.fingerprint != input_fp:
         # each row's result is checked against the request the row sends now; until a run has checked them
         # all, a row may still hold the result of another row's request
@@ -194,7 +201,7 @@ def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
         Budget(spec.max_cost, 0.0, prices).price(spec.model)  # refuse an unknown price before anything is sent
     spent = 0.0
     if store.exists():
-        earlier = store.results(list(USAGE_COLUMNS))
+        earlier = store.results(list(USAGE_COLUMNS), any_row=True)  # rows deleted since were paid for too
         by_reply = report(earlier, prices)
         if by_reply.unknown_models:
             raise UsageError(

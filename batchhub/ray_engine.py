@@ -152,6 +152,19 @@ def _task_spec(spec: JobSpec) -> JobSpec:
     )
 
 
+def _mark_checked(
+    manifest: Manifest, store: JobStore, n_rows: int, stale: np.ndarray, seqs_before: np.ndarray | None
+) -> None:
+    """The check pass found rows holding another request's result and left them to the tasks: every row's
+    result is its own once each of those has a newer result (a task stopped or killed may have left some)."""
+    rows = np.flatnonzero(stale[:n_rows])
+    if rows.size and seqs_before is not None:
+        _, seqs_now = store.row_request_hashes(n_rows)
+        if not np.all(seqs_now[rows] > seqs_before[rows]):
+            return
+    manifest.results_checked = True
+
+
 class RayJob:
     """One run of a job on Ray. `await RayJob(prepared).run()`; `request_stop()` from a signal handler."""
 
@@ -255,6 +268,8 @@ class RayJob:
             summary.saved_usd += checked.saved_usd
             summary.mismatched_results = checked.mismatched_results
             summary.cache_note = checked.cache_note
+            if check.read_all and p.manifest.results_checked is not True:
+                _mark_checked(p.manifest, store, n_rows, check.stale_rows(), check.result_seqs)
             close_run_record(record, summary)
             with contextlib.suppress(OSError):
                 store.write_manifest(p.manifest)

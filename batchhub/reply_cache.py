@@ -193,7 +193,8 @@ class ReplyCache:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        #: keys found damaged: their next put replaces the entry, whatever `replace` says
+        #: keys found damaged (or refused by a job's output check): their next put replaces the entry,
+        #: whatever `replace` says
         self._damaged_keys: set[bytes] = set()
         self._closed = False
 
@@ -298,6 +299,12 @@ class ReplyCache:
             if damaged:
                 self._forget_damaged(conn, damaged)
         return found
+
+    def replace_next(self, key: str) -> None:
+        """The next put of `key` replaces its entry (one a job's output check refused: the reply that job
+        paid for instead passes the check, and is the one kept)."""
+        with self._lock:
+            self._damaged_keys.add(key_bytes(key))
 
     def _forget_damaged(self, conn: sqlite3.Connection, damaged: list[tuple[int, int, bytes]]) -> None:
         """Count damaged entries and delete them (only those rows, as they were: a good entry put

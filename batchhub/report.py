@@ -140,17 +140,22 @@ def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
     )
     book = PriceBook.for_job(manifest, prices_file)
     rep.prices = book.label
-    table = store.results(list(COLUMNS))
+    # every result paid for, the results of rows deleted from the input since included; rows count those inside
+    table = store.results(list(COLUMNS), any_row=True)
     if table.num_rows:
-        _fill(rep, store, table, book, runs)
+        _fill(rep, store, table, book, runs, manifest.input.rows)
     rep.state = job_state(store, manifest, total=total, failed=rep.failed, pending=rep.pending)
     return rep
 
 
-def _fill(rep: JobReport, store: JobStore, table: pa.Table, book: PriceBook, runs: list[RunRecord]) -> None:
-    """The counts, sums and per-result arrays of a non-empty results table."""
+def _fill(
+    rep: JobReport, store: JobStore, table: pa.Table, book: PriceBook, runs: list[RunRecord], rows: int | None
+) -> None:
+    """The counts, sums and per-result arrays of a non-empty results table (rows: the input's, when counted)."""
     rep.results_recorded = table.num_rows
-    keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
+    row_id = table["row_id"].to_numpy()
+    inside = np.flatnonzero((row_id >= 0) & (row_id < rows if rows is not None else True))
+    keep = inside[latest_indices(row_id[inside], table["seq"].to_numpy()[inside])]
     is_ok = _bools(pc.equal(table["status"], "ok"))
     # a reused result was no request of this job: no tokens paid, no attempt, no latency
     sent = ~_bools(pc.is_valid(table["reused"]))

@@ -3,8 +3,10 @@
 A result answered the request named by its `request_hash` (batchhub/requests.py). It stays its
 row's while that is the request the row sends now, or the one the row sent under settings a
 `--force` run replaced (kept in job.json as `earlier_requests`: what they answered stays the
-rows'). A result recorded before request hashes named requests (seq up to job.json's
-`legacy_hash_seq`) is compared with the hash it was recorded with (`RequestBuilder.legacy_hash`).
+rows' while the settings that replaced them stand). A row that could not be sent has a result
+without a hash: it stands while the row still cannot be built. A result recorded before request
+hashes named requests (seq up to job.json's `legacy_hash_seq`) is compared with the hash it was
+recorded with (`RequestBuilder.legacy_hash`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ class ResultCheck:
 
     def answers(self, row: dict[str, Any], stored: bytes, seq: int) -> bool:
         """Whether a result (its request_hash `stored`, its `seq`) answered the request of `row`."""
+        if not stored:  # a row that could not be sent: its result stands while the row still cannot be
+            try:
+                self._prepared.builder.build(row)
+            except RowError:
+                return True
+            return False
         legacy = seq <= (self._prepared.manifest.legacy_hash_seq or 0)
         for builder in (self._prepared.builder, *self.earlier_builders()):
             try:
@@ -38,12 +46,31 @@ class ResultCheck:
                 return True
         return False
 
+    def _standing(self) -> list[dict[str, Any]]:
+        """The settings --force runs replaced whose results stand now: those replaced by the settings of now, and
+        in turn those replaced by settings that stand (an entry without `replaced_by`, of an older batchhub,
+        stands). Settings changed since without --force replace them all: every row is asked again."""
+        prepared = self._prepared
+        defaults_config = JobSpec().request_config()
+        standing = [(prepared.spec.request_config(), prepared.builder.endpoint)]
+        kept: list[dict[str, Any]] = []
+        for earlier in reversed(prepared.manifest.earlier_requests):
+            by = earlier.get("replaced_by")
+            if isinstance(by, dict):
+                replacing = ({**defaults_config, **dict(by.get("request_config") or {})}, by.get("endpoint"))
+                if replacing not in standing:
+                    continue
+            config = {**defaults_config, **dict(earlier.get("request_config") or {})}
+            standing.append((config, earlier.get("endpoint") or prepared.builder.endpoint))
+            kept.append(earlier)
+        return kept
+
     def earlier_builders(self) -> list[RequestBuilder]:
-        """The request builders of the settings --force runs replaced (those that still fit the input)."""
+        """The request builders of the settings --force runs replaced that stand (those that still fit the input)."""
         if self._earlier is None:
             self._earlier = []
             prepared = self._prepared
-            for earlier in prepared.manifest.earlier_requests:
+            for earlier in self._standing():
                 fields = {k: v for k, v in dict(earlier.get("request_config") or {}).items() if k in REQUEST_FIELDS}
                 try:
                     builder = RequestBuilder(

@@ -5,7 +5,8 @@ looked up, in this order:
 
 1. the requests this run is sending: a row asking what another row in flight asks waits for that
    reply (`follow`), and takes a copy of it when it is ok; if it is not, the row is sent itself;
-2. the ok replies this run has recorded (the last `defaults.REUSE_RECENT`);
+2. the ok replies this run has recorded (the last `defaults.REUSE_RECENT`, and those the reply cache's
+   writer has not written yet);
 3. this job's ok replies recorded before the run (`JobReplies`: any row, any earlier input), read
    from the job directory when the run starts (their hashes) and at the first hit (their replies);
 4. the reply cache shared by jobs (batchhub/reply_cache.py), unless the job runs with `--no-cache`.
@@ -13,8 +14,9 @@ looked up, in this order:
 A copy is recorded as the row's result with the original reply's content and usage, `reused`
 "job" (1-3) or "cache" (4), and costs nothing in this job. Only `ok` replies are reused: an
 error or an `invalid_output` reply never is, and a copy that the job's output check (--json,
---json-schema) refuses is not taken: the row is sent. `--fresh` reuses nothing: every row is
-sent and its reply replaces the cached one.
+--json-schema) refuses is not taken: the row is sent, and its reply, when the check passes it, replaces
+the cached one. `--fresh` reuses nothing: every row is
+sent and its reply replaces the cached one (rows of the run asking the same share the run's reply).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from batchhub import defaults
 from batchhub.cache_writer import CacheWriter
 from batchhub.reply_cache import REPLY_FIELDS, ReplyCache
 from batchhub.requests import BuiltRequest
-from batchhub.result_schema import fixed_width, numpy_values
+from batchhub.result_schema import fixed_width
 from batchhub.rows import Result, check_output
 from batchhub.store import JobStore
 from batchhub.structured import OutputCheck
@@ -84,29 +86,31 @@ def copy_result(row_id: int, reply: dict[str, Any], request_hash: str, source: s
 class JobReplies:
     """This job's ok replies recorded before this run, by request hash.
 
-    The hashes are read when the run starts (32 bytes and a seq per reply, sorted); the replies
-    themselves only at the first hit, once, as Arrow columns (not Python objects).
+    The hashes are read when the run starts (32 bytes per reply, sorted); the replies themselves only at the
+    first hit, once, as Arrow columns (not Python objects), taken by their position in the table as read: a
+    reply is found by its request's hash, never by its seq (the stores of the Ray engine's tasks number their
+    results alike).
     """
 
     def __init__(self, store: JobStore, up_to_seq: int) -> None:
         self._store = store
         self._up_to_seq = up_to_seq
-        import pyarrow.compute as pc  # only a job with results reads them: a new job's start does without
-
         # a reply is the job's whatever row asked it, inside today's input or not
         table = store.results(["request_hash", "status", "seq"], any_row=True)
-        ok = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["request_hash"]))
-        ok = pc.and_(ok, pc.less_equal(table["seq"], up_to_seq))
-        table = table.filter(ok)
-        keys = fixed_width(table["request_hash"], 32) if table.num_rows else np.zeros(0, dtype="S32")
-        seq = table["seq"].combine_chunks() if table.num_rows else pa.array([], pa.int64())
-        seq_values = numpy_values(seq, np.int64)[seq.offset :] if len(seq) else np.zeros(0, np.int64)
-        order = np.argsort(keys, kind="stable")
-        self._keys = keys[order]
-        self._seqs = seq_values[order]
+        keys = fixed_width(table["request_hash"], 32)[self._ok(table)] if table.num_rows else np.zeros(0, dtype="S32")
+        self._keys = np.sort(keys, kind="stable")
         self._replies: pa.Table | None = None
         self._positions: np.ndarray | None = None
-        self._reply_seqs: np.ndarray | None = None
+        self._reply_keys: np.ndarray | None = None
+
+    def _ok(self, table: pa.Table) -> np.ndarray:
+        """Which results of `table` are ok, with a request hash, recorded before the run (bool per result)."""
+        import pyarrow.compute as pc
+
+        ok = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["request_hash"]))
+        ok = pc.and_(ok, pc.less_equal(table["seq"], self._up_to_seq))
+        mask: np.ndarray = ok.to_numpy(zero_copy_only=False)
+        return mask
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -116,15 +120,13 @@ class JobReplies:
         if not len(self._keys) or not keys:
             return {}
         wanted = np.array([k.encode() for k in keys], dtype="S32")
-        at = np.searchsorted(self._keys, wanted)
-        at_clipped = np.minimum(at, len(self._keys) - 1)
-        hit = self._keys[at_clipped] == wanted
+        at = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
+        hit = self._keys[at] == wanted
         if not hit.any():
             return {}
-        replies, positions, reply_seqs = self._load()
+        replies, positions, reply_keys = self._load()
+        rows = replies.take(pa.array(positions[np.searchsorted(reply_keys, wanted[hit])])).to_pylist()
         found: dict[str, dict[str, Any]] = {}
-        hit_seqs = self._seqs[at_clipped[hit]]
-        rows = replies.take(pa.array(positions[np.searchsorted(reply_seqs, hit_seqs)])).to_pylist()
         for key, reply in zip((k for k, h in zip(keys, hit, strict=True) if h), rows, strict=True):
             # finished_at as epoch seconds, as a journalled result and the reply cache hold it
             finished = reply["finished_at"]
@@ -133,20 +135,17 @@ class JobReplies:
         return found
 
     def _load(self) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-        """The replies as read (no copy made: a reply is taken by its position), their positions in seq order,
-        and those seqs."""
-        if self._replies is None or self._reply_seqs is None or self._positions is None:
-            import pyarrow.compute as pc
-
-            table = self._store.results(["status", *REPLY_COLUMNS, "seq"], any_row=True)
-            seq = table["seq"].to_numpy()
-            ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False) & (seq <= self._up_to_seq)
-            positions = np.flatnonzero(ok)
-            order = np.argsort(seq[positions], kind="stable")
-            self._positions = positions[order]
-            self._reply_seqs = seq[self._positions]
+        """The replies as read (no copy made: a reply is taken by its position), their positions in the order
+        of their request hashes, and those hashes (the Ray engine's task stores number their results alike:
+        a reply is found by its request, never by its seq)."""
+        if self._replies is None or self._positions is None or self._reply_keys is None:
+            table = self._store.results(["status", "request_hash", *REPLY_COLUMNS, "seq"], any_row=True)
+            positions = np.flatnonzero(self._ok(table)) if table.num_rows else np.zeros(0, dtype=np.int64)
+            keys = fixed_width(table["request_hash"], 32)[positions] if table.num_rows else np.zeros(0, dtype="S32")
+            order = np.argsort(keys, kind="stable")
+            self._positions, self._reply_keys = positions[order], keys[order]
             self._replies = table.select(list(REPLY_COLUMNS))
-        return self._replies, self._positions, self._reply_seqs
+        return self._replies, self._positions, self._reply_keys
 
 
 @dataclass
@@ -182,6 +181,8 @@ class Reuse:
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         #: hash -> rows waiting for the reply of the row in flight that asks the same
         self._following: dict[str, list[tuple[int, BuiltRequest]]] = {}
+        #: hashes whose cached reply the job's output check refused: the reply sent instead replaces it
+        self._refused: set[str] = set()
 
     @property
     def cache_problem(self) -> str | None:
@@ -210,9 +211,6 @@ class Reuse:
     async def find(self, rows: list[tuple[int, BuiltRequest]]) -> Found:
         """Split rows to send into copies of replies paid for before, and rows to send (in their order)."""
         found = Found([], [])
-        if self._fresh:
-            found.to_send = rows
-            return found
         looked: list[tuple[int, BuiltRequest]] = []
         for row_id, built in rows:
             key = built.request_hash
@@ -225,10 +223,13 @@ class Reuse:
         if not looked:
             return found
         keys = list(dict.fromkeys(built.request_hash for _, built in looked))
-        earlier = self._job.find(keys) if self._job is not None else {}
+        # --fresh: only the replies of this run (a row asking what another row of the run asks shares its reply)
+        earlier = self._job.find(keys) if self._job is not None and not self._fresh else {}
+        if self._writer is not None:  # this run's replies gone from `_recent`, not in the cache yet
+            earlier.update(self._writer.unsaved([k for k in keys if k not in earlier]))
         missing = [k for k in keys if k not in earlier]
         cached: dict[str, dict[str, Any]] = {}
-        if missing and self._cache is not None and self._cache.problem is None:
+        if missing and not self._fresh and self._cache is not None and self._cache.problem is None:
             cached = await asyncio.to_thread(self._cache.get_many, missing)
         for row_id, built in looked:
             key = built.request_hash
@@ -246,6 +247,8 @@ class Reuse:
         """Add a copy of `reply` for the row, unless the job's output check refuses it (the row is then sent)."""
         copy = copy_result(row_id, reply, built.request_hash, source)
         if check_output(copy, self._check):
+            if source == FROM_CACHE:
+                self._refused.add(built.request_hash)
             return False
         found.reused.append(copy)
         return True
@@ -264,6 +267,9 @@ class Reuse:
         if len(self._recent) > defaults.REUSE_RECENT:
             self._recent.popitem(last=False)
         if self._writer is not None:
+            if key in self._refused and self._cache is not None:
+                self._refused.discard(key)
+                self._cache.replace_next(key)  # the cached reply failed the check this one passed
             try:
                 self._writer.add(key, self._endpoint, built.model, reply)
             except ValueError as exc:  # a reply the cache cannot keep as it is: it stays the job's only

@@ -132,6 +132,8 @@ class Job:
         self._result_check = ResultCheck(prepared)
         #: the reader went through to the end of the input: every row's result was checked
         self._read_through = False
+        #: set at the end of the run: every row's result was checked (the rows of `stale_rows()` aside)
+        self.read_all = False
         #: the input's first bad row (found by the input check or the reader): the run stops, then raises it
         self._input_error: Exception | None = None
         #: rows the reader has read (the input's rows so far, while it is not counted), and the rows up to the
@@ -238,7 +240,8 @@ class Job:
                     await counting
             if self._input_error is not None:
                 prepared.manifest.input.bad_input = str(self._input_error)
-            if self._only_rows is None and (self._read_through or self._hashes is None):
+            self.read_all = self._only_rows is None and (self._read_through or self._hashes is None)
+            if self.read_all and not self.stale_rows().any():
                 prepared.manifest.results_checked = True  # every row's result is its own request's
             self._progress.close()
             summary = self._finish_summary(started)
@@ -404,7 +407,10 @@ class Job:
 
     async def _reader(self) -> None:
         builder, todo, queue, hashes = self.prepared.builder, self._todo, self._queue, self._hashes
-        checked = (hashes != b"") & ~todo if hashes is not None else np.zeros(len(todo), dtype=bool)
+        # a done row is checked whether its result has a hash or not (a row that could not be sent has none)
+        checked = np.zeros(len(todo), dtype=bool)
+        if hashes is not None and self._result_seqs is not None:
+            checked = ((hashes != b"") | (self._result_seqs > 0)) & ~todo
         span = todo | checked
         # before the first row to send or check and past the last there is nothing to read (a resumed
         # job, a shard of a larger input, a sample): the reader skips the rows before without converting them.
@@ -469,6 +475,21 @@ class Job:
         if not self._stop.is_set():
             for _ in range(self._n_workers):
                 await queue.put(_END)
+
+    def stale_rows(self) -> np.ndarray:
+        """The rows found holding another request's result that have no result of their own yet (the run
+        stopped before they were sent, or did not send: the Ray engine's check pass): their latest result is
+        still the other one's."""
+        if self._result_seqs is None:
+            return np.zeros(len(self._states), dtype=bool)
+        n = min(len(self._states), len(self._result_seqs))
+        stale: np.ndarray = (self._states[:n] == STATE_NONE) & (self._result_seqs[:n] > 0)
+        return stale
+
+    @property
+    def result_seqs(self) -> np.ndarray | None:
+        """The seq of each row's latest result when the run started (0: none), None when no row had one."""
+        return self._result_seqs
 
     def _check_results(self, batch: list[Any], base: int, checked: np.ndarray, hashes: np.ndarray) -> None:
         """Check that the done rows of a batch hold the results of the requests they send now.

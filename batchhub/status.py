@@ -76,7 +76,8 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
     manifest = store.manifest()
     total = manifest.input.rows or 0
     columns = ["row_id", "status", "error_type", "finish_reason", "total_tokens", *USAGE_COLUMNS]
-    table = store.results(list(dict.fromkeys(columns)))
+    # every result paid for, the results of rows deleted from the input since included; rows count those inside
+    table = store.results(list(dict.fromkeys(columns)), any_row=True)
     st = JobStatus(
         job_dir=str(store.dir),
         input=str(manifest.input.path),
@@ -98,8 +99,11 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
             tokens = tokens.filter(pc.is_null(table["reused"]))
         for name in tokens.column_names:
             setattr(st, name, int(pc.sum(tokens[name]).as_py() or 0))
-        keep = latest_indices(table["row_id"].to_numpy(), table["seq"].to_numpy())
-        latest = table.take(keep)
+        inside = pc.greater_equal(table["row_id"], 0)
+        if manifest.input.rows is not None:
+            inside = pc.and_(inside, pc.less(table["row_id"], manifest.input.rows))
+        rows = table.filter(inside)
+        latest = rows.take(latest_indices(rows["row_id"].to_numpy(), rows["seq"].to_numpy()))
         st.ok = int(pc.sum(pc.equal(latest["status"], "ok")).as_py() or 0)
         st.failed = latest.num_rows - st.ok
         st.pending = max(0, total - latest.num_rows)
