@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from batchhub import arun_job, export_job
+from batchhub.cache_writer import CacheWriter
 from batchhub.mock import MockServer
-from batchhub.reply_cache import CacheWriter
 from batchhub.spec import JobSpec
 
 
