@@ -231,20 +231,16 @@ class RayJob:
             # has recorded, here (under this run's lock): the tasks get the rows still to send
             check = Job(p, progress=False, send=False)
             checked = await check._run()
-            states = check.row_states[:n_rows]
+            states = check.row_states[:n_rows].copy()
+            # a row asking what another row to send asks waits for its reply: the tasks send the first only
+            waiting = check.waiting_rows
+            states[waiting[waiting < n_rows]] = STATE_OK
             in_flight = self.max_shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
             run_no = len(p.manifest.runs) + 1
             task_spec = _task_spec(spec)
             assert task_spec.input is not None
             input_size = os.stat(task_spec.input).st_size
-            tasks = []
-            for shard in shards.plan(n_rows, self.shard_rows):
-                rows = shards.rows_to_send(states, shard, retry_failed=spec.retry_failed)
-                if rows.size:
-                    store_dir = shards.store_dir(Path(task_spec.job_dir or store.dir), shard, run_no)
-                    tasks.append(
-                        ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, n_rows, input_size, run_no)
-                    )
+            tasks = self._plan(states, task_spec, n_rows, run_no, input_size)
             to_send = int(sum(t.rows.size for t in tasks))
             record = RunRecord(
                 started_at=now_iso(),
@@ -258,14 +254,26 @@ class RayJob:
             store.write_manifest(p.manifest)
             initial = n_rows - to_send
             self.progress = Progress(total=n_rows, initial=initial, enabled=self._progress_enabled)
+            passes = [checked]
             try:
                 totals = await self._run_tasks(tasks, in_flight) if tasks else _Totals()
+                if waiting.size and not self._stop.is_set() and totals.failure is None:
+                    # the rows that waited take a copy of the reply their first row got; those whose first row
+                    # failed are sent now, each (as the local engine sends them)
+                    check = Job(p, progress=False, send=False)
+                    passes.append(await check._run())
+                    more = self._plan(check.row_states[:n_rows], task_spec, n_rows, run_no, input_size)
+                    if more:
+                        record.shards = (record.shards or 0) + len(more)
+                        totals.merge(await self._run_tasks(more, in_flight))
+                        tasks += more
             finally:
                 self.progress.close()
             summary = self._summary(store, started, totals, tasks)
-            for source, count in checked.reused.items():
-                summary.reused[source] = summary.reused.get(source, 0) + count
-            summary.saved_usd += checked.saved_usd
+            for done in passes:
+                for source, count in done.reused.items():
+                    summary.reused[source] = summary.reused.get(source, 0) + count
+                summary.saved_usd += done.saved_usd
             summary.mismatched_results = checked.mismatched_results
             summary.cache_note = checked.cache_note
             if check.read_all and p.manifest.results_checked is not True:
@@ -277,6 +285,21 @@ class RayJob:
         finally:
             if we_started_ray:
                 ray.shutdown()
+
+    def _plan(
+        self, states: np.ndarray, task_spec: JobSpec, n_rows: int, run_no: int, input_size: int
+    ) -> list[ShardTask]:
+        """One task per shard with rows to send (a second pass of a run writes into the same task stores)."""
+        store, spec = self.prepared.store, self.prepared.spec
+        tasks = []
+        for shard in shards.plan(n_rows, self.shard_rows):
+            rows = shards.rows_to_send(states, shard, retry_failed=spec.retry_failed)
+            if rows.size:
+                store_dir = shards.store_dir(Path(task_spec.job_dir or store.dir), shard, run_no)
+                tasks.append(
+                    ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, n_rows, input_size, run_no)
+                )
+        return tasks
 
     def _connect(self) -> bool:
         """Join (or start) a Ray cluster unless this process already has; True if this call did."""
@@ -420,6 +443,15 @@ class _Totals:
     failure_kind: str = "task_failed"
     #: what the whole job has spent, by the shared budget (--max-cost)
     budget_spent: float = 0.0
+
+    def merge(self, other: _Totals) -> None:
+        """Add a later round of tasks of the same run."""
+        self.http_requests += other.http_requests
+        self.retries += other.retries
+        self.rate_limited += other.rate_limited
+        if self.failure is None and other.failure is not None:
+            self.failure, self.failure_kind = other.failure, other.failure_kind
+        self.budget_spent = max(self.budget_spent, other.budget_spent)
 
     def add(self, result: dict[str, Any]) -> None:
         self.http_requests += result["http_requests"]

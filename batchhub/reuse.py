@@ -276,9 +276,10 @@ class Reuse:
                 log.debug("reply of %s not cached: %s", key, exc)
         return [copy_result(row_id, reply, key, FROM_JOB) for row_id, _ in waiting], []
 
-    def waiting(self) -> int:
-        """Rows waiting for a reply in flight."""
-        return sum(len(rows) for rows in self._following.values())
+    def waiting_rows(self) -> np.ndarray:
+        """The rows waiting for the reply of another row that asks the same (ids, sorted)."""
+        ids = [row_id for rows in self._following.values() for row_id, _ in rows]
+        return np.array(sorted(ids), dtype=np.int64)
 
     async def close(self) -> None:
         """Write what the reply cache has not taken yet, and close it."""

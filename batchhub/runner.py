@@ -147,6 +147,12 @@ class Job:
         request does not count (uint8 per row, as `JobStore.row_states`)."""
         return self._states
 
+    @property
+    def waiting_rows(self) -> np.ndarray:
+        """Rows this run left waiting for the reply of another row that asks the same (a pass that sends
+        nothing leaves them all: the Ray driver sends only the first of each, then copies its reply)."""
+        return self._reuse.waiting_rows()
+
     # -- control ------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "interrupted") -> None:

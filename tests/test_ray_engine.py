@@ -408,7 +408,6 @@ async def test_an_idle_limiter_leaves_the_cluster(ray_cluster: dict) -> None:
 # -- reuse: a reply belongs to its request across shards, stops and runs --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the check pass leaves a duplicate to its shard: two shards send it at once")
 async def test_a_request_asked_in_two_shards_is_paid_once(tmp_path: Path, simulator: Any, ray_cluster: dict) -> None:
     server = await simulator(seed=3, latency_ms=200)
     prompts = [f"row {i}: a line about the sea" for i in range(20)]
@@ -417,6 +416,11 @@ async def test_a_request_asked_in_two_shards_is_paid_once(tmp_path: Path, simula
     summary = await RayJob(prepare_job(make_spec(tmp_path, server, 20)), shard_rows=10).run()
     assert (summary.exit_code, summary.ok) == (0, 20)
     assert server.stats.completions == 19, "the same request was sent by two shards"
+    assert summary.reused == {"job": 1}
+    out = tmp_path / "out.parquet"
+    export_job(tmp_path / "job", out)
+    frame = pd.read_parquet(out)
+    assert frame.loc[15, "content"] == frame.loc[0, "content"] and frame.loc[15, "reused"] == "job"
 
 
 async def test_a_ray_run_stopped_by_its_budget_exports_no_rows_old_reply(
@@ -473,3 +477,16 @@ async def test_replies_of_two_shards_are_each_found_for_their_own_request(
     export_job(tmp_path / "job", tmp_path / "out.parquet")
     frame = pd.read_parquet(tmp_path / "out.parquet")
     assert (frame["content"] == "echo: " + frame["prompt"]).all(), frame[["prompt", "content"]]
+
+
+async def test_a_row_waiting_for_a_failed_reply_is_sent_in_the_same_run(
+    tmp_path: Path, simulator: Any, ray_cluster: dict
+) -> None:
+    server = await simulator(seed=3, max_context_tokens=60)
+    prompts = [f"row {i}: a line about the sea" for i in range(20)]
+    prompts[0] = prompts[15] = "owl " * 80  # over the context window: a 400, in both shards
+    pd.DataFrame({"prompt": prompts}).to_csv(tmp_path / "in.csv", index=False)
+    spec = make_spec(tmp_path, server, 20, fail_fast=False)
+    summary = await RayJob(prepare_job(spec), shard_rows=10).run()
+    assert (summary.ok, summary.failed, summary.pending) == (18, 2, 0)  # the second was sent, not left waiting
+    assert server.stats.requests == 20
