@@ -153,6 +153,7 @@ def test_hand_made_journal_values_are_skipped_and_reported(tmp_path: Path, caplo
     assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == 0
     assert job_status(job).ok == 5
     good = {"status": "ok", "content": "hand", "finished_at": 1_700_000_000.0}
+    own = JobStore(job).latest_results(["row_id", "request_hash"])["request_hash"][0].as_py()
     segment = job / "journal-000009.jsonl"
     segment.write_text(
         "\n".join(
@@ -163,7 +164,8 @@ def test_hand_made_journal_values_are_skipped_and_reported(tmp_path: Path, caplo
                 json.dumps({**good, "row_id": 5, "seq": 102}),  # row_id >= rows
                 json.dumps({**good, "row_id": 2, "seq": 103, "status": 7}),
                 "not json at all",
-                json.dumps({**good, "row_id": 0, "seq": 104, "content": "a real later result"}),
+                # a later result of row 0's own request (a result without a request hash is no row's answer)
+                json.dumps({**good, "row_id": 0, "seq": 104, "content": "a real later result", "request_hash": own}),
             ]
         )
         + "\n"
