@@ -203,7 +203,8 @@ def render(status: JobStatus) -> str:
         lines.append("finish   " + ", ".join(f"{k} {v:,}" for k, v in status.finish_reasons.items()))
     lines.append(
         f"tokens   {status.prompt_tokens:,} prompt + {status.completion_tokens:,} completion = "
-        f"{status.total_tokens:,} over {status.results_recorded:,} results"
+        f"{status.total_tokens:,} over {status.results_recorded - status.reused_replies:,} results"
+        + (f" (and {status.reused_replies:,} reused, paid for before)" if status.reused_replies else "")
     )
     lines.extend(_cost_lines(status))
     lines.extend(_reuse_lines(status))
@@ -234,7 +235,7 @@ def _reuse_lines(status: JobStatus) -> list[str]:
         return []
     return [
         f"reused   {status.reused_rows:,} rows ({status.reused_rows_from_job:,} from this job, "
-        f"{status.reused_rows_from_cache:,} from the cache); {status.saved or 'saved by reuse: $0'}"
+        f"{status.reused_rows_from_cache:,} from the cache); saved ${status.saved_usd:,.4f}"
     ]
 
 

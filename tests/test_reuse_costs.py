@@ -196,7 +196,8 @@ def test_status_counts_rows_reused_and_what_they_saved(job: Path) -> None:
     # the pending row will be sent: $5 over the 3 rows sent, times 1 more
     assert st.projected_usd == pytest.approx(5.0 + 5.0 / 3)
     text = invoke("status", str(job)).output
-    assert f"reused   2 rows (1 from this job, 1 from the cache); {SAVED_LINE}" in text
+    assert "reused   2 rows (1 from this job, 1 from the cache); saved $7.0000" in text
+    assert "over 4 results (and 2 reused, paid for before)" in text
     assert "cost     $5.0000 spent" in text
     data = json.loads(invoke("status", str(job), "--json").output)
     assert (data["reused_rows"], data["saved_usd"]) == (2, pytest.approx(7.0))
