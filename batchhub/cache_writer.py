@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from batchhub.defaults import CACHE_FLUSH_ENTRIES, CACHE_FLUSH_S
-from batchhub.reply_cache import Entry, ReplyCache, key_bytes, reply_fields
+from batchhub.reply_cache import ReplyCache, Row, row
 
 
 class CacheWriter:
@@ -29,7 +30,9 @@ class CacheWriter:
         self.flush_entries = flush_entries
         #: entries handed to put_many so far
         self.written = 0
-        self._pending: list[Entry] = []
+        #: the entries taken, as the rows the cache stores (made here, on the loop: the write's thread then runs
+        #: in SQLite, without the GIL, but for binding the rows)
+        self._pending: list[tuple[str, Row]] = []
         #: the replies added and not written yet (pending or being written), by key: a lookup finds them here
         self._unsaved: dict[str, dict[str, Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -37,11 +40,10 @@ class CacheWriter:
 
     def add(self, key: str, endpoint: str, requested_model: str | None, reply: dict[str, Any]) -> None:
         """Queue one reply for the next write (a bad key or reply raises ValueError here, not in the thread)."""
-        key_bytes(key)
-        reply_fields(reply)
+        made = row((key, endpoint, requested_model, reply), time.time())
         if self.cache.problem is not None:
             return
-        self._pending.append((key, endpoint, requested_model, reply))
+        self._pending.append((key, made))
         self._unsaved[key] = reply
         if self._writing is not None:
             return  # the write under way starts the next one when it ends
@@ -59,12 +61,12 @@ class CacheWriter:
         batch, self._pending = self._pending, []
         self._writing = asyncio.get_running_loop().create_task(self._write(batch))
 
-    async def _write(self, batch: list[Entry]) -> None:
+    async def _write(self, batch: list[tuple[str, Row]]) -> None:
         try:
-            await asyncio.to_thread(self.cache.put_many, batch, replace=self.replace)
+            await asyncio.to_thread(self.cache.put_rows, [made for _, made in batch], replace=self.replace)
             self.written += len(batch)
         finally:
-            for key, *_ in batch:
+            for key, _ in batch:
                 self._unsaved.pop(key, None)
             self._writing = None
             if self._pending:
@@ -93,5 +95,5 @@ class CacheWriter:
             self._timer = None
         if self._pending:
             batch, self._pending = self._pending, []
-            await asyncio.to_thread(self.cache.put_many, batch, replace=self.replace)
+            await asyncio.to_thread(self.cache.put_rows, [made for _, made in batch], replace=self.replace)
             self.written += len(batch)

@@ -121,6 +121,21 @@ def reply_fields(reply: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+#: an entry as the replies table stores it: (key, created, endpoint, model, size, checksum, data)
+Row = tuple[bytes, float, str, str | None, int, int, bytes]
+
+
+def row(entry: Entry, created: float) -> Row:
+    """The row of an entry; ValueError for a key or a reply no cache holds. `model` is the requested
+    model, else the reply's."""
+    key, endpoint, requested_model, reply = entry
+    raw = key_bytes(key)
+    data = encode_entry(key, reply)
+    model = requested_model if requested_model is not None else reply.get("model")
+    size = len(data) + len(endpoint or "") + len(model or "") + CACHE_ENTRY_OVERHEAD_BYTES
+    return (raw, created, endpoint, model, size, checksum(raw, data), data)
+
+
 def encode_entry(key: str, reply: dict[str, Any]) -> bytes:
     """The stored `data` of a reply: `[key, {field: value}]` as JSON, the reply's fields only."""
     return orjson.dumps([key, reply_fields(reply)])
@@ -328,28 +343,23 @@ class ReplyCache:
         """Store (key, endpoint, requested_model, reply) entries in one transaction. An entry already
         cached stays (pay once: the first reply is kept) unless `replace` (`--fresh`) or it was found
         damaged. `model` is the requested model, else the reply's."""
-        if self.problem is not None or self._closed or not entries:
-            return
         now = time.time()
-        rows = []
-        for key, endpoint, requested_model, reply in entries:
-            raw = key_bytes(key)
-            data = encode_entry(key, reply)
-            model = requested_model if requested_model is not None else reply.get("model")
-            size = len(data) + len(endpoint or "") + len(model or "") + CACHE_ENTRY_OVERHEAD_BYTES
-            rows.append((raw, now, endpoint, model, size, checksum(raw, data), data))
+        self.put_rows([row(entry, now) for entry in entries], replace=replace)
+
+    def put_rows(self, rows: list[Row], *, replace: bool = False) -> None:
+        """`put_many` of entries made into rows already (`row`: the cache writer makes them as it takes them)."""
+        if self.problem is not None or self._closed or not rows:
+            return
         with self._lock:
             forced = [row for row in rows if row[0] in self._damaged_keys] if self._damaged_keys else []
             self._damaged_keys.difference_update(row[0] for row in forced)
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        sql = "INTO replies (key, created, endpoint, model, size, checksum, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
         with self._guard("write"):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(f"{verb} {sql}", rows)
+                _insert(conn, "INSERT OR REPLACE" if replace else "INSERT OR IGNORE", rows)
                 if forced and not replace:
-                    conn.executemany(f"INSERT OR REPLACE {sql}", forced)
+                    _insert(conn, "INSERT OR REPLACE", forced)
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -442,6 +452,23 @@ class ReplyCache:
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+#: rows of one INSERT statement (7 values each, under SQLite's 32,766 bound values)
+_INSERT_ROWS = 500
+
+
+def _insert(conn: sqlite3.Connection, verb: str, rows: list[Row]) -> None:
+    """Insert rows a few hundred per statement: each statement is one call into SQLite, which runs without
+    the GIL. `executemany` takes the GIL back for every row, and a writer thread then waits for a busy
+    event loop to give it back each time (measured: a job that reuses nothing ran 1.4x slower)."""
+    for start in range(0, len(rows), _INSERT_ROWS):
+        chunk = rows[start : start + _INSERT_ROWS]
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        conn.execute(
+            f"{verb} INTO replies (key, created, endpoint, model, size, checksum, data) VALUES {values}",
+            [value for row in chunk for value in row],
+        )
 
 
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:

@@ -410,14 +410,14 @@ class HeldCache(ReplyCache):
         self.started = threading.Event()
         self.lock = threading.Lock()
 
-    def put_many(self, batch: Any, *, replace: bool = False) -> None:
+    def put_rows(self, batch: Any, *, replace: bool = False) -> None:
         with self.lock:
             self.at_once += 1
             self.most_at_once = max(self.most_at_once, self.at_once)
             self.calls.append(len(batch))
         self.started.set()
         self.release.wait(10)
-        super().put_many(batch, replace=replace)
+        super().put_rows(batch, replace=replace)
         with self.lock:
             self.at_once -= 1
 
