@@ -184,16 +184,6 @@ class Reuse:
         #: hashes whose cached reply the job's output check refused: the reply sent instead replaces it
         self._refused: set[str] = set()
 
-    @property
-    def cache_problem(self) -> str | None:
-        """Why the reply cache could not be used, if it could not (the run reports it)."""
-        return self._cache.problem if self._cache is not None else None
-
-    @property
-    def damaged(self) -> int:
-        """Damaged reply cache entries met (ignored: their rows were sent)."""
-        return self._cache.damaged if self._cache is not None else 0
-
     def note(self) -> str | None:
         """What a run says about the reply cache: why it was not used, or its damaged entries (ignored)."""
         if self._cache is None:
