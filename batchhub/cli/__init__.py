@@ -1,5 +1,9 @@
 """The `batchhub` command: parse options into a JobSpec, call the library, print, exit.
 
+The command group and the job commands live here; `batchhub cache` and `batchhub mock-server` in
+modules of their own beside it (batchhub/cli/cache.py, batchhub/cli/mock_server.py). Only this
+package imports click.
+
 Library errors become one line on stderr and the exit code of `batchhub.errors`:
 0 all rows ok, 1 finished with failed rows, 2 usage or input error, 3 stopped early (resumable).
 """
@@ -18,7 +22,7 @@ from typing import Any
 import click
 
 from batchhub import __version__, eventloop
-from batchhub.errors import EXIT_STOPPED, EXIT_USAGE, BatchhubError, UsageError
+from batchhub.errors import EXIT_STOPPED, BatchhubError, UsageError
 from batchhub.options import Engine, build_spec, job_dir_of
 from batchhub.spec import JobSpec, parse_param
 
@@ -35,7 +39,7 @@ class BatchhubGroup(click.Group):
             sys.exit(exc.exit_code)
 
 
-def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+def option_pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
     out = {}
     for item in values:
         key, sep, value = item.partition("=")
@@ -289,7 +293,7 @@ def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
     """The job's flags parsed into `build_spec` options (a repeatable flag not given is None)."""
     given = {name: (value or None) if isinstance(value, tuple) else value for name, value in options.items()}
     if given["param_columns"]:
-        given["param_columns"] = _pairs(given["param_columns"], "PARAM=COLUMN")
+        given["param_columns"] = option_pairs(given["param_columns"], "PARAM=COLUMN")
     if given["params"]:
         given["params"] = dict(parse_param(text) for text in given["params"])
     return build_spec(target, given, origin="the command line")
@@ -347,103 +351,6 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
         target = job_dir_of(job_dir)
         rows = export_job(target, output, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
     click.echo(f"wrote {rows:,} rows to {output}", err=True)
-
-
-@main.command("mock-server", short_help="Serve the simulated Chat Completions endpoint.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, type=int, show_default=True, help="Port to listen on (0: any free port).")
-@click.option("--rpm", type=int, help="Requests per minute before answering 429.")
-@click.option("--tpm", type=int, help="Tokens per minute before answering 429.")
-@click.option(
-    "--limit-window",
-    "limit_window_s",
-    type=float,
-    metavar="SECONDS",
-    help="Seconds of each per-minute limit let through at once (default 60; 1: enforced per second).",
-)
-@click.option("--latency-ms", type=float, default=0.0, help="Mean added latency per request.")
-@click.option("--capacity", type=int, help="Completions generated at once; the rest wait in a FIFO queue.")
-@click.option("--max-queue", type=int, help="Requests that may wait for capacity; past it, 503 at once.")
-@click.option(
-    "--capacity-slowdown", type=float, help="Latency grows with the number served: x(1 + this) at full capacity."
-)
-@click.option(
-    "--error-rate",
-    "error_rates",
-    multiple=True,
-    metavar="KIND=P",
-    help="Inject a fault with probability P: 500, 502, 503, 504, timeout, reset, truncated, html, "
-    "no_usage, empty_choices, stream_cut, 429, bad_json (broken JSON when JSON is asked for), "
-    "400 (the same refusal for every request). Repeatable.",
-)
-@click.option("--seed", type=int, default=0, help="Seed for content, latency and faults.")
-@click.option("--api-key", help="Accept only this key (default: any non-empty key).")
-@click.option(
-    "--allowed-model", "allowed_models", multiple=True, help="Models the key may use (default: all). Repeatable."
-)
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    help="Models that exist, others get 404 model_not_found (default: OpenAI's chat models; * for any). Repeatable.",
-)
-@click.option("--hang-seconds", type=float, help="How long a 'timeout' fault hangs.")
-@click.option("--no-ratelimit-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
-@click.option("--no-retry-after", is_flag=True, help="Send 429s without Retry-After or retry-after-ms (bare 429s).")
-@click.option(
-    "--echo",
-    is_flag=True,
-    help="Answer 'echo: ' + each request's last user message, and record those messages (GET /mock/prompts).",
-)
-@click.option(
-    "--rpm-schedule",
-    "rpm_schedule",
-    multiple=True,
-    metavar="SECONDS=RPM",
-    help="Change the RPM limit SECONDS after start (the limit a key's tier change would set). Repeatable.",
-)
-def mock_server(
-    error_rates: tuple[str, ...],
-    allowed_models: tuple[str, ...],
-    host: str,
-    port: int,
-    no_ratelimit_headers: bool,
-    no_retry_after: bool,
-    rpm_schedule: tuple[str, ...],
-    **options: Any,
-) -> None:
-    """Serve the simulated Chat Completions endpoint (rate limits, faults, streaming) until Ctrl-C."""
-    from batchhub.mock import MockConfig, serve_forever
-
-    settings = {k: v for k, v in options.items() if v is not None}
-    try:
-        faults = {k: float(v) for k, v in _pairs(error_rates, "KIND=PROBABILITY").items()}
-    except ValueError as exc:
-        raise click.BadParameter(f"--error-rate needs KIND=PROBABILITY: {exc}") from exc
-    if faults:
-        settings["faults"] = faults
-    if allowed_models:
-        settings["allowed_models"] = list(allowed_models)
-    settings["models"] = list(settings["models"])
-    settings["ratelimit_headers"] = not no_ratelimit_headers
-    settings["retry_after"] = not no_retry_after
-    try:
-        settings["rpm_schedule"] = [[float(t), int(r)] for t, r in _pairs(rpm_schedule, "SECONDS=RPM").items()]
-    except ValueError as exc:
-        raise click.BadParameter(f"--rpm-schedule needs SECONDS=RPM: {exc}") from exc
-    if not settings["models"]:
-        del settings["models"]
-    try:
-        config = MockConfig.from_dict(settings)
-    except ValueError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-
-    def ready(url: str) -> None:
-        click.echo(f"simulated endpoint listening on {url} (Ctrl-C to stop)", err=True)
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(config, host, port, ready=ready))
 
 
 @main.command(short_help="What a job, an export or a Parquet file cost, by model.")
@@ -579,110 +486,6 @@ def completion(shell: str | None) -> None:
     click.echo(complete(main, {}, "batchhub", "_BATCHHUB_COMPLETE").source())
 
 
-def _cache_folder(cache_dir: Path | None) -> Path:
-    from batchhub.cache_dir import CACHE_ENV, default_cache_dir
-
-    folder = cache_dir if cache_dir is not None else default_cache_dir()
-    if folder is None:
-        raise UsageError(f"the cache is off ({CACHE_ENV}=off, or no home folder): name one with --cache DIR")
-    return folder
-
-
-def _open_cache(folder: Path) -> Any:
-    from batchhub.reply_cache import ReplyCache
-
-    replies = ReplyCache.open(folder)
-    if replies.problem is not None:
-        replies.close()
-        raise UsageError(f"{replies.problem}; delete {replies.path} to start an empty cache")
-    return replies
-
-
-CACHE_DIR_OPTION = click.option(
-    "--cache",
-    "cache_dir",
-    type=click.Path(path_type=Path),
-    help="The cache folder (default: $BATCHHUB_CACHE, else $XDG_CACHE_HOME/batchhub or ~/.cache/batchhub).",
-)
-
-
-@main.group(invoke_without_command=True, short_help="Show the reply cache (entries, size, by model); prune it.")
-@CACHE_DIR_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@click.pass_context
-def cache(ctx: click.Context, cache_dir: Path | None, as_json: bool) -> None:
-    """Show the reply cache that jobs share: its file, entries, size on disk, oldest and newest
-    entry, and entries and bytes by model (the model each request asked for).
-
-    \b
-    batchhub cache
-    batchhub cache --cache /data/replies --json
-    batchhub cache prune --older-than 30d
-    """
-    ctx.obj = cache_dir
-    if ctx.invoked_subcommand is not None:
-        return
-    from batchhub.cache_text import render_info
-    from batchhub.reply_cache import FILE_NAME, CacheInfo
-
-    folder = _cache_folder(cache_dir)
-    if not (folder / FILE_NAME).exists():
-        info = CacheInfo(path=folder / FILE_NAME)
-        click.echo(json.dumps(info.to_dict(), indent=2) if as_json else f"no reply cache yet in {folder}")
-        return
-    replies = _open_cache(folder)
-    try:
-        info = replies.info()
-    finally:
-        replies.close()
-    if info.problem is not None:
-        raise UsageError(f"{info.problem}; delete {info.path} to start an empty cache")
-    click.echo(json.dumps(info.to_dict(), indent=2) if as_json else render_info(info))
-
-
-@cache.command(short_help="Remove cached replies by age, by model or down to a size.")
-@CACHE_DIR_OPTION
-@click.option("--older-than", metavar="AGE", help="Remove replies cached longer ago than AGE: 30d, 12h, 90m, 2w.")
-@click.option("--model", help="Remove the replies of this model (the model the request asked for).")
-@click.option(
-    "--max-size", metavar="SIZE", help="Then remove the oldest until the entries fit in SIZE: 2GB, 500MB, 1.5GiB."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
-@click.pass_context
-def prune(
-    ctx: click.Context,
-    cache_dir: Path | None,
-    older_than: str | None,
-    model: str | None,
-    max_size: str | None,
-    as_json: bool,
-) -> None:
-    """Remove cached replies: those older than --older-than, those of --model (both given: those
-    of that model older than that), then with --max-size the oldest until the rest fit. At least
-    one of them. The pages freed are given back to the file system (incremental vacuum), so the
-    file shrinks; a job sends a removed reply's request again when it needs it.
-    """
-    from batchhub.cache_text import human_bytes, parse_age, parse_size
-
-    if older_than is None and model is None and max_size is None:
-        raise UsageError("cache prune needs --older-than, --model or --max-size")
-    older_than_s = parse_age(older_than) if older_than is not None else None
-    max_bytes = parse_size(max_size) if max_size is not None else None
-    folder = _cache_folder(cache_dir if cache_dir is not None else ctx.obj)
-    replies = _open_cache(folder)
-    try:
-        before = replies.info()
-        removed = replies.prune(older_than_s=older_than_s, model=model, max_bytes=max_bytes)
-        after = replies.info()
-    finally:
-        replies.close()
-    if after.problem is not None:
-        raise UsageError(f"{after.problem}; delete {after.path} to start an empty cache")
-    if as_json:
-        figures = {"removed": removed, "bytes_before": before.bytes, **after.to_dict()}
-        click.echo(json.dumps(figures, indent=2))
-        return
-    click.echo(
-        f"removed {removed:,} of {before.entries:,} replies; {after.entries:,} left, "
-        f"{human_bytes(after.bytes)} on disk (was {human_bytes(before.bytes)})"
-    )
+# the commands of their own modules, registered on `main` as they are imported
+from batchhub.cli import cache as _cache  # noqa: E402, F401
+from batchhub.cli import mock_server as _mock_server  # noqa: E402, F401
