@@ -154,8 +154,8 @@ def _resumed_manifest(
     new_config = spec.request_config()
     changed = old_config != new_config or (manifest.endpoint is not None and manifest.endpoint != builder.endpoint)
     if changed and spec.force:
-        # the results made under the settings so far stay their rows' results (`Job._check_results`)
-        # and stay while the settings are the ones that replaced them (`Job._earlier`)
+        # the results made under the settings so far stay their rows' results while the settings are the
+        # ones that replaced them (batchhub/result_check.py)
         manifest.earlier_requests.append(
             {
                 "request_config": old_config,

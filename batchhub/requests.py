@@ -115,7 +115,8 @@ def request_endpoint(spec: JobSpec) -> str:
     path (lowercased host, no credentials, no query). The built-in simulator is `mock:` and a digest of its
     settings (two simulators set up differently are two servers)."""
     if spec.is_mock:
-        settings = json.dumps(spec.mock, sort_keys=True, default=str, separators=(",", ":"))
+        # its settings as job.json records them: a setting named like a secret (its accepted key) left out
+        settings = json.dumps(spec.to_manifest()["mock"], sort_keys=True, default=str, separators=(",", ":"))
         return "mock:" + hashlib.sha256(settings.encode()).hexdigest()[:16]
     url = urlsplit(spec.resolved_base_url())
     host = (url.hostname or "").lower()
