@@ -4,6 +4,7 @@ Routes:
 
 * ``POST /v1/chat/completions`` and ``POST /chat/completions``: the API;
 * ``GET /v1/models``: the models a key may use, in OpenAI's list format;
+* the Files and Batches API (``/v1/files``, ``/v1/batches``): batchhub/mock/batches.py;
 * ``GET /mock/stats``: what the endpoint has seen so far (`MockStats` as JSON);
 * ``GET /mock/prompts``: with `echo`, the last user message of every completion served
   (`MockState.prompts_seen`, as ``{"prompts": [...]}``); without it, a 409 saying so.
@@ -33,12 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
+from batchhub.mock.batches import add_routes
 from batchhub.mock.capacity import QueueFull
 from batchhub.mock.config import ANY_MODEL, FAULT_400_MESSAGE, MockConfig, model_exists
 from batchhub.mock.invalid import InvalidRequest
@@ -273,6 +277,36 @@ def _completions(req: ChatRequest, config: MockConfig, identity: str, *, broken:
     return out
 
 
+def _answer_line(state: MockState, body: object) -> tuple[int, dict[str, Any]]:
+    """A batch line's answer (status, body), as this endpoint answers the request; a batch has its own
+    pace and limits, so no rate limit, capacity, fault or latency here."""
+    try:
+        req = parse_request(dumps(body).encode())
+    except InvalidRequest as exc:
+        return 400, {"error": exc.error()}
+    prompt_tokens = count_prompt_tokens(req.texts)
+    refused = _refusal(state, req, prompt_tokens)
+    if refused is not None:
+        assert isinstance(refused.body, bytes)
+        return refused.status, json.loads(refused.body)
+    identity = request_identity(req.model, req.messages)
+    completions = _completions(req, state.config, identity)
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    state.count_completion(identity, prompt_tokens, completion_tokens, req.last_user_text)
+    answer = Answer(
+        id=f"chatcmpl-{secrets.token_hex(12)}",
+        created=int(time.time()),
+        model=req.model,
+        identity=identity,
+        prompt_tokens=prompt_tokens,
+        completions=completions,
+        system_fingerprint=_fingerprint(state.config.seed),
+        logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs,
+    )
+    return 200, answer.body()
+
+
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.enter()
@@ -347,6 +381,7 @@ def make_app(config: MockConfig, *, clock: Clock | None = None) -> web.Applicati
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/mock/stats", _stats)
     app.router.add_get("/mock/prompts", _prompts)
+    add_routes(app, _answer_line, _authorized)
     app.on_response_prepare.append(_add_headers)
     app.on_shutdown.append(_wake_sleepers)
     return app

@@ -56,6 +56,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "gpt-test",
     "m",
 )
+#: Faults of the Files and Batches endpoints (`MockConfig.batch_faults`), drawn per request on each
+#: of them; in this order from one draw.
+BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout")
 #: the ways a streamed request's error can reach the client (`MockConfig.stream_errors`)
 STREAM_ERRORS: tuple[str, ...] = ("status", "in_band")
 #: `models = ["*"]`: every model name is known (for tests that send made-up names).
@@ -73,16 +76,17 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _normalize_faults(faults: object) -> dict[str, float]:
+def _normalize_faults(faults: object, kinds: tuple[str, ...] = FAULT_KINDS, name: str = "faults") -> dict[str, float]:
     """Check a fault table and return it with string keys ("503", not 503)."""
     if not isinstance(faults, Mapping):
-        raise ValueError(f"mock faults must be a table of fault kind -> probability, got {type(faults).__name__}")
+        raise ValueError(f"mock {name} must be a table of fault kind -> probability, got {type(faults).__name__}")
     normalized: dict[str, float] = {}
     for raw_kind, prob in faults.items():
         # TOML keys are strings, but a Python caller may well write {503: 0.1}.
         kind = str(raw_kind) if _is_int(raw_kind) or isinstance(raw_kind, str) else None
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown mock fault kind {raw_kind!r} (known: {', '.join(FAULT_KINDS)})")
+        if kind not in kinds:
+            what = "fault" if name == "faults" else name
+            raise ValueError(f"unknown mock {what} kind {raw_kind!r} (known: {', '.join(kinds)})")
         if not _is_number(prob) or not 0.0 <= float(prob) <= 1.0:
             raise ValueError(f"mock fault probability for {kind!r} must be a number in [0, 1], got {prob!r}")
         normalized[kind] = float(prob)
@@ -174,9 +178,34 @@ class MockConfig:
     #: completion served (`MockServer.prompts_seen`, `GET /mock/prompts`): which reply answered which
     #: request, and which requests were paid for, can then be checked
     echo: bool = False
+    #: Batch API: seconds a batch takes from validating to completed (a tenth validating, most
+    #: answering its lines one by one, a tenth finalizing); OpenAI's take up to 24 h
+    batch_seconds: float = 1.0
+    #: Batch API: the most lines a batch input file may hold (OpenAI: 50,000)
+    batch_max_lines: int = 50_000
+    #: Files API: the largest file accepted by `POST /v1/files` (OpenAI: 200 MB for a batch file)
+    file_max_bytes: int = 200 * 1024 * 1024
+    #: Batch API: faults of the Files and Batches requests (see `BATCH_FAULT_KINDS`), as `faults`
+    batch_faults: dict[str, float] = field(default_factory=dict)
+    #: Batch API: probability that a batch fails its validation (status failed, `errors` saying why)
+    batch_fail: float = 0.0
+    #: Batch API: probability that a batch expires, and the share of its lines answered before it does
+    batch_expire: float = 0.0
+    batch_expire_after: float = 0.5
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
+        self.batch_faults = _normalize_faults(self.batch_faults, BATCH_FAULT_KINDS, "batch_faults")
+        for name in ("batch_fail", "batch_expire", "batch_expire_after"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"mock {name} must be a number in [0, 1], got {value!r}")
+        if not _is_number(self.batch_seconds) or not math.isfinite(self.batch_seconds) or self.batch_seconds < 0:
+            raise ValueError(f"mock batch_seconds must be a number >= 0, got {self.batch_seconds!r}")
+        for name in ("batch_max_lines", "file_max_bytes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"mock {name} must be an integer >= 1, got {value!r}")
         if not _is_int(self.seed):
             raise ValueError(f"mock seed must be an integer, got {self.seed!r}")
         for name in ("rpm", "tpm", "quota_tokens"):
