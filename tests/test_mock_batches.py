@@ -243,6 +243,10 @@ async def test_cancel_mid_way_keeps_what_finished() -> None:
     async with api(batch_seconds=2.0) as client:
         created = await client.create(await client.file_id([line(f"r{i}") for i in range(20)]))
         await client.server.wait_until(lambda stats: stats.completions >= 5)
+        running = await client.batch(created["id"])
+        assert running["status"] == "in_progress" and running["in_progress_at"] is not None
+        assert 5 <= running["request_counts"]["completed"] < 20
+        assert running["request_counts"]["total"] == 20
         status, cancelling = await client.call("POST", f"/batches/{created['id']}/cancel")
         assert status == 200
         assert openai_parse(Batch, cancelling).status == "cancelling"
@@ -338,11 +342,29 @@ async def test_timeout_fault_hangs_then_drops_the_connection() -> None:
     async with api(batch_faults={"timeout": 1.0}, hang_seconds=0.05) as client:
         with pytest.raises(aiohttp.ClientError):
             await client.call("GET", "/batches/batch_x")
+    assert client.server.stats.faults_injected["timeout"] >= 1
+    assert client.server.stats.by_status == {}
+
+
+async def test_a_post_that_times_out_has_acted_its_answer_lost() -> None:
+    # the upload stored its file and the create made its batch; only the answers were lost
+    async with api(batch_faults={"timeout": 1.0}, hang_seconds=0.05) as client:
         with pytest.raises(aiohttp.ClientError):
             await client.upload(jsonl([line("a")]))
-    # aiohttp sends a request again once when a reused connection drops it, so 2 or more
-    assert client.server.stats.faults_injected["timeout"] >= 2
-    assert not client.server.app[HUB].files
+        hub = client.server.app[HUB]
+        file_id = next(iter(hub.files))
+        body = {
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {"job": "j1"},
+        }
+        with pytest.raises(aiohttp.ClientError):
+            await client.call("POST", "/batches", json=body)
+        await asyncio.gather(*hub.tasks)
+        # aiohttp sends a POST again when a reused connection drops it: one or two batches
+        assert 1 <= len(hub.batches) <= 2
+        assert all(b.metadata == {"job": "j1"} and b.status == "completed" for b in hub.batches.values())
 
 
 # --- settings ------------------------------------------------------------------
@@ -364,3 +386,17 @@ async def test_timeout_fault_hangs_then_drops_the_connection() -> None:
 def test_bad_batch_settings_are_refused(settings: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):
         MockConfig.from_dict(settings)
+
+
+async def test_cancel_while_validating_answers_no_line() -> None:
+    async with api(batch_seconds=2.0) as client:
+        created = await client.create(await client.file_id([line(f"r{i}") for i in range(3)]))
+        status, cancelling = await client.call("POST", f"/batches/{created['id']}/cancel")
+        assert (status, cancelling["status"]) == (200, "cancelling")
+        done = await client.finished(created["id"])
+        assert done["status"] == "cancelled"
+        assert done["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+        assert done["output_file_id"] is None and done["in_progress_at"] is None
+        errors = await client.content(done["error_file_id"])
+        assert [e["custom_id"] for e in errors] == ["r0", "r1", "r2"]
+    assert client.server.stats.completions == 0

@@ -16,16 +16,18 @@ them (an invalid body is that line's 400 in the error file, not a failed batch),
 A cancelled batch, and one that expires (`batch_expire`), keep what was answered; the lines not
 answered go to the error file with ``batch_cancelled`` / ``batch_expired``.
 
-Faults: `batch_faults` (5xx, ``timeout``: a hang then a dropped connection) on every request
-here, drawn before the request acts; `batch_fail` and `batch_expire` per batch, drawn at
-creation. The batch draws have a generator of their own, so the chat endpoint's draws are
-unchanged by them.
+Faults: `batch_faults` on every request here: a 5xx before the request acts; a ``timeout`` (a
+hang of `hang_seconds`, then a dropped connection) instead of a GET, and after a POST has acted (the
+file stored, the batch created: the client must find it again, by its metadata in the list).
+`batch_fail` and `batch_expire` are drawn per batch at creation. The batch draws have a generator
+of their own, so the chat endpoint's draws are unchanged by them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import secrets
 import time
@@ -56,6 +58,8 @@ MAX_METADATA_VALUE = 512
 #: `GET /v1/batches`: OpenAI's default and largest page
 LIST_DEFAULT = 20
 LIST_MAX = 100
+#: the most pauses a batch's run takes while answering its lines
+STEPS = 100
 #: the states a batch does not leave
 FINAL = frozenset({"failed", "completed", "expired", "cancelled"})
 
@@ -200,17 +204,20 @@ class BatchHub:
             batch.status = "failed"
             batch.times["failed_at"] = int(time.time())
             return
+        batch.total = len(lines)
         if batch.status == "cancelling":
             self._finish(batch, lines, [], "cancelled")
             return
         batch.status = "in_progress"
         batch.times["in_progress_at"] = int(time.time())
-        batch.total = len(lines)
         expire_at = int(len(lines) * self.state.config.batch_expire_after) if batch.expire else None
-        step = seconds * 0.8 / max(1, len(lines))
+        # the lines are answered in at most STEPS groups, one pause before each: a batch of 50,000
+        # lines does not set 50,000 timers
+        per_step = math.ceil(len(lines) / STEPS)
+        step = seconds * 0.8 / math.ceil(len(lines) / per_step)
         results: list[dict[str, Any]] = []
         for index, line in enumerate(lines):
-            if await self.state.pause(step):
+            if index % per_step == 0 and await self.state.pause(step):
                 return
             if batch.status == "cancelling":
                 self._finish(batch, lines, results, "cancelled")
@@ -341,8 +348,12 @@ def _invalid(state: MockState, message: str, param: str | None = None, status: i
     return error_response(state, status, error_object(message, "invalid_request_error", None, param))
 
 
-def _not_found(state: MockState, what: str, id_: str) -> web.Response:
-    return _invalid(state, f"No such {what}: '{id_}'", "id", status=404)
+def _no_file(state: MockState, file_id: str) -> web.Response:
+    return _invalid(state, f"No such File object: {file_id}", "id", status=404)
+
+
+def _no_batch(state: MockState, batch_id: str) -> web.Response:
+    return _invalid(state, f"No batch found with id '{batch_id}'.", "id", status=404)
 
 
 Handler = Callable[[web.Request, BatchHub], Awaitable[web.StreamResponse]]
@@ -357,12 +368,17 @@ def _guarded(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRe
         if not hub.authorized(request, state.config):
             return unauthorized(state)
         fault = hub.draw_fault()
-        if fault == "timeout":
+        if fault is not None and fault != "timeout":
+            return error_response(state, int(fault), error_object(SERVER_ERRORS[fault], "server_error", None))
+        if fault == "timeout" and request.method != "POST":
             await state.pause(state.config.hang_seconds)
             return drop_connection(request)
-        if fault is not None:
-            return error_response(state, int(fault), error_object(SERVER_ERRORS[fault], "server_error", None))
         response = await handler(request, hub)
+        if fault == "timeout":
+            # A POST that times out has done its work (the file stored, the batch created or
+            # cancelled): its answer is what is lost, so the client cannot tell whether it happened.
+            await state.pause(state.config.hang_seconds)
+            return drop_connection(request)
         if response.status == 200:
             state.count_status(200)
         return response
@@ -422,7 +438,7 @@ async def _file(request: web.Request, hub: BatchHub) -> web.StreamResponse:
     file_id = request.match_info["file_id"]
     stored = hub.files.get(file_id)
     if stored is None:
-        return _not_found(hub.state, "File", file_id)
+        return _no_file(hub.state, file_id)
     return web.json_response(stored.object(), dumps=dumps)
 
 
@@ -430,7 +446,7 @@ async def _file_content(request: web.Request, hub: BatchHub) -> web.StreamRespon
     file_id = request.match_info["file_id"]
     stored = hub.files.get(file_id)
     if stored is None:
-        return _not_found(hub.state, "File", file_id)
+        return _no_file(hub.state, file_id)
     return web.Response(body=stored.data, content_type="application/octet-stream")
 
 
@@ -473,7 +489,7 @@ async def _create(request: web.Request, hub: BatchHub) -> web.StreamResponse:
         return _invalid(state, problem, "metadata")
     stored = hub.files.get(body["input_file_id"])
     if stored is None:
-        return _not_found(state, "File", body["input_file_id"])
+        return _no_file(state, body["input_file_id"])
     if stored.purpose != "batch":
         return _invalid(state, f"File '{stored.id}' has purpose '{stored.purpose}', not 'batch'.", "input_file_id")
     config = state.config
@@ -495,7 +511,7 @@ async def _create(request: web.Request, hub: BatchHub) -> web.StreamResponse:
 async def _retrieve(request: web.Request, hub: BatchHub) -> web.StreamResponse:
     batch = hub.batches.get(request.match_info["batch_id"])
     if batch is None:
-        return _not_found(hub.state, "batch", request.match_info["batch_id"])
+        return _no_batch(hub.state, request.match_info["batch_id"])
     return web.json_response(batch.object(), dumps=dumps)
 
 
@@ -510,7 +526,7 @@ async def _list(request: web.Request, hub: BatchHub) -> web.StreamResponse:
     if after is not None:
         ids = [b.id for b in newest_first]
         if after not in ids:
-            return _not_found(state, "batch", after)
+            return _no_batch(state, after)
         newest_first = newest_first[ids.index(after) + 1 :]
     page = newest_first[:limit]
     return web.json_response(
@@ -528,7 +544,7 @@ async def _list(request: web.Request, hub: BatchHub) -> web.StreamResponse:
 async def _cancel(request: web.Request, hub: BatchHub) -> web.StreamResponse:
     batch = hub.batches.get(request.match_info["batch_id"])
     if batch is None:
-        return _not_found(hub.state, "batch", request.match_info["batch_id"])
+        return _no_batch(hub.state, request.match_info["batch_id"])
     if batch.status in FINAL:
         return _invalid(hub.state, f"Cannot cancel a batch with status '{batch.status}'.")
     if batch.status != "cancelling":
