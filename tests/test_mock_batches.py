@@ -16,7 +16,7 @@ from openai.types.chat import ChatCompletion
 from openai_shapes import openai_parse
 from test_mock_server import AUTH, MODEL
 
-from batchhub.mock import MockConfig, MockServer
+from batchhub.mock import MockConfig, MockServer, SimulatorProcess
 from batchhub.mock.batches import HUB
 
 #: a batch runs through in a tenth of a second: each test stays well under a few seconds
@@ -400,3 +400,25 @@ async def test_cancel_while_validating_answers_no_line() -> None:
         errors = await client.content(done["error_file_id"])
         assert [e["custom_id"] for e in errors] == ["r0", "r1", "r2"]
     assert client.server.stats.completions == 0
+
+
+async def test_mock_server_batch_seconds_option() -> None:
+    with SimulatorProcess("--batch-seconds", "0.05") as sim:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", jsonl([line("a")]), filename="in.jsonl")
+            async with session.post(f"{sim.base_url}/files", data=form, headers=AUTH) as resp:
+                file_id = (await resp.json())["id"]
+            create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+            async with session.post(f"{sim.base_url}/batches", json=create, headers=AUTH) as resp:
+                batch_id = (await resp.json())["id"]
+            # another process: the test asks until the batch is done (0.05 s; at most 10 s)
+            for _ in range(200):
+                async with session.get(f"{sim.base_url}/batches/{batch_id}", headers=AUTH) as resp:
+                    batch = openai_parse(Batch, await resp.json())
+                if batch.status == "completed":
+                    break
+                await asyncio.sleep(0.05)
+    assert batch.status == "completed"
+    assert batch.request_counts is not None and batch.request_counts.completed == 1

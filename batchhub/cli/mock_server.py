@@ -52,6 +52,9 @@ from batchhub.errors import EXIT_USAGE
     help="Models that exist, others get 404 model_not_found (default: OpenAI's chat models; * for any). Repeatable.",
 )
 @click.option("--hang-seconds", type=float, help="How long a 'timeout' fault hangs.")
+@click.option(
+    "--batch-seconds", type=float, help="Seconds a Batch API batch takes from validating to completed (default 1)."
+)
 @click.option("--no-ratelimit-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
 @click.option("--no-retry-after", is_flag=True, help="Send 429s without Retry-After or retry-after-ms (bare 429s).")
 @click.option(
