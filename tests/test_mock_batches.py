@@ -178,8 +178,7 @@ async def test_a_batch_runs_to_completed_with_output_usage_and_counts() -> None:
 
 
 async def test_invalid_bodies_are_lines_of_the_error_file_not_a_failed_batch() -> None:
-    lines = [line("ok"), line("bad", temperature=7), line("unknown", model="no-such-model")]
-    lines[2]["body"]["model"] = "no-such-model"
+    lines = [line("ok"), line("bad", temperature=7), line("long", max_tokens=100_000)]
     async with api() as client:
         created = await client.create(await client.file_id(lines))
         done = await client.finished(created["id"])
@@ -187,8 +186,9 @@ async def test_invalid_bodies_are_lines_of_the_error_file_not_a_failed_batch() -
         assert done["request_counts"] == {"total": 3, "completed": 1, "failed": 2}
         assert [o["custom_id"] for o in await client.content(done["output_file_id"])] == ["ok"]
         errors = await client.content(done["error_file_id"])
-        assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("bad", 400), ("unknown", 404)]
+        assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("bad", 400), ("long", 400)]
         assert errors[0]["response"]["body"]["error"]["param"] == "temperature"
+        assert errors[1]["response"]["body"]["error"]["code"] == "context_length_exceeded"
         assert client.server.stats.completions == 1
 
 
@@ -201,7 +201,9 @@ async def test_invalid_bodies_are_lines_of_the_error_file_not_a_failed_batch() -
         (jsonl([{**line("a"), "method": "GET"}]), "invalid_method"),
         (jsonl([{k: v for k, v in line("a").items() if k != "custom_id"}]), "missing_required_parameter"),
         (jsonl([line(f"r{i}") for i in range(4)]), "too_many_requests"),
-        (b"\n", "empty_file"),
+        (b"", "empty_file"),
+        (jsonl([line("a")]) + b"\n" + jsonl([line("b")]), "invalid_json_line"),
+        (jsonl([line("a"), line("b", model="gpt-4o")]), "mismatched_model"),
     ],
 )
 async def test_a_malformed_input_file_fails_the_batch(lines: bytes, code: str) -> None:

@@ -8,13 +8,14 @@ Routes (added by :func:`add_routes`):
   ``POST /v1/batches/{id}/cancel``.
 
 A batch runs in a task of its own, paced by `MockConfig.batch_seconds`: a tenth of it
-``validating`` (the input file read whole: a malformed line, a line that is not a POST to the
-batch's endpoint, a repeated ``custom_id`` or more lines than `batch_max_lines` fail the batch with
-`errors`), most of it ``in_progress`` answering the lines one by one as the chat endpoint answers
-them (an invalid body is that line's 400 in the error file, not a failed batch), a tenth
-``finalizing``, then ``completed`` with an output file (the 200s) and an error file (the others).
-A cancelled batch, and one that expires (`batch_expire`), keep what was answered; the lines not
-answered go to the error file with ``batch_cancelled`` / ``batch_expired``.
+``validating`` (the input file read whole: a malformed or blank line, a line that is not a POST
+to the batch's endpoint, a repeated ``custom_id``, lines naming different models or more lines
+than `batch_max_lines` fail the batch with `errors`), most of it ``in_progress`` answering the
+lines one by one as the chat endpoint answers them (an invalid body is that line's 400 in the
+error file, not a failed batch), a tenth ``finalizing``, then ``completed`` with an output file
+(the 200s) and an error file (the others). A cancelled batch, and one that expires
+(`batch_expire`), keep what was answered; the lines not answered go to the error file with
+``batch_cancelled`` / ``batch_expired``.
 
 Faults: `batch_faults` on every request here: a 5xx before the request acts; a ``timeout`` (a
 hang of `hang_seconds`, then a dropped connection) instead of a GET, and after a POST has acted (the
@@ -246,7 +247,9 @@ class BatchHub:
         if batch.fail:
             error("invalid_request", "The batch input file could not be validated. Please try again.")
         text = self.files[batch.input_file_id].data.decode("utf-8", errors="replace")
-        raw_lines = [line for line in text.splitlines() if line.strip()]
+        raw_lines = text.split("\n")
+        if raw_lines[-1] == "":
+            raw_lines.pop()  # the newline ending the last line
         if not raw_lines:
             error("empty_file", "The batch input file is empty.")
         if len(raw_lines) > config.batch_max_lines:
@@ -288,11 +291,14 @@ class BatchHub:
             if not isinstance(line.get("body"), dict):
                 error("invalid_request", "The body must be a JSON object.", number, "body")
             lines.append(line)
+        models = {line["body"].get("model") for line in lines if isinstance(line.get("body"), dict)}
+        if len(models) > 1:
+            error("mismatched_model", "The lines of a batch input file must all name the same model.", None, "model")
         if errors:
             batch.errors = errors
             return None
-        models = [line["body"].get("model") for line in lines]
-        batch.model = models[0] if isinstance(models[0], str) else None
+        model = lines[0]["body"].get("model")
+        batch.model = model if isinstance(model, str) else None
         return lines
 
     def _answer(self, batch: Batch, line: dict[str, Any]) -> dict[str, Any]:
