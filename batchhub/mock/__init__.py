@@ -23,8 +23,9 @@ Modules: `config` (settings and counters), `validation` (the request body),
 error and its wording), `tokens` (token counting and the deterministic
 answers), `replies` (schema instances, tool calls and logprobs of an answer),
 `ratelimit` (the buckets), `state` (what a running endpoint keeps), `app` (the
-HTTP handlers: a request's way from auth to answer), `batches` (the Files and
-Batches endpoints: a batch's run at the pace of `batch_seconds`), `responses` (bodies,
+HTTP handlers: a request's way from auth to answer), `batches` (the Batch
+API's files and batches, a batch's run at the pace of `batch_seconds`), `batch_routes`
+(the Files and Batches endpoints), `responses` (bodies,
 streams, error bodies and broken answers), `server` (listening on a port),
 `process` (the simulator in a process of its own).
 """

@@ -4,7 +4,7 @@ Routes:
 
 * ``POST /v1/chat/completions`` and ``POST /chat/completions``: the API;
 * ``GET /v1/models``: the models a key may use, in OpenAI's list format;
-* the Files and Batches API (``/v1/files``, ``/v1/batches``): batchhub/mock/batches.py;
+* the Files and Batches API (``/v1/files``, ``/v1/batches``): batchhub/mock/batch_routes.py;
 * ``GET /mock/stats``: what the endpoint has seen so far (`MockStats` as JSON);
 * ``GET /mock/prompts``: with `echo`, the last user message of every completion served
   (`MockState.prompts_seen`, as ``{"prompts": [...]}``); without it, a 409 saying so.
@@ -42,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from batchhub.mock.batches import add_routes
+from batchhub.mock.batch_routes import add_routes
 from batchhub.mock.capacity import QueueFull
 from batchhub.mock.config import ANY_MODEL, FAULT_400_MESSAGE, MockConfig, model_exists
 from batchhub.mock.invalid import InvalidRequest
