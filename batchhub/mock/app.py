@@ -170,17 +170,7 @@ async def _serve(
         return drop_connection(request)
     if await state.pause(state.draw_latency() * state.capacity.slowdown()):
         return drop_connection(request)  # shutting down: end like a server going away
-    answer = Answer(
-        id=f"chatcmpl-{secrets.token_hex(12)}",
-        created=int(time.time()),
-        model=req.model,
-        identity=identity,
-        prompt_tokens=prompt_tokens,
-        completions=completions,
-        system_fingerprint=_fingerprint(config.seed),
-        logprobs=req.logprobs,
-        top_logprobs=req.top_logprobs,
-    )
+    answer = _completion_answer(req, config, identity, prompt_tokens, completions)
     return await _send(request, state, answer, req, fault)
 
 
@@ -293,18 +283,24 @@ def _answer_line(state: MockState, body: object) -> tuple[int, dict[str, Any]]:
     completions = _completions(req, state.config, identity)
     completion_tokens = sum(c.completion_tokens for c in completions)
     state.count_completion(identity, prompt_tokens, completion_tokens, req.last_user_text)
-    answer = Answer(
+    return 200, _completion_answer(req, state.config, identity, prompt_tokens, completions).body()
+
+
+def _completion_answer(
+    req: ChatRequest, config: MockConfig, identity: str, prompt_tokens: int, completions: list[Completion]
+) -> Answer:
+    """A completion's answer, the same for the chat endpoint and a batch's line."""
+    return Answer(
         id=f"chatcmpl-{secrets.token_hex(12)}",
         created=int(time.time()),
         model=req.model,
         identity=identity,
         prompt_tokens=prompt_tokens,
         completions=completions,
-        system_fingerprint=_fingerprint(state.config.seed),
+        system_fingerprint=_fingerprint(config.seed),
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs,
     )
-    return 200, answer.body()
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
