@@ -86,8 +86,8 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     resumed = store.exists()
     input_changed = False
     if resumed:
-        input_changed = store.manifest().input.fingerprint != input_fp
         manifest, (n_rows, input_check) = _resumed_manifest(spec, source, builder, store, input_fp)
+        input_changed = manifest.input.fingerprint != input_fp  # (the fingerprint of now is set below)
     else:
         manifest, (n_rows, input_check) = _new_manifest(source, builder, input_fp)
     manifest.spec = spec.to_manifest()

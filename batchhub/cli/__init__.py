@@ -159,8 +159,8 @@ JOB_OPTIONS = [
         "--force",
         is_flag=True,
         default=None,
-        help="Resume a job that changed: its input file changed (or shrank while running), its request settings "
-        "changed, or its recorded results do not match the requests their rows would send now (kept as they are).",
+        help="Changed request settings: keep each row's result made under the settings replaced (never another "
+        "row's); without it, a changed input or changed settings resume too, sending only new requests.",
     ),
     click.option(
         "--cache",
