@@ -218,3 +218,29 @@ CACHE_LOOKUP_CHUNK = 500
 #: Bytes counted per cache entry besides its data, endpoint and model (key index ~27, row header,
 #: id, created, size, checksum ~40): `prune --max-size` counts these, so the file ends near that size.
 CACHE_ENTRY_OVERHEAD_BYTES = 70
+
+# -- the Batch API (`--via batch`, batchhub/batch_run.py) -----------------------------------------
+
+#: Requests per batch input file: OpenAI's limit per batch (50,000); a provider with a lower one is
+#: told with `batch_requests`.
+BATCH_REQUESTS = 50_000
+#: Bytes per batch input file: OpenAI's limit for a file uploaded with purpose "batch" (200 MB).
+BATCH_BYTES = 200 * 1024 * 1024
+#: The window a batch is created with: the only one OpenAI offers.
+BATCH_COMPLETION_WINDOW = "24h"
+#: Seconds before a live batch is polled first, and the factor each poll that finds it unchanged
+#: waits longer, up to `batch_poll` (BATCH_POLL_S): a batch of a few requests can end in seconds, one
+#: of 50,000 takes minutes to hours, and a minute between polls of a batch that takes hours costs
+#: a request a minute and at most a minute of waiting after it ends.
+BATCH_POLL_FIRST_S = 1.0
+BATCH_POLL_FACTOR = 1.5
+BATCH_POLL_S = 60.0
+#: Attempts of one Files or Batches API call (upload, create, poll, download, list, cancel) that
+#: fails with a 5xx, a 429, a timeout or a broken connection, with the job's backoff between them:
+#: the batch itself is safe on the server, and a call that keeps failing stops the run (resumable).
+BATCH_CALL_ATTEMPTS = 8
+#: Seconds one Files or Batches API call may take (an upload or a download of 200 MB included).
+BATCH_CALL_TIMEOUT_S = 600.0
+#: The published discount of a provider's Batch API when the price source has no batch price of a
+#: model: OpenAI, Anthropic, Google, Mistral and Groq all bill a batch at half the live price.
+BATCH_DISCOUNT = 0.5

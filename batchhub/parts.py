@@ -36,7 +36,7 @@ _DAMAGED = re.compile(r"part-(\d{6,})\.parquet\.damaged$")
 _CHECKED = b"batchhub.checked"
 #: result columns added after parts were first written whole: a checked part from before lacks them
 #: (it reads them as nulls), which is no damage
-_ADDED_SINCE_CHECKED = frozenset({"reused"})
+_ADDED_SINCE_CHECKED = frozenset({"reused", "batch_id"})
 #: footer key of the largest seq in the part
 MAX_SEQ_KEY = b"batchhub.max_seq"
 

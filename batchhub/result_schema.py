@@ -44,6 +44,9 @@ RESULT_SCHEMA = pa.schema(
         #: where a reply that was not paid for in this job came from: "job" (this job's reply to the same
         #: request, for another row or an earlier input) or "cache" (the reply cache); null when it was sent
         ("reused", pa.string()),
+        #: the provider's batch that answered the request (`--via batch`: priced at the batch price); null
+        #: when it was sent to the Chat Completions endpoint, or not sent
+        ("batch_id", pa.string()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("seq", pa.int64()),
     ]

@@ -46,6 +46,8 @@ class Result(TypedDict, total=False):
     request_hash: str | None
     #: "job" or "cache" for a reply reused, not sent (batchhub.reuse); None when it was sent
     reused: str | None
+    #: the provider's batch that answered it (`--via batch`); None when it was sent live
+    batch_id: str | None
     finished_at: float
     seq: int
 

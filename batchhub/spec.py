@@ -64,6 +64,9 @@ DEDICATED_PARAMS = ("temperature", "max_tokens", "stop", "user")
 #: `concurrency = "auto"`
 AUTO = "auto"
 
+#: `via`: rows sent one request each to the Chat Completions endpoint, or in files through the Batch API
+VIAS = ("live", "batch")
+
 
 def check_concurrency(value: object) -> None:
     """Refuse a concurrency that is neither "auto" nor a whole number in 1..MAX_CONCURRENCY."""
@@ -146,6 +149,15 @@ class JobSpec:
     #: reuse no reply: send every row and let its reply replace the cached one
     fresh: bool = False
     quiet: bool = False
+
+    #: how rows are sent: "live" (the Chat Completions endpoint, the default) or "batch" (the provider's
+    #: Batch API: files of requests, half the price, done within 24 hours; batchhub/batch_run.py)
+    via: str = "live"
+    #: `via = "batch"`: the most requests and bytes of one batch input file (the provider's limits)
+    batch_requests: int = defaults.BATCH_REQUESTS
+    batch_bytes: int = defaults.BATCH_BYTES
+    #: `via = "batch"`: the most seconds between two polls of a live batch
+    batch_poll: float = defaults.BATCH_POLL_S
 
     #: settings of the built-in simulator (a `[mock]` table), used when base_url is mock://
     mock: dict[str, Any] = field(default_factory=dict)
@@ -262,6 +274,7 @@ class JobSpec:
                 f"param_columns: {', '.join(sorted(unknown))} cannot be set per row (allowed: {', '.join(ROW_PARAMS)})"
             )
         check_concurrency(self.concurrency)
+        self._validate_via()
         for name in ("no_cache", "fresh"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, not {getattr(self, name)!r}")
@@ -299,6 +312,17 @@ class JobSpec:
             )
         if url != defaults.MOCK_BASE_URL and not url.startswith(("http://", "https://")):
             raise UsageError(f"base_url must start with http:// or https:// (or be mock://), not {url!r}")
+
+    def _validate_via(self) -> None:
+        if self.via not in VIAS:
+            raise UsageError(f"via must be one of {', '.join(repr(v) for v in VIAS)}, not {self.via!r}")
+        _positive_int("batch_requests", self.batch_requests)
+        _positive_int("batch_bytes", self.batch_bytes)
+        poll = self.batch_poll
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0 < poll < math.inf:
+            raise UsageError(f"batch_poll must be a positive number of seconds, not {poll!r}")
+        if self.via == "batch" and self.stream:
+            raise UsageError("--stream cannot go with --via batch: the Batch API answers whole replies, never streams")
 
     def reply_cache_dir(self) -> Path | None:
         """The reply cache's folder for this job; None when it uses none (--no-cache, or the cache turned off)."""
