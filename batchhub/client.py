@@ -114,6 +114,11 @@ def parse_completion(body: bytes) -> Completion:
         raise BadResponseError(f"response body is not JSON ({len(body)} bytes, starts {snippet!r})") from exc
     if not isinstance(data, dict):
         raise BadResponseError("response body is not a JSON object")
+    return completion_of(data)
+
+
+def completion_of(data: dict[str, Any]) -> Completion:
+    """A parsed `chat.completion` object -> Completion, or BadResponseError (a batch's output line holds one)."""
     # parsed JSON holds dicts, never other Mappings: isinstance(x, dict) is the cheap test
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):

@@ -103,6 +103,12 @@ class Engine:
         if self.engine == "ray":
             from batchhub.ray_engine import RayJob
 
+            if prepared.spec.via == "batch":
+                raise UsageError(
+                    "--via batch runs in this process (the provider runs the batches); "
+                    "--engine ray is for live requests"
+                )
+
             if job_options:  # a session, a clock, rows to run: pieces of the local loop
                 raise UsageError(f"{', '.join(sorted(job_options))} apply only to engine 'local'")
 

@@ -81,6 +81,7 @@ class Progress:
         self.started = time.monotonic()
         self._last_postfix = 0.0
         self._bar: Any = None
+        self._note: str | None = None
         self._shown = initial
         self._sink = sink
         self._sent = self._counters()
@@ -167,11 +168,21 @@ class Progress:
         if any(growth.values()):
             self._sink(growth)
 
+    def note(self, text: str) -> None:
+        """Show `text` in place of the request rates (a run through the Batch API: its batches' states)."""
+        self._note = text
+        if self._bar is not None:
+            self._last_postfix = 0.0
+            self._refresh()
+
     def _refresh(self) -> None:
         now = time.monotonic()
         if now - self._last_postfix < defaults.PROGRESS_INTERVAL_S:
             return
         self._last_postfix = now
+        if self._note is not None:
+            self._bar.set_postfix_str(f"{self._note}, errors {self.errors}, ${self.cost:,.4f}", refresh=True)
+            return
         elapsed = max(now - self.started, 1e-9)
         requests = self.ok + self.errors + self.retries + self.rate_limited
         self._bar.set_postfix_str(

@@ -39,7 +39,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 from urllib.parse import urlsplit
 
 from batchhub import defaults
@@ -51,9 +51,20 @@ from batchhub.spec import JobSpec, check_max_tokens, check_stop, check_temperatu
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 
+class Asked(Protocol):
+    """What a result needs of the request it answers: its model and its hash (a `BuiltRequest`, or a request
+    sent in a batch, known by what the job wrote down of it)."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def request_hash(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BuiltRequest:
-    """One request, ready to send."""
+    """One request, ready to send (an `Asked`)."""
 
     body: bytes
     model: str

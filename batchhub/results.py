@@ -99,6 +99,14 @@ class ResultLog:
         self._waiting_for_write.append(future)
         await future
 
+    def sync(self) -> None:
+        """The results recorded so far written and fsynced (before the job writes down that they are)."""
+        self.write()
+        try:
+            self.store.fsync_journal()
+        except OSError as exc:
+            self._on_write_error(exc, abandon=False)
+
     def write(self) -> None:
         """Write the lines of the results recorded since the last call, in one write.
 

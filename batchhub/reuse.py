@@ -34,7 +34,7 @@ import pyarrow as pa
 from batchhub import defaults
 from batchhub.cache_writer import CacheWriter
 from batchhub.reply_cache import REPLY_FIELDS, ReplyCache
-from batchhub.requests import BuiltRequest
+from batchhub.requests import Asked, BuiltRequest
 from batchhub.result_schema import fixed_width
 from batchhub.rows import Result, check_output
 from batchhub.store import JobStore
@@ -243,7 +243,7 @@ class Reuse:
         found.reused.append(copy)
         return True
 
-    def answered(self, built: BuiltRequest, row: Result | None) -> tuple[list[Result], list[tuple[int, BuiltRequest]]]:
+    def answered(self, built: Asked, row: Result | None) -> tuple[list[Result], list[tuple[int, BuiltRequest]]]:
         """A row sent by this run has its final result (`row`; None: none yet, or none: held back among the
         run's first results, or the run stopping): remember an ok reply (for later rows and the reply cache)
         and return the copies for the rows that waited for it, or, without an ok reply, those rows, to send

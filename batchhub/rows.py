@@ -14,7 +14,7 @@ import orjson
 from batchhub.client import Completion
 from batchhub.errors import APIError
 from batchhub.redaction import Redactor, redact
-from batchhub.requests import BuiltRequest
+from batchhub.requests import Asked
 from batchhub.structured import INVALID_OUTPUT, OutputCheck
 from batchhub.text import clean_text
 
@@ -89,7 +89,7 @@ class ResultRows:
         #: what a server sends back is stored without the key, even in a successful reply
         self._redactor = Redactor(api_key)
 
-    def ok(self, row_id: int, reply: Completion, attempts: int, rate_limits: int, built: BuiltRequest) -> Result:
+    def ok(self, row_id: int, reply: Completion, attempts: int, rate_limits: int, built: Asked) -> Result:
         """The result of a reply (its content not yet checked against --json / --json-schema)."""
         redactor = self._redactor
         extra = json_text(reply.extra) if reply.extra else None
@@ -135,7 +135,7 @@ class ResultRows:
         status: int | None,
         attempts: int,
         rate_limits: int,
-        built: BuiltRequest | None,
+        built: Asked | None,
     ) -> Result:
         """An error result; `built` is None for a row whose request could not be built."""
         return {

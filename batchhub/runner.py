@@ -42,6 +42,9 @@ import numpy as np
 from batchhub import __version__, defaults
 from batchhub.admission import FirstRequests
 from batchhub.attempts import Attempts
+from batchhub.batch_api import BatchAPI
+from batchhub.batch_ledger import BatchLedger
+from batchhub.batch_run import BatchRun, batch_note
 from batchhub.client import ChatClient
 from batchhub.concurrency import AdaptiveLimit, ConcurrencyGate, MeasuredClient
 from batchhub.errors import (
@@ -59,7 +62,7 @@ from batchhub.manifest import REQUEST_HASH_VERSION, RunRecord
 from batchhub.prepare import PreparedJob, adopt_runs_since_prepared, endpoint, now_iso, prepare_job
 from batchhub.progress import Progress
 from batchhub.redaction import redact
-from batchhub.requests import BuiltRequest, RowError
+from batchhub.requests import Asked, BuiltRequest, RowError
 from batchhub.result_check import ResultCheck
 from batchhub.results import ResultLog
 from batchhub.reuse import Reuse, open_reuse
@@ -92,11 +95,15 @@ class Job:
         limits: Limiter | None = None,
         progress_sink: Callable[[dict[str, float]], None] | None = None,
         send: bool = True,
+        cancel_batches: bool = False,
     ) -> None:
         self.prepared = prepared
         #: False: send nothing, only check each row's result and record the replies it can reuse (the Ray
         #: engine's driver does this before it hands the rows still to send to its tasks)
         self._send = send
+        #: `batchhub batches --cancel`: the job's live batches cancelled first, then collected; nothing sent
+        self._cancel_batches = cancel_batches
+        self._batch_run: BatchRun | None = None
         self.spec = prepared.spec
         self.store = prepared.store
         self._rows = ResultRows(prepared.api_key)
@@ -110,6 +117,9 @@ class Job:
         self._shared_limits = limits
         self._holds = Holds(prepared.budget, on_full=lambda: self._halt("budget"))
         self._stop = asyncio.Event()
+        #: set by every stop but the budget's: a run through the Batch API still collects its live batches
+        #: after the budget stops it creating more (they are paid for)
+        self._quit = asyncio.Event()
         self._abandon = asyncio.Event()
         self._stop_reason: str | None = None
         self._fatal: FatalAPIError | None = None
@@ -169,6 +179,8 @@ class Job:
         paid for, and are recorded when they come."""
         self._stop_reason = self._stop_reason or reason
         self._stop.set()
+        if reason != "budget":
+            self._quit.set()
 
     def _stop_fatal(self, exc: FatalAPIError) -> None:
         self._fatal = self._fatal or exc
@@ -228,7 +240,8 @@ class Job:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queued)
         counting = asyncio.create_task(self._watch_input_check(run_record)) if prepared.n_rows is None else None
         try:
-            if (n_todo or self._hashes is not None or counting) and setup_error is None:
+            batches = self.spec.via == "batch" and (self._ledger.live() or self._ledger.unsettled())
+            if (n_todo or self._hashes is not None or counting or batches) and setup_error is None:
                 await self._open_and_send()
         finally:
             if self._first_requests.holds_results and not isinstance(self._fatal, RepeatedError):
@@ -274,6 +287,10 @@ class Job:
             wanted = np.zeros(len(states), dtype=bool)
             wanted[self._only_rows[(self._only_rows >= 0) & (self._only_rows < len(states))]] = True
             todo &= wanted
+        # rows in a batch that is live at the provider (or may be): no run sends them until it ends
+        self._ledger = BatchLedger.read(store.dir)
+        self._held = self._ledger.held_rows()
+        todo[self._held[self._held < len(todo)]] = False
         self._todo = todo
         # a result is its row's only while it answers the request the row sends now: the reader checks each
         # done row as it passes (`_check_results`)
@@ -298,6 +315,7 @@ class Job:
         size = max(size, 2 * old)
         self._states = np.concatenate([self._states, np.full(size - old, STATE_NONE, dtype=np.uint8)])
         self._todo = np.concatenate([self._todo, np.ones(size - old, dtype=bool)])
+        self._todo[self._held[(self._held >= old) & (self._held < size)]] = False
         if self._hashes is not None and self._result_seqs is not None:
             self._hashes = np.concatenate([self._hashes, np.zeros(size - old, dtype=self._hashes.dtype)])
             self._result_seqs = np.concatenate([self._result_seqs, np.zeros(size - old, dtype=np.int64)])
@@ -347,6 +365,12 @@ class Job:
             self._n_workers = 0
             await self._run_pool()
             return
+        if spec.via == "batch":
+            async with endpoint(spec) as base_url, self._client_session() as session:
+                self._batch_run = self._batches(session, base_url)
+                self._n_workers = 1
+                await self._run_pool()
+            return
         async with endpoint(spec) as base_url, self._client_session() as session:
             client = ChatClient(
                 session, base_url, self.prepared.api_key, spec.timeout, max_response_bytes=spec.max_response_bytes
@@ -369,6 +393,27 @@ class Job:
             )
             await self._run_pool()
 
+    def _batches(self, session: aiohttp.ClientSession, base_url: str) -> BatchRun:
+        """The Batch API side of a run through it (batchhub/batch_run.py)."""
+        spec = self.spec
+        api = BatchAPI(session, base_url, self.prepared.api_key, backoff_base=spec.backoff_base, rng=self._rng)
+        return BatchRun(
+            spec=spec,
+            store=self.store,
+            ledger=self._ledger,
+            api=api,
+            rows=self._rows,
+            log=self._log,
+            budget=self.prepared.budget,
+            output_check=self.prepared.output_check,
+            progress=self._progress,
+            record=self._record,
+            answered=self._answered_here,
+            halt=self._halt,
+            on_fatal=self._stop_fatal,
+            quit=self._quit,
+        )
+
     @contextlib.asynccontextmanager
     async def _client_session(self) -> AsyncIterator[aiohttp.ClientSession]:
         if self._session is not None:
@@ -383,7 +428,11 @@ class Job:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._reader_task = tg.create_task(self._reader())
-                self._workers = [tg.create_task(self._gated()) for _ in range(self._n_workers)]
+                if self._batch_run is not None:
+                    sends = self._batch_run.run(self._queue, _END, cancel=self._cancel_batches)
+                    self._workers = [tg.create_task(sends)]
+                else:
+                    self._workers = [tg.create_task(self._gated()) for _ in range(self._n_workers)]
         except BaseExceptionGroup as group:
             # a task failed on purpose (say, the input became unreadable mid-way): surface our own
             # error as itself, so callers see one clear error rather than a group of them
@@ -401,8 +450,11 @@ class Job:
         """After a stop: cancel idle workers now, in-flight ones after the grace period (or a second stop)."""
         await self._stop.wait()
         self._reader_task.cancel()
+        if self._batch_run is not None:
+            # the budget stops new batches only: the live ones are collected (they are paid for)
+            await self._quit.wait()
         for task in self._workers:
-            if task not in self._attempts.in_request:
+            if self._batch_run is None and task not in self._attempts.in_request:
                 task.cancel()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._abandon.wait(), timeout=self.spec.stop_grace)
@@ -510,8 +562,14 @@ class Job:
             if self._result_check.answers(batch[offset], hashes[rid], int(self._result_seqs[rid])):
                 continue
             self._stats.mismatched_results += 1
-            self._todo[rid] = True
             self._states[rid] = STATE_NONE
+            if not self._in_batch(rid):
+                self._todo[rid] = True
+
+    def _in_batch(self, row_id: int) -> bool:
+        """Whether a row is in a batch that is live at the provider (or may be)."""
+        at = int(np.searchsorted(self._held, row_id))
+        return at < len(self._held) and int(self._held[at]) == row_id
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -597,10 +655,14 @@ class Job:
     def _answered(self, built: BuiltRequest, row: Result | None) -> None:
         """A row this run sent has its final result: the rows that asked the same meanwhile get a copy of an ok
         reply, or are sent themselves."""
-        copies, orphans = self._reuse.answered(built, row)
+        self._orphans.extend(self._answered_here(built, row))
+
+    def _answered_here(self, asked: Asked, row: Result | None) -> list[tuple[int, BuiltRequest]]:
+        """As `_answered`; the rows to send themselves are returned (a batch sends them in a new batch)."""
+        copies, orphans = self._reuse.answered(asked, row)
         for reused in copies:
             self._record(reused)
-        self._orphans.extend(orphans)
+        return orphans
 
     # -- results ----------------------------------------------------------------------------
 
@@ -633,6 +695,7 @@ class Job:
         )
         summary.rows_counted = self.prepared.n_rows is not None
         summary.cache_note = self._reuse.note()
+        summary.batch_note = batch_note(self._batch_run.counts if self._batch_run else None, self._ledger)
         if self._fatal is not None:
             summary.stopped = "fatal"
             summary.message = redact(str(self._fatal), self.prepared.api_key)

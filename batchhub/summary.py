@@ -52,6 +52,8 @@ class JobSummary:
     sent: int = 0
     #: why the reply cache was not used, or how many of its entries were damaged (ignored), if so
     cache_note: str | None = None
+    #: what the run did through the Batch API, and the job's live batches (batchhub/batch_run.py), if any
+    batch_note: str | None = None
     #: False when the run ended before its input was counted: `total_rows` are the rows read so far
     rows_counted: bool = True
     #: the API error that stopped the job (401, 403, insufficient quota), its message redacted
@@ -150,13 +152,15 @@ def summary_lines(summary: JobSummary, prices: str, *, quiet: bool = False) -> l
         )
     if summary.cache_note:
         lines.append(summary.cache_note)
+    if summary.batch_note:
+        lines.append(summary.batch_note)
     if summary.stopped:
         lines.append(f"stopped: {summary.message or summary.stopped}")
     elif summary.failed:
         lines.append(
             f"see failures: batchhub status {shlex.quote(str(summary.job_dir))}; re-send them with --retry-failed"
         )
-    news = summary.stopped or summary.failed or summary.mismatched_results or summary.cache_note
+    news = summary.stopped or summary.failed or summary.mismatched_results or summary.cache_note or summary.batch_note
     return lines if not quiet or news else lines[:1]
 
 

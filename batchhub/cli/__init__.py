@@ -180,6 +180,25 @@ JOB_OPTIONS = [
         default=None,
         help="Reuse no reply: send every row without a result and let its reply replace the cached one.",
     ),
+    click.option(
+        "--via",
+        type=click.Choice(["live", "batch"]),
+        default=None,
+        help="How rows are sent: live (the Chat Completions endpoint, default) or batch (the provider's Batch "
+        "API: half the price, done within 24 hours; run again to collect).",
+    ),
+    click.option(
+        "--batch-requests", type=int, metavar="N", help="--via batch: most requests per batch file (default 50000)."
+    ),
+    click.option(
+        "--batch-bytes", type=int, metavar="BYTES", help="--via batch: most bytes per batch file (default 200 MiB)."
+    ),
+    click.option(
+        "--batch-poll",
+        type=float,
+        metavar="SECONDS",
+        help="--via batch: most seconds between two polls of a live batch (default 60).",
+    ),
     click.option("--flush-rows", type=int, help="Write a checkpoint part every N results (default 5000)."),
     click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),

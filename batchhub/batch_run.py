@@ -1,0 +1,629 @@
+"""`--via batch`: the rows a run sends go through the provider's Batch API, at half the price.
+
+    reader ──(queue)──► lines into files (one model each) ──► upload ──► create ──► poll ──► download ──► record
+
+- The reader queues rows as for the live path (each done row's result checked, replies reused first);
+  `BatchRun` writes each row's request as a line of a batch input file on disk (batchhub/batch_files.py)
+  and, when a file is full (`batch_requests`, `batch_bytes`) or the input ends, uploads it and creates a
+  batch of it. The server's file id and batch id are written down in the ledger the moment they come
+  back (batchhub/batch_ledger.py): a run killed at any point leaves a job the next run goes on with.
+- Live batches are polled (every second at first, backing off to `batch_poll` seconds while nothing
+  changes); each ended batch's output and error files are downloaded, and every line becomes its
+  row's result in the same journal and parts as a live reply, `batch_id` set (priced at the batch
+  price). A line not answered (the batch failed validation, expired or was cancelled first), or
+  answered with an error worth retrying (429, 5xx), goes in a new batch, up to `max_attempts` times;
+  an invalid_output reply, up to `retry_invalid` times. Other error lines fail their rows.
+- `--max-cost`: a batch is created only when the worst case of all its requests fits the budget;
+  a row that does not fit waits for live batches to end (and settle), or stops the job.
+- A stop (Ctrl-C, SIGTERM, a fatal API error) creates no more batches: live ones go on at the
+  provider, and the next run (`--via batch`) collects them. `batchhub batches JOB --cancel` cancels
+  them and records what they finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchhub import defaults
+from batchhub.batch_api import BatchAPI
+from batchhub.batch_files import BATCH_ENDPOINT, BatchFile, batch_line, line_problem, lines_of, row_of
+from batchhub.batch_ledger import ENDED_STATUSES, BatchEntry, BatchLedger, BatchRows
+from batchhub.budget import Bound, Budget, RequestBounds, usable_usage
+from batchhub.client import completion_of, loads
+from batchhub.errors import APIError, BadResponseError, FatalAPIError, RetryableError, UsageError
+from batchhub.http_errors import classify
+from batchhub.progress import Progress
+from batchhub.requests import Asked, BuiltRequest
+from batchhub.results import ResultLog
+from batchhub.rows import Result, ResultRows, check_output
+from batchhub.spec import JobSpec
+from batchhub.store import JobStore
+from batchhub.structured import OutputCheck
+
+log = logging.getLogger("batchhub")
+
+#: error codes of an error-file line that was never answered: its row goes in a new batch
+UNANSWERED_CODES = frozenset({"batch_expired", "batch_cancelled"})
+#: lines of a downloaded file recorded per event-loop pass
+_LINES_PER_PASS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A request sent in a batch, as the ledger knows it (an `Asked`)."""
+
+    model: str
+    request_hash: str
+
+
+@dataclass
+class _Again:
+    """A row to send in a new batch: its line, and what it is."""
+
+    row_id: int
+    asked: Asked
+    worst: float
+    bound: tuple[int, int, int]
+    line: bytes
+
+
+@dataclass
+class _Live:
+    """A live batch of this run."""
+
+    entry: BatchEntry
+    rows: BatchRows
+    reserved: float
+    batch: dict[str, Any] = field(default_factory=dict)
+    cost: float = 0.0
+
+
+@dataclass
+class BatchCounts:
+    """What the run did through the Batch API (the summary's line)."""
+
+    created: int = 0
+    adopted: int = 0
+    ended: dict[str, int] = field(default_factory=dict)
+    refused_rows: int = 0
+    sent_again: int = 0
+    #: live batches left to a later run, and their rows
+    live: int = 0
+    live_rows: int = 0
+    unknown_lines: int = 0
+
+
+class BatchRun:
+    """The Batch API side of one run (see the module docstring). The job loop hands it its queue."""
+
+    def __init__(
+        self,
+        *,
+        spec: JobSpec,
+        store: JobStore,
+        ledger: BatchLedger,
+        api: BatchAPI,
+        rows: ResultRows,
+        log: ResultLog,
+        budget: Budget | None,
+        output_check: OutputCheck | None,
+        progress: Progress,
+        record: Callable[[Result, str | None], float | None],
+        answered: Callable[[Asked, Result | None], list[tuple[int, BuiltRequest]]],
+        halt: Callable[[str], None],
+        on_fatal: Callable[[FatalAPIError], None],
+        quit: asyncio.Event,
+    ) -> None:
+        self.spec, self._store, self.ledger, self._api = spec, store, ledger, api
+        self._rows, self._log, self._budget, self._check = rows, log, budget, output_check
+        self._progress, self._record, self._answered = progress, record, answered
+        self._halt, self._on_fatal, self._quit = halt, on_fatal, quit
+        self._bounds = budget.bounds if budget is not None else RequestBounds()
+        self._files: dict[str, BatchFile] = {}
+        self._live: dict[int, _Live] = {}
+        self._tries: dict[int, int] = {}
+        self._invalid: dict[int, int] = {}
+        self._wake = asyncio.Event()
+        self._filled = False
+        self._submitting = asyncio.Lock()
+        self._budget_full = False
+        #: rows that waited for a reply in a batch that was not ok: sent themselves, in the next new batch
+        self._again_rows: list[_Again] = []
+        self.counts = BatchCounts()
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self, queue: asyncio.Queue[Any] | None, end: object, *, cancel: bool = False) -> None:
+        """Send the rows of `queue` (until `end`) in batches, and collect every live batch; `queue` None sends
+        nothing (collect only), `cancel` cancels the live batches first."""
+        await self._settle()
+        if cancel:
+            for live in list(self._live.values()):
+                assert live.entry.batch_id is not None
+                live.batch = await self._api.cancel(live.entry.batch_id)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch())
+            try:
+                if queue is not None:
+                    await self._fill(queue, end)
+            finally:
+                self._filled = True
+                self._wake.set()
+        self.counts.live = len(self._live) + len(self.ledger.unsettled())
+        self.counts.live_rows = sum(len(live.rows.row_ids) for live in self._live.values())
+
+    async def _settle(self) -> None:
+        """The ledger's batches from earlier runs: found again when the server made one the job did not write
+        down, dropped when none was made; every live one adopted (polled, collected, its worst case held)."""
+        ledger = self.ledger
+        for entry in sorted(ledger.entries.values(), key=lambda e: e.n):
+            if entry.ended is not None or entry.dropped is not None:
+                continue
+            if entry.batch_id is None and entry.file_id is not None:
+                found = await self._api.find(ledger.metadata(entry))
+                if found:
+                    ledger.add({"event": "batch", "n": entry.n, "batch_id": found[0]["id"]})
+            if entry.batch_id is None:  # never uploaded, or uploaded and no batch made of it: its rows are pending
+                ledger.add({"event": "dropped", "n": entry.n, "why": "no batch was created of it"})
+                ledger.remove_files(entry.n)
+                continue
+            rows = ledger.rows(entry.n)
+            reserved = float(rows.worst.sum())
+            if self._budget is not None and not self._budget.try_reserve(reserved):
+                self._budget_full = True  # it is made already: collected, and no batch is created after it
+                reserved = 0.0
+            self._live[entry.n] = _Live(entry, rows, reserved)
+            self.counts.adopted += 1
+        self._tries.update({int(r): 1 for live in self._live.values() for r in live.rows.row_ids})
+
+    # -- files ------------------------------------------------------------------------------------
+
+    async def _fill(self, queue: asyncio.Queue[Any], end: object) -> None:
+        """Lines into files from the reader's rows; each full file submitted; the last ones at the end."""
+        try:
+            while True:
+                item = await queue.get()
+                if item is end or self._quit.is_set():
+                    break
+                if not await self._add(*item):
+                    break
+            if not self._quit.is_set():
+                for model in list(self._files):
+                    await self._submit(self._files.pop(model))
+        finally:
+            for batch_file in self._files.values():  # never uploaded: its rows stay pending
+                batch_file.discard()
+            self._files.clear()
+
+    async def _add(self, row_id: int, built: BuiltRequest) -> bool:
+        """Add a row's line to its model's file (submitting the file first when it is full); False: the budget
+        is spent, the job stops creating batches."""
+        line = batch_line(row_id, built.body)
+        problem = line_problem(line, built.stream, self.spec.batch_bytes)
+        if problem is not None:
+            self._refuse(row_id, built, "invalid_request", problem)
+            return True
+        worst = 0.0
+        if self._budget is not None:
+            try:
+                worst = self._budget.worst_case(built)
+            except UsageError as exc:  # a per-row model with no known price
+                self._refuse(row_id, built, "no_price", str(exc))
+                return True
+        bound = self._bounds.of(built) if self._budget is not None else self._bounds.by_bytes(built)
+        current = self._files.get(built.model)
+        if current is not None and not current.fits(line):
+            await self._submit(self._files.pop(built.model))
+            current = None
+        if not await self._room(worst + (current.worst_usd if current is not None else 0.0)):
+            if current is not None:
+                await self._submit(self._files.pop(built.model))
+            if not await self._room(worst):
+                self._answered(built, None)
+                self._stop_for_budget(worst)
+                return False
+        current = self._files.get(built.model)
+        if current is None:
+            current = self._files[built.model] = self._new_file()
+        current.add(row_id, built, worst, (bound.prompt, bound.completion, int(bound.hard)), line)
+        return True
+
+    def _refuse(self, row_id: int, built: BuiltRequest, error_type: str, message: str) -> None:
+        """A row the Batch API would refuse fails alone, before anything is uploaded."""
+        self.counts.refused_rows += 1
+        row = self._rows.error(row_id, error_type, message, None, 0, 0, built)
+        self._record(row, built.model)
+        for follower, same in self._answered(built, row):
+            self._refuse(follower, same, error_type, message)
+
+    def _new_file(self) -> BatchFile:
+        n = self.ledger.next_n()
+        while any(f.n == n for f in self._files.values()):
+            n += 1
+        return BatchFile(n, self.ledger.input_path(n), self.spec.batch_requests, self.spec.batch_bytes)
+
+    async def _room(self, amount: float) -> bool:
+        """Whether `amount` more fits the budget, waiting while live batches may settle and free room."""
+        budget = self._budget
+        if budget is None:
+            return True
+        if self._budget_full:
+            return False
+        while budget.spent + budget.reserved + amount > budget.limit:
+            if not self._live or self._quit.is_set():
+                return False
+            await _first(budget.wait_for_room(), self._quit.wait())
+        return True
+
+    def _stop_for_budget(self, refused: float) -> None:
+        self._budget_full = True
+        if self._budget is not None:
+            self._budget.refused = refused
+        self._halt("budget")
+
+    async def _submit(self, batch_file: BatchFile) -> None:
+        """Upload a file and create its batch, each id written down as it comes; the batch is live then."""
+        async with self._submitting:
+            rows = await asyncio.to_thread(batch_file.close)
+            if not len(rows.row_ids):
+                batch_file.discard()
+                return
+            ledger, budget, n = self.ledger, self._budget, batch_file.n
+            reserved = batch_file.worst_usd
+            if budget is not None and not budget.try_reserve(reserved):
+                batch_file.discard()
+                self._stop_for_budget(reserved)
+                return
+            await asyncio.to_thread(ledger.write_rows, n, rows)
+            entry = ledger.entries.get(n) or BatchEntry(n)
+            try:
+                uploaded = await self._api.upload(batch_file.path, f"batchhub-{n:06d}.jsonl")
+                ledger.add(
+                    {"event": "file", "n": n, "file_id": uploaded["id"], "requests": len(rows.row_ids),
+                     "bytes": batch_file.size}
+                )  # fmt: skip
+                entry = ledger.entries[n]
+                created = await self._api.create(uploaded["id"], BATCH_ENDPOINT, ledger.metadata(entry))
+                ledger.add({"event": "batch", "n": n, "batch_id": created["id"]})
+            except BaseException as exc:
+                if budget is not None:
+                    budget.release(reserved)
+                if entry.file_id is None:  # nothing of it reached a batch: its rows are pending
+                    ledger.add({"event": "dropped", "n": n, "why": "not uploaded"})
+                    ledger.remove_files(n)
+                if isinstance(exc, APIError):
+                    self._api_failed(exc, f"creating batch {n:06d}")
+                    return
+                raise
+            self._live[n] = _Live(ledger.entries[n], rows, reserved, created)
+            self.counts.created += 1
+            self._tries.update({int(r): self._tries.get(int(r), 0) + 1 for r in rows.row_ids})
+            self._wake.set()
+
+    def _api_failed(self, exc: APIError, doing: str) -> None:
+        """A Files or Batches API call failed for good: the run stops (live batches stay live)."""
+        if isinstance(exc, FatalAPIError):
+            fatal = exc
+        else:
+            fatal = FatalAPIError(
+                f"the Batch API failed while {doing}: {exc.message}",
+                status=exc.status,
+                code=exc.code,
+                request_id=exc.request_id,
+                error_object=exc.error_object,
+            )
+        self._on_fatal(fatal)
+        self._wake.set()
+
+    # -- polling --------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Poll the live batches (backing off while nothing changes) and collect each as it ends."""
+        delay = defaults.BATCH_POLL_FIRST_S
+        while not self._quit.is_set():
+            if not self._live:
+                if self._filled:
+                    return
+                self._wake.clear()
+                await _first(self._wake.wait(), self._quit.wait())
+                continue
+            changed = False
+            for live in list(self._live.values()):
+                assert live.entry.batch_id is not None
+                try:
+                    batch = await self._api.retrieve(live.entry.batch_id)
+                except APIError as exc:
+                    self._api_failed(exc, f"polling batch {live.entry.batch_id}")
+                    return
+                changed |= _state(batch) != _state(live.batch)
+                live.batch = batch
+                if batch.get("status") in ENDED_STATUSES:
+                    try:
+                        await self._collect(live)
+                    except APIError as exc:
+                        self._api_failed(exc, f"downloading the results of batch {live.entry.batch_id}")
+                        return
+                    if self._quit.is_set():
+                        return
+            self._show()
+            delay = (
+                defaults.BATCH_POLL_FIRST_S
+                if changed
+                else min(delay * defaults.BATCH_POLL_FACTOR, self.spec.batch_poll)
+            )
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_first(self._wake.wait(), self._quit.wait()), timeout=delay)
+
+    def _show(self) -> None:
+        """The batches' states and counts on the progress bar."""
+        states: dict[str, int] = {}
+        done = total = 0
+        for live in self._live.values():
+            status = str(live.batch.get("status") or "submitted")
+            states[status] = states.get(status, 0) + 1
+            counts = live.batch.get("request_counts") or {}
+            done += int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+            total += int(counts.get("total") or len(live.rows.row_ids))
+        text = ", ".join(f"{n} {status}" for status, n in sorted(states.items()))
+        self._progress.note(f"batches: {text or 'none live'}; requests {done:,}/{total:,} answered")
+
+    # -- results ----------------------------------------------------------------------------------
+
+    async def _collect(self, live: _Live) -> None:
+        """Record every line of an ended batch's output and error files; send again what was not answered."""
+        entry, batch, ledger = live.entry, live.batch, self.ledger
+        assert entry.batch_id is not None
+        before = self._recorded_rows(entry.batch_id) if entry.recording else set()
+        if not entry.recording:
+            ledger.add({"event": "recording", "n": entry.n})
+        seen = np.zeros(len(live.rows.row_ids), dtype=bool)
+        again: dict[int, str] = {}
+        for kind in ("output", "error"):
+            file_id = batch.get(f"{kind}_file_id")
+            if not file_id:
+                continue
+            path = ledger.download_path(entry.n, kind)
+            await self._api.download(str(file_id), path)
+            with path.open("rb") as fh:
+                while True:
+                    chunk = await asyncio.to_thread(_read_lines, fh, _LINES_PER_PASS)
+                    if not chunk:
+                        break
+                    for raw in chunk:
+                        self._line(raw, live, seen, before, again)
+                    await asyncio.sleep(0)  # this pass's results are written before the next chunk
+        status = str(batch.get("status"))
+        why = _batch_errors(batch) or f"the batch {status} before answering it"
+        for position in np.flatnonzero(~seen):
+            row_id = int(live.rows.row_ids[position])
+            if row_id in before or row_id in again:
+                continue
+            if self._tries.get(row_id, 1) < self.spec.max_attempts:
+                again[row_id] = why
+                continue
+            asked = Sent(live.rows.models[position], live.rows.hashes[position])
+            tries = self._tries.get(row_id, 1)
+            row = self._rows.error(row_id, "batch_error", f"{why} ({tries} batches)", None, tries, 0, asked)
+            row["batch_id"] = entry.batch_id
+            self._record(row, asked.model)
+            self._again_rows.extend(_again_of(f, b, self._budget, self._bounds) for f, b in self._answered(asked, row))
+        self._log.sync()  # every result of the batch on disk before the ledger says so
+        ledger.add({"event": "ended", "n": entry.n, "status": status, "counts": batch.get("request_counts") or {}})
+        self.counts.ended[status] = self.counts.ended.get(status, 0) + 1
+        del self._live[entry.n]
+        if self._budget is not None and live.reserved:
+            self._budget.settle(live.reserved, live.cost)
+        if again and not self._quit.is_set():
+            await self._send_again(live, again)
+        ledger.remove_files(entry.n)
+
+    def _recorded_rows(self, batch_id: str) -> set[int]:
+        """The rows an earlier run recorded from this batch before it was stopped mid-way."""
+        import pyarrow.compute as pc
+
+        table = self._store.results(["row_id", "batch_id"], any_row=True)
+        mine = table.filter(pc.equal(table["batch_id"], batch_id))
+        return set(mine["row_id"].to_pylist())
+
+    def _line(self, raw: bytes, live: _Live, seen: np.ndarray, before: set[int], again: dict[int, str]) -> None:
+        """One line of an output or error file: its row's result, or the row to send again."""
+        try:
+            data = loads(raw)
+        except ValueError:
+            data = None
+        row_id = row_of(data.get("custom_id")) if isinstance(data, dict) else None
+        at = live.rows.position(row_id) if row_id is not None else None
+        if at is None or seen[at]:
+            self.counts.unknown_lines += 1
+            log.warning("batch %s: a line names no request of the batch, ignored", live.entry.batch_id)
+            return
+        assert isinstance(data, dict) and row_id is not None
+        seen[at] = True
+        if row_id in before:
+            return
+        asked = Sent(live.rows.models[at], live.rows.hashes[at])
+        prompt, completion, hard = (int(v) for v in live.rows.bounds[at])
+        bound = Bound(prompt, completion, bool(hard))
+        row = self._result(row_id, data, asked, bound, again)
+        if row is None:
+            return
+        row["batch_id"] = live.entry.batch_id
+        cost = self._record(row, asked.model)
+        live.cost += cost or 0.0
+        if row["status"] == "invalid_output" and self._invalid.get(row_id, 0) < self.spec.retry_invalid:
+            self._invalid[row_id] = self._invalid.get(row_id, 0) + 1
+            again[row_id] = "invalid_output"
+            return
+        for follower, built in self._answered(asked, row):
+            # the reply was not ok: a row that asked the same is sent itself, in a new batch
+            self._again_rows.append(_again_of(follower, built, self._budget, self._bounds))
+
+    def _result(
+        self, row_id: int, data: dict[str, Any], asked: Asked, bound: Bound, again: dict[int, str]
+    ) -> Result | None:
+        """The result of a line, or None when its row goes in a new batch (`again`, with why)."""
+        tries = self._tries.get(row_id, 1)
+        response, error = data.get("response"), data.get("error")
+        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+            status, body = response["status_code"], response.get("body")
+            request_id = response.get("request_id") if isinstance(response.get("request_id"), str) else None
+            if status == 200 and isinstance(body, dict):
+                try:
+                    reply = completion_of(body)
+                except BadResponseError as exc:
+                    return self._rows.error(row_id, exc.error_type, str(exc), status, tries, 0, asked)
+                reply.request_id = request_id
+                row = self._rows.ok(row_id, reply, tries, 0, asked)
+                row["latency_s"] = None  # type: ignore[typeddict-item]  # a batch's line has no latency of its own
+                _assume(row, bound)
+                check_output(row, self._check)
+                return row
+            failure = classify(
+                status, json.dumps(body).encode() if body is not None else None, {"x-request-id": request_id or ""}
+            )
+            if isinstance(failure, RetryableError) and tries < self.spec.max_attempts:
+                again[row_id] = str(failure)
+                return None
+            row = self._rows.error(row_id, failure.error_type, str(failure), status, tries, 0, asked)
+            return self._rows.kept_error(row, failure)
+        if isinstance(error, dict):
+            code, message = error.get("code"), str(error.get("message") or error.get("code") or "no message")
+            if code in UNANSWERED_CODES and tries < self.spec.max_attempts:
+                again[row_id] = message
+                return None
+            return self._rows.error(
+                row_id, "batch_error", f"{code}: {message}" if code else message, None, tries, 0, asked
+            )
+        return self._rows.error(
+            row_id, "bad_response", "the batch's line has neither a response nor an error", None, tries, 0, asked
+        )
+
+    async def _send_again(self, live: _Live, again: dict[int, str]) -> None:
+        """Rows of an ended batch not answered (or answered with an error worth retrying): in a new batch, the
+        same lines; a row that has had `max_attempts` is recorded failed with why."""
+        path = self.ledger.input_path(live.entry.n)
+        try:
+            lines = await asyncio.to_thread(lines_of, path, set(again))
+        except OSError as exc:
+            log.warning("batch %06d: its input file cannot be read (%s): its rows stay pending", live.entry.n, exc)
+            return
+        items = list(self._again_rows)
+        self._again_rows.clear()
+        for row_id in again:
+            at = live.rows.position(row_id)
+            line = lines.get(row_id)
+            if at is None or line is None:
+                continue
+            asked = Sent(live.rows.models[at], live.rows.hashes[at])
+            bound = tuple(int(v) for v in live.rows.bounds[at])
+            items.append(_Again(row_id, asked, float(live.rows.worst[at]), (bound[0], bound[1], bound[2]), line))
+        self.counts.sent_again += len(items)
+        files: dict[str, BatchFile] = {}
+        for item in items:
+            current = files.get(item.asked.model)
+            if current is not None and not current.fits(item.line):
+                await self._submit(files.pop(item.asked.model))
+                current = None
+            if current is None:
+                current = files[item.asked.model] = self._new_file_avoiding(files)
+            current.add(item.row_id, item.asked, item.worst, item.bound, item.line)
+        for batch_file in files.values():
+            await self._submit(batch_file)
+
+    def _new_file_avoiding(self, files: dict[str, BatchFile]) -> BatchFile:
+        n = self.ledger.next_n()
+        taken = {f.n for f in (*self._files.values(), *files.values())}
+        while n in taken:
+            n += 1
+        return BatchFile(n, self.ledger.input_path(n), self.spec.batch_requests, self.spec.batch_bytes)
+
+
+def _again_of(row_id: int, built: BuiltRequest, budget: Budget | None, bounds: RequestBounds) -> _Again:
+    worst = budget.worst_case(built) if budget is not None else 0.0
+    bound = bounds.of(built) if budget is not None else bounds.by_bytes(built)
+    return _Again(
+        row_id, built, worst, (bound.prompt, bound.completion, int(bound.hard)), batch_line(row_id, built.body)
+    )
+
+
+def _assume(row: Result, bound: Bound) -> None:
+    """A reply without usable usage is charged its worst case (as the live path's `Hold.assume`)."""
+    if usable_usage(row.get("prompt_tokens"), row.get("completion_tokens"), bound):
+        return
+    row["prompt_tokens"] = row["completion_tokens"] = row["total_tokens"] = row["cached_tokens"] = None
+    row["assumed_prompt_tokens"] = bound.prompt or None
+    row["assumed_completion_tokens"] = bound.completion or None
+
+
+def _state(batch: dict[str, Any]) -> tuple[Any, ...]:
+    counts = batch.get("request_counts") or {}
+    return batch.get("status"), counts.get("completed"), counts.get("failed")
+
+
+def _batch_errors(batch: dict[str, Any]) -> str | None:
+    """Why a batch failed validation, as the server said (its first errors)."""
+    errors = batch.get("errors")
+    data = errors.get("data") if isinstance(errors, dict) else None
+    if not isinstance(data, list) or not data:
+        return None
+    said = [str(e.get("message") or e.get("code")) for e in data[:3] if isinstance(e, dict)]
+    return f"the batch failed validation: {'; '.join(said)}"
+
+
+def _read_lines(fh: Any, count: int) -> list[bytes]:
+    lines = []
+    for line in fh:
+        if line.strip():
+            lines.append(line)
+        if len(lines) >= count:
+            break
+    return lines
+
+
+async def _first(*waits: Any) -> None:
+    """Wait until the first of these awaitables is done; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def batch_note(counts: BatchCounts | None, ledger: BatchLedger) -> str | None:
+    """The summary's line about batches: what this run did through the Batch API, and what is live."""
+    held = ledger.held()
+    rows = sum(e.requests for e in held)
+    live = f"{len(held):,} batch{'es' if len(held) != 1 else ''} live at the provider ({rows:,} rows)"
+    if counts is None:  # a live run: the rows of live batches were not sent
+        if not held:
+            return None
+        return (
+            f"{live} were left to their batches: run with --via batch to collect them, "
+            "or cancel them (batchhub batches JOB --cancel)"
+        )
+    parts = []
+    if counts.created:
+        parts.append(
+            f"{counts.created:,} created" + (f" ({counts.sent_again:,} rows sent again)" if counts.sent_again else "")
+        )
+    if counts.adopted:
+        parts.append(f"{counts.adopted:,} from earlier runs")
+    if counts.ended:
+        ended = ", ".join(f"{n:,} {status}" for status, n in sorted(counts.ended.items()))
+        parts.append(f"ended: {ended}")
+    if counts.refused_rows:
+        parts.append(f"{counts.refused_rows:,} rows refused before upload")
+    text = "batches: " + ("; ".join(parts) if parts else "none created")
+    if held:
+        text += f"; {live}: run again to collect them"
+    return text
