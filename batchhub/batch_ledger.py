@@ -181,8 +181,14 @@ class BatchLedger:
 
     def next_n(self) -> int:
         """The number of the next batch: one past every number written down or with files on disk."""
-        on_disk = [int(p.name[:6]) for p in self.dir.glob("[0-9]" * 6 + ".*")] if self.dir.exists() else []
-        return max([0, *self.entries, *on_disk]) + 1
+        return max([0, *self.entries, *self._on_disk()]) + 1
+
+    def _on_disk(self) -> set[int]:
+        return {int(p.name[:6]) for p in self.dir.glob("[0-9]" * 6 + ".*")} if self.dir.exists() else set()
+
+    def strays(self) -> list[int]:
+        """Numbers with files on disk and no event: files built or being uploaded when a run was killed."""
+        return sorted(self._on_disk() - set(self.entries))
 
     # -- what the ledger says -------------------------------------------------------------
 

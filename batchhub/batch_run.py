@@ -164,6 +164,8 @@ class BatchRun:
         """The ledger's batches from earlier runs: found again when the server made one the job did not write
         down, dropped when none was made; every live one adopted (polled, collected, its worst case held)."""
         ledger = self.ledger
+        for n in ledger.strays():  # never uploaded, as far as the job knows: its rows are pending
+            ledger.remove_files(n)
         for entry in sorted(ledger.entries.values(), key=lambda e: e.n):
             if entry.ended is not None or entry.dropped is not None:
                 continue
