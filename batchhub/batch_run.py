@@ -38,7 +38,7 @@ from batchhub.batch_files import BATCH_ENDPOINT, BatchFile, batch_line, line_pro
 from batchhub.batch_ledger import ENDED_STATUSES, BatchEntry, BatchLedger, BatchRows
 from batchhub.budget import Bound, Budget, RequestBounds, usable_usage
 from batchhub.client import completion_of, loads
-from batchhub.errors import APIError, BadResponseError, FatalAPIError, RetryableError, UsageError
+from batchhub.errors import APIError, BadResponseError, FatalAPIError, NotFoundError, RetryableError, UsageError
 from batchhub.http_errors import classify
 from batchhub.progress import Progress
 from batchhub.requests import Asked, BuiltRequest
@@ -342,12 +342,18 @@ class BatchRun:
                 assert live.entry.batch_id is not None
                 try:
                     batch = await self._api.retrieve(live.entry.batch_id)
+                except NotFoundError:
+                    # the provider has it no more (another account or endpoint, deleted, or the built-in
+                    # simulator of an earlier process): its rows are pending again
+                    log.warning("batch %s is not found at the provider: its rows are sent again", live.entry.batch_id)
+                    batch = {"id": live.entry.batch_id, "status": "not_found"}
+                    changed = True
                 except APIError as exc:
                     self._api_failed(exc, f"polling batch {live.entry.batch_id}")
                     return
                 changed |= _state(batch) != _state(live.batch)
                 live.batch = batch
-                if batch.get("status") in ENDED_STATUSES:
+                if batch.get("status") in ENDED_STATUSES or batch.get("status") == "not_found":
                     try:
                         await self._collect(live)
                     except APIError as exc:

@@ -17,6 +17,7 @@ Semantics, decided once:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,3 +130,15 @@ def job_dir_of(path: Path) -> Path:
     if path.suffix.lower() == ".toml":
         return load_spec(path).resolved_job_dir()
     return path
+
+
+def recorded_spec(job_dir: Path) -> JobSpec:
+    """The spec a job directory's job.json recorded (never a key: that comes from the environment or a flag)."""
+    from batchhub.manifest import Manifest
+
+    manifest = Manifest.load(Path(job_dir) / "job.json")
+    known = {f.name for f in dataclasses.fields(JobSpec)} - {"api_key"}
+    settings = {name: value for name, value in manifest.spec.items() if name in known and value is not None}
+    spec = JobSpec.from_mapping(settings, origin=f"{job_dir}/job.json")
+    spec.job_dir = Path(job_dir)
+    return spec

@@ -459,6 +459,39 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     )
 
 
+@main.command(short_help="A job's batches (--via batch): their states and counts; --cancel them.")
+@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--cancel",
+    is_flag=True,
+    help="Cancel the job's live batches, wait for them to end and record what they finished "
+    "(their other rows are pending: sent again by the next run, live or batch).",
+)
+@click.option("--api-key", help="API key (prefer $BATCHHUB_API_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="Print the batches as JSON.")
+def batches(job_dir: Path, cancel: bool, api_key: str | None, as_json: bool) -> None:
+    """A job's batches: each one's number, id, status (live ones as the provider says now), requests, and
+    how many were completed and failed. JOB_DIR is a job directory or its spec."""
+    from batchhub.batch_list import job_batches, render, to_dicts
+    from batchhub.options import recorded_spec
+    from batchhub.runner import Job, prepare_job
+    from batchhub.summary import summary_lines
+
+    folder = job_dir_of(job_dir)
+    spec = recorded_spec(folder)
+    if api_key is not None:
+        spec.api_key = api_key
+    if cancel:
+        spec.via, spec.quiet = "batch", True
+        prepared = prepare_job(spec)
+        job = Job(prepared, cancel_batches=True)
+        summary = _run_until_done(job.run(), job.request_stop)
+        for line in summary_lines(summary, prepared.prices.label):
+            click.echo(line, err=True)
+    lines = _run_until_done(job_batches(spec, ask=not spec.is_mock), lambda: None)
+    click.echo(json.dumps(to_dicts(lines), indent=2) if as_json else render(lines, folder))
+
+
 @main.command(short_help="List the jobs under a folder, with their state and cost.")
 @click.argument("directory", metavar="[DIR]", default="jobs", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON (one object per job).")

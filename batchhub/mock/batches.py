@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from batchhub.mock.config import BATCH_FAULT_KINDS, MockConfig
+from batchhub.mock.config import BATCH_LINE_FAULT_KINDS, BATCH_FAULT_KINDS, MockConfig
 from batchhub.mock.responses import dumps
 from batchhub.mock.state import MockState
 
@@ -278,8 +278,32 @@ class BatchHub:
         batch.model = model if isinstance(model, str) else None
         return lines
 
+    def _line_fault(self) -> str | None:
+        """At most one fault of `batch_line_faults` for a line."""
+        faults = self.state.config.batch_line_faults
+        draw = self.rng.random() if faults else 1.0
+        cumulative = 0.0
+        for kind in BATCH_LINE_FAULT_KINDS:
+            cumulative += faults.get(kind, 0.0)
+            if draw < cumulative:
+                return kind
+        return None
+
     def _answer(self, batch: Batch, line: dict[str, Any]) -> dict[str, Any]:
-        status, body = self.answer_line(self.state, line["body"])
+        fault = self._line_fault()
+        if fault == "500":  # the provider failed this line: not answered, not billed
+            status, body = 500, {
+                "error": {
+                    "message": "The server had an error processing your request.",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        else:
+            status, body = self.answer_line(self.state, line["body"])
+            if fault == "no_usage" and status == 200:
+                body.pop("usage", None)
         if status == 200:
             batch.completed += 1
             usage = body.get("usage", {})

@@ -59,6 +59,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
 #: Faults of the Files and Batches endpoints (`MockConfig.batch_faults`), drawn per request on each
 #: of them; in this order from one draw.
 BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout")
+#: Faults of a batch's lines (`MockConfig.batch_line_faults`), drawn per line: answered with a 500 (the
+#: provider's "server_error" line, worth sending again), or a reply without `usage`.
+BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage")
 #: the ways a streamed request's error can reach the client (`MockConfig.stream_errors`)
 STREAM_ERRORS: tuple[str, ...] = ("status", "in_band")
 #: `models = ["*"]`: every model name is known (for tests that send made-up names).
@@ -192,10 +195,13 @@ class MockConfig:
     #: Batch API: probability that a batch expires, and the share of its lines answered before it does
     batch_expire: float = 0.0
     batch_expire_after: float = 0.5
+    #: Batch API: faults of a batch's lines (see `BATCH_LINE_FAULT_KINDS`), drawn per line
+    batch_line_faults: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
         self.batch_faults = _normalize_faults(self.batch_faults, BATCH_FAULT_KINDS, "batch_faults")
+        self.batch_line_faults = _normalize_faults(self.batch_line_faults, BATCH_LINE_FAULT_KINDS, "batch_line_faults")
         for name in ("batch_fail", "batch_expire", "batch_expire_after"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:

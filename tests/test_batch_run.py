@@ -1,0 +1,218 @@
+"""`--via batch` in-process against the simulator's Files and Batches API: files, results, faults, budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from batchhub import arun_job, export_job
+from batchhub.batch_ledger import BatchLedger
+from batchhub.mock.batches import HUB
+from batchhub.runner import Job, prepare_job
+from batchhub.spec import JobSpec
+
+ROWS = 60
+
+
+def spec_for(tmp_path: Path, server, data: Path, **settings) -> JobSpec:
+    base = {
+        "model": "m",
+        "api_key": "k",
+        "job_dir": tmp_path / "job",
+        "backoff_base": 0.005,
+        "via": "batch",
+        "batch_requests": 25,
+        "batch_poll": 0.05,
+        "no_cache": True,
+    }
+    return JobSpec(input=data, base_url=server.base_url, quiet=True, **{**base, **settings})
+
+
+def server_batches(server) -> list:
+    return sorted(server.app[HUB].batches.values(), key=lambda b: b.created_at)
+
+
+def exported(tmp_path: Path) -> pd.DataFrame:
+    export_job(tmp_path / "job", tmp_path / "out.parquet")
+    return pd.read_parquet(tmp_path / "out.parquet")
+
+
+def all_results(job: Path) -> pd.DataFrame:
+    frames = [pq.read_table(p).to_pandas() for p in sorted((job / "results").glob("part-*.parquet"))]
+    return pd.concat(frames, ignore_index=True)
+
+
+async def test_rows_go_in_files_within_the_limits_and_come_back_as_results(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    data = prompts_csv(tmp_path / "in.csv", ROWS)
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert (summary.ok, summary.failed, summary.pending) == (ROWS, 0, 0)
+    batches = server_batches(server)
+    assert [b.request_counts()["total"] if callable(getattr(b, "request_counts", None)) else None for b in batches]
+    totals = [len(server.app[HUB].files[b.input_file_id].data.splitlines()) for b in batches]
+    assert totals == [25, 25, 10]  # batch_requests per file, the rest in the last
+    for batch in batches:
+        lines = [json.loads(x) for x in server.app[HUB].files[batch.input_file_id].data.splitlines()]
+        assert {line["url"] for line in lines} == {"/v1/chat/completions"}
+        assert batch.metadata["batchhub_job"] == BatchLedger.read(tmp_path / "job").key
+    frame = exported(tmp_path)
+    assert (frame["status"] == "ok").all()
+    assert frame["batch_id"].notna().all() and frame["batch_id"].nunique() == 3
+    assert frame["latency_s"].isna().all()
+    assert server.stats.completions == ROWS and server.stats.duplicates() == 0
+    assert "3 created" in summary.batch_note and "3 completed" in summary.batch_note
+
+
+async def test_a_file_is_closed_before_it_passes_batch_bytes(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    data = prompts_csv(tmp_path / "in.csv", 30)
+    await arun_job(spec_for(tmp_path, server, data, batch_requests=1000, batch_bytes=2000))
+    sizes = [len(server.app[HUB].files[b.input_file_id].data) for b in server_batches(server)]
+    assert len(sizes) > 1 and max(sizes) <= 2000
+
+
+async def test_a_row_the_batch_api_would_refuse_fails_alone_before_upload(tmp_path, mock_server):
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": ["short", "x" * 5000, "also short"]}).to_csv(data, index=False)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_bytes=3000))
+    assert (summary.ok, summary.failed) == (2, 1)
+    frame = exported(tmp_path)
+    refused = frame.iloc[1]
+    assert refused["error_type"] == "invalid_request" and "batch_bytes" in refused["error_message"]
+    uploaded = b"".join(f.data for f in server.app[HUB].files.values())
+    assert b"x" * 5000 not in uploaded
+
+
+async def test_an_expired_batch_keeps_what_it_answered_and_sends_the_rest_again(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=2, batch_seconds=0.05, batch_expire=1.0, batch_expire_after=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 20)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_attempts=2))
+    batches = server_batches(server)
+    assert [b.status for b in batches] == ["expired", "expired"]
+    assert len(server.app[HUB].files[batches[1].input_file_id].data.splitlines()) == 10  # the unanswered half
+    # answered: 10 in the first, 5 in the second; the last 5 expired twice (max_attempts 2): failed, saying why
+    assert (summary.ok, summary.failed, summary.pending) == (15, 5, 0)
+    failed = exported(tmp_path).query("status == 'error'")
+    assert failed["error_type"].eq("batch_error").all()
+    assert failed["error_message"].str.contains("expired").all()
+    assert server.stats.duplicates() == 0
+
+
+async def test_a_batch_that_fails_validation_is_sent_again_then_its_rows_fail_with_the_servers_reason(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=2, batch_seconds=0.05, batch_fail=1.0)
+    data = prompts_csv(tmp_path / "in.csv", 8)
+    summary = await arun_job(spec_for(tmp_path, server, data, max_attempts=2))
+    assert len(server_batches(server)) == 2
+    assert (summary.ok, summary.failed) == (0, 8)
+    messages = exported(tmp_path)["error_message"]
+    assert messages.str.contains("failed validation").all()
+
+
+async def test_error_lines_worth_retrying_go_in_a_new_batch_and_replies_without_usage_are_charged_worst_case(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=5, batch_seconds=0.05, batch_line_faults={"500": 0.3, "no_usage": 0.2})
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_tokens=16, max_attempts=8))
+    assert (summary.ok, summary.failed, summary.pending) == (40, 0, 0)
+    assert len(server_batches(server)) >= 2  # the 500 lines went in a new batch
+    frame = exported(tmp_path)
+    no_usage = frame["prompt_tokens"].isna()
+    assert no_usage.any()
+    assert (frame.loc[no_usage, "assumed_completion_tokens"] == 16).all()
+    assert frame.loc[~no_usage, "assumed_completion_tokens"].isna().all()
+
+
+async def test_a_line_the_server_refuses_fails_its_row_with_the_servers_error(tmp_path, mock_server):
+    server = await mock_server(seed=1, batch_seconds=0.05, models=["m", "m2"])
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": ["a", "b", "c"], "mdl": ["m", "nope", "m"]}).to_csv(data, index=False)
+    summary = await arun_job(spec_for(tmp_path, server, data, param_columns={"model": "mdl"}))
+    assert (summary.ok, summary.failed) == (2, 1)
+    bad = exported(tmp_path).iloc[1]
+    assert bad["http_status"] == 404 and "nope" in bad["error_message"]
+    assert bad["batch_id"] and json.loads(bad["extra"])["error"]["code"] == "model_not_found"
+
+
+async def test_rows_of_several_models_go_in_files_of_one_model_each(tmp_path, mock_server):
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": [f"q{i}" for i in range(9)], "mdl": ["m1", "m2", "m3"] * 3}).to_csv(data, index=False)
+    summary = await arun_job(spec_for(tmp_path, server, data, param_columns={"model": "mdl"}))
+    assert summary.ok == 9
+    models = sorted(b.model for b in server_batches(server))
+    assert models == ["m1", "m2", "m3"]
+
+
+async def test_a_batch_is_created_only_when_its_worst_case_fits_the_budget(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    prices = {"m": {"input_per_million": 1000.0, "output_per_million": 1000.0}}
+    spec = spec_for(tmp_path, server, data, max_tokens=10, prices=prices, max_cost=0.2, batch_requests=100)
+    summary = await arun_job(spec)
+    assert summary.stopped == "budget"
+    sent = sum(len(server.app[HUB].files[b.input_file_id].data.splitlines()) for b in server_batches(server))
+    assert 0 < sent < 40
+    assert summary.budget_spent_usd <= 0.2
+    assert summary.ok == sent and summary.pending == 40 - sent
+
+
+async def stopped_once_a_batch_is_live(tmp_path, server, data):
+    """Run the job until the server has a batch of it, then stop (as Ctrl-C does): the batch stays live."""
+    job = Job(prepare_job(spec_for(tmp_path, server, data)), progress=False)
+    task = asyncio.create_task(job.run())
+    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 1 and job._batch_run.counts.created)
+    job.request_stop()
+    return await task
+
+
+async def test_a_live_run_leaves_the_rows_of_a_live_batch_to_it(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=30)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    summary = await stopped_once_a_batch_is_live(tmp_path, server, data)
+    assert summary.pending == 10 and "live at the provider" in summary.batch_note
+    live = await arun_job(spec_for(tmp_path, server, data, via="live"))
+    assert live.http_requests == 0 and live.pending == 10
+    assert "--via batch to collect" in live.batch_note
+
+
+async def test_a_batch_the_provider_no_longer_has_sends_its_rows_again(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    server.app[HUB].batches.clear()  # another account, deleted, or the simulator of an earlier process
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert summary.ok == 10
+    assert BatchLedger.read(tmp_path / "job").entries[1].ended == "not_found"
+    (again,) = server.app[HUB].batches.values()  # its rows, in one new batch
+    assert len(server.app[HUB].files[again.input_file_id].data.splitlines()) == 10
+
+
+async def test_duplicate_rows_are_sent_once_and_copied(tmp_path, mock_server):
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": ["same", "other", "same", "same"]}).to_csv(data, index=False)
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert summary.ok == 4 and summary.reused == {"job": 2}
+    assert server.stats.completions == 2
+
+
+async def test_files_and_batches_calls_that_fail_are_retried_and_make_one_batch_each(
+    tmp_path, mock_server, prompts_csv
+):
+    faults = {"500": 0.1, "503": 0.1, "timeout": 0.1}
+    server = await mock_server(seed=9, batch_seconds=0.05, batch_faults=faults, hang_seconds=0.2)
+    data = prompts_csv(tmp_path / "in.csv", ROWS)
+    summary = await arun_job(spec_for(tmp_path, server, data, timeout=1))
+    assert summary.ok == ROWS
+    assert len(server_batches(server)) == 3
+    assert sum(server.stats.faults_injected.values()) > 0
+    assert server.stats.duplicates() == 0
