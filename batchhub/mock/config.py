@@ -57,8 +57,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "m",
 )
 #: Faults of the Files and Batches endpoints (`MockConfig.batch_faults`), drawn per request on each
-#: of them; in this order from one draw.
-BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout")
+#: of them; in this order from one draw ("cut": the answer's body stops halfway, after the request
+#: acted; "429": a rate limit with Retry-After `fault_retry_after_ms`, before it acts).
+BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout", "cut", "429")
 #: the ways a streamed request's error can reach the client (`MockConfig.stream_errors`)
 STREAM_ERRORS: tuple[str, ...] = ("status", "in_band")
 #: `models = ["*"]`: every model name is known (for tests that send made-up names).
