@@ -40,10 +40,8 @@ ENDPOINT = "/v1/chat/completions"
 class RecordingAPI(BatchAPI):
     """A `BatchAPI` whose waits are recorded, not slept, and whose `find`s are kept."""
 
-    def __init__(self, *args: Any, page_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if page_size is not None:
-            self._page_size = page_size
         self.slept: list[float] = []
         self.found: list[list[dict[str, Any]]] = []
 
@@ -58,7 +56,11 @@ class RecordingAPI(BatchAPI):
 
 @asynccontextmanager
 async def simulator(
-    key: str = KEY, attempts: int = 8, page_size: int | None = None, **config: Any
+    key: str = KEY,
+    attempts: int = 8,
+    page_size: int | None = None,
+    client: type[RecordingAPI] = RecordingAPI,
+    **config: Any,
 ) -> AsyncIterator[tuple[MockServer, RecordingAPI]]:
     settings = {"batch_seconds": 0.1, "api_key": KEY, "hang_seconds": 0.02, **config}
     async with (
@@ -66,10 +68,9 @@ async def simulator(
         aiohttp.ClientSession() as session,
     ):
         base = f"http://127.0.0.1:{server.port}/v1"
-        api = RecordingAPI(
-            session, base, key, timeout=10, attempts=attempts, backoff_base=0.001, rng=random.Random(0),
-            page_size=page_size,
-        )  # fmt: skip
+        api = client(session, base, key, timeout=10, attempts=attempts, backoff_base=0.001, rng=random.Random(0))
+        if page_size is not None:
+            api._page_size = page_size
         yield server, api
 
 
@@ -161,23 +162,22 @@ async def test_a_create_whose_answer_is_lost_returns_the_batch_it_made(tmp_path:
             server.app[HUB].state.config.batch_faults = {}
             return await super().find(metadata)
 
-    async with simulator() as (server, api):
+    async with simulator(client=CalmingAPI) as (server, api):
         file_id = (await api.upload(path, "in.jsonl"))["id"]
         # batches of other jobs, of this one with other metadata or another file, are not taken for it
         other_file = (await api.upload(path, "other.jsonl"))["id"]
         for other in ({"job": "j10", "part": "1"}, {"job": "j1", "part": "10"}, {"job": "j1"}):
             await api.create(file_id, ENDPOINT, other)
         await api.create(other_file, ENDPOINT, {"job": "j1", "part": "1"})
-        calming = CalmingAPI(api._session, api._base, KEY, backoff_base=0.001)
         server.app[HUB].state.config.batch_faults = {"timeout": 1.0}
-        created = await calming.create(file_id, ENDPOINT, {"job": "j1", "part": "1"})
+        created = await api.create(file_id, ENDPOINT, {"job": "j1", "part": "1"})
         hub = server.app[HUB]
         mine = [b.id for b in hub.batches.values() if b.metadata == {"job": "j1", "part": "1"}]
         assert len(mine) == 2 and mine[-1] == created["id"]
         assert created["input_file_id"] == file_id
         assert len(hub.batches) == 5
         assert server.stats.faults_injected == {"timeout": 1}
-        assert len(calming.found) == 1
+        assert len(api.found) == 1
         await finished(server)
 
 
