@@ -378,7 +378,7 @@ async def test_a_post_that_times_out_has_acted_its_answer_lost() -> None:
         ({"batch_seconds": -1}, "batch_seconds"),
         ({"batch_max_lines": 0}, "batch_max_lines"),
         ({"file_max_bytes": 1.5}, "file_max_bytes"),
-        ({"batch_faults": {"429": 0.1}}, "batch_faults"),
+        ({"batch_faults": {"reset": 0.1}}, "batch_faults"),
         ({"batch_faults": {"500": 0.7, "503": 0.7}}, "add up"),
         ({"batch_fail": 2}, "batch_fail"),
         ({"batch_expire": -0.1}, "batch_expire"),

@@ -8,15 +8,17 @@ Routes (added by :func:`add_routes`):
   ``POST /v1/batches/{id}/cancel``.
 
 Refusals carry OpenAI's error body (400, 401, 404). Faults: `batch_faults` on every request here:
-a 5xx before the request acts; a ``timeout`` (a hang of `hang_seconds`, then a dropped connection)
-instead of a GET, and after a POST has acted (the file stored, the batch created: the client must
-find it again, by its metadata in the list). What a batch holds and how it runs:
-batchhub/mock/batches.py.
+a 5xx or a ``429`` (with Retry-After) before the request acts; a ``timeout`` (a hang of
+`hang_seconds`, then a dropped connection) instead of a GET, and after a POST has acted (the file
+stored, the batch created: the client must find it again, by its metadata in the list); a ``cut``
+after the request acted: its answer announces its whole length and stops halfway (a download
+broken mid-way). What a batch holds and how it runs: batchhub/mock/batches.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -76,12 +78,16 @@ def _guarded(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRe
         if not hub.authorized(request, state.config):
             return unauthorized(state)
         fault = hub.draw_fault()
-        if fault is not None and fault != "timeout":
+        if fault == "429":
+            return _rate_limited(state)
+        if fault in SERVER_ERRORS:
             return error_response(state, int(fault), error_object(SERVER_ERRORS[fault], "server_error", None))
         if fault == "timeout" and request.method != "POST":
             await state.pause(state.config.hang_seconds)
             return drop_connection(request)
         response = await handler(request, hub)
+        if fault == "cut":
+            return await _cut(request, response)
         if fault == "timeout":
             # A POST that times out has done its work (the file stored, the batch created or
             # cancelled): its answer is what is lost, so the client cannot tell whether it happened.
@@ -92,6 +98,32 @@ def _guarded(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRe
         return response
 
     return guarded
+
+
+def _rate_limited(state: MockState) -> web.Response:
+    """An injected 429 of the Files and Batches endpoints, with the wait `fault_retry_after_ms`."""
+    state.stats.rate_limited += 1
+    wait_ms = state.config.fault_retry_after_ms
+    message = f"Rate limit reached for requests to the Batch API. Please try again in {wait_ms}ms."
+    headers = {"Retry-After": str(math.ceil(wait_ms / 1000)), "retry-after-ms": str(wait_ms)}
+    return error_response(state, 429, error_object(message, "requests", "rate_limit_exceeded"), headers=headers)
+
+
+async def _cut(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send `response` with its whole Content-Length but only the first half of its body, then
+    drop the connection: a body broken in transit."""
+    body = response.body if isinstance(response, web.Response) else None
+    data = body if isinstance(body, bytes) else b""
+    cut = web.StreamResponse(status=response.status, headers={"Content-Type": response.content_type})
+    cut.content_length = len(data)
+    try:
+        await cut.prepare(request)
+        await cut.write(data[: len(data) // 2])
+        if request.transport is not None:
+            request.transport.close()
+    except ConnectionError:
+        pass  # the client went away
+    return cut
 
 
 async def _read_upload(request: web.Request, limit: int) -> tuple[dict[str, str], tuple[str, bytes] | None, bool]:

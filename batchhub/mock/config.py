@@ -57,8 +57,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "m",
 )
 #: Faults of the Files and Batches endpoints (`MockConfig.batch_faults`), drawn per request on each
-#: of them; in this order from one draw.
-BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout")
+#: of them; in this order from one draw ("cut": the answer's body stops halfway, after the request
+#: acted; "429": a rate limit with Retry-After `fault_retry_after_ms`, before it acts).
+BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout", "cut", "429")
 #: Faults of a batch's lines (`MockConfig.batch_line_faults`), drawn per line: answered with a 500 (the
 #: provider's "server_error" line, worth sending again), or a reply without `usage`.
 BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage")
