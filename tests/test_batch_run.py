@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
 from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from batchhub.mock.config import BATCH_LINE_FAULT_KINDS, BATCH_FAULT_KINDS, MockConfig
+from batchhub.mock.config import BATCH_FAULT_KINDS, BATCH_LINE_FAULT_KINDS, MockConfig
 from batchhub.mock.responses import dumps
 from batchhub.mock.state import MockState
 
@@ -292,14 +292,17 @@ class BatchHub:
     def _answer(self, batch: Batch, line: dict[str, Any]) -> dict[str, Any]:
         fault = self._line_fault()
         if fault == "500":  # the provider failed this line: not answered, not billed
-            status, body = 500, {
-                "error": {
-                    "message": "The server had an error processing your request.",
-                    "type": "server_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
+            status, body = (
+                500,
+                {
+                    "error": {
+                        "message": "The server had an error processing your request.",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+            )
         else:
             status, body = self.answer_line(self.state, line["body"])
             if fault == "no_usage" and status == 200:
