@@ -48,7 +48,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_every_marked_example_is_covered_here() -> None:
-    assert set(examples()) >= {"params", "structured", "openai-batch", "base-url", "reuse"}
+    assert set(examples()) >= {"params", "structured", "openai-batch", "base-url", "reuse", "batch-api"}
 
 
 def test_reuse_example(workdir: Path) -> None:
@@ -94,3 +94,16 @@ async def test_base_url_example(workdir: Path) -> None:
         assert server.stats.completions == questions  # the key from the environment was accepted
     finally:
         await server.close()
+
+
+def test_batch_api_example(workdir: Path) -> None:
+    run, batches, cost, export = examples()["batch-api"]
+    run_line(run, workdir)
+    listed = CliRunner().invoke(main, shlex.split(batches)[1:])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.count(" completed ") == 3  # 200 rows in files of 80
+    run_line(cost, workdir)
+    run_line(export, workdir)
+    df = pd.read_parquet(workdir / "reviews_batch.parquet")
+    assert len(df) == 200 and set(df["status"]) == {"ok"}
+    assert (df["batch_id"].notna() | df["reused"].notna()).all()  # sent in a batch, or a copy of a reply
