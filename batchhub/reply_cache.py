@@ -212,6 +212,9 @@ class ReplyCache:
         #: whatever `replace` says
         self._damaged_keys: set[bytes] = set()
         self._closed = False
+        #: lookups and writes running (in threads): `close` waits for them, and none starts after it
+        self._users = threading.Condition()
+        self._active = 0
 
     @classmethod
     def open(cls, folder: Path) -> ReplyCache:
@@ -289,6 +292,20 @@ class ReplyCache:
             if self.problem is None:
                 self.problem = f"reply cache {self.path} cannot be used ({doing}: {exc.strerror or exc})"
 
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[bool]:
+        """An operation on the connections: False (do nothing) once the cache is closed; `close` waits for it."""
+        with self._users:
+            usable = not self._closed
+            self._active += usable
+        try:
+            yield usable
+        finally:
+            if usable:
+                with self._users:
+                    self._active -= 1
+                    self._users.notify_all()
+
     # -- the interface ---------------------------------------------------------------------
 
     def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -298,7 +315,9 @@ class ReplyCache:
         if self.problem is not None or self._closed or not wanted:
             return found
         damaged: list[tuple[int, int, bytes]] = []
-        with self._guard("lookup"):
+        with self._in_use() as usable, self._guard("lookup"):
+            if not usable:
+                return found
             conn = self._connection()
             asked = set(wanted)
             for start in range(0, len(wanted), CACHE_LOOKUP_CHUNK):
@@ -353,7 +372,9 @@ class ReplyCache:
         with self._lock:
             forced = [row for row in rows if row[0] in self._damaged_keys] if self._damaged_keys else []
             self._damaged_keys.difference_update(row[0] for row in forced)
-        with self._guard("write"):
+        with self._in_use() as usable, self._guard("write"):
+            if not usable:
+                return
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -446,7 +467,9 @@ class ReplyCache:
 
     def close(self) -> None:
         """Close every connection (of every thread). Later calls find nothing and write nothing."""
-        self._closed = True
+        with self._users:  # a lookup or a write running in a thread ends first: its connection is in use
+            self._closed = True
+            self._users.wait_for(lambda: self._active == 0)
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:

@@ -670,3 +670,41 @@ def test_the_readme_cache_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         run_line(line, tmp_path)
     assert {m.model: m.entries for m in opened.info().by_model} == {"gpt-4o-mini": 6}
     opened.close()
+
+
+_CLOSE_WHILE_LOOKING = """
+import sys, threading, time
+from pathlib import Path
+from batchhub.reply_cache import ReplyCache
+folder = Path(sys.argv[1])
+cache = ReplyCache.open(folder)
+reply = {"content": "x" * 200, "model": "m", "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+cache.put_many([(f"{i:032x}", "e", "m", reply) for i in range(20000)])
+cache.close()
+for attempt in range(30):
+    cache = ReplyCache.open(folder)
+    looking = threading.Thread(target=cache.get_many, args=([f"{i:032x}" for i in range(20000)],))
+    looking.start()
+    time.sleep(0.002 * (attempt % 10))
+    cache.close()  # as a run that stops closes it while a lookup runs in a thread
+    looking.join()
+print("ok")
+"""
+
+
+def test_closing_the_cache_while_a_lookup_runs_in_a_thread_waits_for_it(tmp_path: Path) -> None:
+    """A run stopped (Ctrl-C) while the reader looked rows up in a thread closed the cache under the lookup:
+    the process died of a segmentation fault."""
+    import subprocess
+    import sys
+
+    from jobprocs import child_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLOSE_WHILE_LOOKING, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

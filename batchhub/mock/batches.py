@@ -291,6 +291,7 @@ class BatchHub:
 
     def _answer(self, batch: Batch, line: dict[str, Any]) -> dict[str, Any]:
         fault = self._line_fault()
+        body: dict[str, Any]
         if fault == "500":  # the provider failed this line: not answered, not billed
             status, body = (
                 500,
