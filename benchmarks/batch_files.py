@@ -19,7 +19,6 @@ import argparse
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 from _common import (
     API_KEY,
@@ -42,10 +41,13 @@ def server_batches(base_url: str) -> list[dict]:
         return json.load(resp)["data"]
 
 
-def file_of(base_url: str, file_id: str) -> dict:
-    request = urllib.request.Request(f"{base_url}/files/{file_id}", headers={"Authorization": f"Bearer {API_KEY}"})
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        return json.load(resp)
+def file_lines(base_url: str, file_id: str) -> tuple[int, int]:
+    """The requests (lines) and bytes of an uploaded batch file."""
+    url = f"{base_url}/files/{file_id}/content"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        data = resp.read()
+    return data.count(b"\n"), len(data)
 
 
 def main() -> None:
@@ -82,9 +84,9 @@ def main() -> None:
         batches = server_batches(sim.base_url)
         if not first or not batches:
             raise SystemExit(f"no batch was created (exit {result.returncode})\n{result.stderr[-3000:]}")
-        files = [file_of(sim.base_url, b["input_file_id"]) for b in batches]
-        requests = [b["request_counts"]["total"] for b in batches]
-        sizes = [f["bytes"] for f in files]
+        files = [file_lines(sim.base_url, b["input_file_id"]) for b in batches]
+        requests = [n for n, _ in files]
+        sizes = [size for _, size in files]
         lines = [
             f"input: {args.rows:,} rows (CSV), files of at most {args.batch_requests:,} requests",
             f"time from start to the first batch created: {first[0]:.2f} s",
