@@ -110,10 +110,11 @@ def build_job(job_dir: Path, kind: str, n: int) -> None:
 
 
 def demo_estimate(via: str) -> dict:
-    """`batchhub estimate jobs/demo.toml --via VIA --json` (offline: the demo's tokens counted, no request)."""
+    """`batchhub estimate jobs/demo.toml --via VIA --no-cache --json` (offline: the demo's tokens counted, no
+    request; every row counted, none left out as answered by a reply cache of earlier demo runs)."""
+    demo = str(c.REPO / "jobs" / "demo.toml")
     result = c.run_child(
-        [sys.executable, "-m", "batchhub", "estimate", str(c.REPO / "jobs" / "demo.toml"), "--via", via, "--json"],
-        timeout=300,
+        [sys.executable, "-m", "batchhub", "estimate", demo, "--via", via, "--no-cache", "--json"], timeout=300
     )
     c.check_ok(result, f"batchhub estimate jobs/demo.toml --via {via}")
     data: dict = json.loads(result.stdout)

@@ -392,3 +392,14 @@ def test_a_live_estimate_hints_at_the_batch_price() -> None:
 def test_estimate_refuses_an_unknown_via() -> None:
     out = CliRunner().invoke(main, estimate_args("--via", "post"))
     assert out.exit_code == 2 and "'post' is not one of 'live', 'batch'" in out.output
+
+
+def test_the_readmes_batch_prices_example_is_a_prices_file(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**Batch API prices.**") :]
+    start = section.index("```json\n") + 8
+    example = section[start : section.index("\n```", start)]
+    f = tmp_path / "prices.json"
+    f.write_text(example)
+    price = PriceBook.build({}, f).lookup("my-model", batch=True)
+    assert price is not None and (price.input.base, price.output.base) == (0.6, 5.0)
