@@ -6,7 +6,8 @@ body field billed as input, such as tools and response_format, plus 5% and 16 to
 of margin; for a model without a tokenizer, the request body's UTF-8 byte length,
 which no byte-level BPE count exceeds) at the input price, plus `n` x `max_tokens` at
 the output price (without `max_tokens`, `BUDGET_COMPLETION_CEILING` tokens are assumed:
-set `max_tokens` for a hard guarantee). A row is dispatched only if what was already
+set `max_tokens` for a hard guarantee); a job sent through the Batch API (`via = "batch"`)
+reserves at the model's batch price. A row is dispatched only if what was already
 spent, plus every reservation in flight, plus its own, stays within the budget. When
 it does not fit, the row waits for replies in flight to settle (their real cost is
 usually far below their worst case); the job stops only when nothing is in flight and
@@ -204,17 +205,20 @@ class Spending:
 
 
 class Budget(Spending):
-    """A job's budget: its spending, and the worst case of each request at known prices."""
+    """A job's budget: its spending, and the worst case of each request at known prices (the batch price
+    for a job sent through the Batch API, `via` "batch")."""
 
-    def __init__(self, limit: float, spent: float, book: PriceBook) -> None:
+    def __init__(self, limit: float, spent: float, book: PriceBook, via: str = "live") -> None:
         super().__init__(limit, spent)
         self.book = book
+        self.via = via
         self.bounds = RequestBounds()
         #: the worst case that did not fit when the job stopped on the budget
         self.refused: float | None = None
 
     def price(self, model: str) -> ModelPrice:
-        price = self.book.lookup(model)
+        """The price a request of `model` is sent at: live, or the batch price."""
+        price = self.book.lookup(model, batch=self.via == "batch")
         if price is None:
             raise UsageError(
                 f"--max-cost needs a price for model {model!r}, and none is known: give it with --prices FILE"
@@ -292,7 +296,7 @@ def one_reply_check(budget: Budget, model: str, choices: int, max_tokens: int | 
     what = f"set --max-tokens {fits} or less, or a larger --max-cost" if fits else "set a larger --max-cost"
     raise UsageError(
         f"one reply's worst case is more than {room}: {times}{per_choice:,} completion tokens of {model} "
-        f"cost {_usd(worst)}{unset}; {what}"
+        f"cost {_usd(worst)}{' at the Batch API price' if budget.via == 'batch' else ''}{unset}; {what}"
     )
 
 

@@ -39,6 +39,7 @@ USAGE_COLUMNS = (
     "assumed_prompt_tokens",
     "assumed_completion_tokens",
     "reused",
+    "batch_id",
 )
 
 
@@ -94,7 +95,27 @@ def report(table: pa.Table, book: PriceBook) -> CostReport:
 
 
 def _bill(table: pa.Table, book: PriceBook) -> CostReport:
-    """Price every response of `table` that reported usage."""
+    """Price every response of `table` that reported usage: a reply of the Batch API (its `batch_id` set)
+    at the batch price, its lines apart."""
+    if "batch_id" not in table.column_names or table["batch_id"].null_count == table.num_rows:
+        return _bill_via(table, book, batch=False)
+    if table["batch_id"].null_count == 0:
+        return _bill_via(table, book, batch=True)
+    in_batch = pc.is_valid(table["batch_id"])
+    live = _bill_via(table.filter(pc.invert(in_batch)), book, batch=False)
+    batch = _bill_via(table.filter(in_batch), book, batch=True)
+    live.models += batch.models
+    live.total_usd += batch.total_usd
+    live.unknown_models = sorted(set(live.unknown_models) | set(batch.unknown_models))
+    live.responses_without_usage += batch.responses_without_usage
+    live.sources = sorted(set(live.sources) | set(batch.sources))
+    live.assumed_usd += batch.assumed_usd
+    live.assumed_results += batch.assumed_results
+    return live
+
+
+def _bill_via(table: pa.Table, book: PriceBook, *, batch: bool) -> CostReport:
+    """Price every response of `table` that reported usage, all at the live price or all at the batch price."""
     has_usage = pc.and_(pc.is_valid(table["prompt_tokens"]), pc.is_valid(table["completion_tokens"]))
     if "status" in table.column_names:
         ok_without = pc.and_(pc.equal(table["status"], "ok"), pc.invert(has_usage))
@@ -114,14 +135,15 @@ def _bill(table: pa.Table, book: PriceBook) -> CostReport:
         cached,
         book,
         when,
+        batch=batch,
     )
     result.responses_without_usage = no_usage
     if "assumed_prompt_tokens" in table.column_names and "assumed_completion_tokens" in table.column_names:
-        _add_assumed(result, table, book, when)
+        _add_assumed(result, table, book, when, batch)
     return result
 
 
-def _add_assumed(result: CostReport, table: pa.Table, book: PriceBook, when: datetime | None) -> None:
+def _add_assumed(result: CostReport, table: pa.Table, book: PriceBook, when: datetime | None, batch: bool) -> None:
     """Price the tokens charged at worst case, into the total and apart as assumed."""
     ap, ac = table["assumed_prompt_tokens"], table["assumed_completion_tokens"]
     rows = table.filter(pc.or_(pc.is_valid(ap), pc.is_valid(ac)))
@@ -134,6 +156,7 @@ def _add_assumed(result: CostReport, table: pa.Table, book: PriceBook, when: dat
         None,
         book,
         when,
+        batch=batch,
     )
     result.assumed_usd = assumed.total_usd
     result.assumed_results = rows.num_rows
@@ -151,8 +174,9 @@ def _latest(table: pa.Table) -> datetime | None:
 
 
 def render(rep: CostReport) -> str:
-    """The report as an aligned text table."""
-    header = (
+    """The report as an aligned text table; with a "via" column when some replies came through the Batch API
+    (their lines apart, at the batch price)."""
+    header: tuple[str, ...] = (
         "model",
         "priced as",
         "replies billed",
@@ -163,6 +187,7 @@ def render(rep: CostReport) -> str:
         "output $",
         "total $",
     )
+    by_via = any(m.via != "live" for m in rep.models)
     rows: list[tuple[str, ...]] = []
     for m in rep.models:
         rows.append(
@@ -192,7 +217,11 @@ def render(rep: CostReport) -> str:
             total,
         )
     )
-    lines = text_table([header, *rows], left=2, rules_after=(0, len(rows) - 1))
+    if by_via:
+        vias = [m.via for m in rep.models] + [""]
+        header = (header[0], "via", *header[1:])
+        rows = [(row[0], via, *row[1:]) for row, via in zip(rows, vias, strict=True)]
+    lines = text_table([header, *rows], left=3 if by_via else 2, rules_after=(0, len(rows) - 1))
     return "\n".join([*lines, *bill_notes(rep)])
 
 

@@ -7,6 +7,10 @@ known before the answers exist, so they are a range: from one token per row up t
 (`--sample N`: N rows spread evenly over the input are really sent, and become part
 of the job) the completion length is extrapolated from the sample's mean, with a 95%
 interval from its spread, and the server's own prompt count calibrates the tokenizer's.
+
+A job is priced as it will be sent (`via`): live, or through the Batch API at the batch
+price (batchhub/pricing.py); the other way's cost is worked out beside it, so `estimate
+--via batch` shows what the Batch API saves, and a live estimate what it would cost.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 from batchhub.budget import RequestBounds
 from batchhub.io import open_input
-from batchhub.pricing import PriceBook
+from batchhub.pricing import ModelPrice, PriceBook
 from batchhub.requests import RequestBuilder, RowError
 from batchhub.spec import JobSpec
 from batchhub.text import text_table
@@ -53,9 +57,17 @@ class ModelEstimate:
     completion_expected: int | None
     completion_high: int | None
     priced_as: str | None
+    #: the cost as the job will be sent (its `via`): one of the two below
     cost_low: float | None
     cost_expected: float | None
     cost_high: float | None
+    #: the cost sent live, and through the Batch API at the batch price
+    live_cost_low: float | None = None
+    live_cost_expected: float | None = None
+    live_cost_high: float | None = None
+    batch_cost_low: float | None = None
+    batch_cost_expected: float | None = None
+    batch_cost_high: float | None = None
 
 
 @dataclass
@@ -68,6 +80,8 @@ class Estimate:
     unknown_prices: list[str] = field(default_factory=list)
     #: rows not counted: their request is answered already (the reply cache, or an earlier row asking the same)
     rows_answered: int = 0
+    #: how the job will be sent: "live", or "batch" (the Batch API); its costs are the `cost_*` figures
+    via: str = "live"
 
     def total(self, key: str) -> float | None:
         values = [getattr(m, key) for m in self.models]
@@ -75,9 +89,9 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {
-            "total_cost_low": self.total("cost_low"),
-            "total_cost_expected": self.total("cost_expected"),
-            "total_cost_high": self.total("cost_high"),
+            f"total_{way}cost_{end}": self.total(f"{way}cost_{end}")
+            for way in ("", "live_", "batch_")
+            for end in ("low", "expected", "high")
         }
 
 
@@ -176,7 +190,7 @@ def estimate(spec: JobSpec, book: PriceBook, sample: SampleStats | None = None) 
             upper = math.ceil((sample.completion_mean + half) * t.rows)
             high = upper if high is None else min(high, upper)
             expected = min(expected, high)
-        price = book.lookup(model)
+        price = book.lookup(model, batch=spec.via == "batch")
         est = ModelEstimate(
             model=model,
             rows=t.rows,
@@ -194,17 +208,27 @@ def estimate(spec: JobSpec, book: PriceBook, sample: SampleStats | None = None) 
         if price is None:
             unknown.append(model)
         else:
-            sources.add(price.source)
-            # priced as rows of average size (a tiered price applies by the average prompt)
-            rows_n = max(t.rows, 1)
-            avg_prompt = prompt / rows_n
-            est.cost_low, est.cost_expected, est.cost_high = (
-                None if c is None else float(price.request_cost(avg_prompt, c / rows_n) * rows_n)
-                for c in (low, expected, high)
-            )
+            for batch in (False, True):
+                way = book.lookup(model, batch=batch)
+                assert way is not None  # a batch price is known whenever the live one is
+                sources.add(way.source)
+                costs = _costs(way, prompt, t.rows, (low, expected, high))
+                name = "batch" if batch else "live"
+                setattr(est, f"{name}_cost_low", costs[0])
+                setattr(est, f"{name}_cost_expected", costs[1])
+                setattr(est, f"{name}_cost_high", costs[2])
+            est.cost_low, est.cost_expected, est.cost_high = _costs(price, prompt, t.rows, (low, expected, high))
         models.append(est)
     rows = sum(t.rows for t in tallies.values())
-    return Estimate(rows, failing, models, sample, sorted(sources), unknown, rows_answered=answered)
+    return Estimate(rows, failing, models, sample, sorted(sources), unknown, rows_answered=answered, via=spec.via)
+
+
+def _costs(price: ModelPrice, prompt: int, rows: int, completion: tuple[int | None, ...]) -> tuple[float | None, ...]:
+    """The cost of `rows` requests of `prompt` tokens in all, for each completion total (None: no ceiling)."""
+    # priced as rows of average size (a tiered price applies by the average prompt)
+    rows_n = max(rows, 1)
+    avg_prompt = prompt / rows_n
+    return tuple(None if c is None else float(price.request_cost(avg_prompt, c / rows_n) * rows_n) for c in completion)
 
 
 def render(est: Estimate) -> str:
@@ -219,7 +243,10 @@ def render(est: Estimate) -> str:
             else ""
         )
     ]
-    header = ("model", "rows", "prompt tokens", "tokenizer", "completion tokens", "cost")
+    batch = est.via == "batch"
+    header: tuple[str, ...] = ("model", "rows", "prompt tokens", "tokenizer", "completion tokens", "cost")
+    if batch:
+        header = (*header[:-1], "cost (Batch API)", "cost live")
     rows = [header]
     for m in est.models:
         completion = f"{m.completion_low:,} .. " + (
@@ -227,18 +254,16 @@ def render(est: Estimate) -> str:
         )
         if m.completion_expected is not None:
             completion += f" (expected {m.completion_expected:,})"
-        if m.cost_low is None and m.priced_as is None:
-            cost = "unknown price"
-        else:
-            cost = f"${m.cost_low:,.4f} .. " + (f"${m.cost_high:,.4f}" if m.cost_high is not None else "no ceiling")
-            if m.cost_expected is not None:
-                cost += f" (expected ${m.cost_expected:,.4f})"
-        rows.append((m.model, f"{m.rows:,}", f"{m.prompt_tokens:,}", m.tokenizer, completion, cost))
+        cost = _cost_range(m.cost_low, m.cost_expected, m.cost_high)
+        cells: tuple[str, ...] = (m.model, f"{m.rows:,}", f"{m.prompt_tokens:,}", m.tokenizer, completion, cost)
+        if batch:
+            cells = (*cells, _cost_range(m.live_cost_low, m.live_cost_expected, m.live_cost_high))
+        rows.append(cells)
     lines += text_table(rows, left=len(header))
     low, expected, high = est.total("cost_low"), est.total("cost_expected"), est.total("cost_high")
     if len(est.models) > 1 and low is not None:
-        total = f"total cost ${low:,.4f} .. " + (f"${high:,.4f}" if high is not None else "no ceiling")
-        lines.append(total + (f" (expected ${expected:,.4f})" if expected is not None else ""))
+        lines.append(f"total cost {_cost_range(low, expected, high)}")
+    lines += _other_way(est)
     s = est.sample
     if s is None:
         lines.append("completion: from 1 token per row up to max_tokens per row; --sample N sends N rows to measure it")
@@ -254,6 +279,32 @@ def render(est: Estimate) -> str:
         lines.append(f"unknown price for: {', '.join(est.unknown_prices)} (give it with --prices FILE)")
     lines.append("prices: " + ("; ".join(est.prices) if est.prices else "none found"))
     return "\n".join(lines)
+
+
+def _cost_range(low: float | None, expected: float | None, high: float | None) -> str:
+    """ "$low .. $high (expected $x)", "no ceiling" for a missing high; "unknown price" without a low."""
+    if low is None:
+        return "unknown price"
+    text = f"${low:,.4f} .. " + (f"${high:,.4f}" if high is not None else "no ceiling")
+    return text + (f" (expected ${expected:,.4f})" if expected is not None else "")
+
+
+def _other_way(est: Estimate) -> list[str]:
+    """What the Batch API saves (a batch estimate), or what it would cost (a live one), in one line."""
+    ends = ("low", "expected", "high")
+    live = [est.total(f"live_cost_{end}") for end in ends]
+    batch = [est.total(f"batch_cost_{end}") for end in ends]
+    if not est.models or live[0] is None or batch[0] is None:
+        return []
+    if est.via != "batch":
+        return [f"through the Batch API (--via batch, at the batch price): {_cost_range(*batch)}"]
+    saved = [None if a is None or b is None else a - b for a, b in zip(live, batch, strict=True)]
+    assert saved[0] is not None
+    share = f" ({saved[-1] / live[-1]:.0%})" if saved[-1] is not None and live[-1] else ""
+    return [
+        f"priced at the Batch API price; sent live it would cost {_cost_range(*live)}: "
+        f"the Batch API saves {_cost_range(*saved)}{share}"
+    ]
 
 
 async def run_sample(

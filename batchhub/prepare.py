@@ -100,7 +100,8 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
     prices = spec.price_book()
     manifest.prices = prices.to_record()  # what status, report and cost price the job with later
     if spec.model:
-        prices.lookup(spec.model)  # load the price data now, not on the event loop at the first response
+        # load the price data now, not on the event loop at the first response
+        prices.lookup(spec.model, batch=spec.via == "batch")
     return PreparedJob(
         spec=spec,
         source=source,
@@ -198,7 +199,8 @@ def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
 
     assert spec.max_cost is not None
     if spec.model:
-        Budget(spec.max_cost, 0.0, prices).price(spec.model)  # refuse an unknown price before anything is sent
+        # refuse an unknown price before anything is sent
+        Budget(spec.max_cost, 0.0, prices, spec.via).price(spec.model)
     spent = 0.0
     if store.exists():
         earlier = store.results(list(USAGE_COLUMNS), any_row=True)  # rows deleted since were paid for too
@@ -216,7 +218,7 @@ def start_budget(spec: JobSpec, store: JobStore, prices: PriceBook) -> Budget:
                 earlier.column_names.index("model"), "model", pa.repeat(spec.model, earlier.num_rows)
             )
             spent = max(spent, report(as_asked, prices).total_usd)
-    budget = Budget(float(spec.max_cost), spent, prices)
+    budget = Budget(float(spec.max_cost), spent, prices, spec.via)
     if spec.model:
         # as the request builder bounds a reply: n as a lenient server reads it, the larger completion bound
         bound = completion_bound(spec.max_tokens, spec.params.get("max_completion_tokens"))

@@ -19,6 +19,13 @@ Override shape (per model, USD per million tokens)::
 
     {"my-model": {"input_per_million": 1.25, "output_per_million": 10.0, "cached_input_per_million": 0.125}}
 
+A job sent through the Batch API (`via = "batch"`: its results carry a `batch_id`) is
+priced at the model's batch price (`lookup(model, batch=True)`): an override's own
+`batch_input_per_million`, `batch_output_per_million` (and `batch_cached_input_per_million`)
+when it has them; else genai-prices' batch price of the model, where it has one; else the
+live price at the providers' published Batch API discount (`defaults.BATCH_DISCOUNT`), and
+its source says so.
+
 Tiered prices (a higher rate for every token of a request whose prompt is past a
 threshold, as some providers charge) are applied per request.
 
@@ -36,7 +43,7 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +56,10 @@ from batchhub.cache_dir import default_cache_dir
 from batchhub.errors import UsageError
 from batchhub.manifest import Manifest
 
-OVERRIDE_KEYS = {"input_per_million", "output_per_million", "cached_input_per_million"}
+BATCH_KEYS = {"batch_input_per_million", "batch_output_per_million", "batch_cached_input_per_million"}
+OVERRIDE_KEYS = {"input_per_million", "output_per_million", "cached_input_per_million"} | BATCH_KEYS
+#: what genai-prices is told of a request sent through the Batch API
+_BATCH_CONTEXT = {"processing": "batch"}
 _DATED = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
 
 
@@ -74,6 +84,10 @@ class Rate:
             rate[prompt_tokens > start] = tier_rate
         return rate
 
+    def scaled(self, factor: float) -> Rate:
+        """This rate with every price times `factor` (the tiers' thresholds kept)."""
+        return Rate(self.base * factor, tuple((start, rate * factor) for start, rate in self.tiers))
+
     def describe(self) -> str:
         text = f"${self.base:g}"
         return text + (" (+tiers)" if self.tiers else "")
@@ -90,6 +104,8 @@ class ModelPrice:
     output: Rate
     cached_input: Rate | None
     source: str
+    #: the price of a request sent through the Batch API (True) or live
+    batch: bool = False
 
     def costs(
         self, prompt: np.ndarray, completion: np.ndarray, cached: np.ndarray | None = None
@@ -136,6 +152,10 @@ def _check_override(model: str, entry: Any, origin: str) -> dict[str, float]:
     for key in ("input_per_million", "output_per_million"):
         if key not in entry:
             raise UsageError(f"{origin}: prices for {model!r} need {key}")
+    if BATCH_KEYS & set(entry):
+        for key in ("batch_input_per_million", "batch_output_per_million"):
+            if key not in entry:
+                raise UsageError(f"{origin}: batch prices for {model!r} need {key} too")
     out = {}
     for key, value in entry.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
@@ -202,16 +222,19 @@ class SavedPrices:
         return self._saved
 
     def get(self, key: str) -> tuple[bool, ModelPrice | None]:
-        """(found, price) for `key`; a record that does not read as a price is not found."""
+        """(found, price) for `key` (`model@day`, `model@day@batch` for the batch price); a record that
+        does not read as a price is not found."""
         if key not in self._all():
             return False, None
-        record, source = self._all()[key], f"genai-prices {_genai_prices_version()} (bundled data)"
+        record = self._all()[key]
         if record is None:
             return True, None
+        batch = key.endswith("@batch")
         try:
-            model = key.rpartition("@")[0]
+            model = key.removesuffix("@batch").rpartition("@")[0]
+            kind = record.get("kind", "live")
             input_rate, output_rate = _rate_of(record["input"]), _rate_of(record["output"])
-            if input_rate is None or output_rate is None:
+            if input_rate is None or output_rate is None or kind not in _KINDS or (kind != "live") != batch:
                 return False, None
             return True, ModelPrice(
                 model=model,
@@ -220,12 +243,15 @@ class SavedPrices:
                 input=input_rate,
                 output=output_rate,
                 cached_input=_rate_of(record["cached_input"]),
-                source=source,
+                source=_genai_prices_source(kind),
+                batch=batch,
             )
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return False, None
 
-    def put(self, key: str, price: ModelPrice | None) -> None:
+    def put(self, key: str, price: ModelPrice | None, kind: str = "live") -> None:
+        """Save `price` (None: no source knows the model) under `key`; `kind` is where a price came
+        from (`_KINDS`)."""
         saved = self._all()
         if len(saved) >= defaults.SAVED_PRICES_MAX:  # a key a model a day: start afresh rather than grow for ever
             saved.clear()
@@ -238,6 +264,7 @@ class SavedPrices:
                 "input": _rate_record(price.input),
                 "output": _rate_record(price.output),
                 "cached_input": _rate_record(price.cached_input),
+                "kind": kind,
             }
         )
         if self.path is None:
@@ -256,6 +283,26 @@ class SavedPrices:
             pass  # a read-only or full disk: the next job looks the price up again
 
 
+#: where a genai-prices price came from: its live price, its batch price, its live price at the
+#: published Batch API discount
+_KINDS = ("live", "batch", "discount")
+
+
+def _genai_prices_source(kind: str) -> str:
+    """A genai-prices price's source as reports print it."""
+    version = _genai_prices_version()
+    if kind == "batch":
+        return f"genai-prices {version} batch price (bundled data)"
+    if kind == "discount":
+        return f"genai-prices {version} live price {discount_note()}"
+    return f"genai-prices {version} (bundled data)"
+
+
+def discount_note() -> str:
+    """How a batch price that no source gives is made: "at the published 50% Batch API discount"."""
+    return f"at the published {1 - defaults.BATCH_DISCOUNT:.0%} Batch API discount"
+
+
 def _day(when: datetime | None) -> date:
     """The UTC day genai-prices prices a request of `when` (None: now) at."""
     if when is None:
@@ -264,13 +311,31 @@ def _day(when: datetime | None) -> date:
 
 
 def _same_all_day(model_info: Any) -> bool:
-    """Whether a genai-prices model's prices depend on nothing but the date (none, or start dates only)."""
+    """Whether a genai-prices model's prices depend on nothing but the date (none, or start dates only),
+    its price variants (the batch price) included."""
     from genai_prices.types import StartDateConstraint
 
     prices = getattr(model_info, "prices", None)
-    if not isinstance(prices, list):
-        return True
-    return all(getattr(p, "constraint", None) is None or type(p.constraint) is StartDateConstraint for p in prices)
+    variants = getattr(model_info, "price_variants", None)
+    conditional = [*(prices if isinstance(prices, list) else ()), *(variants if isinstance(variants, list) else ())]
+    return all(getattr(p, "constraint", None) is None or type(p.constraint) is StartDateConstraint for p in conditional)
+
+
+def _has_batch_variant(calc: Any, when: datetime | None) -> bool:
+    """Whether genai-prices priced `calc` with a batch price of its own, rather than returning the live
+    price unchanged: the model has a price variant for batch processing that applies on that day (and
+    the model is its provider's own, not one it falls back to, whose variants genai-prices ignores)."""
+    if not any(model is calc.model for model in getattr(calc.provider, "models", ())):
+        return False
+    at = when if when is not None else datetime.now(UTC)
+    for variant in getattr(calc.model, "price_variants", None) or ():
+        if variant.constraint is not None and not variant.constraint.active(at):
+            continue
+        if not all(_BATCH_CONTEXT.get(key) == value for key, value in variant.when.items()):
+            continue
+        if any(price is not None for price in vars(variant.prices).values()):
+            return True
+    return False
 
 
 def _genai_prices_version() -> str:
@@ -349,33 +414,44 @@ class PriceBook:
         parts = [f"{source} for {', '.join(sorted(models))}" for source, models in by_source.items()]
         return "; ".join([*parts, self.default_source])
 
-    def lookup(self, model: str, when: datetime | None = None) -> ModelPrice | None:
-        """The price of `model`, or None when no source knows it."""
-        key = f"{model}@{when.date() if when else ''}"
+    def lookup(self, model: str, when: datetime | None = None, *, batch: bool = False) -> ModelPrice | None:
+        """The price of `model` (`batch`: of a request sent through the Batch API), or None when no source
+        knows it."""
+        key = f"{model}@{when.date() if when else ''}" + ("@batch" if batch else "")
         if key not in self._cache:
-            self._cache[key] = self._lookup(model, when)
+            self._cache[key] = self._lookup(model, when, batch)
         return self._cache[key]
 
-    def _lookup(self, model: str, when: datetime | None) -> ModelPrice | None:
+    def _lookup(self, model: str, when: datetime | None, batch: bool) -> ModelPrice | None:
         for name in (model, _DATED.sub("", model)):
             entry = self.overrides.get(name)
             if entry is not None:
-                cached = entry.get("cached_input_per_million")
-                return ModelPrice(
-                    model=model,
-                    priced_as=name,
-                    provider=None,
-                    input=Rate(entry["input_per_million"]),
-                    output=Rate(entry["output_per_million"]),
-                    cached_input=Rate(cached) if cached is not None else None,
-                    source=self.override_sources.get(name, "override"),
-                )
-        return self._from_genai_prices(model, when)
+                return self._from_override(model, name, entry, batch)
+        return self._from_genai_prices(model, when, batch)
 
-    def _from_genai_prices(self, model: str, when: datetime | None) -> ModelPrice | None:
+    def _from_override(self, model: str, name: str, entry: dict[str, float], batch: bool) -> ModelPrice:
+        """An override's price; its batch price: its own batch rates, else its live rates at the discount."""
+        source = self.override_sources.get(name, "override")
+        prefix = "batch_" if batch and "batch_input_per_million" in entry else ""
+        cached = entry.get(f"{prefix}cached_input_per_million")
+        price = ModelPrice(
+            model=model,
+            priced_as=name,
+            provider=None,
+            input=Rate(entry[f"{prefix}input_per_million"]),
+            output=Rate(entry[f"{prefix}output_per_million"]),
+            cached_input=Rate(cached) if cached is not None else None,
+            source=f"{source} batch prices" if prefix else source,
+            batch=batch,
+        )
+        if batch and not prefix:
+            return _discounted(price, f"{source} {discount_note()}")
+        return price
+
+    def _from_genai_prices(self, model: str, when: datetime | None, batch: bool) -> ModelPrice | None:
         if self.saved is None:
             self.saved = SavedPrices.default()
-        key = f"{model}@{_day(when).isoformat()}"
+        key = f"{model}@{_day(when).isoformat()}" + ("@batch" if batch else "")
         found, saved = self.saved.get(key)
         if found:
             return saved
@@ -384,11 +460,14 @@ class PriceBook:
 
         usage = Usage(input_tokens=1, output_tokens=1)
         provider, _, name = model.rpartition("/")
+        context = _BATCH_CONTEXT if batch else None
         try:
             if provider:  # "openai/gpt-4o": a provider-qualified name, as LiteLLM writes them
-                calc = calc_price(usage, name, provider_id=provider, genai_request_timestamp=when)
+                calc = calc_price(
+                    usage, name, provider_id=provider, genai_request_timestamp=when, price_context=context
+                )
             else:
-                calc = calc_price(usage, model, genai_request_timestamp=when)
+                calc = calc_price(usage, model, genai_request_timestamp=when, price_context=context)
         except (LookupError, ValueError):
             self.saved.put(key, None)  # unknown to this genai-prices version, whatever the time
             return None
@@ -397,6 +476,7 @@ class PriceBook:
         output_rate = _rate(getattr(price, "output_mtok", None))
         if input_rate is None or output_rate is None:
             return None
+        kind = ("batch" if _has_batch_variant(calc, when) else "discount") if batch else "live"
         found_price = ModelPrice(
             model=model,
             priced_as=calc.model.id,
@@ -404,11 +484,27 @@ class PriceBook:
             input=input_rate,
             output=output_rate,
             cached_input=_rate(getattr(price, "cache_read_mtok", None)),
-            source=self.default_source,
+            source=_genai_prices_source(kind),
+            batch=batch,
         )
+        if kind == "discount":  # the live price, returned unchanged: at the published discount
+            found_price = _discounted(found_price, found_price.source)
         if _same_all_day(calc.model):
-            self.saved.put(key, found_price)
+            self.saved.put(key, found_price, kind)
         return found_price
+
+
+def _discounted(price: ModelPrice, source: str) -> ModelPrice:
+    """A live price at the published Batch API discount, as the batch price of a model no source gives one."""
+    factor = defaults.BATCH_DISCOUNT
+    return replace(
+        price,
+        input=price.input.scaled(factor),
+        output=price.output.scaled(factor),
+        cached_input=None if price.cached_input is None else price.cached_input.scaled(factor),
+        source=source,
+        batch=True,
+    )
 
 
 @dataclass
@@ -424,6 +520,8 @@ class ModelCost:
     input_usd: float | None
     output_usd: float | None
     total_usd: float | None
+    #: how these replies were sent: "live", or "batch" (through the Batch API, at its price)
+    via: str = "live"
 
 
 @dataclass
@@ -467,8 +565,11 @@ def cost_of(
     cached: np.ndarray | None,
     book: PriceBook,
     when: datetime | None = None,
+    *,
+    batch: bool = False,
 ) -> CostReport:
-    """Price usage arrays (one entry per response; nulls already dropped) by model.
+    """Price usage arrays (one entry per response; nulls already dropped) by model (`batch`: replies of
+    the Batch API, at its price).
 
     `models` is a string column (no nulls); it is dictionary-encoded, so a job's few
     model names are looked up once each, not once per response.
@@ -485,7 +586,7 @@ def cost_of(
     for code, model in sorted(enumerate(encoded.dictionary.to_pylist()), key=lambda pair: str(pair[1])):
         mask = codes == code
         p, c, k = prompt[mask], completion[mask], cached_all[mask]
-        price = book.lookup(model, when)
+        price = book.lookup(model, when, batch=batch)
         line = ModelCost(
             model=model,
             priced_as=price.priced_as if price else None,
@@ -498,6 +599,7 @@ def cost_of(
             input_usd=None,
             output_usd=None,
             total_usd=None,
+            via="batch" if batch else "live",
         )
         if price is None:
             unknown.append(model)

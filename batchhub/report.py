@@ -39,6 +39,7 @@ COLUMNS = (
     "error_type",
     "finished_at",
     "reused",
+    "batch_id",
 )
 #: example messages shown per error type, and the longest shown
 EXAMPLES_PER_TYPE = 3

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from batchhub.pricing import ModelCost
+
 #: bars in the cost and error charts; the rest are summed as "other"
 MAX_BARS = 12
 
@@ -291,6 +293,11 @@ def _tokens(rep: JobReport) -> str:
     return _img(fig, "prompt and completion tokens per row") + f'<p class="note">{note}</p>'
 
 
+def _line_name(line: ModelCost) -> str:
+    """A bill line's model, and "(batch)" for replies of the Batch API (priced apart, at its price)."""
+    return f"{line.model} (batch)" if line.via == "batch" else line.model
+
+
 def _cost(rep: JobReport) -> str:
     bill = rep.bill
     if bill is None or not bill.models:
@@ -299,7 +306,7 @@ def _cost(rep: JobReport) -> str:
     lines = sorted(bill.models, key=lambda m: -(m.total_usd or 0))
     shown = lines[:MAX_BARS]
     fig, ax = _figure(max(1.6, 0.45 * len(shown) + 1.0))
-    labels = [_label(m.model) for m in shown][::-1]
+    labels = [_label(_line_name(m)) for m in shown][::-1]
     values = [m.total_usd or 0.0 for m in shown][::-1]
     colors = [_OK if m.total_usd is not None else _GREY for m in shown][::-1]
     bars = ax.barh(labels, values, color=colors)
@@ -314,7 +321,7 @@ def _cost(rep: JobReport) -> str:
     ax.set_xlabel("USD")
     ax.grid(axis="y", visible=False)
     rows = "".join(
-        f"<tr><td>{_esc(m.model)}</td><td>{_esc(m.priced_as or '-')}</td><td class=num>{m.requests:,}</td>"
+        f"<tr><td>{_esc(_line_name(m))}</td><td>{_esc(m.priced_as or '-')}</td><td class=num>{m.requests:,}</td>"
         f"<td class=num>{m.prompt_tokens:,}</td><td class=num>{m.cached_tokens:,}</td>"
         f"<td class=num>{m.completion_tokens:,}</td><td class=num>{_esc(format_usd(m.total_usd))}</td></tr>"
         for m in lines

@@ -679,7 +679,7 @@ class Job:
         that is dearer (a reply may name a cheaper model than the one asked for and billed)."""
         if cost is None or not requested_model or row.get("model") == requested_model:
             return cost
-        price = self.prepared.prices.lookup(requested_model)
+        price = self.prepared.prices.lookup(requested_model, batch=row.get("batch_id") is not None)
         return cost if price is None else max(cost, result_cost(row, price))
 
     def _finish_summary(self, started: float) -> JobSummary:

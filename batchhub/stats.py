@@ -48,15 +48,16 @@ class RunStats:
 
     def count(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
         """Count a result recorded by this run; its cost at known prices (None: no usage, or no price for its model).
-        A reused reply costs nothing in this run: what it cost when it was paid for is counted as saved."""
+        A reused reply costs nothing in this run: what it cost when it was paid for is counted as saved.
+        A reply of the Batch API (its `batch_id` set) is priced at the batch price."""
         source = row.get("reused")
         if source:
             self.results += 1
             self.ok += 1
             self.reused[source] = self.reused.get(source, 0) + 1
-            model = row.get("model")
-            price = (prices.lookup(model) if model else None) or (
-                prices.lookup(requested_model) if requested_model else None
+            model, batch = row.get("model"), row.get("batch_id") is not None
+            price = (prices.lookup(model, batch=batch) if model else None) or (
+                prices.lookup(requested_model, batch=batch) if requested_model else None
             )
             if price is not None:
                 self.saved_usd += result_cost(row, price)
@@ -89,10 +90,10 @@ class RunStats:
         assumed = bool(row.get("assumed_prompt_tokens") or row.get("assumed_completion_tokens"))
         if not reported and not assumed:
             return None
-        model = row.get("model")
-        price = prices.lookup(model) if model else None
+        model, batch = row.get("model"), row.get("batch_id") is not None
+        price = prices.lookup(model, batch=batch) if model else None
         if price is None and requested_model:
-            price = prices.lookup(requested_model)
+            price = prices.lookup(requested_model, batch=batch)
         if price is None:
             self.unpriced_models.add(str(model))
             return None

@@ -1,0 +1,192 @@
+"""What pricing Batch API replies apart costs: `batchhub cost` and `batchhub status` of a 1,000,000-result
+job, and what the Batch API saves on the demo job.
+
+    python benchmarks/batch_bill.py            # 1,000,000 results, 3 repetitions
+    python benchmarks/batch_bill.py --smoke    # 20,000 results, once
+
+Four copies of one finished job of gpt-4o-mini, built directly in the layout a real run
+leaves (job.json, ok results written with `write_part` in parts of 5,000 rows), differ
+only in their `batch_id` column:
+
+* before: parts written before the column existed (it reads as nulls);
+* live: the column, all null (a job sent live);
+* half batch: every other result answered by a batch (a job resumed the other way);
+* all batch: every result answered by a batch (`--via batch`).
+
+Each command runs as a fresh process, the four jobs interleaved, and the median wall time
+(process start included) is compared with the job from before. Targets: a live job is read
+as fast as one from before (within 1.10x), a job with batch replies within 1.5x of it (one
+more pass over the usage columns); the all-batch bill is the live bill at gpt-4o-mini's
+batch price (genai-prices: half, input and output). Then `estimate jobs/demo.toml`, live
+and `--via batch`: the demo's cost both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+from batchhub.parts import write_part
+from batchhub.result_schema import RESULT_SCHEMA
+from batchhub.store import JobStore
+
+PART_ROWS = 5_000
+JOBS = ("before", "live", "half batch", "all batch")
+COMMANDS = ("cost", "status")
+#: what each command's --json calls the bill
+TOTAL = {"cost": "total_usd", "status": "spent_usd"}
+
+
+def batch_column(kind: str, n: int) -> pa.Array | None:
+    """The batch_id column of a job of `n` results, None for a job from before the column."""
+    if kind == "before":
+        return None
+    if kind == "live":
+        return pa.nulls(n, pa.string())
+    ids = np.array([f"batch_{i // 50_000:04d}" for i in range(0, n, 50_000)], dtype=object)
+    values = ids[np.arange(n) // 50_000]
+    if kind == "half batch":
+        values[1::2] = None
+    return pa.array(values, pa.string())
+
+
+def build_job(job_dir: Path, kind: str, n: int) -> None:
+    """A finished job of `n` ok results (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    seq = np.arange(1, n + 1)
+    columns: dict[str, pa.Array] = {
+        "row_id": pa.array(np.arange(n)),
+        "status": pa.array(np.full(n, "ok", dtype=object), pa.string()),
+        "content": pa.array(np.full(n, "The sea is wide and restless.", dtype=object), pa.string()),
+        "finish_reason": pa.array(np.full(n, "stop", dtype=object), pa.string()),
+        "model": pa.array(np.full(n, c.MODEL, dtype=object), pa.string()),
+        "prompt_tokens": pa.array(rng.integers(15, 40, n)),
+        "completion_tokens": pa.array(rng.integers(4, 60, n)),
+        "latency_s": pa.array(rng.lognormal(-2.0, 0.5, n)),
+        "attempts": pa.array(np.ones(n, dtype=np.int32)),
+        "rate_limit_retries": pa.array(np.zeros(n, dtype=np.int32)),
+        "http_status": pa.array(np.full(n, 200, dtype=np.int32)),
+        "finished_at": pa.array(1_767_225_600_000_000 + seq * 1_000).cast(pa.timestamp("us", tz="UTC")),
+        "seq": pa.array(seq),
+    }
+    columns["total_tokens"] = pa.array(
+        columns["prompt_tokens"].to_numpy() + columns["completion_tokens"].to_numpy()  # type: ignore[attr-defined]
+    )
+    batch = batch_column(kind, n)
+    if batch is not None:
+        columns["batch_id"] = batch
+    fields = [f for f in RESULT_SCHEMA if f.name != "batch_id" or batch is not None]
+    arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in fields]
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    results = job_dir / "results"
+    results.mkdir(parents=True)
+    for number, start in enumerate(range(0, n, PART_ROWS), 1):
+        write_part(results / f"part-{number:06d}.parquet", table.slice(start, PART_ROWS))
+    JobStore(job_dir).write_manifest(
+        {
+            "format_version": 1,
+            "input": {"path": "input.csv", "rows": n},
+            "spec": {"name": "bill", "model": c.MODEL, "via": "live" if kind in ("before", "live") else "batch"},
+            "runs": [
+                {
+                    "batchhub_version": "0.1.0",
+                    "started_at": "2026-01-01T00:00:00Z",
+                    "ended_at": "2026-01-01T00:20:00Z",
+                    "elapsed_s": 1200.0,
+                }
+            ],
+        }
+    )
+
+
+def demo_estimate(via: str) -> dict:
+    """`batchhub estimate jobs/demo.toml --via VIA --no-cache --json` (offline: the demo's tokens counted, no
+    request; every row counted, none left out as answered by a reply cache of earlier demo runs)."""
+    demo = str(c.REPO / "jobs" / "demo.toml")
+    result = c.run_child(
+        [sys.executable, "-m", "batchhub", "estimate", demo, "--via", via, "--no-cache", "--json"], timeout=300
+    )
+    c.check_ok(result, f"batchhub estimate jobs/demo.toml --via {via}")
+    data: dict = json.loads(result.stdout)
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny and fast: 20,000 results, once")
+    parser.add_argument("--rows", type=int, help="results in each job (default 1,000,000; smoke 20,000)")
+    parser.add_argument("--repeat", type=int, help="repetitions (default 3; smoke 1)")
+    parser.add_argument("--workdir", help="keep the jobs here instead of a temp folder")
+    args = parser.parse_args()
+    n = args.rows or (20_000 if args.smoke else 1_000_000)
+    repeat = args.repeat or (1 if args.smoke else 3)
+    machine = c.machine_line()
+    print(machine, flush=True)
+
+    walls: dict[tuple[str, str], list[float]] = {(job, cmd): [] for job in JOBS for cmd in COMMANDS}
+    bills: dict[tuple[str, str], float] = {}
+    with c.workdir("batchhub-bench-batch-bill-", args.workdir) as work:
+        t = time.perf_counter()
+        dirs = {}
+        for kind in JOBS:
+            dirs[kind] = work / kind.replace(" ", "-")
+            if not (dirs[kind] / "job.json").exists():
+                build_job(dirs[kind], kind, n)
+        c.log(f"  built the four jobs in {time.perf_counter() - t:.1f} s")
+        for rep in range(repeat):
+            for cmd in COMMANDS:
+                for kind in c.order(rep, JOBS):
+                    result = c.run_child(
+                        [sys.executable, "-m", "batchhub", cmd, str(dirs[kind]), "--json"], timeout=600
+                    )
+                    c.check_ok(result, f"batchhub {cmd} of the job '{kind}'")
+                    walls[kind, cmd].append(result.wall_s)
+                    bills[kind, cmd] = float(json.loads(result.stdout)[TOTAL[cmd]])
+            c.log(f"  repetition {rep + 1}/{repeat} done")
+    live_demo, batch_demo = demo_estimate("live"), demo_estimate("batch")
+
+    lines = [machine]
+    met = True
+    for cmd in COMMANDS:
+        base = c.median(walls["before", cmd])
+        figures = []
+        for kind in JOBS:
+            wall = c.median(walls[kind, cmd])
+            ratio = wall / base
+            limit = 1.10 if kind == "live" else 1.5
+            met = met and (kind == "before" or ratio <= limit)
+            figures.append(f"{kind} {wall:.2f} s" + ("" if kind == "before" else f" ({ratio:.2f}x)"))
+        lines.append(f"batch bill: batchhub {cmd} of {n:,} results: {', '.join(figures)} (median of {repeat})")
+    for cmd in COMMANDS:
+        live, half, batch = (bills[kind, cmd] for kind in ("live", "half batch", "all batch"))
+        met = met and bills["before", cmd] == live and abs(batch / live - 0.5) < 1e-9
+        lines.append(
+            f"batch bill: {cmd}'s bill: live ${live:,.4f}, half batch ${half:,.4f}, "
+            f"all batch ${batch:,.4f} ({batch / live:.2f}x live)"
+        )
+    low, high = (batch_demo[f"total_cost_{end}"] for end in ("low", "high"))
+    live_low, live_high = (live_demo[f"total_cost_{end}"] for end in ("low", "high"))
+    lines.append(
+        f"batch bill: the demo (jobs/demo.toml, {live_demo['rows']:,} rows) estimated live ${live_low:,.4f} .. "
+        f"${live_high:,.4f}, --via batch ${low:,.4f} .. ${high:,.4f} ({high / live_high:.2f}x live)"
+    )
+    met = met and batch_demo["total_live_cost_high"] == live_high
+    lines.append(
+        "batch bill target: live within 1.10x, batch replies within 1.5x of before; all batch at half the "
+        f"live bill: {'met' if met else 'NOT met'}"
+    )
+    c.print_block("batch_bill", lines)
+
+
+if __name__ == "__main__":
+    main()
