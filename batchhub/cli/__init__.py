@@ -398,11 +398,6 @@ def cost(target: Path, prices_file: Path | None, model: str | None, as_json: boo
 @click.argument("input_or_spec", type=click.Path(path_type=Path))
 @job_options
 @click.option("--sample", type=int, help="Send N rows spread over the input first (they become part of the job).")
-@click.option(
-    "--via",
-    type=click.Choice(["live", "batch"]),
-    help="Price the job as sent live (default) or through the Batch API (at its price, with the live cost beside).",
-)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: Any) -> None:
     """Estimate a job's tokens and cost before running it: INPUT_OR_SPEC and options as for `run`.
