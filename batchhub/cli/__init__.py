@@ -459,7 +459,7 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     )
 
 
-@main.command(short_help="A job's batches (--via batch): their states and counts; --cancel them.")
+@main.command(short_help="List a job's batches (--via batch), or --cancel them.")
 @click.argument("job_dir", type=click.Path(path_type=Path))
 @click.option(
     "--cancel",
