@@ -695,6 +695,7 @@ class Job:
         )
         summary.rows_counted = self.prepared.n_rows is not None
         summary.cache_note = self._reuse.note()
+        summary.via = "batch" if self._batch_run is not None else "live"
         summary.batch_note = batch_note(self._batch_run.counts if self._batch_run else None, self._ledger)
         if self._fatal is not None:
             summary.stopped = "fatal"

@@ -54,6 +54,8 @@ class JobSummary:
     cache_note: str | None = None
     #: what the run did through the Batch API, and the job's live batches (batchhub/batch_run.py), if any
     batch_note: str | None = None
+    #: how the run sent its rows: "live" (HTTP requests, each counted) or "batch" (the Batch API)
+    via: str = "live"
     #: False when the run ended before its input was counted: `total_rows` are the rows read so far
     rows_counted: bool = True
     #: the API error that stopped the job (401, 403, insufficient quota), its message redacted
@@ -127,11 +129,7 @@ def summary_lines(summary: JobSummary, prices: str, *, quiet: bool = False) -> l
         f"{summary.ok:,} ok, {summary.failed:,} failed, {summary.pending:,} pending of {summary.total_rows:,} rows "
         + ("read so far (the input not counted yet) " if not summary.rows_counted else "")
         + f"({summary.results_this_run:,} results this run in {summary.elapsed_s:.1f}s, {rate:,.1f} rows/s)",
-        # every HTTP request sent, retries included (the cost table counts the replies billed)
-        f"HTTP requests {summary.http_requests:,} ({summary.retries:,} retries, {summary.rate_limited:,} rate-limited"
-        + (f", {summary.invalid_retries:,} invalid replies re-sent" if summary.invalid_retries else "")
-        + "); "
-        f"tokens {summary.prompt_tokens:,} prompt + {summary.completion_tokens:,} completion; "
+        _requests(summary) + f"tokens {summary.prompt_tokens:,} prompt + {summary.completion_tokens:,} completion; "
         f"{_cost(summary)} (prices: {prices})",
     ]
     reused = sum(summary.reused.values())
@@ -162,6 +160,18 @@ def summary_lines(summary: JobSummary, prices: str, *, quiet: bool = False) -> l
         )
     news = summary.stopped or summary.failed or summary.mismatched_results or summary.cache_note or summary.batch_note
     return lines if not quiet or news else lines[:1]
+
+
+def _requests(summary: JobSummary) -> str:
+    """What the run sent: every HTTP request, retries included, or the replies its batches answered."""
+    if summary.via == "batch":
+        return f"replies from the Batch API {summary.sent:,}; "
+    # the cost table counts the replies billed
+    return (
+        f"HTTP requests {summary.http_requests:,} ({summary.retries:,} retries, {summary.rate_limited:,} rate-limited"
+        + (f", {summary.invalid_retries:,} invalid replies re-sent" if summary.invalid_retries else "")
+        + "); "
+    )
 
 
 def _cost(summary: JobSummary) -> str:
@@ -200,6 +210,9 @@ def summary_dict(summary: JobSummary) -> dict[str, Any]:
         # copies of replies paid for before, by where they came from, and what they cost then
         "reused": dict(summary.reused),
         "saved_usd": summary.saved_usd,
+        # how the rows were sent, and what the run did through the Batch API (None: nothing)
+        "via": summary.via,
+        "batch_note": summary.batch_note,
     }
 
 

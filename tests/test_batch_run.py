@@ -215,3 +215,38 @@ async def test_files_and_batches_calls_that_fail_are_retried_and_make_one_batch_
     assert len(server_batches(server)) == 3
     assert sum(server.stats.faults_injected.values()) > 0
     assert server.stats.duplicates() == 0
+
+
+async def test_a_dataframe_goes_through_the_batch_api_with_via_batch(tmp_path, mock_server):
+    import batchhub
+
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    frame = pd.DataFrame({"q": [f"question {i}" for i in range(12)]})
+    out = await batchhub.arun(
+        frame,
+        model="m",
+        template="Answer: {q}",
+        base_url=server.base_url,
+        api_key="k",
+        via="batch",
+        batch_requests=5,
+        batch_poll=0.05,
+        job_dir=tmp_path / "df-job",
+        quiet=True,
+    )
+    assert (out["status"] == "ok").all() and out["batch_id"].nunique() == 3
+    assert out.attrs["batchhub"]["via"] == "batch" and "3 created" in out.attrs["batchhub"]["batch_note"]
+
+
+def test_the_cli_says_what_the_batches_answered_not_http_requests(tmp_path, threaded_mock, prompts_csv):
+    from click.testing import CliRunner
+
+    from batchhub.cli import main
+
+    sim = threaded_mock(batch_seconds=0.05)
+    data = prompts_csv(tmp_path / "in.csv", 6)
+    args = ["run", str(data), "--model", "m", "--base-url", sim.base_url, "--api-key", "k", "--via", "batch"]
+    result = CliRunner().invoke(main, [*args, "--job-dir", str(tmp_path / "job"), "--batch-poll", "0.05", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "replies from the Batch API 6; " in result.output and "HTTP requests" not in result.output
+    assert "batches: 1 created; ended: 1 completed" in result.output
