@@ -99,11 +99,13 @@ class BatchRows:
     models: list[str]
     worst: np.ndarray
     bounds: np.ndarray  # (rows, 3): prompt and completion tokens at worst, and whether max_tokens bounds it
+    _positions: dict[int, int] | None = field(default=None, repr=False)
 
     def position(self, row_id: int) -> int | None:
         """The index of `row_id` among the batch's rows, or None when it is not one of them."""
-        at = int(np.searchsorted(self.row_ids, row_id))
-        return at if at < len(self.row_ids) and int(self.row_ids[at]) == row_id else None
+        if self._positions is None:  # built once: a batch's lines are looked up one by one
+            self._positions = {int(r): i for i, r in enumerate(self.row_ids.tolist())}
+        return self._positions.get(row_id)
 
 
 class BatchLedger:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchhub.batch_ledger import BatchLedger
 from batchhub.cost import USAGE_COLUMNS, assumed_note, report, reuse_note
 from batchhub.job_state import job_state
 from batchhub.pricing import PriceBook
@@ -62,6 +65,9 @@ class JobStatus:
     saved_usd: float = 0.0
     reused_replies: int = 0
     saved: str | None = None
+    #: batches at the provider holding rows of the job (`--via batch`): live, or uploaded and perhaps made
+    live_batches: int = 0
+    rows_in_batches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +141,8 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
             elif st.pending and done:
                 st.projected_usd = bill.total_usd / done * total
     st.state = job_state(store, manifest, total=total, failed=st.failed, pending=st.pending, now=now)
+    held = BatchLedger.read(store.dir).held()
+    st.live_batches, st.rows_in_batches = len(held), sum(entry.requests for entry in held)
     return st
 
 
@@ -194,6 +202,11 @@ def render(status: JobStatus) -> str:
     ]
     if status.bad_input:
         lines.append(f"stopped  at bad input: {status.bad_input}")
+    if status.live_batches:
+        lines.append(
+            f"batches  {status.rows_in_batches:,} pending rows in {status.live_batches:,} live "
+            f"batch{'es' if status.live_batches != 1 else ''} (batchhub batches {shlex.quote(status.job_dir)})"
+        )
     if status.errors_by_type:
         lines.append("errors   " + ", ".join(f"{k} {v:,}" for k, v in status.errors_by_type.items()))
         for kind, examples in status.error_examples.items():

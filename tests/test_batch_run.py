@@ -13,6 +13,7 @@ from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger
 from batchhub.mock.batches import HUB
 from batchhub.runner import Job, prepare_job
+from batchhub.status import job_status, render
 from batchhub.spec import JobSpec
 
 ROWS = 60
@@ -181,6 +182,9 @@ async def test_a_live_run_leaves_the_rows_of_a_live_batch_to_it(tmp_path, mock_s
     live = await arun_job(spec_for(tmp_path, server, data, via="live"))
     assert live.http_requests == 0 and live.pending == 10
     assert "--via batch to collect" in live.batch_note
+    status = job_status(tmp_path / "job")
+    assert (status.live_batches, status.rows_in_batches, status.pending) == (1, 10, 10)
+    assert "10 pending rows in 1 live batch (batchhub batches " in render(status)
 
 
 async def test_a_batch_the_provider_no_longer_has_sends_its_rows_again(tmp_path, mock_server, prompts_csv):
