@@ -13,8 +13,8 @@ from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger
 from batchhub.mock.batches import HUB
 from batchhub.runner import Job, prepare_job
-from batchhub.status import job_status, render
 from batchhub.spec import JobSpec
+from batchhub.status import job_status, render
 
 ROWS = 60
 
