@@ -40,6 +40,7 @@ from batchhub.errors import (
     BadResponseError,
     ConnectError,
     JobStateError,
+    NotFoundError,
     RequestRejected,
     ResponseTooLargeError,
     RetryableError,
@@ -211,6 +212,18 @@ class BatchAPI:
                 raise BadResponseError(f"Batch API list of batches: page {pages} repeats the one before it")
             after = last
         return found
+
+    async def delete_file(self, file_id: str) -> None:
+        """DELETE /files/{id}: the provider keeps a file until it is deleted (and counts it against the
+        account's storage). A file already gone (404) is what was asked."""
+
+        async def attempt() -> None:
+            await self._json("DELETE", f"/files/{file_id}")
+
+        try:
+            await self._retrying(f"delete of {file_id}", attempt)
+        except NotFoundError:
+            return
 
     async def download(self, file_id: str, dest: Path) -> int:
         """GET /files/{id}/content streamed into `dest` (written to a temp file beside it, fsynced,

@@ -433,6 +433,18 @@ class BatchRun:
         if again and not self._quit.is_set():
             await self._send_again(live, again)
         ledger.remove_files(entry.n)
+        if not self.spec.keep_batch_files:
+            await self._delete_files(entry, batch)
+
+    async def _delete_files(self, entry: BatchEntry, batch: dict[str, Any]) -> None:
+        """The batch's files at the provider, deleted once its results are recorded (a provider keeps them until
+        then); one that cannot be deleted is left, and said."""
+        ids = [entry.file_id, batch.get("output_file_id"), batch.get("error_file_id")]
+        for file_id in (str(i) for i in ids if i):
+            try:
+                await self._api.delete_file(file_id)
+            except APIError as exc:
+                log.warning("the file %s of batch %s was not deleted at the provider: %s", file_id, entry.batch_id, exc)
 
     def _recorded_rows(self, batch_id: str) -> set[int]:
         """The rows an earlier run recorded from this batch before it was stopped mid-way."""

@@ -158,6 +158,9 @@ class JobSpec:
     batch_bytes: int = defaults.BATCH_BYTES
     #: `via = "batch"`: the most seconds between two polls of a live batch
     batch_poll: float = defaults.BATCH_POLL_S
+    #: `via = "batch"`: leave a batch's input, output and error files at the provider once its results are
+    #: recorded (by default they are deleted: a provider keeps files until then, against the account's storage)
+    keep_batch_files: bool = False
 
     #: settings of the built-in simulator (a `[mock]` table), used when base_url is mock://
     mock: dict[str, Any] = field(default_factory=dict)
@@ -321,6 +324,8 @@ class JobSpec:
         poll = self.batch_poll
         if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0 < poll < math.inf:
             raise UsageError(f"batch_poll must be a positive number of seconds, not {poll!r}")
+        if not isinstance(self.keep_batch_files, bool):
+            raise UsageError(f"keep_batch_files must be true or false, not {self.keep_batch_files!r}")
         if self.via == "batch" and self.stream:
             raise UsageError("--stream cannot go with --via batch: the Batch API answers whole replies, never streams")
 

@@ -428,3 +428,15 @@ async def test_simulator_cut_and_429_faults() -> None:
         # the cut upload acted: its file is stored
         assert len(server.app[HUB].files) == 1
         assert server.stats.faults_injected == {"429": 1, "cut": 1}
+
+
+async def test_a_deleted_file_is_gone_and_deleting_it_again_is_no_error(tmp_path: Path) -> None:
+    path = input_file(tmp_path, "in.jsonl", 2)
+    async with simulator() as (server, api):
+        uploaded = await api.upload(path, "in.jsonl")
+        await api.delete_file(uploaded["id"])
+        assert uploaded["id"] not in server.app[HUB].files
+        await api.delete_file(uploaded["id"])  # a 404: what was asked is so
+        with pytest.raises(NotFoundError):
+            await api.download(uploaded["id"], tmp_path / "gone.jsonl")
+        assert server.stats.by_status[404] == 2

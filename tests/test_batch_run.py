@@ -37,6 +37,12 @@ def server_batches(server) -> list:
     return sorted(server.app[HUB].batches.values(), key=lambda b: b.created_at)
 
 
+def uploaded(server, file_id: str) -> bytes:
+    """A file the job uploaded, deleted since or not."""
+    hub = server.app[HUB]
+    return (hub.files.get(file_id) or hub.deleted_files[file_id]).data
+
+
 def exported(tmp_path: Path) -> pd.DataFrame:
     export_job(tmp_path / "job", tmp_path / "out.parquet")
     return pd.read_parquet(tmp_path / "out.parquet")
@@ -54,10 +60,10 @@ async def test_rows_go_in_files_within_the_limits_and_come_back_as_results(tmp_p
     assert (summary.ok, summary.failed, summary.pending) == (ROWS, 0, 0)
     batches = server_batches(server)
     assert [b.request_counts()["total"] if callable(getattr(b, "request_counts", None)) else None for b in batches]
-    totals = [len(server.app[HUB].files[b.input_file_id].data.splitlines()) for b in batches]
+    totals = [len(uploaded(server, b.input_file_id).splitlines()) for b in batches]
     assert totals == [25, 25, 10]  # batch_requests per file, the rest in the last
     for batch in batches:
-        lines = [json.loads(x) for x in server.app[HUB].files[batch.input_file_id].data.splitlines()]
+        lines = [json.loads(x) for x in uploaded(server, batch.input_file_id).splitlines()]
         assert {line["url"] for line in lines} == {"/v1/chat/completions"}
         assert batch.metadata["batchhub_job"] == BatchLedger.read(tmp_path / "job").key
     frame = exported(tmp_path)
@@ -72,7 +78,7 @@ async def test_a_file_is_closed_before_it_passes_batch_bytes(tmp_path, mock_serv
     server = await mock_server(seed=1, batch_seconds=0.05)
     data = prompts_csv(tmp_path / "in.csv", 30)
     await arun_job(spec_for(tmp_path, server, data, batch_requests=1000, batch_bytes=2000))
-    sizes = [len(server.app[HUB].files[b.input_file_id].data) for b in server_batches(server)]
+    sizes = [len(uploaded(server, b.input_file_id)) for b in server_batches(server)]
     assert len(sizes) > 1 and max(sizes) <= 2000
 
 
@@ -85,8 +91,8 @@ async def test_a_row_the_batch_api_would_refuse_fails_alone_before_upload(tmp_pa
     frame = exported(tmp_path)
     refused = frame.iloc[1]
     assert refused["error_type"] == "invalid_request" and "batch_bytes" in refused["error_message"]
-    uploaded = b"".join(f.data for f in server.app[HUB].files.values())
-    assert b"x" * 5000 not in uploaded
+    sent = b"".join(f.data for f in [*server.app[HUB].files.values(), *server.app[HUB].deleted_files.values()])
+    assert b"x" * 5000 not in sent
 
 
 async def test_an_expired_batch_keeps_what_it_answered_and_sends_the_rest_again(tmp_path, mock_server, prompts_csv):
@@ -95,7 +101,7 @@ async def test_an_expired_batch_keeps_what_it_answered_and_sends_the_rest_again(
     summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_attempts=2))
     batches = server_batches(server)
     assert [b.status for b in batches] == ["expired", "expired"]
-    assert len(server.app[HUB].files[batches[1].input_file_id].data.splitlines()) == 10  # the unanswered half
+    assert len(uploaded(server, batches[1].input_file_id).splitlines()) == 10  # the unanswered half
     # answered: 10 in the first, 5 in the second; the last 5 expired twice (max_attempts 2): failed, saying why
     assert (summary.ok, summary.failed, summary.pending) == (15, 5, 0)
     failed = exported(tmp_path).query("status == 'error'")
@@ -159,7 +165,7 @@ async def test_a_batch_is_created_only_when_its_worst_case_fits_the_budget(tmp_p
     spec = spec_for(tmp_path, server, data, max_tokens=10, prices=prices, max_cost=0.2, batch_requests=100)
     summary = await arun_job(spec)
     assert summary.stopped == "budget"
-    sent = sum(len(server.app[HUB].files[b.input_file_id].data.splitlines()) for b in server_batches(server))
+    sent = sum(len(uploaded(server, b.input_file_id).splitlines()) for b in server_batches(server))
     assert 0 < sent < 40
     assert summary.budget_spent_usd <= 0.2
     assert summary.ok == sent and summary.pending == 40 - sent
@@ -196,7 +202,7 @@ async def test_a_batch_the_provider_no_longer_has_sends_its_rows_again(tmp_path,
     assert summary.ok == 10
     assert BatchLedger.read(tmp_path / "job").entries[1].ended == "not_found"
     (again,) = server.app[HUB].batches.values()  # its rows, in one new batch
-    assert len(server.app[HUB].files[again.input_file_id].data.splitlines()) == 10
+    assert len(uploaded(server, again.input_file_id).splitlines()) == 10
 
 
 async def test_duplicate_rows_are_sent_once_and_copied(tmp_path, mock_server):
@@ -254,3 +260,16 @@ def test_the_cli_says_what_the_batches_answered_not_http_requests(tmp_path, thre
     assert result.exit_code == 0, result.output
     assert "replies from the Batch API 6; " in result.output and "HTTP requests" not in result.output
     assert "batches: 1 created; ended: 1 completed" in result.output
+
+
+async def test_a_batchs_files_are_deleted_at_the_provider_once_its_results_are_recorded(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=1, batch_seconds=0.05, batch_line_faults={"500": 0.2})
+    data = prompts_csv(tmp_path / "in.csv", 20)
+    await arun_job(spec_for(tmp_path, server, data))
+    hub = server.app[HUB]
+    assert hub.files == {} and len(hub.deleted_files) >= 4  # inputs, outputs and an error file
+    kept = await mock_server(seed=1, batch_seconds=0.05)
+    await arun_job(spec_for(tmp_path, kept, data, job_dir=tmp_path / "kept", keep_batch_files=True))
+    assert kept.app[HUB].deleted_files == {} and len(kept.app[HUB].files) == 2  # the input and the output

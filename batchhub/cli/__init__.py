@@ -199,6 +199,13 @@ JOB_OPTIONS = [
         metavar="SECONDS",
         help="--via batch: most seconds between two polls of a live batch (default 60).",
     ),
+    click.option(
+        "--keep-batch-files",
+        is_flag=True,
+        default=None,
+        help="--via batch: leave each batch's files at the provider (by default deleted once its results are "
+        "recorded).",
+    ),
     click.option("--flush-rows", type=int, help="Write a checkpoint part every N results (default 5000)."),
     click.option("--flush-seconds", type=float, help="... or every T seconds, whichever comes first (default 30)."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar."),

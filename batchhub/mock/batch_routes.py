@@ -190,6 +190,15 @@ async def _file_content(request: web.Request, hub: BatchHub) -> web.StreamRespon
     return web.Response(body=stored.data, content_type="application/octet-stream")
 
 
+async def _delete_file(request: web.Request, hub: BatchHub) -> web.StreamResponse:
+    file_id = request.match_info["file_id"]
+    stored = hub.files.pop(file_id, None)
+    if stored is None:
+        return _no_file(hub.state, file_id)
+    hub.deleted_files[file_id] = stored
+    return web.json_response({"id": file_id, "object": "file", "deleted": True}, dumps=dumps)
+
+
 def _check_metadata(metadata: object) -> str | None:
     """What is wrong with a batch's metadata, or None."""
     if metadata is None:
@@ -304,6 +313,7 @@ def add_routes(app: web.Application, answer_line: LineAnswerer, authorized: Auth
     app.router.add_post("/v1/files", _guarded(_upload))
     app.router.add_get("/v1/files/{file_id}", _guarded(_file))
     app.router.add_get("/v1/files/{file_id}/content", _guarded(_file_content))
+    app.router.add_delete("/v1/files/{file_id}", _guarded(_delete_file))
     app.router.add_post("/v1/batches", _guarded(_create))
     app.router.add_get("/v1/batches", _guarded(_list))
     app.router.add_get("/v1/batches/{batch_id}", _guarded(_retrieve))

@@ -144,6 +144,8 @@ class BatchHub:
         self.files: dict[str, StoredFile] = {}
         #: in creation order (the list shows them newest first)
         self.batches: dict[str, Batch] = {}
+        #: files deleted (`DELETE /v1/files/{id}`): gone for clients, kept here for tests to read
+        self.deleted_files: dict[str, StoredFile] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.rng = random.Random(f"batch:{state.config.seed}")
 
