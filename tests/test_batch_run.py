@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger
+from batchhub.errors import UsageError
 from batchhub.mock.batches import HUB
+from batchhub.options import Engine
 from batchhub.runner import Job, prepare_job
 from batchhub.spec import JobSpec
 from batchhub.status import job_status, render
@@ -273,3 +276,27 @@ async def test_a_batchs_files_are_deleted_at_the_provider_once_its_results_are_r
     kept = await mock_server(seed=1, batch_seconds=0.05)
     await arun_job(spec_for(tmp_path, kept, data, job_dir=tmp_path / "kept", keep_batch_files=True))
     assert kept.app[HUB].deleted_files == {} and len(kept.app[HUB].files) == 2  # the input and the output
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"via": "post"}, "via must be one of 'live', 'batch', not 'post'"),
+        ({"batch_requests": 0}, "batch_requests must be a whole number of at least 1"),
+        ({"batch_bytes": -5}, "batch_bytes must be a whole number of at least 1"),
+        ({"batch_poll": 0}, "batch_poll must be a positive number of seconds"),
+        ({"keep_batch_files": "yes"}, "keep_batch_files must be true or false"),
+        ({"stream": True}, "--stream cannot go with --via batch"),
+    ],
+)
+def test_batch_settings_are_checked_before_anything_runs(tmp_path, settings, message):
+    spec = JobSpec(input=tmp_path / "in.csv", model="m", **{"via": "batch", **settings})
+    with pytest.raises(UsageError, match=message):
+        spec.validate()
+
+
+def test_the_ray_engine_refuses_via_batch(tmp_path, prompts_csv):
+    data = prompts_csv(tmp_path / "in.csv", 3)
+    spec = JobSpec(input=data, model="m", base_url="mock://", via="batch", job_dir=tmp_path / "job", quiet=True)
+    with pytest.raises(UsageError, match="--via batch runs in this process"):
+        Engine("ray").make_job(prepare_job(spec))
