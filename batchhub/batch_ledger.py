@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchhub.output import fsync_dir
+from batchhub.requests import body_hash
 from batchhub.store import atomic_write_bytes
 
 log = logging.getLogger("batchhub")
@@ -115,6 +116,10 @@ class BatchLedger:
         self.path = self.dir / LEDGER_NAME
         self.key: str | None = None
         self.entries: dict[int, BatchEntry] = {}
+        #: the server the job's requests go to, as their hashes name it: a rows table lost is rebuilt with it
+        self.endpoint: str | None = None
+        #: the file ends in a line cut short: the next event starts on a line of its own
+        self._torn = False
 
     @classmethod
     def read(cls, job_dir: str | os.PathLike[str]) -> BatchLedger:
@@ -125,6 +130,7 @@ class BatchLedger:
             text = ledger.path.read_bytes()
         except FileNotFoundError:
             return ledger
+        ledger._torn = bool(text) and not text.endswith(b"\n")
         for number, line in enumerate(text.splitlines(), 1):
             try:
                 event = json.loads(line)
@@ -171,10 +177,13 @@ class BatchLedger:
         new = not self.path.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        if self._torn:
+            line = b"\n" + line
         with self.path.open("ab") as fh:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
+        self._torn = False
         if new:
             fsync_dir(self.dir)
         self._apply(event)
@@ -242,10 +251,15 @@ class BatchLedger:
         atomic_write_bytes(self.rows_path(n), sink.getvalue().to_pybytes())
 
     def rows(self, n: int) -> BatchRows:
-        """A batch's requests (empty when its table is gone: nothing of it can be held or recorded)."""
+        """A batch's requests; rebuilt from its input file when its table is gone (empty when both are:
+        nothing of it can be held or recorded)."""
         try:
             table = pq.read_table(self.rows_path(n))
         except (OSError, pa.ArrowInvalid) as exc:
+            rebuilt = self._rows_of_input(n)
+            if rebuilt is not None:
+                log.warning("the rows of batch %06d cannot be read (%s): read again from its input file", n, exc)
+                return rebuilt
             log.warning("the rows of batch %06d cannot be read (%s)", n, exc)
             return BatchRows(np.zeros(0, dtype=np.int64), [], [], np.zeros(0), np.zeros((0, 3), dtype=np.int64))
         order = np.argsort(table["row_id"].to_numpy(), kind="stable")
@@ -264,6 +278,37 @@ class BatchLedger:
                 axis=1,
             ),
         )
+
+    def _rows_of_input(self, n: int) -> BatchRows | None:
+        """A batch's requests as its input file has them (their worst cases unknown: 0), written down again;
+        None when the file cannot be read either."""
+        from batchhub.batch_files import row_of  # it reads this module's rows
+
+        if self.endpoint is None:
+            return None
+        found: dict[int, tuple[str, str]] = {}
+        try:
+            with self.input_path(n).open("rb") as fh:
+                for raw in fh:
+                    line = json.loads(raw)
+                    row_id, body = row_of(line.get("custom_id")), line.get("body")
+                    if row_id is not None and isinstance(body, dict):
+                        found[row_id] = (body_hash(self.endpoint, body), str(body.get("model")))
+        except (OSError, ValueError, AttributeError):
+            return None
+        ids = sorted(found)
+        rows = BatchRows(
+            np.array(ids, dtype=np.int64),
+            [found[i][0] for i in ids],
+            [found[i][1] for i in ids],
+            np.zeros(len(ids)),
+            np.zeros((len(ids), 3), dtype=np.int64),
+        )
+        try:
+            self.write_rows(n, rows)
+        except OSError as exc:
+            log.warning("the rows of batch %06d cannot be written again (%s)", n, exc)
+        return rows
 
     def remove_files(self, n: int) -> None:
         """A batch that ended (or was dropped) needs its files no more: its results are recorded."""

@@ -430,7 +430,9 @@ class BatchRun:
         del self._live[entry.n]
         if self._budget is not None and live.reserved:
             self._budget.settle(live.reserved, live.cost)
-        if again and not self._quit.is_set():
+        elif self._budget is not None:  # adopted over the budget, nothing reserved: what it cost is spent all the same
+            self._budget.spent += live.cost
+        if (again or self._again_rows) and not self._quit.is_set():  # copies of a failed reply too
             await self._send_again(live, again)
         ledger.remove_files(entry.n)
 
@@ -520,7 +522,7 @@ class BatchRun:
         same lines; a row that has had `max_attempts` is recorded failed with why."""
         path = self.ledger.input_path(live.entry.n)
         try:
-            lines = await asyncio.to_thread(lines_of, path, set(again))
+            lines = await asyncio.to_thread(lines_of, path, set(again)) if again else {}
         except OSError as exc:
             log.warning("batch %06d: its input file cannot be read (%s): its rows stay pending", live.entry.n, exc)
             return

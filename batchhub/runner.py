@@ -289,7 +289,10 @@ class Job:
             todo &= wanted
         # rows in a batch that is live at the provider (or may be): no run sends them until it ends
         self._ledger = BatchLedger.read(store.dir)
+        self._ledger.endpoint = prepared.builder.endpoint
         self._held = self._ledger.held_rows()
+        if prepared.budget is not None and spec.via != "batch":  # a batch run adopts them, their worst case held
+            prepared.budget.committed = sum(float(self._ledger.rows(e.n).worst.sum()) for e in self._ledger.held())
         todo[self._held[self._held < len(todo)]] = False
         self._todo = todo
         # a result is its row's only while it answers the request the row sends now: the reader checks each

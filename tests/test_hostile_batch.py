@@ -1,0 +1,135 @@
+"""`--via batch` attacked as a demanding user and a hostile provider would: each test asserts what must hold."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batchhub import arun_job, export_job
+from batchhub.batch_ledger import BatchLedger
+from batchhub.mock.batches import HUB
+from batchhub.runner import Job, prepare_job
+from batchhub.spec import JobSpec
+
+
+def spec_for(tmp_path: Path, server, data: Path, **settings) -> JobSpec:
+    base = {
+        "model": "m",
+        "api_key": "k",
+        "job_dir": tmp_path / "job",
+        "backoff_base": 0.005,
+        "via": "batch",
+        "batch_requests": 25,
+        "batch_poll": 0.05,
+        "no_cache": True,
+    }
+    return JobSpec(input=data, base_url=server.base_url, quiet=True, **{**base, **settings})
+
+
+def server_batches(server) -> list:
+    return sorted(server.app[HUB].batches.values(), key=lambda b: b.created_at)
+
+
+def lines_sent(server) -> list[str]:
+    """The custom_id of every line of every batch the server was given."""
+    hub = server.app[HUB]
+    files = [hub.files[b.input_file_id].data for b in hub.batches.values()]
+    return [json.loads(line)["custom_id"] for data in files for line in data.splitlines()]
+
+
+def exported(tmp_path: Path) -> pd.DataFrame:
+    export_job(tmp_path / "job", tmp_path / "out.parquet", force=True)
+    return pd.read_parquet(tmp_path / "out.parquet")
+
+
+async def stopped_once_a_batch_is_live(tmp_path, server, data, **settings):
+    """Run the job until the server has a batch of it, then stop (as Ctrl-C does): the batch stays live."""
+    job = Job(prepare_job(spec_for(tmp_path, server, data, **settings)), progress=False)
+    task = asyncio.create_task(job.run())
+    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 1 and job._batch_run.counts.created)
+    job.request_stop()
+    return await task
+
+
+# -- duplicates ------------------------------------------------------------------------------------
+
+
+async def test_the_copies_of_a_row_whose_reply_failed_are_sent_in_the_same_run(tmp_path, mock_server):
+    server = await mock_server(seed=1, batch_seconds=0.05, models=["m"])
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": ["same", "same", "same"], "mdl": ["nope"] * 3}).to_csv(data, index=False)
+    summary = await arun_job(spec_for(tmp_path, server, data, param_columns={"model": "mdl"}))
+    # the first's reply is a 404: the rows that asked the same are sent themselves, in this run
+    assert (summary.ok, summary.failed, summary.pending) == (0, 3, 0)
+
+
+# -- the ledger damaged ----------------------------------------------------------------------------
+
+
+async def test_events_written_after_a_torn_last_line_of_the_ledger_are_read_back(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    ledger_path = tmp_path / "job" / "batches" / "ledger.jsonl"
+    with ledger_path.open("ab") as fh:
+        fh.write(b'{"event":"ended","n":1,"sta')  # a kill in the middle of writing an event
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert summary.ok == 10
+    # what the second run wrote down is what the next run reads: batch 1 recorded and ended
+    entry = BatchLedger.read(tmp_path / "job").entries[1]
+    assert entry.recording and entry.ended == "completed"
+    lines = ledger_path.read_bytes().splitlines()
+    torn = [line for line in lines if not line.startswith(b"{") or not line.endswith(b"}")]
+    assert torn == [b'{"event":"ended","n":1,"sta']
+
+
+async def test_a_live_batch_whose_rows_table_is_gone_has_its_rows_sent_once(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    (tmp_path / "job" / "batches" / "000001.rows.parquet").unlink()
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert (summary.ok, summary.pending) == (10, 0)
+    sent = lines_sent(server)
+    assert len(sent) == len(set(sent)) == 10  # no row in two batches
+    assert server.stats.duplicates() == 0
+    frame = exported(tmp_path)
+    assert frame["batch_id"].nunique() == 1
+
+
+# -- the budget ------------------------------------------------------------------------------------
+
+PRICES = {"m": {"input_per_million": 1000.0, "output_per_million": 1000.0}}
+
+
+async def test_a_live_run_keeps_the_worst_case_of_live_batches_within_the_budget(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=1.0)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    settings = {"max_tokens": 10, "prices": PRICES, "max_cost": 0.4, "batch_requests": 20}
+    job = Job(prepare_job(spec_for(tmp_path, server, data, **settings)), progress=False)
+    task = asyncio.create_task(job.run())
+    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 2)
+    job.request_stop()
+    await task
+    held = BatchLedger.read(tmp_path / "job")
+    worst = sum(float(held.rows(e.n).worst.sum()) for e in held.held())
+    assert worst > 0
+    live = await arun_job(spec_for(tmp_path, server, data, via="live", **settings))
+    # what the live run may spend is what the budget leaves once the live batches' worst case is held
+    assert live.budget_spent_usd + worst <= 0.4 + 1e-9
+    assert live.stopped == "budget" and live.ok < 40
+
+
+async def test_adopted_batches_over_the_budget_are_still_counted_as_spent(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 20)
+    await stopped_once_a_batch_is_live(tmp_path, server, data, max_tokens=10, prices=PRICES, batch_requests=100)
+    # resumed with a budget smaller than the live batch's worst case: it is collected (it is paid for), and
+    # no batch is created after it
+    summary = await arun_job(spec_for(tmp_path, server, data, max_tokens=10, prices=PRICES, max_cost=0.01))
+    assert summary.ok == 20 and len(server_batches(server)) == 1
+    assert summary.cost_usd > 0 and summary.budget_spent_usd == pytest.approx(summary.cost_usd)
