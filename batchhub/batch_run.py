@@ -411,6 +411,9 @@ class BatchRun:
                     await asyncio.sleep(0)  # this pass's results are written before the next chunk
         status = str(batch.get("status"))
         why = _batch_errors(batch) or f"the batch {status} before answering it"
+        completed = int((batch.get("request_counts") or {}).get("completed") or 0)
+        if completed and not batch.get("output_file_id"):  # a provider's fault: say so, not "not answered"
+            why = f"the batch says it completed {completed:,} requests, and has no output file"
         for position in np.flatnonzero(~seen):
             row_id = int(live.rows.row_ids[position])
             if row_id in before or row_id in again:
@@ -489,7 +492,10 @@ class BatchRun:
             if status == 200 and isinstance(body, dict):
                 try:
                     reply = completion_of(body)
-                except BadResponseError as exc:
+                except BadResponseError as exc:  # retried, as the live path retries it
+                    if tries < self.spec.max_attempts:
+                        again[row_id] = str(exc)
+                        return None
                     return self._rows.error(row_id, exc.error_type, str(exc), status, tries, 0, asked)
                 reply.request_id = request_id
                 row = self._rows.ok(row_id, reply, tries, 0, asked)

@@ -133,3 +133,65 @@ async def test_adopted_batches_over_the_budget_are_still_counted_as_spent(tmp_pa
     summary = await arun_job(spec_for(tmp_path, server, data, max_tokens=10, prices=PRICES, max_cost=0.01))
     assert summary.ok == 20 and len(server_batches(server)) == 1
     assert summary.cost_usd > 0 and summary.budget_spent_usd == pytest.approx(summary.cost_usd)
+
+
+# -- output files the provider writes oddly --------------------------------------------------------
+
+
+def test_the_simulator_refuses_an_unknown_output_quirk():
+    from batchhub.mock import MockConfig
+
+    with pytest.raises(ValueError, match="batch_output_quirks"):
+        MockConfig(batch_output_quirks=["sideways"])
+
+
+@pytest.mark.parametrize("quirks", [["shuffle", "blank"], ["foreign"], ["repeat"]])
+async def test_odd_output_lines_give_each_row_its_own_one_result(tmp_path, mock_server, prompts_csv, quirks):
+    server = await mock_server(seed=3, batch_seconds=0.05, echo=True, batch_output_quirks=quirks)
+    data = prompts_csv(tmp_path / "in.csv", 30)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100))
+    assert (summary.ok, summary.failed, summary.pending) == (30, 0, 0)
+    frame = exported(tmp_path)
+    # each row holds the answer to its own prompt (echo), whatever the order of the lines
+    assert all(f"row {i}:" in text for i, text in zip(frame.index, frame["content"], strict=True))
+    assert not frame["content"].str.contains("a second, other answer").any()  # the first answer stands
+    assert len(server_batches(server)) == 1 and server.stats.duplicates() == 0
+
+
+async def test_a_torn_last_output_line_sends_only_its_row_again(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=3, batch_seconds=0.05, echo=True, batch_output_quirks=["torn"])
+    data = prompts_csv(tmp_path / "in.csv", 30)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_attempts=3))
+    # every batch's last line is torn here, a batch of one line too: the row is sent alone in a new batch
+    # until max_attempts, then fails saying why; no other row is sent twice
+    assert (summary.ok, summary.failed, summary.pending) == (29, 1, 0)
+    sent = lines_sent(server)
+    assert len(sent) == 30 + 2 and len(set(sent)) == 30
+    failed = exported(tmp_path).query("status == 'error'")
+    assert failed["error_message"].str.contains("before answering it").all()
+    assert sent.count(f"row-{failed.index[0]}") == 3
+
+
+async def test_a_200_line_that_is_not_a_chat_completion_is_sent_again_as_live_retries_it(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=3, batch_seconds=0.05, batch_output_quirks=["not_completion"])
+    data = prompts_csv(tmp_path / "in.csv", 5)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_attempts=2))
+    # the first line of each batch's output is not a completion: its row goes in a new batch (as a live
+    # run retries a bad response), and fails for good only once max_attempts batches answered it so
+    assert (summary.ok, summary.failed, summary.pending) == (4, 1, 0)
+    assert len(server_batches(server)) == 2
+    failed = exported(tmp_path).query("status == 'error'")
+    assert failed["error_type"].tolist() == ["bad_response"]
+
+
+async def test_a_completed_batch_without_its_output_file_loses_no_row(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=3, batch_seconds=0.05, batch_output_quirks=["no_output"])
+    data = prompts_csv(tmp_path / "in.csv", 5)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_attempts=2))
+    assert (summary.ok, summary.failed, summary.pending) == (0, 5, 0)
+    # sent again (its replies cannot be had), then failed saying what the provider did
+    assert len(server_batches(server)) == 2
+    failed = exported(tmp_path)
+    assert failed["error_message"].str.contains("completed 5 requests, and has no output file").all()

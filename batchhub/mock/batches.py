@@ -291,6 +291,8 @@ class BatchHub:
 
     def _answer(self, batch: Batch, line: dict[str, Any]) -> dict[str, Any]:
         fault = self._line_fault()
+        status: int
+        body: dict[str, Any]
         if fault == "500":  # the provider failed this line: not answered, not billed
             status, body = (
                 500,
@@ -341,14 +343,42 @@ class BatchHub:
                         "error": {"code": code, "message": message},
                     }
                 )
-        if output:
-            data = "".join(dumps(r) + "\n" for r in output).encode()
+        quirks = self.state.config.batch_output_quirks
+        if output and "no_output" not in quirks:
+            data = _odd_output(output, quirks, self.rng)
             batch.output_file_id = self.add_file(f"{batch.id}_output.jsonl", "batch_output", data).id
         if errors:
             data = "".join(dumps(r) + "\n" for r in errors).encode()
             batch.error_file_id = self.add_file(f"{batch.id}_error.jsonl", "batch_output", data).id
         batch.status = final
         batch.times[f"{final}_at"] = int(time.time())
+
+
+def _odd_output(output: list[dict[str, Any]], quirks: list[str], rng: random.Random) -> bytes:
+    """An output file's bytes, with the oddities of `MockConfig.batch_output_quirks`."""
+    lines = [dumps(r) + "\n" for r in output]
+    if "not_completion" in quirks:
+        first = {**output[0], "response": {**output[0]["response"], "body": {"object": "list", "data": []}}}
+        lines[0] = dumps(first) + "\n"
+    if "repeat" in quirks:  # answered twice, the second time otherwise
+        again = json.loads(lines[0])
+        if again["response"]["body"].get("choices"):
+            again["response"]["body"]["choices"][0]["message"]["content"] = "a second, other answer"
+        lines.append(dumps(again) + "\n")
+    if "foreign" in quirks:
+        stranger = {**output[0], "id": f"batch_req_{secrets.token_hex(12)}"}
+        lines.insert(1, dumps({**stranger, "custom_id": "someone-else"}) + "\n")
+        lines.insert(1, dumps({**stranger, "custom_id": "row-999999999"}) + "\n")
+    if "shuffle" in quirks:
+        rng.shuffle(lines)
+    if "blank" in quirks:
+        lines.insert(len(lines) // 2, "\n")
+        lines.append("  \n")
+    data = "".join(lines)
+    if "torn" in quirks:
+        data = data.rstrip("\n")
+        data = data[: data.rfind("\n") + 1 + len(data[data.rfind("\n") + 1 :]) // 2]
+    return data.encode()
 
 
 HUB: web.AppKey[BatchHub] = web.AppKey("batchhub_mock_batches", BatchHub)

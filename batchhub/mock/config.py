@@ -63,6 +63,11 @@ BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout", "cu
 #: Faults of a batch's lines (`MockConfig.batch_line_faults`), drawn per line: answered with a 500 (the
 #: provider's "server_error" line, worth sending again), or a reply without `usage`.
 BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage")
+#: Oddities of every batch's output file (`MockConfig.batch_output_quirks`): its lines out of order
+#: ("shuffle"), a line naming no request of the batch ("foreign"), a request answered twice ("repeat"),
+#: blank lines ("blank"), the last line cut short ("torn"), a 200 line whose body is not a chat
+#: completion ("not_completion"), or no output file though `request_counts` say completed ("no_output").
+BATCH_OUTPUT_QUIRKS: tuple[str, ...] = ("shuffle", "foreign", "repeat", "blank", "torn", "not_completion", "no_output")
 #: the ways a streamed request's error can reach the client (`MockConfig.stream_errors`)
 STREAM_ERRORS: tuple[str, ...] = ("status", "in_band")
 #: `models = ["*"]`: every model name is known (for tests that send made-up names).
@@ -198,11 +203,18 @@ class MockConfig:
     batch_expire_after: float = 0.5
     #: Batch API: faults of a batch's lines (see `BATCH_LINE_FAULT_KINDS`), drawn per line
     batch_line_faults: dict[str, float] = field(default_factory=dict)
+    #: Batch API: oddities of every batch's output file (see `BATCH_OUTPUT_QUIRKS`)
+    batch_output_quirks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
         self.batch_faults = _normalize_faults(self.batch_faults, BATCH_FAULT_KINDS, "batch_faults")
         self.batch_line_faults = _normalize_faults(self.batch_line_faults, BATCH_LINE_FAULT_KINDS, "batch_line_faults")
+        quirks = self.batch_output_quirks
+        if not isinstance(quirks, list | tuple) or any(q not in BATCH_OUTPUT_QUIRKS for q in quirks):
+            raise ValueError(
+                f"mock batch_output_quirks must be a list of {', '.join(BATCH_OUTPUT_QUIRKS)}; got {quirks!r}"
+            )
         for name in ("batch_fail", "batch_expire", "batch_expire_after"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
