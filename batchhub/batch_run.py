@@ -137,6 +137,8 @@ class BatchRun:
         self._budget_full = False
         #: rows that waited for a reply in a batch that was not ok: sent themselves, in the next new batch
         self._again_rows: list[_Again] = []
+        #: False under `batchhub batches --cancel`: no batch is created, the rows not answered stay pending
+        self._sending = True
         self.counts = BatchCounts()
 
     # -- the run ------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class BatchRun:
         """Send the rows of `queue` (until `end`) in batches, and collect every live batch; `queue` None sends
         nothing (collect only), `cancel` cancels the live batches first."""
         await self._settle()
+        self._sending = not cancel
         if cancel:
             for live in list(self._live.values()):
                 assert live.entry.batch_id is not None
@@ -195,6 +198,8 @@ class BatchRun:
                 item = await queue.get()
                 if item is end or self._quit.is_set():
                     break
+                if not self._sending:  # the reader's rows stay pending
+                    continue
                 if not await self._add(*item):
                     break
             if not self._quit.is_set():
@@ -435,7 +440,7 @@ class BatchRun:
             self._budget.settle(live.reserved, live.cost)
         elif self._budget is not None:  # adopted over the budget, nothing reserved: what it cost is spent all the same
             self._budget.spent += live.cost
-        if (again or self._again_rows) and not self._quit.is_set():  # copies of a failed reply too
+        if (again or self._again_rows) and self._sending and not self._quit.is_set():  # copies of a failed reply too
             await self._send_again(live, again)
         ledger.remove_files(entry.n)
 

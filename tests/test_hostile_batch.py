@@ -195,3 +195,57 @@ async def test_a_completed_batch_without_its_output_file_loses_no_row(tmp_path, 
     assert len(server_batches(server)) == 2
     failed = exported(tmp_path)
     assert failed["error_message"].str.contains("completed 5 requests, and has no output file").all()
+
+
+# -- through the CLI -------------------------------------------------------------------------------
+
+
+def invoke(*args: str):
+    from click.testing import CliRunner
+
+    from batchhub.cli import main
+
+    return CliRunner().invoke(main, list(args), env={"BATCHHUB_API_KEY": "k"}, catch_exceptions=False)
+
+
+def cli_run(tmp_path: Path, base_url: str, *extra: str):
+    args = ["run", str(tmp_path / "in.csv"), "--model", "m", "--base-url", base_url, "--job-dir", str(tmp_path / "job")]
+    return invoke(*args, "--via", "batch", "--batch-poll", "0.05", "--no-cache", "--quiet", *extra)
+
+
+def test_batches_cancel_records_what_finished_and_the_next_run_sends_the_rest_once(
+    tmp_path, threaded_mock, prompts_csv
+):
+    mock = threaded_mock(seed=4, batch_seconds=3.0, models=["*"])
+    hub = mock.server.app[HUB]
+    prompts_csv(tmp_path / "in.csv", 40)
+
+    async def leave_a_batch_live() -> None:
+        spec = spec_for(tmp_path, mock, tmp_path / "in.csv", batch_requests=100)
+        job = Job(prepare_job(spec), progress=False)
+        task = asyncio.create_task(job.run())
+        answered = asyncio.run_coroutine_threadsafe(
+            mock.server.wait_until(lambda stats: any(b.completed >= 5 for b in hub.batches.values())), mock.loop
+        )
+        await asyncio.wrap_future(answered)
+        job.request_stop()
+        await task
+
+    asyncio.run(leave_a_batch_live())
+    cancelled = invoke("batches", str(tmp_path / "job"), "--cancel")
+    assert cancelled.exit_code == 0, cancelled.output
+    (batch,) = hub.batches.values()
+    assert batch.status == "cancelled"
+    assert "cancelled" in cancelled.output
+    entry = BatchLedger.read(tmp_path / "job").entries[1]
+    assert entry.ended == "cancelled"
+    done = exported(tmp_path)
+    finished = int((done["status"] == "ok").sum())
+    assert finished == batch.completed and 5 <= finished < 40
+    assert done["status"].isna().sum() == 40 - finished  # the rest are pending, in no batch: none was created
+    again = cli_run(tmp_path, mock.base_url)
+    assert again.exit_code == 0, again.output
+    frame = exported(tmp_path)
+    assert (frame["status"] == "ok").sum() == 40
+    sent = lines_sent(mock.server)
+    assert len(sent) == 40 + (40 - finished) and mock.stats.duplicates() == 0
