@@ -106,6 +106,12 @@ class BatchRows:
         at = int(np.searchsorted(self.row_ids, row_id))
         return at if at < len(self.row_ids) and int(self.row_ids[at]) == row_id else None
 
+    @staticmethod
+    def has(row_ids: np.ndarray, row_id: int) -> bool:
+        """Whether the sorted `row_ids` hold `row_id`."""
+        at = int(np.searchsorted(row_ids, row_id))
+        return at < len(row_ids) and int(row_ids[at]) == row_id
+
 
 class BatchLedger:
     """A job's batches (`batches/` in its job directory). Read with `BatchLedger.read`; events are added
@@ -215,6 +221,16 @@ class BatchLedger:
         """The row ids of the held batches (sorted)."""
         ids = [self.rows(entry.n).row_ids for entry in self.held()]
         return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+    def held_requests(self) -> tuple[np.ndarray, np.ndarray]:
+        """The row ids of the held batches (sorted) and the request hash each was sent with."""
+        tables = [self.rows(entry.n) for entry in self.held()]
+        if not tables:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+        ids = np.concatenate([t.row_ids for t in tables])
+        hashes = np.array([h for t in tables for h in t.hashes], dtype=object)
+        order = np.argsort(ids, kind="stable")
+        return ids[order], hashes[order]
 
     def metadata(self, entry: BatchEntry) -> dict[str, str]:
         """What a batch is created with, and found again by."""

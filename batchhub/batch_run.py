@@ -139,6 +139,11 @@ class BatchRun:
         self._again_rows: list[_Again] = []
         #: False under `batchhub batches --cancel`: no batch is created, the rows not answered stay pending
         self._sending = True
+        self._settled = False
+        #: rows of live batches whose request changed since (the template, the model): sent as they are now
+        #: once their batch ends; and the rows of the batches ended in this run
+        self._after: dict[int, BuiltRequest] = {}
+        self._ended: list[np.ndarray] = []
         self.counts = BatchCounts()
 
     # -- the run ------------------------------------------------------------------------------
@@ -146,7 +151,8 @@ class BatchRun:
     async def run(self, queue: asyncio.Queue[Any] | None, end: object, *, cancel: bool = False) -> None:
         """Send the rows of `queue` (until `end`) in batches, and collect every live batch; `queue` None sends
         nothing (collect only), `cancel` cancels the live batches first."""
-        await self._settle()
+        if not self._settled:
+            await self.settle()
         self._sending = not cancel
         if cancel:
             for live in list(self._live.values()):
@@ -163,10 +169,13 @@ class BatchRun:
         self.counts.live = len(self._live) + len(self.ledger.unsettled())
         self.counts.live_rows = sum(len(live.rows.row_ids) for live in self._live.values())
 
-    async def _settle(self) -> None:
+    async def settle(self) -> np.ndarray:
         """The ledger's batches from earlier runs: found again when the server made one the job did not write
-        down, dropped when none was made; every live one adopted (polled, collected, its worst case held)."""
+        down, dropped when none was made; every live one adopted (polled, collected, its worst case held).
+        Returns the rows of the dropped ones: no batch holds them, the run sends them."""
+        self._settled = True
         ledger = self.ledger
+        released: list[np.ndarray] = []
         for n in ledger.strays():  # never uploaded, as far as the job knows: its rows are pending
             ledger.remove_files(n)
         for entry in sorted(ledger.entries.values(), key=lambda e: e.n):
@@ -177,6 +186,7 @@ class BatchRun:
                 if found:
                     ledger.add({"event": "batch", "n": entry.n, "batch_id": found[0]["id"]})
             if entry.batch_id is None:  # never uploaded, or uploaded and no batch made of it: its rows are pending
+                released.append(ledger.rows(entry.n).row_ids)
                 ledger.add({"event": "dropped", "n": entry.n, "why": "no batch was created of it"})
                 ledger.remove_files(entry.n)
                 continue
@@ -188,6 +198,15 @@ class BatchRun:
             self._live[entry.n] = _Live(entry, rows, reserved)
             self.counts.adopted += 1
         self._tries.update({int(r): 1 for live in self._live.values() for r in live.rows.row_ids})
+        return np.concatenate(released) if released else np.zeros(0, dtype=np.int64)
+
+    def resend_after(self, row_id: int, built: BuiltRequest) -> bool:
+        """A row of a live batch asks another request now: sent as it is now once its batch ends (True); False
+        when its batch ended already in this run (the caller sends it)."""
+        if any(BatchRows.has(ids, row_id) for ids in self._ended):
+            return False
+        self._after[row_id] = built
+        return True
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -432,6 +451,12 @@ class BatchRun:
             row["batch_id"] = entry.batch_id
             self._record(row, asked.model)
             self._again_rows.extend(_again_of(f, b, self._budget, self._bounds) for f, b in self._answered(asked, row))
+        for row_id in [r for r in self._after if live.rows.position(r) is not None]:
+            # answered (and paid for) as it was asked: sent again as the row asks now
+            again.pop(row_id, None)
+            self._tries[row_id] = 0
+            self._again_rows.append(_again_of(row_id, self._after.pop(row_id), self._budget, self._bounds))
+        self._ended.append(live.rows.row_ids)
         self._log.sync()  # every result of the batch on disk before the ledger says so
         ledger.add({"event": "ended", "n": entry.n, "status": status, "counts": batch.get("request_counts") or {}})
         self.counts.ended[status] = self.counts.ended.get(status, 0) + 1

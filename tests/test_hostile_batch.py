@@ -249,3 +249,34 @@ def test_batches_cancel_records_what_finished_and_the_next_run_sends_the_rest_on
     assert (frame["status"] == "ok").sum() == 40
     sent = lines_sent(mock.server)
     assert len(sent) == 40 + (40 - finished) and mock.stats.duplicates() == 0
+
+
+# -- settings changed while a batch is live --------------------------------------------------------
+
+
+async def test_a_template_changed_while_a_batch_is_live_ends_with_every_row_answering_the_new_one(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=1, batch_seconds=0.5, echo=True)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data, template="old: {prompt}")
+    summary = await arun_job(spec_for(tmp_path, server, data, template="new: {prompt}"))
+    assert (summary.ok, summary.pending) == (10, 0)
+    frame = exported(tmp_path)
+    assert frame["content"].str.contains("new: row").all(), frame["content"].tolist()
+    sent = lines_sent(server)
+    assert len(sent) == 20 and server.stats.duplicates() == 0  # the old batch's, then each row once more
+
+
+async def test_rows_of_a_file_that_made_no_batch_are_sent_by_the_run_that_finds_so(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    # as if killed after the upload was written down and before the batch was made: no batch at the server
+    ledger_path = tmp_path / "job" / "batches" / "ledger.jsonl"
+    lines = ledger_path.read_bytes().splitlines(keepends=True)
+    ledger_path.write_bytes(b"".join(line for line in lines if b'"event":"batch"' not in line))
+    server.app[HUB].batches.clear()
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert BatchLedger.read(tmp_path / "job").entries[1].dropped
+    assert (summary.ok, summary.pending) == (10, 0)
