@@ -45,6 +45,7 @@ from batchhub.requests import Asked, BuiltRequest
 from batchhub.results import ResultLog
 from batchhub.rows import Result, ResultRows, check_output
 from batchhub.spec import JobSpec
+from batchhub.stats import RunStats
 from batchhub.store import JobStore
 from batchhub.structured import OutputCheck
 
@@ -121,11 +122,13 @@ class BatchRun:
         halt: Callable[[str], None],
         on_fatal: Callable[[FatalAPIError], None],
         quit: asyncio.Event,
+        stats: RunStats,
     ) -> None:
         self.spec, self._store, self.ledger, self._api = spec, store, ledger, api
         self._rows, self._log, self._budget, self._check = rows, log, budget, output_check
         self._progress, self._record, self._answered = progress, record, answered
         self._halt, self._on_fatal, self._quit = halt, on_fatal, quit
+        self._stats = stats
         self._bounds = budget.bounds if budget is not None else RequestBounds()
         self._files: dict[str, BatchFile] = {}
         self._live: dict[int, _Live] = {}
@@ -504,6 +507,7 @@ class BatchRun:
         live.cost += cost or 0.0
         if row["status"] == "invalid_output" and self._invalid.get(row_id, 0) < self.spec.retry_invalid:
             self._invalid[row_id] = self._invalid.get(row_id, 0) + 1
+            self._stats.invalid_retries += 1
             again[row_id] = "invalid_output"
             return
         for follower, built in self._answered(asked, row):

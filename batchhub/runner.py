@@ -427,6 +427,7 @@ class Job:
             halt=self._halt,
             on_fatal=self._stop_fatal,
             quit=self._quit,
+            stats=self._stats,
         )
 
     @contextlib.asynccontextmanager

@@ -280,3 +280,26 @@ async def test_rows_of_a_file_that_made_no_batch_are_sent_by_the_run_that_finds_
     summary = await arun_job(spec_for(tmp_path, server, data))
     assert BatchLedger.read(tmp_path / "job").entries[1].dropped
     assert (summary.ok, summary.pending) == (10, 0)
+
+
+# -- structured output -----------------------------------------------------------------------------
+
+
+async def test_retry_invalid_through_batches_sends_an_invalid_reply_again_at_most_that_often(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=6, batch_seconds=0.05, batch_line_faults={"bad_json": 0.5})
+    data = prompts_csv(tmp_path / "in.csv", 30)
+    json_mode = {"response_format": {"type": "json_object"}}
+    spec = spec_for(tmp_path, server, data, batch_requests=100, json=True, retry_invalid=2, params=json_mode)
+    summary = await arun_job(spec)
+    assert summary.pending == 0 and summary.ok + summary.failed == 30
+    assert summary.ok > 15 and summary.failed >= 1  # 0.5 ** 3 of the rows stay invalid
+    sent = pd.Series(lines_sent(server)).value_counts()
+    assert sent.max() == 3  # the first reply and at most retry_invalid more
+    frame = exported(tmp_path)
+    invalid = frame.query("status == 'invalid_output'")
+    assert len(invalid) == summary.failed
+    assert (sent[[f"row-{i}" for i in invalid.index]] == 3).all()
+    assert sent.sum() == server.stats.completions  # every reply was paid for: each is a result in the journal
+    assert summary.invalid_retries == sent.sum() - 30  # the summary counts them, as for a live run

@@ -309,6 +309,9 @@ class BatchHub:
             status, body = self.answer_line(self.state, line["body"])
             if fault == "no_usage" and status == 200:
                 body.pop("usage", None)
+            if fault == "bad_json" and status == 200:
+                for choice in body.get("choices") or []:
+                    choice["message"]["content"] = 'Sure! Here is the JSON you asked for: {"answer": '
         if status == 200:
             batch.completed += 1
             usage = body.get("usage", {})

@@ -61,8 +61,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
 #: acted; "429": a rate limit with Retry-After `fault_retry_after_ms`, before it acts).
 BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout", "cut", "429")
 #: Faults of a batch's lines (`MockConfig.batch_line_faults`), drawn per line: answered with a 500 (the
-#: provider's "server_error" line, worth sending again), or a reply without `usage`.
-BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage")
+#: provider's "server_error" line, worth sending again), a reply without `usage`, or a paid reply that is not
+#: the JSON asked for ("bad_json", as the chat endpoint's fault).
+BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage", "bad_json")
 #: Oddities of every batch's output file (`MockConfig.batch_output_quirks`): its lines out of order
 #: ("shuffle"), a line naming no request of the batch ("foreign"), a request answered twice ("repeat"),
 #: blank lines ("blank"), the last line cut short ("torn"), a 200 line whose body is not a chat
