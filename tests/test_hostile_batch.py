@@ -303,3 +303,87 @@ async def test_retry_invalid_through_batches_sends_an_invalid_reply_again_at_mos
     assert (sent[[f"row-{i}" for i in invalid.index]] == 3).all()
     assert sent.sum() == server.stats.completions  # every reply was paid for: each is a result in the journal
     assert summary.invalid_retries == sent.sum() - 30  # the summary counts them, as for a live run
+
+
+# -- status, cost, export, report ------------------------------------------------------------------
+
+
+async def test_status_cost_export_and_report_of_a_job_run_through_batches(tmp_path, mock_server, prompts_csv):
+    from openai.types.chat import ChatCompletion
+    from openai_shapes import openai_parse
+    from test_openai_batch import BatchLine
+
+    from batchhub.export import export_openai_batch
+    from batchhub.report import write_report
+    from batchhub.status import job_status
+
+    server = await mock_server(seed=8, batch_seconds=0.05, echo=True)
+    data = prompts_csv(tmp_path / "in.csv", 12)
+    summary = await arun_job(spec_for(tmp_path, server, data, prices=PRICES, batch_requests=5))
+    st = job_status(tmp_path / "job")
+    assert (st.ok, st.failed, st.pending, st.state) == (12, 0, 0, "finished")
+    assert st.spent_usd == pytest.approx(summary.cost_usd) and st.spent_usd > 0
+    out = tmp_path / "out.jsonl"
+    assert export_openai_batch(tmp_path / "job", out) == 12
+    hub = server.app[HUB]
+    served = {}
+    for batch in hub.batches.values():
+        for raw in hub.files[batch.output_file_id].data.splitlines():
+            served[json.loads(raw)["custom_id"]] = json.loads(raw)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    for line in lines:
+        BatchLine.model_validate(line)
+        openai_parse(ChatCompletion, line["response"]["body"])
+        # what the provider's batch answered is what the export holds
+        assert line["response"]["body"] == served[line["custom_id"]]["response"]["body"]
+        assert line["response"]["request_id"] == served[line["custom_id"]]["response"]["request_id"]
+    report = write_report(tmp_path / "job", tmp_path / "report.html")
+    assert report is not None and (tmp_path / "report.html").stat().st_size > 0
+
+
+async def test_status_of_a_job_with_a_live_batch_is_not_finished(tmp_path, mock_server, prompts_csv):
+    from batchhub.status import job_status
+
+    server = await mock_server(seed=1, batch_seconds=30)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    st = job_status(tmp_path / "job")
+    assert st.pending == 10 and st.state != "finished"
+
+
+# -- reuse -----------------------------------------------------------------------------------------
+
+
+async def test_batch_replies_fill_the_reply_cache_and_a_live_job_reuses_them(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=2, batch_seconds=0.05, echo=True)
+    data = prompts_csv(tmp_path / "in.csv", 15)
+    first = await arun_job(spec_for(tmp_path, server, data, no_cache=False))
+    assert first.ok == 15
+    live = await arun_job(spec_for(tmp_path, server, data, no_cache=False, via="live", job_dir=tmp_path / "live"))
+    assert live.ok == 15 and live.http_requests == 0 and live.reused == {"cache": 15}
+    assert server.stats.completions == 15
+    # and the other way: a batch job asking what the cache holds creates no batch
+    again = await arun_job(spec_for(tmp_path, server, data, no_cache=False, job_dir=tmp_path / "again"))
+    assert again.ok == 15 and again.reused == {"cache": 15}
+    assert len(server_batches(server)) == 1 and "none created" in again.batch_note
+
+
+async def test_retry_failed_leaves_failed_rows_that_are_in_a_live_batch_to_it(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=6, batch_seconds=0.3, batch_line_faults={"bad_json": 0.5})
+    data = prompts_csv(tmp_path / "in.csv", 20)
+    json_mode = {"json": True, "retry_invalid": 1, "params": {"response_format": {"type": "json_object"}}}
+    job = Job(prepare_job(spec_for(tmp_path, server, data, batch_requests=100, **json_mode)), progress=False)
+    task = asyncio.create_task(job.run())
+    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 2)
+    job.request_stop()
+    first = await task
+    held = BatchLedger.read(tmp_path / "job").held_rows()
+    assert first.failed == len(held) > 0  # the invalid ones, sent again in the live batch
+    live = await arun_job(spec_for(tmp_path, server, data, via="live", retry_failed=True, **json_mode))
+    assert live.http_requests == 0 and live.failed == len(held)
+    last = await arun_job(spec_for(tmp_path, server, data, retry_failed=True, **json_mode))
+    assert last.pending == 0 and last.ok + last.failed == 20
+    sent = pd.Series(lines_sent(server)).value_counts()
+    # batch 2 answered the invalid rows; --retry-failed sends the ones still invalid once more (and once again
+    # under retry_invalid): a row never went in two live batches, so at most 4 lines
+    assert sent.max() <= 4 and sent.sum() == server.stats.completions
