@@ -422,12 +422,18 @@ class BatchRun:
             ledger.add({"event": "recording", "n": entry.n})
         seen = np.zeros(len(live.rows.row_ids), dtype=bool)
         again: dict[int, str] = {}
+        gone: list[str] = []
         for kind in ("output", "error"):
             file_id = batch.get(f"{kind}_file_id")
             if not file_id:
                 continue
             path = ledger.download_path(entry.n, kind)
-            await self._api.download(str(file_id), path)
+            try:
+                await self._api.download(str(file_id), path)
+            except NotFoundError:  # deleted, or past the provider's keeping: its lines will never come
+                log.warning("batch %s: its %s file %s is not found at the provider", entry.batch_id, kind, file_id)
+                gone.append(f"its {kind} file {file_id} is not found at the provider")
+                continue
             with path.open("rb") as fh:
                 while True:
                     chunk = await asyncio.to_thread(_read_lines, fh, _LINES_PER_PASS)
@@ -441,6 +447,8 @@ class BatchRun:
         completed = int((batch.get("request_counts") or {}).get("completed") or 0)
         if completed and not batch.get("output_file_id"):  # a provider's fault: say so, not "not answered"
             why = f"the batch says it completed {completed:,} requests, and has no output file"
+        if gone:
+            why = f"the batch {status}, and {' and '.join(gone)}"
         for position in np.flatnonzero(~seen):
             row_id = int(live.rows.row_ids[position])
             if row_id in before or row_id in again:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
@@ -41,6 +42,20 @@ def lines_sent(server) -> list[str]:
     return [json.loads(line)["custom_id"] for data in files for line in data.splitlines()]
 
 
+def no_row_in_two_live_batches(server) -> None:
+    """No custom_id was in two batches at once at the server (each line's batch ended before the next made)."""
+    hub = server.app[HUB]
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for batch in hub.batches.values():
+        end = batch.ended_at if batch.ended_at is not None else float("inf")
+        for line in hub.files[batch.input_file_id].data.splitlines():
+            spans.setdefault(json.loads(line)["custom_id"], []).append((batch.made_at, end))
+    for custom_id, times in spans.items():
+        times.sort()
+        for (_, end), (start, _) in itertools.pairwise(times):
+            assert end <= start, f"{custom_id} was in two live batches"
+
+
 def exported(tmp_path: Path) -> pd.DataFrame:
     export_job(tmp_path / "job", tmp_path / "out.parquet", force=True)
     return pd.read_parquet(tmp_path / "out.parquet")
@@ -65,6 +80,7 @@ async def test_the_copies_of_a_row_whose_reply_failed_are_sent_in_the_same_run(t
     summary = await arun_job(spec_for(tmp_path, server, data, param_columns={"model": "mdl"}))
     # the first's reply is a 404: the rows that asked the same are sent themselves, in this run
     assert (summary.ok, summary.failed, summary.pending) == (0, 3, 0)
+    no_row_in_two_live_batches(server)
 
 
 # -- the ledger damaged ----------------------------------------------------------------------------
@@ -99,6 +115,7 @@ async def test_a_live_batch_whose_rows_table_is_gone_has_its_rows_sent_once(tmp_
     assert server.stats.duplicates() == 0
     frame = exported(tmp_path)
     assert frame["batch_id"].nunique() == 1
+    no_row_in_two_live_batches(server)
 
 
 # -- the budget ------------------------------------------------------------------------------------
@@ -170,6 +187,7 @@ async def test_a_torn_last_output_line_sends_only_its_row_again(tmp_path, mock_s
     failed = exported(tmp_path).query("status == 'error'")
     assert failed["error_message"].str.contains("before answering it").all()
     assert sent.count(f"row-{failed.index[0]}") == 3
+    no_row_in_two_live_batches(server)
 
 
 async def test_a_200_line_that_is_not_a_chat_completion_is_sent_again_as_live_retries_it(
@@ -184,6 +202,7 @@ async def test_a_200_line_that_is_not_a_chat_completion_is_sent_again_as_live_re
     assert len(server_batches(server)) == 2
     failed = exported(tmp_path).query("status == 'error'")
     assert failed["error_type"].tolist() == ["bad_response"]
+    no_row_in_two_live_batches(server)
 
 
 async def test_a_completed_batch_without_its_output_file_loses_no_row(tmp_path, mock_server, prompts_csv):
@@ -195,6 +214,7 @@ async def test_a_completed_batch_without_its_output_file_loses_no_row(tmp_path, 
     assert len(server_batches(server)) == 2
     failed = exported(tmp_path)
     assert failed["error_message"].str.contains("completed 5 requests, and has no output file").all()
+    no_row_in_two_live_batches(server)
 
 
 # -- through the CLI -------------------------------------------------------------------------------
@@ -213,6 +233,7 @@ def cli_run(tmp_path: Path, base_url: str, *extra: str):
     return invoke(*args, "--via", "batch", "--batch-poll", "0.05", "--no-cache", "--quiet", *extra)
 
 
+@pytest.mark.slow
 def test_batches_cancel_records_what_finished_and_the_next_run_sends_the_rest_once(
     tmp_path, threaded_mock, prompts_csv
 ):
@@ -249,6 +270,7 @@ def test_batches_cancel_records_what_finished_and_the_next_run_sends_the_rest_on
     assert (frame["status"] == "ok").sum() == 40
     sent = lines_sent(mock.server)
     assert len(sent) == 40 + (40 - finished) and mock.stats.duplicates() == 0
+    no_row_in_two_live_batches(mock.server)
 
 
 # -- settings changed while a batch is live --------------------------------------------------------
@@ -266,6 +288,7 @@ async def test_a_template_changed_while_a_batch_is_live_ends_with_every_row_answ
     assert frame["content"].str.contains("new: row").all(), frame["content"].tolist()
     sent = lines_sent(server)
     assert len(sent) == 20 and server.stats.duplicates() == 0  # the old batch's, then each row once more
+    no_row_in_two_live_batches(server)
 
 
 async def test_rows_of_a_file_that_made_no_batch_are_sent_by_the_run_that_finds_so(tmp_path, mock_server, prompts_csv):
@@ -280,6 +303,7 @@ async def test_rows_of_a_file_that_made_no_batch_are_sent_by_the_run_that_finds_
     summary = await arun_job(spec_for(tmp_path, server, data))
     assert BatchLedger.read(tmp_path / "job").entries[1].dropped
     assert (summary.ok, summary.pending) == (10, 0)
+    no_row_in_two_live_batches(server)
 
 
 # -- structured output -----------------------------------------------------------------------------
@@ -303,6 +327,7 @@ async def test_retry_invalid_through_batches_sends_an_invalid_reply_again_at_mos
     assert (sent[[f"row-{i}" for i in invalid.index]] == 3).all()
     assert sent.sum() == server.stats.completions  # every reply was paid for: each is a result in the journal
     assert summary.invalid_retries == sent.sum() - 30  # the summary counts them, as for a live run
+    no_row_in_two_live_batches(server)
 
 
 # -- status, cost, export, report ------------------------------------------------------------------
@@ -387,3 +412,42 @@ async def test_retry_failed_leaves_failed_rows_that_are_in_a_live_batch_to_it(tm
     # batch 2 answered the invalid rows; --retry-failed sends the ones still invalid once more (and once again
     # under retry_invalid): a row never went in two live batches, so at most 4 lines
     assert sent.max() <= 4 and sent.sum() == server.stats.completions
+    no_row_in_two_live_batches(server)
+
+
+async def test_a_batch_whose_output_file_the_provider_no_longer_has_sends_its_rows_again(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=1, batch_seconds=0.3)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    hub = server.app[HUB]
+    (batch,) = hub.batches.values()
+    await asyncio.gather(*server.app[HUB].tasks)  # the batch has run to its end
+    assert batch.status == "completed"
+    del hub.files[batch.output_file_id]  # expired at the provider (30 days), or deleted
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    # the job is not stuck on a file that will never come back: the rows go in a new batch
+    assert (summary.ok, summary.pending) == (10, 0), summary.message
+    assert len(server_batches(server)) == 2
+    no_row_in_two_live_batches(server)
+
+
+@pytest.mark.slow
+async def test_the_budget_holds_across_a_stop_and_a_resume_with_batches_live(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=1, batch_seconds=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 60)
+    settings = {"max_tokens": 10, "prices": PRICES, "max_cost": 0.5, "batch_requests": 10}
+    job = Job(prepare_job(spec_for(tmp_path, server, data, **settings)), progress=False)
+    task = asyncio.create_task(job.run())
+    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 2)
+    job.request_stop()
+    first = await task
+    second = await arun_job(spec_for(tmp_path, server, data, **settings))
+    assert second.stopped == "budget"
+    # every reply the provider answered is paid for: their cost, at the price the job knows, is within the budget
+    spent = first.cost_usd + second.cost_usd
+    assert 0 < spent <= 0.5 + 1e-9
+    assert second.budget_spent_usd == pytest.approx(spent)
+    assert server.stats.completions == second.ok
+    no_row_in_two_live_batches(server)

@@ -106,6 +106,9 @@ class Batch:
     output_tokens: int = 0
     output_file_id: str | None = None
     error_file_id: str | None = None
+    #: when it was made and when it ended (monotonic seconds): tests check that no request is in two at once
+    made_at: float = field(default_factory=time.monotonic)
+    ended_at: float | None = None
 
     def object(self) -> dict[str, Any]:
         usage = {
@@ -181,6 +184,7 @@ class BatchHub:
         if lines is None:
             batch.status = "failed"
             batch.times["failed_at"] = int(time.time())
+            batch.ended_at = time.monotonic()
             return
         batch.total = len(lines)
         if batch.status == "cancelling":
@@ -355,6 +359,7 @@ class BatchHub:
             batch.error_file_id = self.add_file(f"{batch.id}_error.jsonl", "batch_output", data).id
         batch.status = final
         batch.times[f"{final}_at"] = int(time.time())
+        batch.ended_at = time.monotonic()
 
 
 def _odd_output(output: list[dict[str, Any]], quirks: list[str], rng: random.Random) -> bytes:
