@@ -451,3 +451,24 @@ async def test_the_budget_holds_across_a_stop_and_a_resume_with_batches_live(tmp
     assert second.budget_spent_usd == pytest.approx(spent)
     assert server.stats.completions == second.ok
     no_row_in_two_live_batches(server)
+
+
+async def test_live_and_batch_runs_in_turn_send_each_row_once(tmp_path, mock_server, prompts_csv):
+    server = await mock_server(seed=3, batch_seconds=0.3, echo=True)
+    data = prompts_csv(tmp_path / "in.csv", 30)
+    budget = {"max_tokens": 10, "prices": PRICES}
+    live = await arun_job(spec_for(tmp_path, server, data, via="live", max_cost=0.2, **budget))
+    assert live.stopped == "budget" and 0 < live.ok < 30
+    job = Job(prepare_job(spec_for(tmp_path, server, data, batch_requests=5, max_tokens=10)), progress=False)
+    task = asyncio.create_task(job.run())
+    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 1 and job._batch_run.counts.created)
+    job.request_stop()
+    await task
+    again = await arun_job(spec_for(tmp_path, server, data, via="live", max_tokens=10))  # leaves the batch's rows
+    last = await arun_job(spec_for(tmp_path, server, data, max_tokens=10))
+    assert last.pending == 0 and last.ok == 30
+    assert server.stats.completions == 30 and server.stats.duplicates() == 0
+    assert again.http_requests + live.http_requests + len(lines_sent(server)) == 30
+    frame = exported(tmp_path)
+    assert all(f"row {i}:" in text for i, text in zip(frame.index, frame["content"], strict=True))
+    no_row_in_two_live_batches(server)

@@ -10,6 +10,10 @@ error file, not a failed batch), a tenth ``finalizing``, then ``completed`` with
 (`batch_expire`), keep what was answered; the lines not answered go to the error file with
 ``batch_cancelled`` / ``batch_expired``.
 
+A provider that writes its output file oddly is `batch_output_quirks` (lines out of order, a line
+naming no request, a request answered twice, blank lines, a torn last line, a 200 body that is not
+a chat completion, no output file at all).
+
 The HTTP side (routes, refusals, faults of each request) is batchhub/mock/batch_routes.py.
 `batch_fail` and `batch_expire` are drawn per batch at creation, `batch_faults` per request, from
 a generator of their own (`BatchHub.rng`), so the chat endpoint's draws are unchanged by them.
