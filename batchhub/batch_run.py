@@ -186,6 +186,8 @@ class BatchRun:
                 continue
             if entry.batch_id is None and entry.file_id is not None:
                 found = await self._api.find(ledger.metadata(entry))
+                # made of this file: a copy of the job directory has the same key, and numbers its batches alike
+                found = [b for b in found if b.get("input_file_id") == entry.file_id]
                 if found:
                     ledger.add({"event": "batch", "n": entry.n, "batch_id": found[0]["id"]})
             if entry.batch_id is None:  # never uploaded, or uploaded and no batch made of it: its rows are pending

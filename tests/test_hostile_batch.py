@@ -472,3 +472,30 @@ async def test_live_and_batch_runs_in_turn_send_each_row_once(tmp_path, mock_ser
     frame = exported(tmp_path)
     assert all(f"row {i}:" in text for i, text in zip(frame.index, frame["content"], strict=True))
     no_row_in_two_live_batches(server)
+
+
+async def test_a_batch_found_again_by_its_metadata_is_the_one_made_of_the_jobs_own_file(
+    tmp_path, mock_server, prompts_csv
+):
+    from batchhub.mock.batches import Batch
+
+    server = await mock_server(seed=1, batch_seconds=0.3, echo=True)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    # as if killed after the batch was made and before its id was written down ...
+    ledger_path = tmp_path / "job" / "batches" / "ledger.jsonl"
+    lines = ledger_path.read_bytes().splitlines(keepends=True)
+    ledger_path.write_bytes(b"".join(line for line in lines if b'"event":"batch"' not in line))
+    # ... and a copy of the job directory (the same key) made a batch with the same number since, of its own file
+    hub = server.app[HUB]
+    (mine,) = hub.batches.values()
+    text = hub.files[mine.input_file_id].data.replace(b"say something about the sea", b"a copy's other request")
+    other = hub.add_file("copy.jsonl", "batch", text)
+    decoy = Batch(f"batch_copy{len(hub.batches)}", other.id, dict(mine.metadata), mine.created_at + 1, False, False)
+    hub.batches[decoy.id] = decoy
+    hub.start(decoy)
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert summary.ok == 10
+    assert BatchLedger.read(tmp_path / "job").entries[1].batch_id == mine.id
+    frame = exported(tmp_path)
+    assert not frame["content"].str.contains("a copy's other request").any()
