@@ -196,6 +196,13 @@ class BatchRun:
                 ledger.remove_files(entry.n)
                 continue
             rows = ledger.rows(entry.n)
+            if not len(rows.row_ids) and entry.requests and entry.file_id is not None:
+                # its rows table and input file are both gone: the provider still has the file it was made of
+                try:
+                    await self._api.download(entry.file_id, ledger.input_path(entry.n))
+                except APIError as exc:
+                    log.warning("batch %06d: its input file cannot be downloaded (%s)", entry.n, exc.message)
+                rows = ledger.rows(entry.n)
             reserved = float(rows.worst.sum())
             if self._budget is not None and not self._budget.try_reserve(reserved):
                 self._budget_full = True  # it is made already: collected, and no batch is created after it

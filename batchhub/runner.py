@@ -313,6 +313,7 @@ class Job:
         """Rows held when the run began that no batch holds after all (their file made no batch): this run
         sends them, as it sends any row without a result."""
         self._held, self._held_hashes = self._ledger.held_requests()
+        self._todo[self._held[self._held < len(self._todo)]] = False  # rows of a batch read again from the provider
         rows = rows[rows < len(self._todo)]
         states = self._states[rows]
         wanted = (states == STATE_NONE) | ((states == STATE_ERROR) if self.spec.retry_failed else False)

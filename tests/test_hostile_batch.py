@@ -103,11 +103,13 @@ async def test_events_written_after_a_torn_last_line_of_the_ledger_are_read_back
     assert torn == [b'{"event":"ended","n":1,"sta']
 
 
-async def test_a_live_batch_whose_rows_table_is_gone_has_its_rows_sent_once(tmp_path, mock_server, prompts_csv):
+@pytest.mark.parametrize("lost", [["rows.parquet"], ["rows.parquet", "jsonl"]])
+async def test_a_live_batch_whose_rows_table_is_gone_has_its_rows_sent_once(tmp_path, mock_server, prompts_csv, lost):
     server = await mock_server(seed=1, batch_seconds=0.5)
     data = prompts_csv(tmp_path / "in.csv", 10)
     await stopped_once_a_batch_is_live(tmp_path, server, data)
-    (tmp_path / "job" / "batches" / "000001.rows.parquet").unlink()
+    for name in lost:  # the rows table, and the input file it is read again from (then the provider's copy)
+        (tmp_path / "job" / "batches" / f"000001.{name}").unlink()
     summary = await arun_job(spec_for(tmp_path, server, data))
     assert (summary.ok, summary.pending) == (10, 0)
     sent = lines_sent(server)
