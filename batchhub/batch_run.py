@@ -160,7 +160,8 @@ class BatchRun:
         if cancel:
             for live in list(self._live.values()):
                 assert live.entry.batch_id is not None
-                live.batch = await self._api.cancel(live.entry.batch_id)
+                with contextlib.suppress(NotFoundError):  # the provider has it no more: polled, its rows pending
+                    live.batch = await self._api.cancel(live.entry.batch_id)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch())
             try:

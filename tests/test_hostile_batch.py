@@ -501,3 +501,36 @@ async def test_a_batch_found_again_by_its_metadata_is_the_one_made_of_the_jobs_o
     assert BatchLedger.read(tmp_path / "job").entries[1].batch_id == mine.id
     frame = exported(tmp_path)
     assert not frame["content"].str.contains("a copy's other request").any()
+
+
+def test_batches_cancel_goes_on_past_a_batch_the_provider_no_longer_has(tmp_path, threaded_mock, prompts_csv):
+    mock = threaded_mock(seed=4, batch_seconds=10.0, models=["*"])
+    hub = mock.server.app[HUB]
+    prompts_csv(tmp_path / "in.csv", 20)
+
+    async def leave_two_batches_live() -> None:
+        job = Job(prepare_job(spec_for(tmp_path, mock, tmp_path / "in.csv", batch_requests=10)), progress=False)
+        task = asyncio.create_task(job.run())
+        made = asyncio.run_coroutine_threadsafe(
+            mock.server.wait_until(lambda stats: len(hub.batches) >= 2 and job._batch_run.counts.created >= 2),
+            mock.loop,
+        )
+        await asyncio.wrap_future(made)
+        job.request_stop()
+        await task
+
+    asyncio.run(leave_two_batches_live())
+    first, second = sorted(hub.batches.values(), key=lambda b: b.made_at)
+    mock.call(_forget(hub, first.id))
+    cancelled = invoke("batches", str(tmp_path / "job"), "--cancel")
+    assert cancelled.exit_code == 0, cancelled.output
+    assert second.status == "cancelled"
+    ledger = BatchLedger.read(tmp_path / "job")
+    assert [e.ended for e in sorted(ledger.entries.values(), key=lambda e: e.n)] == ["not_found", "cancelled"]
+    assert len(hub.batches) == 1  # none created by the cancel
+    assert (exported(tmp_path)["status"] == "ok").sum() == second.completed  # the rest pending, for the next run
+
+
+async def _forget(hub, batch_id: str) -> None:
+    """The provider has the batch no more (its task stopped first, as a deletion would)."""
+    hub.batches.pop(batch_id)
