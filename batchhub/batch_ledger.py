@@ -9,7 +9,8 @@ Events, by `event`:
 - `job`: the first line; `key` is the job's identity, written into each batch's metadata
   (`batchhub_job`) with the batch's number (`batchhub_batch`), so that a batch the server created
   and the job did not write down (killed between the two) is found again by listing the batches;
-- `file` (n, file_id, requests, bytes): the input file is uploaded;
+- `file` (n, file_id, requests, bytes, at): the input file is uploaded, to the server `at` names
+  (`request_endpoint`: a run at another server leaves the batch alone, live where it is);
 - `batch` (n, batch_id): the batch is created (or found again by its metadata);
 - `recording` (n): its results are being recorded (a later run reads which it has);
 - `ended` (n, status, counts): every line of its output and error files is recorded, or its row
@@ -67,6 +68,8 @@ class BatchEntry:
 
     n: int
     file_id: str | None = None
+    #: the server it was uploaded to (`request_endpoint`; None in ledgers written before it was)
+    at: str | None = None
     requests: int = 0
     batch_id: str | None = None
     recording: bool = False
@@ -159,6 +162,7 @@ class BatchLedger:
         if kind == "file":
             entry.file_id = str(event.get("file_id"))
             entry.requests = int(event.get("requests") or 0)
+            entry.at = str(event["at"]) if event.get("at") is not None else None
         elif kind == "batch":
             entry.batch_id = str(event.get("batch_id"))
         elif kind == "recording":
@@ -231,6 +235,10 @@ class BatchLedger:
         hashes = np.array([h for t in tables for h in t.hashes], dtype=object)
         order = np.argsort(ids, kind="stable")
         return ids[order], hashes[order]
+
+    def elsewhere(self, entry: BatchEntry) -> bool:
+        """Whether the batch was sent to another server than this run's."""
+        return entry.at is not None and self.endpoint is not None and entry.at != self.endpoint
 
     def metadata(self, entry: BatchEntry) -> dict[str, str]:
         """What a batch is created with, and found again by."""

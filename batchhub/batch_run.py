@@ -185,6 +185,9 @@ class BatchRun:
         for entry in sorted(ledger.entries.values(), key=lambda e: e.n):
             if entry.ended is not None or entry.dropped is not None:
                 continue
+            if ledger.elsewhere(entry):  # its rows stay held: a run at that server collects it
+                log.warning("batch %06d was sent to %s, not this run's server: left to a run there", entry.n, entry.at)
+                continue
             if entry.batch_id is None and entry.file_id is not None:
                 found = await self._api.find(ledger.metadata(entry))
                 # made of this file: a copy of the job directory has the same key, and numbers its batches alike
@@ -327,7 +330,7 @@ class BatchRun:
                 uploaded = await self._api.upload(batch_file.path, f"batchhub-{n:06d}.jsonl")
                 ledger.add(
                     {"event": "file", "n": n, "file_id": uploaded["id"], "requests": len(rows.row_ids),
-                     "bytes": batch_file.size}
+                     "bytes": batch_file.size, "at": ledger.endpoint}
                 )  # fmt: skip
                 entry = ledger.entries[n]
                 created = await self._api.create(uploaded["id"], BATCH_ENDPOINT, ledger.metadata(entry))

@@ -534,3 +534,44 @@ def test_batches_cancel_goes_on_past_a_batch_the_provider_no_longer_has(tmp_path
 async def _forget(hub, batch_id: str) -> None:
     """The provider has the batch no more (its task stopped first, as a deletion would)."""
     hub.batches.pop(batch_id)
+
+
+async def test_rows_a_batch_never_answered_export_as_openai_batch_error_lines(tmp_path, mock_server, prompts_csv):
+    from openai.types.chat import ChatCompletion
+    from openai_shapes import openai_parse
+    from test_openai_batch import BatchLine
+
+    from batchhub.export import export_openai_batch
+
+    server = await mock_server(seed=2, batch_seconds=0.05, batch_expire=1.0, batch_expire_after=0.5)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_attempts=1))
+    assert (summary.ok, summary.failed) == (5, 5)
+    out = tmp_path / "out.jsonl"
+    assert export_openai_batch(tmp_path / "job", out) == 10
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    for line in lines:
+        BatchLine.model_validate(line)
+    ok = [x for x in lines if x["response"] and x["response"]["status_code"] == 200]
+    assert len(ok) == 5
+    for line in ok:
+        openai_parse(ChatCompletion, line["response"]["body"])
+    # the provider's expiry, as OpenAI's own output says it: an error line, no response
+    failed = [x for x in lines if x not in ok]
+    assert len(failed) == 5
+    assert all(x["response"] is None and "expired" in x["error"]["message"] for x in failed), failed[0]
+
+
+async def test_a_run_at_another_endpoint_leaves_the_batches_live_at_the_first_to_them(
+    tmp_path, mock_server, prompts_csv
+):
+    first = await mock_server(seed=1, batch_seconds=0.5)
+    other = await mock_server(seed=1, batch_seconds=0.05)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, first, data)
+    elsewhere = await arun_job(spec_for(tmp_path, other, data))
+    # the batch is not gone: it is at the other server. Its rows are not sent (and paid) a second time here
+    assert not other.app[HUB].batches and other.stats.completions == 0
+    assert elsewhere.pending == 10 and "live at the provider" in elsewhere.batch_note
+    back = await arun_job(spec_for(tmp_path, first, data))
+    assert back.ok == 10 and len(first.app[HUB].batches) == 1
