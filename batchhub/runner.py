@@ -291,8 +291,9 @@ class Job:
         self._ledger = BatchLedger.read(store.dir)
         self._ledger.endpoint = prepared.builder.endpoint
         self._held, self._held_hashes = self._ledger.held_requests()
-        if prepared.budget is not None and spec.via != "batch":  # a batch run adopts them, their worst case held
-            prepared.budget.committed = sum(float(self._ledger.rows(e.n).worst.sum()) for e in self._ledger.held())
+        if prepared.budget is not None:  # what they will cost: a batch run adopts those of its server, and holds it
+            elsewhere = [e for e in self._ledger.held() if spec.via != "batch" or self._ledger.elsewhere(e)]
+            prepared.budget.committed = sum(float(self._ledger.rows(e.n).worst.sum()) for e in elsewhere)
         todo[self._held[self._held < len(todo)]] = False
         self._todo = todo
         # a result is its row's only while it answers the request the row sends now: the reader checks each
