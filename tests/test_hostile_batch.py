@@ -575,3 +575,13 @@ async def test_a_run_at_another_endpoint_leaves_the_batches_live_at_the_first_to
     assert elsewhere.pending == 10 and "live at the provider" in elsewhere.batch_note
     back = await arun_job(spec_for(tmp_path, first, data))
     assert back.ok == 10 and len(first.app[HUB].batches) == 1
+
+
+def test_a_default_batch_file_is_within_200_mb_however_a_megabyte_is_counted():
+    from batchhub import defaults
+    from batchhub.mock import MockConfig
+
+    # OpenAI's "200 MB": a file of 200 MiB (209,715,200 bytes) may be refused as "File is too large"
+    assert defaults.BATCH_BYTES <= 200_000_000
+    assert JobSpec(input=Path("x.csv"), model="m").batch_bytes <= 200_000_000
+    assert MockConfig().file_max_bytes <= 200_000_000  # the simulator as strict as the strictest reading

@@ -194,7 +194,7 @@ class MockConfig:
     #: Batch API: the most lines a batch input file may hold (OpenAI: 50,000)
     batch_max_lines: int = 50_000
     #: Files API: the largest file accepted by `POST /v1/files` (OpenAI: 200 MB for a batch file)
-    file_max_bytes: int = 200 * 1024 * 1024
+    file_max_bytes: int = 200_000_000
     #: Batch API: faults of the Files and Batches requests (see `BATCH_FAULT_KINDS`), as `faults`
     batch_faults: dict[str, float] = field(default_factory=dict)
     #: Batch API: probability that a batch fails its validation (status failed, `errors` saying why)
