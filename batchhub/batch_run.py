@@ -53,6 +53,8 @@ log = logging.getLogger("batchhub")
 
 #: error codes of an error-file line that was never answered: its row goes in a new batch
 UNANSWERED_CODES = frozenset({"batch_expired", "batch_cancelled"})
+#: the error code of a batch refused because the provider's queue is full (OpenAI's enqueued token limit)
+QUEUE_FULL_CODE = "token_limit_exceeded"
 #: lines of a downloaded file recorded per event-loop pass
 _LINES_PER_PASS = 2000
 
@@ -85,6 +87,8 @@ class _Live:
     reserved: float
     batch: dict[str, Any] = field(default_factory=dict)
     cost: float = 0.0
+    #: other batches of the run were live when it was created (a full queue at the provider is theirs)
+    crowded: bool = False
 
 
 @dataclass
@@ -147,6 +151,11 @@ class BatchRun:
         #: once their batch ends; and the rows of the batches ended in this run
         self._after: dict[int, BuiltRequest] = {}
         self._ended: list[np.ndarray] = []
+        #: the provider's queue is full (a batch failed with `token_limit_exceeded` while others of the job were
+        #: live): new files wait, and the rows of the refused batches wait in `_parked`, until one of them ends
+        self._queue_full = False
+        self._room_made = asyncio.Event()
+        self._parked: list[_Again] = []
         self.counts = BatchCounts()
 
     # -- the run ------------------------------------------------------------------------------
@@ -239,7 +248,7 @@ class BatchRun:
                     break
             if not self._quit.is_set():
                 for model in list(self._files):
-                    await self._submit(self._files.pop(model))
+                    await self._submit_new(self._files.pop(model))
         finally:
             for batch_file in self._files.values():  # never uploaded: its rows stay pending
                 batch_file.discard()
@@ -263,11 +272,11 @@ class BatchRun:
         bound = self._bounds.of(built) if self._budget is not None else self._bounds.by_bytes(built)
         current = self._files.get(built.model)
         if current is not None and not current.fits(line):
-            await self._submit(self._files.pop(built.model))
+            await self._submit_new(self._files.pop(built.model))
             current = None
         if not await self._room(worst + (current.worst_usd if current is not None else 0.0)):
             if current is not None:
-                await self._submit(self._files.pop(built.model))
+                await self._submit_new(self._files.pop(built.model))
             if not await self._room(worst):
                 self._answered(built, None)
                 self._stop_for_budget(worst)
@@ -311,6 +320,13 @@ class BatchRun:
             self._budget.refused = refused
         self._halt("budget")
 
+    async def _submit_new(self, batch_file: BatchFile) -> None:
+        """Submit a file of the reader's rows once the provider's queue has room (see `_queue_full`)."""
+        while self._queue_full and self._live and not self._quit.is_set():
+            self._room_made.clear()
+            await _first(self._room_made.wait(), self._quit.wait())
+        await self._submit(batch_file)
+
     async def _submit(self, batch_file: BatchFile) -> None:
         """Upload a file and create its batch, each id written down as it comes; the batch is live then."""
         async with self._submitting:
@@ -345,7 +361,7 @@ class BatchRun:
                     self._api_failed(exc, f"creating batch {n:06d}")
                     return
                 raise
-            self._live[n] = _Live(ledger.entries[n], rows, reserved, created)
+            self._live[n] = _Live(ledger.entries[n], rows, reserved, created, crowded=bool(self._live))
             self.counts.created += 1
             self._tries.update({int(r): self._tries.get(int(r), 0) + 1 for r in rows.row_ids})
             self._wake.set()
@@ -462,9 +478,17 @@ class BatchRun:
             why = f"the batch says it completed {completed:,} requests, and has no output file"
         if gone:
             why = f"the batch {status}, and {' and '.join(gone)}"
+        # the provider's queue was full of the job's own batches: no attempt spent, and while some are live, the
+        # rows wait for one of them to end
+        queue_full = _queue_full(batch) and live.crowded
+        park = queue_full and len(self._live) > 1
         for position in np.flatnonzero(~seen):
             row_id = int(live.rows.row_ids[position])
             if row_id in before or row_id in again:
+                continue
+            if queue_full:
+                self._tries[row_id] = self._tries.get(row_id, 1) - 1
+                again[row_id] = why
                 continue
             if self._tries.get(row_id, 1) < self.spec.max_attempts:
                 again[row_id] = why
@@ -489,8 +513,11 @@ class BatchRun:
             self._budget.settle(live.reserved, live.cost)
         elif self._budget is not None:  # adopted over the budget, nothing reserved: what it cost is spent all the same
             self._budget.spent += live.cost
-        if (again or self._again_rows) and self._sending and not self._quit.is_set():  # copies of a failed reply too
-            await self._send_again(live, again)
+        self._queue_full = park
+        if not park:
+            self._room_made.set()
+        if (again or self._again_rows or self._parked) and self._sending and not self._quit.is_set():
+            await self._send_again(live, again, park=park)  # copies of a failed reply too
         ledger.remove_files(entry.n)
 
     def _recorded_rows(self, batch_id: str) -> set[int]:
@@ -578,9 +605,9 @@ class BatchRun:
             row_id, "bad_response", "the batch's line has neither a response nor an error", None, tries, 0, asked
         )
 
-    async def _send_again(self, live: _Live, again: dict[int, str]) -> None:
+    async def _send_again(self, live: _Live, again: dict[int, str], *, park: bool = False) -> None:
         """Rows of an ended batch not answered (or answered with an error worth retrying): in a new batch, the
-        same lines; a row that has had `max_attempts` is recorded failed with why."""
+        same lines, with the rows parked before (`park`: parked too, the provider's queue is full)."""
         path = self.ledger.input_path(live.entry.n)
         try:
             lines = await asyncio.to_thread(lines_of, path, set(again)) if again else {}
@@ -589,6 +616,9 @@ class BatchRun:
             return
         items = list(self._again_rows)
         self._again_rows.clear()
+        if not park:
+            items += self._parked
+            self._parked.clear()
         for row_id in again:
             at = live.rows.position(row_id)
             line = lines.get(row_id)
@@ -597,6 +627,9 @@ class BatchRun:
             asked = Sent(live.rows.models[at], live.rows.hashes[at])
             bound = tuple(int(v) for v in live.rows.bounds[at])
             items.append(_Again(row_id, asked, float(live.rows.worst[at]), (bound[0], bound[1], bound[2]), line))
+        if park:
+            self._parked.extend(items)
+            return
         self.counts.sent_again += len(items)
         files: dict[str, BatchFile] = {}
         for item in items:
@@ -638,6 +671,14 @@ def _assume(row: Result, bound: Bound) -> None:
 def _state(batch: dict[str, Any]) -> tuple[Any, ...]:
     counts = batch.get("request_counts") or {}
     return batch.get("status"), counts.get("completed"), counts.get("failed")
+
+
+def _queue_full(batch: dict[str, Any]) -> bool:
+    """Whether the batch failed because the provider's queue for its model was full (OpenAI: the enqueued
+    token limit), not for anything in it."""
+    errors = batch.get("errors")
+    data = errors.get("data") if isinstance(errors, dict) else None
+    return isinstance(data, list) and any(isinstance(e, dict) and e.get("code") == QUEUE_FULL_CODE for e in data)
 
 
 def _batch_errors(batch: dict[str, Any]) -> str | None:

@@ -585,3 +585,43 @@ def test_a_default_batch_file_is_within_200_mb_however_a_megabyte_is_counted():
     assert defaults.BATCH_BYTES <= 200_000_000
     assert JobSpec(input=Path("x.csv"), model="m").batch_bytes <= 200_000_000
     assert MockConfig().file_max_bytes <= 200_000_000  # the simulator as strict as the strictest reading
+
+
+async def test_prompts_with_line_separators_and_odd_unicode_stay_one_line_each(tmp_path, mock_server):
+    server = await mock_server(seed=1, batch_seconds=0.05, echo=True)
+    data = tmp_path / "in.jsonl"
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "g\rh", "i\nj", "emoji \U0001f30a", 'quote " and \\ slash']
+    data.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    summary = await arun_job(spec_for(tmp_path, server, data))
+    assert (summary.ok, summary.failed) == (len(texts), 0)
+    frame = exported(tmp_path)
+    assert frame["content"].tolist() == [f"echo: {t}" for t in texts]
+    assert len(lines_sent(server)) == len(texts)
+
+
+# -- the provider's queue is full --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_batches_past_the_enqueued_token_limit_wait_for_room_and_spend_no_attempt(
+    tmp_path, mock_server, prompts_csv
+):
+    # room for about one batch at a time: the others fail validation with token_limit_exceeded, as OpenAI's do
+    server = await mock_server(seed=1, batch_seconds=0.3, batch_queue_tokens=200)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=10, max_attempts=2))
+    assert (summary.ok, summary.failed, summary.pending) == (40, 0, 0)
+    refused = [b for b in server_batches(server) if b.status == "failed"]
+    assert all(b.errors[0]["code"] == "token_limit_exceeded" for b in refused)
+    no_row_in_two_live_batches(server)
+
+
+async def test_a_batch_too_large_for_the_providers_queue_on_its_own_fails_after_max_attempts(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=1, batch_seconds=0.05, batch_queue_tokens=20)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    summary = await arun_job(spec_for(tmp_path, server, data, batch_requests=100, max_attempts=2))
+    assert (summary.ok, summary.failed, summary.pending) == (0, 10, 0)
+    assert len(server_batches(server)) == 2  # no endless loop: alone in the queue, each refusal is an attempt
+    assert exported(tmp_path)["error_message"].str.contains("Enqueued token limit reached").all()

@@ -36,6 +36,7 @@ from aiohttp import web
 from batchhub.mock.config import BATCH_FAULT_KINDS, BATCH_LINE_FAULT_KINDS, MockConfig
 from batchhub.mock.responses import dumps
 from batchhub.mock.state import MockState
+from batchhub.mock.tokens import count_prompt_tokens
 
 #: the one endpoint a batch may target here
 BATCH_ENDPOINT = "/v1/chat/completions"
@@ -44,6 +45,8 @@ COMPLETION_WINDOW = "24h"
 STEPS = 100
 #: the states a batch does not leave
 FINAL = frozenset({"failed", "completed", "expired", "cancelled"})
+#: the states whose tokens count as enqueued (`MockConfig.batch_queue_tokens`)
+LIVE = frozenset({"in_progress", "finalizing", "cancelling"})
 
 #: answers one batch line's body as the chat endpoint would: (status, response body)
 LineAnswerer = Callable[[MockState, object], tuple[int, dict[str, Any]]]
@@ -113,6 +116,8 @@ class Batch:
     #: when it was made and when it ended (monotonic seconds): tests check that no request is in two at once
     made_at: float = field(default_factory=time.monotonic)
     ended_at: float | None = None
+    #: its prompt tokens, counted against `batch_queue_tokens` while it is live
+    tokens: int = 0
 
     def object(self) -> dict[str, Any]:
         usage = {
@@ -279,9 +284,20 @@ class BatchHub:
         models = {line["body"].get("model") for line in lines if isinstance(line.get("body"), dict)}
         if len(models) > 1:
             error("mismatched_model", "The lines of a batch input file must all name the same model.", None, "model")
+        tokens = _enqueued_tokens(lines)
+        limit = config.batch_queue_tokens
+        enqueued = sum(b.tokens for b in self.batches.values() if b.status in LIVE and b.model in models)
+        if limit is not None and not errors and enqueued + tokens > limit:
+            error(
+                "token_limit_exceeded",
+                f"Enqueued token limit reached for {next(iter(models))} in organization org-mock. Limit: {limit:,} "
+                "enqueued tokens. Please try submitting fewer tasks or wait until some of your batch tasks are "
+                "completed.",
+            )
         if errors:
             batch.errors = errors
             return None
+        batch.tokens = tokens
         model = lines[0]["body"].get("model")
         batch.model = model if isinstance(model, str) else None
         return lines
@@ -364,6 +380,16 @@ class BatchHub:
         batch.status = final
         batch.times[f"{final}_at"] = int(time.time())
         batch.ended_at = time.monotonic()
+
+
+def _enqueued_tokens(lines: list[dict[str, Any]]) -> int:
+    """The prompt tokens of a batch's lines, as its enqueued tokens are counted."""
+    total = 0
+    for line in lines:
+        messages = line["body"].get("messages")
+        texts = [str(m.get("content")) for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        total += count_prompt_tokens(texts)
+    return total
 
 
 def _odd_output(output: list[dict[str, Any]], quirks: list[str], rng: random.Random) -> bytes:

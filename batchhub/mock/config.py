@@ -204,6 +204,9 @@ class MockConfig:
     batch_expire_after: float = 0.5
     #: Batch API: faults of a batch's lines (see `BATCH_LINE_FAULT_KINDS`), drawn per line
     batch_line_faults: dict[str, float] = field(default_factory=dict)
+    #: Batch API: the most prompt tokens of batches in progress at once (OpenAI's enqueued token limit, per
+    #: model); a batch past it fails validation with `token_limit_exceeded`. None: no limit
+    batch_queue_tokens: int | None = None
     #: Batch API: oddities of every batch's output file (see `BATCH_OUTPUT_QUIRKS`)
     batch_output_quirks: list[str] = field(default_factory=list)
 
@@ -228,7 +231,7 @@ class MockConfig:
                 raise ValueError(f"mock {name} must be an integer >= 1, got {value!r}")
         if not _is_int(self.seed):
             raise ValueError(f"mock seed must be an integer, got {self.seed!r}")
-        for name in ("rpm", "tpm", "quota_tokens"):
+        for name in ("rpm", "tpm", "quota_tokens", "batch_queue_tokens"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"mock {name} must be a positive integer, got {value!r}")
