@@ -424,7 +424,8 @@ class Job:
             budget=self.prepared.budget,
             output_check=self.prepared.output_check,
             progress=self._progress,
-            record=self._record,
+            # what the budget is charged: a reply naming a cheaper model than the one asked for is billed as asked
+            record=lambda row, model: self._held_cost(row, model, self._record(row, model)),
             answered=self._answered_here,
             halt=self._halt,
             on_fatal=self._stop_fatal,

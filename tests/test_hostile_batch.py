@@ -625,3 +625,17 @@ async def test_a_batch_too_large_for_the_providers_queue_on_its_own_fails_after_
     assert (summary.ok, summary.failed, summary.pending) == (0, 10, 0)
     assert len(server_batches(server)) == 2  # no endless loop: alone in the queue, each refusal is an attempt
     assert exported(tmp_path)["error_message"].str.contains("Enqueued token limit reached").all()
+
+
+async def test_a_batch_reply_naming_a_cheaper_model_is_charged_at_the_requested_models_price(
+    tmp_path, mock_server, prompts_csv
+):
+    server = await mock_server(seed=1, batch_seconds=0.05, batch_output_quirks=["other_model"])
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    prices = {**PRICES, "gpt-4o-mini": {"input_per_million": 0.15, "output_per_million": 0.6}}
+    summary = await arun_job(spec_for(tmp_path, server, data, max_tokens=10, prices=prices, max_cost=10))
+    frame = exported(tmp_path)
+    assert summary.ok == 10 and (frame["model"] == "gpt-4o-mini").all()
+    billed = (frame["prompt_tokens"].sum() + frame["completion_tokens"].sum()) * 1000 / 1e6  # at m's price
+    # the provider billed the model asked for: the budget counts that, as a live run's does
+    assert summary.budget_spent_usd == pytest.approx(billed)

@@ -45,6 +45,8 @@ COMPLETION_WINDOW = "24h"
 STEPS = 100
 #: the states a batch does not leave
 FINAL = frozenset({"failed", "completed", "expired", "cancelled"})
+#: the model the replies of `batch_output_quirks = ["other_model"]` name
+OTHER_MODEL = "gpt-4o-mini"
 #: the states whose tokens count as enqueued (`MockConfig.batch_queue_tokens`)
 LIVE = frozenset({"in_progress", "finalizing", "cancelling"})
 
@@ -394,6 +396,11 @@ def _enqueued_tokens(lines: list[dict[str, Any]]) -> int:
 
 def _odd_output(output: list[dict[str, Any]], quirks: list[str], rng: random.Random) -> bytes:
     """An output file's bytes, with the oddities of `MockConfig.batch_output_quirks`."""
+    if "other_model" in quirks:
+        output = [
+            {**r, "response": {**r["response"], "body": {**r["response"]["body"], "model": OTHER_MODEL}}}
+            for r in output
+        ]
     lines = [dumps(r) + "\n" for r in output]
     if "not_completion" in quirks:
         first = {**output[0], "response": {**output[0]["response"], "body": {"object": "list", "data": []}}}

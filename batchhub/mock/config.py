@@ -67,8 +67,18 @@ BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage", "bad_json")
 #: Oddities of every batch's output file (`MockConfig.batch_output_quirks`): its lines out of order
 #: ("shuffle"), a line naming no request of the batch ("foreign"), a request answered twice ("repeat"),
 #: blank lines ("blank"), the last line cut short ("torn"), a 200 line whose body is not a chat
-#: completion ("not_completion"), or no output file though `request_counts` say completed ("no_output").
-BATCH_OUTPUT_QUIRKS: tuple[str, ...] = ("shuffle", "foreign", "repeat", "blank", "torn", "not_completion", "no_output")
+#: completion ("not_completion"), no output file though `request_counts` say completed ("no_output"), or
+#: replies naming a cheaper model than the one asked for and billed ("other_model": gpt-4o-mini).
+BATCH_OUTPUT_QUIRKS: tuple[str, ...] = (
+    "shuffle",
+    "foreign",
+    "repeat",
+    "blank",
+    "torn",
+    "not_completion",
+    "no_output",
+    "other_model",
+)
 #: the ways a streamed request's error can reach the client (`MockConfig.stream_errors`)
 STREAM_ERRORS: tuple[str, ...] = ("status", "in_band")
 #: `models = ["*"]`: every model name is known (for tests that send made-up names).
