@@ -12,7 +12,12 @@
   row's result in the same journal and parts as a live reply, `batch_id` set (priced at the batch
   price). A line not answered (the batch failed validation, expired or was cancelled first), or
   answered with an error worth retrying (429, 5xx), goes in a new batch, up to `max_attempts` times;
-  an invalid_output reply, up to `retry_invalid` times. Other error lines fail their rows.
+  an invalid_output reply, up to `retry_invalid` times. Other error lines fail their rows. A batch
+  refused because the provider's queue is full of the job's own batches (`token_limit_exceeded`)
+  spends no attempt: its rows wait for one of them to end.
+- A row of a live batch whose request changed since (another template, model) is sent as it is now
+  once its batch ends (the reader reads the rows of live batches too). A batch sent to another
+  server than this run's (its file's `at`) is left live there, its rows held.
 - `--max-cost`: a batch is created only when the worst case of all its requests fits the budget;
   a row that does not fit waits for live batches to end (and settle), or stops the job.
 - A stop (Ctrl-C, SIGTERM, a fatal API error) creates no more batches: live ones go on at the
