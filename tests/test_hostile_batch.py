@@ -639,3 +639,33 @@ async def test_a_batch_reply_naming_a_cheaper_model_is_charged_at_the_requested_
     billed = (frame["prompt_tokens"].sum() + frame["completion_tokens"].sum()) * 1000 / 1e6  # at m's price
     # the provider billed the model asked for: the budget counts that, as a live run's does
     assert summary.budget_spent_usd == pytest.approx(billed)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_download_records_what_came_and_the_next_run_sends_nothing_twice(
+    tmp_path, simulator_process, prompts_csv
+):
+    import subprocess
+    import sys
+
+    from jobprocs import REPO, child_env, mock_stats
+
+    base_url = simulator_process("--seed", "3", "--batch-seconds", "0.3").base_url
+    prompts_csv(tmp_path / "in.csv", 120)
+    args = [str(tmp_path / "in.csv"), "--model", "m", "--base-url", base_url, "--api-key", "sk-int"]
+    args += ["--job-dir", str(tmp_path / "job"), "--via", "batch", "--batch-requests", "50", "--batch-poll", "0.2"]
+    args += ["--no-cache", "--quiet"]
+
+    def run(at: str) -> subprocess.CompletedProcess[str]:
+        child = [sys.executable, str(REPO / "tests" / "batch_child.py"), at, "--", *args]
+        return subprocess.run(child, capture_output=True, text=True, env=child_env(), timeout=120)
+
+    stopped = run("interrupt")
+    assert stopped.returncode == 3, stopped.stderr  # stopped: run it again to resume
+    # the batch being downloaded was recorded to its end (the first Ctrl-C lets it finish)
+    assert (exported(tmp_path)["status"] == "ok").sum() >= 50
+    again = run("none")
+    assert again.returncode == 0, again.stderr
+    frame = exported(tmp_path)
+    assert (frame["status"] == "ok").all() and len(frame) == 120
+    assert mock_stats(base_url)["duplicates"] == 0
