@@ -669,3 +669,16 @@ def test_ctrl_c_during_a_download_records_what_came_and_the_next_run_sends_nothi
     frame = exported(tmp_path)
     assert (frame["status"] == "ok").all() and len(frame) == 120
     assert mock_stats(base_url)["duplicates"] == 0
+
+
+async def test_fresh_through_batches_reuses_nothing_and_sends_duplicates_once(tmp_path, mock_server):
+    server = await mock_server(seed=2, batch_seconds=0.05, echo=True)
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": ["a", "b", "a", "c", "b"]}).to_csv(data, index=False)
+    first = await arun_job(spec_for(tmp_path, server, data, no_cache=False))
+    assert first.ok == 5 and first.reused == {"job": 2}
+    fresh = await arun_job(spec_for(tmp_path, server, data, no_cache=False, fresh=True, job_dir=tmp_path / "f"))
+    # nothing reused from the cache the first job filled; the rows of the run asking the same share one reply
+    assert fresh.ok == 5 and fresh.reused == {"job": 2}
+    assert len(lines_sent(server)) == 3 + 3
+    no_row_in_two_live_batches(server)
