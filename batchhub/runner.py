@@ -51,6 +51,7 @@ from batchhub.errors import (
     BatchhubError,
     FatalAPIError,
     InputError,
+    JobStateError,
     RepeatedError,
     UsageError,
 )
@@ -291,6 +292,13 @@ class Job:
         self._ledger = BatchLedger.read(store.dir)
         self._ledger.endpoint = prepared.builder.endpoint
         self._held, self._held_hashes = self._ledger.held_requests()
+        lost = [e for e in self._ledger.held() if e.requests and not len(self._ledger.rows(e.n).row_ids)]
+        if lost and spec.via != "batch":  # a batch run reads its rows again from the provider's copy of its file
+            raise JobStateError(
+                f"batch {lost[0].name} is live at the provider, and which rows it holds cannot be read from "
+                f"{self._ledger.dir}: run with --via batch (it reads them from the provider), or cancel it "
+                "(batchhub batches JOB --cancel), so that no row is sent twice"
+            )
         if prepared.budget is not None:  # what they will cost: a batch run adopts those of its server, and holds it
             elsewhere = [e for e in self._ledger.held() if spec.via != "batch" or self._ledger.elsewhere(e)]
             prepared.budget.committed = sum(float(self._ledger.rows(e.n).worst.sum()) for e in elsewhere)

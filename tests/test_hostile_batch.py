@@ -682,3 +682,17 @@ async def test_fresh_through_batches_reuses_nothing_and_sends_duplicates_once(tm
     assert fresh.ok == 5 and fresh.reused == {"job": 2}
     assert len(lines_sent(server)) == 3 + 3
     no_row_in_two_live_batches(server)
+
+
+async def test_a_live_run_refuses_to_send_rows_of_a_live_batch_it_cannot_read(tmp_path, mock_server, prompts_csv):
+    from batchhub.errors import JobStateError
+
+    server = await mock_server(seed=1, batch_seconds=30)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data)
+    for name in ("rows.parquet", "jsonl"):
+        (tmp_path / "job" / "batches" / f"000001.{name}").unlink()
+    # which rows the live batch holds is known to the provider only: a live run would send them a second time
+    with pytest.raises(JobStateError, match="--via batch"):
+        await arun_job(spec_for(tmp_path, server, data, via="live"))
+    assert server.stats.completions == 0
