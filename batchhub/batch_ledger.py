@@ -9,7 +9,8 @@ Events, by `event`:
 - `job`: the first line; `key` is the job's identity, written into each batch's metadata
   (`batchhub_job`) with the batch's number (`batchhub_batch`), so that a batch the server created
   and the job did not write down (killed between the two) is found again by listing the batches;
-- `file` (n, file_id, requests, bytes): the input file is uploaded;
+- `file` (n, file_id, requests, bytes, at): the input file is uploaded, to the server `at` names
+  (`request_endpoint`: a run at another server leaves the batch alone, live where it is);
 - `batch` (n, batch_id): the batch is created (or found again by its metadata);
 - `recording` (n): its results are being recorded (a later run reads which it has);
 - `ended` (n, status, counts): every line of its output and error files is recorded, or its row
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchhub.output import fsync_dir
+from batchhub.requests import body_hash
 from batchhub.store import atomic_write_bytes
 
 log = logging.getLogger("batchhub")
@@ -66,6 +68,8 @@ class BatchEntry:
 
     n: int
     file_id: str | None = None
+    #: the server it was uploaded to (`request_endpoint`; None in ledgers written before it was)
+    at: str | None = None
     requests: int = 0
     batch_id: str | None = None
     recording: bool = False
@@ -107,6 +111,12 @@ class BatchRows:
             self._positions = {int(r): i for i, r in enumerate(self.row_ids.tolist())}
         return self._positions.get(row_id)
 
+    @staticmethod
+    def has(row_ids: np.ndarray, row_id: int) -> bool:
+        """Whether the sorted `row_ids` hold `row_id`."""
+        at = int(np.searchsorted(row_ids, row_id))
+        return at < len(row_ids) and int(row_ids[at]) == row_id
+
 
 class BatchLedger:
     """A job's batches (`batches/` in its job directory). Read with `BatchLedger.read`; events are added
@@ -117,6 +127,10 @@ class BatchLedger:
         self.path = self.dir / LEDGER_NAME
         self.key: str | None = None
         self.entries: dict[int, BatchEntry] = {}
+        #: the server the job's requests go to, as their hashes name it: a rows table lost is rebuilt with it
+        self.endpoint: str | None = None
+        #: the file ends in a line cut short: the next event starts on a line of its own
+        self._torn = False
 
     @classmethod
     def read(cls, job_dir: str | os.PathLike[str]) -> BatchLedger:
@@ -127,6 +141,7 @@ class BatchLedger:
             text = ledger.path.read_bytes()
         except FileNotFoundError:
             return ledger
+        ledger._torn = bool(text) and not text.endswith(b"\n")
         for number, line in enumerate(text.splitlines(), 1):
             try:
                 event = json.loads(line)
@@ -149,6 +164,7 @@ class BatchLedger:
         if kind == "file":
             entry.file_id = str(event.get("file_id"))
             entry.requests = int(event.get("requests") or 0)
+            entry.at = str(event["at"]) if event.get("at") is not None else None
         elif kind == "batch":
             entry.batch_id = str(event.get("batch_id"))
         elif kind == "recording":
@@ -173,10 +189,13 @@ class BatchLedger:
         new = not self.path.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        if self._torn:
+            line = b"\n" + line
         with self.path.open("ab") as fh:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
+        self._torn = False
         if new:
             fsync_dir(self.dir)
         self._apply(event)
@@ -208,6 +227,20 @@ class BatchLedger:
         """The row ids of the held batches (sorted)."""
         ids = [self.rows(entry.n).row_ids for entry in self.held()]
         return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+    def held_requests(self) -> tuple[np.ndarray, np.ndarray]:
+        """The row ids of the held batches (sorted) and the request hash each was sent with."""
+        tables = [self.rows(entry.n) for entry in self.held()]
+        if not tables:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+        ids = np.concatenate([t.row_ids for t in tables])
+        hashes = np.array([h for t in tables for h in t.hashes], dtype=object)
+        order = np.argsort(ids, kind="stable")
+        return ids[order], hashes[order]
+
+    def elsewhere(self, entry: BatchEntry) -> bool:
+        """Whether the batch was sent to another server than this run's."""
+        return entry.at is not None and self.endpoint is not None and entry.at != self.endpoint
 
     def metadata(self, entry: BatchEntry) -> dict[str, str]:
         """What a batch is created with, and found again by."""
@@ -244,10 +277,15 @@ class BatchLedger:
         atomic_write_bytes(self.rows_path(n), sink.getvalue().to_pybytes())
 
     def rows(self, n: int) -> BatchRows:
-        """A batch's requests (empty when its table is gone: nothing of it can be held or recorded)."""
+        """A batch's requests; rebuilt from its input file when its table is gone (empty when both are:
+        nothing of it can be held or recorded)."""
         try:
             table = pq.read_table(self.rows_path(n))
         except (OSError, pa.ArrowInvalid) as exc:
+            rebuilt = self._rows_of_input(n)
+            if rebuilt is not None:
+                log.warning("the rows of batch %06d cannot be read (%s): read again from its input file", n, exc)
+                return rebuilt
             log.warning("the rows of batch %06d cannot be read (%s)", n, exc)
             return BatchRows(np.zeros(0, dtype=np.int64), [], [], np.zeros(0), np.zeros((0, 3), dtype=np.int64))
         order = np.argsort(table["row_id"].to_numpy(), kind="stable")
@@ -266,6 +304,37 @@ class BatchLedger:
                 axis=1,
             ),
         )
+
+    def _rows_of_input(self, n: int) -> BatchRows | None:
+        """A batch's requests as its input file has them (their worst cases unknown: 0), written down again;
+        None when the file cannot be read either."""
+        from batchhub.batch_files import row_of  # it reads this module's rows
+
+        if self.endpoint is None:
+            return None
+        found: dict[int, tuple[str, str]] = {}
+        try:
+            with self.input_path(n).open("rb") as fh:
+                for raw in fh:
+                    line = json.loads(raw)
+                    row_id, body = row_of(line.get("custom_id")), line.get("body")
+                    if row_id is not None and isinstance(body, dict):
+                        found[row_id] = (body_hash(self.endpoint, body), str(body.get("model")))
+        except (OSError, ValueError, AttributeError):
+            return None
+        ids = sorted(found)
+        rows = BatchRows(
+            np.array(ids, dtype=np.int64),
+            [found[i][0] for i in ids],
+            [found[i][1] for i in ids],
+            np.zeros(len(ids)),
+            np.zeros((len(ids), 3), dtype=np.int64),
+        )
+        try:
+            self.write_rows(n, rows)
+        except OSError as exc:
+            log.warning("the rows of batch %06d cannot be written again (%s)", n, exc)
+        return rows
 
     def remove_files(self, n: int) -> None:
         """A batch that ended (or was dropped) needs its files no more: its results are recorded."""

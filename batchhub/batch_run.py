@@ -12,7 +12,12 @@
   row's result in the same journal and parts as a live reply, `batch_id` set (priced at the batch
   price). A line not answered (the batch failed validation, expired or was cancelled first), or
   answered with an error worth retrying (429, 5xx), goes in a new batch, up to `max_attempts` times;
-  an invalid_output reply, up to `retry_invalid` times. Other error lines fail their rows.
+  an invalid_output reply, up to `retry_invalid` times. Other error lines fail their rows. A batch
+  refused because the provider's queue is full of the job's own batches (`token_limit_exceeded`)
+  spends no attempt: its rows wait for one of them to end.
+- A row of a live batch whose request changed since (another template, model) is sent as it is now
+  once its batch ends (the reader reads the rows of live batches too). A batch sent to another
+  server than this run's (its file's `at`) is left live there, its rows held.
 - `--max-cost`: a batch is created only when the worst case of all its requests fits the budget;
   a row that does not fit waits for live batches to end (and settle), or stops the job.
 - A stop (Ctrl-C, SIGTERM, a fatal API error) creates no more batches: live ones go on at the
@@ -45,6 +50,7 @@ from batchhub.requests import Asked, BuiltRequest
 from batchhub.results import ResultLog
 from batchhub.rows import Result, ResultRows, check_output
 from batchhub.spec import JobSpec
+from batchhub.stats import RunStats
 from batchhub.store import JobStore
 from batchhub.structured import OutputCheck
 
@@ -52,6 +58,8 @@ log = logging.getLogger("batchhub")
 
 #: error codes of an error-file line that was never answered: its row goes in a new batch
 UNANSWERED_CODES = frozenset({"batch_expired", "batch_cancelled"})
+#: the error code of a batch refused because the provider's queue is full (OpenAI's enqueued token limit)
+QUEUE_FULL_CODE = "token_limit_exceeded"
 #: lines of a downloaded file recorded per event-loop pass
 _LINES_PER_PASS = 2000
 
@@ -84,6 +92,8 @@ class _Live:
     reserved: float
     batch: dict[str, Any] = field(default_factory=dict)
     cost: float = 0.0
+    #: other batches of the run were live when it was created (a full queue at the provider is theirs)
+    crowded: bool = False
 
 
 @dataclass
@@ -121,11 +131,13 @@ class BatchRun:
         halt: Callable[[str], None],
         on_fatal: Callable[[FatalAPIError], None],
         quit: asyncio.Event,
+        stats: RunStats,
     ) -> None:
         self.spec, self._store, self.ledger, self._api = spec, store, ledger, api
         self._rows, self._log, self._budget, self._check = rows, log, budget, output_check
         self._progress, self._record, self._answered = progress, record, answered
         self._halt, self._on_fatal, self._quit = halt, on_fatal, quit
+        self._stats = stats
         self._bounds = budget.bounds if budget is not None else RequestBounds()
         self._files: dict[str, BatchFile] = {}
         self._live: dict[int, _Live] = {}
@@ -137,6 +149,18 @@ class BatchRun:
         self._budget_full = False
         #: rows that waited for a reply in a batch that was not ok: sent themselves, in the next new batch
         self._again_rows: list[_Again] = []
+        #: False under `batchhub batches --cancel`: no batch is created, the rows not answered stay pending
+        self._sending = True
+        self._settled = False
+        #: rows of live batches whose request changed since (the template, the model): sent as they are now
+        #: once their batch ends; and the rows of the batches ended in this run
+        self._after: dict[int, BuiltRequest] = {}
+        self._ended: list[np.ndarray] = []
+        #: the provider's queue is full (a batch failed with `token_limit_exceeded` while others of the job were
+        #: live): new files wait, and the rows of the refused batches wait in `_parked`, until one of them ends
+        self._queue_full = False
+        self._room_made = asyncio.Event()
+        self._parked: list[_Again] = []
         self.counts = BatchCounts()
 
     # -- the run ------------------------------------------------------------------------------
@@ -144,11 +168,14 @@ class BatchRun:
     async def run(self, queue: asyncio.Queue[Any] | None, end: object, *, cancel: bool = False) -> None:
         """Send the rows of `queue` (until `end`) in batches, and collect every live batch; `queue` None sends
         nothing (collect only), `cancel` cancels the live batches first."""
-        await self._settle()
+        if not self._settled:
+            await self.settle()
+        self._sending = not cancel
         if cancel:
             for live in list(self._live.values()):
                 assert live.entry.batch_id is not None
-                live.batch = await self._api.cancel(live.entry.batch_id)
+                with contextlib.suppress(NotFoundError):  # the provider has it no more: polled, its rows pending
+                    live.batch = await self._api.cancel(live.entry.batch_id)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch())
             try:
@@ -160,24 +187,40 @@ class BatchRun:
         self.counts.live = len(self._live) + len(self.ledger.unsettled())
         self.counts.live_rows = sum(len(live.rows.row_ids) for live in self._live.values())
 
-    async def _settle(self) -> None:
+    async def settle(self) -> np.ndarray:
         """The ledger's batches from earlier runs: found again when the server made one the job did not write
-        down, dropped when none was made; every live one adopted (polled, collected, its worst case held)."""
+        down, dropped when none was made; every live one adopted (polled, collected, its worst case held).
+        Returns the rows of the dropped ones: no batch holds them, the run sends them."""
+        self._settled = True
         ledger = self.ledger
+        released: list[np.ndarray] = []
         for n in ledger.strays():  # never uploaded, as far as the job knows: its rows are pending
             ledger.remove_files(n)
         for entry in sorted(ledger.entries.values(), key=lambda e: e.n):
             if entry.ended is not None or entry.dropped is not None:
                 continue
+            if ledger.elsewhere(entry):  # its rows stay held: a run at that server collects it
+                log.warning("batch %06d was sent to %s, not this run's server: left to a run there", entry.n, entry.at)
+                continue
             if entry.batch_id is None and entry.file_id is not None:
                 found = await self._api.find(ledger.metadata(entry))
+                # made of this file: a copy of the job directory has the same key, and numbers its batches alike
+                found = [b for b in found if b.get("input_file_id") == entry.file_id]
                 if found:
                     ledger.add({"event": "batch", "n": entry.n, "batch_id": found[0]["id"]})
             if entry.batch_id is None:  # never uploaded, or uploaded and no batch made of it: its rows are pending
+                released.append(ledger.rows(entry.n).row_ids)
                 ledger.add({"event": "dropped", "n": entry.n, "why": "no batch was created of it"})
                 ledger.remove_files(entry.n)
                 continue
             rows = ledger.rows(entry.n)
+            if not len(rows.row_ids) and entry.requests and entry.file_id is not None:
+                # its rows table and input file are both gone: the provider still has the file it was made of
+                try:
+                    await self._api.download(entry.file_id, ledger.input_path(entry.n))
+                except APIError as exc:
+                    log.warning("batch %06d: its input file cannot be downloaded (%s)", entry.n, exc.message)
+                rows = ledger.rows(entry.n)
             reserved = float(rows.worst.sum())
             if self._budget is not None and not self._budget.try_reserve(reserved):
                 self._budget_full = True  # it is made already: collected, and no batch is created after it
@@ -185,6 +228,15 @@ class BatchRun:
             self._live[entry.n] = _Live(entry, rows, reserved)
             self.counts.adopted += 1
         self._tries.update({int(r): 1 for live in self._live.values() for r in live.rows.row_ids})
+        return np.concatenate(released) if released else np.zeros(0, dtype=np.int64)
+
+    def resend_after(self, row_id: int, built: BuiltRequest) -> bool:
+        """A row of a live batch asks another request now: sent as it is now once its batch ends (True); False
+        when its batch ended already in this run (the caller sends it)."""
+        if any(BatchRows.has(ids, row_id) for ids in self._ended):
+            return False
+        self._after[row_id] = built
+        return True
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -195,11 +247,13 @@ class BatchRun:
                 item = await queue.get()
                 if item is end or self._quit.is_set():
                     break
+                if not self._sending:  # the reader's rows stay pending
+                    continue
                 if not await self._add(*item):
                     break
             if not self._quit.is_set():
                 for model in list(self._files):
-                    await self._submit(self._files.pop(model))
+                    await self._submit_new(self._files.pop(model))
         finally:
             for batch_file in self._files.values():  # never uploaded: its rows stay pending
                 batch_file.discard()
@@ -223,11 +277,11 @@ class BatchRun:
         bound = self._bounds.of(built) if self._budget is not None else self._bounds.by_bytes(built)
         current = self._files.get(built.model)
         if current is not None and not current.fits(line):
-            await self._submit(self._files.pop(built.model))
+            await self._submit_new(self._files.pop(built.model))
             current = None
         if not await self._room(worst + (current.worst_usd if current is not None else 0.0)):
             if current is not None:
-                await self._submit(self._files.pop(built.model))
+                await self._submit_new(self._files.pop(built.model))
             if not await self._room(worst):
                 self._answered(built, None)
                 self._stop_for_budget(worst)
@@ -271,6 +325,13 @@ class BatchRun:
             self._budget.refused = refused
         self._halt("budget")
 
+    async def _submit_new(self, batch_file: BatchFile) -> None:
+        """Submit a file of the reader's rows once the provider's queue has room (see `_queue_full`)."""
+        while self._queue_full and self._live and not self._quit.is_set():
+            self._room_made.clear()
+            await _first(self._room_made.wait(), self._quit.wait())
+        await self._submit(batch_file)
+
     async def _submit(self, batch_file: BatchFile) -> None:
         """Upload a file and create its batch, each id written down as it comes; the batch is live then."""
         async with self._submitting:
@@ -290,7 +351,7 @@ class BatchRun:
                 uploaded = await self._api.upload(batch_file.path, f"batchhub-{n:06d}.jsonl")
                 ledger.add(
                     {"event": "file", "n": n, "file_id": uploaded["id"], "requests": len(rows.row_ids),
-                     "bytes": batch_file.size}
+                     "bytes": batch_file.size, "at": ledger.endpoint}
                 )  # fmt: skip
                 entry = ledger.entries[n]
                 created = await self._api.create(uploaded["id"], BATCH_ENDPOINT, ledger.metadata(entry))
@@ -305,7 +366,7 @@ class BatchRun:
                     self._api_failed(exc, f"creating batch {n:06d}")
                     return
                 raise
-            self._live[n] = _Live(ledger.entries[n], rows, reserved, created)
+            self._live[n] = _Live(ledger.entries[n], rows, reserved, created, crowded=bool(self._live))
             self.counts.created += 1
             self._tries.update({int(r): self._tries.get(int(r), 0) + 1 for r in rows.row_ids})
             self._wake.set()
@@ -395,12 +456,18 @@ class BatchRun:
             ledger.add({"event": "recording", "n": entry.n})
         seen = np.zeros(len(live.rows.row_ids), dtype=bool)
         again: dict[int, str] = {}
+        gone: list[str] = []
         for kind in ("output", "error"):
             file_id = batch.get(f"{kind}_file_id")
             if not file_id:
                 continue
             path = ledger.download_path(entry.n, kind)
-            await self._api.download(str(file_id), path)
+            try:
+                await self._api.download(str(file_id), path)
+            except NotFoundError:  # deleted, or past the provider's keeping: its lines will never come
+                log.warning("batch %s: its %s file %s is not found at the provider", entry.batch_id, kind, file_id)
+                gone.append(f"its {kind} file {file_id} is not found at the provider")
+                continue
             with path.open("rb") as fh:
                 while True:
                     chunk = await asyncio.to_thread(_read_lines, fh, _LINES_PER_PASS)
@@ -411,9 +478,22 @@ class BatchRun:
                     await asyncio.sleep(0)  # this pass's results are written before the next chunk
         status = str(batch.get("status"))
         why = _batch_errors(batch) or f"the batch {status} before answering it"
+        completed = int((batch.get("request_counts") or {}).get("completed") or 0)
+        if completed and not batch.get("output_file_id"):  # a provider's fault: say so, not "not answered"
+            why = f"the batch says it completed {completed:,} requests, and has no output file"
+        if gone:
+            why = f"the batch {status}, and {' and '.join(gone)}"
+        # the provider's queue was full of the job's own batches: no attempt spent, and while some are live, the
+        # rows wait for one of them to end
+        queue_full = _queue_full(batch) and live.crowded
+        park = queue_full and len(self._live) > 1
         for position in np.flatnonzero(~seen):
             row_id = int(live.rows.row_ids[position])
             if row_id in before or row_id in again:
+                continue
+            if queue_full:
+                self._tries[row_id] = self._tries.get(row_id, 1) - 1
+                again[row_id] = why
                 continue
             if self._tries.get(row_id, 1) < self.spec.max_attempts:
                 again[row_id] = why
@@ -424,14 +504,25 @@ class BatchRun:
             row["batch_id"] = entry.batch_id
             self._record(row, asked.model)
             self._again_rows.extend(_again_of(f, b, self._budget, self._bounds) for f, b in self._answered(asked, row))
+        for row_id in [r for r in self._after if live.rows.position(r) is not None]:
+            # answered (and paid for) as it was asked: sent again as the row asks now
+            again.pop(row_id, None)
+            self._tries[row_id] = 0
+            self._again_rows.append(_again_of(row_id, self._after.pop(row_id), self._budget, self._bounds))
+        self._ended.append(live.rows.row_ids)
         self._log.sync()  # every result of the batch on disk before the ledger says so
         ledger.add({"event": "ended", "n": entry.n, "status": status, "counts": batch.get("request_counts") or {}})
         self.counts.ended[status] = self.counts.ended.get(status, 0) + 1
         del self._live[entry.n]
         if self._budget is not None and live.reserved:
             self._budget.settle(live.reserved, live.cost)
-        if again and not self._quit.is_set():
-            await self._send_again(live, again)
+        elif self._budget is not None:  # adopted over the budget, nothing reserved: what it cost is spent all the same
+            self._budget.spent += live.cost
+        self._queue_full = park
+        if not park:
+            self._room_made.set()
+        if (again or self._again_rows or self._parked) and self._sending and not self._quit.is_set():
+            await self._send_again(live, again, park=park)  # copies of a failed reply too
         ledger.remove_files(entry.n)
         if not self.spec.keep_batch_files:
             await self._delete_files(entry, batch)
@@ -481,6 +572,7 @@ class BatchRun:
         live.cost += cost or 0.0
         if row["status"] == "invalid_output" and self._invalid.get(row_id, 0) < self.spec.retry_invalid:
             self._invalid[row_id] = self._invalid.get(row_id, 0) + 1
+            self._stats.invalid_retries += 1
             again[row_id] = "invalid_output"
             return
         for follower, built in self._answered(asked, row):
@@ -499,7 +591,10 @@ class BatchRun:
             if status == 200 and isinstance(body, dict):
                 try:
                     reply = completion_of(body)
-                except BadResponseError as exc:
+                except BadResponseError as exc:  # retried, as the live path retries it
+                    if tries < self.spec.max_attempts:
+                        again[row_id] = str(exc)
+                        return None
                     return self._rows.error(row_id, exc.error_type, str(exc), status, tries, 0, asked)
                 reply.request_id = request_id
                 row = self._rows.ok(row_id, reply, tries, 0, asked)
@@ -527,17 +622,20 @@ class BatchRun:
             row_id, "bad_response", "the batch's line has neither a response nor an error", None, tries, 0, asked
         )
 
-    async def _send_again(self, live: _Live, again: dict[int, str]) -> None:
+    async def _send_again(self, live: _Live, again: dict[int, str], *, park: bool = False) -> None:
         """Rows of an ended batch not answered (or answered with an error worth retrying): in a new batch, the
-        same lines; a row that has had `max_attempts` is recorded failed with why."""
+        same lines, with the rows parked before (`park`: parked too, the provider's queue is full)."""
         path = self.ledger.input_path(live.entry.n)
         try:
-            lines = await asyncio.to_thread(lines_of, path, set(again))
+            lines = await asyncio.to_thread(lines_of, path, set(again)) if again else {}
         except OSError as exc:
             log.warning("batch %06d: its input file cannot be read (%s): its rows stay pending", live.entry.n, exc)
             return
         items = list(self._again_rows)
         self._again_rows.clear()
+        if not park:
+            items += self._parked
+            self._parked.clear()
         for row_id in again:
             at = live.rows.position(row_id)
             line = lines.get(row_id)
@@ -546,6 +644,9 @@ class BatchRun:
             asked = Sent(live.rows.models[at], live.rows.hashes[at])
             bound = tuple(int(v) for v in live.rows.bounds[at])
             items.append(_Again(row_id, asked, float(live.rows.worst[at]), (bound[0], bound[1], bound[2]), line))
+        if park:
+            self._parked.extend(items)
+            return
         self.counts.sent_again += len(items)
         files: dict[str, BatchFile] = {}
         for item in items:
@@ -587,6 +688,14 @@ def _assume(row: Result, bound: Bound) -> None:
 def _state(batch: dict[str, Any]) -> tuple[Any, ...]:
     counts = batch.get("request_counts") or {}
     return batch.get("status"), counts.get("completed"), counts.get("failed")
+
+
+def _queue_full(batch: dict[str, Any]) -> bool:
+    """Whether the batch failed because the provider's queue for its model was full (OpenAI: the enqueued
+    token limit), not for anything in it."""
+    errors = batch.get("errors")
+    data = errors.get("data") if isinstance(errors, dict) else None
+    return isinstance(data, list) and any(isinstance(e, dict) and e.get("code") == QUEUE_FULL_CODE for e in data)
 
 
 def _batch_errors(batch: dict[str, Any]) -> str | None:

@@ -153,12 +153,15 @@ class Spending:
 
     def __init__(self, limit: float, spent: float) -> None:
         self.limit, self.spent, self.reserved = limit, spent, 0.0
+        #: the worst case of batches live at the provider that this run does not collect (a live run): their
+        #: replies will be paid for, so what this run may spend is what is left of the limit after them
+        self.committed = 0.0
         #: reservations held (requests in flight, or about to be)
         self.holds = 0
         self._freed: asyncio.Event | None = None
 
     def try_reserve(self, amount: float) -> bool:
-        if self.spent + self.reserved + amount > self.limit:
+        if self.spent + self.reserved + self.committed + amount > self.limit:
             return False
         self.reserved += amount
         self.holds += 1

@@ -224,8 +224,9 @@ CACHE_ENTRY_OVERHEAD_BYTES = 70
 #: Requests per batch input file: OpenAI's limit per batch (50,000); a provider with a lower one is
 #: told with `batch_requests`.
 BATCH_REQUESTS = 50_000
-#: Bytes per batch input file: OpenAI's limit for a file uploaded with purpose "batch" (200 MB).
-BATCH_BYTES = 200 * 1024 * 1024
+#: Bytes per batch input file: OpenAI's limit for a file uploaded with purpose "batch" ("200 MB"), read
+#: as 200,000,000 bytes: a file within it is within the limit however the provider counts a megabyte.
+BATCH_BYTES = 200_000_000
 #: The window a batch is created with: the only one OpenAI offers.
 BATCH_COMPLETION_WINDOW = "24h"
 #: Seconds before a live batch is polled first, and the factor each poll that finds it unchanged

@@ -135,6 +135,13 @@ def request_endpoint(spec: JobSpec) -> str:
     return f"{url.scheme.lower()}://{host}{port}{url.path.rstrip('/')}"
 
 
+def body_hash(endpoint: str, body: dict[str, Any]) -> str:
+    """The request hash of a body sent to `endpoint` (as `RequestBuilder.build` makes it): a batch's rows
+    read again from its input file."""
+    hashed = {k: _whole_number(body[k]) for k in sorted(body) if k not in UNHASHED_FIELDS}
+    return hashlib.sha256(endpoint.encode() + b"\n" + _encode(hashed)).hexdigest()[:32]
+
+
 def _whole_number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 

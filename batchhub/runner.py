@@ -51,6 +51,7 @@ from batchhub.errors import (
     BatchhubError,
     FatalAPIError,
     InputError,
+    JobStateError,
     RepeatedError,
     UsageError,
 )
@@ -289,7 +290,18 @@ class Job:
             todo &= wanted
         # rows in a batch that is live at the provider (or may be): no run sends them until it ends
         self._ledger = BatchLedger.read(store.dir)
-        self._held = self._ledger.held_rows()
+        self._ledger.endpoint = prepared.builder.endpoint
+        self._held, self._held_hashes = self._ledger.held_requests()
+        lost = [e for e in self._ledger.held() if e.requests and not len(self._ledger.rows(e.n).row_ids)]
+        if lost and spec.via != "batch":  # a batch run reads its rows again from the provider's copy of its file
+            raise JobStateError(
+                f"batch {lost[0].name} is live at the provider, and which rows it holds cannot be read from "
+                f"{self._ledger.dir}: run with --via batch (it reads them from the provider), or cancel it "
+                "(batchhub batches JOB --cancel), so that no row is sent twice"
+            )
+        if prepared.budget is not None:  # what they will cost: a batch run adopts those of its server, and holds it
+            elsewhere = [e for e in self._ledger.held() if spec.via != "batch" or self._ledger.elsewhere(e)]
+            prepared.budget.committed = sum(float(self._ledger.rows(e.n).worst.sum()) for e in elsewhere)
         todo[self._held[self._held < len(todo)]] = False
         self._todo = todo
         # a result is its row's only while it answers the request the row sends now: the reader checks each
@@ -305,6 +317,18 @@ class Job:
         if self._only_rows is None and bool(np.any(states != STATE_NONE)):
             self._hashes, self._result_seqs = store.row_request_hashes(len(states), trusted_seq=trusted)
         return int(np.count_nonzero(todo))
+
+    def _release(self, rows: np.ndarray) -> None:
+        """Rows held when the run began that no batch holds after all (their file made no batch): this run
+        sends them, as it sends any row without a result."""
+        self._held, self._held_hashes = self._ledger.held_requests()
+        self._todo[self._held[self._held < len(self._todo)]] = False  # rows of a batch read again from the provider
+        rows = rows[rows < len(self._todo)]
+        states = self._states[rows]
+        wanted = (states == STATE_NONE) | ((states == STATE_ERROR) if self.spec.retry_failed else False)
+        if self._only_rows is not None:
+            wanted &= np.isin(rows, self._only_rows)
+        self._todo[rows[wanted]] = True
 
     def _grow(self, size: int) -> None:
         """Make the per-row arrays hold at least `size` rows (doubling: an uncounted input grows a batch at a
@@ -369,6 +393,7 @@ class Job:
             async with endpoint(spec) as base_url, self._client_session() as session:
                 self._batch_run = self._batches(session, base_url)
                 self._n_workers = 1
+                self._release(await self._batch_run.settle())
                 await self._run_pool()
             return
         async with endpoint(spec) as base_url, self._client_session() as session:
@@ -407,11 +432,13 @@ class Job:
             budget=self.prepared.budget,
             output_check=self.prepared.output_check,
             progress=self._progress,
-            record=self._record,
+            # what the budget is charged: a reply naming a cheaper model than the one asked for is billed as asked
+            record=lambda row, model: self._held_cost(row, model, self._record(row, model)),
             answered=self._answered_here,
             halt=self._halt,
             on_fatal=self._stop_fatal,
             quit=self._quit,
+            stats=self._stats,
         )
 
     @contextlib.asynccontextmanager
@@ -469,7 +496,11 @@ class Job:
         checked = np.zeros(len(todo), dtype=bool)
         if hashes is not None and self._result_seqs is not None:
             checked = ((hashes != b"") | (self._result_seqs > 0)) & ~todo
+        # rows of live batches are read too: one whose request changed since is sent again once its batch ends
+        resend = self._batch_run is not None and not self._cancel_batches
         span = todo | checked
+        if resend:
+            span[self._held[self._held < len(span)]] = True
         # before the first row to send or check and past the last there is nothing to read (a resumed
         # job, a shard of a larger input, a sample): the reader skips the rows before without converting them.
         # An input not counted yet is read to its end: every row past the arrays is to send.
@@ -506,6 +537,8 @@ class Job:
                     self._check_results(batch, base, checked, hashes)
                 wanted = np.flatnonzero(todo[base : base + len(batch)])
                 to_send: list[tuple[int, BuiltRequest]] = []
+                if resend:
+                    to_send += self._changed_in_batches(batch, base)
                 for offset in wanted:
                     rid = base + int(offset)
                     if self.prepared.n_rows is not None and rid >= self.prepared.n_rows:
@@ -565,6 +598,24 @@ class Job:
             self._states[rid] = STATE_NONE
             if not self._in_batch(rid):
                 self._todo[rid] = True
+
+    def _changed_in_batches(self, batch: list[Any], base: int) -> list[tuple[int, BuiltRequest]]:
+        """The rows of live batches in this read batch that ask another request now (a changed template or
+        model): each is sent as it is now once its batch ends; returned, to send now, when it ended already."""
+        assert self._batch_run is not None
+        builder, held = self.prepared.builder, self._held
+        first, last = np.searchsorted(held, [base, base + len(batch)])
+        changed = []
+        for at in range(int(first), int(last)):
+            rid = int(held[at])
+            try:
+                built = builder.build(batch[rid - base])
+            except RowError:  # the row cannot be built now: the next run's check finds it
+                continue
+            if built.request_hash != self._held_hashes[at] and not self._batch_run.resend_after(rid, built):
+                self._states[rid] = STATE_NONE
+                changed.append((rid, built))
+        return changed
 
     def _in_batch(self, row_id: int) -> bool:
         """Whether a row is in a batch that is live at the provider (or may be)."""

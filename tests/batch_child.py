@@ -4,7 +4,8 @@
 
 KILL_AT: `upload` (the file is on the server, its id not written down), `create` (the batch is made,
 its id not written down), `poll` (a live batch polled once), `download` (a batch's results partly
-recorded), or `none`. The steps are the library's own calls; the kill is the only thing added.
+recorded), `interrupt` (Ctrl-C at that point of a download), or `none`. The steps are the library's own
+calls; the kill is the only thing added.
 """
 
 from __future__ import annotations
@@ -43,15 +44,15 @@ def main() -> None:
         _after(BatchAPI, "create")
     elif kill_at == "poll":
         _after(BatchAPI, "retrieve")
-    elif kill_at == "download":
+    elif kill_at in ("download", "interrupt"):
         batch_run._LINES_PER_PASS = 10  # one journal write per 10 lines: the kill comes after some are written
         original = batch_run.BatchRun._line
         seen = [0]
 
         def line(self: Any, *args: Any) -> None:
             seen[0] += 1
-            if seen[0] == 45:
-                _die()
+            if seen[0] == 45:  # `interrupt`: Ctrl-C instead (SIGINT), the run goes on to its stop
+                _die() if kill_at == "download" else os.kill(os.getpid(), signal.SIGINT)
             original(self, *args)
 
         batch_run.BatchRun._line = line  # type: ignore[method-assign]

@@ -191,7 +191,7 @@ JOB_OPTIONS = [
         "--batch-requests", type=int, metavar="N", help="--via batch: most requests per batch file (default 50000)."
     ),
     click.option(
-        "--batch-bytes", type=int, metavar="BYTES", help="--via batch: most bytes per batch file (default 200 MiB)."
+        "--batch-bytes", type=int, metavar="BYTES", help="--via batch: most bytes per batch file (default 200,000,000)."
     ),
     click.option(
         "--batch-poll",

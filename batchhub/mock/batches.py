@@ -10,6 +10,10 @@ error file, not a failed batch), a tenth ``finalizing``, then ``completed`` with
 (`batch_expire`), keep what was answered; the lines not answered go to the error file with
 ``batch_cancelled`` / ``batch_expired``.
 
+A provider that writes its output file oddly is `batch_output_quirks` (lines out of order, a line
+naming no request, a request answered twice, blank lines, a torn last line, a 200 body that is not
+a chat completion, no output file at all).
+
 The HTTP side (routes, refusals, faults of each request) is batchhub/mock/batch_routes.py.
 `batch_fail` and `batch_expire` are drawn per batch at creation, `batch_faults` per request, from
 a generator of their own (`BatchHub.rng`), so the chat endpoint's draws are unchanged by them.
@@ -32,6 +36,7 @@ from aiohttp import web
 from batchhub.mock.config import BATCH_FAULT_KINDS, BATCH_LINE_FAULT_KINDS, MockConfig
 from batchhub.mock.responses import dumps
 from batchhub.mock.state import MockState
+from batchhub.mock.tokens import count_prompt_tokens
 
 #: the one endpoint a batch may target here
 BATCH_ENDPOINT = "/v1/chat/completions"
@@ -40,6 +45,10 @@ COMPLETION_WINDOW = "24h"
 STEPS = 100
 #: the states a batch does not leave
 FINAL = frozenset({"failed", "completed", "expired", "cancelled"})
+#: the model the replies of `batch_output_quirks = ["other_model"]` name
+OTHER_MODEL = "gpt-4o-mini"
+#: the states whose tokens count as enqueued (`MockConfig.batch_queue_tokens`)
+LIVE = frozenset({"in_progress", "finalizing", "cancelling"})
 
 #: answers one batch line's body as the chat endpoint would: (status, response body)
 LineAnswerer = Callable[[MockState, object], tuple[int, dict[str, Any]]]
@@ -106,6 +115,11 @@ class Batch:
     output_tokens: int = 0
     output_file_id: str | None = None
     error_file_id: str | None = None
+    #: when it was made and when it ended (monotonic seconds): tests check that no request is in two at once
+    made_at: float = field(default_factory=time.monotonic)
+    ended_at: float | None = None
+    #: its prompt tokens, counted against `batch_queue_tokens` while it is live
+    tokens: int = 0
 
     def object(self) -> dict[str, Any]:
         usage = {
@@ -183,6 +197,7 @@ class BatchHub:
         if lines is None:
             batch.status = "failed"
             batch.times["failed_at"] = int(time.time())
+            batch.ended_at = time.monotonic()
             return
         batch.total = len(lines)
         if batch.status == "cancelling":
@@ -273,9 +288,20 @@ class BatchHub:
         models = {line["body"].get("model") for line in lines if isinstance(line.get("body"), dict)}
         if len(models) > 1:
             error("mismatched_model", "The lines of a batch input file must all name the same model.", None, "model")
+        tokens = _enqueued_tokens(lines)
+        limit = config.batch_queue_tokens
+        enqueued = sum(b.tokens for b in self.batches.values() if b.status in LIVE and b.model in models)
+        if limit is not None and not errors and enqueued + tokens > limit:
+            error(
+                "token_limit_exceeded",
+                f"Enqueued token limit reached for {next(iter(models))} in organization org-mock. Limit: {limit:,} "
+                "enqueued tokens. Please try submitting fewer tasks or wait until some of your batch tasks are "
+                "completed.",
+            )
         if errors:
             batch.errors = errors
             return None
+        batch.tokens = tokens
         model = lines[0]["body"].get("model")
         batch.model = model if isinstance(model, str) else None
         return lines
@@ -293,6 +319,7 @@ class BatchHub:
 
     def _answer(self, batch: Batch, line: dict[str, Any]) -> dict[str, Any]:
         fault = self._line_fault()
+        status: int
         body: dict[str, Any]
         if fault == "500":  # the provider failed this line: not answered, not billed
             status, body = (
@@ -310,6 +337,9 @@ class BatchHub:
             status, body = self.answer_line(self.state, line["body"])
             if fault == "no_usage" and status == 200:
                 body.pop("usage", None)
+            if fault == "bad_json" and status == 200:
+                for choice in body.get("choices") or []:
+                    choice["message"]["content"] = 'Sure! Here is the JSON you asked for: {"answer": '
         if status == 200:
             batch.completed += 1
             usage = body.get("usage", {})
@@ -344,14 +374,58 @@ class BatchHub:
                         "error": {"code": code, "message": message},
                     }
                 )
-        if output:
-            data = "".join(dumps(r) + "\n" for r in output).encode()
+        quirks = self.state.config.batch_output_quirks
+        if output and "no_output" not in quirks:
+            data = _odd_output(output, quirks, self.rng)
             batch.output_file_id = self.add_file(f"{batch.id}_output.jsonl", "batch_output", data).id
         if errors:
             data = "".join(dumps(r) + "\n" for r in errors).encode()
             batch.error_file_id = self.add_file(f"{batch.id}_error.jsonl", "batch_output", data).id
         batch.status = final
         batch.times[f"{final}_at"] = int(time.time())
+        batch.ended_at = time.monotonic()
+
+
+def _enqueued_tokens(lines: list[dict[str, Any]]) -> int:
+    """The prompt tokens of a batch's lines, as its enqueued tokens are counted."""
+    total = 0
+    for line in lines:
+        messages = line["body"].get("messages")
+        texts = [str(m.get("content")) for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        total += count_prompt_tokens(texts)
+    return total
+
+
+def _odd_output(output: list[dict[str, Any]], quirks: list[str], rng: random.Random) -> bytes:
+    """An output file's bytes, with the oddities of `MockConfig.batch_output_quirks`."""
+    if "other_model" in quirks:
+        output = [
+            {**r, "response": {**r["response"], "body": {**r["response"]["body"], "model": OTHER_MODEL}}}
+            for r in output
+        ]
+    lines = [dumps(r) + "\n" for r in output]
+    if "not_completion" in quirks:
+        first = {**output[0], "response": {**output[0]["response"], "body": {"object": "list", "data": []}}}
+        lines[0] = dumps(first) + "\n"
+    if "repeat" in quirks:  # answered twice, the second time otherwise
+        again = json.loads(lines[0])
+        if again["response"]["body"].get("choices"):
+            again["response"]["body"]["choices"][0]["message"]["content"] = "a second, other answer"
+        lines.append(dumps(again) + "\n")
+    if "foreign" in quirks:
+        stranger = {**output[0], "id": f"batch_req_{secrets.token_hex(12)}"}
+        lines.insert(1, dumps({**stranger, "custom_id": "someone-else"}) + "\n")
+        lines.insert(1, dumps({**stranger, "custom_id": "row-999999999"}) + "\n")
+    if "shuffle" in quirks:
+        rng.shuffle(lines)
+    if "blank" in quirks:
+        lines.insert(len(lines) // 2, "\n")
+        lines.append("  \n")
+    data = "".join(lines)
+    if "torn" in quirks:
+        data = data.rstrip("\n")
+        data = data[: data.rfind("\n") + 1 + len(data[data.rfind("\n") + 1 :]) // 2]
+    return data.encode()
 
 
 HUB: web.AppKey[BatchHub] = web.AppKey("batchhub_mock_batches", BatchHub)

@@ -61,8 +61,24 @@ DEFAULT_MODELS: tuple[str, ...] = (
 #: acted; "429": a rate limit with Retry-After `fault_retry_after_ms`, before it acts).
 BATCH_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "timeout", "cut", "429")
 #: Faults of a batch's lines (`MockConfig.batch_line_faults`), drawn per line: answered with a 500 (the
-#: provider's "server_error" line, worth sending again), or a reply without `usage`.
-BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage")
+#: provider's "server_error" line, worth sending again), a reply without `usage`, or a paid reply that is not
+#: the JSON asked for ("bad_json", as the chat endpoint's fault).
+BATCH_LINE_FAULT_KINDS: tuple[str, ...] = ("500", "no_usage", "bad_json")
+#: Oddities of every batch's output file (`MockConfig.batch_output_quirks`): its lines out of order
+#: ("shuffle"), a line naming no request of the batch ("foreign"), a request answered twice ("repeat"),
+#: blank lines ("blank"), the last line cut short ("torn"), a 200 line whose body is not a chat
+#: completion ("not_completion"), no output file though `request_counts` say completed ("no_output"), or
+#: replies naming a cheaper model than the one asked for and billed ("other_model": gpt-4o-mini).
+BATCH_OUTPUT_QUIRKS: tuple[str, ...] = (
+    "shuffle",
+    "foreign",
+    "repeat",
+    "blank",
+    "torn",
+    "not_completion",
+    "no_output",
+    "other_model",
+)
 #: the ways a streamed request's error can reach the client (`MockConfig.stream_errors`)
 STREAM_ERRORS: tuple[str, ...] = ("status", "in_band")
 #: `models = ["*"]`: every model name is known (for tests that send made-up names).
@@ -188,7 +204,7 @@ class MockConfig:
     #: Batch API: the most lines a batch input file may hold (OpenAI: 50,000)
     batch_max_lines: int = 50_000
     #: Files API: the largest file accepted by `POST /v1/files` (OpenAI: 200 MB for a batch file)
-    file_max_bytes: int = 200 * 1024 * 1024
+    file_max_bytes: int = 200_000_000
     #: Batch API: faults of the Files and Batches requests (see `BATCH_FAULT_KINDS`), as `faults`
     batch_faults: dict[str, float] = field(default_factory=dict)
     #: Batch API: probability that a batch fails its validation (status failed, `errors` saying why)
@@ -198,11 +214,21 @@ class MockConfig:
     batch_expire_after: float = 0.5
     #: Batch API: faults of a batch's lines (see `BATCH_LINE_FAULT_KINDS`), drawn per line
     batch_line_faults: dict[str, float] = field(default_factory=dict)
+    #: Batch API: the most prompt tokens of batches in progress at once (OpenAI's enqueued token limit, per
+    #: model); a batch past it fails validation with `token_limit_exceeded`. None: no limit
+    batch_queue_tokens: int | None = None
+    #: Batch API: oddities of every batch's output file (see `BATCH_OUTPUT_QUIRKS`)
+    batch_output_quirks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.faults = _normalize_faults(self.faults)
         self.batch_faults = _normalize_faults(self.batch_faults, BATCH_FAULT_KINDS, "batch_faults")
         self.batch_line_faults = _normalize_faults(self.batch_line_faults, BATCH_LINE_FAULT_KINDS, "batch_line_faults")
+        quirks = self.batch_output_quirks
+        if not isinstance(quirks, list | tuple) or any(q not in BATCH_OUTPUT_QUIRKS for q in quirks):
+            raise ValueError(
+                f"mock batch_output_quirks must be a list of {', '.join(BATCH_OUTPUT_QUIRKS)}; got {quirks!r}"
+            )
         for name in ("batch_fail", "batch_expire", "batch_expire_after"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
@@ -215,7 +241,7 @@ class MockConfig:
                 raise ValueError(f"mock {name} must be an integer >= 1, got {value!r}")
         if not _is_int(self.seed):
             raise ValueError(f"mock seed must be an integer, got {self.seed!r}")
-        for name in ("rpm", "tpm", "quota_tokens"):
+        for name in ("rpm", "tpm", "quota_tokens", "batch_queue_tokens"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"mock {name} must be a positive integer, got {value!r}")
