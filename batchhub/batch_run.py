@@ -155,6 +155,9 @@ class BatchRun:
         #: rows of live batches whose request changed since (the template, the model): sent as they are now
         #: once their batch ends; and the rows of the batches ended in this run
         self._after: dict[int, BuiltRequest] = {}
+        #: rows of those whose batch ended in this run: their latest result answers the request they asked before,
+        #: until their new one is recorded (`stale`)
+        self._stale: set[int] = set()
         self._ended: list[np.ndarray] = []
         #: the provider's queue is full (a batch failed with `token_limit_exceeded` while others of the job were
         #: live): new files wait, and the rows of the refused batches wait in `_parked`, until one of them ends
@@ -229,6 +232,12 @@ class BatchRun:
             self.counts.adopted += 1
         self._tries.update({int(r): 1 for live in self._live.values() for r in live.rows.row_ids})
         return np.concatenate(released) if released else np.zeros(0, dtype=np.int64)
+
+    @property
+    def stale(self) -> bool:
+        """Whether some row's latest result answers the request it asked before its settings changed (its batch
+        ended in this run, and the run stopped before the row's new request was answered)."""
+        return bool(self._stale)
 
     def resend_after(self, row_id: int, built: BuiltRequest) -> bool:
         """A row of a live batch asks another request now: sent as it is now once its batch ends (True); False
@@ -508,6 +517,7 @@ class BatchRun:
             # answered (and paid for) as it was asked: sent again as the row asks now
             again.pop(row_id, None)
             self._tries[row_id] = 0
+            self._stale.add(row_id)
             self._again_rows.append(_again_of(row_id, self._after.pop(row_id), self._budget, self._bounds))
         self._ended.append(live.rows.row_ids)
         self._log.sync()  # every result of the batch on disk before the ledger says so
@@ -569,6 +579,7 @@ class BatchRun:
             return
         row["batch_id"] = live.entry.batch_id
         cost = self._record(row, asked.model)
+        self._stale.discard(row_id)
         live.cost += cost or 0.0
         if row["status"] == "invalid_output" and self._invalid.get(row_id, 0) < self.spec.retry_invalid:
             self._invalid[row_id] = self._invalid.get(row_id, 0) + 1

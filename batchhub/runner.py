@@ -261,7 +261,8 @@ class Job:
             if self._input_error is not None:
                 prepared.manifest.input.bad_input = str(self._input_error)
             self.read_all = self._only_rows is None and (self._read_through or self._hashes is None)
-            if self.read_all and not self.stale_rows().any():
+            stale_in_batches = self._batch_run is not None and self._batch_run.stale
+            if self.read_all and not self.stale_rows().any() and not stale_in_batches:
                 prepared.manifest.results_checked = True  # every row's result is its own request's
             self._progress.close()
             summary = self._finish_summary(started)

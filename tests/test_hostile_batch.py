@@ -12,6 +12,7 @@ import pytest
 
 from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger
+from batchhub.errors import JobStateError
 from batchhub.mock.batches import HUB
 from batchhub.runner import Job, prepare_job
 from batchhub.spec import JobSpec
@@ -296,6 +297,25 @@ async def test_a_template_changed_while_a_batch_is_live_ends_with_every_row_answ
     sent = lines_sent(server)
     assert len(sent) == 20 and server.stats.duplicates() == 0  # the old batch's, then each row once more
     no_row_in_two_live_batches(server)
+
+
+async def test_a_run_stopped_before_it_sends_the_changed_rows_again_leaves_the_job_unchecked(
+    tmp_path, mock_server, prompts_csv
+):
+    """Their batch answered the old template: until they are sent as they are now, those answers are not the
+    rows' (export refuses, as after any change of settings a run has not checked through)."""
+    server = await mock_server(seed=1, batch_seconds=0.5, echo=True)
+    data = prompts_csv(tmp_path / "in.csv", 10)
+    await stopped_once_a_batch_is_live(tmp_path, server, data, template="old: {prompt}")
+    server.app[HUB].state.config.file_max_bytes = 10  # the new batch's upload is refused: the run stops there
+    summary = await arun_job(spec_for(tmp_path, server, data, template="new: {prompt}"))
+    assert summary.stopped == "fatal" and summary.ok == 10  # the old batch's answers, recorded
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["results_checked"] is False
+    with pytest.raises(JobStateError, match="stopped before it checked every row"):
+        export_job(tmp_path / "job", tmp_path / "out.parquet")
+    server.app[HUB].state.config.file_max_bytes = 10**8
+    assert (await arun_job(spec_for(tmp_path, server, data, template="new: {prompt}"))).ok == 10
+    assert exported(tmp_path)["content"].str.contains("new: row").all()
 
 
 async def test_rows_of_a_file_that_made_no_batch_are_sent_by_the_run_that_finds_so(tmp_path, mock_server, prompts_csv):
