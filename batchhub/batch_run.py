@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,14 +40,22 @@ from batchhub import defaults
 from batchhub.batch_api import BatchAPI
 from batchhub.batch_files import BATCH_ENDPOINT, BatchFile, batch_line, line_problem, lines_of, row_of
 from batchhub.batch_ledger import ENDED_STATUSES, BatchEntry, BatchLedger, BatchRows
-from batchhub.budget import Bound, Budget, RequestBounds, usable_usage
-from batchhub.client import completion_of, loads
-from batchhub.errors import APIError, BadResponseError, FatalAPIError, NotFoundError, RetryableError, UsageError
-from batchhub.http_errors import classify
+from batchhub.batch_lines import (
+    LineSettings,
+    Sent,
+    batch_errors,
+    batch_state,
+    line_result,
+    queue_full,
+    read_lines,
+)
+from batchhub.budget import Bound, Budget, RequestBounds
+from batchhub.client import loads
+from batchhub.errors import APIError, FatalAPIError, NotFoundError, UsageError
 from batchhub.progress import Progress
 from batchhub.requests import Asked, BuiltRequest
 from batchhub.results import ResultLog
-from batchhub.rows import Result, ResultRows, check_output
+from batchhub.rows import Result, ResultRows
 from batchhub.spec import JobSpec
 from batchhub.stats import RunStats
 from batchhub.store import JobStore
@@ -56,20 +63,8 @@ from batchhub.structured import OutputCheck
 
 log = logging.getLogger("batchhub")
 
-#: error codes of an error-file line that was never answered: its row goes in a new batch
-UNANSWERED_CODES = frozenset({"batch_expired", "batch_cancelled"})
-#: the error code of a batch refused because the provider's queue is full (OpenAI's enqueued token limit)
-QUEUE_FULL_CODE = "token_limit_exceeded"
 #: lines of a downloaded file recorded per event-loop pass
 _LINES_PER_PASS = 2000
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """A request sent in a batch, as the ledger knows it (an `Asked`)."""
-
-    model: str
-    request_hash: str
 
 
 @dataclass
@@ -165,6 +160,7 @@ class BatchRun:
         self._room_made = asyncio.Event()
         self._parked: list[_Again] = []
         self.counts = BatchCounts()
+        self._line_settings = LineSettings(spec.max_attempts, output_check)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -421,7 +417,7 @@ class BatchRun:
                 except APIError as exc:
                     self._api_failed(exc, f"polling batch {live.entry.batch_id}")
                     return
-                changed |= _state(batch) != _state(live.batch)
+                changed |= batch_state(batch) != batch_state(live.batch)
                 live.batch = batch
                 if batch.get("status") in ENDED_STATUSES or batch.get("status") == "not_found":
                     try:
@@ -479,14 +475,14 @@ class BatchRun:
                 continue
             with path.open("rb") as fh:
                 while True:
-                    chunk = await asyncio.to_thread(_read_lines, fh, _LINES_PER_PASS)
+                    chunk = await asyncio.to_thread(read_lines, fh, _LINES_PER_PASS)
                     if not chunk:
                         break
                     for raw in chunk:
                         self._line(raw, live, seen, before, again)
                     await asyncio.sleep(0)  # this pass's results are written before the next chunk
         status = str(batch.get("status"))
-        why = _batch_errors(batch) or f"the batch {status} before answering it"
+        why = batch_errors(batch) or f"the batch {status} before answering it"
         completed = int((batch.get("request_counts") or {}).get("completed") or 0)
         if completed and not batch.get("output_file_id"):  # a provider's fault: say so, not "not answered"
             why = f"the batch says it completed {completed:,} requests, and has no output file"
@@ -494,13 +490,13 @@ class BatchRun:
             why = f"the batch {status}, and {' and '.join(gone)}"
         # the provider's queue was full of the job's own batches: no attempt spent, and while some are live, the
         # rows wait for one of them to end
-        queue_full = _queue_full(batch) and live.crowded
-        park = queue_full and len(self._live) > 1
+        crowded_out = queue_full(batch) and live.crowded
+        park = crowded_out and len(self._live) > 1
         for position in np.flatnonzero(~seen):
             row_id = int(live.rows.row_ids[position])
             if row_id in before or row_id in again:
                 continue
-            if queue_full:
+            if crowded_out:
                 self._tries[row_id] = self._tries.get(row_id, 1) - 1
                 again[row_id] = why
                 continue
@@ -574,8 +570,9 @@ class BatchRun:
         asked = Sent(live.rows.models[at], live.rows.hashes[at])
         prompt, completion, hard = (int(v) for v in live.rows.bounds[at])
         bound = Bound(prompt, completion, bool(hard))
-        row = self._result(row_id, data, asked, bound, again)
-        if row is None:
+        row = line_result(self._rows, data, row_id, asked, bound, self._tries.get(row_id, 1), self._line_settings)
+        if isinstance(row, str):  # in a new batch, for this reason
+            again[row_id] = row
             return
         row["batch_id"] = live.entry.batch_id
         cost = self._record(row, asked.model)
@@ -589,49 +586,6 @@ class BatchRun:
         for follower, built in self._answered(asked, row):
             # the reply was not ok: a row that asked the same is sent itself, in a new batch
             self._again_rows.append(_again_of(follower, built, self._budget, self._bounds))
-
-    def _result(
-        self, row_id: int, data: dict[str, Any], asked: Asked, bound: Bound, again: dict[int, str]
-    ) -> Result | None:
-        """The result of a line, or None when its row goes in a new batch (`again`, with why)."""
-        tries = self._tries.get(row_id, 1)
-        response, error = data.get("response"), data.get("error")
-        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-            status, body = response["status_code"], response.get("body")
-            request_id = response.get("request_id") if isinstance(response.get("request_id"), str) else None
-            if status == 200 and isinstance(body, dict):
-                try:
-                    reply = completion_of(body)
-                except BadResponseError as exc:  # retried, as the live path retries it
-                    if tries < self.spec.max_attempts:
-                        again[row_id] = str(exc)
-                        return None
-                    return self._rows.error(row_id, exc.error_type, str(exc), status, tries, 0, asked)
-                reply.request_id = request_id
-                row = self._rows.ok(row_id, reply, tries, 0, asked)
-                row["latency_s"] = None  # type: ignore[typeddict-item]  # a batch's line has no latency of its own
-                _assume(row, bound)
-                check_output(row, self._check)
-                return row
-            failure = classify(
-                status, json.dumps(body).encode() if body is not None else None, {"x-request-id": request_id or ""}
-            )
-            if isinstance(failure, RetryableError) and tries < self.spec.max_attempts:
-                again[row_id] = str(failure)
-                return None
-            row = self._rows.error(row_id, failure.error_type, str(failure), status, tries, 0, asked)
-            return self._rows.kept_error(row, failure)
-        if isinstance(error, dict):
-            code, message = error.get("code"), str(error.get("message") or error.get("code") or "no message")
-            if code in UNANSWERED_CODES and tries < self.spec.max_attempts:
-                again[row_id] = message
-                return None
-            return self._rows.error(
-                row_id, "batch_error", f"{code}: {message}" if code else message, None, tries, 0, asked
-            )
-        return self._rows.error(
-            row_id, "bad_response", "the batch's line has neither a response nor an error", None, tries, 0, asked
-        )
 
     async def _send_again(self, live: _Live, again: dict[int, str], *, park: bool = False) -> None:
         """Rows of an ended batch not answered (or answered with an error worth retrying): in a new batch, the
@@ -685,48 +639,6 @@ def _again_of(row_id: int, built: BuiltRequest, budget: Budget | None, bounds: R
     return _Again(
         row_id, built, worst, (bound.prompt, bound.completion, int(bound.hard)), batch_line(row_id, built.body)
     )
-
-
-def _assume(row: Result, bound: Bound) -> None:
-    """A reply without usable usage is charged its worst case (as the live path's `Hold.assume`)."""
-    if usable_usage(row.get("prompt_tokens"), row.get("completion_tokens"), bound):
-        return
-    row["prompt_tokens"] = row["completion_tokens"] = row["total_tokens"] = row["cached_tokens"] = None
-    row["assumed_prompt_tokens"] = bound.prompt or None
-    row["assumed_completion_tokens"] = bound.completion or None
-
-
-def _state(batch: dict[str, Any]) -> tuple[Any, ...]:
-    counts = batch.get("request_counts") or {}
-    return batch.get("status"), counts.get("completed"), counts.get("failed")
-
-
-def _queue_full(batch: dict[str, Any]) -> bool:
-    """Whether the batch failed because the provider's queue for its model was full (OpenAI: the enqueued
-    token limit), not for anything in it."""
-    errors = batch.get("errors")
-    data = errors.get("data") if isinstance(errors, dict) else None
-    return isinstance(data, list) and any(isinstance(e, dict) and e.get("code") == QUEUE_FULL_CODE for e in data)
-
-
-def _batch_errors(batch: dict[str, Any]) -> str | None:
-    """Why a batch failed validation, as the server said (its first errors)."""
-    errors = batch.get("errors")
-    data = errors.get("data") if isinstance(errors, dict) else None
-    if not isinstance(data, list) or not data:
-        return None
-    said = [str(e.get("message") or e.get("code")) for e in data[:3] if isinstance(e, dict)]
-    return f"the batch failed validation: {'; '.join(said)}"
-
-
-def _read_lines(fh: Any, count: int) -> list[bytes]:
-    lines = []
-    for line in fh:
-        if line.strip():
-            lines.append(line)
-        if len(lines) >= count:
-            break
-    return lines
 
 
 async def _first(*waits: Any) -> None:
