@@ -2,48 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from batchjobs import server_batches, spec_for, stopped_once_a_batch_is_live, uploaded
 
 from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger
 from batchhub.errors import UsageError
 from batchhub.mock.batches import HUB
 from batchhub.options import Engine
-from batchhub.runner import Job, prepare_job
+from batchhub.runner import prepare_job
 from batchhub.spec import JobSpec
 from batchhub.status import job_status, render
 
 ROWS = 60
-
-
-def spec_for(tmp_path: Path, server, data: Path, **settings) -> JobSpec:
-    base = {
-        "model": "m",
-        "api_key": "k",
-        "job_dir": tmp_path / "job",
-        "backoff_base": 0.005,
-        "via": "batch",
-        "batch_requests": 25,
-        "batch_poll": 0.05,
-        "no_cache": True,
-    }
-    return JobSpec(input=data, base_url=server.base_url, quiet=True, **{**base, **settings})
-
-
-def server_batches(server) -> list:
-    return sorted(server.app[HUB].batches.values(), key=lambda b: b.created_at)
-
-
-def uploaded(server, file_id: str) -> bytes:
-    """A file the job uploaded, deleted since or not."""
-    hub = server.app[HUB]
-    return (hub.files.get(file_id) or hub.deleted_files[file_id]).data
 
 
 def exported(tmp_path: Path) -> pd.DataFrame:
@@ -172,15 +148,6 @@ async def test_a_batch_is_created_only_when_its_worst_case_fits_the_budget(tmp_p
     assert 0 < sent < 40
     assert summary.budget_spent_usd <= 0.2
     assert summary.ok == sent and summary.pending == 40 - sent
-
-
-async def stopped_once_a_batch_is_live(tmp_path, server, data):
-    """Run the job until the server has a batch of it, then stop (as Ctrl-C does): the batch stays live."""
-    job = Job(prepare_job(spec_for(tmp_path, server, data)), progress=False)
-    task = asyncio.create_task(job.run())
-    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 1 and job._batch_run.counts.created)
-    job.request_stop()
-    return await task
 
 
 async def test_a_live_run_leaves_the_rows_of_a_live_batch_to_it(tmp_path, mock_server, prompts_csv):

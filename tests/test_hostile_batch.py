@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from batchjobs import (
+    lines_sent,
+    no_row_in_two_live_batches,
+    server_batches,
+    spec_for,
+    stopped_once_a_batch_is_live,
+    uploaded,
+)
 
 from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger
@@ -18,62 +25,9 @@ from batchhub.runner import Job, prepare_job
 from batchhub.spec import JobSpec
 
 
-def spec_for(tmp_path: Path, server, data: Path, **settings) -> JobSpec:
-    base = {
-        "model": "m",
-        "api_key": "k",
-        "job_dir": tmp_path / "job",
-        "backoff_base": 0.005,
-        "via": "batch",
-        "batch_requests": 25,
-        "batch_poll": 0.05,
-        "no_cache": True,
-    }
-    return JobSpec(input=data, base_url=server.base_url, quiet=True, **{**base, **settings})
-
-
-def server_batches(server) -> list:
-    return sorted(server.app[HUB].batches.values(), key=lambda b: b.created_at)
-
-
-def stored(hub, file_id: str) -> bytes:
-    """A file of the server, deleted since (the job deletes a batch's files once it has recorded them) or not."""
-    return (hub.files.get(file_id) or hub.deleted_files[file_id]).data
-
-
-def lines_sent(server) -> list[str]:
-    """The custom_id of every line of every batch the server was given."""
-    hub = server.app[HUB]
-    files = [stored(hub, b.input_file_id) for b in hub.batches.values()]
-    return [json.loads(line)["custom_id"] for data in files for line in data.splitlines()]
-
-
-def no_row_in_two_live_batches(server) -> None:
-    """No custom_id was in two batches at once at the server (each line's batch ended before the next made)."""
-    hub = server.app[HUB]
-    spans: dict[str, list[tuple[float, float]]] = {}
-    for batch in hub.batches.values():
-        end = batch.ended_at if batch.ended_at is not None else float("inf")
-        for line in stored(hub, batch.input_file_id).splitlines():
-            spans.setdefault(json.loads(line)["custom_id"], []).append((batch.made_at, end))
-    for custom_id, times in spans.items():
-        times.sort()
-        for (_, end), (start, _) in itertools.pairwise(times):
-            assert end <= start, f"{custom_id} was in two live batches"
-
-
 def exported(tmp_path: Path) -> pd.DataFrame:
     export_job(tmp_path / "job", tmp_path / "out.parquet", force=True)
     return pd.read_parquet(tmp_path / "out.parquet")
-
-
-async def stopped_once_a_batch_is_live(tmp_path, server, data, **settings):
-    """Run the job until the server has a batch of it, then stop (as Ctrl-C does): the batch stays live."""
-    job = Job(prepare_job(spec_for(tmp_path, server, data, **settings)), progress=False)
-    task = asyncio.create_task(job.run())
-    await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 1 and job._batch_run.counts.created)
-    job.request_stop()
-    return await task
 
 
 # -- duplicates ------------------------------------------------------------------------------------
@@ -380,7 +334,7 @@ async def test_status_cost_export_and_report_of_a_job_run_through_batches(tmp_pa
     hub = server.app[HUB]
     served = {}
     for batch in hub.batches.values():
-        for raw in stored(hub, batch.output_file_id).splitlines():
+        for raw in uploaded(server, batch.output_file_id).splitlines():
             served[json.loads(raw)["custom_id"]] = json.loads(raw)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     for line in lines:
