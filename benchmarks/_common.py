@@ -259,3 +259,67 @@ def last_run(job_dir: Path) -> dict:
     """The record of the job's last run, from its job.json."""
     manifest = json.loads((job_dir / "job.json").read_text())
     return manifest["runs"][-1]
+
+
+# -- a finished job written directly (the bills of cost and status) --------------------------------
+
+#: results per part of a job written by `write_finished_job`
+FINISHED_PART_ROWS = 5_000
+
+
+def write_finished_job(job_dir: Path, n: int, spec: dict, extra: dict | None = None) -> None:
+    """A finished job of `n` ok results of MODEL, written as its parts and job.json (no run needed): usage,
+    latency and times drawn from a fixed seed; `extra` result columns (name -> Arrow array) added, and result
+    columns neither here nor in `extra` left out of the parts (as a part from before they existed)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from batchhub.parts import write_part
+    from batchhub.result_schema import RESULT_SCHEMA
+    from batchhub.store import JobStore
+
+    rng = np.random.default_rng(0)
+    seq = np.arange(1, n + 1)
+    columns: dict[str, pa.Array] = {
+        "row_id": pa.array(np.arange(n)),
+        "status": pa.array(np.full(n, "ok", dtype=object), pa.string()),
+        "content": pa.array(np.full(n, "The sea is wide and restless.", dtype=object), pa.string()),
+        "finish_reason": pa.array(np.full(n, "stop", dtype=object), pa.string()),
+        "model": pa.array(np.full(n, MODEL, dtype=object), pa.string()),
+        "prompt_tokens": pa.array(rng.integers(15, 40, n)),
+        "completion_tokens": pa.array(rng.integers(4, 60, n)),
+        "latency_s": pa.array(rng.lognormal(-2.0, 0.5, n)),
+        "attempts": pa.array(np.ones(n, dtype=np.int32)),
+        "rate_limit_retries": pa.array(np.zeros(n, dtype=np.int32)),
+        "http_status": pa.array(np.full(n, 200, dtype=np.int32)),
+        "finished_at": pa.array(1_767_225_600_000_000 + seq * 1_000).cast(pa.timestamp("us", tz="UTC")),
+        "seq": pa.array(seq),
+    }
+    columns["total_tokens"] = pa.array(
+        columns["prompt_tokens"].to_numpy() + columns["completion_tokens"].to_numpy()  # type: ignore[attr-defined]
+    )
+    added = extra or {}
+    columns.update(added)
+    optional = {"reused", "batch_id"}
+    fields = [f for f in RESULT_SCHEMA if f.name not in optional or f.name in added]
+    arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in fields]
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    results = job_dir / "results"
+    results.mkdir(parents=True)
+    for number, start in enumerate(range(0, n, FINISHED_PART_ROWS), 1):
+        write_part(results / f"part-{number:06d}.parquet", table.slice(start, FINISHED_PART_ROWS))
+    JobStore(job_dir).write_manifest(
+        {
+            "format_version": 1,
+            "input": {"path": "input.csv", "rows": n},
+            "spec": spec,
+            "runs": [
+                {
+                    "batchhub_version": "0.1.0",
+                    "started_at": "2026-01-01T00:00:00Z",
+                    "ended_at": "2026-01-01T00:20:00Z",
+                    "elapsed_s": 1200.0,
+                }
+            ],
+        }
+    )

@@ -33,11 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 
-from batchhub.parts import write_part
-from batchhub.result_schema import RESULT_SCHEMA
-from batchhub.store import JobStore
-
-PART_ROWS = 5_000
 JOBS = ("before", "none reused", "half reused", "all reused")
 COMMANDS = ("cost", "status")
 
@@ -57,51 +52,9 @@ def reused_column(kind: str, n: int) -> pa.Array | None:
 
 def build_job(job_dir: Path, kind: str, n: int) -> None:
     """A finished job of `n` ok results (see the module docstring)."""
-    rng = np.random.default_rng(0)
-    seq = np.arange(1, n + 1)
-    columns: dict[str, pa.Array] = {
-        "row_id": pa.array(np.arange(n)),
-        "status": pa.array(np.full(n, "ok", dtype=object), pa.string()),
-        "content": pa.array(np.full(n, "The sea is wide and restless.", dtype=object), pa.string()),
-        "finish_reason": pa.array(np.full(n, "stop", dtype=object), pa.string()),
-        "model": pa.array(np.full(n, c.MODEL, dtype=object), pa.string()),
-        "prompt_tokens": pa.array(rng.integers(15, 40, n)),
-        "completion_tokens": pa.array(rng.integers(4, 60, n)),
-        "latency_s": pa.array(rng.lognormal(-2.0, 0.5, n)),
-        "attempts": pa.array(np.ones(n, dtype=np.int32)),
-        "rate_limit_retries": pa.array(np.zeros(n, dtype=np.int32)),
-        "http_status": pa.array(np.full(n, 200, dtype=np.int32)),
-        "finished_at": pa.array(1_767_225_600_000_000 + seq * 1_000).cast(pa.timestamp("us", tz="UTC")),
-        "seq": pa.array(seq),
-    }
-    columns["total_tokens"] = pa.array(
-        columns["prompt_tokens"].to_numpy() + columns["completion_tokens"].to_numpy()  # type: ignore[attr-defined]
-    )
-    reused = reused_column(kind, n)
-    if reused is not None:
-        columns["reused"] = reused
-    fields = [f for f in RESULT_SCHEMA if f.name != "reused" or reused is not None]
-    arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in fields]
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    results = job_dir / "results"
-    results.mkdir(parents=True)
-    for number, start in enumerate(range(0, n, PART_ROWS), 1):
-        write_part(results / f"part-{number:06d}.parquet", table.slice(start, PART_ROWS))
-    JobStore(job_dir).write_manifest(
-        {
-            "format_version": 1,
-            "input": {"path": "input.csv", "rows": n},
-            "spec": {"name": "bill", "model": c.MODEL},
-            "runs": [
-                {
-                    "batchhub_version": "0.1.0",
-                    "started_at": "2026-01-01T00:00:00Z",
-                    "ended_at": "2026-01-01T00:20:00Z",
-                    "elapsed_s": 1200.0,
-                }
-            ],
-        }
-    )
+    column = reused_column(kind, n)
+    extra = {"reused": column} if column is not None else {}
+    c.write_finished_job(job_dir, n, {"name": "bill", "model": c.MODEL}, extra)
 
 
 def main() -> None:
