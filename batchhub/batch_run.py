@@ -395,7 +395,9 @@ class BatchRun:
 
     async def _watch(self) -> None:
         """Poll the live batches (backing off while nothing changes) and collect each as it ends."""
-        delay = defaults.BATCH_POLL_FIRST_S
+        # at most `batch_poll` apart, whatever the first wait would be
+        first = min(defaults.BATCH_POLL_FIRST_S, self.spec.batch_poll)
+        delay = first
         while not self._quit.is_set():
             if not self._live:
                 if self._filled:
@@ -428,11 +430,7 @@ class BatchRun:
                     if self._quit.is_set():
                         return
             self._show()
-            delay = (
-                defaults.BATCH_POLL_FIRST_S
-                if changed
-                else min(delay * defaults.BATCH_POLL_FACTOR, self.spec.batch_poll)
-            )
+            delay = first if changed else min(delay * defaults.BATCH_POLL_FACTOR, self.spec.batch_poll)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(_first(self._wake.wait(), self._quit.wait()), timeout=delay)

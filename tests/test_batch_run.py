@@ -267,3 +267,14 @@ def test_the_ray_engine_refuses_via_batch(tmp_path, prompts_csv):
     spec = JobSpec(input=data, model="m", base_url="mock://", via="batch", job_dir=tmp_path / "job", quiet=True)
     with pytest.raises(UsageError, match="--via batch runs in this process"):
         Engine("ray").make_job(prepare_job(spec))
+
+
+async def test_no_two_polls_of_a_live_batch_are_further_apart_than_batch_poll(tmp_path, mock_server, prompts_csv):
+    """The first wait after a change was a second whatever `batch_poll` said (a batch of half a second was seen
+    once, after it ended)."""
+    server = await mock_server(seed=1, batch_seconds=0.6)
+    data = prompts_csv(tmp_path / "in.csv", 5)
+    await arun_job(spec_for(tmp_path, server, data, batch_poll=0.05))
+    # upload, create, download, the two deletes (input and output): the rest of the 200s are polls
+    polls = server.stats.by_status[200] - 5
+    assert polls >= 8, polls  # 0.6 s at most 0.05 s apart: about 12
