@@ -74,8 +74,9 @@ def usage_table(target: str | Path, model: str | None = None) -> pa.Table:
     return table
 
 
-def report(table: pa.Table, book: PriceBook) -> CostReport:
-    """Price every response of `table` that reported usage; reused results apart, as saved."""
+def report(table: pa.Table, book: PriceBook, *, via: str = "live") -> CostReport:
+    """Price every response of `table` that reported usage; reused results apart, as saved: what they would have
+    cost a job that sends `via` ("batch": at the batch price)."""
     if "reused" not in table.column_names or table["reused"].null_count == table.num_rows:
         return _bill(table, book)
     if table["reused"].null_count == 0:  # every result reused (a job run again): no copy of the table
@@ -83,7 +84,7 @@ def report(table: pa.Table, book: PriceBook) -> CostReport:
     else:
         reused = pc.is_valid(table["reused"])
         result, copies = _bill(table.filter(pc.invert(reused)), book), table.filter(reused)
-    saved = _bill(copies, book)
+    saved = _bill_via(copies, book, batch=via == "batch")
     result.reused_from_job = int(pc.sum(pc.equal(copies["reused"], "job").cast(pa.int64())).as_py() or 0)
     result.reused_from_cache = copies.num_rows - result.reused_from_job
     result.saved_usd = saved.total_usd
@@ -266,6 +267,18 @@ def _usd(value: float | None) -> str:
     if value is None:
         return "unknown"
     return f"${value:,.4f}" if value < 100 else f"${value:,.2f}"
+
+
+def job_via(target: Path) -> str:
+    """How the job of TARGET (a job directory or its spec) sends its rows, as its job.json says ("live" for a file,
+    or a job that does not say)."""
+    from batchhub.options import job_dir_of
+
+    store = JobStore(job_dir_of(target)) if target.suffix.lower() in (".toml", "") else None
+    if store is None or not store.exists():
+        return "live"
+    via = store.manifest().spec.get("via")
+    return via if via in ("live", "batch") else "live"
 
 
 def job_prices(target: Path, prices_file: Path | None) -> PriceBook:

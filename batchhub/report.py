@@ -144,14 +144,13 @@ def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> Jo
     # every result paid for, the results of rows deleted from the input since included; rows count those inside
     table = store.results(list(COLUMNS), any_row=True)
     if table.num_rows:
-        _fill(rep, store, table, book, runs, manifest.input.rows)
+        _fill(rep, store, table, runs, manifest.input.rows)
+        rep.bill = _bill(table, book, "batch" if spec.get("via") == "batch" else "live")
     rep.state = job_state(store, manifest, total=total, failed=rep.failed, pending=rep.pending)
     return rep
 
 
-def _fill(
-    rep: JobReport, store: JobStore, table: pa.Table, book: PriceBook, runs: list[RunRecord], rows: int | None
-) -> None:
+def _fill(rep: JobReport, store: JobStore, table: pa.Table, runs: list[RunRecord], rows: int | None) -> None:
     """The counts, sums and per-result arrays of a non-empty results table (rows: the input's, when counted)."""
     rep.results_recorded = table.num_rows
     row_id = table["row_id"].to_numpy()
@@ -183,8 +182,6 @@ def _fill(
     rep.rate_limited = int(pc.sum(paid["rate_limit_retries"]).as_py() or 0)
     last = pc.max(table["finished_at"]).as_py()
     rep.last_finished = last.strftime("%Y-%m-%dT%H:%M:%SZ") if last is not None else None
-    rep.bill = _bill(table, book)
-
     latency = table["latency_s"].to_numpy(zero_copy_only=False).astype(np.float64)
     rep.latency = latency[is_ok & sent & np.isfinite(latency)]
     with_usage = _bools(pc.and_(pc.is_valid(latest["prompt_tokens"]), pc.is_valid(latest["completion_tokens"])))
@@ -210,11 +207,11 @@ def _counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
     return {str(p["values"]): int(p["counts"]) for p in sorted(pairs, key=lambda p: -p["counts"])}
 
 
-def _bill(table: pa.Table, book: PriceBook) -> CostReport:
+def _bill(table: pa.Table, book: PriceBook, via: str) -> CostReport:
     """What `batchhub cost` says for these results: the same prices and arithmetic."""
     from batchhub.cost import report
 
-    return report(table, book)
+    return report(table, book, via=via)
 
 
 def _examples(store: JobStore, kinds: pa.ChunkedArray, seqs: pa.ChunkedArray) -> dict[str, list[str]]:

@@ -221,7 +221,7 @@ class Job:
             except OSError as exc:
                 setup_error = exc
         self._write_error = setup_error
-        self._stats = RunStats()
+        self._stats = RunStats(via_batch=spec.via == "batch")
         self._progress = Progress(
             total=prepared.n_rows,
             initial=len(self._states) - n_todo,

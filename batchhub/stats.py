@@ -41,21 +41,23 @@ class RunStats:
     mismatched_results: int = 0
     #: results that are copies of replies paid for before (batchhub/reuse.py), by where they came from
     reused: dict[str, int] = field(default_factory=dict)
-    #: what those replies cost when they were paid for, at known prices: saved in this run
+    #: what those replies would have cost this run, at known prices (the batch price for a run through the Batch
+    #: API: `via_batch`): saved in this run
     saved_usd: float = 0.0
+    via_batch: bool = False
     #: results of requests this run sent (not reused, not failed before sending)
     sent: int = 0
 
     def count(self, row: Result, prices: PriceBook, requested_model: str | None) -> float | None:
         """Count a result recorded by this run; its cost at known prices (None: no usage, or no price for its model).
-        A reused reply costs nothing in this run: what it cost when it was paid for is counted as saved.
+        A reused reply costs nothing in this run: what it would have cost this run is counted as saved.
         A reply of the Batch API (its `batch_id` set) is priced at the batch price."""
         source = row.get("reused")
         if source:
             self.results += 1
             self.ok += 1
             self.reused[source] = self.reused.get(source, 0) + 1
-            model, batch = row.get("model"), row.get("batch_id") is not None
+            model, batch = row.get("model"), self.via_batch
             price = (prices.lookup(model, batch=batch) if model else None) or (
                 prices.lookup(requested_model, batch=batch) if requested_model else None
             )

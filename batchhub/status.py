@@ -124,7 +124,7 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
         last = pc.max(table["finished_at"]).as_py()
         st.last_finished_at = last.isoformat(timespec="seconds") if last is not None else None
         book = PriceBook.for_job(manifest, prices_file)
-        bill = report(table, book)
+        bill = report(table, book, via="batch" if manifest.spec.get("via") == "batch" else "live")
         st.prices = "; ".join(bill.sources) or None
         st.unpriced_models = bill.unknown_models
         st.saved_usd, st.reused_replies = bill.saved_usd, bill.reused_replies

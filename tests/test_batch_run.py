@@ -278,3 +278,24 @@ async def test_no_two_polls_of_a_live_batch_are_further_apart_than_batch_poll(tm
     # upload, create, download, the two deletes (input and output): the rest of the 200s are polls
     polls = server.stats.by_status[200] - 5
     assert polls >= 8, polls  # 0.6 s at most 0.05 s apart: about 12
+
+
+async def test_what_reuse_saved_a_batch_job_is_counted_at_the_batch_price(tmp_path, mock_server):
+    """A copy of a reply saves what this job would have paid for it: through the Batch API, half the live price."""
+    server = await mock_server(seed=1, batch_seconds=0.05)
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": ["same", "other", "same", "same"]}).to_csv(data, index=False)
+    prices = {"m": {"input_per_million": 1000.0, "output_per_million": 1000.0}}
+    summary = await arun_job(spec_for(tmp_path, server, data, prices=prices))
+    frame = exported(tmp_path)
+    copies = frame[frame["reused"].notna()]
+    at_batch_price = (copies["prompt_tokens"].sum() + copies["completion_tokens"].sum()) * 500 / 1e6
+    assert summary.reused == {"job": 2} and at_batch_price > 0
+    assert summary.saved_usd == pytest.approx(at_batch_price)
+    assert job_status(tmp_path / "job").saved_usd == pytest.approx(at_batch_price)
+    from click.testing import CliRunner
+
+    from batchhub.cli import main
+
+    shown = CliRunner().invoke(main, ["cost", str(tmp_path / "job"), "--json"])
+    assert json.loads(shown.output)["saved_usd"] == pytest.approx(at_batch_price)

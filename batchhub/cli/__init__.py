@@ -392,12 +392,12 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
 def cost(target: Path, prices_file: Path | None, model: str | None, as_json: bool) -> None:
     """What a job cost, by model: TARGET is a job directory, its spec, an export or any Parquet file
     with prompt_tokens and completion_tokens columns."""
-    from batchhub.cost import job_prices, render, report, usage_table
+    from batchhub.cost import job_prices, job_via, render, report, usage_table
 
     book = job_prices(target, prices_file)
     if target.suffix.lower() == ".toml":
         target = job_dir_of(target)
-    cost_report = report(usage_table(target, model), book)
+    cost_report = report(usage_table(target, model), book, via=job_via(target))
     click.echo(json.dumps(cost_report.to_dict(), indent=2) if as_json else render(cost_report))
 
 
