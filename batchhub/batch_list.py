@@ -12,6 +12,7 @@ from batchhub.batch_api import BatchAPI
 from batchhub.batch_ledger import BatchLedger
 from batchhub.errors import APIError
 from batchhub.prepare import endpoint
+from batchhub.requests import request_endpoint
 from batchhub.spec import JobSpec
 from batchhub.text import text_table
 
@@ -34,12 +35,15 @@ class BatchLine:
 async def job_batches(spec: JobSpec, *, ask: bool = True) -> list[BatchLine]:
     """The batches of the job of `spec`; `ask`: live ones as the provider says they stand now."""
     ledger = BatchLedger.read(spec.resolved_job_dir())
+    ledger.endpoint = request_endpoint(spec)
     lines = []
     for entry in sorted(ledger.entries.values(), key=lambda e: e.n):
         if entry.dropped is not None:
             status = f"dropped ({entry.dropped})"
         elif entry.ended is not None:
             status = entry.ended
+        elif entry.batch_id is not None and ledger.elsewhere(entry):
+            status = "live at another server (the job's base URL has changed since)"
         elif entry.batch_id is not None:
             status = "live"
         else:

@@ -19,6 +19,7 @@ from batchjobs import (
 
 from batchhub import arun_job, export_job
 from batchhub.batch_ledger import BatchLedger
+from batchhub.batch_list import job_batches
 from batchhub.errors import JobStateError
 from batchhub.mock.batches import HUB
 from batchhub.runner import Job, prepare_job
@@ -552,6 +553,9 @@ async def test_a_run_at_another_endpoint_leaves_the_batches_live_at_the_first_to
     # the batch is not gone: it is at the other server. Its rows are not sent (and paid) a second time here
     assert not other.app[HUB].batches and other.stats.completions == 0
     assert elsewhere.pending == 10 and "live at the provider" in elsewhere.batch_note
+    # `batchhub batches` asks no server about it (the job's server now does not have it), and says where it is
+    (listed,) = await job_batches(spec_for(tmp_path, other, data))
+    assert listed.status.startswith("live at another server") and listed.problem is None
     back = await arun_job(spec_for(tmp_path, first, data))
     assert back.ok == 10 and len(first.app[HUB].batches) == 1
 
