@@ -323,3 +323,29 @@ def write_finished_job(job_dir: Path, n: int, spec: dict, extra: dict | None = N
             ],
         }
     )
+
+
+def time_job_commands(
+    work: Path, kinds: Sequence[str], commands: Sequence[str], build: Callable[[Path, str], None], repeat: int
+) -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], dict]]:
+    """Build a job of each kind under WORK (kept when there already), then time `batchhub CMD JOB --json` for
+    every command and job, `repeat` times, the jobs in a new order each time: the wall times, and each
+    command's last JSON answer, by (kind, command)."""
+    t = time.perf_counter()
+    dirs = {}
+    for kind in kinds:
+        dirs[kind] = work / kind.replace(" ", "-")
+        if not (dirs[kind] / "job.json").exists():
+            build(dirs[kind], kind)
+    log(f"  built the {len(kinds)} jobs in {time.perf_counter() - t:.1f} s")
+    walls: dict[tuple[str, str], list[float]] = {(kind, cmd): [] for kind in kinds for cmd in commands}
+    answers: dict[tuple[str, str], dict] = {}
+    for rep in range(repeat):
+        for cmd in commands:
+            for kind in order(rep, kinds):
+                result = run_child([sys.executable, "-m", "batchhub", cmd, str(dirs[kind]), "--json"], timeout=600)
+                check_ok(result, f"batchhub {cmd} of the job '{kind}'")
+                walls[kind, cmd].append(result.wall_s)
+                answers[kind, cmd] = json.loads(result.stdout)
+        log(f"  repetition {rep + 1}/{repeat} done")
+    return walls, answers

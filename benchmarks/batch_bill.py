@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -88,26 +87,9 @@ def main() -> None:
     machine = c.machine_line()
     print(machine, flush=True)
 
-    walls: dict[tuple[str, str], list[float]] = {(job, cmd): [] for job in JOBS for cmd in COMMANDS}
-    bills: dict[tuple[str, str], float] = {}
     with c.workdir("batchhub-bench-batch-bill-", args.workdir) as work:
-        t = time.perf_counter()
-        dirs = {}
-        for kind in JOBS:
-            dirs[kind] = work / kind.replace(" ", "-")
-            if not (dirs[kind] / "job.json").exists():
-                build_job(dirs[kind], kind, n)
-        c.log(f"  built the four jobs in {time.perf_counter() - t:.1f} s")
-        for rep in range(repeat):
-            for cmd in COMMANDS:
-                for kind in c.order(rep, JOBS):
-                    result = c.run_child(
-                        [sys.executable, "-m", "batchhub", cmd, str(dirs[kind]), "--json"], timeout=600
-                    )
-                    c.check_ok(result, f"batchhub {cmd} of the job '{kind}'")
-                    walls[kind, cmd].append(result.wall_s)
-                    bills[kind, cmd] = float(json.loads(result.stdout)[TOTAL[cmd]])
-            c.log(f"  repetition {rep + 1}/{repeat} done")
+        walls, answers = c.time_job_commands(work, JOBS, COMMANDS, lambda path, kind: build_job(path, kind, n), repeat)
+    bills = {key: float(answer[TOTAL[key[1]]]) for key, answer in answers.items()}
     live_demo, batch_demo = demo_estimate("live"), demo_estimate("batch")
 
     lines = [machine]

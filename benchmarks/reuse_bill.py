@@ -22,8 +22,8 @@ second pass over the usage columns.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,26 +69,11 @@ def main() -> None:
     machine = c.machine_line()
     print(machine, flush=True)
 
-    walls: dict[tuple[str, str], list[float]] = {(job, cmd): [] for job in JOBS for cmd in COMMANDS}
     with c.workdir("batchhub-bench-reuse-bill-", args.workdir) as work:
-        t = time.perf_counter()
-        dirs = {}
-        for kind in JOBS:
-            dirs[kind] = work / kind.replace(" ", "-")
-            if not (dirs[kind] / "job.json").exists():
-                build_job(dirs[kind], kind, n)
-        c.log(f"  built the four jobs in {time.perf_counter() - t:.1f} s")
-        for rep in range(repeat):
-            for cmd in COMMANDS:
-                for kind in c.order(rep, JOBS):
-                    result = c.run_child(
-                        [sys.executable, "-m", "batchhub", cmd, str(dirs[kind]), "--json"], timeout=600
-                    )
-                    c.check_ok(result, f"batchhub {cmd} of the job '{kind}'")
-                    walls[kind, cmd].append(result.wall_s)
-                    if "saved" not in result.stdout:
-                        raise SystemExit(f"batchhub {cmd} --json says nothing of reuse:\n{result.stdout[:2000]}")
-            c.log(f"  repetition {rep + 1}/{repeat} done")
+        walls, answers = c.time_job_commands(work, JOBS, COMMANDS, lambda path, kind: build_job(path, kind, n), repeat)
+    for (kind, cmd), answer in answers.items():
+        if "saved" not in json.dumps(answer):
+            raise SystemExit(f"batchhub {cmd} --json of the job '{kind}' says nothing of reuse:\n{str(answer)[:2000]}")
 
     lines = [machine]
     met = True
