@@ -132,7 +132,11 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
         limits=limits,
         progress_sink=lambda growth: progress.add.remote(growth),  # fire and forget
     )
-    return await job.run()
+    summary = await job.run()
+    # an actor runs one caller's calls in order: once this one is done, so are the task's last growth reports,
+    # and the driver, which takes what the actor holds when the task has returned, misses none of them
+    await progress.add.remote({})
+    return summary
 
 
 def _task_spec(spec: JobSpec) -> JobSpec:
