@@ -131,6 +131,8 @@ class BatchLedger:
         self.endpoint: str | None = None
         #: the file ends in a line cut short: the next event starts on a line of its own
         self._torn = False
+        #: each batch's rows as read (a run reads them when it plans, settles and adopts: once from disk)
+        self._rows: dict[int, BatchRows] = {}
 
     @classmethod
     def read(cls, job_dir: str | os.PathLike[str]) -> BatchLedger:
@@ -223,11 +225,6 @@ class BatchLedger:
         """The batches whose rows no run may send: live, or uploaded and perhaps made a batch."""
         return [e for e in sorted(self.entries.values(), key=lambda e: e.n) if e.live or e.unsettled]
 
-    def held_rows(self) -> np.ndarray:
-        """The row ids of the held batches (sorted)."""
-        ids = [self.rows(entry.n).row_ids for entry in self.held()]
-        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
-
     def held_requests(self) -> tuple[np.ndarray, np.ndarray]:
         """The row ids of the held batches (sorted) and the request hash each was sent with."""
         tables = [self.rows(entry.n) for entry in self.held()]
@@ -275,10 +272,19 @@ class BatchLedger:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         atomic_write_bytes(self.rows_path(n), sink.getvalue().to_pybytes())
+        self._rows[n] = rows
 
     def rows(self, n: int) -> BatchRows:
         """A batch's requests; rebuilt from its input file when its table is gone (empty when both are:
-        nothing of it can be held or recorded)."""
+        nothing of it can be held or recorded, and it is read again next time: the file may come back)."""
+        if n not in self._rows:
+            read = self._read_rows(n)
+            if len(read.row_ids):
+                self._rows[n] = read
+            return read
+        return self._rows[n]
+
+    def _read_rows(self, n: int) -> BatchRows:
         try:
             table = pq.read_table(self.rows_path(n))
         except (OSError, pa.ArrowInvalid) as exc:
@@ -341,3 +347,4 @@ class BatchLedger:
         downloads = (self.download_path(n, kind) for kind in ("output", "error"))
         for path in (self.input_path(n), *downloads, self.rows_path(n)):
             path.unlink(missing_ok=True)
+        self._rows.pop(n, None)

@@ -100,10 +100,6 @@ class BatchCounts:
     ended: dict[str, int] = field(default_factory=dict)
     refused_rows: int = 0
     sent_again: int = 0
-    #: live batches left to a later run, and their rows
-    live: int = 0
-    live_rows: int = 0
-    unknown_lines: int = 0
 
 
 class BatchRun:
@@ -183,8 +179,6 @@ class BatchRun:
             finally:
                 self._filled = True
                 self._wake.set()
-        self.counts.live = len(self._live) + len(self.ledger.unsettled())
-        self.counts.live_rows = sum(len(live.rows.row_ids) for live in self._live.values())
 
     async def settle(self) -> np.ndarray:
         """The ledger's batches from earlier runs: found again when the server made one the job did not write
@@ -305,9 +299,11 @@ class BatchRun:
         for follower, same in self._answered(built, row):
             self._refuse(follower, same, error_type, message)
 
-    def _new_file(self) -> BatchFile:
+    def _new_file(self, building: dict[str, BatchFile] | None = None) -> BatchFile:
+        """A new batch file, numbered past the ledger's and those being written (the reader's, and `building`)."""
         n = self.ledger.next_n()
-        while any(f.n == n for f in self._files.values()):
+        taken = {f.n for f in (*self._files.values(), *(building or {}).values())}
+        while n in taken:
             n += 1
         return BatchFile(n, self.ledger.input_path(n), self.spec.batch_requests, self.spec.batch_bytes)
 
@@ -558,7 +554,6 @@ class BatchRun:
         row_id = row_of(data.get("custom_id")) if isinstance(data, dict) else None
         at = live.rows.position(row_id) if row_id is not None else None
         if at is None or seen[at]:
-            self.counts.unknown_lines += 1
             log.warning("batch %s: a line names no request of the batch, ignored", live.entry.batch_id)
             return
         assert isinstance(data, dict) and row_id is not None
@@ -618,17 +613,10 @@ class BatchRun:
                 await self._submit(files.pop(item.asked.model))
                 current = None
             if current is None:
-                current = files[item.asked.model] = self._new_file_avoiding(files)
+                current = files[item.asked.model] = self._new_file(files)
             current.add(item.row_id, item.asked, item.worst, item.bound, item.line)
         for batch_file in files.values():
             await self._submit(batch_file)
-
-    def _new_file_avoiding(self, files: dict[str, BatchFile]) -> BatchFile:
-        n = self.ledger.next_n()
-        taken = {f.n for f in (*self._files.values(), *files.values())}
-        while n in taken:
-            n += 1
-        return BatchFile(n, self.ledger.input_path(n), self.spec.batch_requests, self.spec.batch_bytes)
 
 
 def _again_of(row_id: int, built: BuiltRequest, budget: Budget | None, bounds: RequestBounds) -> _Again:

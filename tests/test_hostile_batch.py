@@ -384,7 +384,7 @@ async def test_retry_failed_leaves_failed_rows_that_are_in_a_live_batch_to_it(tm
     await server.wait_until(lambda stats: len(server.app[HUB].batches) >= 2)
     job.request_stop()
     first = await task
-    held = BatchLedger.read(tmp_path / "job").held_rows()
+    held = BatchLedger.read(tmp_path / "job").held_requests()[0]
     assert first.failed == len(held) > 0  # the invalid ones, sent again in the live batch
     live = await arun_job(spec_for(tmp_path, server, data, via="live", retry_failed=True, **json_mode))
     assert live.http_requests == 0 and live.failed == len(held)
