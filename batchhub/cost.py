@@ -274,8 +274,8 @@ def job_via(target: Path) -> str:
     or a job that does not say)."""
     from batchhub.options import job_dir_of
 
-    store = JobStore(job_dir_of(target)) if target.suffix.lower() in (".toml", "") else None
-    if store is None or not store.exists():
+    store = JobStore(job_dir_of(target))  # a file's "job directory" is the file: it holds no job.json
+    if not store.exists():
         return "live"
     via = store.manifest().spec.get("via")
     return via if via in ("live", "batch") else "live"

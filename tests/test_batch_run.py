@@ -299,3 +299,13 @@ async def test_what_reuse_saved_a_batch_job_is_counted_at_the_batch_price(tmp_pa
 
     shown = CliRunner().invoke(main, ["cost", str(tmp_path / "job"), "--json"])
     assert json.loads(shown.output)["saved_usd"] == pytest.approx(at_batch_price)
+
+
+def test_cost_knows_a_batch_job_in_a_directory_with_a_dot_in_its_name(tmp_path):
+    from batchhub.cost import job_via
+    from batchhub.store import JobStore
+
+    job = tmp_path / "jobs" / "reviews.v2"
+    JobStore(job).write_manifest({"format_version": 1, "input": {"path": "in.csv"}, "spec": {"via": "batch"}})
+    assert job_via(job) == "batch"
+    assert job_via(tmp_path / "export.parquet") == "live"
