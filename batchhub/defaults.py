@@ -245,3 +245,21 @@ BATCH_CALL_TIMEOUT_S = 600.0
 #: The published discount of a provider's Batch API when the price source has no batch price of a
 #: model: OpenAI, Anthropic, Google, Mistral and Groq all bill a batch at half the live price.
 BATCH_DISCOUNT = 0.5
+
+# -- object storage (s3://, gs://: batchhub/objstore.py, batchhub/remote_job.py) ------------------
+
+#: Seconds to open a connection to the store: a store that does not answer in this is down or not
+#: there, and the user hears so in one line rather than after minutes.
+STORAGE_CONNECT_TIMEOUT_S = 10.0
+#: Seconds one storage request may take: a part (a few MB) or a page of a listing takes well under one.
+STORAGE_REQUEST_TIMEOUT_S = 60.0
+#: Attempts of one storage call (the AWS SDK's standard retry: 5xx, throttling, dropped connections).
+STORAGE_ATTEMPTS = 5
+#: Bytes per read and write when a file is copied to or from the store.
+STORAGE_CHUNK_BYTES = 8 * 1024 * 1024
+#: Seconds a job's lease in a bucket (`job.lock`) stays valid without being renewed: a run renews it
+#: every quarter of this; a run on another host killed without releasing it holds its job this long.
+STORAGE_LEASE_S = 60.0
+#: Seconds between writing a lease and reading it back to see that it is still ours: longer than one
+#: write takes, so of two runs taking the lease at once, one sees the other's and refuses.
+STORAGE_LEASE_SETTLE_S = 1.0

@@ -6,6 +6,7 @@ The tree::
     ├── UsageError                     bad flags, spec file or option values (exit 2)
     │   └── InputError                 the input file cannot be used (exit 2)
     ├── JobStateError                  the job directory disagrees with the request (exit 2)
+    ├── StorageError                   an s3:// or gs:// URL cannot be used: bad URL, no bucket, access denied (exit 2)
     ├── RowError                       one row cannot become a request: it fails unsent (never leaves a job)
     ├── APIError                       the endpoint answered with an error, or not at all
     │   ├── RetryableError             worth another attempt
@@ -65,6 +66,11 @@ class InputError(UsageError):
 
 class JobStateError(BatchhubError):
     """The job directory does not match what was asked (changed input or request config)."""
+
+
+class StorageError(BatchhubError):
+    """An object-store URL cannot be used: not a URL batchhub reads, no such bucket or object, access
+    denied, the store unreachable. Its message is one line and never holds a credential."""
 
 
 class RowError(BatchhubError):

@@ -27,6 +27,7 @@ import aiohttp
 import aioresponses.core
 import pandas as pd
 import pytest
+from s3server import MotoProcess, S3Bucket
 
 from batchhub.cache_dir import CACHE_ENV
 from batchhub.mock import MockConfig, MockServer, SimulatorProcess
@@ -167,3 +168,21 @@ def threaded_mock() -> Iterator[Callable[..., ThreadedMock]]:
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoProcess]:
+    """A real S3 API server (moto's server mode) on 127.0.0.1, for the whole session."""
+    server = MotoProcess()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: MotoProcess, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A new bucket on the session's S3 server, and the standard variables pointing this process (and the
+    children it starts) at it: `s3.url("in.csv")`, `s3.put(key, data)`, `s3.objects()`."""
+    bucket = S3Bucket(s3_server.endpoint).create()
+    for name, value in bucket.env.items():
+        monkeypatch.setenv(name, value)
+    return bucket
