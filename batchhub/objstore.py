@@ -240,7 +240,7 @@ def require_file(url: ObjectURL, what: str = "read") -> pafs.FileInfo:
 
 def bucket_exists(url: ObjectURL) -> bool:
     with mapped(url, "read"):
-        return filesystem(url).get_file_info(url.bucket).type != pafs.FileType.NotFound
+        return bool(filesystem(url).get_file_info(url.bucket).type != pafs.FileType.NotFound)
 
 
 def listing(url: ObjectURL) -> list[pafs.FileInfo]:
