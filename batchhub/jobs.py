@@ -10,14 +10,17 @@ A directory that cannot be read is listed with its error instead of a state.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchhub.errors import UsageError
 from batchhub.job_state import last_update
+from batchhub.objstore import ObjectURL, is_url
 from batchhub.status import job_status
 from batchhub.store import JobStore
 from batchhub.text import text_table
@@ -62,12 +65,17 @@ def find_job_dirs(root: str | Path) -> list[Path]:
 def list_jobs(root: str | Path = "jobs", *, now: float | None = None) -> list[JobListing]:
     """The jobs under `root` with their state; a broken job directory gets its error, not an exception."""
     now = time.time() if now is None else now
+    if is_url(root):  # jobs in a bucket: each read from a copy of what the bucket holds
+        from batchhub.remote_job import find_jobs, view
+
+        return [_listing(url, now, functools.partial(view, url)) for url in find_jobs(ObjectURL.parse(str(root)))]
     return [_listing(path, now) for path in find_job_dirs(root)]
 
 
-def _listing(path: Path, now: float) -> JobListing:
-    listing = JobListing(job_dir=str(path))
+def _listing(name: Path | ObjectURL, now: float, local: Callable[[], Path] | None = None) -> JobListing:
+    listing = JobListing(job_dir=str(name))
     try:
+        path = local() if local is not None else Path(str(name))
         st = job_status(path, now=now)
         store = JobStore(path)
         updated = last_update(store, store.manifest())

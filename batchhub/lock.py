@@ -155,7 +155,7 @@ def remove_stale_temps(folder: Path, *, target: str | None = None) -> int:
         return 0
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         if target is not None and entry.name != f".{target}.tmp-{match.group(1)}":
             continue
@@ -165,7 +165,8 @@ def remove_stale_temps(folder: Path, *, target: str | None = None) -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists."""
     if pid == os.getpid():
         return True
     try:

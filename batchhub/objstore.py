@@ -28,14 +28,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import pyarrow as pa
-import pyarrow.fs as pafs
 
 from batchhub import defaults
 from batchhub.errors import StorageError
+
+if TYPE_CHECKING:  # pyarrow is imported where a store is used: a spec or a local job never needs it
+    import pyarrow.fs as pafs
 
 #: the schemes batchhub reads and writes, and pyarrow's name for each store
 SCHEMES = {"s3": "S3", "gs": "GCS", "gcs": "GCS"}
@@ -140,6 +140,9 @@ def filesystem(url: ObjectURL) -> pafs.FileSystem:
 
 
 def _make_filesystem(url: ObjectURL, key: tuple[str, ...]) -> pafs.FileSystem:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
     if key[0] == "GCS":
         emulator = key[1]
         if emulator:
@@ -212,6 +215,8 @@ def _without_secrets(text: str) -> str:
 @contextlib.contextmanager
 def mapped(url: ObjectURL | str, doing: str) -> Iterator[None]:
     """Turn a store's failure inside the block into StorageError (one line, exit 2)."""
+    import pyarrow as pa
+
     try:
         yield
     except StorageError:
@@ -228,6 +233,8 @@ def info(url: ObjectURL) -> pafs.FileInfo:
 
 def require_file(url: ObjectURL, what: str = "read") -> pafs.FileInfo:
     """The FileInfo of an object that must exist; StorageError saying whether the bucket or the object is missing."""
+    import pyarrow.fs as pafs
+
     found = info(url)
     if found.type == pafs.FileType.File:
         return found
@@ -239,12 +246,16 @@ def require_file(url: ObjectURL, what: str = "read") -> pafs.FileInfo:
 
 
 def bucket_exists(url: ObjectURL) -> bool:
+    import pyarrow.fs as pafs
+
     with mapped(url, "read"):
         return bool(filesystem(url).get_file_info(url.bucket).type != pafs.FileType.NotFound)
 
 
 def listing(url: ObjectURL) -> list[pafs.FileInfo]:
     """Every object under `url` (recursively); empty when there is none. StorageError when the bucket is missing."""
+    import pyarrow.fs as pafs
+
     with mapped(url, "list"):
         fs = filesystem(url)
         found = fs.get_file_info(pafs.FileSelector(url.path, recursive=True, allow_not_found=True))
@@ -296,3 +307,21 @@ def upload(src: Path, url: ObjectURL) -> None:
     with mapped(url, "write"), open(src, "rb") as data, filesystem(url).open_output_stream(url.path) as stream:
         while chunk := data.read(defaults.STORAGE_CHUNK_BYTES):
             stream.write(chunk)
+
+
+@contextlib.contextmanager
+def written_to(location: Path | str) -> Iterator[Path]:
+    """A path to write a whole file at: `location` itself, or for a URL a temp file uploaded there once the
+    block ends without an error (an object appears whole or not at all, as a renamed file does)."""
+    if not is_url(location):
+        yield Path(location)
+        return
+    import tempfile
+
+    url = ObjectURL.parse(str(location))
+    if not url.key:
+        raise StorageError(f"cannot write {url}: it names a bucket, not an object")
+    with tempfile.TemporaryDirectory(prefix="batchhub-upload-") as folder:
+        local = Path(folder) / url.name
+        yield local
+        upload(local, url)

@@ -125,10 +125,24 @@ class Engine:
         return Job(prepared, progress=progress, **job_options)
 
 
-def job_dir_of(path: Path) -> Path:
-    """A job is named by its directory or by its spec file (jobs/demo.toml -> jobs/demo)."""
+def job_dir_of(path: Path | str) -> Path:
+    """A job is named by its directory, its URL (s3://bucket/jobs/demo) or its spec file (jobs/demo.toml ->
+    jobs/demo). A job in a bucket is read from a copy on this machine of what the bucket holds now."""
+    from batchhub.objstore import ObjectURL, is_url
+
+    if is_url(path):
+        from batchhub.remote_job import view
+
+        return view(ObjectURL.parse(str(path)))
+    path = Path(path)
     if path.suffix.lower() == ".toml":
-        return load_spec(path).resolved_job_dir()
+        spec = load_spec(path)
+        url = spec.job_url()
+        if url is not None:
+            from batchhub.remote_job import view
+
+            return view(url)
+        return spec.resolved_job_dir()
     return path
 
 

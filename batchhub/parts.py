@@ -29,8 +29,10 @@ from batchhub.result_schema import RESULT_COLUMNS, RESULT_SCHEMA, rows_to_table,
 
 log = logging.getLogger("batchhub")
 
-PART_NAME = re.compile(r"part-(\d{6,})\.parquet$")
-_DAMAGED = re.compile(r"part-(\d{6,})\.parquet\.damaged$")
+#: `part-NNNNNN.parquet`, or `part-NNNNNN-TAG.parquet` in a store that commits to a bucket (the tag is its
+#: writer's: see batchhub/remote_job.py)
+PART_NAME = re.compile(r"part-(\d{6,})(?:-[0-9a-f]{8})?\.parquet$")
+_DAMAGED = re.compile(r"part-(\d{6,})(?:-[0-9a-f]{8})?\.parquet\.damaged$")
 
 #: footer key of parts written with page checksums and every column (a part without it is older)
 _CHECKED = b"batchhub.checked"
@@ -65,8 +67,12 @@ def list_parts(results_dir: Path) -> list[Path]:
     """The parts in a results folder, in number order."""
     if not results_dir.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in results_dir.iterdir() if (match := PART_NAME.match(path.name))]
-    return [path for _, path in sorted(found)]
+    found = [
+        (int(match.group(1)), path.name, path)
+        for path in results_dir.iterdir()
+        if (match := PART_NAME.match(path.name))
+    ]
+    return [path for _, _, path in sorted(found)]
 
 
 def next_part_number(results_dir: Path) -> int:

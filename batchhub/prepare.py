@@ -74,7 +74,7 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         mock_config(spec)  # a bad [mock] table fails here, before anything is written
     output_check = OutputCheck.for_spec(spec.json, spec.json_schema)
     source, builder = open_for_job(spec)
-    store = JobStore(spec.resolved_job_dir())
+    store = job_store(spec)
     if store.dir.exists() and not store.dir.is_dir():
         raise UsageError(f"the job directory {store.dir} is a file, not a directory: choose another --job-dir")
     input_fp = fingerprint(source.path)
@@ -117,6 +117,19 @@ def prepare_job(spec: JobSpec) -> PreparedJob:
         input_check=input_check,
         input_changed=input_changed,
     )
+
+
+def job_store(spec: JobSpec) -> JobStore:
+    """The store a run of `spec` writes: its job directory, or for a job in a bucket, this machine's stage of
+    it with what the bucket holds pulled in (batchhub/remote_job.py)."""
+    url = spec.job_url()
+    if url is None:
+        return JobStore(spec.resolved_job_dir())
+    from batchhub.remote_job import RemoteJob
+
+    remote = RemoteJob(url, spec.resolved_job_dir())
+    remote.pull(writer=True)
+    return JobStore(remote.local, remote=remote)
 
 
 def open_for_job(spec: JobSpec) -> tuple[InputSource, RequestBuilder]:

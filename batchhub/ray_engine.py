@@ -40,7 +40,6 @@ import pyarrow.compute as pc
 from batchhub import __version__, defaults, eventloop, shards
 from batchhub.budget import SharedBudget
 from batchhub.errors import JobStateError, UsageError
-from batchhub.lock import lock_job_dir
 from batchhub.manifest import Manifest, RunRecord
 from batchhub.prepare import PreparedJob, now_iso, open_for_job
 from batchhub.progress import Progress
@@ -220,7 +219,7 @@ class RayJob:
 
     async def run(self) -> JobSummary:
         """Run under the job directory's lock; each task locks only its own store under shards/."""
-        with lock_job_dir(self.prepared.store.dir):
+        with self.prepared.store.lock():
             return await self._run()
 
     async def _run(self) -> JobSummary:

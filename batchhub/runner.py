@@ -58,7 +58,6 @@ from batchhub.errors import (
 from batchhub.eventloop import loop_name
 from batchhub.holds import Hold, Holds
 from batchhub.limits import Limiter, RateLimits
-from batchhub.lock import lock_job_dir
 from batchhub.manifest import REQUEST_HASH_VERSION, RunRecord
 from batchhub.prepare import PreparedJob, adopt_runs_since_prepared, endpoint, now_iso, prepare_job
 from batchhub.progress import Progress
@@ -199,7 +198,7 @@ class Job:
 
     async def run(self) -> JobSummary:
         """Run under the job directory's lock (one writer at a time, from recovery to the end)."""
-        with lock_job_dir(self.store.dir):
+        with self.store.lock():
             return await self._run()
 
     async def _run(self) -> JobSummary:

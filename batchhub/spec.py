@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from batchhub import defaults
 from batchhub.cache_dir import default_cache_dir
 from batchhub.errors import UsageError
+from batchhub.objstore import ObjectURL, is_url
 
 if TYPE_CHECKING:
     from batchhub.pricing import PriceBook
@@ -85,7 +86,8 @@ class JobSpec:
     """Every setting of a job. Build one with `load_spec` / `JobSpec.from_mapping`, or directly."""
 
     input: Path | None = None
-    job_dir: Path | None = None
+    #: a folder on this machine, or (a `str`) an s3:// or gs:// URL: batchhub/remote_job.py
+    job_dir: Path | str | None = None
     name: str | None = None
 
     model: str | None = None
@@ -222,12 +224,25 @@ class JobSpec:
         return url is not None and url in [_endpoint(m) for m in meant]
 
     def resolved_job_dir(self) -> Path:
+        """The job's folder on this machine: its job directory, or for a job in a bucket, the stage
+        where this machine works on it (`job_url()` is then the job's URL)."""
+        url = self.job_url()
+        if url is not None:
+            from batchhub.remote_job import folder_for
+
+            return folder_for(url, "stage")
         if self.job_dir is not None:
             return Path(self.job_dir)
         if self.input is None:
             raise UsageError("no input file given")
         # "reviews.csv.gz" -> reviews; leading dots dropped, so ".hidden.csv" is not "" (jobs/ itself)
         return Path("jobs") / (Path(self.input).name.lstrip(".").split(".")[0] or "job")
+
+    def job_url(self) -> ObjectURL | None:
+        """The job directory's URL when it is in a bucket (StorageError for a bad one), else None."""
+        if not is_url(self.job_dir):
+            return None
+        return ObjectURL.parse(str(self.job_dir))
 
     def request_config(self) -> dict[str, Any]:
         """The settings that shape requests, as JSON-ready values (compared on resume)."""
@@ -256,6 +271,11 @@ class JobSpec:
         """Refuse out-of-range or contradictory settings before anything is read or sent."""
         if self.input is None:
             raise UsageError("no input file: give INPUT or `input = ...` in the spec")
+        if self.job_url() is not None and self.via == "batch":
+            raise UsageError(
+                "--via batch keeps its batches' ledger in a job directory on this machine: "
+                "give a local --job-dir, or run live with the job in a bucket"
+            )
         sources = [s for s in ("template", "messages_column") if getattr(self, s)]
         if len(sources) > 1 or (sources and self.prompt_column):
             raise UsageError("give only one of --template, --prompt-column and --messages-column")
@@ -356,7 +376,7 @@ class JobSpec:
             raise UsageError(f"{origin}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         data = dict(data)
         for key in ("input", "job_dir", "prices_file", "json_schema", "cache"):
-            if data.get(key) is not None:
+            if data.get(key) is not None and not (key == "job_dir" and is_url(data[key])):
                 path = Path(os.path.expanduser(str(data[key])))
                 data[key] = path if path.is_absolute() or base_dir is None else base_dir / path
         for key, kind in (("param_columns", dict), ("mock", dict), ("prices", dict), ("params", dict)):

@@ -38,7 +38,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,7 @@ from batchhub.journal import (
     read_segments,
     retire_segment,
 )
-from batchhub.lock import remove_stale_temps
+from batchhub.lock import lock_job_dir, remove_stale_temps
 from batchhub.manifest import FORMAT_VERSION as FORMAT_VERSION  # the runner and the Ray engine import it from here
 from batchhub.manifest import Manifest, read_json, write_json
 from batchhub.parts import (
@@ -73,6 +73,9 @@ from batchhub.result_schema import (
     rows_to_table,
     seqs,
 )
+
+if TYPE_CHECKING:
+    from batchhub.remote_job import RemoteJob
 
 log = logging.getLogger("batchhub")
 
@@ -96,8 +99,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class JobStore:
     """One job directory. Reading is safe while a job runs; only the runner writes."""
 
-    def __init__(self, job_dir: str | Path, *, seq_floor: int = 0, rows: int | None = None) -> None:
+    def __init__(
+        self, job_dir: str | Path, *, seq_floor: int = 0, rows: int | None = None, remote: RemoteJob | None = None
+    ) -> None:
         self.dir = Path(job_dir)
+        #: the bucket this store commits to (its `dir` is then the stage: batchhub/remote_job.py), or None
+        self.remote = remote
         #: seqs written here start above this (a task store starts above the whole job's largest seq)
         self.seq_floor = seq_floor
         #: the input's row count: results naming another row are skipped (None: job.json says, if any)
@@ -123,8 +130,21 @@ class JobStore:
         return read_json(self.manifest_path)
 
     def write_manifest(self, manifest: Manifest | dict[str, Any]) -> None:
-        """Write job.json whole or not at all (a dict is written as it is, for tests and tools)."""
+        """Write job.json whole or not at all (a dict is written as it is, for tests and tools); in a store
+        that commits to a bucket, upload it too."""
         write_json(self.manifest_path, manifest.to_json() if isinstance(manifest, Manifest) else manifest)
+        if self.remote is not None:
+            self.remote.push(self.manifest_path)
+
+    def lock(self) -> contextlib.AbstractContextManager[object]:
+        """Hold the job for a run: the folder's lock, and in a bucket the job's lease (see batchhub/lock.py
+        and batchhub/remote_job.py). JobStateError naming the holder when another run has it."""
+        stack = contextlib.ExitStack()
+        with stack:
+            stack.enter_context(lock_job_dir(self.dir))
+            if self.remote is not None and self.remote.takes_lease:
+                stack.enter_context(self.remote.lease())
+            return stack.pop_all()
 
     # -- files ----------------------------------------------------------------------------
 
@@ -169,6 +189,8 @@ class JobStore:
         A segment is deleted only once every result in it is in a part; a segment that cannot be
         read (for want of memory) stops the run with JobStopped and is kept.
         """
+        if self.remote is not None:
+            self.remote.pull(writer=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.results_dir.mkdir(exist_ok=True)
         for folder in (self.dir, self.results_dir):
@@ -191,6 +213,8 @@ class JobStore:
             # a result written here next must be later than every result of the job
             compacted += sub.recover()
             self._next_seq = max(self._next_seq, sub._next_seq)
+        if self.remote is not None:
+            self.remote.push_unpushed()  # what a run stopped on this machine made and did not commit
         return compacted
 
     # -- writing --------------------------------------------------------------------------------
@@ -234,9 +258,12 @@ class JobStore:
         """Write results (in seq order: dicts as journalled, or a RESULT_SCHEMA table) as the next part, atomically."""
         self.results_dir.mkdir(parents=True, exist_ok=True)
         table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
-        path = self.results_dir / f"part-{self._next_part:06d}.parquet"
+        tag = f"-{self.remote.tag}" if self.remote is not None else ""
+        path = self.results_dir / f"part-{self._next_part:06d}{tag}.parquet"
         self._next_part += 1
         write_part(path, table)
+        if self.remote is not None:
+            self.remote.push(path)  # committed once it is in the bucket
         return path
 
     def compact(self, rows: list[dict[str, Any]] | None, segment: Path) -> Path | None:

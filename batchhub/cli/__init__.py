@@ -23,6 +23,7 @@ import click
 
 from batchhub import __version__, eventloop
 from batchhub.errors import EXIT_STOPPED, BatchhubError, UsageError
+from batchhub.objstore import written_to
 from batchhub.options import Engine, build_spec, job_dir_of
 from batchhub.spec import JobSpec, parse_param
 
@@ -66,6 +67,22 @@ class _Concurrency(click.ParamType):  # type: ignore[type-arg]
 
 
 CONCURRENCY = _Concurrency()
+
+
+class _PathOrURL(click.ParamType):  # type: ignore[type-arg]
+    """A path on this machine (a `Path`) or an s3:// or gs:// URL (kept a `str`: `Path` would fold its `//`)."""
+
+    name = "PATH|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from batchhub.objstore import is_url
+
+        if isinstance(value, Path) or not is_url(value):
+            return Path(value)
+        return str(value)
+
+
+PATH_OR_URL = _PathOrURL()
 
 
 @click.group(cls=BatchhubGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -114,7 +131,9 @@ JOB_OPTIONS = [
         "--api-key", help="API key (prefer $BATCHHUB_API_KEY: a flag is visible to other users of the machine)."
     ),
     click.option(
-        "--job-dir", type=click.Path(path_type=Path), help="Where the job keeps its state (default: jobs/NAME)."
+        "--job-dir",
+        type=PATH_OR_URL,
+        help="Where the job keeps its state (default: jobs/NAME): a folder, or an s3:// or gs:// URL.",
     ),
     click.option(
         "--concurrency",
@@ -326,20 +345,26 @@ def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
 
 
 @main.command(short_help="Show a job's rows by status, errors, tokens, cost and time.")
-@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.argument("job_dir", type=PATH_OR_URL)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(job_dir: Path, as_json: bool) -> None:
+def status(job_dir: Path | str, as_json: bool) -> None:
     """Show a job's rows by status, tokens used, cost and time spent: JOB_DIR is a job directory or its spec."""
     from batchhub.status import job_status, render
 
     status = job_status(job_dir_of(job_dir))
+    if isinstance(job_dir, str):  # a URL: say the job's name, not where this machine keeps its copy
+        status.job_dir = job_dir
     click.echo(json.dumps(status.to_dict(), indent=2) if as_json else render(status))
 
 
 @main.command(short_help="Write input and results to one file, in input order.")
-@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.argument("job_dir", type=PATH_OR_URL)
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .parquet, .csv or .jsonl."
+    "-o",
+    "--output",
+    required=True,
+    type=PATH_OR_URL,
+    help="Output file: .parquet, .csv or .jsonl; a path, or an s3:// or gs:// URL.",
 )
 @click.option(
     "--format",
@@ -357,7 +382,9 @@ def status(job_dir: Path, as_json: bool) -> None:
     help="For openai-batch: the input column to use as custom_id (default: custom_id, else the row number).",
 )
 @click.option("--force", is_flag=True, help="Export even if the input file changed since the job ran.")
-def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_column: str | None, force: bool) -> None:
+def export(
+    job_dir: Path | str, output: Path | str, fmt: str | None, expand_json: bool, id_column: str | None, force: bool
+) -> None:
     """Write one file in input order: the input columns and the result columns. JOB_DIR is a job
     directory or its spec.
 
@@ -370,17 +397,19 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
     if fmt == "openai-batch":
         if expand_json:
             raise UsageError("--expand-json makes columns; it does not apply to --format openai-batch")
-        rows = export_openai_batch(job_dir_of(job_dir), output, id_column=id_column, force=force)
+        with written_to(output) as path:
+            rows = export_openai_batch(job_dir_of(job_dir), path, id_column=id_column, force=force)
     else:
         if id_column is not None:
             raise UsageError("--id-column applies only to --format openai-batch")
         target = job_dir_of(job_dir)
-        rows = export_job(target, output, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
+        with written_to(output) as path:
+            rows = export_job(target, path, format=fmt, force=force, expand_json=expand_json)  # type: ignore[arg-type]
     click.echo(f"wrote {rows:,} rows to {output}", err=True)
 
 
 @main.command(short_help="What a job, an export or a Parquet file cost, by model.")
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("target", type=PATH_OR_URL)
 @click.option(
     "--prices",
     "prices_file",
@@ -389,11 +418,13 @@ def export(job_dir: Path, output: Path, fmt: str | None, expand_json: bool, id_c
 )
 @click.option("--model", help="Price a Parquet file that has no model column as this model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def cost(target: Path, prices_file: Path | None, model: str | None, as_json: bool) -> None:
+def cost(target: Path | str, prices_file: Path | None, model: str | None, as_json: bool) -> None:
     """What a job cost, by model: TARGET is a job directory, its spec, an export or any Parquet file
     with prompt_tokens and completion_tokens columns."""
     from batchhub.cost import job_prices, job_via, render, report, usage_table
 
+    if isinstance(target, str):  # a URL: a job directory in a bucket
+        target = job_dir_of(target)
     book = job_prices(target, prices_file)
     if target.suffix.lower() == ".toml":
         target = job_dir_of(target)
@@ -434,12 +465,12 @@ def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: 
 
 
 @main.command(short_help="Write a self-contained HTML report about a job.")
-@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.argument("job_dir", type=PATH_OR_URL)
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    help="The HTML file to write (default: report.html in the job directory).",
+    type=PATH_OR_URL,
+    help="The HTML file to write, a path or a URL (default: report.html in the job directory).",
 )
 @click.option(
     "--prices",
@@ -447,7 +478,7 @@ def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: 
     type=click.Path(path_type=Path),
     help="JSON or TOML file of model prices (USD per million tokens), merged over the job's own.",
 )
-def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None:
+def report(job_dir: Path | str, output: Path | str | None, prices_file: Path | None) -> None:
     """Write one self-contained HTML page about a job: rows, cost, tokens and time, with charts of
     throughput and 429s over time, latency, tokens per row, cost by model and errors by type.
 
@@ -457,8 +488,11 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
     from batchhub.report import write_report
 
     folder = job_dir_of(job_dir)
-    target = output if output is not None else folder / "report.html"
-    page = write_report(folder, target, prices_file=prices_file)
+    if output is None:  # beside the job's other files: in its bucket for a job in one
+        output = f"{job_dir.rstrip('/')}/report.html" if isinstance(job_dir, str) else folder / "report.html"
+    target = output
+    with written_to(target) as path:
+        page = write_report(folder, path, prices_file=prices_file)
     click.echo(
         f"wrote {target}: {page.ok:,} ok, {page.failed:,} failed, {page.pending:,} pending "
         f"of {page.total_rows:,} rows; cost {page.cost_text}" + (f"; {page.reuse_text}" if page.reuse_text else ""),
@@ -467,7 +501,7 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
 
 
 @main.command(short_help="List a job's batches (--via batch), or --cancel them.")
-@click.argument("job_dir", type=click.Path(path_type=Path))
+@click.argument("job_dir", type=PATH_OR_URL)
 @click.option(
     "--cancel",
     is_flag=True,
@@ -476,7 +510,7 @@ def report(job_dir: Path, output: Path | None, prices_file: Path | None) -> None
 )
 @click.option("--api-key", help="API key (prefer $BATCHHUB_API_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the batches as JSON.")
-def batches(job_dir: Path, cancel: bool, api_key: str | None, as_json: bool) -> None:
+def batches(job_dir: Path | str, cancel: bool, api_key: str | None, as_json: bool) -> None:
     """A job's batches: each one's number, id, status (live ones as the provider says now), requests, and
     how many were completed and failed. JOB_DIR is a job directory or its spec."""
     from batchhub.batch_list import job_batches, render, to_dicts
@@ -500,9 +534,9 @@ def batches(job_dir: Path, cancel: bool, api_key: str | None, as_json: bool) -> 
 
 
 @main.command(short_help="List the jobs under a folder, with their state and cost.")
-@click.argument("directory", metavar="[DIR]", default="jobs", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="[DIR]", default="jobs", type=PATH_OR_URL)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON (one object per job).")
-def jobs(directory: Path, as_json: bool) -> None:
+def jobs(directory: Path | str, as_json: bool) -> None:
     """List the jobs under DIR (default: jobs/) with rows ok/failed/pending, cost and last update.
 
     A job is a folder holding job.json, at any depth. STATE is finished (or finished with failed rows),

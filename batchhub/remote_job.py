@@ -1,0 +1,296 @@
+"""A job directory in a bucket (`--job-dir s3://bucket/jobs/NAME`), and how a run commits to it.
+
+Object stores have no append, no fsync and no rename; they do have objects that appear whole
+or not at all, and listings that show every object written before them. So:
+
+- **A writer works in a folder on its own machine** (`RemoteJob.local`, the *stage*): the job's
+  journal, its fsyncs and the atomic renames of its parts happen there, exactly as in a local
+  job directory (`batchhub.store`).
+- **A result is committed when its part is in the bucket.** Every part the writer makes is
+  uploaded at once, under the same relative name, and never written again: its name carries
+  the writer's tag (`part-NNNNNN-TAG.parquet`), so two writers of one store (a Ray task and its
+  retry on another node that did not hear of the first's death) never overwrite each other.
+  job.json is uploaded whole after each local write.
+- **The job's state is derived from the parts.** A reader (status, cost, export, report, jobs,
+  a resume on another machine) lists the bucket and reads the parts it finds, each whole or
+  absent: it never sees half a commit. A result still in a writer's journal (at most
+  `--checkpoint-rows` rows or `--checkpoint-seconds` old) is not committed: if that machine is
+  lost, so is the result, and the row is sent again. A resume on the same machine first uploads
+  what its stage holds that the bucket lacks (the journal compacted into a part).
+- **One run at a time** holds the job's lease, an object `job.lease` naming its holder and
+  renewed every quarter of `STORAGE_LEASE_S`. Without a conditional write in pyarrow, a lease
+  is taken by writing it, waiting `STORAGE_LEASE_SETTLE_S`, and reading it back: of two runs
+  starting together, the one whose write lost sees the other's and refuses. A lease not renewed
+  for `STORAGE_LEASE_S` (a run killed on another host) is taken over; a lease of a dead process
+  on this host at once. The Ray engine's tasks take none: their driver holds the job's.
+
+Readers pull the bucket's objects into a *view* folder of their own (parts are written once, so
+a part already there is never fetched again) and read it as any job directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+import orjson
+
+from batchhub import defaults, objstore
+from batchhub.cache_dir import default_cache_dir
+from batchhub.errors import JobStateError, StorageError
+from batchhub.lock import pid_alive
+from batchhub.objstore import ObjectURL
+
+log = logging.getLogger("batchhub")
+
+#: the files of a job that live in the bucket: job.json and parts, the job's own and its task stores'
+_JOB_FILE = re.compile(r"^(?:shards/[^/]+/)?(?:job\.json|results/part-\d{6,}(?:-[0-9a-f]{8})?\.parquet)$")
+#: the lease object of a job in a bucket
+LEASE_NAME = "job.lease"
+#: the stage's record of what it uploaded, one relative name per line
+_PUSHED = ".pushed"
+
+
+def folder_for(url: ObjectURL, purpose: str, root: Path | None = None) -> Path:
+    """The folder on this machine where `url`'s job is worked on (`stage`) or read (`view`)."""
+    base = root or default_cache_dir() or Path(tempfile.gettempdir()) / f"batchhub-{os.getuid()}"
+    digest = hashlib.sha256(str(url).encode()).hexdigest()[:20]
+    return base / "object-jobs" / f"{digest}-{url.name or url.bucket}" / purpose
+
+
+class RemoteJob:
+    """A job directory at `url`, worked on through the folder `local`.
+
+    `lease`: whether a run of it takes the job's lease (a Ray task's store does not).
+    """
+
+    def __init__(self, url: ObjectURL, local: Path, *, lease: bool = True) -> None:
+        self.url = url
+        self.local = local
+        self.takes_lease = lease
+        #: this writer's mark in the names of the parts it makes (no two writers share one)
+        self.tag = uuid.uuid4().hex[:8]
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RemoteJob({self.url})"
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def remote_files(self) -> dict[str, int]:
+        """The job's files in the bucket: relative name -> size."""
+        return {
+            rel: int(item.size or 0)
+            for item in objstore.listing(self.url)
+            if _JOB_FILE.match(rel := self.url.relative(item.path))
+        }
+
+    def pull(self, *, writer: bool) -> int:
+        """Bring the bucket's job.json files and every part not here yet into `local`; returns files fetched.
+
+        A view (`writer` False) becomes an exact copy: a file the bucket no longer has is removed. A
+        stage keeps what it made and did not upload yet (`push_unpushed` sends it); if a file it did
+        upload is gone from the bucket, the job there was deleted or replaced, and the stage starts
+        over from what the bucket holds.
+        """
+        remote = self.remote_files()
+        self.local.mkdir(parents=True, exist_ok=True)
+        here = self._local_files()
+        if writer:
+            pushed = self._pushed()
+            if any(rel in pushed and rel not in remote for rel in here):
+                log.warning("%s no longer holds what was uploaded from here: starting from what it holds", self.url)
+                shutil.rmtree(self.local)
+                self.local.mkdir(parents=True)
+                here = set()
+        else:
+            for rel in here - set(remote):
+                (self.local / rel).unlink(missing_ok=True)
+        fetched = 0
+        for rel, size in sorted(remote.items()):
+            dest = self.local / rel
+            if rel.endswith(".parquet"):  # written once: a copy here is the object
+                same = rel in here and dest.stat().st_size == size
+                if same or dest.with_name(dest.name + ".damaged").exists():
+                    continue
+            objstore.download(self.url.join(rel), dest)
+            fetched += 1
+        if writer:
+            self._record_pushed(set(remote))
+        return fetched
+
+    def _local_files(self) -> set[str]:
+        found = set()
+        for path in self.local.rglob("*"):
+            rel = path.relative_to(self.local).as_posix()
+            if _JOB_FILE.match(rel) and path.is_file():
+                found.add(rel)
+        return found
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def push(self, path: Path) -> None:
+        """Upload a file of `local` (a part, a job.json) to the same name in the bucket."""
+        rel = path.relative_to(self.local).as_posix()
+        objstore.upload(path, self.url.join(rel))
+        self._record_pushed({rel})
+
+    def push_unpushed(self) -> int:
+        """Upload the parts and job.json files here that the bucket lacks (a run stopped before it
+        uploaded them); returns how many."""
+        remote = self.remote_files()
+        missing = sorted(self._local_files() - set(remote))
+        for rel in missing:
+            self.push(self.local / rel)
+        if missing:
+            log.info("uploaded %d file(s) an earlier run left on this machine to %s", len(missing), self.url)
+        return len(missing)
+
+    def _pushed(self) -> set[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return set((self.local / _PUSHED).read_text().split())
+        return set()
+
+    def _record_pushed(self, names: set[str]) -> None:
+        with self._lock:
+            new = names - self._pushed()
+            if new:
+                with open(self.local / _PUSHED, "a") as fh:
+                    fh.write("".join(f"{name}\n" for name in sorted(new)))
+
+    # -- the lease ----------------------------------------------------------------------------------
+
+    def lease(self) -> Lease:
+        """Take the job's lease for a run (JobStateError naming the holder when another run has it)."""
+        lease = Lease(self.url.join(LEASE_NAME))
+        lease.take()
+        return lease
+
+
+class Lease:
+    """A run's hold on a job in a bucket: the object `job.lease`, renewed while held (see the module docstring)."""
+
+    def __init__(self, url: ObjectURL) -> None:
+        self.url = url
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self.lost = False
+
+    def _record(self) -> bytes:
+        return orjson.dumps(
+            {
+                "token": self.token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "renewed_at": time.time(),
+                "renewed_every_s": defaults.STORAGE_LEASE_S / 4,
+            }
+        )
+
+    def _holder(self) -> dict[str, object]:
+        data = objstore.read_bytes(self.url)
+        if not data:
+            return {}
+        try:
+            holder = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def take(self) -> None:
+        holder = self._holder()
+        if holder and holder.get("token") != self.token and _alive_holder(holder):
+            raise JobStateError(_held_message(self.url, holder))
+        objstore.write_bytes(self.url, self._record())
+        time.sleep(defaults.STORAGE_LEASE_SETTLE_S)
+        holder = self._holder()
+        if holder.get("token") != self.token:
+            raise JobStateError(_held_message(self.url, holder) if holder else f"the lease {self.url} was taken away")
+        self._renewer = threading.Thread(target=self._renew, name="batchhub-lease", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(defaults.STORAGE_LEASE_S / 4):
+            try:
+                holder = self._holder()
+                if holder.get("token") != self.token:
+                    self.lost = True
+                    log.error("the lease %s was taken by another run: %s", self.url, _who(holder))
+                    return
+                objstore.write_bytes(self.url, self._record())
+            except StorageError as exc:  # the next turn tries again; a lease is good for four turns
+                log.warning("%s", exc)
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours. Safe to call twice."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+            with contextlib.suppress(StorageError):
+                if self._holder().get("token") == self.token:
+                    objstore.delete(self.url)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+def _alive_holder(holder: dict[str, object]) -> bool:
+    """Whether a lease's holder may still be running: renewed lately, and not a dead process of this host."""
+    renewed = holder.get("renewed_at")
+    if not isinstance(renewed, (int, float)) or time.time() - renewed > defaults.STORAGE_LEASE_S:
+        return False
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        return pid_alive(pid)
+    return True
+
+
+def _who(holder: dict[str, object]) -> str:
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+
+
+def _held_message(url: ObjectURL, holder: dict[str, object]) -> str:
+    renewed = holder.get("renewed_at")
+    ago = f", renewed {time.time() - renewed:.0f} s ago" if isinstance(renewed, (int, float)) else ""
+    return (
+        f"the job at {str(url).rsplit('/', 1)[0]} is running ({_who(holder)}{ago}): one run at a time per job; "
+        f"if that run is dead, its lease lapses {defaults.STORAGE_LEASE_S:.0f} s after its last renewal"
+    )
+
+
+def view(url: ObjectURL) -> Path:
+    """A copy on this machine of the job at `url` as the bucket holds it now, for reading; JobStateError
+    when there is no job there."""
+    remote = RemoteJob(url, folder_for(url, "view"), lease=False)
+    remote.pull(writer=False)
+    if not (remote.local / "job.json").is_file():
+        raise JobStateError(f"{url} is not a batchhub job directory (no job.json)")
+    return remote.local
+
+
+def find_jobs(url: ObjectURL) -> list[ObjectURL]:
+    """The jobs under `url` (folders holding job.json, at any depth; a Ray job's task stores are its own)."""
+    found = set()
+    for item in objstore.listing(url):
+        rel = url.relative(item.path)
+        if rel == "job.json" or rel.endswith("/job.json"):
+            folder = rel[: -len("job.json")].rstrip("/")
+            if "shards" not in folder.split("/"):
+                found.add(url.join(folder) if folder else url)
+    return sorted(found, key=str)
