@@ -24,9 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ from batchhub import __version__, defaults, eventloop, shards
 from batchhub.budget import SharedBudget
 from batchhub.errors import JobStateError, UsageError
 from batchhub.manifest import Manifest, RunRecord
+from batchhub.objstore import ObjectURL, is_url
 from batchhub.prepare import PreparedJob, now_iso, open_for_job
 from batchhub.progress import Progress
 from batchhub.ray_actors import ActorBackend, BudgetActor, ProgressActor, Secret, shared_limiter
@@ -105,7 +109,7 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
         )
     source, builder = open_for_job(spec)
     book = spec.price_book()
-    store = JobStore(task.store_dir, seq_floor=task.seq_floor)
+    store = _task_store(task)
     manifest = Manifest(
         batchhub_version=__version__,
         shard={"index": task.shard.index, "start": task.shard.start, "stop": task.shard.stop, "run": task.run},
@@ -132,10 +136,33 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
         progress_sink=lambda growth: progress.add.remote(growth),  # fire and forget
     )
     summary = await job.run()
+    if store.remote is not None:
+        _drop_stage(store)
     # an actor runs one caller's calls in order: once this one is done, so are the task's last growth reports,
     # and the driver, which takes what the actor holds when the task has returned, misses none of them
     await progress.add.remote({})
     return summary
+
+
+def _task_store(task: ShardTask) -> JobStore:
+    """The task's store: its folder, or for a job in a bucket, a stage on this node's own disk committing to
+    the task store's URL (a retry of the task on this node finds the journal its first attempt left)."""
+    if not is_url(task.store_dir):
+        return JobStore(task.store_dir, seq_floor=task.seq_floor)
+    from batchhub.remote_job import RemoteJob
+
+    url = ObjectURL.parse(task.store_dir)
+    node = ray.get_runtime_context().get_node_id()
+    digest = hashlib.sha256(str(url).encode()).hexdigest()[:20]
+    stage = Path(tempfile.gettempdir()) / "batchhub-task-stores" / node[:16] / digest
+    return JobStore(stage, seq_floor=task.seq_floor, remote=RemoteJob(url, stage, lease=False))
+
+
+def _drop_stage(store: JobStore) -> None:
+    """Delete a task's stage once all it holds is in the bucket (a failed upload keeps it for a retry here)."""
+    assert store.remote is not None
+    if not store.segments() and store.remote.push_unpushed() == 0:
+        shutil.rmtree(store.dir, ignore_errors=True)
 
 
 def _task_spec(spec: JobSpec) -> JobSpec:
@@ -145,7 +172,7 @@ def _task_spec(spec: JobSpec) -> JobSpec:
         spec,
         api_key=None,
         input=Path(spec.input).resolve(),
-        job_dir=spec.resolved_job_dir().resolve(),
+        job_dir=spec.job_dir if spec.job_url() is not None else spec.resolved_job_dir().resolve(),
         prices_file=Path(spec.prices_file).resolve() if spec.prices_file else None,
         base_url=spec.resolved_base_url(),
         quiet=True,
@@ -298,10 +325,10 @@ class RayJob:
         for shard in shards.plan(n_rows, self.shard_rows):
             rows = shards.rows_to_send(states, shard, retry_failed=spec.retry_failed)
             if rows.size:
-                store_dir = shards.store_dir(Path(task_spec.job_dir or store.dir), shard, run_no)
-                tasks.append(
-                    ShardTask(task_spec, shard, rows, str(store_dir), store.last_seq, n_rows, input_size, run_no)
-                )
+                name = shards.store_name(shard, run_no)
+                url = spec.job_url()
+                store_dir = str(url.join(name)) if url is not None else str(Path(task_spec.job_dir or store.dir) / name)
+                tasks.append(ShardTask(task_spec, shard, rows, store_dir, store.last_seq, n_rows, input_size, run_no))
         return tasks
 
     def _connect(self) -> bool:
@@ -397,8 +424,11 @@ class RayJob:
         tasks that were cancelled too; requests, retries and 429s only those of tasks that returned."""
         from batchhub.cost import USAGE_COLUMNS, report
 
+        if store.remote is not None:  # what the tasks committed to the bucket
+            store.remote.pull(writer=True)
         states = store.row_states(self.prepared.rows())
-        written = [JobStore(t.store_dir).results(list(USAGE_COLUMNS)) for t in tasks if Path(t.store_dir).is_dir()]
+        folders = [store.dir / shards.store_name(t.shard, t.run) for t in tasks]
+        written = [JobStore(folder).results(list(USAGE_COLUMNS)) for folder in folders if folder.is_dir()]
         this_run = pa.concat_tables(written) if written else None
         bill = report(this_run, self.prepared.prices) if this_run is not None else None
         summary = JobSummary(

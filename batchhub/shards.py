@@ -54,6 +54,11 @@ def rows_to_send(states: np.ndarray, shard: Shard, *, retry_failed: bool) -> np.
     return np.flatnonzero(todo).astype(np.int64) + shard.start
 
 
+def store_name(shard: Shard, run: int) -> str:
+    """Where run `run` of `shard` keeps its journal and parts, relative to the job directory."""
+    return f"{TASK_STORES_DIR}/{shard.index:06d}-run{run:04d}"
+
+
 def store_dir(job_dir: Path, shard: Shard, run: int) -> Path:
     """The task store where run `run` of `shard` keeps its journal and parts."""
-    return Path(job_dir) / TASK_STORES_DIR / f"{shard.index:06d}-run{run:04d}"
+    return Path(job_dir) / store_name(shard, run)

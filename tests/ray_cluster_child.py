@@ -1,0 +1,47 @@
+"""A Ray cluster of two nodes on this machine (`ray.cluster_utils.Cluster`), in a process of its own.
+
+    python tests/ray_cluster_child.py        prints `address HOST:PORT`, then obeys stdin, a line at a time:
+        remove-worker     remove the worker node at once (as a machine that is lost), print `removed`
+        quit              stop the cluster and exit
+
+The head node has one CPU and the worker node two, so a job's shard tasks run on both. Nodes are
+declared dead a few seconds after they stop answering (not the default minute). Each node is a set of
+processes started from this one, with its environment: the S3 variables the test set reach every task.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ray.cluster_utils import Cluster
+
+FAST_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 4}
+
+
+def main() -> None:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "node_ip_address": "127.0.0.1",
+            "_system_config": FAST_DEATH,
+        },
+    )
+    worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    print(f"address {cluster.address}", flush=True)
+    try:
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "remove-worker":
+                cluster.remove_node(worker, allow_graceful=False)
+                print("removed", flush=True)
+            elif command == "quit":
+                break
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
