@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from batchhub import defaults
 from batchhub.cache_dir import default_cache_dir
 from batchhub.errors import UsageError
+from batchhub.objstore import is_url
 
 if TYPE_CHECKING:
     from batchhub.pricing import PriceBook
@@ -84,7 +85,8 @@ def check_concurrency(value: object) -> None:
 class JobSpec:
     """Every setting of a job. Build one with `load_spec` / `JobSpec.from_mapping`, or directly."""
 
-    input: Path | None = None
+    #: a path, or an object's URL (`s3://bucket/key`), kept as a str
+    input: Path | str | None = None
     job_dir: Path | None = None
     name: str | None = None
 
@@ -356,6 +358,8 @@ class JobSpec:
             raise UsageError(f"{origin}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         data = dict(data)
         for key in ("input", "job_dir", "prices_file", "json_schema", "cache"):
+            if key == "input" and is_url(data.get(key)):
+                continue  # an object's URL: never a Path (`s3://b/k` would be `s3:/b/k`), never relative
             if data.get(key) is not None:
                 path = Path(os.path.expanduser(str(data[key])))
                 data[key] = path if path.is_absolute() or base_dir is None else base_dir / path
