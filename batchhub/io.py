@@ -399,9 +399,11 @@ def _open_csv_source(path: Location, sniffed: _formats.Sniffed) -> InputSource:
 
 @contextmanager
 def _parquet_file(path: Location) -> Iterator[pq.ParquetFile]:
-    """The Parquet file; of an object, read by ranged reads: the footer, then only the row groups asked for."""
+    """The Parquet file; of an object, read by ranged reads: the footer, then the row groups asked for as they
+    are read. Not pre-buffered: pyarrow would fetch every row group asked for at the start, and a shard asks
+    for those from its first to the end of the file (it stops reading at its last row)."""
     if isinstance(path, str):
-        with _formats.open_url_file(path) as file, pq.ParquetFile(file) as parquet:
+        with _formats.open_url_file(path) as file, pq.ParquetFile(file, pre_buffer=False) as parquet:
             yield parquet
     else:
         with pq.ParquetFile(path) as parquet:
