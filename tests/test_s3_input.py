@@ -168,8 +168,13 @@ class CountingProxy:
                         proxy.get_bytes += len(data)
                 self.send_response(reply.status)
                 head = self.command == "HEAD"  # its Content-Length is the object's: passed on as it is
+                dropped = (
+                    ("transfer-encoding", "connection")
+                    if head
+                    else ("transfer-encoding", "connection", "content-length")
+                )
                 for key, value in reply.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection") and (head or key.lower() != "content-length"):
+                    if key.lower() not in dropped:
                         self.send_header(key, value)
                 if not head:
                     self.send_header("Content-Length", str(len(data)))
