@@ -172,14 +172,24 @@ def open_for_reading(path: Path) -> io.BufferedReader:
 def open_url(location: str, compression: Compression = None) -> io.BufferedReader:
     """The object at the URL `location` as a buffered stream, decompressed if `compression` says so.
 
-    Streamed, never downloaded whole first: the store's client fetches the object a ranged GET per read,
-    and the buffer makes each read a large one (defaults.STORAGE_CHUNK_BYTES). StorageError (one line
-    naming the URL) when the store refuses or cannot be reached.
+    Streamed, never downloaded whole first. StorageError (one line naming the URL) when the store refuses
+    or cannot be reached.
+    """
+    return io.BufferedReader(url_stream(location, compression), buffer_size=defaults.STORAGE_CHUNK_BYTES)
+
+
+def url_stream(location: str, compression: Compression = None) -> pa.NativeFile:
+    """The object's content as pyarrow's stream, decompressed if `compression` says so.
+
+    The store's client fetches the object a ranged GET per read, and decompressing reads 64 kB at a time:
+    the buffer under the decompression makes each GET one of defaults.STORAGE_CHUNK_BYTES (a GET per
+    64 kB is a round trip per 64 kB, dozens of times slower from a real store).
     """
     url = objstore.ObjectURL.parse(location)
     with objstore.mapped(url, "read"):
-        stream = objstore.filesystem(url).open_input_stream(url.path, compression=compression)
-    return io.BufferedReader(stream, buffer_size=defaults.STORAGE_CHUNK_BYTES)
+        return objstore.filesystem(url).open_input_stream(
+            url.path, compression=compression, buffer_size=defaults.STORAGE_CHUNK_BYTES
+        )
 
 
 def open_url_file(location: str) -> pa.NativeFile:
@@ -273,9 +283,7 @@ def open_csv(
     `use_threads=False` parses in the calling thread only (a check in the background leaves the
     other cores to the job)."""
     if isinstance(path, str):
-        url = objstore.ObjectURL.parse(path)
-        with objstore.mapped(url, "read"):
-            stream = objstore.filesystem(url).open_input_stream(url.path, compression=compression)
+        stream = url_stream(path, compression)
     else:
         stream = pa.input_stream(str(path), compression=compression)
     try:
