@@ -258,3 +258,14 @@ def test_a_gzipped_object_is_fetched_in_large_ranged_reads(s3: S3Bucket, proxy: 
     # each read of the store is a ranged GET: decompressing reads 64 kB at a time, so the object is fetched
     # through a buffer of several MB (a GET per 64 kB is a round trip per 64 kB to a real store)
     assert proxy.get_bytes >= len(data) and proxy.gets <= 3, (proxy.gets, proxy.get_bytes)
+
+
+def test_a_ray_task_gets_the_url_and_checks_the_object_it_sees(s3: S3Bucket, tmp_path: Path) -> None:
+    from batchhub.ray_engine import _task_spec  # the spec the driver hands its tasks (no Ray started here)
+
+    s3.put("in.csv", prompts(5).to_csv(index=False).encode())
+    spec = JobSpec(input=s3.url("in.csv"), job_dir=tmp_path / "job", base_url="mock://", model="m")
+    task_spec = _task_spec(spec)
+    assert task_spec.input == s3.url("in.csv")  # not made a path, nor resolved against the task's folder
+    assert input_size(task_spec.input) == len(prompts(5).to_csv(index=False).encode())
+    assert open_input(task_spec.input).columns == ("id", "question")
