@@ -18,16 +18,19 @@ import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from batchhub import defaults, objstore
 from batchhub.errors import InputError
 
 Format = Literal["csv", "parquet", "jsonl"]
 Compression = Literal["gzip"] | None
+#: where an input is: a path on this machine, or an object's URL (`s3://bucket/key`, `gs://...`) as a str
+Location = Path | str
 
 # The streaming CSV reader cannot parse a row longer than one block and infers
 # column types from the first block only: 4 MiB keeps prompts of a million tokens
@@ -126,9 +129,10 @@ TEXT_INPUTS: dict[str, tuple[Format, str]] = {
 SUPPORTED_INPUTS = ".csv, .tsv, .jsonl, .ndjson, .json (each optionally .gz), .parquet"
 
 
-def name_extension(path: Path) -> tuple[str, bool]:
+def name_extension(path: Location) -> tuple[str, bool]:
     """The lower-cased extension that names the format, and whether the name ends in .gz."""
-    suffixes = [suffix.lower() for suffix in path.suffixes]
+    named = PurePosixPath(objstore.ObjectURL.parse(path).key) if isinstance(path, str) else path
+    suffixes = [suffix.lower() for suffix in named.suffixes]
     gzipped = bool(suffixes) and suffixes[-1] == ".gz"
     if gzipped:
         suffixes.pop()
@@ -165,6 +169,37 @@ def open_for_reading(path: Path) -> io.BufferedReader:
         raise InputError(f"cannot read {path}: {reason(exc)}") from exc
 
 
+def open_url(location: str, compression: Compression = None) -> io.BufferedReader:
+    """The object at the URL `location` as a buffered stream, decompressed if `compression` says so.
+
+    Streamed, never downloaded whole first. StorageError (one line naming the URL) when the store refuses
+    or cannot be reached.
+    """
+    return io.BufferedReader(url_stream(location, compression), buffer_size=defaults.STORAGE_CHUNK_BYTES)
+
+
+def url_stream(location: str, compression: Compression = None) -> pa.NativeFile:
+    """The object's content as pyarrow's stream, decompressed if `compression` says so.
+
+    The store's client fetches the object a ranged GET per read, and decompressing reads 64 kB at a time:
+    the buffer under the decompression makes each GET one of defaults.STORAGE_CHUNK_BYTES (a GET per
+    64 kB is a round trip per 64 kB, dozens of times slower from a real store).
+    """
+    url = objstore.ObjectURL.parse(location)
+    with objstore.mapped(url, "read"):
+        return objstore.filesystem(url).open_input_stream(
+            url.path, compression=compression, buffer_size=defaults.STORAGE_CHUNK_BYTES
+        )
+
+
+def open_url_file(location: str) -> pa.NativeFile:
+    """The object at the URL `location` with random access: each read is a ranged GET of what it needs
+    (a Parquet footer, the row groups asked for), nothing else. StorageError as for `open_url`."""
+    url = objstore.ObjectURL.parse(location)
+    with objstore.mapped(url, "read"):
+        return objstore.filesystem(url).open_input_file(url.path)
+
+
 def _looks_like_json_lines(head: bytes) -> bool:
     first_line = head.removeprefix(UTF8_BOM).lstrip().split(b"\n", 1)[0]
     if not first_line.startswith(b"{"):
@@ -175,17 +210,31 @@ def _looks_like_json_lines(head: bytes) -> bool:
         return False
 
 
-def sniff(path: Path) -> Sniffed:
-    """Tell a file's format, compression and delimiter from its content and name."""
-    with open_for_reading(path) as file:
-        size = os.fstat(file.fileno()).st_size
+def _ends(path: Location) -> tuple[bytes, bytes]:
+    """The first SNIFF_BYTES of the file and its last 4 bytes (none when it is shorter than a Parquet file)."""
+    if isinstance(path, str):
+        file = open_url_file(path)
+        with file, objstore.mapped(path, "read"):
+            size = file.size()
+            if size == 0:
+                raise InputError(f"{path} is empty")
+            start = file.read(SNIFF_BYTES)
+            return start, file.read_at(4, size - 4) if size >= 12 else b""
+    with open_for_reading(path) as local:
+        size = os.fstat(local.fileno()).st_size
         if size == 0:
             raise InputError(f"{path} is empty")
-        start = file.read(SNIFF_BYTES)
+        start = local.read(SNIFF_BYTES)
         end = b""
         if size >= 12:  # the smallest Parquet file: magic, footer length, magic
-            file.seek(-4, os.SEEK_END)
-            end = file.read(4)
+            local.seek(-4, os.SEEK_END)
+            end = local.read(4)
+    return start, end
+
+
+def sniff(path: Location) -> Sniffed:
+    """Tell a file's format, compression and delimiter from its content and name."""
+    start, end = _ends(path)
     extension, _ = name_extension(path)
     # Content decides where it can: the magic bytes at both ends are reliable.
     if start[:4] == PARQUET_MAGIC and end == PARQUET_MAGIC:
@@ -204,7 +253,7 @@ def sniff(path: Path) -> Sniffed:
     head = start
     if compression == "gzip":
         try:
-            with gzip.open(path, "rb") as unzipped:
+            with open_url(path, "gzip") if isinstance(path, str) else gzip.open(path, "rb") as unzipped:
                 head = unzipped.read(SNIFF_BYTES)
         except READ_ERRORS as exc:
             raise InputError(f"could not read {path} as gzip: {reason(exc)}") from exc
@@ -222,7 +271,7 @@ def sniff(path: Path) -> Sniffed:
 
 @contextmanager
 def open_csv(
-    path: Path,
+    path: Location,
     compression: Compression,
     delimiter: str,
     column_types: dict[str, pa.DataType] | None = None,
@@ -233,7 +282,10 @@ def open_csv(
 
     `use_threads=False` parses in the calling thread only (a check in the background leaves the
     other cores to the job)."""
-    stream = pa.input_stream(str(path), compression=compression)
+    if isinstance(path, str):
+        stream = url_stream(path, compression)
+    else:
+        stream = pa.input_stream(str(path), compression=compression)
     try:
         yield pacsv.open_csv(
             stream,

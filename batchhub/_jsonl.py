@@ -10,7 +10,6 @@ import io
 import json
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,8 +21,10 @@ from batchhub._formats import (
     READ_ERRORS,
     UTF8_BOM,
     Compression,
+    Location,
     chunked,
     empty_columns_batch,
+    open_url,
     reason,
 )
 from batchhub.errors import InputError
@@ -31,22 +32,24 @@ from batchhub.errors import InputError
 _JSON_KINDS = {list: "an array", str: "a string", bool: "true/false", int: "a number"}
 
 
-def _not_an_object(path: Path, lineno: int, first: bool, text: str, value: Any) -> str:
+def _not_an_object(path: Location, lineno: int, first: bool, text: str, value: Any) -> str:
     if first and text.lstrip().startswith("["):
         return f"{path} holds a JSON array, not JSON Lines (one object per line)"
     kind = "null" if value is None else _JSON_KINDS.get(type(value), "a number")
     return f"{path} line {lineno} is {kind}, not a JSON object"
 
 
-def open_binary(path: Path, compression: Compression) -> gzip.GzipFile | io.BufferedReader:
-    """The file's content as a binary stream, decompressed if `compression` says so."""
+def open_binary(path: Location, compression: Compression) -> gzip.GzipFile | io.BufferedReader:
+    """The file's (or object's) content as a binary stream, decompressed if `compression` says so."""
+    if isinstance(path, str):
+        return open_url(path, compression)
     if compression == "gzip":
         return gzip.GzipFile(path, "rb")
     return open(path, "rb")
 
 
 def iter_json_objects(
-    path: Path, compression: Compression, skip: int = 0
+    path: Location, compression: Compression, skip: int = 0
 ) -> Generator[tuple[int, dict[str, Any]], None, None]:
     """(line number, object) for every non-blank line; InputError naming the line otherwise.
 
@@ -81,7 +84,7 @@ def iter_json_objects(
             yield lineno, value
 
 
-def parse_line(path: Path, lineno: int, raw: bytes, first: bool) -> dict[str, Any]:
+def parse_line(path: Location, lineno: int, raw: bytes, first: bool) -> dict[str, Any]:
     """One non-blank line as an object; InputError naming the line when it is not one."""
     try:
         text = raw.decode("utf-8")
@@ -106,7 +109,7 @@ def parse_line(path: Path, lineno: int, raw: bytes, first: bool) -> dict[str, An
     return value
 
 
-def check_json_lines(path: Path, compression: Compression) -> int:
+def check_json_lines(path: Location, compression: Compression) -> int:
     """The rows iter_json_objects would yield, counted, each line checked to be a JSON object.
 
     Parsed with orjson (several times faster than reading the rows); a line orjson refuses is read
@@ -134,7 +137,7 @@ def check_json_lines(path: Path, compression: Compression) -> int:
     return count
 
 
-def count_json_lines(path: Path, compression: Compression) -> int:
+def count_json_lines(path: Location, compression: Compression) -> int:
     """Non-blank lines, without parsing them (the rows iter_json_objects would yield)."""
     count = 0
     try:
@@ -148,7 +151,7 @@ def count_json_lines(path: Path, compression: Compression) -> int:
     return count
 
 
-def json_keys(path: Path, compression: Compression, skip: int) -> dict[str, None]:
+def json_keys(path: Location, compression: Compression, skip: int) -> dict[str, None]:
     """The top-level keys of every object after the first `skip` non-blank lines, in first-seen order.
 
     One streaming pass with orjson (a few hundred ms per million short lines), nothing kept but the

@@ -150,8 +150,8 @@ class _Plan:
     prepared: PreparedJob
     #: the caller's DataFrame (None for a file input)
     frame: pd.DataFrame | None
-    #: the file the job reads (a DataFrame's snapshot)
-    input_path: Path
+    #: the file the job reads (a DataFrame's snapshot), or the object's URL
+    input_path: Path | str
     #: add a column per key of the replies' JSON objects
     expand_json: bool = False
 

@@ -24,7 +24,7 @@ import orjson
 import pyarrow as pa
 
 from batchhub.errors import JobStateError, UsageError
-from batchhub.io import Format, fingerprint, open_input
+from batchhub.io import Format, fingerprint, input_location, open_input
 from batchhub.lock import remove_stale_temps
 from batchhub.output import OutputWriter
 from batchhub.result_schema import RESULT_COLUMNS
@@ -61,7 +61,7 @@ def export_batches(
     store = JobStore(job_dir)
     manifest = store.manifest()
     known = manifest.input
-    path = Path(input_path or known.path or "")
+    path = input_location(input_path or known.path or "")
     source = open_input(path)
     if not force and fingerprint(path) != known.fingerprint:
         raise JobStateError(

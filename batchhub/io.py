@@ -1,7 +1,10 @@
 """Read input files in batches: open an input, stream its rows, fingerprint it.
 
 Inputs are CSV/TSV, Parquet and JSON Lines files; CSV, TSV and JSON Lines may be
-gzipped. :func:`open_input` reads the start of a file (its format, the CSV
+gzipped. An input is a path on this machine or an object's URL (`s3://bucket/key`,
+`gs://...`, kept as a `str`: :mod:`batchhub.objstore`), read the same way: CSV and
+JSON Lines streamed, Parquet by ranged reads of the footer and of the row groups asked
+for. :func:`open_input` reads the start of a file (its format, the CSV
 header, the Parquet footer, the first 1000 JSON Lines rows; of a longer JSON
 Lines file, only the keys of the rest, in one streaming pass, unless asked for
 the keys of those rows only) and returns an :class:`InputSource`, whose
@@ -17,8 +20,9 @@ they always were.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -27,8 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchhub import _formats, _jsonl
-from batchhub._formats import READ_ERRORS, Compression, Format, reason
+from batchhub import _formats, _jsonl, objstore
+from batchhub._formats import READ_ERRORS, Compression, Format, Location, reason
 from batchhub.errors import InputError
 from batchhub.output import OutputWriter, fsync_dir, output_format_for
 from batchhub.text import clean_text
@@ -40,6 +44,8 @@ __all__ = [
     "detect_format",
     "fingerprint",
     "fsync_dir",
+    "input_location",
+    "input_size",
     "open_input",
     "output_format_for",
 ]
@@ -49,6 +55,14 @@ __all__ = [
 # lines are checked as they are read).
 JSONL_SAMPLE_ROWS = 1000
 FINGERPRINT_CHUNK = 1024 * 1024
+
+
+def input_location(value: str | os.PathLike[str]) -> Location:
+    """An input as io reads it: a URL stays a `str` (`Path()` would make `s3://b/k` into `s3:/b/k`), anything
+    else is a `Path`. A URL is checked (StorageError for one batchhub cannot read) and written the one way."""
+    if objstore.is_url(value):
+        return str(objstore.ObjectURL.parse(str(value)))
+    return Path(value)
 
 
 def detect_format(path: str | Path) -> Format:
@@ -61,7 +75,7 @@ def detect_format(path: str | Path) -> Format:
     empty or unreadable file, a .parquet file without the magic, or an unknown
     extension.
     """
-    return _formats.sniff(Path(path)).format
+    return _formats.sniff(input_location(path)).format
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -71,7 +85,7 @@ def _show(name: str) -> str:
     return name if name.strip() else repr(name)
 
 
-def _check_unique(path: Path, names: Sequence[str]) -> None:
+def _check_unique(path: Location, names: Sequence[str]) -> None:
     seen: set[str] = set()
     duplicates: dict[str, None] = {}
     for name in names:
@@ -91,7 +105,8 @@ class InputSource:
     holds no file handle and can be iterated any number of times.
     """
 
-    path: Path
+    #: the file, or the object's URL (a str)
+    path: Location
     format: Format
     #: column names in file order (for JSON Lines: every key of every row, in first-seen order)
     columns: tuple[str, ...]
@@ -182,7 +197,7 @@ class InputSource:
         """
         if self.format == "parquet":
             try:
-                with pq.ParquetFile(self.path) as parquet:
+                with _parquet_file(self.path) as parquet:
                     return int(parquet.metadata.num_rows)
             except READ_ERRORS as exc:
                 raise InputError(f"could not read {self.path} as Parquet: {reason(exc)}") from exc
@@ -256,7 +271,7 @@ class InputSource:
 
     def _parquet_schema(self) -> pa.Schema:
         try:
-            with pq.ParquetFile(self.path) as parquet:
+            with _parquet_file(self.path) as parquet:
                 return parquet.schema_arrow
         except READ_ERRORS as exc:
             raise InputError(f"could not read {self.path} as Parquet: {reason(exc)}") from exc
@@ -264,7 +279,7 @@ class InputSource:
     def _parquet_group_of(self, row: int) -> tuple[int, int]:
         """(the row group holding `row`, the first row of that group), from the file's metadata."""
         try:
-            with pq.ParquetFile(self.path) as parquet:
+            with _parquet_file(self.path) as parquet:
                 meta = parquet.metadata
                 group, first = 0, 0
                 while group < meta.num_row_groups and first + meta.row_group(group).num_rows <= row:
@@ -279,7 +294,7 @@ class InputSource:
     ) -> Iterator[pa.RecordBatch]:
         rows = 0
         try:
-            with pq.ParquetFile(self.path) as parquet:
+            with _parquet_file(self.path) as parquet:
                 groups = list(range(first_group, parquet.metadata.num_row_groups)) if first_group else None
                 for batch in parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=groups):
                     rows += batch.num_rows
@@ -354,7 +369,7 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
 
 
-def _csv_header(path: Path, compression: Compression, delimiter: str) -> pa.Schema:
+def _csv_header(path: Location, compression: Compression, delimiter: str) -> pa.Schema:
     """The schema pyarrow infers from the first block (which holds the header)."""
     try:
         with _formats.open_csv(path, compression, delimiter) as reader:
@@ -367,7 +382,7 @@ def _csv_header(path: Path, compression: Compression, delimiter: str) -> pa.Sche
     return schema
 
 
-def _open_csv_source(path: Path, sniffed: _formats.Sniffed) -> InputSource:
+def _open_csv_source(path: Location, sniffed: _formats.Sniffed) -> InputSource:
     if sniffed.complete and not sniffed.head.strip():
         raise InputError(f"{path} has no header row (only blank lines)")
     schema = _csv_header(path, sniffed.compression, sniffed.delimiter)
@@ -382,9 +397,22 @@ def _open_csv_source(path: Path, sniffed: _formats.Sniffed) -> InputSource:
     return InputSource(path, "csv", names, sniffed.compression, sniffed.delimiter)
 
 
-def _open_parquet_source(path: Path) -> InputSource:
-    try:
+@contextmanager
+def _parquet_file(path: Location) -> Iterator[pq.ParquetFile]:
+    """The Parquet file; of an object, read by ranged reads: the footer, then the row groups asked for as they
+    are read. Not pre-buffered: pyarrow would fetch every row group asked for at the start, and a shard asks
+    for those from its first to the end of the file (it stops reading at its last row)."""
+    if isinstance(path, str):
+        with _formats.open_url_file(path) as file, pq.ParquetFile(file, pre_buffer=False) as parquet:
+            yield parquet
+    else:
         with pq.ParquetFile(path) as parquet:
+            yield parquet
+
+
+def _open_parquet_source(path: Location) -> InputSource:
+    try:
+        with _parquet_file(path) as parquet:
             names = tuple(parquet.schema_arrow.names)
     except READ_ERRORS as exc:
         raise InputError(f"could not read {path} as Parquet: {reason(exc)}") from exc
@@ -392,7 +420,7 @@ def _open_parquet_source(path: Path) -> InputSource:
     return InputSource(path, "parquet", names)
 
 
-def _open_jsonl_source(path: Path, sniffed: _formats.Sniffed, all_keys: bool) -> InputSource:
+def _open_jsonl_source(path: Location, sniffed: _formats.Sniffed, all_keys: bool) -> InputSource:
     names: dict[str, None] = {}
     rows = 0
     with closing(_jsonl.iter_json_objects(path, sniffed.compression)) as objects:
@@ -418,8 +446,14 @@ def open_input(path: str | Path, *, all_keys: bool = True) -> InputSource:
     `all_keys=False` that scan is left out: a longer JSON Lines file's columns
     are the keys of its first 1000 rows (`keys_sampled`; `with_all_keys()`
     scans later).
+
+    `path` may be an object's URL (`s3://bucket/key`, a str): StorageError (exit 2, one line naming
+    it) for a URL batchhub cannot read, a missing bucket or object, a folder, denied credentials or a
+    store that cannot be reached.
     """
-    source = Path(path)
+    source = input_location(path)
+    if isinstance(source, str):
+        objstore.require_file(objstore.ObjectURL.parse(source))
     sniffed = _formats.sniff(source)
     if sniffed.format == "parquet":
         return _open_parquet_source(source)
@@ -429,8 +463,21 @@ def open_input(path: str | Path, *, all_keys: bool = True) -> InputSource:
 
 
 def fingerprint(path: str | Path) -> str:
-    """The file's identity for resume: "sha256:<hex>" of its bytes, read in 1 MiB chunks."""
-    source = Path(path)
+    """The input's identity for resume: "sha256:<hex>" of a file's bytes, read in 1 MiB chunks;
+    "object:<size>:<mtime_ns>" of an object, from what the store says about it.
+
+    An object is not read through at every run (it may be many GB, and every byte would cross the
+    network): its size and last-modified time change whenever it is written (an object store has no
+    writing in place; a PUT of the same bytes is a new last-modified). That is safe here because a
+    fingerprint only decides how much a resume checks: a changed one makes the job check each done
+    row's result against the request the row sends now (cheap, nothing sent again that still fits),
+    and an unchanged one is as good as the object's identity.
+    """
+    source = input_location(path)
+    if isinstance(source, str):
+        found = objstore.require_file(objstore.ObjectURL.parse(source))
+        mtime = found.mtime_ns
+        return f"object:{found.size}:{mtime if mtime is not None else 'unknown'}"
     digest = hashlib.sha256()
     buffer = bytearray(FINGERPRINT_CHUNK)
     view = memoryview(buffer)
@@ -441,3 +488,18 @@ def fingerprint(path: str | Path) -> str:
         except OSError as exc:
             raise InputError(f"cannot read {source}: {reason(exc)}") from exc
     return f"sha256:{digest.hexdigest()}"
+
+
+def input_size(path: str | Path) -> int:
+    """The input's size in bytes (a file's, or what the store says of an object's).
+
+    InputError for a file that cannot be read, StorageError for an object (both one line naming it).
+    A task of the Ray engine calls this to check that the input it sees is the one the driver saw.
+    """
+    source = input_location(path)
+    if isinstance(source, str):
+        return int(objstore.require_file(objstore.ObjectURL.parse(source)).size)
+    try:
+        return source.stat().st_size
+    except OSError as exc:
+        raise InputError(f"cannot read {source}: {exc.strerror or reason(exc)}") from exc

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchhub.errors import InputError, UsageError
+from batchhub.io import input_location
+from batchhub.objstore import is_url
 from batchhub.spec import JobSpec, load_spec
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ def build_spec(target: str | os.PathLike[str] | None, options: dict[str, Any], *
     chosen = {name: getattr(given, name) for name in settings}
     if target is None:
         spec = JobSpec()
+    elif is_url(target):
+        spec = JobSpec(input=input_location(str(target)))  # a URL stays a str (checked when the job opens it)
     else:
         path = Path(target)
         if path.suffix.lower() == ".toml":

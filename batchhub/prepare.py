@@ -20,7 +20,7 @@ from batchhub import __version__, defaults
 from batchhub.budget import Budget, one_reply_check
 from batchhub.errors import InputError, JobStateError, UsageError
 from batchhub.input_check import InputCheck
-from batchhub.io import InputSource, fingerprint, open_input
+from batchhub.io import InputSource, fingerprint, input_size, open_input
 from batchhub.manifest import REQUEST_HASH_VERSION, InputInfo, Manifest
 from batchhub.pricing import PriceBook
 from batchhub.requests import RequestBuilder, choices, completion_bound
@@ -196,7 +196,7 @@ def _new_manifest(
         created_at=now_iso(),
         request_hash_version=REQUEST_HASH_VERSION,
         input=InputInfo(
-            path=str(source.path.resolve()),
+            path=source.path if isinstance(source.path, str) else str(source.path.resolve()),
             format=source.format,
             fingerprint=input_fp,
             rows=counted[0],
@@ -258,11 +258,7 @@ def _count_and_check(source: InputSource, builder: RequestBuilder) -> tuple[int 
 
 def _content_bytes(source: InputSource) -> int:
     """About how many bytes reading the input through reads (a gzipped file, decompressed)."""
-    try:
-        size = source.path.stat().st_size
-    except OSError as exc:
-        raise InputError(f"cannot read {source.path}: {exc.strerror or exc}") from exc
-    return size * (defaults.GZIP_SIZE_FACTOR if source.compression == "gzip" else 1)
+    return input_size(source.path) * (defaults.GZIP_SIZE_FACTOR if source.compression == "gzip" else 1)
 
 
 def _some_rows(source: InputSource, n_rows: int) -> int:

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -42,7 +41,8 @@ import pyarrow.compute as pc
 
 from batchhub import __version__, defaults, eventloop, shards
 from batchhub.budget import SharedBudget
-from batchhub.errors import JobStateError, UsageError
+from batchhub.errors import InputError, JobStateError, StorageError, UsageError
+from batchhub.io import input_size
 from batchhub.manifest import Manifest, RunRecord
 from batchhub.objstore import ObjectURL, is_url
 from batchhub.prepare import PreparedJob, now_iso, open_for_job
@@ -96,10 +96,10 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
     spec = task.spec
     assert spec.input is not None
     try:
-        size = os.stat(spec.input).st_size
-    except OSError as exc:
+        size = input_size(spec.input)
+    except (InputError, StorageError) as exc:
         raise JobStateError(
-            f"the input {spec.input} cannot be read on this node ({exc.strerror}): "
+            f"the input cannot be read on this node ({exc}): "
             "with --engine ray the input and the job directory must be on storage every node shares"
         ) from exc
     if size != task.input_size:
@@ -171,7 +171,7 @@ def _task_spec(spec: JobSpec) -> JobSpec:
     return dataclasses.replace(
         spec,
         api_key=None,
-        input=Path(spec.input).resolve(),
+        input=spec.input if isinstance(spec.input, str) else Path(spec.input).resolve(),  # a URL stays one
         job_dir=spec.job_dir if spec.job_url() is not None else spec.resolved_job_dir().resolve(),
         prices_file=Path(spec.prices_file).resolve() if spec.prices_file else None,
         base_url=spec.resolved_base_url(),
@@ -269,8 +269,8 @@ class RayJob:
             run_no = len(p.manifest.runs) + 1
             task_spec = _task_spec(spec)
             assert task_spec.input is not None
-            input_size = os.stat(task_spec.input).st_size
-            tasks = self._plan(states, task_spec, n_rows, run_no, input_size)
+            input_bytes = input_size(task_spec.input)
+            tasks = self._plan(states, task_spec, n_rows, run_no, input_bytes)
             to_send = int(sum(t.rows.size for t in tasks))
             record = RunRecord(
                 started_at=now_iso(),
@@ -292,7 +292,7 @@ class RayJob:
                     # failed are sent now, each (as the local engine sends them)
                     check = Job(p, progress=False, send=False)
                     passes.append(await check._run())
-                    more = self._plan(check.row_states[:n_rows], task_spec, n_rows, run_no, input_size)
+                    more = self._plan(check.row_states[:n_rows], task_spec, n_rows, run_no, input_bytes)
                     if more:
                         record.shards = (record.shards or 0) + len(more)
                         totals.merge(await self._run_tasks(more, in_flight))

@@ -85,7 +85,8 @@ def check_concurrency(value: object) -> None:
 class JobSpec:
     """Every setting of a job. Build one with `load_spec` / `JobSpec.from_mapping`, or directly."""
 
-    input: Path | None = None
+    #: a path, or an object's URL (`s3://bucket/key`), kept as a str
+    input: Path | str | None = None
     #: a folder on this machine, or (a `str`) an s3:// or gs:// URL: batchhub/remote_job.py
     job_dir: Path | str | None = None
     name: str | None = None
@@ -376,7 +377,9 @@ class JobSpec:
             raise UsageError(f"{origin}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         data = dict(data)
         for key in ("input", "job_dir", "prices_file", "json_schema", "cache"):
-            if data.get(key) is not None and not (key == "job_dir" and is_url(data[key])):
+            if key in ("input", "job_dir") and is_url(data.get(key)):
+                continue  # an object's URL: never a Path (`s3://b/k` would be `s3:/b/k`), never relative
+            if data.get(key) is not None:
                 path = Path(os.path.expanduser(str(data[key])))
                 data[key] = path if path.is_absolute() or base_dir is None else base_dir / path
         for key, kind in (("param_columns", dict), ("mock", dict), ("prices", dict), ("params", dict)):

@@ -254,7 +254,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @main.command(short_help="Run a job, or resume it: send the rows without a result.")
-@click.argument("input_or_spec", type=click.Path(path_type=Path))
+@click.argument("input_or_spec", type=click.Path(path_type=str))  # str: an s3:// URL is no Path
 @job_options
 @EXPECT_JSON
 @click.option("--max-cost", type=float, help="Stop before the job's total cost could pass this many USD.")
@@ -268,7 +268,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--ray-address", help="Ray cluster to join with --engine ray (e.g. auto; default: Ray's own choice).")
 @click.option("--shard-rows", type=int, help="Rows per input shard, one Ray task each (default 10000).")
 @click.option("--max-shards-in-flight", type=int, help="Ray tasks running at once (default: the cluster's CPUs).")
-def run(input_or_spec: Path, **options: Any) -> None:
+def run(input_or_spec: str, **options: Any) -> None:
     """Run a job, or resume it: INPUT_OR_SPEC is a CSV, Parquet or JSONL file, or a TOML job spec.
 
     Running the same command again resumes: only rows without a result are sent.
@@ -334,7 +334,7 @@ def _run_until_done(coro: Any, on_signal: Callable[[], None]) -> Any:
         coro.close()  # never started when the loop was refused: no "never awaited" warning (else a no-op)
 
 
-def _spec_from_cli(target: Path, options: dict[str, Any]) -> JobSpec:
+def _spec_from_cli(target: str, options: dict[str, Any]) -> JobSpec:
     """The job's flags parsed into `build_spec` options (a repeatable flag not given is None)."""
     given = {name: (value or None) if isinstance(value, tuple) else value for name, value in options.items()}
     if given["param_columns"]:
@@ -433,11 +433,11 @@ def cost(target: Path | str, prices_file: Path | None, model: str | None, as_jso
 
 
 @main.command(short_help="Estimate a job's tokens and cost before running it.")
-@click.argument("input_or_spec", type=click.Path(path_type=Path))
+@click.argument("input_or_spec", type=click.Path(path_type=str))  # str: an s3:// URL is no Path
 @job_options
 @click.option("--sample", type=int, help="Send N rows spread over the input first (they become part of the job).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def estimate(input_or_spec: Path, sample: int | None, as_json: bool, **options: Any) -> None:
+def estimate(input_or_spec: str, sample: int | None, as_json: bool, **options: Any) -> None:
     """Estimate a job's tokens and cost before running it: INPUT_OR_SPEC and options as for `run`.
 
     Prompt tokens are counted with the model's tokenizer (offline); completion tokens and cost are a range,

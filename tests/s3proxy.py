@@ -1,0 +1,74 @@
+"""A counting HTTP proxy in front of the tests' S3 server: what crossed the network, seen from outside.
+
+Point a process at `proxy.endpoint` (the standard variables, `s3server.s3_env`) and `get_bytes` is the
+object bytes the store sent back to GETs: how the tests and benchmarks/s3_input.py show that a reader
+fetched only what it needed (a Parquet shard's row groups, the first blocks of a CSV).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+
+class CountingProxy:
+    """An HTTP proxy in front of the S3 server that counts the object bytes it passes back to GETs."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream).netloc
+        self.get_bytes = 0
+        self.gets = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                connection = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                connection.request(self.command, self.path, body=body, headers=headers)
+                reply = connection.getresponse()
+                data = reply.read()
+                connection.close()
+                if self.command == "GET" and "list-type" not in self.path and reply.status < 300:
+                    with proxy._lock:
+                        proxy.gets += 1
+                        proxy.get_bytes += len(data)
+                self.send_response(reply.status)
+                head = self.command == "HEAD"  # its Content-Length is the object's: passed on as it is
+                dropped = (
+                    ("transfer-encoding", "connection")
+                    if head
+                    else ("transfer-encoding", "connection", "content-length")
+                )
+                for key, value in reply.getheaders():
+                    if key.lower() not in dropped:
+                        self.send_header(key, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.gets = self.get_bytes = 0
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
