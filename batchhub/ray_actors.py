@@ -141,6 +141,17 @@ class ActorBackend:
         self._handle.tighten.remote(kind, limit)
 
 
+def on_this_node() -> Any:
+    """A scheduling strategy that puts an actor on the node of the calling process (the driver's).
+
+    A run's own actors (its budget, its progress) live and die with their driver: on another node,
+    losing that node would end them, and every task's next call to them would fail the run.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def shared_limiter(base_url: str, api_key: str, rpm: int | None, tpm: int | None) -> Any:
     """The cluster's limiter actor for this endpoint and key, created if none runs yet."""
     return LimiterActor.options(  # type: ignore[attr-defined]

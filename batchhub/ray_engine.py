@@ -24,11 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchhub import __version__, defaults, eventloop, shards
+from batchhub import __version__, defaults, eventloop, shards, task_stages
 from batchhub.budget import SharedBudget
 from batchhub.errors import InputError, JobStateError, StorageError, UsageError
 from batchhub.io import input_size
@@ -47,7 +44,7 @@ from batchhub.manifest import Manifest, RunRecord
 from batchhub.objstore import ObjectURL, is_url
 from batchhub.prepare import PreparedJob, now_iso, open_for_job
 from batchhub.progress import Progress
-from batchhub.ray_actors import ActorBackend, BudgetActor, ProgressActor, Secret, shared_limiter
+from batchhub.ray_actors import ActorBackend, BudgetActor, ProgressActor, Secret, on_this_node, shared_limiter
 from batchhub.redaction import redact
 from batchhub.runner import Job
 from batchhub.shared_limits import SharedLimits
@@ -59,6 +56,7 @@ from batchhub.summary import JobSummary, budget_message, close_run_record
 try:
     import ray
     from ray.exceptions import TaskCancelledError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError as exc:  # the core install does not pull Ray in
     raise UsageError('--engine ray needs Ray, which is not installed: pip install "batchhub[ray]"') from exc
 
@@ -137,7 +135,7 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
     )
     summary = await job.run()
     if store.remote is not None:
-        _drop_stage(store)
+        task_stages.drop_stage(store)
     # an actor runs one caller's calls in order: once this one is done, so are the task's last growth reports,
     # and the driver, which takes what the actor holds when the task has returned, misses none of them
     await progress.add.remote({})
@@ -146,23 +144,19 @@ async def _shard_job(task: ShardTask, api_key: str, limiter: Any, progress: Any,
 
 def _task_store(task: ShardTask) -> JobStore:
     """The task's store: its folder, or for a job in a bucket, a stage on this node's own disk committing to
-    the task store's URL (a retry of the task on this node finds the journal its first attempt left)."""
+    the task store's URL (batchhub/task_stages.py)."""
     if not is_url(task.store_dir):
         return JobStore(task.store_dir, seq_floor=task.seq_floor)
-    from batchhub.remote_job import RemoteJob
-
-    url = ObjectURL.parse(task.store_dir)
-    node = ray.get_runtime_context().get_node_id()
-    digest = hashlib.sha256(str(url).encode()).hexdigest()[:20]
-    stage = Path(tempfile.gettempdir()) / "batchhub-task-stores" / node[:16] / digest
-    return JobStore(stage, seq_floor=task.seq_floor, remote=RemoteJob(url, stage, lease=False))
+    job_url = task.spec.job_url()
+    assert job_url is not None
+    name = shards.store_name(task.shard, task.run)
+    return task_stages.task_store(job_url, name, ray.get_runtime_context().get_node_id(), task.seq_floor)
 
 
-def _drop_stage(store: JobStore) -> None:
-    """Delete a task's stage once all it holds is in the bucket (a failed upload keeps it for a retry here)."""
-    assert store.remote is not None
-    if not store.segments() and store.remote.push_unpushed() == 0:
-        shutil.rmtree(store.dir, ignore_errors=True)
+@ray.remote(num_cpus=0)
+def commit_node_stages(job_url: str) -> int:
+    """On one node: commit the stages of the job there that no task holds (batchhub/task_stages.py)."""
+    return task_stages.commit_stages(ObjectURL.parse(job_url), ray.get_runtime_context().get_node_id())
 
 
 def _task_spec(spec: JobSpec) -> JobSpec:
@@ -254,6 +248,7 @@ class RayJob:
         started = time.monotonic()
         we_started_ray = self._connect()
         try:
+            await self._commit_stages()  # what earlier runs' tasks left on the nodes, before planning from the bucket
             store.recover()
             n_rows = p.rows()  # shards are cut from the row count: a large input is counted (and checked) first
             store.rows = n_rows
@@ -299,6 +294,7 @@ class RayJob:
                         tasks += more
             finally:
                 self.progress.close()
+            await self._commit_stages()  # the journals of tasks retried on another node
             summary = self._summary(store, started, totals, tasks)
             for done in passes:
                 for source, count in done.reused.items():
@@ -331,6 +327,25 @@ class RayJob:
                 tasks.append(ShardTask(task_spec, shard, rows, store_dir, store.last_seq, n_rows, input_size, run_no))
         return tasks
 
+    async def _commit_stages(self) -> None:
+        """For a job in a bucket: have every live node commit the stages of the job no task holds."""
+        url = self.prepared.spec.job_url()
+        if url is None:
+            return
+        nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
+        calls = [
+            commit_node_stages.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+            ).remote(str(url))
+            for node in nodes
+        ]
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        committed = sum(count for count in done if isinstance(count, int))
+        for failure in (item for item in done if isinstance(item, BaseException)):
+            log.warning("a node could not commit its stages of %s: %s", url, failure)
+        if committed:
+            log.info("committed %d result(s) that tasks of earlier runs left on their nodes", committed)
+
     def _connect(self) -> bool:
         """Join (or start) a Ray cluster unless this process already has; True if this call did."""
         if ray.is_initialized():
@@ -356,9 +371,14 @@ class RayJob:
         totals = _Totals()
         queue = iter(tasks)
         stop_waiter = asyncio.ensure_future(self._stop.wait())
-        progress = ProgressActor.remote()  # type: ignore[attr-defined]
+        # the run's own actors stay on the driver's node: a lost worker node must not take them
+        progress = ProgressActor.options(scheduling_strategy=on_this_node()).remote()  # type: ignore[attr-defined]
         budget = self.prepared.budget
-        self._budget = BudgetActor.remote(budget.limit, budget.spent) if budget is not None else None  # type: ignore[attr-defined]
+        self._budget = (
+            BudgetActor.options(scheduling_strategy=on_this_node()).remote(budget.limit, budget.spent)  # type: ignore[attr-defined]
+            if budget is not None
+            else None
+        )
         poller = asyncio.ensure_future(self._follow(progress))
         try:
             while True:

@@ -7,13 +7,21 @@
 The head node has one CPU and the worker node two, so a job's shard tasks run on both. Nodes are
 declared dead a few seconds after they stop answering (not the default minute). Each node is a set of
 processes started from this one, with its environment: the S3 variables the test set reach every task.
+
+Every node listens on 127.0.0.1 only. Ray takes 127.0.0.1 for the machine's address unless told
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (its switch for clusters that stay on one machine), which
+`LOOPBACK_ENV` sets here and in every driver the tests start.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from ray.cluster_utils import Cluster
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+os.environ.update(LOOPBACK_ENV)  # before Ray is imported: it reads the switch once
+
+from ray.cluster_utils import Cluster  # noqa: E402
 
 FAST_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 4}
 

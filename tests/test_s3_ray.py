@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from jobprocs import child_env, mock_stats
+from ray_cluster_child import LOOPBACK_ENV
 from s3server import MotoProcess, S3Bucket, s3_env
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ class ClusterProcess:
 @pytest.fixture(scope="module")
 def cluster(s3_server: MotoProcess) -> Iterator[ClusterProcess]:
     """Two Ray nodes whose every process has the S3 variables (as a cluster's pods would have theirs)."""
-    env = {**child_env(), **s3_env(s3_server.endpoint)}
+    env = {**child_env(), **s3_env(s3_server.endpoint), **LOOPBACK_ENV}
     started = ClusterProcess(env)
     yield started
     started.stop()
@@ -79,7 +80,7 @@ def simulator(simulator_process) -> str:
 
 
 def driver(cluster: ClusterProcess, data: str, job: str, base_url: str) -> subprocess.Popen:
-    env = {**child_env(), **s3_env(os.environ["AWS_ENDPOINT_URL"]), "BATCHHUB_API_KEY": KEY}
+    env = {**child_env(), **s3_env(os.environ["AWS_ENDPOINT_URL"]), **LOOPBACK_ENV, "BATCHHUB_API_KEY": KEY}
     return subprocess.Popen(
         [
             *[sys.executable, "-m", "batchhub", "run", data, "--model", "gpt-4o-mini", "--base-url", base_url],
@@ -104,7 +105,7 @@ def committed(s3: S3Bucket, prefix: str) -> pa.Table:
     import io
 
     tables = [
-        pq.read_table(io.BytesIO(s3.get(key)), columns=["row_id", "status", "seq"])
+        pq.read_table(io.BytesIO(s3.get(key)), columns=["row_id", "status", "seq", "response_id"])
         for key in s3.objects(prefix)
         if "/results/part-" in key and key.endswith(".parquet")
     ]
@@ -139,32 +140,36 @@ def wait_no_tasks() -> None:
         time.sleep(0.1)
 
 
-def assert_done_once(s3: S3Bucket, prefix: str) -> None:
-    """Every row has a result, and no row has two: nothing lost, nothing counted twice."""
+def assert_all_done_none_counted_twice(s3: S3Bucket, prefix: str, simulator: str, unrecorded: int) -> dict:
+    """Every row has a result, no reply is recorded twice, and at most `unrecorded` replies the server
+    sent are recorded nowhere (paid, and lost with what was in flight or on a lost node)."""
     table = committed(s3, prefix)
-    rows = table["row_id"].to_pylist()
-    assert sorted(set(rows)) == list(range(ROWS)), f"{ROWS - len(set(rows))} rows without a result"
-    assert len(rows) == ROWS, f"{len(rows) - len(set(rows))} rows with two results"
+    rows = set(table["row_id"].to_pylist())
+    assert rows == set(range(ROWS)), f"{ROWS - len(rows)} rows without a result"
+    replies = [reply for reply in table["response_id"].to_pylist() if reply is not None]
+    assert len(replies) == len(set(replies)), "a reply is recorded twice"
+    stats = mock_stats(simulator)
+    assert 0 <= stats["completions"] - len(replies) <= unrecorded, (stats["completions"], len(replies))
+    return stats
 
 
-def test_a_ray_job_in_a_bucket_resumes_after_its_driver_is_killed(
+def test_a_ray_job_with_input_and_job_in_a_bucket_resumes_after_its_driver_is_killed(
     cluster: ClusterProcess, s3: S3Bucket, simulator: str, prompts_csv, tmp_path: Path
 ) -> None:
-    data = prompts_csv(tmp_path / "in.csv", ROWS)
-    job = s3.url("jobs/ray-killed")
-    first = driver(cluster, str(data), job, simulator)
+    """The tasks' journals stay on their nodes: the resumed driver has the nodes commit them before it
+    plans, so the kill costs only what was in flight."""
+    s3.put("in/prompts.csv", prompts_csv(tmp_path / "in.csv", ROWS).read_bytes())
+    data, job = s3.url("in/prompts.csv"), s3.url("jobs/ray-killed")
+    first = driver(cluster, data, job, simulator)
     wait_committed(s3, "jobs/ray-killed/", 150, first)
     first.send_signal(signal.SIGKILL)
     finish(first)
     wait_no_tasks()  # Ray ends the tasks of a driver that died
-    second = driver(cluster, str(data), job, simulator)
+    second = driver(cluster, data, job, simulator)
     err = finish(second)
     assert second.returncode == 0, err
-    stats = mock_stats(simulator)
-    # the kill cost what the tasks had in flight and had journalled but not committed
-    assert stats["duplicates"] <= IN_FLIGHT * (CONCURRENCY + FLUSH_ROWS), stats["duplicates"]
-    table = committed(s3, "jobs/ray-killed/")
-    assert sorted(set(table["row_id"].to_pylist())) == list(range(ROWS))
+    stats = assert_all_done_none_counted_twice(s3, "jobs/ray-killed/", simulator, IN_FLIGHT * CONCURRENCY)
+    assert stats["duplicates"] <= IN_FLIGHT * CONCURRENCY, stats["duplicates"]
     status = subprocess.run(
         [sys.executable, "-m", "batchhub", "status", job, "--json"],
         capture_output=True,
@@ -189,9 +194,8 @@ def test_a_killed_task_is_retried_with_nothing_lost_and_nothing_counted_twice(
     os.kill(min(victims), signal.SIGKILL)  # Ray retries the task
     err = finish(proc)
     assert proc.returncode == 0, err
-    assert_done_once(s3, "jobs/task-killed/")
-    stats = mock_stats(simulator)
-    assert stats["duplicates"] <= CONCURRENCY + FLUSH_ROWS, stats["duplicates"]
+    stats = assert_all_done_none_counted_twice(s3, "jobs/task-killed/", simulator, CONCURRENCY)
+    assert stats["duplicates"] <= CONCURRENCY, stats["duplicates"]
     print(f"task killed: {stats['duplicates']} requests paid twice")
 
 
@@ -206,8 +210,8 @@ def test_a_lost_node_costs_at_most_what_it_had_in_flight_and_not_committed(
     assert cluster.command("remove-worker") == "removed"
     err = finish(proc, timeout=300)
     assert proc.returncode == 0, err
-    assert_done_once(s3, "jobs/node-lost/")
-    stats = mock_stats(simulator)
     lost_tasks = 2  # the worker node's CPUs
-    assert stats["duplicates"] <= lost_tasks * (CONCURRENCY + FLUSH_ROWS), stats["duplicates"]
+    bound = lost_tasks * (CONCURRENCY + FLUSH_ROWS)
+    stats = assert_all_done_none_counted_twice(s3, "jobs/node-lost/", simulator, bound)
+    assert stats["duplicates"] <= bound, stats["duplicates"]
     print(f"node lost: {stats['duplicates']} requests paid twice")
