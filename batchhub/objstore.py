@@ -154,6 +154,8 @@ def _make_filesystem(url: ObjectURL, key: tuple[str, ...]) -> pafs.FileSystem:
         "connect_timeout": defaults.STORAGE_CONNECT_TIMEOUT_S,
         "request_timeout": defaults.STORAGE_REQUEST_TIMEOUT_S,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=defaults.STORAGE_ATTEMPTS),
+        # an object smaller than a multipart chunk is sent in one PUT on close (three requests otherwise)
+        "allow_delayed_open": True,
     }
     if endpoint:
         split = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")

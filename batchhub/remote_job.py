@@ -14,7 +14,7 @@ or not at all, and listings that show every object written before them. So:
 - **The job's state is derived from the parts.** A reader (status, cost, export, report, jobs,
   a resume on another machine) lists the bucket and reads the parts it finds, each whole or
   absent: it never sees half a commit. A result still in a writer's journal (at most
-  `--checkpoint-rows` rows or `--checkpoint-seconds` old) is not committed: if that machine is
+  `--flush-rows` results or `--flush-seconds` old) is not committed: if that machine is
   lost, so is the result, and the row is sent again. A resume on the same machine first uploads
   what its stage holds that the bucket lacks (the journal compacted into a part).
 - **One run at a time** holds the job's lease, an object `job.lease` naming its holder and

@@ -91,3 +91,13 @@ def test_an_unreachable_store_is_one_line(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr("batchhub.defaults.STORAGE_ATTEMPTS", 1)
     with pytest.raises(StorageError, match="the store cannot be reached"):
         objstore.info(ObjectURL.parse("s3://bucket/in.csv"))
+
+
+def test_writing_to_a_missing_bucket_is_one_line_even_when_the_open_is_delayed(s3: S3Bucket, tmp_path: Path) -> None:
+    """A small object is sent in one PUT when it is closed: the missing bucket shows then, and still as one line."""
+    with pytest.raises(StorageError, match="the bucket 'no-such-bucket' does not exist"):
+        objstore.write_bytes(ObjectURL.parse("s3://no-such-bucket/a.json"), b"{}")
+    local = tmp_path / "part.parquet"
+    local.write_bytes(b"x" * 100)
+    with pytest.raises(StorageError, match="does not exist"):
+        objstore.upload(local, ObjectURL.parse("s3://no-such-bucket/results/part.parquet"))
