@@ -82,16 +82,18 @@ class RemoteJob:
         #: this writer's mark in the names of the parts it makes (no two writers share one)
         self.tag = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
+        #: the lease of the run writing through this stage (None: a reader, or a Ray task)
+        self._lease: Lease | None = None
 
     def __repr__(self) -> str:
         return f"RemoteJob({self.url})"
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def remote_files(self) -> dict[str, int]:
-        """The job's files in the bucket: relative name -> size."""
+    def remote_files(self) -> dict[str, tuple[int, float]]:
+        """The job's files in the bucket: relative name -> (size, last-modified time)."""
         return {
-            rel: int(item.size or 0)
+            rel: (int(item.size or 0), item.mtime.timestamp() if item.mtime is not None else time.time())
             for item in objstore.listing(self.url)
             if _JOB_FILE.match(rel := self.url.relative(item.path))
         }
@@ -118,13 +120,14 @@ class RemoteJob:
             for rel in here - set(remote):
                 (self.local / rel).unlink(missing_ok=True)
         fetched = 0
-        for rel, size in sorted(remote.items()):
+        for rel, (size, mtime) in sorted(remote.items()):
             dest = self.local / rel
             if rel.endswith(".parquet"):  # written once: a copy here is the object
                 same = rel in here and dest.stat().st_size == size
                 if same or dest.with_name(dest.name + ".damaged").exists():
                     continue
             objstore.download(self.url.join(rel), dest)
+            os.utime(dest, (mtime, mtime))  # when the job last changed, for `jobs` and a job's state
             fetched += 1
         if writer:
             self._record_pushed(set(remote))
@@ -142,6 +145,11 @@ class RemoteJob:
 
     def push(self, path: Path) -> None:
         """Upload a file of `local` (a part, a job.json) to the same name in the bucket."""
+        if self._lease is not None and self._lease.lost:
+            raise JobStateError(
+                f"this run lost the lease of {self.url} to another run (it was not renewed in "
+                f"{defaults.STORAGE_LEASE_S:.0f} s): stopping, so that two runs do not write one job"
+            )
         rel = path.relative_to(self.local).as_posix()
         objstore.upload(path, self.url.join(rel))
         self._record_pushed({rel})
@@ -175,6 +183,7 @@ class RemoteJob:
         """Take the job's lease for a run (JobStateError naming the holder when another run has it)."""
         lease = Lease(self.url.join(LEASE_NAME))
         lease.take()
+        self._lease = lease
         return lease
 
 
