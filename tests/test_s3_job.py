@@ -109,3 +109,71 @@ def test_a_killed_run_resumes_from_the_bucket(
     code, out = cli("export", job, "-o", str(exported))
     assert code == 0, out
     assert pd.read_parquet(exported)["status"].notna().all()
+
+
+def lease_record(token: str, host: str, pid: int, renewed_at: float) -> bytes:
+    return json.dumps({"token": token, "host": host, "pid": pid, "renewed_at": renewed_at}).encode()
+
+
+def test_the_lease_keeps_a_second_run_out_and_lapses_when_not_renewed(
+    s3: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchhub import defaults
+    from batchhub.errors import JobStateError
+    from batchhub.objstore import ObjectURL
+    from batchhub.remote_job import RemoteJob
+
+    monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.05)
+    url = ObjectURL.parse(s3.url("jobs/leased"))
+    first = RemoteJob(url, tmp_path / "a")
+    with first.lease(), pytest.raises(JobStateError, match=r"is running \(pid \d+ on host .*renewed 0 s ago\)"):
+        RemoteJob(url, tmp_path / "b").lease()
+    assert "jobs/leased/job.lease" not in s3.objects()  # released
+    # a run on another host that stopped renewing: refused while fresh, taken over once it lapsed
+    s3.put("jobs/leased/job.lease", lease_record("other", "elsewhere", 1, time.time() - 5))
+    with pytest.raises(JobStateError, match="on host elsewhere"):
+        RemoteJob(url, tmp_path / "c").lease()
+    s3.put("jobs/leased/job.lease", lease_record("other", "elsewhere", 1, time.time() - defaults.STORAGE_LEASE_S - 1))
+    with RemoteJob(url, tmp_path / "d").lease() as lease:
+        assert json.loads(s3.get("jobs/leased/job.lease"))["token"] == lease.token
+    s3.put("jobs/leased/job.lease", b"not json")  # garbage is no holder
+    RemoteJob(url, tmp_path / "e").lease().release()
+
+
+def test_a_run_that_lost_its_lease_stops_at_its_next_commit(
+    s3: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchhub import defaults
+    from batchhub.errors import JobStateError
+    from batchhub.objstore import ObjectURL
+    from batchhub.remote_job import RemoteJob
+
+    monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.05)
+    monkeypatch.setattr(defaults, "STORAGE_LEASE_S", 0.4)  # renewed every 0.1 s
+    remote = RemoteJob(ObjectURL.parse(s3.url("jobs/taken")), tmp_path / "stage")
+    part = tmp_path / "stage" / "results" / "part-000001.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x")
+    with remote.lease() as lease:
+        remote.push(part)  # while it holds the lease
+        s3.put("jobs/taken/job.lease", lease_record("thief", "elsewhere", 1, time.time()))
+        deadline = time.monotonic() + 10
+        while not lease.lost:
+            assert time.monotonic() < deadline, "the renewal never saw the lease taken"
+            time.sleep(0.02)
+        with pytest.raises(JobStateError, match="lost the lease"):
+            remote.push(part)
+    assert json.loads(s3.get("jobs/taken/job.lease"))["token"] == "thief"  # not deleted: it is not ours
+
+
+def test_a_view_carries_the_times_of_the_objects(s3: S3Bucket, tmp_path: Path) -> None:
+    """`jobs` says when a job last changed from its files' times: those of the objects, not of the download."""
+    from batchhub.objstore import ObjectURL, listing
+    from batchhub.remote_job import view
+
+    s3.put("jobs/old/job.json", json.dumps({"format_version": 1}).encode())
+    url = ObjectURL.parse(s3.url("jobs/old"))
+    (stored,) = [item.mtime.timestamp() for item in listing(url)]
+    time.sleep(1.1)  # the object's time and the download's differ by more than the store's 1 s resolution
+    local = view(url)
+    assert (local / "job.json").stat().st_mtime == pytest.approx(stored, abs=0.01)
