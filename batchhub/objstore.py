@@ -78,6 +78,11 @@ class ObjectURL:
                 f"cannot use {text}: batchhub reads and writes {known} URLs and local paths, not {scheme}://"
             )
         parts = urlsplit(text.strip())
+        if "@" in parts.netloc:  # never echoed: what stands before the @ may be a key
+            raise StorageError(
+                f"cannot use a {scheme}:// URL with credentials in it (user:secret@bucket): they would be "
+                "recorded in job.json and shown in messages; give them through the store's standard chain"
+            )
         if parts.query or parts.fragment or "?" in text or "#" in text:
             raise StorageError(f"cannot use {text}: a storage URL takes no ?query or #fragment")
         bucket = parts.netloc

@@ -32,6 +32,12 @@ def test_a_bad_url_is_one_clear_line(text: str, says: str) -> None:
     assert caught.value.exit_code == 2
 
 
+def test_credentials_in_a_url_are_refused_without_being_repeated() -> None:
+    with pytest.raises(StorageError, match="with credentials in it") as caught:
+        ObjectURL.parse("s3://AKIAEXAMPLE:wJalrXUtnFEMI-secret@bucket/in.csv")
+    assert "wJalrXUtnFEMI" not in str(caught.value) and "AKIAEXAMPLE" not in str(caught.value)
+
+
 def test_urls_parse_join_and_print() -> None:
     url = ObjectURL.parse("s3://bucket/jobs//summaries/")
     assert (url.bucket, url.key, str(url)) == ("bucket", "jobs/summaries", "s3://bucket/jobs/summaries")
