@@ -177,3 +177,42 @@ def test_a_view_carries_the_times_of_the_objects(s3: S3Bucket, tmp_path: Path) -
     time.sleep(1.1)  # the object's time and the download's differ by more than the store's 1 s resolution
     local = view(url)
     assert (local / "job.json").stat().st_mtime == pytest.approx(stored, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("job", "says"),
+    [
+        ("s3://no-such-bucket/jobs/x", "the bucket 'no-such-bucket' does not exist"),
+        ("s3://", "names no bucket"),
+        ("ftp://host/jobs/x", "not ftp://"),
+    ],
+)
+def test_a_job_directory_url_that_cannot_be_used_is_one_line_before_anything_is_sent(
+    s3: S3Bucket, simulator: str, prompts_csv, tmp_path: Path, job: str, says: str
+) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 5)
+    proc = subprocess.run(run_args(data, simulator, job), env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert mock_stats(simulator)["requests"] == 0
+    for command in (["status", job], ["export", job, "-o", str(tmp_path / "o.parquet")], ["cost", job]):
+        code, out = cli(*command)
+        assert code == 2 and says in out and len(out.strip().splitlines()) == 1, (command, out)
+
+
+def test_a_url_without_a_job_and_denied_credentials_are_one_line(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3server import MotoProcess
+
+    code, out = cli("status", s3.url("jobs/none"))
+    assert code == 2 and out.strip() == f"error: {s3.url('jobs/none')} is not a batchhub job directory (no job.json)"
+    server = MotoProcess(auth=True)
+    try:
+        denied = S3Bucket(server.endpoint)
+        for name, value in denied.env.items():
+            monkeypatch.setenv(name, value)
+        code, out = cli("status", denied.url("jobs/x"))
+        assert code == 2 and "access denied" in out and len(out.strip().splitlines()) == 1, out
+        assert denied.env["AWS_SECRET_ACCESS_KEY"] not in out
+    finally:
+        server.stop()
