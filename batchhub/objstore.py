@@ -49,6 +49,7 @@ _KINDS = (
     (("NO_SUCH_BUCKET", "NoSuchBucket", "The specified bucket does not exist"), "no_bucket"),
     (("NETWORK_CONNECTION", "curlCode", "Could not resolve", "Couldn't connect", "Connection refused",
       "UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_TIMEOUT"), "unreachable"),
+    (("HTTP status 5", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE"), "failing"),
 )  # fmt: skip
 
 
@@ -185,6 +186,9 @@ def storage_error(exc: BaseException, url: ObjectURL | str, doing: str) -> Stora
         why = f"the bucket {bucket!r} does not exist"
     elif kind == "unreachable":
         why = f"the store cannot be reached ({_endpoint_text(url)})"
+    elif kind == "failing":
+        status = re.search(r"HTTP status (5\d\d)", text)
+        why = f"the store failed (HTTP {status.group(1) if status else '5xx'}: down or overloaded); try again later"
     elif isinstance(exc, FileNotFoundError):
         why = "no such object"
     else:

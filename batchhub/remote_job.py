@@ -48,7 +48,7 @@ import orjson
 
 from batchhub import defaults, objstore
 from batchhub.cache_dir import default_cache_dir
-from batchhub.errors import JobStateError, StorageError
+from batchhub.errors import CommitError, JobStateError, StorageError
 from batchhub.lock import pid_alive
 from batchhub.objstore import ObjectURL
 
@@ -143,7 +143,10 @@ class RemoteJob:
     def push(self, path: Path) -> None:
         """Upload a file of `local` (a part, a job.json) to the same name in the bucket."""
         rel = path.relative_to(self.local).as_posix()
-        objstore.upload(path, self.url.join(rel))
+        try:
+            objstore.upload(path, self.url.join(rel))
+        except StorageError as exc:  # the file stays here: the next run uploads it (`push_unpushed`)
+            raise CommitError(str(exc)) from exc
         self._record_pushed({rel})
 
     def push_unpushed(self) -> int:
@@ -178,6 +181,10 @@ class RemoteJob:
         return lease
 
 
+#: the tokens of the leases this process holds now
+_HELD: set[str] = set()
+
+
 class Lease:
     """A run's hold on a job in a bucket: the object `job.lease`, renewed while held (see the module docstring)."""
 
@@ -210,6 +217,14 @@ class Lease:
         return holder if isinstance(holder, dict) else {}
 
     def take(self) -> None:
+        _HELD.add(self.token)
+        try:
+            self._take()
+        except BaseException:
+            _HELD.discard(self.token)
+            raise
+
+    def _take(self) -> None:
         holder = self._holder()
         if holder and holder.get("token") != self.token and _alive_holder(holder):
             raise JobStateError(_held_message(self.url, holder))
@@ -236,6 +251,7 @@ class Lease:
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours. Safe to call twice."""
         self._stop.set()
+        _HELD.discard(self.token)
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
@@ -256,6 +272,8 @@ def _alive_holder(holder: dict[str, object]) -> bool:
     if not isinstance(renewed, (int, float)) or time.time() - renewed > defaults.STORAGE_LEASE_S:
         return False
     pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and pid == os.getpid():
+        return holder.get("token") in _HELD  # a run of this process that ended without deleting its lease
     if holder.get("host") == socket.gethostname() and isinstance(pid, int):
         return pid_alive(pid)
     return True

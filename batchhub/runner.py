@@ -756,8 +756,9 @@ class Job:
             summary.error.args = (summary.error.message,)
         elif self._write_error is not None:
             summary.stopped = "write_error"
+            where = self.store.remote.url if self.store.remote is not None else self.store.dir
             summary.message = (
-                f"cannot write to the job directory {self.store.dir}: {self._write_error.strerror or self._write_error}"
+                f"cannot write to the job directory {where}: {self._write_error.strerror or self._write_error}"
             )
         elif self._stop_reason == "budget" and budget is not None:
             summary.stopped = "budget"

@@ -1,0 +1,70 @@
+"""A job in a bucket, used as a demanding user would: the store going down mid-run, runs racing for one
+job, a job deleted and run again, damaged and vanished parts, secrets (moto's S3 server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from s3proxy import CountingProxy
+from s3server import S3Bucket, s3_env
+
+from batchhub import defaults
+from batchhub.cli import main
+
+ROWS = 120
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def run_job(data: Path, base_url: str, job: str, *extra: str) -> tuple[int, str]:
+    return invoke(
+        "run", str(data), "--model", "m", "--base-url", base_url, "--api-key", "sk-hostile-test", "--job-dir", job,
+        "--concurrency", "4", "--flush-rows", "20", "--no-cache", "-q", *extra,
+    )  # fmt: skip
+
+
+def status(job: str) -> dict[str, int]:
+    code, out = invoke("status", job, "--json")
+    assert code == 0, out
+    found = json.loads(out)
+    return {name: found[name] for name in ("ok", "failed", "pending")}
+
+
+@pytest.fixture
+def proxy(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingProxy]:
+    """The bucket's server behind a proxy that can go down (`proxy.down`, `proxy.down_after_parts`)."""
+    monkeypatch.setattr(defaults, "STORAGE_ATTEMPTS", 1)  # a store down fails at once, not after retries
+    found = CountingProxy(s3.endpoint)
+    for name, value in s3_env(found.endpoint).items():
+        monkeypatch.setenv(name, value)
+    yield found
+    found.close()
+
+
+def test_the_store_going_down_mid_run_stops_it_resumable_and_the_resume_commits_what_was_left(
+    s3: S3Bucket, proxy: CountingProxy, threaded_mock, prompts_csv, tmp_path: Path
+) -> None:
+    server = threaded_mock(latency_ms=1)
+    data = prompts_csv(tmp_path / "in.csv", ROWS)
+    job = s3.url("jobs/down")
+    proxy.down_after_parts = 1  # the store answers 503 to everything once the first part is in
+    code, out = run_job(data, server.base_url, job)
+    assert code == 3, out  # stopped, resumable: not a usage error
+    (stopped,) = [line for line in out.splitlines() if line.startswith("stopped:")]
+    assert job in stopped and "HTTP 503" in stopped and "Traceback" not in out, out
+    assert s3.objects("jobs/down/results/") == [next(iter(s3.objects("jobs/down/results/")))]  # the first part
+    paid_first = server.stats.completions
+    proxy.down = False
+    proxy.down_after_parts = None
+    code, out = run_job(data, server.base_url, job)  # in this process: its own dead run's lease is no bar
+    assert code == 0, out
+    assert status(job) == {"ok": ROWS, "failed": 0, "pending": 0}
+    # what the first run finished (journalled on this machine, not uploaded) was uploaded, not paid again
+    assert server.stats.completions - ROWS <= 4, (paid_first, server.stats.completions)
