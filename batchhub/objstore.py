@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from batchhub import defaults
-from batchhub.errors import StorageError
+from batchhub.errors import BatchhubError, StorageError
 
 if TYPE_CHECKING:  # pyarrow is imported where a store is used: a spec or a local job never needs it
     import pyarrow.fs as pafs
@@ -72,6 +72,12 @@ class ObjectURL:
         match = _URL.match(text.strip())
         if match is None:
             raise StorageError(f"{text!r} is not a URL (scheme://bucket/path)")
+        if "@" in match.group(2).split("/", 1)[0]:  # user:secret@bucket: never repeated, never recorded
+            shown = f"{match.group(1)}://…@{match.group(2).split('/', 1)[0].rsplit('@', 1)[1]}/…"
+            raise StorageError(
+                f"cannot use {shown}: a URL takes no credentials (they would be recorded and shown); "
+                "they come from the store's standard chain: environment variables, profile, the pod's or machine's role"
+            )
         scheme = match.group(1).lower()
         if scheme not in SCHEMES:
             known = ", ".join(f"{name}://" for name in SCHEMES if name != "gcs")
@@ -327,5 +333,11 @@ def written_to(location: Path | str) -> Iterator[Path]:
         raise StorageError(f"cannot write {url}: it names a bucket, not an object")
     with tempfile.TemporaryDirectory(prefix="batchhub-upload-") as folder:
         local = Path(folder) / url.name
-        yield local
+        try:
+            yield local
+        except BatchhubError as exc:  # its message names the file: the user named the URL
+            if str(local) not in str(exc):
+                raise
+            exc.args = (str(exc).replace(str(local), str(url)), *exc.args[1:])
+            raise
         upload(local, url)

@@ -68,3 +68,48 @@ def test_the_store_going_down_mid_run_stops_it_resumable_and_the_resume_commits_
     assert status(job) == {"ok": ROWS, "failed": 0, "pending": 0}
     # what the first run finished (journalled on this machine, not uploaded) was uploaded, not paid again
     assert server.stats.completions - ROWS <= 4, (paid_first, server.stats.completions)
+
+
+def test_credentials_written_into_a_url_are_refused_and_never_repeated(
+    s3: S3Bucket, prompts_csv, tmp_path: Path
+) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 3)
+    secret = "wJalrXUtnFEMI-hostile-secret"
+    for args in (
+        ("status", f"s3://AKIAHOSTILE:{secret}@{s3.name}/jobs/a"),
+        ("run", str(data), "--mock", "--model", "m", "--job-dir", f"s3://AKIAHOSTILE:{secret}@{s3.name}/jobs/a"),
+        ("run", f"s3://AKIAHOSTILE:{secret}@{s3.name}/in.csv", "--mock", "--model", "m"),
+        ("status", f"https://user:{secret}@example.com/jobs/a"),
+    ):
+        code, out = invoke(*args)
+        assert code == 2, out
+        assert secret not in out and "AKIAHOSTILE" not in out, out
+        assert "credentials" in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_export_to_a_url_without_a_format_names_the_url_not_a_temp_file(
+    s3: S3Bucket, prompts_csv, tmp_path: Path
+) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 3)
+    job = s3.url("jobs/a")
+    assert invoke("run", str(data), "--mock", "--model", "m", "--job-dir", job, "-q", "--no-cache")[0] == 0
+    code, out = invoke("export", job, "-o", s3.url("out/"))
+    assert code == 2, out
+    assert out.startswith(f"error: {s3.url('out')}: unknown output format"), out
+    assert "batchhub-upload" not in out, out
+
+
+def test_a_dataframe_with_a_job_dir_in_a_bucket_is_refused_in_one_line_leaving_nothing(
+    s3: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pandas as pd
+
+    import batchhub
+    from batchhub.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    frame = pd.DataFrame({"prompt": ["a", "b"]})
+    with pytest.raises(UsageError, match=r"DataFrame.*local job_dir.*s3://") as caught:
+        batchhub.run(frame, model="m", mock=True, job_dir=s3.url("jobs/frame"), quiet=True)
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == [] and s3.objects() == []
