@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -174,9 +175,10 @@ class RemoteJob:
 
     # -- the lease ----------------------------------------------------------------------------------
 
-    def lease(self) -> Lease:
-        """Take the job's lease for a run (JobStateError naming the holder when another run has it)."""
-        lease = Lease(self.url.join(LEASE_NAME))
+    def lease(self, on_lost: Callable[[str], None] | None = None) -> Lease:
+        """Take the job's lease for a run (JobStateError naming the holder when another run has it).
+        `on_lost(message)` is called (from the lease's thread) if another run takes it over later."""
+        lease = Lease(self.url.join(LEASE_NAME), on_lost)
         lease.take()
         return lease
 
@@ -188,8 +190,9 @@ _HELD: set[str] = set()
 class Lease:
     """A run's hold on a job in a bucket: the object `job.lease`, renewed while held (see the module docstring)."""
 
-    def __init__(self, url: ObjectURL) -> None:
+    def __init__(self, url: ObjectURL, on_lost: Callable[[str], None] | None = None) -> None:
         self.url = url
+        self.on_lost = on_lost
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -240,9 +243,15 @@ class Lease:
         while not self._stop.wait(defaults.STORAGE_LEASE_S / 4):
             try:
                 holder = self._holder()
-                if holder.get("token") != self.token:
+                if holder and holder.get("token") != self.token:  # (none at all: deleted, and written again)
                     self.lost = True
-                    log.error("the lease %s was taken by another run: %s", self.url, _who(holder))
+                    message = (
+                        f"the lease {self.url} was taken by another run ({_who(holder)}) while this one went "
+                        "unrenewed: this run stops, so that no row is sent by both"
+                    )
+                    log.error("%s", message)
+                    if self.on_lost is not None:
+                        self.on_lost(message)
                     return
                 objstore.write_bytes(self.url, self._record())
             except StorageError as exc:  # the next turn tries again; a lease is good for four turns

@@ -49,6 +49,7 @@ from batchhub.client import ChatClient
 from batchhub.concurrency import AdaptiveLimit, ConcurrencyGate, MeasuredClient
 from batchhub.errors import (
     BatchhubError,
+    CommitError,
     FatalAPIError,
     InputError,
     JobStateError,
@@ -198,7 +199,12 @@ class Job:
 
     async def run(self) -> JobSummary:
         """Run under the job directory's lock (one writer at a time, from recovery to the end)."""
-        with self.store.lock():
+        loop = asyncio.get_running_loop()
+
+        def lease_lost(message: str) -> None:  # another run holds the job in the bucket now: stop sending
+            loop.call_soon_threadsafe(lambda: self._write_failed(CommitError(message), abandon=False))
+
+        with self.store.lock(on_lost=lease_lost):
             return await self._run()
 
     async def _run(self) -> JobSummary:

@@ -113,3 +113,69 @@ def test_a_dataframe_with_a_job_dir_in_a_bucket_is_refused_in_one_line_leaving_n
         batchhub.run(frame, model="m", mock=True, job_dir=s3.url("jobs/frame"), quiet=True)
     assert "\n" not in str(caught.value)
     assert list(tmp_path.iterdir()) == [] and s3.objects() == []
+
+
+def foreign_lease(host: str = "another-host", age_s: float = 0.0) -> bytes:
+    """A lease object as a run on another host writes it, renewed `age_s` ago."""
+    import time
+
+    return json.dumps(
+        {"token": "f" * 32, "host": host, "pid": 4242, "renewed_at": time.time() - age_s, "renewed_every_s": 15}
+    ).encode()
+
+
+def test_a_run_whose_lease_another_run_takes_stops_instead_of_sending_the_rows_twice(
+    s3: S3Bucket, threaded_mock, prompts_csv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that could not renew its lease for STORAGE_LEASE_S (a machine asleep, a store unreachable)
+    finds another host's run holding the job: it stops (exit 3) rather than go on paying for its rows."""
+    import threading
+
+    monkeypatch.setattr(defaults, "STORAGE_LEASE_S", 0.4)  # renewed (and checked) every 0.1 s
+    monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.01)
+    server = threaded_mock(latency_ms=40)
+    data = prompts_csv(tmp_path / "in.csv", ROWS)
+    done = threading.Event()
+
+    def another_run_takes_the_lease() -> None:
+        while not done.is_set() and "jobs/taken/job.lease" not in s3.objects("jobs/taken/"):
+            done.wait(0.02)
+        while not done.wait(0.05):  # and renews it, as a live run does
+            s3.put("jobs/taken/job.lease", foreign_lease())
+
+    thread = threading.Thread(target=another_run_takes_the_lease)
+    thread.start()
+    try:
+        code, out = run_job(data, server.base_url, s3.url("jobs/taken"), "--concurrency", "2")
+    finally:
+        done.set()
+        thread.join()
+    assert code == 3, out
+    (stopped,) = [line for line in out.splitlines() if line.startswith("stopped:")]
+    assert "another-host" in stopped, out
+    assert server.stats.completions < ROWS // 2, out
+
+
+@pytest.mark.parametrize(
+    ("lease", "runs"),
+    [
+        (foreign_lease(age_s=5), False),  # another host's run, renewed lately: it holds the job
+        (foreign_lease(age_s=600), True),  # renewed long ago: that run is dead, its lease lapsed
+        (b"\x00not a lease{", True),  # garbage: nobody holds it
+        (b"", True),
+    ],
+)
+def test_a_lease_in_the_bucket_bars_a_run_only_while_another_host_renews_it(
+    s3: S3Bucket, prompts_csv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lease: bytes, runs: bool
+) -> None:
+    monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.01)
+    data = prompts_csv(tmp_path / "in.csv", 5)
+    s3.put("jobs/leased/job.lease", lease)
+    code, out = invoke("run", str(data), "--mock", "--model", "m", "--job-dir", s3.url("jobs/leased"), "-q")
+    if runs:
+        assert code == 0, out
+        assert "jobs/leased/job.lease" not in s3.objects("jobs/leased/")  # taken, then released
+    else:
+        assert code == 2 and len(out.strip().splitlines()) == 1, out
+        assert "is running (pid 4242 on host another-host" in out, out
+        assert s3.get("jobs/leased/job.lease") == lease and s3.objects("jobs/leased/") == ["jobs/leased/job.lease"]
