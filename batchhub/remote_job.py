@@ -161,6 +161,35 @@ class RemoteJob:
             log.info("uploaded %d file(s) an earlier run left on this machine to %s", len(missing), self.url)
         return len(missing)
 
+    def set_aside(self, damaged: list[Path]) -> int:
+        """Parts of this stage found damaged and set aside here (`*.damaged`): fetch each again from the
+        bucket, and if the bucket's copy is whole, it replaces the local one (nothing is sent again);
+        if it is damaged too, set it aside in the bucket as well (copied to `*.damaged`, then deleted), so
+        that no reader counts it and the rows sent again take its place. Returns the parts restored."""
+        from batchhub.parts import DamagedPart, read_part
+        from batchhub.result_schema import RESULT_COLUMNS
+
+        restored = 0
+        for aside in damaged:
+            path = aside.with_name(aside.name.removesuffix(".damaged"))
+            url = self.url.join(path.relative_to(self.local).as_posix())
+            if objstore.info(url).size is None:
+                continue  # not in the bucket (never uploaded): the stage's copy was the only one
+            objstore.download(url, path)
+            try:
+                read_part(path, list(RESULT_COLUMNS))
+            except DamagedPart:
+                path.unlink()
+                with objstore.mapped(url, "set aside"):
+                    objstore.filesystem(url).copy_file(url.path, f"{url.path}.damaged")
+                    objstore.filesystem(url).delete_file(url.path)
+                log.warning("the part %s is damaged: set aside in the bucket as %s.damaged", url, url.name)
+            else:
+                aside.unlink()
+                restored += 1
+                log.warning("the part %s was damaged on this machine only: fetched again from the bucket", url)
+        return restored
+
     def _pushed(self) -> set[str]:
         with contextlib.suppress(FileNotFoundError):
             return set((self.local / _PUSHED).read_text().split())

@@ -196,7 +196,9 @@ class JobStore:
         self.results_dir.mkdir(exist_ok=True)
         for folder in (self.dir, self.results_dir):
             remove_stale_temps(folder)
-        set_damaged_parts_aside(self.results_dir)
+        damaged = set_damaged_parts_aside(self.results_dir)
+        if damaged and self.remote is not None:
+            self.remote.set_aside(damaged)
         self._next_part = next_part_number(self.results_dir)
         max_seq = self.part_max_seq()
         reads = read_segments(self.segments(), reader=False)

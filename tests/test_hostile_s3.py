@@ -4,16 +4,23 @@ job, a job deleted and run again, damaged and vanished parts, secrets (moto's S3
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from s3proxy import CountingProxy
 from s3server import S3Bucket, s3_env
 
+import batchhub
 from batchhub import defaults
 from batchhub.cli import main
+from batchhub.errors import UsageError
+from batchhub.objstore import ObjectURL
+from batchhub.remote_job import folder_for
 
 ROWS = 120
 
@@ -102,11 +109,6 @@ def test_export_to_a_url_without_a_format_names_the_url_not_a_temp_file(
 def test_a_dataframe_with_a_job_dir_in_a_bucket_is_refused_in_one_line_leaving_nothing(
     s3: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pandas as pd
-
-    import batchhub
-    from batchhub.errors import UsageError
-
     monkeypatch.chdir(tmp_path)
     frame = pd.DataFrame({"prompt": ["a", "b"]})
     with pytest.raises(UsageError, match=r"DataFrame.*local job_dir.*s3://") as caught:
@@ -117,7 +119,6 @@ def test_a_dataframe_with_a_job_dir_in_a_bucket_is_refused_in_one_line_leaving_n
 
 def foreign_lease(host: str = "another-host", age_s: float = 0.0) -> bytes:
     """A lease object as a run on another host writes it, renewed `age_s` ago."""
-    import time
 
     return json.dumps(
         {"token": "f" * 32, "host": host, "pid": 4242, "renewed_at": time.time() - age_s, "renewed_every_s": 15}
@@ -129,7 +130,6 @@ def test_a_run_whose_lease_another_run_takes_stops_instead_of_sending_the_rows_t
 ) -> None:
     """A run that could not renew its lease for STORAGE_LEASE_S (a machine asleep, a store unreachable)
     finds another host's run holding the job: it stops (exit 3) rather than go on paying for its rows."""
-    import threading
 
     monkeypatch.setattr(defaults, "STORAGE_LEASE_S", 0.4)  # renewed (and checked) every 0.1 s
     monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.01)
@@ -179,3 +179,100 @@ def test_a_lease_in_the_bucket_bars_a_run_only_while_another_host_renews_it(
         assert code == 2 and len(out.strip().splitlines()) == 1, out
         assert "is running (pid 4242 on host another-host" in out, out
         assert s3.get("jobs/leased/job.lease") == lease and s3.objects("jobs/leased/") == ["jobs/leased/job.lease"]
+
+
+def test_a_job_deleted_from_the_bucket_and_run_again_starts_over_without_the_old_parts(
+    s3: S3Bucket, threaded_mock, prompts_csv, tmp_path: Path
+) -> None:
+    server = threaded_mock(latency_ms=1)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    job = s3.url("jobs/again")
+    assert run_job(data, server.base_url, job)[0] == 0
+    first = s3.objects("jobs/again/")
+    client = s3.client()
+    for key in first:
+        client.delete_object(Bucket=s3.name, Key=key)
+    code, out = run_job(data, server.base_url, job)  # the same machine: its stage remembers the old job
+    assert code == 0, out
+    parts = [key for key in s3.objects("jobs/again/") if "/results/" in key]
+    assert parts and not set(parts) & set(first)  # only the new run's parts: none resurrected from the stage
+    assert server.stats.completions == 80  # the job was gone: every row is sent again
+    assert status(job) == {"ok": 40, "failed": 0, "pending": 0}
+
+
+def test_no_credential_and_no_api_key_reaches_the_bucket_the_stage_or_the_output(
+    s3: S3Bucket, threaded_mock, prompts_csv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    token = "FwoGZXIvYXdzEHostileSessionToken"
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)  # moto takes any session token
+    server = threaded_mock(latency_ms=1)
+    data = prompts_csv(tmp_path / "in.csv", 30)
+    job = s3.url("jobs/secret")
+    code, out = run_job(data, server.base_url, job)
+    assert code == 0, out
+    outputs = [out]
+    for args in (
+        ("status", job),
+        ("cost", job),
+        ("jobs", s3.url()),
+        ("report", job),
+        ("export", job, "-o", s3.url("x.csv")),
+    ):
+        code, text = invoke(*args)
+        assert code == 0, text
+        outputs.append(text)
+    secrets = [b"sk-hostile-test", token.encode(), s3.env["AWS_SECRET_ACCESS_KEY"].encode()]
+    everything = [s3.get(key) for key in s3.objects()]
+
+    for purpose in ("stage", "view"):
+        folder = folder_for(ObjectURL.parse(job), purpose)
+        everything += [path.read_bytes() for path in folder.rglob("*") if path.is_file()]
+    everything += [text.encode() for text in outputs] + [caplog.text.encode()]
+    assert len(everything) > 10
+    for secret in secrets:
+        assert not [blob[:80] for blob in everything if secret in blob], secret
+
+
+def damage(blob: bytes) -> bytes:
+    """The part with bytes changed in its middle (its pages' checksums no longer match)."""
+    middle = len(blob) // 2
+    return blob[:middle] + bytes(b ^ 0xFF for b in blob[middle : middle + 64]) + blob[middle + 64 :]
+
+
+def test_a_part_damaged_in_the_bucket_is_set_aside_there_by_the_next_run_and_its_rows_sent_again(
+    s3: S3Bucket, threaded_mock, prompts_csv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    server = threaded_mock(latency_ms=1)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    job = s3.url("jobs/damaged")
+    assert run_job(data, server.base_url, job)[0] == 0
+    first, second = [key for key in s3.objects("jobs/damaged/") if "/results/" in key]
+    s3.put(first, damage(s3.get(first)))
+    monkeypatch.setenv("BATCHHUB_CACHE", str(tmp_path / "machine-b"))  # a run on another machine
+    code, out = run_job(data, server.base_url, job)
+    assert code == 0, out
+    assert server.stats.completions == 40 + 20  # the damaged part's rows, once
+    keys = s3.objects("jobs/damaged/")
+    assert f"{first}.damaged" in keys and first not in keys and second in keys  # kept, never counted again
+    monkeypatch.setenv("BATCHHUB_CACHE", str(tmp_path / "machine-c"))
+    caplog.clear()
+    assert status(job) == {"ok": 40, "failed": 0, "pending": 0}
+    assert "damaged" not in caplog.text  # a reader no longer meets it
+
+
+def test_a_part_damaged_on_this_machine_but_whole_in_the_bucket_is_fetched_again_not_paid_again(
+    s3: S3Bucket, threaded_mock, prompts_csv, tmp_path: Path
+) -> None:
+
+    server = threaded_mock(latency_ms=1)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    job = s3.url("jobs/local-damage")
+    assert run_job(data, server.base_url, job)[0] == 0
+    stage = folder_for(ObjectURL.parse(job), "stage")
+    (local,) = [path for path in (stage / "results").glob("part-*.parquet")][:1]
+    local.write_bytes(damage(local.read_bytes()))  # this machine's disk, not the bucket
+    code, out = run_job(data, server.base_url, job)
+    assert code == 0, out
+    assert server.stats.completions == 40  # the bucket's copy is whole: nothing is sent again
+    assert not [key for key in s3.objects("jobs/local-damage/") if key.endswith(".damaged")]
+    assert status(job) == {"ok": 40, "failed": 0, "pending": 0}
