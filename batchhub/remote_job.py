@@ -52,6 +52,7 @@ from batchhub.cache_dir import default_cache_dir
 from batchhub.errors import CommitError, JobStateError, StorageError
 from batchhub.lock import pid_alive
 from batchhub.objstore import ObjectURL
+from batchhub.store import TASK_STORES_DIR
 
 log = logging.getLogger("batchhub")
 
@@ -307,8 +308,8 @@ class Lease:
 def _alive_holder(holder: dict[str, object]) -> bool:
     """Whether a lease's holder may still be running: renewed lately, and not a dead process of this host."""
     renewed = holder.get("renewed_at")
-    if not isinstance(renewed, (int, float)) or time.time() - renewed > defaults.STORAGE_LEASE_S:
-        return False
+    if not isinstance(renewed, (int, float)) or abs(time.time() - renewed) > defaults.STORAGE_LEASE_S:
+        return False  # lapsed, or "renewed" later than now: garbage (a run it was not is stopped at renewal)
     pid = holder.get("pid")
     if holder.get("host") == socket.gethostname() and pid == os.getpid():
         return holder.get("token") in _HELD  # a run of this process that ended without deleting its lease
@@ -342,11 +343,14 @@ def view(url: ObjectURL) -> Path:
 
 def find_jobs(url: ObjectURL) -> list[ObjectURL]:
     """The jobs under `url` (folders holding job.json, at any depth; a Ray job's task stores are its own)."""
-    found = set()
+    folders = set()
     for item in objstore.listing(url):
         rel = url.relative(item.path)
         if rel == "job.json" or rel.endswith("/job.json"):
-            folder = rel[: -len("job.json")].rstrip("/")
-            if "shards" not in folder.split("/"):
-                found.add(url.join(folder) if folder else url)
-    return sorted(found, key=str)
+            folders.add(rel[: -len("job.json")].rstrip("/"))
+
+    def task_store(folder: str) -> bool:  # JOB/shards/NAME of a JOB listed too (a folder named shards may be a job's)
+        names = folder.split("/")
+        return len(names) >= 2 and names[-2] == TASK_STORES_DIR and "/".join(names[:-2]) in folders
+
+    return sorted((url.join(folder) if folder else url for folder in folders if not task_store(folder)), key=str)

@@ -161,6 +161,7 @@ def test_a_run_whose_lease_another_run_takes_stops_instead_of_sending_the_rows_t
     [
         (foreign_lease(age_s=5), False),  # another host's run, renewed lately: it holds the job
         (foreign_lease(age_s=600), True),  # renewed long ago: that run is dead, its lease lapsed
+        (foreign_lease(age_s=-86_400), True),  # "renewed" a day ahead: garbage (a skewed clock is caught at renewal)
         (b"\x00not a lease{", True),  # garbage: nobody holds it
         (b"", True),
     ],
@@ -276,3 +277,18 @@ def test_a_part_damaged_on_this_machine_but_whole_in_the_bucket_is_fetched_again
     assert server.stats.completions == 40  # the bucket's copy is whole: nothing is sent again
     assert not [key for key in s3.objects("jobs/local-damage/") if key.endswith(".damaged")]
     assert status(job) == {"ok": 40, "failed": 0, "pending": 0}
+
+
+def test_jobs_lists_every_job_under_a_url_but_not_a_ray_jobs_task_stores(
+    s3: S3Bucket, prompts_csv, tmp_path: Path
+) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 3)
+    for name in ("team/a", "shards/b"):  # a job may well live under a folder called shards
+        code, out = invoke("run", str(data), "--mock", "--model", "m", "--job-dir", s3.url(name), "-q", "--no-cache")
+        assert code == 0, out
+    s3.put("team/a/shards/000000-run0001/job.json", s3.get("team/a/job.json"))  # a Ray task store of job a
+    s3.put("notes/readme.txt", b"not a job")
+    code, out = invoke("jobs", s3.url())
+    assert code == 0, out
+    assert s3.url("team/a") in out and s3.url("shards/b") in out, out
+    assert "000000-run0001" not in out, out
