@@ -292,3 +292,16 @@ def test_jobs_lists_every_job_under_a_url_but_not_a_ray_jobs_task_stores(
     assert code == 0, out
     assert s3.url("team/a") in out and s3.url("shards/b") in out, out
     assert "000000-run0001" not in out, out
+
+
+def test_a_job_dir_url_naming_an_object_is_refused_as_a_file_would_be(
+    s3: S3Bucket, prompts_csv, tmp_path: Path
+) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 3)
+    s3.put("data/in.csv", data.read_bytes())
+    code, out = invoke("run", s3.url("data/in.csv"), "--mock", "--model", "m", "--job-dir", s3.url("data/in.csv"))
+    assert code == 2, out
+    assert (
+        out == f"error: cannot use {s3.url('data/in.csv')} as a job directory: it is an object (a file), not a folder\n"
+    )
+    assert s3.objects() == ["data/in.csv"]
