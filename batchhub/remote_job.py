@@ -341,6 +341,13 @@ def view(url: ObjectURL) -> Path:
     return remote.local
 
 
+def local_job_dir(job_dir: str | Path) -> Path:
+    """A job directory on this machine for `job_dir`: itself, or for a URL a view of the job there (`view`)."""
+    if objstore.is_url(job_dir):
+        return view(ObjectURL.parse(str(job_dir)))
+    return Path(job_dir)
+
+
 def find_jobs(url: ObjectURL) -> list[ObjectURL]:
     """The jobs under `url` (folders holding job.json, at any depth; a Ray job's task stores are its own)."""
     folders = set()

@@ -748,7 +748,7 @@ class Job:
         states, budget = self._states[:n_rows], self.prepared.budget
         ok, failed, pending = (int(np.count_nonzero(states == s)) for s in (STATE_OK, STATE_ERROR, STATE_NONE))
         summary = JobSummary.from_stats(
-            self.store.dir, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
+            self.store.location, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
         )
         summary.rows_counted = self.prepared.n_rows is not None
         summary.cache_note = self._reuse.note()
@@ -762,9 +762,9 @@ class Job:
             summary.error.args = (summary.error.message,)
         elif self._write_error is not None:
             summary.stopped = "write_error"
-            where = self.store.remote.url if self.store.remote is not None else self.store.dir
             summary.message = (
-                f"cannot write to the job directory {where}: {self._write_error.strerror or self._write_error}"
+                f"cannot write to the job directory {self.store.location}: "
+                f"{self._write_error.strerror or self._write_error}"
             )
         elif self._stop_reason == "budget" and budget is not None:
             summary.stopped = "budget"

@@ -116,6 +116,11 @@ class JobStore:
         self._next_part = 1
         self._next_seq = 1
 
+    @property
+    def location(self) -> Path | str:
+        """Where the job is, as the user named it: its folder, or for a job in a bucket its URL (not the stage)."""
+        return str(self.remote.url) if self.remote is not None else self.dir
+
     # -- manifest ---------------------------------------------------------------------
 
     def exists(self) -> bool:

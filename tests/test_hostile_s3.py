@@ -21,6 +21,7 @@ from batchhub.cli import main
 from batchhub.errors import UsageError
 from batchhub.objstore import ObjectURL
 from batchhub.remote_job import folder_for
+from batchhub.spec import JobSpec
 
 ROWS = 120
 
@@ -305,3 +306,19 @@ def test_a_job_dir_url_naming_an_object_is_refused_as_a_file_would_be(
         out == f"error: cannot use {s3.url('data/in.csv')} as a job directory: it is an object (a file), not a folder\n"
     )
     assert s3.objects() == ["data/in.csv"]
+
+
+def test_a_run_names_its_job_by_the_url_never_by_this_machines_stage(s3: S3Bucket, tmp_path: Path) -> None:
+    data = tmp_path / "in.csv"
+    data.write_text('prompt\nsay hello\n""\nsay more\n')  # the empty prompt fails unsent
+    job = s3.url("jobs/named")
+    code, out = invoke("run", str(data), "--mock", "--model", "m", "--job-dir", job, "--no-cache")
+    assert code == 1, out
+    assert f"starting job {job} (3 rows" in out, out
+    assert f"see failures: batchhub status {job};" in out, out
+    assert "object-jobs" not in out, out
+    spec = JobSpec(input=data, model="m", base_url="mock://", job_dir=job, retry_failed=True, no_cache=True)
+    summary = batchhub.run_job(spec)
+    assert (summary.job_dir, summary.failed) == (job, 1)
+    batchhub.export_job(summary.job_dir, tmp_path / "out.csv")  # the library reads it at its URL too
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 3

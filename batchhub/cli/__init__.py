@@ -294,7 +294,7 @@ def run(input_or_spec: str, **options: Any) -> None:
     verb = "resuming" if prepared.resumed else "starting"
     if not spec.quiet:
         rows = "rows counted as it runs" if prepared.n_rows is None else f"{prepared.n_rows:,} rows"
-        click.echo(f"{verb} job {prepared.store.dir} ({rows}, {prepared.source.format})", err=True)
+        click.echo(f"{verb} job {prepared.store.location} ({rows}, {prepared.source.format})", err=True)
     with eventloop.settled_gc():  # this process runs this one job
         summary = _run_until_done(job.run(), job.request_stop)
     for line in summary_lines(summary, prepared.prices.label, quiet=spec.quiet):
