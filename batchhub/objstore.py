@@ -333,11 +333,34 @@ def written_to(location: Path | str) -> Iterator[Path]:
         raise StorageError(f"cannot write {url}: it names a bucket, not an object")
     with tempfile.TemporaryDirectory(prefix="batchhub-upload-") as folder:
         local = Path(folder) / url.name
-        try:
+        with _named_as(local, url):
             yield local
-        except BatchhubError as exc:  # its message names the file: the user named the URL
-            if str(local) not in str(exc):
-                raise
-            exc.args = (str(exc).replace(str(local), str(url)), *exc.args[1:])
-            raise
         upload(local, url)
+
+
+@contextlib.contextmanager
+def fetched(location: str) -> Iterator[Path | None]:
+    """A copy on this machine of the object at the URL `location`, for the block (None when the URL names a
+    folder, not an object: a job directory, say)."""
+    import tempfile
+
+    url = ObjectURL.parse(location)
+    if not url.key or info(url).size is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="batchhub-download-") as folder:
+        local = Path(folder) / url.name
+        download(url, local)
+        with _named_as(local, url):
+            yield local
+
+
+@contextlib.contextmanager
+def _named_as(local: Path, url: ObjectURL) -> Iterator[None]:
+    """An error of the block that names the temp file `local` names the URL the user gave instead."""
+    try:
+        yield
+    except BatchhubError as exc:
+        if str(local) in str(exc):
+            exc.args = (str(exc).replace(str(local), str(url)), *exc.args[1:])
+        raise

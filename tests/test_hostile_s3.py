@@ -322,3 +322,16 @@ def test_a_run_names_its_job_by_the_url_never_by_this_machines_stage(s3: S3Bucke
     assert (summary.job_dir, summary.failed) == (job, 1)
     batchhub.export_job(summary.job_dir, tmp_path / "out.csv")  # the library reads it at its URL too
     assert len(pd.read_csv(tmp_path / "out.csv")) == 3
+
+
+def test_cost_prices_an_export_in_the_bucket_as_it_does_a_local_one(s3: S3Bucket, prompts_csv, tmp_path: Path) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 4)
+    job = s3.url("jobs/priced")
+    assert invoke("run", str(data), "--mock", "--model", "gpt-4o-mini", "--job-dir", job, "-q", "--no-cache")[0] == 0
+    assert invoke("export", job, "-o", s3.url("out/priced.parquet"))[0] == 0
+    assert invoke("export", job, "-o", str(tmp_path / "priced.parquet"))[0] == 0
+    code, local = invoke("cost", str(tmp_path / "priced.parquet"), "--json")
+    assert code == 0, local
+    code, remote = invoke("cost", s3.url("out/priced.parquet"), "--json")
+    assert code == 0, remote
+    assert json.loads(remote) == json.loads(local)
