@@ -68,7 +68,8 @@ def folder_for(url: ObjectURL, purpose: str, root: Path | None = None) -> Path:
     """The folder on this machine where `url`'s job is worked on (`stage`) or read (`view`)."""
     base = root or default_cache_dir() or Path(tempfile.gettempdir()) / f"batchhub-{os.getuid()}"
     digest = hashlib.sha256(str(url).encode()).hexdigest()[:20]
-    return base / "object-jobs" / f"{digest}-{url.name or url.bucket}" / purpose
+    # the digest names it; the name is for a reader of the folder, cut to fit a file name (255 bytes)
+    return base / "object-jobs" / f"{digest}-{(url.name or url.bucket)[:48]}" / purpose
 
 
 class RemoteJob:

@@ -335,3 +335,13 @@ def test_cost_prices_an_export_in_the_bucket_as_it_does_a_local_one(s3: S3Bucket
     code, remote = invoke("cost", s3.url("out/priced.parquet"), "--json")
     assert code == 0, remote
     assert json.loads(remote) == json.loads(local)
+
+
+def test_a_job_with_a_long_name_in_the_bucket_runs_and_reads(s3: S3Bucket, prompts_csv, tmp_path: Path) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 3)
+    job = s3.url("jobs/" + "é" * 200)  # a key may be 1,024 bytes; a name on this machine's disk, 255
+    code, out = invoke("status", job)
+    assert (code, out) == (2, f"error: {job} is not a batchhub job directory (no job.json)\n")
+    code, out = invoke("run", str(data), "--mock", "--model", "m", "--job-dir", job, "-q", "--no-cache")
+    assert code == 0, out
+    assert status(job) == {"ok": 3, "failed": 0, "pending": 0}
