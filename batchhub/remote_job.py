@@ -72,6 +72,35 @@ def folder_for(url: ObjectURL, purpose: str, root: Path | None = None) -> Path:
     return base / "object-jobs" / f"{digest}-{(url.name or url.bucket)[:48]}" / purpose
 
 
+#: this process's folders of jobs in buckets (stages and views) -> each job's URL, for what is said of them
+_FOLDERS: dict[str, str] = {}
+
+
+def in_words(text: str) -> str:
+    """`text` with each folder of a job in a bucket (a stage, a view) named by the job's URL instead: the
+    user named the URL, and never sees the folder."""
+    for folder, url in _FOLDERS.items():
+        text = text.replace(folder, url)
+    return text
+
+
+class _NamedByURL(logging.Filter):
+    """The batchhub logger's messages (a damaged part, a row outside the input) in the words of `in_words`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        said = in_words(text)
+        if said != text:
+            record.msg, record.args = said, None
+        return True
+
+
+def _remember(local: Path, url: ObjectURL) -> None:
+    if not _FOLDERS:
+        log.addFilter(_NamedByURL())
+    _FOLDERS[str(local)] = str(url)
+
+
 class RemoteJob:
     """A job directory at `url`, worked on through the folder `local`.
 
@@ -82,6 +111,7 @@ class RemoteJob:
         self.url = url
         self.local = local
         self.takes_lease = lease
+        _remember(local, url)
         #: this writer's mark in the names of the parts it makes (no two writers share one)
         self.tag = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()

@@ -345,3 +345,21 @@ def test_a_job_with_a_long_name_in_the_bucket_runs_and_reads(s3: S3Bucket, promp
     code, out = invoke("run", str(data), "--mock", "--model", "m", "--job-dir", job, "-q", "--no-cache")
     assert code == 0, out
     assert status(job) == {"ok": 3, "failed": 0, "pending": 0}
+
+
+def test_what_is_wrong_with_a_job_in_a_bucket_is_said_of_its_url_not_of_a_folder_here(
+    s3: S3Bucket, prompts_csv, tmp_path: Path, caplog
+) -> None:
+    s3.put("jobs/garbage/job.json", b"{not json")
+    code, out = invoke("status", s3.url("jobs/garbage"))
+    assert code == 2, out
+    assert out.startswith(f"error: {s3.url('jobs/garbage/job.json')} cannot be read"), out
+    data = prompts_csv(tmp_path / "in.csv", 3)
+    job = s3.url("jobs/warned")
+    assert invoke("run", str(data), "--mock", "--model", "m", "--job-dir", job, "-q", "--no-cache")[0] == 0
+    (part,) = [key for key in s3.objects("jobs/warned/") if "/results/" in key]
+    s3.put(part, damage(s3.get(part)))
+    caplog.clear()
+    assert status(job)["pending"] == 3
+    assert f"the part s3://{s3.name}/{part} is damaged" in caplog.text, caplog.text
+    assert "object-jobs" not in caplog.text

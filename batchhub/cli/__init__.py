@@ -35,7 +35,9 @@ class BatchhubGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BatchhubError as exc:
-            message = str(exc).replace("\n", " ")
+            from batchhub.remote_job import in_words  # a job in a bucket is named by its URL
+
+            message = in_words(str(exc)).replace("\n", " ")
             click.echo(f"error: {message}", err=True)
             sys.exit(exc.exit_code)
 
