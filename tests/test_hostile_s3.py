@@ -45,6 +45,12 @@ def status(job: str) -> dict[str, int]:
     return {name: found[name] for name in ("ok", "failed", "pending")}
 
 
+@pytest.fixture(autouse=True)
+def quick_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease settles in 10 ms, not a second: no test here races two runs for one (a second per run)."""
+    monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.01)
+
+
 @pytest.fixture
 def proxy(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingProxy]:
     """The bucket's server behind a proxy that can go down (`proxy.down`, `proxy.down_after_parts`)."""
@@ -133,7 +139,6 @@ def test_a_run_whose_lease_another_run_takes_stops_instead_of_sending_the_rows_t
     finds another host's run holding the job: it stops (exit 3) rather than go on paying for its rows."""
 
     monkeypatch.setattr(defaults, "STORAGE_LEASE_S", 0.4)  # renewed (and checked) every 0.1 s
-    monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.01)
     server = threaded_mock(latency_ms=40)
     data = prompts_csv(tmp_path / "in.csv", ROWS)
     done = threading.Event()
@@ -170,7 +175,6 @@ def test_a_run_whose_lease_another_run_takes_stops_instead_of_sending_the_rows_t
 def test_a_lease_in_the_bucket_bars_a_run_only_while_another_host_renews_it(
     s3: S3Bucket, prompts_csv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lease: bytes, runs: bool
 ) -> None:
-    monkeypatch.setattr(defaults, "STORAGE_LEASE_SETTLE_S", 0.01)
     data = prompts_csv(tmp_path / "in.csv", 5)
     s3.put("jobs/leased/job.lease", lease)
     code, out = invoke("run", str(data), "--mock", "--model", "m", "--job-dir", s3.url("jobs/leased"), "-q")
