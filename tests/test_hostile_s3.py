@@ -367,3 +367,10 @@ def test_what_is_wrong_with_a_job_in_a_bucket_is_said_of_its_url_not_of_a_folder
     assert status(job)["pending"] == 3
     assert f"the part s3://{s3.name}/{part} is damaged" in caplog.text, caplog.text
     assert "object-jobs" not in caplog.text
+
+
+def test_jobs_says_what_is_wrong_with_a_job_in_a_bucket_of_its_url(s3: S3Bucket) -> None:
+    s3.put("jobs/garbage/job.json", b"{not json")
+    code, out = invoke("jobs", s3.url("jobs"))
+    assert code == 0, out
+    assert f"{s3.url('jobs/garbage/job.json')} cannot be read" in out and "object-jobs" not in out, out
