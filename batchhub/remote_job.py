@@ -141,8 +141,7 @@ class RemoteJob:
         self.local.mkdir(parents=True, exist_ok=True)
         here = self._local_files()
         if writer:
-            pushed = self._pushed()
-            if any(rel in pushed and rel not in remote for rel in here):
+            if self._replaced(remote):
                 log.warning("%s no longer holds what was uploaded from here: starting from what it holds", self.url)
                 shutil.rmtree(self.local)
                 self.local.mkdir(parents=True)
@@ -162,6 +161,17 @@ class RemoteJob:
         if writer:
             self._record_pushed(set(remote))
         return fetched
+
+    def _replaced(self, remote: dict[str, int]) -> bool:
+        """Whether the job in the bucket is no longer the one this stage uploaded to: deleted (its job.json is
+        gone), or deleted and started again (another job.json: its `created_at` differs). A part gone while the
+        job stays (deleted by hand, set aside as damaged) is not: the stage uploads its copy again."""
+        if "job.json" not in self._pushed():
+            return False
+        if "job.json" not in remote:
+            return True
+        here = (self.local / "job.json").read_bytes() if (self.local / "job.json").is_file() else b""
+        return _created_at(here) != _created_at(objstore.read_bytes(self.url.join("job.json")) or b"")
 
     def _local_files(self) -> set[str]:
         found = set()
@@ -334,6 +344,14 @@ class Lease:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+def _created_at(data: bytes) -> object:
+    """The `created_at` of a job.json's bytes (None when they are not one)."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        found = orjson.loads(data)
+        return found.get("created_at") if isinstance(found, dict) else None
+    return None
 
 
 def _alive_holder(holder: dict[str, object]) -> bool:

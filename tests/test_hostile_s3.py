@@ -374,3 +374,21 @@ def test_jobs_says_what_is_wrong_with_a_job_in_a_bucket_of_its_url(s3: S3Bucket)
     code, out = invoke("jobs", s3.url("jobs"))
     assert code == 0, out
     assert f"{s3.url('jobs/garbage/job.json')} cannot be read" in out and "object-jobs" not in out, out
+
+
+def test_a_part_gone_from_the_bucket_is_uploaded_again_from_the_stage_not_paid_again(
+    s3: S3Bucket, threaded_mock, prompts_csv, tmp_path: Path
+) -> None:
+    """A part deleted from the bucket (by hand, a lifecycle rule, another machine setting it aside) while the
+    job stays: the machine whose stage holds it uploads it again; only a job deleted or replaced starts over."""
+    server = threaded_mock(latency_ms=1)
+    data = prompts_csv(tmp_path / "in.csv", 40)
+    job = s3.url("jobs/vanished")
+    assert run_job(data, server.base_url, job)[0] == 0
+    first, _ = [key for key in s3.objects("jobs/vanished/") if "/results/" in key]
+    s3.client().delete_object(Bucket=s3.name, Key=first)
+    code, out = run_job(data, server.base_url, job)
+    assert code == 0, out
+    assert server.stats.completions == 40  # nothing sent again
+    assert first in s3.objects("jobs/vanished/")
+    assert status(job) == {"ok": 40, "failed": 0, "pending": 0}
