@@ -166,12 +166,16 @@ class RemoteJob:
         """Whether the job in the bucket is no longer the one this stage uploaded to: deleted (its job.json is
         gone), or deleted and started again (another job.json: its `created_at` differs). A part gone while the
         job stays (deleted by hand, set aside as damaged) is not: the stage uploads its copy again."""
-        if "job.json" not in self._pushed():
+        pushed = self._pushed()
+        if "job.json" not in pushed:
             return False
         if "job.json" not in remote:
             return True
         here = (self.local / "job.json").read_bytes() if (self.local / "job.json").is_file() else b""
-        return _created_at(here) != _created_at(objstore.read_bytes(self.url.join("job.json")) or b"")
+        mine, theirs = _created_at(here), _created_at(objstore.read_bytes(self.url.join("job.json")) or b"")
+        if mine is None or theirs is None:  # (a Ray task store's job.json names no creation) any file gone: replaced
+            return any(rel in pushed and rel not in remote for rel in self._local_files())
+        return mine != theirs
 
     def _local_files(self) -> set[str]:
         found = set()
