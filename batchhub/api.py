@@ -303,6 +303,11 @@ def _prepare_frame(frame: pd.DataFrame, spec: JobSpec) -> PreparedJob:
     """Snapshot the DataFrame into its job directory (unless the same one is there) and prepare the job."""
     if len(frame) == 0:
         raise InputError("the DataFrame has no rows")
+    if spec.job_url() is not None:
+        raise UsageError(
+            f"a DataFrame's job keeps its snapshot in a local job_dir, not at {spec.job_url()}: give a local "
+            "job_dir, or write the DataFrame to a file or an s3:// object and run that with the job in the bucket"
+        )
     table = _frame_table(frame)
     digest = _table_digest(table)
     if spec.job_dir is None:

@@ -7,6 +7,7 @@ The tree::
     │   └── InputError                 the input file cannot be used (exit 2)
     ├── JobStateError                  the job directory disagrees with the request (exit 2)
     ├── StorageError                   an s3:// or gs:// URL cannot be used: bad URL, no bucket, access denied (exit 2)
+    │   └── CommitError                a job's file could not be uploaded mid-run; also an OSError (exit 3)
     ├── RowError                       one row cannot become a request: it fails unsent (never leaves a job)
     ├── APIError                       the endpoint answered with an error, or not at all
     │   ├── RetryableError             worth another attempt
@@ -71,6 +72,14 @@ class JobStateError(BatchhubError):
 class StorageError(BatchhubError):
     """An object-store URL cannot be used: not a URL batchhub reads, no such bucket or object, access
     denied, the store unreachable. Its message is one line and never holds a credential."""
+
+
+class CommitError(StorageError, OSError):
+    """A file of a job in a bucket could not be uploaded (the store went down mid-run). It is an OSError
+    too, so a run meets it as a disk failure: it stops, resumable (exit 3), with what it made kept on this
+    machine for the next run to upload."""
+
+    exit_code = EXIT_STOPPED
 
 
 class RowError(BatchhubError):

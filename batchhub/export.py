@@ -58,7 +58,9 @@ def export_batches(
     job_dir: str | Path, *, input_path: str | Path | None = None, force: bool = False, expand_json: bool = False
 ) -> Iterator[pa.RecordBatch]:
     """The job's input batches, in order, each with the result columns of its rows appended."""
-    store = JobStore(job_dir)
+    from batchhub.remote_job import local_job_dir
+
+    store = JobStore(local_job_dir(job_dir))  # a URL: a view of the job in its bucket
     manifest = store.manifest()
     known = manifest.input
     path = input_location(input_path or known.path or "")

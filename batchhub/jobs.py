@@ -80,7 +80,12 @@ def _listing(name: Path | ObjectURL, now: float, local: Callable[[], Path] | Non
         store = JobStore(path)
         updated = last_update(store, store.manifest())
     except Exception as exc:  # one unreadable job must not hide the others: show why, list the rest
-        listing.error = str(exc).replace("\n", " ") or type(exc).__name__
+        said = str(exc)
+        if local is not None:  # a job in a bucket: named by its URL, not by this machine's copy
+            from batchhub.remote_job import in_words
+
+            said = in_words(said)
+        listing.error = said.replace("\n", " ") or type(exc).__name__
         return listing
     listing.ok, listing.failed, listing.pending, listing.total_rows = st.ok, st.failed, st.pending, st.total_rows
     listing.unpriced_models = st.unpriced_models

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from batchhub import defaults
-from batchhub.errors import StorageError
+from batchhub.errors import BatchhubError, StorageError
 
 if TYPE_CHECKING:  # pyarrow is imported where a store is used: a spec or a local job never needs it
     import pyarrow.fs as pafs
@@ -49,6 +49,7 @@ _KINDS = (
     (("NO_SUCH_BUCKET", "NoSuchBucket", "The specified bucket does not exist"), "no_bucket"),
     (("NETWORK_CONNECTION", "curlCode", "Could not resolve", "Couldn't connect", "Connection refused",
       "UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_TIMEOUT"), "unreachable"),
+    (("HTTP status 5", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE"), "failing"),
 )  # fmt: skip
 
 
@@ -71,6 +72,12 @@ class ObjectURL:
         match = _URL.match(text.strip())
         if match is None:
             raise StorageError(f"{text!r} is not a URL (scheme://bucket/path)")
+        if "@" in match.group(2).split("/", 1)[0]:  # user:secret@bucket: never repeated, never recorded
+            shown = f"{match.group(1)}://…@{match.group(2).split('/', 1)[0].rsplit('@', 1)[1]}/…"
+            raise StorageError(
+                f"cannot use {shown}: a URL takes no credentials (they would be recorded and shown); "
+                "they come from the store's standard chain: environment variables, profile, the pod's or machine's role"
+            )
         scheme = match.group(1).lower()
         if scheme not in SCHEMES:
             known = ", ".join(f"{name}://" for name in SCHEMES if name != "gcs")
@@ -78,11 +85,6 @@ class ObjectURL:
                 f"cannot use {text}: batchhub reads and writes {known} URLs and local paths, not {scheme}://"
             )
         parts = urlsplit(text.strip())
-        if "@" in parts.netloc:  # never echoed: what stands before the @ may be a key
-            raise StorageError(
-                f"cannot use a {scheme}:// URL with credentials in it (user:secret@bucket): they would be "
-                "recorded in job.json and shown in messages; give them through the store's standard chain"
-            )
         if parts.query or parts.fragment or "?" in text or "#" in text:
             raise StorageError(f"cannot use {text}: a storage URL takes no ?query or #fragment")
         bucket = parts.netloc
@@ -192,6 +194,9 @@ def storage_error(exc: BaseException, url: ObjectURL | str, doing: str) -> Stora
         why = f"the bucket {bucket!r} does not exist"
     elif kind == "unreachable":
         why = f"the store cannot be reached ({_endpoint_text(url)})"
+    elif kind == "failing":
+        status = re.search(r"HTTP status (5\d\d)", text)
+        why = f"the store failed (HTTP {status.group(1) if status else '5xx'}: down or overloaded); try again later"
     elif isinstance(exc, FileNotFoundError):
         why = "no such object"
     else:
@@ -330,5 +335,34 @@ def written_to(location: Path | str) -> Iterator[Path]:
         raise StorageError(f"cannot write {url}: it names a bucket, not an object")
     with tempfile.TemporaryDirectory(prefix="batchhub-upload-") as folder:
         local = Path(folder) / url.name
-        yield local
+        with _named_as(local, url):
+            yield local
         upload(local, url)
+
+
+@contextlib.contextmanager
+def fetched(location: str) -> Iterator[Path | None]:
+    """A copy on this machine of the object at the URL `location`, for the block (None when the URL names a
+    folder, not an object: a job directory, say)."""
+    import tempfile
+
+    url = ObjectURL.parse(location)
+    if not url.key or info(url).size is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="batchhub-download-") as folder:
+        local = Path(folder) / url.name
+        download(url, local)
+        with _named_as(local, url):
+            yield local
+
+
+@contextlib.contextmanager
+def _named_as(local: Path, url: ObjectURL) -> Iterator[None]:
+    """An error of the block that names the temp file `local` names the URL the user gave instead."""
+    try:
+        yield
+    except BatchhubError as exc:
+        if str(local) in str(exc):
+            exc.args = (str(exc).replace(str(local), str(url)), *exc.args[1:])
+        raise

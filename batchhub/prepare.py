@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from batchhub import __version__, defaults
 from batchhub.budget import Budget, one_reply_check
-from batchhub.errors import InputError, JobStateError, UsageError
+from batchhub.errors import InputError, JobStateError, StorageError, UsageError
 from batchhub.input_check import InputCheck
 from batchhub.io import InputSource, fingerprint, input_size, open_input
 from batchhub.manifest import REQUEST_HASH_VERSION, InputInfo, Manifest
@@ -125,8 +125,11 @@ def job_store(spec: JobSpec) -> JobStore:
     url = spec.job_url()
     if url is None:
         return JobStore(spec.resolved_job_dir())
+    from batchhub import objstore
     from batchhub.remote_job import RemoteJob
 
+    if url.key and objstore.info(url).size is not None:  # (a folder, a prefix, has none)
+        raise StorageError(f"cannot use {url} as a job directory: it is an object (a file), not a folder")
     remote = RemoteJob(url, spec.resolved_job_dir())
     remote.pull(writer=True)
     return JobStore(remote.local, remote=remote)

@@ -452,7 +452,7 @@ class RayJob:
         this_run = pa.concat_tables(written) if written else None
         bill = report(this_run, self.prepared.prices) if this_run is not None else None
         summary = JobSummary(
-            store.dir,
+            store.location,
             self.prepared.rows(),
             int(np.count_nonzero(states == STATE_OK)),
             int(np.count_nonzero(states == STATE_ERROR)),

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -48,9 +49,10 @@ import orjson
 
 from batchhub import defaults, objstore
 from batchhub.cache_dir import default_cache_dir
-from batchhub.errors import JobStateError, StorageError
+from batchhub.errors import CommitError, JobStateError, StorageError
 from batchhub.lock import pid_alive
 from batchhub.objstore import ObjectURL
+from batchhub.store import TASK_STORES_DIR
 
 log = logging.getLogger("batchhub")
 
@@ -66,7 +68,37 @@ def folder_for(url: ObjectURL, purpose: str, root: Path | None = None) -> Path:
     """The folder on this machine where `url`'s job is worked on (`stage`) or read (`view`)."""
     base = root or default_cache_dir() or Path(tempfile.gettempdir()) / f"batchhub-{os.getuid()}"
     digest = hashlib.sha256(str(url).encode()).hexdigest()[:20]
-    return base / "object-jobs" / f"{digest}-{url.name or url.bucket}" / purpose
+    # the digest names it; the name is for a reader of the folder, cut to fit a file name (255 bytes)
+    return base / "object-jobs" / f"{digest}-{(url.name or url.bucket)[:48]}" / purpose
+
+
+#: this process's folders of jobs in buckets (stages and views) -> each job's URL, for what is said of them
+_FOLDERS: dict[str, str] = {}
+
+
+def in_words(text: str) -> str:
+    """`text` with each folder of a job in a bucket (a stage, a view) named by the job's URL instead: the
+    user named the URL, and never sees the folder."""
+    for folder, url in _FOLDERS.items():
+        text = text.replace(folder, url)
+    return text
+
+
+class _NamedByURL(logging.Filter):
+    """The batchhub logger's messages (a damaged part, a row outside the input) in the words of `in_words`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        said = in_words(text)
+        if said != text:
+            record.msg, record.args = said, None
+        return True
+
+
+def _remember(local: Path, url: ObjectURL) -> None:
+    if not _FOLDERS:
+        log.addFilter(_NamedByURL())
+    _FOLDERS[str(local)] = str(url)
 
 
 class RemoteJob:
@@ -79,6 +111,7 @@ class RemoteJob:
         self.url = url
         self.local = local
         self.takes_lease = lease
+        _remember(local, url)
         #: this writer's mark in the names of the parts it makes (no two writers share one)
         self.tag = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
@@ -110,8 +143,7 @@ class RemoteJob:
         self.local.mkdir(parents=True, exist_ok=True)
         here = self._local_files()
         if writer:
-            pushed = self._pushed()
-            if any(rel in pushed and rel not in remote for rel in here):
+            if self._replaced(remote):
                 log.warning("%s no longer holds what was uploaded from here: starting from what it holds", self.url)
                 shutil.rmtree(self.local)
                 self.local.mkdir(parents=True)
@@ -133,6 +165,21 @@ class RemoteJob:
             self._record_pushed(set(remote))
         return fetched
 
+    def _replaced(self, remote: dict[str, int]) -> bool:
+        """Whether the job in the bucket is no longer the one this stage uploaded to: deleted (its job.json is
+        gone), or deleted and started again (another job.json: its `created_at` differs). A part gone while the
+        job stays (deleted by hand, set aside as damaged) is not: the stage uploads its copy again."""
+        pushed = self._pushed()
+        if "job.json" not in pushed:
+            return False
+        if "job.json" not in remote:
+            return True
+        here = (self.local / "job.json").read_bytes() if (self.local / "job.json").is_file() else b""
+        mine, theirs = _created_at(here), _created_at(objstore.read_bytes(self.url.join("job.json")) or b"")
+        if mine is None or theirs is None:  # (a Ray task store's job.json names no creation) any file gone: replaced
+            return any(rel in pushed and rel not in remote for rel in self._local_files())
+        return mine != theirs
+
     def _local_files(self) -> set[str]:
         found = set()
         for path in self.local.rglob("*"):
@@ -151,7 +198,10 @@ class RemoteJob:
                 f"{defaults.STORAGE_LEASE_S:.0f} s): stopping, so that two runs do not write one job"
             )
         rel = path.relative_to(self.local).as_posix()
-        objstore.upload(path, self.url.join(rel))
+        try:
+            objstore.upload(path, self.url.join(rel))
+        except StorageError as exc:  # the file stays here: the next run uploads it (`push_unpushed`)
+            raise CommitError(str(exc)) from exc
         self._record_pushed({rel})
 
     def push_unpushed(self) -> int:
@@ -164,6 +214,35 @@ class RemoteJob:
         if missing:
             log.info("uploaded %d file(s) an earlier run left on this machine to %s", len(missing), self.url)
         return len(missing)
+
+    def set_aside(self, damaged: list[Path]) -> int:
+        """Parts of this stage found damaged and set aside here (`*.damaged`): fetch each again from the
+        bucket, and if the bucket's copy is whole, it replaces the local one (nothing is sent again);
+        if it is damaged too, set it aside in the bucket as well (copied to `*.damaged`, then deleted), so
+        that no reader counts it and the rows sent again take its place. Returns the parts restored."""
+        from batchhub.parts import DamagedPart, read_part
+        from batchhub.result_schema import RESULT_COLUMNS
+
+        restored = 0
+        for aside in damaged:
+            path = aside.with_name(aside.name.removesuffix(".damaged"))
+            url = self.url.join(path.relative_to(self.local).as_posix())
+            if objstore.info(url).size is None:
+                continue  # not in the bucket (never uploaded): the stage's copy was the only one
+            objstore.download(url, path)
+            try:
+                read_part(path, list(RESULT_COLUMNS))
+            except DamagedPart:
+                path.unlink()
+                with objstore.mapped(url, "set aside"):
+                    objstore.filesystem(url).copy_file(url.path, f"{url.path}.damaged")
+                    objstore.filesystem(url).delete_file(url.path)
+                log.warning("the part %s is damaged: set aside in the bucket as %s.damaged", url, url.name)
+            else:
+                aside.unlink()
+                restored += 1
+                log.warning("the part %s was damaged on this machine only: fetched again from the bucket", url)
+        return restored
 
     def _pushed(self) -> set[str]:
         with contextlib.suppress(FileNotFoundError):
@@ -179,19 +258,25 @@ class RemoteJob:
 
     # -- the lease ----------------------------------------------------------------------------------
 
-    def lease(self) -> Lease:
-        """Take the job's lease for a run (JobStateError naming the holder when another run has it)."""
-        lease = Lease(self.url.join(LEASE_NAME))
+    def lease(self, on_lost: Callable[[str], None] | None = None) -> Lease:
+        """Take the job's lease for a run (JobStateError naming the holder when another run has it).
+        `on_lost(message)` is called (from the lease's thread) if another run takes it over later."""
+        lease = Lease(self.url.join(LEASE_NAME), on_lost)
         lease.take()
         self._lease = lease
         return lease
 
 
+#: the tokens of the leases this process holds now
+_HELD: set[str] = set()
+
+
 class Lease:
     """A run's hold on a job in a bucket: the object `job.lease`, renewed while held (see the module docstring)."""
 
-    def __init__(self, url: ObjectURL) -> None:
+    def __init__(self, url: ObjectURL, on_lost: Callable[[str], None] | None = None) -> None:
         self.url = url
+        self.on_lost = on_lost
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -219,6 +304,14 @@ class Lease:
         return holder if isinstance(holder, dict) else {}
 
     def take(self) -> None:
+        _HELD.add(self.token)
+        try:
+            self._take()
+        except BaseException:
+            _HELD.discard(self.token)
+            raise
+
+    def _take(self) -> None:
         holder = self._holder()
         if holder and holder.get("token") != self.token and _alive_holder(holder):
             raise JobStateError(_held_message(self.url, holder))
@@ -234,9 +327,15 @@ class Lease:
         while not self._stop.wait(defaults.STORAGE_LEASE_S / 4):
             try:
                 holder = self._holder()
-                if holder.get("token") != self.token:
+                if holder and holder.get("token") != self.token:  # (none at all: deleted, and written again)
                     self.lost = True
-                    log.error("the lease %s was taken by another run: %s", self.url, _who(holder))
+                    message = (
+                        f"the lease {self.url} was taken by another run ({_who(holder)}) while this one went "
+                        "unrenewed: this run stops, so that no row is sent by both"
+                    )
+                    log.error("%s", message)
+                    if self.on_lost is not None:
+                        self.on_lost(message)
                     return
                 objstore.write_bytes(self.url, self._record())
             except StorageError as exc:  # the next turn tries again; a lease is good for four turns
@@ -245,6 +344,7 @@ class Lease:
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours. Safe to call twice."""
         self._stop.set()
+        _HELD.discard(self.token)
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
@@ -259,12 +359,22 @@ class Lease:
         self.release()
 
 
+def _created_at(data: bytes) -> object:
+    """The `created_at` of a job.json's bytes (None when they are not one)."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        found = orjson.loads(data)
+        return found.get("created_at") if isinstance(found, dict) else None
+    return None
+
+
 def _alive_holder(holder: dict[str, object]) -> bool:
     """Whether a lease's holder may still be running: renewed lately, and not a dead process of this host."""
     renewed = holder.get("renewed_at")
-    if not isinstance(renewed, (int, float)) or time.time() - renewed > defaults.STORAGE_LEASE_S:
-        return False
+    if not isinstance(renewed, (int, float)) or abs(time.time() - renewed) > defaults.STORAGE_LEASE_S:
+        return False  # lapsed, or "renewed" later than now: garbage (a run it was not is stopped at renewal)
     pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and pid == os.getpid():
+        return holder.get("token") in _HELD  # a run of this process that ended without deleting its lease
     if holder.get("host") == socket.gethostname() and isinstance(pid, int):
         return pid_alive(pid)
     return True
@@ -293,13 +403,23 @@ def view(url: ObjectURL) -> Path:
     return remote.local
 
 
+def local_job_dir(job_dir: str | Path) -> Path:
+    """A job directory on this machine for `job_dir`: itself, or for a URL a view of the job there (`view`)."""
+    if objstore.is_url(job_dir):
+        return view(ObjectURL.parse(str(job_dir)))
+    return Path(job_dir)
+
+
 def find_jobs(url: ObjectURL) -> list[ObjectURL]:
     """The jobs under `url` (folders holding job.json, at any depth; a Ray job's task stores are its own)."""
-    found = set()
+    folders = set()
     for item in objstore.listing(url):
         rel = url.relative(item.path)
         if rel == "job.json" or rel.endswith("/job.json"):
-            folder = rel[: -len("job.json")].rstrip("/")
-            if "shards" not in folder.split("/"):
-                found.add(url.join(folder) if folder else url)
-    return sorted(found, key=str)
+            folders.add(rel[: -len("job.json")].rstrip("/"))
+
+    def task_store(folder: str) -> bool:  # JOB/shards/NAME of a JOB listed too (a folder named shards may be a job's)
+        names = folder.split("/")
+        return len(names) >= 2 and names[-2] == TASK_STORES_DIR and "/".join(names[:-2]) in folders
+
+    return sorted((url.join(folder) if folder else url for folder in folders if not task_store(folder)), key=str)

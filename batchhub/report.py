@@ -123,7 +123,9 @@ class JobReport:
 
 def job_report(job_dir: str | Path, prices_file: str | Path | None = None) -> JobReport:
     """Gather the numbers of a job's report (reads the job directory only; safe while the job runs)."""
-    store = JobStore(job_dir)
+    from batchhub.remote_job import local_job_dir
+
+    store = JobStore(local_job_dir(job_dir))  # a URL: a view of the job in its bucket
     manifest = store.manifest()
     spec = manifest.spec
     total = manifest.input.rows or 0

@@ -20,6 +20,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from batchhub import defaults
+from batchhub.errors import CommitError
 from batchhub.rows import Result
 from batchhub.store import STATE_ERROR, STATE_OK, JobStore
 
@@ -173,5 +174,7 @@ class ResultLog:
                 await asyncio.to_thread(self.store.compact, None, segment)
             else:  # a flush on the last result opened a segment nothing was written to
                 self.store.drop_empty_segment(segment)
+        except CommitError as exc:  # a job in a bucket: they are on this machine only, not committed
+            self._on_write_error(exc, abandon=False)
         except OSError as exc:  # the journal still holds them: the next run compacts
             log.warning("could not write the final part (%s); the journal keeps the results", exc)

@@ -49,6 +49,7 @@ from batchhub.client import ChatClient
 from batchhub.concurrency import AdaptiveLimit, ConcurrencyGate, MeasuredClient
 from batchhub.errors import (
     BatchhubError,
+    CommitError,
     FatalAPIError,
     InputError,
     JobStateError,
@@ -198,7 +199,12 @@ class Job:
 
     async def run(self) -> JobSummary:
         """Run under the job directory's lock (one writer at a time, from recovery to the end)."""
-        with self.store.lock():
+        loop = asyncio.get_running_loop()
+
+        def lease_lost(message: str) -> None:  # another run holds the job in the bucket now: stop sending
+            loop.call_soon_threadsafe(lambda: self._write_failed(CommitError(message), abandon=False))
+
+        with self.store.lock(on_lost=lease_lost):
             return await self._run()
 
     async def _run(self) -> JobSummary:
@@ -742,7 +748,7 @@ class Job:
         states, budget = self._states[:n_rows], self.prepared.budget
         ok, failed, pending = (int(np.count_nonzero(states == s)) for s in (STATE_OK, STATE_ERROR, STATE_NONE))
         summary = JobSummary.from_stats(
-            self.store.dir, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
+            self.store.location, n_rows, (ok, failed, pending), self._stats, time.monotonic() - started
         )
         summary.rows_counted = self.prepared.n_rows is not None
         summary.cache_note = self._reuse.note()
@@ -757,7 +763,8 @@ class Job:
         elif self._write_error is not None:
             summary.stopped = "write_error"
             summary.message = (
-                f"cannot write to the job directory {self.store.dir}: {self._write_error.strerror or self._write_error}"
+                f"cannot write to the job directory {self.store.location}: "
+                f"{self._write_error.strerror or self._write_error}"
             )
         elif self._stop_reason == "budget" and budget is not None:
             summary.stopped = "budget"

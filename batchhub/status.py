@@ -77,7 +77,9 @@ def job_status(job_dir: str | Path, prices_file: str | Path | None = None, *, no
     in this job (a reused result is counted apart: rows reused, and what reuse saved).
 
     `now` (epoch seconds, for tests) is when a run on another host is judged alive or killed (see job_state)."""
-    store = JobStore(job_dir)
+    from batchhub.remote_job import local_job_dir
+
+    store = JobStore(local_job_dir(job_dir))  # a URL: a view of the job in its bucket
     manifest = store.manifest()
     total = manifest.input.rows or 0
     columns = ["row_id", "status", "error_type", "finish_reason", "total_tokens", *USAGE_COLUMNS]

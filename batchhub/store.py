@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +116,11 @@ class JobStore:
         self._next_part = 1
         self._next_seq = 1
 
+    @property
+    def location(self) -> Path | str:
+        """Where the job is, as the user named it: its folder, or for a job in a bucket its URL (not the stage)."""
+        return str(self.remote.url) if self.remote is not None else self.dir
+
     # -- manifest ---------------------------------------------------------------------
 
     def exists(self) -> bool:
@@ -136,14 +141,15 @@ class JobStore:
         if self.remote is not None:
             self.remote.push(self.manifest_path)
 
-    def lock(self) -> contextlib.AbstractContextManager[object]:
+    def lock(self, on_lost: Callable[[str], None] | None = None) -> contextlib.AbstractContextManager[object]:
         """Hold the job for a run: the folder's lock, and in a bucket the job's lease (see batchhub/lock.py
-        and batchhub/remote_job.py). JobStateError naming the holder when another run has it."""
+        and batchhub/remote_job.py). JobStateError naming the holder when another run has it; `on_lost`
+        is called with a message if another run takes the lease over while this one holds it."""
         stack = contextlib.ExitStack()
         with stack:
             stack.enter_context(lock_job_dir(self.dir))
             if self.remote is not None and self.remote.takes_lease:
-                stack.enter_context(self.remote.lease())
+                stack.enter_context(self.remote.lease(on_lost))
             return stack.pop_all()
 
     # -- files ----------------------------------------------------------------------------
@@ -195,7 +201,9 @@ class JobStore:
         self.results_dir.mkdir(exist_ok=True)
         for folder in (self.dir, self.results_dir):
             remove_stale_temps(folder)
-        set_damaged_parts_aside(self.results_dir)
+        damaged = set_damaged_parts_aside(self.results_dir)
+        if damaged and self.remote is not None:
+            self.remote.set_aside(damaged)
         self._next_part = next_part_number(self.results_dir)
         max_seq = self.part_max_seq()
         reads = read_segments(self.segments(), reader=False)

@@ -18,7 +18,8 @@ from batchhub.stats import RunStats
 class JobSummary:
     """What a run did, and where the job stands."""
 
-    job_dir: Path
+    #: the job's folder, or for a job in a bucket its URL
+    job_dir: Path | str
     total_rows: int
     ok: int
     failed: int
@@ -69,7 +70,7 @@ class JobSummary:
 
     @classmethod
     def from_stats(
-        cls, job_dir: Path, total_rows: int, states: tuple[int, int, int], stats: RunStats, elapsed_s: float
+        cls, job_dir: Path | str, total_rows: int, states: tuple[int, int, int], stats: RunStats, elapsed_s: float
     ) -> JobSummary:
         """The summary of a run from its counters; `states` is where the job's rows stand (ok, failed, pending)."""
         ok, failed, pending = states

@@ -20,6 +20,11 @@ class CountingProxy:
         self.upstream = urlsplit(upstream).netloc
         self.get_bytes = 0
         self.gets = 0
+        #: answer every request with a 503 (the store down) while True
+        self.down = False
+        #: go down by itself once this many parts (`.../results/part-*.parquet`) were written through it
+        self.down_after_parts: int | None = None
+        self.parts_written = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -27,14 +32,32 @@ class CountingProxy:
             protocol_version = "HTTP/1.1"
 
             def _forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    body: bytes | None = self._read_chunked()  # the AWS SDK's uploads of parts
+                else:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else None
+                if proxy.down:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 connection = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                hop = ("connection", "keep-alive", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
                 connection.request(self.command, self.path, body=body, headers=headers)
                 reply = connection.getresponse()
                 data = reply.read()
                 connection.close()
+                # a part is written by a PUT of the object, or by the POST completing its multipart upload
+                whole = (self.command == "PUT" and "partNumber=" not in self.path) or (
+                    self.command == "POST" and "uploadId=" in self.path
+                )
+                if whole and "/results/part-" in self.path and reply.status < 300:
+                    with proxy._lock:
+                        proxy.parts_written += 1
+                        if proxy.down_after_parts is not None and proxy.parts_written >= proxy.down_after_parts:
+                            proxy.down = True
                 if self.command == "GET" and "list-type" not in self.path and reply.status < 300:
                     with proxy._lock:
                         proxy.gets += 1
@@ -54,6 +77,15 @@ class CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+
+            def _read_chunked(self) -> bytes:
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                while self.rfile.readline().strip():  # trailers, up to the blank line
+                    pass
+                return body
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 

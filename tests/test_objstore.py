@@ -33,7 +33,7 @@ def test_a_bad_url_is_one_clear_line(text: str, says: str) -> None:
 
 
 def test_credentials_in_a_url_are_refused_without_being_repeated() -> None:
-    with pytest.raises(StorageError, match="with credentials in it") as caught:
+    with pytest.raises(StorageError, match="a URL takes no credentials") as caught:
         ObjectURL.parse("s3://AKIAEXAMPLE:wJalrXUtnFEMI-secret@bucket/in.csv")
     assert "wJalrXUtnFEMI" not in str(caught.value) and "AKIAEXAMPLE" not in str(caught.value)
 

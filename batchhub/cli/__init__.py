@@ -23,7 +23,7 @@ import click
 
 from batchhub import __version__, eventloop
 from batchhub.errors import EXIT_STOPPED, BatchhubError, UsageError
-from batchhub.objstore import written_to
+from batchhub.objstore import fetched, written_to
 from batchhub.options import Engine, build_spec, job_dir_of
 from batchhub.spec import JobSpec, parse_param
 
@@ -35,7 +35,9 @@ class BatchhubGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BatchhubError as exc:
-            message = str(exc).replace("\n", " ")
+            from batchhub.remote_job import in_words  # a job in a bucket is named by its URL
+
+            message = in_words(str(exc)).replace("\n", " ")
             click.echo(f"error: {message}", err=True)
             sys.exit(exc.exit_code)
 
@@ -294,7 +296,7 @@ def run(input_or_spec: str, **options: Any) -> None:
     verb = "resuming" if prepared.resumed else "starting"
     if not spec.quiet:
         rows = "rows counted as it runs" if prepared.n_rows is None else f"{prepared.n_rows:,} rows"
-        click.echo(f"{verb} job {prepared.store.dir} ({rows}, {prepared.source.format})", err=True)
+        click.echo(f"{verb} job {prepared.store.location} ({rows}, {prepared.source.format})", err=True)
     with eventloop.settled_gc():  # this process runs this one job
         summary = _run_until_done(job.run(), job.request_stop)
     for line in summary_lines(summary, prepared.prices.label, quiet=spec.quiet):
@@ -421,10 +423,15 @@ def export(
 def cost(target: Path | str, prices_file: Path | None, model: str | None, as_json: bool) -> None:
     """What a job cost, by model: TARGET is a job directory, its spec, an export or any Parquet file
     with prompt_tokens and completion_tokens columns."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(target, str):  # a URL: a job directory in a bucket, or an export (any Parquet object)
+            target = stack.enter_context(fetched(target)) or job_dir_of(target)
+        _cost(target, prices_file, model, as_json)
+
+
+def _cost(target: Path, prices_file: Path | None, model: str | None, as_json: bool) -> None:
     from batchhub.cost import job_prices, job_via, render, report, usage_table
 
-    if isinstance(target, str):  # a URL: a job directory in a bucket
-        target = job_dir_of(target)
     book = job_prices(target, prices_file)
     if target.suffix.lower() == ".toml":
         target = job_dir_of(target)
