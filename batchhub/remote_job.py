@@ -165,7 +165,7 @@ class RemoteJob:
             self._record_pushed(set(remote))
         return fetched
 
-    def _replaced(self, remote: dict[str, int]) -> bool:
+    def _replaced(self, remote: dict[str, tuple[int, float]]) -> bool:
         """Whether the job in the bucket is no longer the one this stage uploaded to: deleted (its job.json is
         gone), or deleted and started again (another job.json: its `created_at` differs). A part gone while the
         job stays (deleted by hand, set aside as damaged) is not: the stage uploads its copy again."""
@@ -192,11 +192,8 @@ class RemoteJob:
 
     def push(self, path: Path) -> None:
         """Upload a file of `local` (a part, a job.json) to the same name in the bucket."""
-        if self._lease is not None and self._lease.lost:
-            raise JobStateError(
-                f"this run lost the lease of {self.url} to another run (it was not renewed in "
-                f"{defaults.STORAGE_LEASE_S:.0f} s): stopping, so that two runs do not write one job"
-            )
+        if self._lease is not None and self._lease.lost:  # the run stops (`on_lost`); it commits nothing more
+            raise CommitError(f"this run lost the lease of {self.url} to another run: it commits nothing more")
         rel = path.relative_to(self.local).as_posix()
         try:
             objstore.upload(path, self.url.join(rel))

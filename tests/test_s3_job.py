@@ -144,7 +144,7 @@ def test_a_run_that_lost_its_lease_stops_at_its_next_commit(
     s3: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from batchhub import defaults
-    from batchhub.errors import JobStateError
+    from batchhub.errors import CommitError
     from batchhub.objstore import ObjectURL
     from batchhub.remote_job import RemoteJob
 
@@ -161,7 +161,7 @@ def test_a_run_that_lost_its_lease_stops_at_its_next_commit(
         while not lease.lost:
             assert time.monotonic() < deadline, "the renewal never saw the lease taken"
             time.sleep(0.02)
-        with pytest.raises(JobStateError, match="lost the lease"):
+        with pytest.raises(CommitError, match="lost the lease"):
             remote.push(part)
     assert json.loads(s3.get("jobs/taken/job.lease"))["token"] == "thief"  # not deleted: it is not ours
 
