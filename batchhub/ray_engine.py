@@ -211,6 +211,8 @@ class RayJob:
         self._stop = asyncio.Event()
         self._force = False
         self._stop_reason: str | None = None
+        #: why the run stopped when another run took its lease (a job in a bucket)
+        self._lost_lease: str | None = None
         self._pending: dict[asyncio.Future[Any], Any] = {}
         self._budget: Any = None
         self._budget_reached = False
@@ -240,8 +242,17 @@ class RayJob:
 
     async def run(self) -> JobSummary:
         """Run under the job directory's lock; each task locks only its own store under shards/."""
-        with self.prepared.store.lock():
+        loop = asyncio.get_running_loop()
+
+        def lease_lost(message: str) -> None:  # another run holds the job in the bucket now: stop the tasks
+            loop.call_soon_threadsafe(self._lease_lost, message)
+
+        with self.prepared.store.lock(on_lost=lease_lost):
             return await self._run()
+
+    def _lease_lost(self, message: str) -> None:
+        self._lost_lease = message
+        self._halt("write_error")
 
     async def _run(self) -> JobSummary:
         p, spec, store = self.prepared, self.prepared.spec, self.prepared.store
@@ -480,6 +491,7 @@ class RayJob:
             summary.message = budget_message(totals.budget_spent, self.prepared.budget.limit, summary.pending)
         elif self._stop_reason:
             summary.stopped = self._stop_reason
+            summary.message = self._lost_lease
         if self.prepared.budget is not None:
             summary.budget_spent_usd = totals.budget_spent
         return summary
