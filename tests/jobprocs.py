@@ -120,3 +120,21 @@ def wait_for_results(job: Path, at_least: int, proc: subprocess.Popen, deadline_
         time.sleep(0.01)
     if proc.poll() is None:
         raise AssertionError(f"the job did not reach {at_least} results in {deadline_s}s")
+
+
+RAY_PROCESS_MARKS = ("raylet", "gcs_server", "default_worker.py", "ray::", "dashboard_agent", "runtime_env_agent")
+
+
+def ray_processes() -> set[int]:
+    """Pids of this machine's processes that belong to a Ray instance."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(mark in cmdline for mark in RAY_PROCESS_MARKS):
+            found.add(int(entry.name))
+    return found

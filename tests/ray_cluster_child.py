@@ -8,6 +8,10 @@ The head node has one CPU and the worker node two, so a job's shard tasks run on
 declared dead a few seconds after they stop answering (not the default minute). Each node is a set of
 processes started from this one, with its environment: the S3 variables the test set reach every task.
 
+This process adopts the processes its nodes leave behind (it is their subreaper: a node removed by
+force leaves its workers running, as a lost machine would not) and ends them all before it exits, so
+no test after it meets a process of this cluster.
+
 Every node listens on 127.0.0.1 only. Ray takes 127.0.0.1 for the machine's address unless told
 `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (its switch for clusters that stay on one machine), which
 `LOOPBACK_ENV` sets here and in every driver the tests start.
@@ -15,8 +19,12 @@ Every node listens on 127.0.0.1 only. Ray takes 127.0.0.1 for the machine's addr
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import sys
+import time
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(LOOPBACK_ENV)  # before Ray is imported: it reads the switch once
@@ -26,7 +34,34 @@ from ray.cluster_utils import Cluster  # noqa: E402
 FAST_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 4}
 
 
+def descendants() -> set[int]:
+    """Pids of the processes below this one (its children, theirs, and the orphans it adopted)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def end_descendants() -> None:
+    deadline = time.monotonic() + 20
+    while (left := descendants()) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:  # reap the adopted ones that ended
+                pass
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def main() -> None:
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans below come to this process
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -49,6 +84,7 @@ def main() -> None:
                 break
     finally:
         cluster.shutdown()
+        end_descendants()
 
 
 if __name__ == "__main__":

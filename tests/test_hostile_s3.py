@@ -165,16 +165,20 @@ def test_a_run_whose_lease_another_run_takes_stops_instead_of_sending_the_rows_t
 @pytest.mark.parametrize(
     ("lease", "runs"),
     [
-        (foreign_lease(age_s=5), False),  # another host's run, renewed lately: it holds the job
-        (foreign_lease(age_s=600), True),  # renewed long ago: that run is dead, its lease lapsed
-        (foreign_lease(age_s=-86_400), True),  # "renewed" a day ahead: garbage (a skewed clock is caught at renewal)
+        (5, False),  # another host's run, renewed lately: it holds the job
+        (600, True),  # renewed long ago: that run is dead, its lease lapsed
+        (-86_400, True),  # "renewed" a day ahead: garbage (a skewed clock is caught at renewal)
         (b"\x00not a lease{", True),  # garbage: nobody holds it
         (b"", True),
     ],
 )
 def test_a_lease_in_the_bucket_bars_a_run_only_while_another_host_renews_it(
-    s3: S3Bucket, prompts_csv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lease: bytes, runs: bool
+    s3: S3Bucket, prompts_csv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lease: bytes | int, runs: bool
 ) -> None:
+    """`lease`: the object's bytes, or another host's lease renewed that many seconds ago (made now, not when
+    the tests were collected: a suite runs for minutes)."""
+    if isinstance(lease, int):
+        lease = foreign_lease(age_s=lease)
     data = prompts_csv(tmp_path / "in.csv", 5)
     s3.put("jobs/leased/job.lease", lease)
     code, out = invoke("run", str(data), "--mock", "--model", "m", "--job-dir", s3.url("jobs/leased"), "-q")

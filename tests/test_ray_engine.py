@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
-from jobprocs import child_env
+from jobprocs import child_env, ray_processes
 
 import batchhub
 from batchhub import Job, export_job, job_status, prepare_job
@@ -39,22 +39,6 @@ from batchhub.store import JobStore
 pytestmark = pytest.mark.slow
 
 KEY = "sk-ray-test-9f8e7d6c5b4a39281706"
-RAY_PROCESS_MARKS = ("raylet", "gcs_server", "default_worker.py", "ray::", "dashboard_agent", "runtime_env_agent")
-
-
-def ray_processes() -> set[int]:
-    """Pids of this machine's processes that belong to a Ray instance."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(mark in cmdline for mark in RAY_PROCESS_MARKS):
-            found.add(int(entry.name))
-    return found
 
 
 def processes_titled(title: str) -> set[int]:

@@ -71,7 +71,7 @@ def cluster(s3_server: MotoProcess) -> Iterator[ClusterProcess]:
     env = {**child_env(), **s3_env(s3_server.endpoint), **LOOPBACK_ENV}
     started = ClusterProcess(env)
     yield started
-    started.stop()
+    started.stop()  # it ends every process of its cluster before it exits
 
 
 @pytest.fixture
