@@ -2,6 +2,7 @@
 
     python tests/ray_cluster_child.py        prints `address HOST:PORT`, then obeys stdin, a line at a time:
         remove-worker     remove the worker node at once (as a machine that is lost), print `removed`
+        add-worker        start a new worker node (after a removal), print `added` once it is up
         quit              stop the cluster and exit
 
 The head node has one CPU and the worker node two, so a job's shard tasks run on both. Nodes are
@@ -16,14 +17,55 @@ Every node listens on 127.0.0.1 only. Ray takes 127.0.0.1 for the machine's addr
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(LOOPBACK_ENV)  # before Ray is imported: it reads the switch once
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
+
 FAST_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 4}
+
+
+class ClusterProcess:
+    """This script as a child process with the environment `env` (its nodes' processes inherit it):
+    `address` to join, `command(line)` for its answer."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "ray_cluster_child.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("address "), line
+        self.address = line.split()[1]
+
+    def command(self, text: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 def main() -> None:
@@ -45,6 +87,10 @@ def main() -> None:
             if command == "remove-worker":
                 cluster.remove_node(worker, allow_graceful=False)
                 print("removed", flush=True)
+            elif command == "add-worker":
+                worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+                cluster.wait_for_nodes()
+                print("added", flush=True)
             elif command == "quit":
                 break
     finally:
