@@ -17,11 +17,13 @@ of a real store's.
    directory on local disk and in the bucket. For the bucket: the objects written and bytes uploaded
    per 1,000 results, and the seconds the store took to answer them (summed, as a share of the run's
    wall time times its writers).
-2. A lost node: a Ray job in the bucket on the two-node cluster; when the simulator has answered a
-   fixed share of its rows (`LOST_AT`), the worker node is removed (its stages with it) and the job
-   finishes on the head. The simulator's `duplicates` (requests paid twice), the replies paid and
-   recorded nowhere (completions minus the replies in committed parts) and the bound (the node's 2
-   tasks x (concurrency + flush rows)), for several `--flush-rows`.
+2. A lost node: a Ray job in the bucket on the two-node cluster; once both of the worker node's tasks
+   are about 450 results in (mid-interval for each `--flush-rows`), the node is lost: removed, its
+   task workers with it, its stages left behind (and no reply cache: the nodes here share a disk, a lost
+   machine takes its cache with it). The job finishes on the head. The simulator's
+   `duplicates` (requests paid twice), the replies paid and recorded nowhere (completions minus the
+   replies in committed parts) and the bound (the node's 2 tasks x (concurrency + flush rows)), for
+   several `--flush-rows`.
 """
 
 from __future__ import annotations
@@ -51,10 +53,6 @@ from s3server import MotoProcess, S3Bucket, s3_env
 
 #: the Ray tasks of a throughput run (the two-node cluster's CPUs) and those the worker node runs
 RAY_TASKS, WORKER_TASKS = 3, 2
-#: share of the rows answered when the worker node is removed: with the 3 tasks' shards begun together, each
-#: task is then 450 rows in (of 4,000), mid-interval for every --flush-rows measured (20, 100, 500). A trigger
-#: on rows committed would fire just after a commit, when a node holds least.
-LOST_AT = 0.3375
 
 
 @dataclass
@@ -67,10 +65,12 @@ class Setting:
     lost_shard_rows: int
     lost_concurrency: int
     flush_rows: tuple[int, ...]
+    lost_after: int  # results each of the worker node's tasks has made when the node is lost, about
 
 
-FULL = Setting(3000, 2850, 100, 16, 4000, 1000, 8, (20, 100, 500))
-SMOKE = Setting(3000, 240, 50, 16, 600, 100, 4, (20, 100))
+#: each worker-node task is 450 results in when the node is lost: mid-interval for every --flush-rows measured
+FULL = Setting(3000, 2850, 100, 16, 4000, 1000, 8, (20, 100, 500), 450)
+SMOKE = Setting(3000, 240, 50, 16, 600, 200, 4, (20, 100), 60)
 
 
 def made_object(write: Write) -> bool:
@@ -172,19 +172,27 @@ def committed(s3: S3Bucket, prefix: str) -> pa.Table:
 
 def lost_node(setting: Setting, s3: S3Bucket, cluster: ClusterProcess, data: Path, flush_rows: int) -> dict[str, int]:
     prefix = f"jobs/lost-{flush_rows}/"
-    options = ["--engine", "ray", "--ray-address", cluster.address, "--flush-rows", str(flush_rows)]
+    # --no-cache: the nodes here share one disk, so a retried task would find the lost task's replies in the
+    # reply cache; a lost machine takes its cache with it
+    options = ["--engine", "ray", "--ray-address", cluster.address, "--flush-rows", str(flush_rows), "--no-cache"]
     options += ["--shard-rows", str(setting.lost_shard_rows), "--max-shards-in-flight", str(RAY_TASKS)]
     with c.Simulator("--latency-ms", str(setting.latency_ms), "--seed", "3") as sim:
         cmd = c.batchhub_run_cmd(data, s3.url(prefix), sim.base_url, setting.lost_concurrency, *options)
         env = c.child_env()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        # Wait for both of the worker node's tasks to run (its worker processes start seconds apart on a
+        # loaded machine), then for about `lost_after` more results from each of the 3 tasks running.
         deadline = time.monotonic() + 300
-        while (at := int(sim.stats()["completions"])) < LOST_AT * setting.lost_rows:
+        while cluster.command("worker-tasks") != str(WORKER_TASKS):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise SystemExit(f"the job stopped or stalled before the node was removed: {proc.communicate()[1]}")
+            time.sleep(0.5)  # each answer walks /proc: not too often on a loaded machine
+        start = int(sim.stats()["completions"])
+        while int(sim.stats()["completions"]) < start + RAY_TASKS * setting.lost_after:
             time.sleep(0.05)
-        answer = cluster.command("remove-worker")
+        at = int(sim.stats()["completions"])
+        answer = cluster.command("remove-worker")  # its raylet and its task workers die at once
         assert answer == "removed", answer
         _, err = proc.communicate(timeout=600)
         if proc.returncode != 0:
@@ -239,7 +247,7 @@ def main() -> None:
                 lines.append(
                     f"lost node, --flush-rows {flush_rows}: {lost['duplicates']} requests paid twice, "
                     f"{lost['unrecorded']} replies paid and recorded nowhere (bound {lost['bound']:,}); "
-                    f"removed after {lost['removed_at']:,} of {setting.lost_rows:,} replies; {lost['parts']} parts"
+                    f"lost after {lost['removed_at']:,} of {setting.lost_rows:,} replies; {lost['parts']} parts"
                 )
         title = (
             f"Jobs in a bucket (moto on loopback; throughput: {setting.rows:,} rows, latency {setting.latency_ms} ms, "

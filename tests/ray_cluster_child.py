@@ -2,6 +2,7 @@
 
     python tests/ray_cluster_child.py        prints `address HOST:PORT`, then obeys stdin, a line at a time:
         remove-worker     remove the worker node at once (as a machine that is lost), print `removed`
+        worker-tasks      print how many shard tasks the worker node runs now
         add-worker        start a new worker node (after a removal), print `added` once it is up
         quit              stop the cluster and exit
 
@@ -68,6 +69,42 @@ class ClusterProcess:
         self.proc.stdout.close()
 
 
+def descendants(roots: set[int]) -> set[int]:
+    """The processes under `roots` (their children, theirs, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found: set[int] = set()
+    new = set(roots)
+    while new:
+        found |= new
+        new = {pid for pid, parent in parents.items() if parent in new and pid not in found}
+    return found - roots
+
+
+def node_processes(node: object) -> set[int]:
+    """Every process of a node: those Ray started for it and the task workers under them."""
+    roots = {info.process.pid for infos in node.all_processes.values() for info in infos}  # type: ignore[attr-defined]
+    return roots | descendants(roots)
+
+
+def shard_tasks(node: object) -> int:
+    """How many of the node's processes run a shard task now (an idle worker is titled `ray::IDLE`)."""
+    running = 0
+    for pid in node_processes(node):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                running += fh.read().startswith(b"ray::run_shard")
+        except OSError:
+            continue
+    return running
+
+
 def main() -> None:
     cluster = Cluster(
         initialize_head=True,
@@ -87,6 +124,8 @@ def main() -> None:
             if command == "remove-worker":
                 cluster.remove_node(worker, allow_graceful=False)
                 print("removed", flush=True)
+            elif command == "worker-tasks":
+                print(shard_tasks(worker), flush=True)
             elif command == "add-worker":
                 worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
                 cluster.wait_for_nodes()

@@ -48,7 +48,7 @@ def test_s3_job_benchmark_smoke(tmp_path: Path) -> None:
     for line in lost:
         found = re.search(
             rf"(\d+) requests paid twice, (\d+) replies paid and recorded nowhere \(bound {NUMBER}\); "
-            rf"removed after {NUMBER} of 600 replies; (\d+) parts$",
+            rf"lost after {NUMBER} of 600 replies; (\d+) parts$",
             line,
         )
         assert found is not None, line
