@@ -21,48 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from jobprocs import child_env, mock_stats
-from ray_cluster_child import LOOPBACK_ENV
+from ray_cluster_child import LOOPBACK_ENV, ClusterProcess
 from s3server import MotoProcess, S3Bucket, s3_env
 
 pytestmark = pytest.mark.slow
 
 KEY = "sk-s3-ray-7c6b5a4d3e2f1a0b9c8d"
 ROWS, SHARD_ROWS, IN_FLIGHT, CONCURRENCY, FLUSH_ROWS = 600, 100, 3, 4, 20
-HERE = Path(__file__).resolve().parent
-
-
-class ClusterProcess:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "ray_cluster_child.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("address "), line
-        self.address = line.split()[1]
-
-    def command(self, text: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def stop(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +52,7 @@ def driver(cluster: ClusterProcess, data: str, job: str, base_url: str) -> subpr
             *["--job-dir", job, "--concurrency", str(CONCURRENCY), "--flush-rows", str(FLUSH_ROWS), "--quiet"],
             *["--engine", "ray", "--ray-address", cluster.address, "--shard-rows", str(SHARD_ROWS)],
             *["--max-shards-in-flight", str(IN_FLIGHT)],
+            "--no-cache",  # the nodes share this machine's reply cache; a lost machine takes its own with it
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
