@@ -1,7 +1,8 @@
 """The jobs-in-a-bucket benchmark runs end to end in its smoke mode and prints its lines, with sane figures.
 
-It checks the shape of each line and what must hold whatever the machine's speed: both runs of a pair
-reach the same order of throughput, uploads were counted, and a lost node cost no more than its bound.
+It checks the shape of each line and what must hold whatever the machine's speed: both runs of the pair
+reach the same order of throughput, and uploads were counted. The smoke run leaves out what needs a Ray
+cluster (the Ray pair, a lost node): tests/test_s3_ray.py runs those paths on every CI run.
 The figures themselves are the benchmark's to report, in docs/PERFORMANCE.md.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from jobprocs import line_per_label, run_smoke, summary_block
 
-pytestmark = pytest.mark.slow  # a two-node Ray cluster, an S3 server and eight runs: a minute or two
+pytestmark = pytest.mark.slow  # an S3 server and two runs of a few seconds
 
 NUMBER = r"([\d,]+(?:\.\d+)?)"
 
@@ -24,9 +25,8 @@ def number(text: str) -> float:
 
 def test_s3_job_benchmark_smoke(tmp_path: Path) -> None:
     final = summary_block(run_smoke("s3_job", cwd=tmp_path, timeout=600), "== Jobs in a bucket (")
-    rates = line_per_label(final, ("local engine:", "ray, 3 tasks:"))
-    uploads = line_per_label(final, ("local engine uploads:", "ray, 3 tasks uploads:"))
-    lost = line_per_label(final, ("lost node, --flush-rows 20:", "lost node, --flush-rows 100:"))
+    rates = line_per_label(final, ("local engine:",))  # (the smoke run leaves Ray's pair out)
+    uploads = line_per_label(final, ("local engine uploads:",))
     for line in rates:
         found = re.search(rf"{NUMBER} rows/min local, {NUMBER} rows/min bucket \(bucket/local {NUMBER};", line)
         assert found is not None, line
@@ -44,15 +44,4 @@ def test_s3_job_benchmark_smoke(tmp_path: Path) -> None:
         objects, parts, manifests, requests, kb = (number(found.group(i)) for i in range(1, 6))
         assert parts > 0 and manifests > 0 and objects >= parts + manifests and requests >= objects, line
         assert kb > 0, line
-    bounds = []
-    for line in lost:
-        found = re.search(
-            rf"(\d+) requests paid twice, (\d+) replies paid and recorded nowhere \(bound {NUMBER}\); "
-            rf"lost after {NUMBER} of 600 replies; (\d+) parts$",
-            line,
-        )
-        assert found is not None, line
-        twice, unrecorded, bound = (number(found.group(i)) for i in (1, 2, 3))
-        assert 0 <= twice <= bound and 0 <= unrecorded <= bound, line
-        bounds.append(bound)
-    assert bounds == [2 * (4 + 20), 2 * (4 + 100)]
+    assert not [line for line in final if line.startswith("lost node")]  # the full run's, on a cluster
