@@ -27,7 +27,7 @@ import aiohttp
 import aioresponses.core
 import pandas as pd
 import pytest
-from s3server import MotoProcess, S3Bucket
+from s3server import MotoProcess, S3Bucket, point_at
 
 from batchhub.cache_dir import CACHE_ENV
 from batchhub.mock import MockConfig, MockServer, SimulatorProcess
@@ -183,6 +183,5 @@ def s3(s3_server: MotoProcess, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     """A new bucket on the session's S3 server, and the standard variables pointing this process (and the
     children it starts) at it: `s3.url("in.csv")`, `s3.put(key, data)`, `s3.objects()`."""
     bucket = S3Bucket(s3_server.endpoint).create()
-    for name, value in bucket.env.items():
-        monkeypatch.setenv(name, value)
+    point_at(monkeypatch, bucket.endpoint)
     return bucket

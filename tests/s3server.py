@@ -29,6 +29,17 @@ def s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
+def point_at(monkeypatch: Any, endpoint: str) -> None:
+    """Send this test's S3 clients (and the processes it starts) to the S3 server at `endpoint`."""
+    for name, value in s3_env(endpoint).items():
+        monkeypatch.setenv(name, value)
+
+
+def unreachable_endpoint() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from s3proxy import CountingProxy
-from s3server import S3Bucket, s3_env
+from s3server import S3Bucket, point_at
 
 import batchhub
 from batchhub import defaults
@@ -56,8 +56,7 @@ def proxy(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingPro
     """The bucket's server behind a proxy that can go down (`proxy.down`, `proxy.down_after_parts`)."""
     monkeypatch.setattr(defaults, "STORAGE_ATTEMPTS", 1)  # a store down fails at once, not after retries
     found = CountingProxy(s3.endpoint)
-    for name, value in s3_env(found.endpoint).items():
-        monkeypatch.setenv(name, value)
+    point_at(monkeypatch, found.endpoint)
     yield found
     found.close()
 

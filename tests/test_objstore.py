@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from s3server import MotoProcess, S3Bucket
+from s3server import MotoProcess, S3Bucket, point_at, unreachable_endpoint
 
 from batchhub import objstore
 from batchhub.errors import StorageError
@@ -78,8 +78,7 @@ def test_denied_credentials_are_one_line_without_the_secret(monkeypatch: pytest.
     server = MotoProcess(auth=True)  # checks credentials: the test's are not an account's
     try:
         bucket = S3Bucket(server.endpoint)
-        for name, value in bucket.env.items():
-            monkeypatch.setenv(name, value)
+        point_at(monkeypatch, bucket.endpoint)
         with pytest.raises(StorageError) as caught:
             objstore.require_file(ObjectURL.parse(bucket.url("in.csv")))
         message = str(caught.value)
@@ -90,10 +89,8 @@ def test_denied_credentials_are_one_line_without_the_secret(monkeypatch: pytest.
 
 
 def test_an_unreachable_store_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from s3server import free_port, s3_env
 
-    for name, value in s3_env(f"http://127.0.0.1:{free_port()}").items():  # nothing listens there
-        monkeypatch.setenv(name, value)
+    point_at(monkeypatch, unreachable_endpoint())
     monkeypatch.setattr("batchhub.defaults.STORAGE_ATTEMPTS", 1)
     with pytest.raises(StorageError, match="the store cannot be reached"):
         objstore.info(ObjectURL.parse("s3://bucket/in.csv"))

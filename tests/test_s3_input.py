@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from s3proxy import CountingProxy
-from s3server import MotoProcess, S3Bucket, free_port, s3_env
+from s3server import MotoProcess, S3Bucket, point_at, unreachable_endpoint
 
 import batchhub
 from batchhub import arun_job
@@ -141,8 +141,7 @@ def test_estimate_of_a_url_input_is_the_estimate_of_the_file(s3: S3Bucket, tmp_p
 @pytest.fixture
 def proxy(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingProxy]:
     counting = CountingProxy(s3.endpoint)
-    for name, value in s3_env(counting.endpoint).items():
-        monkeypatch.setenv(name, value)
+    point_at(monkeypatch, counting.endpoint)
     yield counting
     counting.close()
 
@@ -227,8 +226,7 @@ def test_denied_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pa
     server = MotoProcess(auth=True)  # checks credentials: the test's belong to no account
     try:
         bucket = S3Bucket(server.endpoint)
-        for name, value in bucket.env.items():
-            monkeypatch.setenv(name, value)
+        point_at(monkeypatch, bucket.endpoint)
         url = bucket.url("in.csv")
         args = ["run", url, "--mock", "--model", "m", "--template", "{q}", "--job-dir", str(tmp_path / "job")]
         line = one_line_error(args, "access denied", url)
@@ -239,8 +237,7 @@ def test_denied_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_a_store_that_cannot_be_reached_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in s3_env(f"http://127.0.0.1:{free_port()}").items():  # nothing listens there
-        monkeypatch.setenv(name, value)
+    point_at(monkeypatch, unreachable_endpoint())
     monkeypatch.setattr("batchhub.defaults.STORAGE_ATTEMPTS", 1)
     url = "s3://some-bucket/in.parquet"
     one_line_error(["estimate", url, "--model", "m", "--template", "{q}"], "the store cannot be reached", url)

@@ -202,15 +202,14 @@ def test_a_job_directory_url_that_cannot_be_used_is_one_line_before_anything_is_
 
 
 def test_a_url_without_a_job_and_denied_credentials_are_one_line(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
-    from s3server import MotoProcess
+    from s3server import MotoProcess, point_at
 
     code, out = cli("status", s3.url("jobs/none"))
     assert code == 2 and out.strip() == f"error: {s3.url('jobs/none')} is not a batchhub job directory (no job.json)"
     server = MotoProcess(auth=True)
     try:
         denied = S3Bucket(server.endpoint)
-        for name, value in denied.env.items():
-            monkeypatch.setenv(name, value)
+        point_at(monkeypatch, denied.endpoint)
         code, out = cli("status", denied.url("jobs/x"))
         assert code == 2 and "access denied" in out and len(out.strip().splitlines()) == 1, out
         assert denied.env["AWS_SECRET_ACCESS_KEY"] not in out
