@@ -117,6 +117,9 @@ class RemoteJob:
         self._lock = threading.Lock()
         #: the lease of the run writing through this stage (None: a reader, or a Ray task)
         self._lease: Lease | None = None
+        #: the parts pulls found that this stage had never seen: another machine's, committed since this stage
+        #: last met the bucket (results journalled here before them are older); the store's recovery takes them
+        self.newcomers: set[str] = set()
 
     def __repr__(self) -> str:
         return f"RemoteJob({self.url})"
@@ -143,6 +146,8 @@ class RemoteJob:
         self.local.mkdir(parents=True, exist_ok=True)
         here = self._local_files()
         if writer:
+            seen = self._pushed() | here  # (a part uploaded just before a kill that kept it from being noted)
+            self.newcomers |= {rel for rel in remote if rel.endswith(".parquet") and rel not in seen}
             if self._replaced(remote):
                 log.warning("%s no longer holds what was uploaded from here: starting from what it holds", self.url)
                 shutil.rmtree(self.local)

@@ -206,17 +206,21 @@ class JobStore:
             self.remote.set_aside(damaged)
         self._next_part = next_part_number(self.results_dir)
         max_seq = self.part_max_seq()
+        newcomers = self._newcomers()
         reads = read_segments(self.segments(), reader=False)
-        scan = journal_after([read for _, read in reads], max_seq)
-        if scan.table.num_rows:
-            self.write_part(scan.table)
-            max_seq = max(max_seq, int(seqs(scan.table)[-1]))
+        # the journal's lines already in a part are those of the parts this stage made or saw before
+        own = [path for path in self.parts() if path not in newcomers]
+        scan = journal_after([read for _, read in reads], parts_max_seq(own) if newcomers else max_seq)
+        table = self._older_than(scan.table, newcomers, max_seq) if newcomers and scan.table.num_rows else scan.table
+        if table.num_rows:
+            self.write_part(table)
+            max_seq = max(max_seq, int(seqs(table)[-1]))
         for path, read in reads:
             retire_segment(path, read)
         fsync_dir(self.dir)
         self._next_seq = max(max_seq, self.seq_floor) + 1
         self.journal.segment = 0
-        compacted = int(scan.table.num_rows)
+        compacted = int(table.num_rows)
         for sub in self.task_stores():
             # a result written here next must be later than every result of the job
             compacted += sub.recover()
@@ -224,6 +228,40 @@ class JobStore:
         if self.remote is not None:
             self.remote.push_unpushed()  # what a run stopped on this machine made and did not commit
         return compacted
+
+    def _newcomers(self) -> set[Path]:
+        """The parts of the job (any store) another machine committed since this stage last met the bucket."""
+        if self.remote is None:
+            return set()
+        found, self.remote.newcomers = self.remote.newcomers, set()
+        return {self.remote.local / rel for rel in found}
+
+    def _older_than(self, lines: pa.Table, newcomers: set[Path], max_seq: int) -> pa.Table:
+        """Journal lines this machine left before another machine committed `newcomers` (the job ran there
+        meanwhile): a line whose row a newcomer answered is older than that answer and is dropped; the others
+        (rows the other machine did not reach) are kept, numbered after every result of the job."""
+        import pyarrow.compute as pc
+
+        top = max(max_seq, parts_max_seq(sorted(newcomers)))
+        for sub in self.task_stores():
+            top = max(top, sub.part_max_seq())
+        answered: list[pa.Array] = []
+        for path in sorted(newcomers):
+            with contextlib.suppress(FileNotFoundError, DamagedPart):
+                answered.append(read_part(path, ["row_id"])["row_id"].combine_chunks())
+        kept = lines
+        if answered:
+            kept = lines.filter(pc.invert(pc.is_in(lines["row_id"], value_set=pa.concat_arrays(answered))))
+        log.warning(
+            "%d result(s) an earlier run left on this machine predate what another machine committed to %s since: "
+            "%d of them recorded, %d dropped (their rows were answered there)",
+            lines.num_rows,
+            self.remote.url if self.remote is not None else self.dir,
+            kept.num_rows,
+            lines.num_rows - kept.num_rows,
+        )
+        renumbered = pa.array(np.arange(top + 1, top + 1 + kept.num_rows, dtype=np.int64))
+        return kept.set_column(kept.schema.get_field_index("seq"), "seq", renumbered)
 
     # -- writing --------------------------------------------------------------------------------
 

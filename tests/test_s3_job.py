@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -215,3 +216,59 @@ def test_a_url_without_a_job_and_denied_credentials_are_one_line(s3: S3Bucket, m
         assert denied.env["AWS_SECRET_ACCESS_KEY"] not in out
     finally:
         server.stop()
+
+
+def journal_lines(stage: Path) -> int:
+    return sum(len(seg.read_bytes().splitlines()) for seg in stage.glob("journal-*.jsonl"))
+
+
+def test_a_stage_left_behind_while_another_machine_ran_the_job_keeps_only_what_is_still_news(
+    s3: S3Bucket, simulator: str, prompts_csv, tmp_path: Path
+) -> None:
+    """Machine A is killed with results journalled and not committed; machine B resumes the job, commits some
+    of those rows again and is killed; A runs again. A's journal predates B's parts: a line whose row B answered
+    is dropped, the others are recorded numbered after B's results (no two results of a row share a seq, and
+    B's answer stays the latest), and A does not send them again."""
+    from batchhub.objstore import ObjectURL
+    from batchhub.remote_job import folder_for
+
+    data = prompts_csv(tmp_path / "in.csv", ROWS)
+    job, prefix = s3.url("jobs/two-machines"), "jobs/two-machines/"
+    env_a = {**child_env(), "BATCHHUB_CACHE": str(tmp_path / "machine-a")}
+    env_b = {**child_env(), "BATCHHUB_CACHE": str(tmp_path / "machine-b")}
+    stage_a = folder_for(ObjectURL.parse(job), "stage", tmp_path / "machine-a")
+    proc = subprocess.Popen(run_args(data, simulator, job), env=env_a, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (committed_rows(s3, prefix) >= 40 and journal_lines(stage_a) >= 25):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    # B goes one request at a time and commits every 5: it is killed having answered a few of A's rows
+    slow = run_args(data, simulator, job, "--concurrency", "1", "--flush-rows", "5")
+    kill_after_commits(slow, s3, prefix, committed_rows(s3, prefix) + 5, env_b)
+    done_before = len(set(committed(s3, prefix)["row_id"]))
+    paid_before = mock_stats(simulator)["completions"]
+    last = subprocess.run(run_args(data, simulator, job), env=env_a, capture_output=True, text=True, timeout=120)
+    assert last.returncode == 0, last.stderr
+    found = re.search(
+        r"(\d+) result\(s\) an earlier run left on this machine predate .*: (\d+) of them recorded, (\d+) dropped",
+        last.stderr,
+    )
+    assert found is not None, last.stderr
+    kept, dropped = int(found.group(2)), int(found.group(3))
+    assert kept > 0 and dropped > 0, last.stderr  # rows B answered, and rows it did not reach
+    # A's last run sent only what no machine had answered: not the journal lines it kept
+    assert mock_stats(simulator)["completions"] - paid_before == ROWS - done_before - kept
+    table = committed(s3, prefix)
+    assert set(table["row_id"]) == set(range(ROWS)) and (table.groupby("row_id")["status"].last() == "ok").all()
+    assert not table.duplicated(["row_id", "seq"]).any(), "two results of one row share a seq"
+    assert json.loads(cli("status", job, "--json")[1])["ok"] == ROWS
+
+
+def committed(s3: S3Bucket, prefix: str) -> pd.DataFrame:
+    import io
+
+    parts = [key for key in s3.objects(prefix) if key.endswith(".parquet")]
+    tables = [pd.read_parquet(io.BytesIO(s3.get(key)), columns=["row_id", "seq", "status"]) for key in parts]
+    return pd.concat(tables).sort_values("seq") if tables else pd.DataFrame({"row_id": [], "seq": [], "status": []})
