@@ -16,7 +16,9 @@ or not at all, and listings that show every object written before them. So:
   absent: it never sees half a commit. A result still in a writer's journal (at most
   `--flush-rows` results or `--flush-seconds` old) is not committed: if that machine is
   lost, so is the result, and the row is sent again. A resume on the same machine first uploads
-  what its stage holds that the bucket lacks (the journal compacted into a part).
+  what its stage holds that the bucket lacks (the journal compacted into a part). If another
+  machine committed parts meanwhile (`newcomers`), the journal predates them: a line whose row
+  they answered is dropped, the others are recorded numbered after every result of the job.
 - **One run at a time** holds the job's lease, an object `job.lease` naming its holder and
   renewed every quarter of `STORAGE_LEASE_S`. Without a conditional write in pyarrow, a lease
   is taken by writing it, waiting `STORAGE_LEASE_SETTLE_S`, and reading it back: of two runs
