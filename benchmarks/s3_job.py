@@ -73,7 +73,7 @@ class Setting:
 #: each worker-node task is 450 results in when the node is lost: mid-interval for every --flush-rows measured
 FULL = Setting(3000, 2850, 100, 16, 4000, 1000, 8, (20, 100, 500), 450)
 #: the smoke run: the local pair only (tests/test_s3_ray.py runs the Ray engine on a bucket, a lost node included)
-SMOKE = Setting(3000, 240, 50, 16, 600, 200, 4, (), 60, engines=("local",))
+SMOKE = Setting(3000, 120, 50, 16, 600, 200, 4, (), 60, engines=("local",))
 
 
 def made_object(write: Write) -> bool:

@@ -41,7 +41,7 @@ def cluster(s3_server: MotoProcess) -> Iterator[ClusterProcess]:
 
 @pytest.fixture
 def simulator(simulator_process) -> str:
-    return simulator_process("--latency-ms", "150", "--seed", "6", "--api-key", KEY).base_url
+    return simulator_process("--latency-ms", "75", "--seed", "6", "--api-key", KEY).base_url
 
 
 def driver(cluster: ClusterProcess, data: str, job: str, base_url: str) -> subprocess.Popen:
