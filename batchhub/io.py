@@ -20,7 +20,6 @@ they always were.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 from batchhub import _formats, _jsonl, objstore
 from batchhub._formats import READ_ERRORS, Compression, Format, Location, reason
 from batchhub.errors import InputError
+from batchhub.objstore import input_location
 from batchhub.output import OutputWriter, fsync_dir, output_format_for
 from batchhub.text import clean_text
 
@@ -55,14 +55,6 @@ __all__ = [
 # lines are checked as they are read).
 JSONL_SAMPLE_ROWS = 1000
 FINGERPRINT_CHUNK = 1024 * 1024
-
-
-def input_location(value: str | os.PathLike[str]) -> Location:
-    """An input as io reads it: a URL stays a `str` (`Path()` would make `s3://b/k` into `s3:/b/k`), anything
-    else is a `Path`. A URL is checked (StorageError for one batchhub cannot read) and written the one way."""
-    if objstore.is_url(value):
-        return str(objstore.ObjectURL.parse(str(value)))
-    return Path(value)
 
 
 def detect_format(path: str | Path) -> Format:

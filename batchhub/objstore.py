@@ -58,6 +58,15 @@ def is_url(value: object) -> bool:
     return isinstance(value, str) and _URL.match(value) is not None
 
 
+def input_location(value: str | os.PathLike[str]) -> Path | str:
+    """An input as io reads it: a URL stays a `str` (`Path()` would make `s3://b/k` into `s3:/b/k`), anything
+    else is a `Path`. A URL is checked (StorageError for one batchhub cannot read) and written the one way.
+    (Here, not in io.py: the way in, options.py, takes it without importing pyarrow.)"""
+    if is_url(value):
+        return str(ObjectURL.parse(str(value)))
+    return Path(value)
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectURL:
     """`scheme://bucket/key`, checked: a known scheme, a bucket, a key of plain `/`-separated names."""

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchhub.errors import InputError, UsageError
-from batchhub.io import input_location
-from batchhub.objstore import is_url
+from batchhub.objstore import input_location, is_url
 from batchhub.spec import JobSpec, load_spec
 
 if TYPE_CHECKING:
@@ -132,22 +131,14 @@ class Engine:
 def job_dir_of(path: Path | str) -> Path:
     """A job is named by its directory, its URL (s3://bucket/jobs/demo) or its spec file (jobs/demo.toml ->
     jobs/demo). A job in a bucket is read from a copy on this machine of what the bucket holds now."""
-    from batchhub.objstore import ObjectURL, is_url
+    from batchhub.objstore import is_url
+    from batchhub.remote_job import local_job_dir
 
-    if is_url(path):
-        from batchhub.remote_job import view
-
-        return view(ObjectURL.parse(str(path)))
-    path = Path(path)
-    if path.suffix.lower() == ".toml":
+    if not is_url(path) and Path(path).suffix.lower() == ".toml":
         spec = load_spec(path)
         url = spec.job_url()
-        if url is not None:
-            from batchhub.remote_job import view
-
-            return view(url)
-        return spec.resolved_job_dir()
-    return path
+        return local_job_dir(str(url) if url is not None else spec.resolved_job_dir())
+    return local_job_dir(path)
 
 
 def recorded_spec(job_dir: Path) -> JobSpec:

@@ -96,3 +96,13 @@ def test_the_readme_completion_lines() -> None:
     assert lines == ["bash", "zsh", "fish"]
     for shell in lines:
         assert CliRunner().invoke(main, ["completion", shell]).exit_code == 0
+
+
+def test_the_cli_starts_without_pyarrow() -> None:
+    """`batchhub --help` and every command's parsing stay quick: the way in (options, spec, URLs) imports no
+    pyarrow (it costs about 80 ms); the command that reads data imports it when it runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, batchhub.cli; assert not [m for m in sys.modules if m.startswith('pyarrow')], 'pyarrow'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
